@@ -1,0 +1,299 @@
+"""Progressive per-head visual-anchor search, batched and free of host synchronisation.
+
+The search (ACFORMER.md §2): the [CLS] query's attention row of one ViT layer gives every token a score
+per head. Heads are visited in index order; head ``h`` adds its ``quota[h]`` highest-scoring tokens that
+earlier heads have not already chosen. Prefix tokens ([CLS], registers) are never candidates. The result
+is ``[0] + sorted(anchors)`` (CLS first, then raster order) or just ``sorted(anchors)``.
+
+Rules the reference leaves undefined, defined here:
+
+* **Quotas.** ``num_anchors = K`` is spread over ``H`` heads as ``K // H`` each, and the remainder
+  ``K % H`` goes one extra to each of the first heads (``anchor_quotas``). Exactly ``K`` anchors are
+  returned. With ``H > K`` the last heads get a quota of 0.
+* **Ties.** Equal scores are ordered by lower token index first. Scores are compared in float32
+  (exact for fp16/bf16 inputs) or float64 for float64 inputs, so the result does not depend on the
+  device, the input's half-precision dtype, the batch it sits in, or the method.
+* **Prefix tokens.** The first ``num_prefix_tokens`` tokens (1 for CLIP's [CLS], 5 for DINOv2 with four
+  registers, 0 for SigLIP which has no [CLS]) are never anchors.
+
+Two methods give identical results:
+
+* ``"sorted"`` (default): one ``topk`` of every head at once (``K`` candidates per head suffice, because
+  earlier heads can take at most ``K - quota[h]`` of head ``h``'s best ``K``), then a greedy pass over
+  heads made of gathers, a cumulative sum and a scatter on ``(B, K)`` tensors: no data-dependent shapes,
+  no host reads, ``torch.compile(fullgraph=True)``-able and CUDA-graphable.
+* ``"masked"``: the plain formulation, one masked ``topk`` per head; kept as the readable reference and
+  fallback.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from anchor_former._validation import check_finite as _check_finite
+from anchor_former._validation import check_floating, check_ndim, shape_str
+
+__all__ = ["AnchorSearch", "anchor_quotas", "anchor_search", "cls_scores"]
+
+Method = Literal["auto", "sorted", "masked"]
+_METHODS = ("auto", "sorted", "masked")
+_LAYOUTS = "(B, H, N, N) full attention, (B, H, N) [CLS] row per head, or (B, N) one score per token"
+
+
+def anchor_quotas(num_anchors: int, num_heads: int) -> tuple[int, ...]:
+    """How many new anchors each head adds: ``K // H`` each, the first ``K % H`` heads one more.
+
+    Example: ``anchor_quotas(10, 4) == (3, 3, 2, 2)``; ``anchor_quotas(144, 16) == (9,) * 16``.
+    """
+    if isinstance(num_anchors, bool) or not isinstance(num_anchors, int) or num_anchors < 1:
+        raise ValueError(f"num_anchors must be an integer >= 1, got {num_anchors!r}")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be an integer >= 1, got {num_heads!r}")
+    base, extra = divmod(num_anchors, num_heads)
+    return tuple(base + (1 if h < extra else 0) for h in range(num_heads))
+
+
+def cls_scores(attention: torch.Tensor, *, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """Bring any accepted ``attention`` layout to per-head scores ``(B, H, N)``.
+
+    Args:
+        attention: ``(B, H, N, N)`` attention probabilities (row 0, the [CLS] query, is used),
+            ``(B, H, N)`` the [CLS] query's row per head, or ``(B, N)`` one score per token (one head).
+        num_prefix_tokens: leading special tokens; a full map needs a [CLS] query (``>= 1``).
+
+    Returns:
+        ``(B, H, N)`` scores, a view of ``attention`` (no copy).
+    """
+    check_ndim("attention", attention, (2, 3, 4), _LAYOUTS)
+    if attention.ndim == 4:
+        if attention.shape[-1] != attention.shape[-2]:
+            raise ValueError(
+                "attention with 4 dims must be a square (B, H, N, N) map, "
+                f"got shape {shape_str(attention)} ({attention.shape[-2]} queries, {attention.shape[-1]} keys)"
+            )
+        if num_prefix_tokens < 1:
+            raise ValueError(
+                "attention of shape (B, H, N, N) needs a [CLS] query at token 0, but num_prefix_tokens=0 "
+                "says the model has none; pass per-token scores of shape (B, N) or (B, H, N) instead, "
+                f"got shape {shape_str(attention)}"
+            )
+        return attention[:, :, 0, :]
+    if attention.ndim == 2:
+        return attention.unsqueeze(1)
+    return attention
+
+
+def _sort_keys(scores: torch.Tensor) -> torch.Tensor:
+    """Unique int64 keys that order ``(..., M)`` scores descending, ties by lower index first.
+
+    float32 scores: the order-preserving integer image of the float's bits in the high 32 bits and
+    ``M - 1 - j`` in the low 32 bits, so ``topk`` on the keys is exact and deterministic.
+    """
+    m = scores.shape[-1]
+    bits = (scores.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    rank = torch.arange(m - 1, -1, -1, device=scores.device, dtype=torch.int64)
+    return (ordered << 32) | rank
+
+
+def _top_candidates(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices ``(B, H, k)`` of each head's ``k`` best candidates, best first, ties by lower index."""
+    if scores.dtype == torch.float64:
+        # float64 does not fit the packed key; a stable sort gives the same tie rule.
+        return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    return torch.topk(_sort_keys(scores), k, dim=-1, sorted=True).indices
+
+
+def _greedy_sorted(scores: torch.Tensor, quotas: tuple[int, ...]) -> torch.Tensor:
+    """The search over candidate scores ``(B, H, M)``; returns the chosen mask ``(B, M)``."""
+    b, _, m = scores.shape
+    k = sum(quotas)
+    cand = _top_candidates(scores, k)  # (B, H, K) candidate indices, best first
+    chosen = torch.zeros(b, m, dtype=torch.bool, device=scores.device)
+    for h, quota in enumerate(quotas):
+        if quota == 0:
+            continue
+        # Head h needs at most (anchors already taken) + quota of its best candidates.
+        width = min(sum(quotas[: h + 1]), k)
+        idx = cand[:, h, :width]  # (B, W)
+        taken = chosen.gather(1, idx)  # (B, W)
+        fresh = ~taken
+        pick = fresh & (fresh.cumsum(dim=1) <= quota)  # the first `quota` untaken candidates
+        chosen = chosen.scatter(1, idx, taken | pick)
+    return chosen
+
+
+def _greedy_masked(scores: torch.Tensor, quotas: tuple[int, ...]) -> torch.Tensor:
+    """Plain reference formulation: one masked top-k per head. Returns the chosen mask ``(B, M)``."""
+    b, _, m = scores.shape
+    chosen = torch.zeros(b, m, dtype=torch.bool, device=scores.device)
+    if scores.dtype == torch.float64:
+        lowest = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
+        for h, quota in enumerate(quotas):
+            if quota == 0:
+                continue
+            masked = torch.where(chosen, lowest, scores[:, h])
+            # A stable descending sort keeps lower indices first among equal scores (and among -inf).
+            top = torch.sort(masked, dim=-1, descending=True, stable=True).indices[:, :quota]
+            chosen = chosen.scatter(1, top, True)
+        return chosen
+    keys = _sort_keys(scores)  # (B, H, M)
+    lowest = torch.iinfo(torch.int64).min
+    for h, quota in enumerate(quotas):
+        if quota == 0:
+            continue
+        masked = keys[:, h].masked_fill(chosen, lowest)
+        top = torch.topk(masked, quota, dim=-1).indices  # (B, quota)
+        chosen = chosen.scatter(1, top, True)
+    return chosen
+
+
+def _mask_to_sorted_indices(chosen: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the ``k`` True entries of each row of ``chosen (B, M)``, ascending, as ``(B, k)``.
+
+    A cumulative sum gives every chosen token its output slot; unchosen tokens go to a spill column.
+    """
+    b, m = chosen.shape
+    slot = torch.where(chosen, chosen.cumsum(dim=1) - 1, k)  # (B, M)
+    positions = torch.arange(m, device=chosen.device, dtype=torch.int64).expand(b, m)
+    out = torch.zeros(b, k + 1, dtype=torch.int64, device=chosen.device)
+    return out.scatter(1, slot, positions)[:, :k]
+
+
+def anchor_search(
+    attention: torch.Tensor,
+    num_anchors: int,
+    *,
+    include_cls: bool = True,
+    num_prefix_tokens: int = 1,
+    method: Method = "auto",
+    check_finite: bool = True,
+) -> torch.Tensor:
+    """Find the visual anchors: per head, in head order, the best tokens not yet chosen.
+
+    Args:
+        attention: one of
+            ``(B, H, N, N)`` attention probabilities of one layer (the [CLS] query's row 0 is used),
+            ``(B, H, N)`` the [CLS] query's attention row per head (what the probes return), or
+            ``(B, N)`` one score per token (a single head; also norm-based or pooled scores).
+            B is the batch, H the heads, N the tokens including the prefix tokens. Any floating dtype,
+            any device; values need not be normalised (only their order matters).
+        num_anchors: K, the number of anchors to return besides the [CLS] token, at most
+            ``N - num_prefix_tokens``. Spread over heads by :func:`anchor_quotas`.
+        include_cls: prepend token 0 ([CLS]) to the result. Needs ``num_prefix_tokens >= 1``.
+        num_prefix_tokens: leading special tokens that are never anchors: 1 for [CLS] (CLIP, timm ViT),
+            1 + registers for DINOv2 with registers, 0 for models without [CLS] (SigLIP).
+        method: ``"sorted"`` (one top-k of all heads + a greedy pass; the fast path), ``"masked"``
+            (one masked top-k per head; the plain reference) or ``"auto"`` (= ``"sorted"``).
+            Both return identical results.
+        check_finite: raise on NaN/inf scores. On CUDA this reads one flag back to the host; pass False
+            in a latency-critical or CUDA-graphed loop. Skipped while ``torch.compile`` traces.
+
+    Returns:
+        LongTensor ``(B, K + 1)`` = ``[0, a_1 < a_2 < ... < a_K]`` with ``include_cls=True``, else
+        ``(B, K)`` ascending; indices into the full token sequence (prefix tokens included), on the
+        device of ``attention``.
+
+    Raises:
+        ValueError: wrong rank, a non-square full map, a non-floating dtype, NaN/inf scores,
+            ``num_anchors`` < 1 or above the number of candidates, an unknown method, or
+            ``include_cls=True`` with ``num_prefix_tokens=0``.
+    """
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, _METHODS))}, got {method!r}")
+    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
+        raise ValueError(f"num_prefix_tokens must be an integer >= 0, got {num_prefix_tokens!r}")
+    if include_cls and num_prefix_tokens < 1:
+        raise ValueError(
+            "include_cls=True needs a [CLS] token at index 0, but num_prefix_tokens=0 says the model has "
+            "none; pass include_cls=False"
+        )
+    scores = cls_scores(attention, num_prefix_tokens=num_prefix_tokens)  # (B, H, N)
+    check_floating("attention", attention)
+    b, h, n = scores.shape
+    candidates = n - num_prefix_tokens
+    if isinstance(num_anchors, bool) or not isinstance(num_anchors, int) or not 1 <= num_anchors <= candidates:
+        raise ValueError(
+            f"num_anchors must be an integer in [1, {candidates}] (N - num_prefix_tokens = {n} - "
+            f"{num_prefix_tokens} candidate tokens for attention of shape {shape_str(attention)}), "
+            f"got {num_anchors!r}"
+        )
+    if check_finite:
+        _check_finite("attention", scores)
+
+    quotas = anchor_quotas(num_anchors, h)
+    cand_scores = scores[:, :, num_prefix_tokens:]  # (B, H, M), M = N - num_prefix_tokens
+    if cand_scores.dtype != torch.float64:
+        cand_scores = cand_scores.float()  # exact for fp16/bf16: same order, same ties
+    if method == "masked":
+        chosen = _greedy_masked(cand_scores, quotas)
+    else:
+        chosen = _greedy_sorted(cand_scores, quotas)
+    anchors = _mask_to_sorted_indices(chosen, num_anchors) + num_prefix_tokens  # (B, K)
+    if include_cls:
+        cls = torch.zeros(b, 1, dtype=torch.int64, device=anchors.device)
+        anchors = torch.cat([cls, anchors], dim=1)  # (B, K + 1)
+    return anchors
+
+
+class AnchorSearch(nn.Module):
+    """:func:`anchor_search` as a reusable module without parameters (composes, prints, moves with ``.to``).
+
+    Args:
+        num_anchors: K anchors besides [CLS].
+        include_cls: prepend token 0 to the result.
+        num_prefix_tokens: leading special tokens that are never anchors.
+        method: ``"auto"``, ``"sorted"`` or ``"masked"`` (identical results).
+        check_finite: raise on NaN/inf scores (one host read on CUDA).
+
+    Shapes:
+        ``forward(attention)``: ``(B, H, N, N)``, ``(B, H, N)`` or ``(B, N)`` → ``(B, K + 1)`` (or ``(B, K)``).
+    """
+
+    def __init__(
+        self,
+        num_anchors: int,
+        *,
+        include_cls: bool = True,
+        num_prefix_tokens: int = 1,
+        method: Method = "auto",
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__()
+        anchor_quotas(num_anchors, 1)  # validates num_anchors
+        if method not in _METHODS:
+            raise ValueError(f"method must be one of {', '.join(map(repr, _METHODS))}, got {method!r}")
+        if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
+            raise ValueError(f"num_prefix_tokens must be an integer >= 0, got {num_prefix_tokens!r}")
+        if include_cls and num_prefix_tokens < 1:
+            raise ValueError("include_cls=True needs a [CLS] token at index 0 (num_prefix_tokens >= 1)")
+        self.num_anchors = num_anchors
+        self.include_cls = include_cls
+        self.num_prefix_tokens = num_prefix_tokens
+        self.method = method
+        self.check_finite = check_finite
+
+    @property
+    def num_queries(self) -> int:
+        """Length of the returned index rows: K + 1 with [CLS], else K."""
+        return self.num_anchors + int(self.include_cls)
+
+    def forward(self, attention: torch.Tensor) -> torch.Tensor:
+        """``(B, H, N, N)`` / ``(B, H, N)`` / ``(B, N)`` scores → LongTensor ``(B, K + 1)`` or ``(B, K)``."""
+        return anchor_search(
+            attention,
+            self.num_anchors,
+            include_cls=self.include_cls,
+            num_prefix_tokens=self.num_prefix_tokens,
+            method=self.method,
+            check_finite=self.check_finite,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_anchors={self.num_anchors}, include_cls={self.include_cls}, "
+            f"num_prefix_tokens={self.num_prefix_tokens}, method={self.method!r}"
+        )

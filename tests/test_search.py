@@ -1,0 +1,283 @@
+"""Tests for anchor_former.search against a slow per-sample, per-head reference (ACFORMER.md §2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from anchor_former import AnchorSearch, anchor_quotas, anchor_search
+
+METHODS = ["sorted", "masked"]
+
+
+def reference_search(
+    scores: torch.Tensor, num_anchors: int, *, include_cls: bool = True, num_prefix_tokens: int = 1
+) -> list[list[int]]:
+    """The reference behaviour written out plainly: Python loops over samples, heads and tokens.
+
+    ``scores`` is ``(B, H, N)``. Quotas: K // H each, the first K % H heads one more. Ties: lower index first.
+    """
+    b, h, n = scores.shape
+    rows = scores.double().tolist()
+    base, extra = divmod(num_anchors, h)
+    out = []
+    for sample in rows:
+        chosen: set[int] = set()
+        for head in range(h):
+            quota = base + (1 if head < extra else 0)
+            order = sorted(range(num_prefix_tokens, n), key=lambda j: (-sample[head][j], j))
+            added = 0
+            for j in order:
+                if added == quota:
+                    break
+                if j not in chosen:
+                    chosen.add(j)
+                    added += 1
+        out.append(([0] if include_cls else []) + sorted(chosen))
+    return out
+
+
+def tie_free_scores(b: int, h: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """Softmax-like rows whose values within a head are all distinct (a permutation, normalised)."""
+    perms = torch.stack([torch.stack([torch.randperm(n, generator=generator) for _ in range(h)]) for _ in range(b)])
+    return (perms.double() + 1.0) / (n * (n + 1) / 2)
+
+
+@pytest.fixture
+def generator() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+def test_quotas_spread_remainder_over_first_heads():
+    assert anchor_quotas(144, 16) == (9,) * 16
+    assert anchor_quotas(10, 4) == (3, 3, 2, 2)
+    assert anchor_quotas(3, 5) == (1, 1, 1, 0, 0)
+    assert sum(anchor_quotas(257, 16)) == 257
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    ("b", "h", "n", "k", "prefix"),
+    [(3, 4, 17, 8, 1), (2, 16, 65, 32, 1), (2, 16, 65, 13, 1), (2, 3, 30, 20, 5), (2, 5, 9, 8, 1), (1, 6, 12, 3, 1)],
+)
+def test_matches_reference_three_layouts(generator, method, b, h, n, k, prefix):
+    """(B, H, N), (B, H, N, N) and (B, N) inputs give exactly the reference result (no ties)."""
+    for _ in range(5):
+        row = tie_free_scores(b, h, n, generator).float()  # (B, H, N)
+        expected = torch.tensor(reference_search(row, k, num_prefix_tokens=prefix))
+        assert torch.equal(anchor_search(row, k, num_prefix_tokens=prefix, method=method), expected)
+
+        full = torch.rand(b, h, n, n, generator=generator)
+        full[:, :, 0, :] = row  # only the [CLS] query's row matters
+        assert torch.equal(anchor_search(full, k, num_prefix_tokens=prefix, method=method), expected)
+
+        single = row[:, 0]  # (B, N): one head takes all K
+        expected_single = torch.tensor(reference_search(single[:, None], k, num_prefix_tokens=prefix))
+        assert torch.equal(anchor_search(single, k, num_prefix_tokens=prefix, method=method), expected_single)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_reference_shapes_of_llava(generator, method):
+    """The LLaVA-1.5 case: 16 heads, 577 tokens, K = 144 and 256."""
+    row = torch.softmax(torch.randn(2, 16, 577, generator=generator), dim=-1)
+    for k in (144, 256):
+        expected = torch.tensor(reference_search(row, k))
+        got = anchor_search(row, k, method=method)
+        assert got.shape == (2, k + 1)
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ties_follow_lower_index_rule(generator, method):
+    """Heavily tied scores (4 distinct values) still match the reference's documented tie rule."""
+    row = torch.randint(0, 4, (4, 8, 50), generator=generator).float()
+    for k in (7, 16, 40, 49):
+        expected = torch.tensor(reference_search(row, k))
+        assert torch.equal(anchor_search(row, k, method=method), expected)
+
+
+def test_all_equal_scores_pick_lowest_indices():
+    row = torch.full((1, 2, 10), 0.1)
+    # Head 0 takes 1, 2; head 1 takes the next untaken lowest, 3, 4.
+    assert anchor_search(row, 4).tolist() == [[0, 1, 2, 3, 4]]
+
+
+def test_no_cls_and_registers(generator):
+    row = tie_free_scores(2, 4, 21, generator).float()
+    got = anchor_search(row, 8, include_cls=False, num_prefix_tokens=0)
+    assert torch.equal(got, torch.tensor(reference_search(row, 8, include_cls=False, num_prefix_tokens=0)))
+    got = anchor_search(row, 8, include_cls=True, num_prefix_tokens=5)  # DINOv2: CLS + 4 registers
+    assert got[:, 0].tolist() == [0, 0]
+    assert bool((got[:, 1:] >= 5).all())
+    assert torch.equal(got, torch.tensor(reference_search(row, 8, num_prefix_tokens=5)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dtype_does_not_change_result(generator, dtype):
+    """Values representable in the low-precision dtype give the same anchors as the fp32 search."""
+    row = torch.softmax(torch.randn(3, 8, 101, generator=generator), dim=-1).to(dtype)
+    expected = torch.tensor(reference_search(row, 40))
+    for method in METHODS:
+        assert torch.equal(anchor_search(row, 40, method=method), expected)
+        assert torch.equal(anchor_search(row.float(), 40, method=method), expected)
+
+
+def test_module_matches_function(generator):
+    row = tie_free_scores(2, 4, 30, generator).float()
+    module = AnchorSearch(10, num_prefix_tokens=2)
+    assert torch.equal(module(row), anchor_search(row, 10, num_prefix_tokens=2))
+    assert module.num_queries == 11
+    assert "num_anchors=10" in repr(module)
+    assert list(module.parameters()) == []
+    assert AnchorSearch(10, include_cls=False, num_prefix_tokens=0).num_queries == 10
+
+
+def test_does_not_modify_input(generator):
+    row = torch.rand(2, 4, 30, generator=generator)
+    before = row.clone()
+    anchor_search(row, 12)
+    assert torch.equal(row, before)
+
+
+def test_noncontiguous_input(generator):
+    row = torch.rand(4, 30, 6, generator=generator).transpose(1, 2)  # (B, H, N), non-contiguous
+    assert torch.equal(anchor_search(row, 12), torch.tensor(reference_search(row, 12)))
+
+
+@pytest.mark.slow
+def test_compiles_fullgraph(generator):
+    torch._dynamo.reset()
+    row = torch.softmax(torch.randn(2, 4, 33, generator=generator), dim=-1)
+    compiled = torch.compile(lambda a: anchor_search(a, 12, check_finite=False), fullgraph=True)
+    assert torch.equal(compiled(row), torch.tensor(reference_search(row, 12)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(generator):
+    row = torch.softmax(torch.randn(8, 16, 577, generator=generator), dim=-1)
+    for dtype in (torch.float32, torch.bfloat16):
+        for method in METHODS:
+            got = anchor_search(row.to("cuda", dtype), 144, method=method)
+            assert got.device.type == "cuda"
+            assert torch.equal(got.cpu(), anchor_search(row.to(dtype), 144))
+
+
+# ---------------------------------------------------------------------------------------------- properties
+
+
+@st.composite
+def search_case(draw):
+    b = draw(st.integers(1, 4))
+    h = draw(st.integers(1, 6))
+    prefix = draw(st.integers(0, 3))
+    n = draw(st.integers(prefix + 1, prefix + 40))
+    k = draw(st.integers(1, n - prefix))
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    row = tie_free_scores(b, h, n, gen).float()
+    include_cls = prefix > 0 and draw(st.booleans())
+    return row, k, prefix, include_cls
+
+
+@settings(max_examples=60, deadline=None)
+@given(search_case(), st.sampled_from(METHODS))
+def test_properties(case, method):
+    row, k, prefix, include_cls = case
+    b, h, n = row.shape
+    got = anchor_search(row, k, include_cls=include_cls, num_prefix_tokens=prefix, method=method)
+    assert got.dtype == torch.int64
+    assert got.shape == (b, k + int(include_cls))
+    anchors = got[:, 1:] if include_cls else got
+    if include_cls:
+        assert bool((got[:, 0] == 0).all())
+    assert bool((anchors >= prefix).all()) and bool((anchors < n).all())  # prefix tokens never chosen
+    assert bool((anchors[:, 1:] > anchors[:, :-1]).all())  # strictly ascending: sorted and unique
+    assert torch.equal(got, torch.tensor(reference_search(row, k, include_cls=include_cls, num_prefix_tokens=prefix)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(search_case(), st.floats(1e-3, 1e3))
+def test_batch_independence_and_scale_invariance(case, scale):
+    row, k, prefix, include_cls = case
+    kwargs = dict(include_cls=include_cls, num_prefix_tokens=prefix)
+    full = anchor_search(row, k, **kwargs)
+    for i in range(row.shape[0]):
+        assert torch.equal(anchor_search(row[i : i + 1], k, **kwargs), full[i : i + 1])
+    # Tie-free values are >= 1/(n(n+1)/2) apart relatively, far above fp32 rounding, so scaling keeps order.
+    assert torch.equal(anchor_search(row * scale, k, **kwargs), full)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 8), st.integers(0, 2**31 - 1))
+def test_each_head_contributes_its_quota(h, quota, seed):
+    """With K = q·H, the anchors of heads 0..h are nested and head h adds exactly q new tokens, namely its
+    q best tokens among those heads 0..h-1 did not take."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 1 + h * quota + 5
+    row = tie_free_scores(1, h, n, gen).float()
+    previous: set[int] = set()
+    for upto in range(1, h + 1):
+        got = set(anchor_search(row[:, :upto], quota * upto, include_cls=False).tolist()[0])
+        new = got - previous
+        assert previous <= got and len(new) == quota
+        remaining = sorted(set(range(1, n)) - previous, key=lambda j: -float(row[0, upto - 1, j]))
+        assert new == set(remaining[:quota])
+        previous = got
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_rejects_wrong_rank():
+    with pytest.raises(ValueError, match=r"attention must have shape .*\(B, H, N, N\).* got shape \(3,\)"):
+        anchor_search(torch.rand(3), 1)
+    with pytest.raises(ValueError, match=r"got shape \(1, 2, 3, 4, 4\)"):
+        anchor_search(torch.rand(1, 2, 3, 4, 4), 1)
+    with pytest.raises(ValueError, match="torch.Tensor"):
+        anchor_search([[0.1, 0.2]], 1)  # type: ignore[arg-type]
+
+
+def test_rejects_non_square_map():
+    with pytest.raises(ValueError, match=r"square \(B, H, N, N\).*\(2, 4, 10, 11\)"):
+        anchor_search(torch.rand(2, 4, 10, 11), 3)
+
+
+@pytest.mark.parametrize("k", [0, -1, 10, 2.5, True])
+def test_rejects_bad_num_anchors(k):
+    with pytest.raises(ValueError, match=r"num_anchors must be an integer in \[1, 9\].*shape \(2, 4, 10\)"):
+        anchor_search(torch.rand(2, 4, 10), k)
+
+
+def test_num_anchors_counts_prefix_tokens():
+    with pytest.raises(ValueError, match=r"\[1, 5\].*10 - 5 candidate tokens"):
+        anchor_search(torch.rand(2, 4, 10), 6, num_prefix_tokens=5)
+
+
+def test_rejects_integer_scores():
+    with pytest.raises(ValueError, match=r"floating-point.*torch.int64.*\(2, 10\)"):
+        anchor_search(torch.ones(2, 10, dtype=torch.int64), 3)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_rejects_non_finite(bad):
+    row = torch.rand(2, 4, 10)
+    row[1, 2, 3] = bad
+    with pytest.raises(ValueError, match=r"attention must be finite.*\(2, 4, 10\)"):
+        anchor_search(row, 3)
+
+
+def test_rejects_cls_without_prefix_and_bad_options():
+    with pytest.raises(ValueError, match="include_cls=True needs a \\[CLS\\]"):
+        anchor_search(torch.rand(2, 10), 3, num_prefix_tokens=0)
+    with pytest.raises(ValueError, match=r"needs a \[CLS\] query.*\(2, 1, 10, 10\)"):
+        anchor_search(torch.rand(2, 1, 10, 10), 3, include_cls=False, num_prefix_tokens=0)
+    with pytest.raises(ValueError, match="method must be one of"):
+        anchor_search(torch.rand(2, 10), 3, method="fast")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="num_prefix_tokens must be an integer >= 0"):
+        anchor_search(torch.rand(2, 10), 3, num_prefix_tokens=-1)
+    with pytest.raises(ValueError, match="num_anchors must be an integer >= 1"):
+        AnchorSearch(0)
+    with pytest.raises(ValueError, match="num_heads must be an integer >= 1"):
+        anchor_quotas(4, 0)
