@@ -98,6 +98,16 @@ def test_ties_follow_lower_index_rule(generator, method):
         assert torch.equal(anchor_search(row, k, method=method), expected)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_negative_scores_and_signed_zeros(generator, method):
+    """Raw logits (negative values) and -0.0 == +0.0 ties follow the same rules as probabilities."""
+    logits = torch.randn(3, 4, 40, generator=generator)
+    logits[:, :, 5:15] = 0.0
+    logits[:, :, 10:15] = -0.0
+    for k in (5, 20, 39):
+        assert torch.equal(anchor_search(logits, k, method=method), torch.tensor(reference_search(logits, k)))
+
+
 def test_all_equal_scores_pick_lowest_indices():
     row = torch.full((1, 2, 10), 0.1)
     # Head 0 takes 1, 2; head 1 takes the next untaken lowest, 3, 4.

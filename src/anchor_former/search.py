@@ -28,6 +28,7 @@ Two methods give identical results:
 
 from __future__ import annotations
 
+import sys
 from typing import Literal
 
 import torch
@@ -89,14 +90,21 @@ def cls_scores(attention: torch.Tensor, *, num_prefix_tokens: int = 1) -> torch.
 def _sort_keys(scores: torch.Tensor) -> torch.Tensor:
     """Unique int64 keys that order ``(..., M)`` scores descending, ties by lower index first.
 
-    float32 scores: the order-preserving integer image of the float's bits in the high 32 bits and
-    ``M - 1 - j`` in the low 32 bits, so ``topk`` on the keys is exact and deterministic.
+    High 32 bits: the order-preserving integer image of the float32 score's bits; low 32 bits:
+    ``M - 1 - j``. So ``topk`` on the keys is exact and deterministic, whatever the device.
     """
     m = scores.shape[-1]
-    bits = (scores.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
-    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
-    rank = torch.arange(m - 1, -1, -1, device=scores.device, dtype=torch.int64)
-    return (ordered << 32) | rank
+    bits = scores.float().contiguous().view(torch.int32)
+    sign = bits >> 31  # -1 for negative floats, else 0
+    # Flip the magnitude bits of negatives, then add 1 to them so that -0.0 and +0.0 share a key.
+    ordered = (bits ^ (sign & 0x7FFFFFFF)).sub_(sign)  # int32, same order as the floats
+    if sys.byteorder == "little" and not torch.compiler.is_compiling():
+        # Interleave (low, high) int32 words and reinterpret as int64: one copy instead of three
+        # int64 passes (casts and shifts of int64 are not vectorised on CPU).
+        rank = torch.arange(m - 1, -1, -1, device=scores.device, dtype=torch.int32).expand_as(ordered)
+        return torch.stack([rank, ordered], dim=-1).view(torch.int64).squeeze(-1)
+    rank64 = torch.arange(m - 1, -1, -1, device=scores.device, dtype=torch.int64)
+    return (ordered.to(torch.int64) << 32) | rank64
 
 
 def _top_candidates(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -127,28 +135,33 @@ def _greedy_sorted(scores: torch.Tensor, quotas: tuple[int, ...]) -> torch.Tenso
 
 
 def _greedy_masked(scores: torch.Tensor, quotas: tuple[int, ...]) -> torch.Tensor:
-    """Plain reference formulation: one masked top-k per head. Returns the chosen mask ``(B, M)``."""
-    b, _, m = scores.shape
-    chosen = torch.zeros(b, m, dtype=torch.bool, device=scores.device)
+    """Plain formulation: one top-k per head over the tokens no earlier head took.
+
+    Returns the anchors ``(B, K)`` in candidate coordinates, ascending. Keys live in an ``(H, B, M)``
+    layout so each head's rows are contiguous (top-k over strided rows is twice as slow on CPU); a
+    head's picks are struck out of the later heads' keys in place.
+    """
+    h_total = scores.shape[1]
+    picks = []
     if scores.dtype == torch.float64:
-        lowest = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
-        for h, quota in enumerate(quotas):
-            if quota == 0:
-                continue
-            masked = torch.where(chosen, lowest, scores[:, h])
-            # A stable descending sort keeps lower indices first among equal scores (and among -inf).
-            top = torch.sort(masked, dim=-1, descending=True, stable=True).indices[:, :quota]
-            chosen = chosen.scatter(1, top, True)
-        return chosen
-    keys = _sort_keys(scores)  # (B, H, M)
-    lowest = torch.iinfo(torch.int64).min
+        # float64 does not fit the packed key; a stable descending sort gives the same tie rule.
+        live = scores.transpose(0, 1).contiguous()  # (H, B, M)
+        lowest: float | int = float("-inf")
+    else:
+        live = _sort_keys(scores.transpose(0, 1).contiguous())  # (H, B, M) int64
+        lowest = torch.iinfo(torch.int64).min
     for h, quota in enumerate(quotas):
         if quota == 0:
             continue
-        masked = keys[:, h].masked_fill(chosen, lowest)
-        top = torch.topk(masked, quota, dim=-1).indices  # (B, quota)
-        chosen = chosen.scatter(1, top, True)
-    return chosen
+        if live.dtype == torch.float64:
+            top = torch.sort(live[h], dim=-1, descending=True, stable=True).indices[:, :quota]
+        else:
+            top = torch.topk(live[h], quota, dim=-1, sorted=False).indices  # (B, quota)
+        picks.append(top)
+        if h + 1 < h_total:
+            later = live[h + 1 :]  # (H - h - 1, B, M) view
+            later.scatter_(2, top.expand(later.shape[0], -1, -1), lowest)
+    return torch.cat(picks, dim=1).sort(dim=1).values  # (B, K)
 
 
 def _mask_to_sorted_indices(chosen: torch.Tensor, k: int) -> torch.Tensor:
@@ -228,11 +241,15 @@ def anchor_search(
     cand_scores = scores[:, :, num_prefix_tokens:]  # (B, H, M), M = N - num_prefix_tokens
     if cand_scores.dtype != torch.float64:
         cand_scores = cand_scores.float()  # exact for fp16/bf16: same order, same ties
+    if method == "auto":
+        # The masked loop is fastest on CPU; on accelerators one top-k plus a greedy pass of small
+        # fused ops beats H separate top-k launches.
+        method = "masked" if cand_scores.device.type == "cpu" else "sorted"
     if method == "masked":
-        chosen = _greedy_masked(cand_scores, quotas)
+        anchors = _greedy_masked(cand_scores, quotas)
     else:
-        chosen = _greedy_sorted(cand_scores, quotas)
-    anchors = _mask_to_sorted_indices(chosen, num_anchors) + num_prefix_tokens  # (B, K)
+        anchors = _mask_to_sorted_indices(_greedy_sorted(cand_scores, quotas), num_anchors)
+    anchors = anchors + num_prefix_tokens  # (B, K) indices into the full sequence
     if include_cls:
         cls = torch.zeros(b, 1, dtype=torch.int64, device=anchors.device)
         anchors = torch.cat([cls, anchors], dim=1)  # (B, K + 1)
