@@ -1,0 +1,261 @@
+"""Safe checkpoint loading and the converters from the weight layouts people already have.
+
+Loading never unpickles code: ``.safetensors`` files are read with :mod:`safetensors`, anything else
+with ``torch.load(..., weights_only=True)``, which only rebuilds tensors and plain containers. A pickle
+that asks for anything else (a function call, an arbitrary class) is refused with
+:class:`CheckpointError` before any of its code runs.
+
+Layouts understood (ACFORMER.md §3):
+
+* ``"llava_mlp"``: LLaVA-1.5's ``mm_projector.bin``, keys ``model.mm_projector.0.*`` and
+  ``model.mm_projector.2.*`` (``mlp2x_gelu``; deeper ``mlpNx_gelu`` adds ``.4.*``, ...), or transformers'
+  ``multi_modal_projector.linear_1.*`` / ``linear_2.*``. It warm-starts the output MLP
+  (``AnchorFormer.projector``) only.
+* ``"reference_acformer"``: the reference AcFormer patch's projector,
+  ``model.mm_projector.0.layers.{i}.0.*`` (attention), ``0.layers.{i}.1.{0,1,3}.*`` (feed-forward),
+  ``0.norm.*``, the unused ``0.latents``, and the MLP at ``1.*`` and ``3.*``.
+* ``"anchor_former"``: this package's own :class:`~anchor_former.AnchorFormer` state dict (possibly
+  under a prefix such as ``model.mm_projector.connector.``).
+
+Key prefixes up to and including ``mm_projector.`` (``model.``, ``base_model.model.model.`` of a PEFT
+wrapper, ...) are stripped before the layout is read.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from collections.abc import Mapping
+from typing import Literal
+
+import torch
+from torch import nn
+
+from anchor_former._validation import shape_str
+
+__all__ = [
+    "CheckpointError",
+    "Layout",
+    "detect_layout",
+    "llava_projector_to_mlp",
+    "load_checked",
+    "load_state_dict",
+    "reference_acformer_to_anchor_former",
+    "save_state_dict",
+    "strip_projector_prefix",
+    "to_anchor_former",
+]
+
+Layout = Literal["llava_mlp", "reference_acformer", "anchor_former"]
+
+StateDict = dict[str, torch.Tensor]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded safely or does not fit the module it is loaded into."""
+
+
+# --- reading and writing -------------------------------------------------------------------------------
+
+
+def load_state_dict(path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu") -> StateDict:
+    """Read a flat ``{name: tensor}`` checkpoint without executing code.
+
+    Args:
+        path: a ``.safetensors`` file, or a PyTorch file (``.bin``, ``.pt``, ``.pth``) holding a dict of
+            tensors (what ``torch.save(module.state_dict(), path)`` writes).
+        map_location: where the tensors go.
+
+    Raises:
+        CheckpointError: the file is missing, its pickle needs anything besides tensors and plain
+            containers (it would run code on load: refused, nothing of it runs), or it is not a flat
+            mapping from names to tensors.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint path {path!r} is not a file")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        device = str(map_location) if not isinstance(map_location, str) else map_location
+        return dict(load_file(path, device=device))
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()
+        raise CheckpointError(
+            f"refusing to load {path!r}: its pickle contains objects other than tensors and plain containers, "
+            "and unpickling them could execute arbitrary code (torch.load(weights_only=True) stopped at: "
+            f"{reason[0] if reason else type(err).__name__}). If you trust the file, re-save its tensors with "
+            "anchor_former.checkpoint.save_state_dict (safetensors)."
+        ) from err
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"checkpoint {path!r} must hold a dict of tensors, got {type(obj).__name__}")
+    bad = [f"{k!r} ({type(v).__name__})" for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {path!r} must be a flat dict of name -> tensor; these entries are not: {', '.join(bad[:8])}"
+            + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+        )
+    return dict(obj)
+
+
+def save_state_dict(
+    state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str], *, metadata: dict[str, str] | None = None
+) -> None:
+    """Write ``state_dict`` as safetensors (contiguous CPU copies; shared storage is fine)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    save_file(tensors, os.fspath(path), metadata=metadata)
+
+
+# --- layouts ---------------------------------------------------------------------------------------------
+
+_PROJECTOR_MARK = "mm_projector."
+_HF_PROJECTOR = re.compile(r"^(?:.*\.)?multi_modal_projector\.linear_(\d+)\.(weight|bias)$")
+_MLP_KEY = re.compile(r"^(\d+)\.(weight|bias)$")
+_REF_LAYER = re.compile(r"^0\.layers\.(\d+)\.([01])\.(.+)$")
+_REF_ATTN = {"norm_media.weight", "norm_media.bias", "norm_latents.weight", "norm_latents.bias",
+             "to_q.weight", "to_kv.weight", "to_out.weight"}
+_REF_FF = {"0.weight", "0.bias", "1.weight", "3.weight"}
+
+
+def strip_projector_prefix(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """Drop everything up to and including ``mm_projector.`` from each key; keep only those keys if any
+    key has that mark, else return the keys unchanged. transformers' ``multi_modal_projector.linear_{n}``
+    keys become LLaVA's ``{2(n-1)}.*``."""
+    hf = {}
+    for key, value in state_dict.items():
+        match = _HF_PROJECTOR.match(key)
+        if match:
+            hf[f"{2 * (int(match.group(1)) - 1)}.{match.group(2)}"] = value
+    if hf:
+        return hf
+    if any(_PROJECTOR_MARK in k for k in state_dict):
+        return {k.split(_PROJECTOR_MARK, 1)[1]: v for k, v in state_dict.items() if _PROJECTOR_MARK in k}
+    return dict(state_dict)
+
+
+def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> Layout:
+    """Which layout a projector state dict has (after :func:`strip_projector_prefix`).
+
+    Raises:
+        CheckpointError: no known layout; the message lists a few of the keys.
+    """
+    keys = set(strip_projector_prefix(state_dict))
+    if keys and all(_MLP_KEY.match(k) for k in keys):
+        return "llava_mlp"
+    if any(_REF_LAYER.match(k) for k in keys) or "0.latents" in keys:
+        return "reference_acformer"
+    inner = {k.split("connector.", 1)[-1] for k in keys}
+    if any(k.startswith("layers.") for k in inner) and any(k.startswith("projector.") for k in inner):
+        return "anchor_former"
+    sample = ", ".join(sorted(keys)[:6]) or "(no keys)"
+    raise CheckpointError(
+        "unrecognised projector checkpoint layout; expected LLaVA's mm_projector.{0,2}.* (or transformers' "
+        "multi_modal_projector.linear_{1,2}.*), the reference AcFormer mm_projector.0.layers.* / 1.* / 3.*, or an "
+        f"AnchorFormer state dict (layers.*, norm.*, projector.*); got keys such as: {sample}"
+    )
+
+
+def llava_projector_to_mlp(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """LLaVA ``mm_projector`` weights → the keys of an ``mlpNx_gelu`` / ``linear`` projector
+    (``0.weight``, ``0.bias``, ``2.weight``, ...), e.g. for ``AnchorFormer.projector``.
+
+    Accepts ``model.mm_projector.{j}.*``, any other prefix ending in ``mm_projector.``, bare ``{j}.*`` keys,
+    and transformers' ``multi_modal_projector.linear_{n}.*``.
+    """
+    stripped = strip_projector_prefix(state_dict)
+    bad = sorted(k for k in stripped if not _MLP_KEY.match(k))
+    if bad:
+        raise CheckpointError(
+            f"not a LLaVA linear/mlpNx_gelu projector checkpoint: unexpected keys {bad[:8]} "
+            "(expected only mm_projector.{j}.weight / .bias)"
+        )
+    if not stripped:
+        raise CheckpointError("no mm_projector.* (or multi_modal_projector.*) keys in the checkpoint")
+    return stripped
+
+
+def reference_acformer_to_anchor_former(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """The reference AcFormer patch's ``mm_projector`` → an :class:`~anchor_former.AnchorFormer` state dict.
+
+    ``0.layers.{i}.0.X → layers.{i}.attn.X``, ``0.layers.{i}.1.j.* → layers.{i}.ff.j.*``,
+    ``0.norm.* → norm.*``, ``1.* → projector.0.*``, ``3.* → projector.2.*``; the unused ``0.latents`` is
+    dropped. Any other key raises :class:`CheckpointError` naming it.
+    """
+    out: StateDict = {}
+    unexpected: list[str] = []
+    for key, value in strip_projector_prefix(state_dict).items():
+        layer = _REF_LAYER.match(key)
+        if key == "0.latents":
+            continue  # never used by the reference's forward
+        if layer and layer.group(2) == "0" and layer.group(3) in _REF_ATTN:
+            out[f"layers.{layer.group(1)}.attn.{layer.group(3)}"] = value
+        elif layer and layer.group(2) == "1" and layer.group(3) in _REF_FF:
+            out[f"layers.{layer.group(1)}.ff.{layer.group(3)}"] = value
+        elif key in ("0.norm.weight", "0.norm.bias"):
+            out[key[2:]] = value
+        elif _MLP_KEY.match(key) and key.split(".")[0] in ("1", "3"):
+            index, kind = key.split(".")
+            out[f"projector.{0 if index == '1' else 2}.{kind}"] = value
+        else:
+            unexpected.append(key)
+    if unexpected:
+        raise CheckpointError(
+            f"unexpected keys in a reference AcFormer checkpoint: {sorted(unexpected)[:8]}"
+            + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else "")
+            + " (expected mm_projector.0.layers.{i}.{0,1}.*, 0.norm.*, 0.latents, 1.*, 3.*)"
+        )
+    return out
+
+
+def to_anchor_former(state_dict: Mapping[str, torch.Tensor]) -> tuple[StateDict, Layout]:
+    """Convert any known layout to AnchorFormer keys; returns ``(state_dict, layout)``.
+
+    For ``"llava_mlp"`` only the output MLP is present (keys ``projector.*``): load it with
+    ``strict=False`` semantics, i.e. :func:`load_checked` ``(..., partial=True)``.
+    """
+    layout = detect_layout(state_dict)
+    if layout == "llava_mlp":
+        return {f"projector.{k}": v for k, v in llava_projector_to_mlp(state_dict).items()}, layout
+    if layout == "reference_acformer":
+        return reference_acformer_to_anchor_former(state_dict), layout
+    stripped = strip_projector_prefix(state_dict)
+    return {k.split("connector.", 1)[-1] if k.startswith("connector.") else k: v for k, v in stripped.items()}, layout
+
+
+def load_checked(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, partial: bool = False,
+                 what: str = "checkpoint") -> None:
+    """``module.load_state_dict`` that checks everything first and changes nothing on failure.
+
+    Args:
+        module: the module to load into.
+        state_dict: keys relative to ``module``.
+        partial: allow keys of ``module`` to be missing from ``state_dict`` (a warm start of a part).
+        what: how to call the checkpoint in messages.
+
+    Raises:
+        CheckpointError: unexpected keys, missing keys (unless ``partial``), or shape mismatches; the
+            message names each key with both shapes.
+    """
+    target = module.state_dict()
+    unexpected = sorted(set(state_dict) - set(target))
+    missing = [] if partial else sorted(set(target) - set(state_dict))
+    mismatched = [
+        f"{k}: checkpoint {shape_str(v)} vs module {shape_str(target[k])}"
+        for k, v in state_dict.items()
+        if k in target and tuple(v.shape) != tuple(target[k].shape)
+    ]
+    problems = []
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:8]}" + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else ""))
+    if missing:
+        problems.append(f"missing keys {missing[:8]}" + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
+    if mismatched:
+        problems.append("shape mismatches " + "; ".join(mismatched[:8]))
+    if problems:
+        raise CheckpointError(f"{what} does not fit {type(module).__name__}: " + "; ".join(problems))
+    module.load_state_dict(dict(state_dict), strict=not partial)

@@ -1,0 +1,236 @@
+"""Safe loading and the layout converters of ``anchor_former.checkpoint``."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from anchor_former.former import AnchorFormer
+from anchor_former.checkpoint import (
+    CheckpointError,
+    detect_layout,
+    llava_projector_to_mlp,
+    load_checked,
+    load_state_dict,
+    reference_acformer_to_anchor_former,
+    save_state_dict,
+    strip_projector_prefix,
+    to_anchor_former,
+)
+
+D, LLM, HEADS, DIM_HEAD, DEPTH, K = 16, 24, 2, 8, 2, 5
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+# --- a plain re-implementation of the reference AcFormer projector, with its module names -------------
+
+
+class RefAttention(nn.Module):
+    def __init__(self, dim: int, dim_head: int, heads: int) -> None:
+        super().__init__()
+        inner = dim_head * heads
+        self.heads, self.scale = heads, dim_head**-0.5
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        x, latents = self.norm_media(x), self.norm_latents(latents)
+        q = self.to_q(latents)
+        k, v = self.to_kv(x).chunk(2, dim=-1)
+        b, nq, _ = q.shape
+        out = torch.zeros_like(q)
+        width = q.shape[-1] // self.heads
+        for h in range(self.heads):  # naive per-head loop
+            sl = slice(h * width, (h + 1) * width)
+            attn = ((q[..., sl] @ k[..., sl].transpose(1, 2)) * self.scale).softmax(-1)
+            out[..., sl] = attn @ v[..., sl]
+        return self.to_out(out)
+
+
+class RefResampler(nn.Module):
+    def __init__(self, dim: int, depth: int, dim_head: int, heads: int, num_latents: int) -> None:
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(num_latents, dim))  # never used, as in the reference
+        self.layers = nn.ModuleList(
+            nn.ModuleList([
+                RefAttention(dim, dim_head, heads),
+                nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim, bias=False), nn.GELU(),
+                              nn.Linear(4 * dim, dim, bias=False)),
+            ])
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, anchor_idx: torch.Tensor) -> torch.Tensor:
+        latents = torch.stack([x[b, anchor_idx[b]] for b in range(x.shape[0])])
+        for attn, ff in self.layers:
+            latents = attn(x, latents) + latents
+            latents = ff(latents) + latents
+        return self.norm(latents)
+
+
+def reference_projector() -> nn.Sequential:
+    proj = nn.Sequential(RefResampler(D, DEPTH, DIM_HEAD, HEADS, K), nn.Linear(D, LLM), nn.GELU(), nn.Linear(LLM, LLM))
+    for p in proj.parameters():  # non-trivial LayerNorm affine too
+        nn.init.normal_(p, std=0.3)
+    return proj
+
+
+def anchor_former() -> AnchorFormer:
+    return AnchorFormer(D, LLM, num_anchors=K, depth=DEPTH, heads=HEADS, dim_head=DIM_HEAD)
+
+
+def llava_checkpoint(prefix: str = "model.mm_projector.") -> dict[str, torch.Tensor]:
+    mlp = nn.Sequential(nn.Linear(D, LLM), nn.GELU(), nn.Linear(LLM, LLM))
+    return {prefix + k: v.half() for k, v in mlp.state_dict().items()}  # LLaVA ships fp16
+
+
+# --- safe loading ----------------------------------------------------------------------------------------
+
+
+class _Exploit:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # runs os.system(...) when unpickled
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "mm_projector.bin"
+    torch.save({"model.mm_projector.0.weight": torch.zeros(2, 2), "payload": _Exploit(str(marker))}, path)
+    with pytest.raises(CheckpointError, match=r"refusing to load .*could execute arbitrary code"):
+        load_state_dict(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
+def test_round_trip_bin_and_safetensors(tmp_path, suffix) -> None:
+    sd = llava_checkpoint()
+    path = tmp_path / f"mm_projector{suffix}"
+    if suffix == ".bin":
+        torch.save(sd, path)
+    else:
+        save_state_dict(sd, path)
+    loaded = load_state_dict(path)
+    assert loaded.keys() == sd.keys()
+    for k in sd:
+        torch.testing.assert_close(loaded[k], sd[k], atol=0, rtol=0)
+
+
+def test_load_rejects_missing_file_and_non_flat(tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="is not a file"):
+        load_state_dict(tmp_path / "nope.bin")
+    path = tmp_path / "nested.bin"
+    torch.save({"model": {"w": torch.zeros(1)}}, path)
+    with pytest.raises(CheckpointError, match=r"flat dict of name -> tensor.*'model' \(dict\)"):
+        load_state_dict(path)
+
+
+# --- layouts -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prefix", ["model.mm_projector.", "base_model.model.model.mm_projector.", ""])
+def test_llava_mlp_warm_starts_the_output_mlp(prefix) -> None:
+    sd = llava_checkpoint(prefix)
+    assert detect_layout(sd) == "llava_mlp"
+    module = anchor_former()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    converted, layout = to_anchor_former(sd)
+    assert layout == "llava_mlp" and set(converted) == {"projector.0.weight", "projector.0.bias",
+                                                        "projector.2.weight", "projector.2.bias"}
+    load_checked(module, converted, partial=True)
+    for k, v in module.state_dict().items():
+        if k.startswith("projector."):
+            torch.testing.assert_close(v, sd[prefix + k.removeprefix("projector.")].float(), atol=0, rtol=0)
+        else:
+            torch.testing.assert_close(v, before[k], atol=0, rtol=0)
+
+
+def test_hf_projector_names_map_to_llava_indices() -> None:
+    lin1, lin2 = nn.Linear(D, LLM), nn.Linear(LLM, LLM)
+    sd = {"model.multi_modal_projector.linear_1.weight": lin1.weight, "model.multi_modal_projector.linear_1.bias": lin1.bias,
+          "model.multi_modal_projector.linear_2.weight": lin2.weight, "model.multi_modal_projector.linear_2.bias": lin2.bias,
+          "model.language_model.embed_tokens.weight": torch.zeros(3, LLM)}
+    mlp = llava_projector_to_mlp(sd)
+    assert mlp["0.weight"] is lin1.weight and mlp["2.bias"] is lin2.bias and len(mlp) == 4
+
+
+def test_reference_acformer_checkpoint_gives_the_reference_outputs(tmp_path) -> None:
+    ref = reference_projector()
+    path = tmp_path / "mm_projector.bin"
+    torch.save({f"model.mm_projector.{k}": v for k, v in ref.state_dict().items()}, path)
+    sd = load_state_dict(path)
+    assert "model.mm_projector.0.latents" in sd and detect_layout(sd) == "reference_acformer"
+
+    module = anchor_former()
+    converted, layout = to_anchor_former(sd)
+    assert layout == "reference_acformer" and not any(k.endswith("latents") for k in converted)
+    load_checked(module, converted)  # strict: every parameter is covered
+
+    x = torch.randn(3, 1 + 16, D)
+    idx = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), torch.randperm(16)[:K].sort().values + 1]) for _ in range(3)])
+    with torch.no_grad():
+        expected = ref[1:](ref[0](x, idx))
+        module.fused_attn = False
+        manual = module(x, idx)
+        module.fused_attn = True
+        fused = module(x, idx)
+    torch.testing.assert_close(manual, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_own_layout_under_a_prefix_round_trips(tmp_path) -> None:
+    module = anchor_former()
+    path = tmp_path / "connector.safetensors"
+    save_state_dict({f"model.mm_projector.connector.{k}": v for k, v in module.state_dict().items()}, path)
+    converted, layout = to_anchor_former(load_state_dict(path))
+    assert layout == "anchor_former"
+    other = anchor_former()
+    load_checked(other, converted)
+    for k, v in module.state_dict().items():
+        torch.testing.assert_close(other.state_dict()[k], v, atol=0, rtol=0)
+
+
+# --- errors that name what does not fit ------------------------------------------------------------------
+
+
+def test_shape_mismatch_and_missing_keys_are_named_and_nothing_changes() -> None:
+    module = anchor_former()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    wrong = {k: v for k, v in to_anchor_former(llava_checkpoint())[0].items()}
+    wrong["projector.0.weight"] = torch.zeros(LLM, D + 1)
+    with pytest.raises(CheckpointError, match=r"projector\.0\.weight: checkpoint \(24, 17\) vs module \(24, 16\)"):
+        load_checked(module, wrong, partial=True)
+    with pytest.raises(CheckpointError, match=r"missing keys \['layers\.0\.attn"):
+        load_checked(module, to_anchor_former(llava_checkpoint())[0])
+    for k, v in module.state_dict().items():
+        torch.testing.assert_close(v, before[k], atol=0, rtol=0)
+
+
+def test_reference_checkpoint_of_other_depth_names_the_keys() -> None:
+    sd = {f"model.mm_projector.{k}": v for k, v in reference_projector().state_dict().items()}
+    module = AnchorFormer(D, LLM, num_anchors=K, depth=1, heads=HEADS, dim_head=DIM_HEAD)
+    with pytest.raises(CheckpointError, match=r"unexpected keys \['layers\.1\."):
+        load_checked(module, to_anchor_former(sd)[0])
+
+
+def test_unknown_layout_and_unexpected_reference_keys() -> None:
+    with pytest.raises(CheckpointError, match="unrecognised projector checkpoint layout.*got keys such as: foo.weight"):
+        detect_layout({"foo.weight": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match=r"unexpected keys in a reference AcFormer checkpoint: \['0\.layers\.0\.0\.bogus'\]"):
+        reference_acformer_to_anchor_former({"0.layers.0.0.bogus": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match="not a LLaVA linear/mlpNx_gelu projector checkpoint"):
+        llava_projector_to_mlp({"mm_projector.0.layers.0.0.to_q.weight": torch.zeros(1)})
+    assert strip_projector_prefix({"a.b": torch.zeros(1)}).keys() == {"a.b"}
