@@ -1,0 +1,49 @@
+"""[CLS]-attention probes: anchors from real ViTs without ``output_attentions`` (see ``docs/probes.md``).
+
+Importing this package registers the built-in encoder families (clip, dinov2, timm_vit, siglip); none
+of them imports transformers or timm.
+"""
+
+from __future__ import annotations
+
+from anchor_former.probes import clip, dinov2, siglip, timm_vit  # noqa: F401  (register the families)
+from anchor_former.probes.base import (
+    AttentionProbe,
+    EncoderFamily,
+    EncoderSpec,
+    ProbeCapture,
+    QueryKeySite,
+    Score,
+    cls_attention_probe,
+    detect_encoder,
+    hf_linear_site,
+    loaded_classes,
+    modules_of_type,
+    positional_or_keyword,
+    query_attention_row,
+    register_encoder_family,
+    registered_families,
+    token_norm_scores,
+)
+from anchor_former.probes.extract import AnchorExtraction, extract_anchors
+
+__all__ = [
+    "AnchorExtraction",
+    "AttentionProbe",
+    "EncoderFamily",
+    "EncoderSpec",
+    "ProbeCapture",
+    "QueryKeySite",
+    "Score",
+    "cls_attention_probe",
+    "detect_encoder",
+    "extract_anchors",
+    "hf_linear_site",
+    "loaded_classes",
+    "modules_of_type",
+    "positional_or_keyword",
+    "query_attention_row",
+    "register_encoder_family",
+    "registered_families",
+    "token_norm_scores",
+]

@@ -1,0 +1,75 @@
+"""HF transformers DINOv2 encoders: ``Dinov2Model`` and ``Dinov2WithRegistersModel``.
+
+Token 0 is [CLS]; with registers the next ``config.num_register_tokens`` tokens are registers, so
+``num_prefix_tokens = 1 + num_register_tokens`` (never anchors). The attention module differs between
+transformers versions and is read by attributes: 5.x ``layer.attention.{q_proj, k_proj}`` with
+``scaling``; 4.x ``layer.attention.attention.{query, key}`` (eager or SDPA subclass) scaled by
+``attention_head_size ** -0.5``. The hooked module is ``layer.attention`` in both, whose input is the
+``norm1`` output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from torch import nn
+
+from anchor_former.probes.base import (
+    EncoderFamily,
+    EncoderSpec,
+    QueryKeySite,
+    hf_linear_site,
+    loaded_classes,
+    modules_of_type,
+    register_encoder_family,
+)
+
+__all__ = ["Dinov2Family"]
+
+_PLAIN = "transformers.models.dinov2.modeling_dinov2"
+_REGISTERS = "transformers.models.dinov2_with_registers.modeling_dinov2_with_registers"
+
+
+def _site(layer: nn.Module) -> QueryKeySite:
+    attn = layer.attention
+    if hasattr(attn, "q_proj"):  # transformers 5.x
+        return hf_linear_site(attn, attn.q_proj, attn.k_proj, num_heads=attn.num_attention_heads, scale=attn.scaling)
+    inner = attn.attention  # transformers 4.x: Dinov2SelfAttention / Dinov2SdpaSelfAttention
+    site = hf_linear_site(
+        inner, inner.query, inner.key, num_heads=inner.num_attention_heads, scale=inner.attention_head_size**-0.5
+    )
+    # hook the outer module: it receives the norm1 output positionally in every 4.x release
+    return replace(site, module=attn)
+
+
+class Dinov2Family(EncoderFamily):
+    name = "dinov2"
+    description = "transformers Dinov2Model, Dinov2WithRegistersModel"
+
+    def _classes(self) -> tuple[type, ...]:
+        return loaded_classes(_PLAIN, ("Dinov2Model",)) + loaded_classes(_REGISTERS, ("Dinov2WithRegistersModel",))
+
+    def matches(self, model: nn.Module) -> bool:
+        classes = self._classes()
+        return bool(classes) and isinstance(model, classes)
+
+    def describe(self, model: nn.Module) -> EncoderSpec:
+        layer_classes = loaded_classes(_PLAIN, ("Dinov2Layer",)) + loaded_classes(
+            _REGISTERS, ("Dinov2WithRegistersLayer",)
+        )
+        blocks = modules_of_type(model, layer_classes)
+        config = model.config
+        patch = config.patch_size
+        return EncoderSpec(
+            family=self.name,
+            blocks=blocks,
+            sites=tuple(_site(b) for b in blocks),
+            num_prefix_tokens=1 + int(getattr(config, "num_register_tokens", 0)),
+            has_cls=True,
+            patch_size=int(patch if isinstance(patch, int) else patch[0]),
+            num_channels=int(config.num_channels),
+            run=lambda pixel_values: model(pixel_values=pixel_values),
+        )
+
+
+register_encoder_family(Dinov2Family())

@@ -1,0 +1,118 @@
+"""``extract_anchors``: features, the anchor score and the visual anchors from ONE ordinary forward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from anchor_former._validation import check_floating, check_ndim, shape_str
+from anchor_former.probes.base import AttentionProbe, Score
+from anchor_former.search import Method, anchor_search
+
+__all__ = ["AnchorExtraction", "extract_anchors"]
+
+
+@dataclass(frozen=True)
+class AnchorExtraction:
+    """The result of :func:`extract_anchors`.
+
+    Attributes:
+        features: ``(B, N, D)`` the selected layer's hidden states (``hidden_states[layer]``), N tokens
+            including the ``num_prefix_tokens`` prefix tokens; autograd intact.
+        attention: ``(B, H, N)`` float32 attention row per head of the scored query ([CLS] for
+            ``score="cls"``, the pooling head's probe for ``"map"``); None for ``score="norm"``.
+        scores: what the search ranked: ``attention``, or ``(B, N)`` token norms for ``score="norm"``.
+        anchor_idx: ``(B, K + 1)`` = ``[0, sorted anchors]`` with ``include_cls``, else ``(B, K)``
+            ascending; indices into the N tokens.
+        num_prefix_tokens: leading special tokens ([CLS], registers), never anchors.
+        layer: the positive ``hidden_states`` index of the selected layer.
+        grid_size: ``(rows, cols)`` of the patch grid; patch token ``num_prefix_tokens + r * cols + c``.
+        score: the score that ranked the tokens.
+    """
+
+    features: torch.Tensor
+    attention: torch.Tensor | None
+    scores: torch.Tensor
+    anchor_idx: torch.Tensor
+    num_prefix_tokens: int
+    layer: int
+    grid_size: tuple[int, int]
+    score: Score
+
+    @property
+    def anchor_features(self) -> torch.Tensor:
+        """``(B, K', D)`` the features at ``anchor_idx`` (the AcFormer queries), K' = ``anchor_idx.shape[1]``."""
+        index = self.anchor_idx.unsqueeze(-1).expand(-1, -1, self.features.shape[-1])  # (B, K', D)
+        return self.features.gather(1, index)
+
+
+def extract_anchors(
+    vision_model: nn.Module,
+    pixel_values: torch.Tensor,
+    *,
+    num_anchors: int,
+    layer: int = -2,
+    score: Score = "cls",
+    include_cls: bool | None = None,
+    method: Method = "auto",
+) -> AnchorExtraction:
+    """Run ``vision_model`` once (its own attention kernels untouched) and find its visual anchors.
+
+    The selected layer's output is kept by a hook (no ``output_hidden_states``), and its [CLS] query's
+    attention row is recomputed beside the forward from that layer's own normed input and projections
+    (no ``output_attentions``, nothing ``(N, N)`` kept). See ``docs/probes.md``.
+
+    Args:
+        vision_model: a supported encoder: transformers ``CLIPVisionModel`` / ``CLIPVisionTransformer``,
+            ``Dinov2Model`` / ``Dinov2WithRegistersModel``, ``SiglipVisionModel``, or a timm
+            ``VisionTransformer`` (:func:`anchor_former.probes.detect_encoder`).
+        pixel_values: ``(B, C, H_img, W_img)`` images as the model expects them.
+        num_anchors: K, anchors besides [CLS]; see :func:`anchor_former.anchor_search`.
+        layer: ``hidden_states`` index of the layer (LLaVA's ``mm_vision_select_layer``; ``-2`` =
+            penultimate).
+        score: ``"cls"`` (the [CLS] attention row of ``layer``), ``"map"`` (the attention-pooling head's
+            probe row over the final tokens; SigLIP) or ``"norm"`` (token norms of ``layer``).
+        include_cls: prepend token 0 to ``anchor_idx``; default: whether the model has a [CLS] token.
+        method: the search implementation (results are identical).
+
+    Returns:
+        :class:`AnchorExtraction` with ``features (B, N, D)``, ``attention (B, H, N)``,
+        ``anchor_idx (B, K + 1)`` (or ``(B, K)`` without [CLS]).
+
+    Raises:
+        ValueError: unsupported model, ``layer`` out of range, ``score="cls"`` without [CLS],
+            ``pixel_values`` not a floating ``(B, C, H_img, W_img)`` tensor with the model's channel
+            count, ``include_cls=True`` on a model without [CLS], bad ``num_anchors``.
+    """
+    probe = AttentionProbe(vision_model, layer=layer, score=score)
+    spec = probe.encoder
+    check_ndim("pixel_values", pixel_values, (4,), f"(B, {spec.num_channels}, H_img, W_img)")
+    check_floating("pixel_values", pixel_values)
+    if pixel_values.shape[1] != spec.num_channels:
+        raise ValueError(
+            f"pixel_values must have shape (B, {spec.num_channels}, H_img, W_img) for this {spec.family} "
+            f"encoder, got shape {shape_str(pixel_values)}"
+        )
+    if include_cls is None:
+        include_cls = spec.has_cls
+    elif include_cls and not spec.has_cls:
+        raise ValueError(f"include_cls=True needs a [CLS] token, but this {spec.family} encoder has none")
+    with probe:
+        spec.run(pixel_values)
+    scores = probe.scores
+    anchor_idx = anchor_search(
+        scores, num_anchors, include_cls=include_cls, num_prefix_tokens=spec.num_prefix_tokens, method=method
+    )
+    rows, cols = (s // spec.patch_size for s in pixel_values.shape[-2:])
+    return AnchorExtraction(
+        features=probe.features,
+        attention=probe.attention,
+        scores=scores,
+        anchor_idx=anchor_idx,
+        num_prefix_tokens=spec.num_prefix_tokens,
+        layer=probe.layer,
+        grid_size=(rows, cols),
+        score=score,
+    )
