@@ -157,10 +157,11 @@ def test_noncontiguous_input(generator):
 
 
 @pytest.mark.slow
-def test_compiles_fullgraph(generator):
+@pytest.mark.parametrize("method", METHODS)
+def test_compiles_fullgraph(generator, method):
     torch._dynamo.reset()
     row = torch.softmax(torch.randn(2, 4, 33, generator=generator), dim=-1)
-    compiled = torch.compile(lambda a: anchor_search(a, 12, check_finite=False), fullgraph=True)
+    compiled = torch.compile(lambda a: anchor_search(a, 12, method=method), fullgraph=True)
     assert torch.equal(compiled(row), torch.tensor(reference_search(row, 12)))
 
 
