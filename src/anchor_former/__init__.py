@@ -4,13 +4,52 @@ Public API (also listed in ``docs/api.md``). Modules add their names here explic
 """
 
 from anchor_former import flops
-from anchor_former.search import AnchorSearch, anchor_quotas, anchor_search
+from anchor_former.search import AnchorSearch, anchor_quotas, anchor_search, cls_scores
+from anchor_former.attention import CrossAttention
+from anchor_former.connectors import (
+    AvgPoolConnector,
+    CAbstractor,
+    Connector,
+    MLPConnector,
+    PerceiverResampler,
+)
+from anchor_former.connectors.registry import available_connectors, build_connector
+from anchor_former.former import AnchorFormer, AnchorFormerConfig
+from anchor_former.projector import build_projector
+from anchor_former.probes import (
+    AnchorExtraction,
+    AttentionProbe,
+    EncoderSpec,
+    cls_attention_probe,
+    detect_encoder,
+    extract_anchors,
+    token_norm_scores,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnchorFormer",
+    "AnchorFormerConfig",
     "AnchorSearch",
+    "AvgPoolConnector",
+    "CAbstractor",
+    "Connector",
+    "CrossAttention",
+    "MLPConnector",
+    "PerceiverResampler",
     "anchor_quotas",
     "anchor_search",
+    "cls_scores",
+    "available_connectors",
+    "build_connector",
+    "build_projector",
     "flops",
+    "AnchorExtraction",
+    "AttentionProbe",
+    "EncoderSpec",
+    "cls_attention_probe",
+    "detect_encoder",
+    "extract_anchors",
+    "token_norm_scores",
 ]
