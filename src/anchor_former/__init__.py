@@ -25,6 +25,7 @@ from anchor_former.probes import (
     extract_anchors,
     token_norm_scores,
 )
+from anchor_former.viz import plot_anchors, save_anchor_plot
 
 __version__ = "0.1.0"
 
@@ -52,4 +53,6 @@ __all__ = [
     "detect_encoder",
     "extract_anchors",
     "token_norm_scores",
+    "plot_anchors",
+    "save_anchor_plot",
 ]
