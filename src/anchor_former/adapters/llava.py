@@ -1,0 +1,385 @@
+"""Adapter for the original LLaVA code (``llava-torch``, tested with 1.2.2.post1 on transformers 4.37.2).
+
+LLaVA encodes images as ``mm_projector(vision_tower(images))`` (``LlavaMetaForCausalLM.encode_images``)
+for both its batched-tensor and its list-of-images inputs (the list is concatenated first). The adapter
+keeps that code untouched and swaps the two modules:
+
+* :class:`AnchorVisionTower` replaces LLaVA's ``CLIPVisionTower``. Its ONE forward of the CLIP model
+  (SDPA/eager as the model is configured; no ``output_attentions``) runs inside an
+  :class:`~anchor_former.probes.AttentionProbe`, which captures the selected layer's tokens (all of
+  them, [CLS] included) and that layer's [CLS] attention row. It returns both as
+  :class:`AnchoredFeatures`, so the anchors travel to the projector as data, not as a module attribute.
+* :class:`LlavaConnector` replaces ``mm_projector``: it unpacks :class:`AnchoredFeatures` and calls the
+  connector ``connector(features, attention=scores)``; the connector's own anchor search picks the
+  anchors, and the LLM sees ``num_anchors + 1`` tokens per image.
+
+The vision tower keeps LLaVA's attribute names (``vision_tower``, ``image_processor``, ``select_layer``,
+``is_loaded``, ``config``, ...) so state-dict keys (``model.vision_tower.vision_tower.*``) and LLaVA's
+training/eval scripts are unchanged; the connector's keys are ``model.mm_projector.connector.*``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from anchor_former.checkpoint import load_checked, load_state_dict, save_state_dict, strip_projector_prefix, to_anchor_former
+from anchor_former.probes.base import AttentionProbe, Score, detect_encoder
+
+__all__ = [
+    "AnchorVisionTower",
+    "AnchoredFeatures",
+    "LlavaConnector",
+    "build_vision_projector",
+    "enable_anchor_former",
+    "load_projector_weights",
+    "save_projector_weights",
+]
+
+_LLAVA_PROJECTORS = re.compile(r"^(linear|identity|mlp\d+x_gelu)$")
+#: config key holding the connector's constructor arguments (a JSON-serialisable dict)
+CONNECTOR_CONFIG_KEY = "mm_connector_config"
+
+
+@dataclass(frozen=True)
+class AnchoredFeatures:
+    """What :class:`AnchorVisionTower` hands to :class:`LlavaConnector`.
+
+    Attributes:
+        features: ``(B, N, D)`` the selected layer's tokens, prefix tokens ([CLS]) included.
+        scores: the anchor score of that forward: ``(B, H, N)`` [CLS] attention row per head (float32),
+            ``(B, N)`` token norms, or None when the connector needs no anchors.
+    """
+
+    features: torch.Tensor
+    scores: torch.Tensor | None
+
+
+def _llava_projector_names() -> str:
+    from anchor_former.connectors.registry import available_connectors
+
+    names = sorted(set(available_connectors()) | {"linear", "identity", "mlp{N}x_gelu"})
+    return ", ".join(names)
+
+
+def build_vision_projector(config: Any, delay_load: bool = False, **kwargs: Any) -> nn.Module:
+    """A superset of LLaVA's ``llava.model.multimodal_projector.builder.build_vision_projector``.
+
+    Config keys (attributes of ``config``), as LLaVA: ``mm_projector_type`` (default ``"linear"``),
+    ``mm_hidden_size`` (ViT width D), ``hidden_size`` (LLM width).
+
+    * ``"linear"``, ``"mlp{N}x_gelu"``, ``"identity"``: exactly LLaVA's modules and state-dict keys
+      (``nn.Linear``; ``nn.Sequential`` with linears at ``0, 2, ...``; no parameters), fed by LLaVA's own
+      vision tower.
+    * ``"acformer"``, ``"avgpool"``, ``"cabstractor"``, ``"perceiver"``: a :class:`LlavaConnector`
+      around ``build_connector(mm_projector_type, mm_hidden_size, hidden_size, **mm_connector_config,
+      **kwargs)``. ``config.mm_connector_config`` (a dict, saved in ``config.json``) holds that
+      connector's own arguments, e.g. ``{"num_anchors": 144, "depth": 6, "heads": 8, "dim_head": 64,
+      "projector": "mlp2x_gelu"}`` for ``"acformer"``. These connectors need an
+      :class:`AnchorVisionTower` (see :func:`enable_anchor_former`).
+
+    Args:
+        config: a LLaVA config (or any object with those attributes).
+        delay_load: accepted for signature compatibility with LLaVA; unused.
+        **kwargs: override entries of ``mm_connector_config``.
+
+    Raises:
+        ValueError: unknown ``mm_projector_type`` (the message lists the known ones).
+    """
+    from anchor_former.connectors.registry import available_connectors, build_connector
+    from anchor_former.projector import build_projector
+
+    projector_type = getattr(config, "mm_projector_type", "linear")
+    vision_dim, llm_dim = int(config.mm_hidden_size), int(config.hidden_size)
+    if isinstance(projector_type, str) and _LLAVA_PROJECTORS.match(projector_type):
+        if projector_type == "identity":
+            return nn.Identity()  # LLaVA's IdentityMap: no parameters, any call signature
+        return build_projector(projector_type, vision_dim, llm_dim)
+    if projector_type not in available_connectors():
+        raise ValueError(
+            f"config.mm_projector_type must be one of {_llava_projector_names()}, got {projector_type!r}"
+        )
+    connector_kwargs = {**dict(getattr(config, CONNECTOR_CONFIG_KEY, None) or {}), **kwargs}
+    for key in ("vision_dim", "llm_dim"):  # set by mm_hidden_size / hidden_size
+        connector_kwargs.pop(key, None)
+    return LlavaConnector(build_connector(projector_type, vision_dim, llm_dim, **connector_kwargs))
+
+
+class LlavaConnector(nn.Module):
+    """LLaVA's ``mm_projector`` slot holding a connector that consumes :class:`AnchoredFeatures`.
+
+    ``forward(AnchoredFeatures)`` → ``(B, T, llm_dim)``; a list of them → a list of outputs. The
+    connector is at ``.connector`` (state-dict keys ``connector.*``).
+    """
+
+    def __init__(self, connector: nn.Module) -> None:
+        super().__init__()
+        self.connector = connector
+
+    def forward(self, inputs: AnchoredFeatures | list[AnchoredFeatures]) -> torch.Tensor | list[torch.Tensor]:
+        """``inputs.features (B, N, D)`` and ``inputs.scores`` → ``(B, T, llm_dim)`` (T = K + 1 for AcFormer)."""
+        if isinstance(inputs, (list, tuple)):
+            return [self(x) for x in inputs]
+        if not isinstance(inputs, AnchoredFeatures):
+            got = f"a tensor of shape {tuple(inputs.shape)}" if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+            raise ValueError(
+                "LlavaConnector needs AnchoredFeatures (all tokens of the selected layer plus the anchor scores) "
+                f"from AnchorVisionTower, got {got}; switch the model with "
+                "anchor_former.adapters.llava.enable_anchor_former(model, ...)"
+            )
+        if getattr(self.connector, "uses_anchors", False):
+            if inputs.scores is None:
+                raise ValueError("this connector needs anchor scores, but AnchoredFeatures.scores is None")
+            return self.connector(inputs.features, attention=inputs.scores)
+        return self.connector(inputs.features)
+
+
+class AnchorVisionTower(nn.Module):
+    """Drop-in replacement for LLaVA's ``CLIPVisionTower`` that also yields the anchor scores.
+
+    Args:
+        tower: a loaded LLaVA ``CLIPVisionTower`` (its CLIP model and image processor are reused).
+        score: ``"cls"`` ([CLS] attention row of the selected layer), ``"norm"`` (token norms), ``"map"``
+            (attention-pooling head) or None (no scores, for connectors that use no anchors).
+
+    ``forward(images)``: ``images (B, C, H_img, W_img)`` → :class:`AnchoredFeatures` with
+    ``features (B, N, D)``; a list of ``(C, H_img, W_img)`` / ``(1, C, H_img, W_img)`` images → a list of
+    :class:`AnchoredFeatures` with ``B = 1`` each (LLaVA's per-image path). Gradients flow into the
+    features only if the CLIP model has trainable parameters (LLaVA's tower runs under ``no_grad``).
+    """
+
+    def __init__(self, tower: nn.Module, *, score: Score | None = "cls") -> None:
+        super().__init__()
+        self.vision_tower = tower.vision_tower
+        self.image_processor = getattr(tower, "image_processor", None)
+        self.vision_tower_name = getattr(tower, "vision_tower_name", None)
+        self.select_layer = int(tower.select_layer)
+        self.select_feature = "cls_patch"  # all tokens; the connector decides which it consumes
+        self.score = score
+        self.is_loaded = True
+        # fail now, not at the first forward: unsupported encoder, layer out of range, CLS-less + "cls"
+        AttentionProbe(self.vision_tower, layer=self.select_layer, score=score or "norm")
+
+    def load_model(self, device_map: Any = None) -> None:
+        """Already loaded (LLaVA calls this after ``from_pretrained``); nothing to do."""
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return detect_encoder(self.vision_tower).num_prefix_tokens
+
+    def _encode(self, images: torch.Tensor) -> AnchoredFeatures:
+        probe = AttentionProbe(self.vision_tower, layer=self.select_layer, score=self.score or "norm")
+        trainable = any(p.requires_grad for p in self.vision_tower.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable), probe:
+            self.vision_tower(images.to(device=self.device, dtype=self.dtype))
+        features = probe.features.to(images.dtype)  # (B, N, D), as LLaVA casts back to the input dtype
+        return AnchoredFeatures(features, None if self.score is None else probe.scores)
+
+    def forward(self, images: torch.Tensor | list[torch.Tensor]) -> AnchoredFeatures | list[AnchoredFeatures]:
+        if isinstance(images, (list, tuple)):
+            return [self._encode(image if image.ndim == 4 else image.unsqueeze(0)) for image in images]
+        return self._encode(images)
+
+    @property
+    def dummy_feature(self) -> torch.Tensor:
+        return torch.zeros(1, self.hidden_size, device=self.device, dtype=self.dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vision_tower.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.vision_tower.device
+
+    @property
+    def config(self) -> Any:
+        return self.vision_tower.config
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def num_patches_per_side(self) -> int:
+        return int(self.config.image_size) // int(self.config.patch_size)
+
+    @property
+    def num_patches(self) -> int:
+        return self.num_patches_per_side**2
+
+
+def _llava_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """``(inner LlavaMetaModel, its vision tower)``, or a ValueError naming what is expected."""
+    get_model = getattr(model, "get_model", None)
+    inner = get_model() if callable(get_model) else None
+    if inner is None or not hasattr(inner, "mm_projector") or not callable(getattr(inner, "get_vision_tower", None)):
+        raise ValueError(
+            "model must be a built LLaVA model (llava's LlavaLlamaForCausalLM, LlavaMistralForCausalLM, "
+            "LlavaMptForCausalLM or another LlavaMetaForCausalLM with get_model().mm_projector and a vision "
+            f"tower), got {type(model).__module__}.{type(model).__qualname__}; for transformers' "
+            "LlavaForConditionalGeneration use anchor_former.adapters.transformers.attach_anchor_former"
+        )
+    tower = inner.get_vision_tower()
+    if tower is None:
+        raise ValueError(f"model {type(model).__name__} has no vision tower (config.mm_vision_tower is unset)")
+    return inner, tower
+
+
+def enable_anchor_former(
+    model: nn.Module,
+    *,
+    num_anchors: int = 144,
+    connector: str = "acformer",
+    score: Score = "cls",
+    init_projector: bool = True,
+    **kwargs: Any,
+) -> nn.Module:
+    """Switch a built LLaVA model to AcFormer (or another connector) in place; returns ``model``.
+
+    Replaces ``model.get_model().vision_tower`` by an :class:`AnchorVisionTower` (same CLIP model, no
+    copy) and ``model.get_model().mm_projector`` by a :class:`LlavaConnector`, and records the settings
+    in ``model.config`` (``mm_projector_type``, ``mm_connector_config``, ``mm_vision_select_feature =
+    "cls_patch"``, ``mm_anchor_score``). The LLM then sees ``num_anchors + 1`` visual tokens per image.
+
+    Args:
+        model: ``LlavaLlamaForCausalLM`` or a sibling (``LlavaMistralForCausalLM``, ...). A delay-loaded
+            vision tower is loaded.
+        num_anchors: K anchors ([CLS] is added as query K + 1); only for ``connector="acformer"``.
+        connector: a :func:`~anchor_former.build_connector` name (``"acformer"``, ``"perceiver"``,
+            ``"avgpool"``, ``"cabstractor"``, ...).
+        score: anchor score read by the probe at ``mm_vision_select_layer``: ``"cls"`` ([CLS] attention,
+            as the paper), ``"norm"`` (token norms; encoders without [CLS]).
+        init_projector: copy the model's current ``linear`` / ``mlpNx_gelu`` projector weights into the
+            connector's output MLP (which by default gets the same type), i.e. warm start from LLaVA-1.5.
+        **kwargs: further connector arguments (``depth``, ``heads``, ``dim_head``, ``ff_mult``, ...).
+
+    Raises:
+        ValueError: not a LLaVA model; ``mm_patch_merge_type`` other than ``"flat"`` (AcFormer's tokens
+            are not a patch grid); unknown connector; ``score="cls"`` on a tower without [CLS];
+            ``num_anchors`` larger than the tower's patch count.
+    """
+    from anchor_former.connectors.registry import available_connectors, build_connector
+
+    inner, tower = _llava_parts(model)
+    config = model.config
+    merge = getattr(config, "mm_patch_merge_type", "flat") or "flat"
+    if merge != "flat":
+        raise ValueError(
+            f"config.mm_patch_merge_type must be 'flat' for enable_anchor_former (the connector's tokens are not a "
+            f"patch grid that LLaVA's spatial merge could tile), got {merge!r}"
+        )
+    if connector not in available_connectors() and not re.match(r"^mlp\d+x_gelu$", str(connector)):
+        raise ValueError(f"connector must be one of {', '.join(available_connectors())}, got {connector!r}")
+    if isinstance(tower, AnchorVisionTower):
+        base = tower
+    else:
+        if not getattr(tower, "is_loaded", True):
+            tower.load_model()
+        base = tower
+    new_tower = AnchorVisionTower(base, score=score)  # raises for CLS-less + "cls", bad layer
+    spec = detect_encoder(new_tower.vision_tower)
+    patches = new_tower.num_patches
+    if connector == "acformer":
+        if isinstance(num_anchors, bool) or not isinstance(num_anchors, int) or num_anchors < 1:
+            raise ValueError(f"num_anchors must be an integer >= 1, got {num_anchors!r}")
+        if num_anchors > patches:
+            raise ValueError(
+                f"num_anchors={num_anchors} exceeds the {patches} patch tokens of the vision tower "
+                f"({new_tower.num_patches_per_side}x{new_tower.num_patches_per_side} patches)"
+            )
+        kwargs = {"num_anchors": num_anchors, "include_cls": spec.has_cls and score == "cls", **kwargs}
+    old_projector = inner.mm_projector
+    old_type = getattr(config, "mm_projector_type", "linear")
+    if "projector" not in kwargs and isinstance(old_type, str) and re.match(r"^(linear|mlp\d+x_gelu)$", old_type):
+        if connector not in ("linear", "identity") and not re.match(r"^mlp\d+x_gelu$", connector):
+            kwargs["projector"] = old_type  # same output MLP as the model had, so its weights carry over
+    kwargs.setdefault("num_prefix_tokens", spec.num_prefix_tokens)
+    param = next(iter(old_projector.parameters()), None)
+    param = param if param is not None else next(iter(model.parameters()))
+    new = build_connector(connector, int(config.mm_hidden_size), int(config.hidden_size), **kwargs,
+                          device=param.device, dtype=param.dtype)
+    if init_projector and not isinstance(old_projector, LlavaConnector):
+        target = getattr(new, "projector", None)
+        if target is not None and {k: tuple(v.shape) for k, v in target.state_dict().items()} == {
+            k: tuple(v.shape) for k, v in old_projector.state_dict().items()
+        }:
+            target.load_state_dict(old_projector.state_dict())
+
+    # all checks passed: swap the modules and record the settings
+    if isinstance(getattr(inner, "vision_tower", None), list):  # LLaVA keeps it in a list under FSDP
+        inner.vision_tower = [new_tower]
+    else:
+        inner.vision_tower = new_tower
+    inner.mm_projector = LlavaConnector(new)
+    conn_config = getattr(new, "config", None)
+    settings = conn_config.to_dict() if hasattr(conn_config, "to_dict") else dict(kwargs)
+    settings.pop("vision_dim", None)
+    settings.pop("llm_dim", None)
+    config.mm_projector_type = connector
+    setattr(config, CONNECTOR_CONFIG_KEY, settings)
+    config.mm_vision_select_feature = "cls_patch"
+    config.mm_anchor_score = score
+    return model
+
+
+def _connector_of(target: nn.Module) -> nn.Module:
+    if isinstance(target, LlavaConnector):
+        return target.connector
+    get_model = getattr(target, "get_model", None)
+    if callable(get_model):
+        inner, _ = _llava_parts(target)
+        projector = inner.mm_projector
+        return projector.connector if isinstance(projector, LlavaConnector) else projector
+    return target
+
+
+def load_projector_weights(
+    target: nn.Module, checkpoint: str | os.PathLike[str] | Mapping[str, torch.Tensor]
+) -> str:
+    """Load projector weights into a LLaVA model's connector (or a connector); returns the layout found.
+
+    ``checkpoint``: a path (``.safetensors``, or a ``.bin`` read with ``weights_only=True``) or a state
+    dict, in any layout of :mod:`anchor_former.checkpoint`:
+
+    * LLaVA-1.5 ``mm_projector.bin`` (``model.mm_projector.0.*``, ``.2.*``) → the output MLP only
+      (``connector.projector``), the rest keeps its values;
+    * the reference AcFormer patch's ``mm_projector.bin`` (incl. its unused ``latents``) → everything;
+    * :func:`save_projector_weights`' file → everything.
+
+    Raises:
+        CheckpointError: unsafe pickle, unknown layout, missing/unexpected keys or shape mismatches (named);
+            the model is unchanged then.
+    """
+    state = load_state_dict(checkpoint) if not isinstance(checkpoint, Mapping) else dict(checkpoint)
+    connector = _connector_of(target)
+    if not hasattr(connector, "layers") and not hasattr(connector, "projector"):  # a plain LLaVA projector
+        from anchor_former.checkpoint import llava_projector_to_mlp
+
+        load_checked(connector, llava_projector_to_mlp(state), what="LLaVA projector checkpoint")
+        return "llava_mlp"
+    from anchor_former.former import AnchorFormer
+
+    if isinstance(connector, AnchorFormer):
+        converted, layout = to_anchor_former(state)
+    else:
+        stripped = strip_projector_prefix(state)
+        converted = {k.removeprefix("connector."): v for k, v in stripped.items()}
+        layout = "anchor_former"
+        if converted and all(re.match(r"^\d+\.(weight|bias)$", k) for k in converted):
+            converted, layout = {f"projector.{k}": v for k, v in converted.items()}, "llava_mlp"
+    load_checked(connector, converted, partial=layout == "llava_mlp", what=f"{layout} checkpoint")
+    return layout
+
+
+def save_projector_weights(target: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Save the connector of a LLaVA model (or a connector) as safetensors, keys
+    ``model.mm_projector.connector.*`` (what :func:`load_projector_weights` reads back)."""
+    connector = _connector_of(target)
+    save_state_dict({f"model.mm_projector.connector.{k}": v for k, v in connector.state_dict().items()}, path)
