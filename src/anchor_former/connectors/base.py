@@ -1,0 +1,161 @@
+"""The interface every vision-language connector in this package implements.
+
+A connector maps the selected ViT layer's tokens to LLM input tokens::
+
+    tokens = connector(features, anchor_idx, attention=None, key_padding_mask=None)  # (B, T, llm_dim)
+
+* ``features (B, N, vision_dim)``: all tokens of the selected layer, prefix tokens included ([CLS] at 0,
+  then registers if any, then the patch grid in raster order). Each connector documents which of them it
+  consumes (``num_prefix_tokens`` says how many lead the sequence).
+* ``anchor_idx (B, K)`` / ``attention``: only for connectors with ``uses_anchors = True``; the others
+  accept and ignore them so a caller can swap connectors without changing the call.
+* ``key_padding_mask (B, N)``: bool, **True = real token**, False = padding.
+
+Every connector also gives ``num_output_tokens(N) -> T`` and ``analytic_flops(N)``: forward FLOPs per
+sample, 2 per multiply-add, counting matrix products and convolutions (attention matmuls included) but
+not norms, activations, softmax or pooling; the convention of
+:class:`torch.utils.flop_counter.FlopCounterMode`, which agrees exactly on the explicit attention path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import nn
+
+from anchor_former._validation import check_floating, check_ndim, shape_str
+
+__all__ = ["Connector", "ConnectorConfig", "grid_side"]
+
+C = TypeVar("C", bound="ConnectorConfig")
+
+
+class ConnectorConfig:
+    """Mixin for connector config dataclasses: round trip through a plain dict and JSON."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, JSON-serialisable dict of the fields."""
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        """Build from :meth:`to_dict`'s output; unknown keys raise ``ValueError``."""
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys {unknown}; known keys: {sorted(names)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls: type[C], text: str) -> C:
+        return cls.from_dict(json.loads(text))
+
+
+def grid_side(num_patches: int, *, connector: str) -> int:
+    """Side ``s`` of a square patch grid with ``s * s == num_patches``; ValueError otherwise."""
+    side = math.isqrt(max(num_patches, 0))
+    if num_patches < 1 or side * side != num_patches:
+        raise ValueError(
+            f"{connector} needs a square grid of patch tokens, got {num_patches} patch tokens "
+            "(N minus num_prefix_tokens), which is not a perfect square"
+        )
+    return side
+
+
+class Connector(nn.Module):
+    """Base class: ``forward(features, anchor_idx=None, *, attention=None, key_padding_mask=None)``.
+
+    Attributes:
+        uses_anchors: whether ``anchor_idx`` / ``attention`` change the output.
+        vision_dim: width of the features.
+        llm_dim: width of the output tokens.
+        num_prefix_tokens: leading non-patch tokens of ``features`` ([CLS] + registers).
+    """
+
+    uses_anchors: ClassVar[bool] = False
+    vision_dim: int
+    llm_dim: int
+    num_prefix_tokens: int
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        anchor_idx: torch.Tensor | None = None,
+        *,
+        attention: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def num_output_tokens(self, num_input_tokens: int) -> int:
+        """T, the number of output tokens for N input tokens (prefix tokens included)."""
+        raise NotImplementedError
+
+    def analytic_flops(self, num_input_tokens: int) -> int:
+        """Forward FLOPs per sample for N input tokens (prefix tokens included); see the module doc."""
+        raise NotImplementedError
+
+    # --- shared input checks ---------------------------------------------------------------------------
+
+    def _num_patches(self, num_input_tokens: int) -> int:
+        """``N - num_prefix_tokens``, raising unless it is >= 1."""
+        if isinstance(num_input_tokens, bool) or not isinstance(num_input_tokens, int):
+            raise ValueError(f"num_input_tokens must be an int, got {num_input_tokens!r}")
+        patches = num_input_tokens - self.num_prefix_tokens
+        if patches < 1:
+            raise ValueError(
+                f"num_input_tokens must exceed num_prefix_tokens={self.num_prefix_tokens}, got {num_input_tokens}"
+            )
+        return patches
+
+    def _check_features(self, features: torch.Tensor) -> None:
+        check_ndim("features", features, (3,), f"(B, N, vision_dim={self.vision_dim})")
+        check_floating("features", features)
+        if features.shape[-1] != self.vision_dim:
+            raise ValueError(
+                f"features must have shape (B, N, vision_dim={self.vision_dim}), got shape {shape_str(features)} "
+                f"(width {features.shape[-1]} != vision_dim {self.vision_dim})"
+            )
+        self._num_patches(features.shape[1])
+
+    @staticmethod
+    def _check_mask(key_padding_mask: torch.Tensor | None, features: torch.Tensor) -> None:
+        if key_padding_mask is None:
+            return
+        b, n = features.shape[:2]
+        expected = f"(B, N) = ({b}, {n}) bool, True = real token, matching features of shape {shape_str(features)}"
+        check_ndim("key_padding_mask", key_padding_mask, (2,), expected)
+        if key_padding_mask.dtype != torch.bool:
+            raise ValueError(f"key_padding_mask must be a bool tensor of shape {expected}, got dtype {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (b, n):
+            raise ValueError(f"key_padding_mask must have shape {expected}, got shape {shape_str(key_padding_mask)}")
+
+    @staticmethod
+    def _require_real_tokens(key_padding_mask: torch.Tensor | None) -> None:
+        """Every sample needs a real token to attend to (checked outside compile only)."""
+        if key_padding_mask is None or torch.compiler.is_compiling():
+            return
+        empty = ~key_padding_mask.any(dim=1)
+        if bool(empty.any()):
+            raise ValueError(
+                f"key_padding_mask of shape {shape_str(key_padding_mask)} has samples with no real token "
+                f"(all False): {empty.nonzero().flatten().tolist()}"
+            )
+
+    @staticmethod
+    def _require_no_padding(key_padding_mask: torch.Tensor | None, *, connector: str) -> None:
+        """Grid connectors cannot drop tokens: a mask must be all True (checked outside compile only)."""
+        if key_padding_mask is None or torch.compiler.is_compiling():
+            return
+        if not bool(key_padding_mask.all()):
+            raise ValueError(
+                f"{connector} pools a fixed patch grid and cannot ignore padded tokens; key_padding_mask of shape "
+                f"{shape_str(key_padding_mask)} has {int((~key_padding_mask).sum())} False entries"
+            )

@@ -1,0 +1,143 @@
+"""Perceiver Resampler with learned queries: AnchorFormer's layers, with queries that ignore the image.
+
+The paper's main ablation: the same aggregator (:class:`~anchor_former.layers.ResamplerLayer` stack,
+final LayerNorm, LLaVA projector) fed with ``num_queries`` learned latent vectors instead of the anchor
+tokens. State-dict keys equal :class:`~anchor_former.AnchorFormer`'s plus ``latents (K, D)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from anchor_former.connectors.base import Connector, ConnectorConfig
+from anchor_former.layers import ResamplerLayer, resampler_flops, run_layers
+from anchor_former.projector import build_projector, projector_flops
+
+__all__ = ["PerceiverResampler", "PerceiverResamplerConfig"]
+
+
+@dataclass(frozen=True)
+class PerceiverResamplerConfig(ConnectorConfig):
+    """Configuration of :class:`PerceiverResampler`."""
+
+    vision_dim: int = 1024
+    llm_dim: int = 4096
+    num_queries: int = 144
+    depth: int = 6
+    heads: int = 8
+    dim_head: int = 64
+    ff_mult: int = 4
+    projector: str = "mlp2x_gelu"
+    num_prefix_tokens: int = 1
+    kv_include_queries: bool = False
+    fused_attn: bool = True
+    gradient_checkpointing: bool = False
+
+
+class PerceiverResampler(Connector):
+    """``num_queries`` learned latents attend over all tokens, then the LLaVA projector.
+
+    Consumes all N tokens as keys/values (prefix tokens included, as AnchorFormer does). Ignores
+    ``anchor_idx`` and ``attention``. ``key_padding_mask`` removes padded tokens from the keys, so a padded
+    batch equals running each sample alone.
+
+    Args: as :class:`~anchor_former.AnchorFormer`, with ``num_queries`` learned queries (default 144; the
+    AcFormer default yields 145 tokens, [CLS] + 144 anchors) instead of the anchor search.
+    ``kv_include_queries=True`` gives Flamingo's resampler (latents join the keys/values).
+
+    Shapes:
+        ``forward(features (B, N, D))`` → ``(B, num_queries, llm_dim)``.
+    """
+
+    uses_anchors = False
+
+    def __init__(
+        self,
+        vision_dim: int = 1024,
+        llm_dim: int = 4096,
+        *,
+        num_queries: int = 144,
+        depth: int = 6,
+        heads: int = 8,
+        dim_head: int = 64,
+        ff_mult: int = 4,
+        projector: str = "mlp2x_gelu",
+        num_prefix_tokens: int = 1,
+        kv_include_queries: bool = False,
+        fused_attn: bool = True,
+        gradient_checkpointing: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("num_queries", num_queries), ("depth", depth), ("heads", heads), ("dim_head", dim_head)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
+            raise ValueError(f"num_prefix_tokens must be an integer >= 0, got {num_prefix_tokens!r}")
+        dd = {"device": device, "dtype": dtype}
+        self.vision_dim = vision_dim
+        self.llm_dim = llm_dim
+        self.num_prefix_tokens = num_prefix_tokens
+        self.gradient_checkpointing = gradient_checkpointing
+        self._arch = PerceiverResamplerConfig(
+            vision_dim=vision_dim, llm_dim=llm_dim, num_queries=num_queries, depth=depth, heads=heads,
+            dim_head=dim_head, ff_mult=ff_mult, projector=projector, num_prefix_tokens=num_prefix_tokens,
+            kv_include_queries=kv_include_queries,
+        )
+        self.latents = nn.Parameter(torch.empty(num_queries, vision_dim, **dd))
+        nn.init.normal_(self.latents, std=0.02)
+        self.layers = nn.ModuleList(
+            ResamplerLayer(
+                vision_dim, heads=heads, dim_head=dim_head, ff_mult=ff_mult, fused_attn=fused_attn,
+                kv_include_queries=kv_include_queries, **dd,
+            )
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(vision_dim, **dd)
+        self.projector = build_projector(projector, vision_dim, llm_dim, **dd)
+
+    @classmethod
+    def from_config(cls, config: PerceiverResamplerConfig, **kwargs: object) -> PerceiverResampler:
+        return cls(**config.to_dict(), **kwargs)  # type: ignore[arg-type]
+
+    @property
+    def config(self) -> PerceiverResamplerConfig:
+        """The current configuration, runtime switches included."""
+        fused = all(layer.attn.fused_attn for layer in self.layers)
+        return PerceiverResamplerConfig.from_dict(
+            {**self._arch.to_dict(), "fused_attn": fused, "gradient_checkpointing": self.gradient_checkpointing}
+        )
+
+    def num_output_tokens(self, num_input_tokens: int) -> int:
+        self._num_patches(num_input_tokens)
+        return self._arch.num_queries
+
+    def analytic_flops(self, num_input_tokens: int) -> int:
+        a = self._arch
+        q = self.num_output_tokens(num_input_tokens)
+        return resampler_flops(
+            num_queries=q, num_tokens=num_input_tokens, dim=a.vision_dim, depth=a.depth, heads=a.heads,
+            dim_head=a.dim_head, ff_mult=a.ff_mult, kv_include_queries=a.kv_include_queries,
+        ) + projector_flops(a.projector, a.vision_dim, a.llm_dim, q)
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        anchor_idx: torch.Tensor | None = None,
+        *,
+        attention: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``features (B, N, D)``, ``key_padding_mask (B, N)`` (True = real) → ``(B, num_queries, llm_dim)``."""
+        self._check_features(features)
+        self._check_mask(key_padding_mask, features)
+        self._require_real_tokens(key_padding_mask)
+        queries = self.latents.unsqueeze(0).expand(features.shape[0], -1, -1)  # (B, K, D)
+        queries = run_layers(
+            self.layers, queries, features, key_padding_mask, gradient_checkpointing=self.gradient_checkpointing
+        )
+        return self.projector(self.norm(queries))  # (B, K, llm_dim)

@@ -1,0 +1,293 @@
+"""AnchorFormer: visual anchors as the queries of a cross-attention resampler, then LLaVA's projector.
+
+The architecture of the reference (ACFORMER.md §3), at the defaults:
+
+* queries = the features at the anchor indices (``[CLS] + K anchors``, in ``anchor_idx`` order);
+  keys/values = ALL tokens of the same features, [CLS] included; queries are not concatenated into the
+  keys/values (``kv_include_queries=False``);
+* ``depth`` layers of ``q = q + Attn(LN_q(q), LN_kv(x))``, ``q = q + FF(q)``
+  (:class:`~anchor_former.layers.ResamplerLayer`), a final LayerNorm, then LLaVA's projector
+  (``mlp2x_gelu``: ``Linear(vision_dim, llm_dim), GELU, Linear(llm_dim, llm_dim)``).
+
+What it does not copy from the reference: anchors arrive as an argument (never a module attribute set
+before the call), there is no unused ``latents`` parameter (DDP with ``find_unused_parameters=False``
+works), padded batches are supported through ``key_padding_mask``.
+
+State-dict layout (``depth`` layers, ``i`` in ``0..depth-1``)::
+
+    layers.{i}.attn.norm_media.{weight,bias}     LayerNorm(vision_dim) on the keys/values
+    layers.{i}.attn.norm_latents.{weight,bias}   LayerNorm(vision_dim) on the queries
+    layers.{i}.attn.to_q.weight                  (heads*dim_head, vision_dim)
+    layers.{i}.attn.to_kv.weight                 (2*heads*dim_head, vision_dim), k rows then v rows
+    layers.{i}.attn.to_out.weight                (vision_dim, heads*dim_head)
+    layers.{i}.ff.0.{weight,bias}                LayerNorm(vision_dim)
+    layers.{i}.ff.1.weight                       (ff_mult*vision_dim, vision_dim)
+    layers.{i}.ff.3.weight                       (vision_dim, ff_mult*vision_dim)
+    norm.{weight,bias}                           final LayerNorm(vision_dim)
+    projector.0.{weight,bias}, projector.2.*     LLaVA mlp2x_gelu (LLaVA-1.5 mm_projector.0/.2 load by key)
+
+From the reference's ``mm_projector.*`` keys: ``0.layers.{i}.0.X -> layers.{i}.attn.X``,
+``0.layers.{i}.1.j -> layers.{i}.ff.j``, ``0.norm -> norm``, ``1.* -> projector.0.*``,
+``3.* -> projector.2.*``, and ``0.latents`` is dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from anchor_former._validation import check_floating, check_integer, check_ndim, shape_str
+from anchor_former.connectors.base import Connector, ConnectorConfig
+from anchor_former.layers import ResamplerLayer, resampler_flops, run_layers
+from anchor_former.projector import build_projector, projector_flops
+from anchor_former.search import AnchorSearch, cls_scores
+
+__all__ = ["AnchorFormer", "AnchorFormerConfig"]
+
+
+@dataclass(frozen=True)
+class AnchorFormerConfig(ConnectorConfig):
+    """Configuration of :class:`AnchorFormer`; round-trips through :meth:`to_dict` / :meth:`from_dict`.
+
+    Fields: see :class:`AnchorFormer`.
+    """
+
+    vision_dim: int = 1024
+    llm_dim: int = 4096
+    num_anchors: int = 144
+    depth: int = 6
+    heads: int = 8
+    dim_head: int = 64
+    ff_mult: int = 4
+    projector: str = "mlp2x_gelu"
+    num_prefix_tokens: int = 1
+    include_cls: bool = True
+    kv_include_queries: bool = False
+    fused_attn: bool = True
+    gradient_checkpointing: bool = False
+    check_indices: bool = True
+
+
+def _positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+class AnchorFormer(Connector):
+    """The AcFormer connector: anchor tokens attend over all tokens, then LLaVA's projector.
+
+    Args:
+        vision_dim: D, width of the ViT features (1024 for CLIP ViT-L/14).
+        llm_dim: width of the LLM tokens (4096 for LLaMA/Vicuna-7B).
+        num_anchors: K anchors the built-in search picks when ``forward`` gets ``attention``; with
+            ``include_cls`` the module outputs ``K + 1`` tokens. Explicit ``anchor_idx`` may have any length.
+        depth: number of :class:`~anchor_former.layers.ResamplerLayer` s.
+        heads, dim_head: attention heads H and per-head width d (inner width ``H * d``).
+        ff_mult: feed-forward hidden width is ``ff_mult * D``.
+        projector: LLaVA projector name (``"mlp2x_gelu"``, ``"linear"``, ``"mlp{N}x_gelu"``, ``"identity"``).
+        num_prefix_tokens: leading special tokens of ``features`` (1 = [CLS]; 1 + registers; 0 = no [CLS]);
+            they are never anchors but are keys/values.
+        include_cls: the built-in search puts token 0 first among the queries (needs a [CLS]).
+        kv_include_queries: keys/values are ``cat(all tokens, queries)`` per layer (Flamingo); off in the
+            reference.
+        fused_attn: SDPA (True) or the explicit attention path (False; the test and FLOP-count reference).
+        gradient_checkpointing: recompute each layer's activations in the backward pass.
+        check_indices: check that ``anchor_idx`` is in range and points at real (unpadded) tokens. This
+            reads one flag back to the host (a sync on CUDA); skipped while ``torch.compile`` traces.
+        device, dtype: where and how the parameters are created.
+
+    Shapes:
+        ``forward(features (B, N, D), anchor_idx (B, K))`` → ``(B, K, llm_dim)``, in ``anchor_idx`` order.
+    """
+
+    uses_anchors = True
+
+    def __init__(
+        self,
+        vision_dim: int = 1024,
+        llm_dim: int = 4096,
+        *,
+        num_anchors: int = 144,
+        depth: int = 6,
+        heads: int = 8,
+        dim_head: int = 64,
+        ff_mult: int = 4,
+        projector: str = "mlp2x_gelu",
+        num_prefix_tokens: int = 1,
+        include_cls: bool = True,
+        kv_include_queries: bool = False,
+        fused_attn: bool = True,
+        gradient_checkpointing: bool = False,
+        check_indices: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("vision_dim", vision_dim), ("llm_dim", llm_dim), ("depth", depth), ("heads", heads),
+            ("dim_head", dim_head), ("ff_mult", ff_mult),
+        ):
+            _positive(name, value)
+        dd = {"device": device, "dtype": dtype}
+        # The search validates num_anchors, num_prefix_tokens and include_cls.
+        self.search = AnchorSearch(num_anchors, include_cls=include_cls, num_prefix_tokens=num_prefix_tokens)
+        self.vision_dim = vision_dim
+        self.llm_dim = llm_dim
+        self.num_prefix_tokens = num_prefix_tokens
+        self.gradient_checkpointing = gradient_checkpointing
+        self.check_indices = check_indices
+        self._arch = AnchorFormerConfig(
+            vision_dim=vision_dim, llm_dim=llm_dim, num_anchors=num_anchors, depth=depth, heads=heads,
+            dim_head=dim_head, ff_mult=ff_mult, projector=projector, num_prefix_tokens=num_prefix_tokens,
+            include_cls=include_cls, kv_include_queries=kv_include_queries,
+        )
+        self.layers = nn.ModuleList(
+            ResamplerLayer(
+                vision_dim, heads=heads, dim_head=dim_head, ff_mult=ff_mult, fused_attn=fused_attn,
+                kv_include_queries=kv_include_queries, **dd,
+            )
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(vision_dim, **dd)
+        self.projector = build_projector(projector, vision_dim, llm_dim, **dd)
+
+    @classmethod
+    def from_config(
+        cls, config: AnchorFormerConfig | dict, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> AnchorFormer:
+        """Build from an :class:`AnchorFormerConfig` (or its dict)."""
+        if isinstance(config, dict):
+            config = AnchorFormerConfig.from_dict(config)
+        return cls(**dataclasses.asdict(config), device=device, dtype=dtype)
+
+    @property
+    def config(self) -> AnchorFormerConfig:
+        """The current configuration, runtime switches included."""
+        return dataclasses.replace(
+            self._arch,
+            fused_attn=self.fused_attn,
+            gradient_checkpointing=self.gradient_checkpointing,
+            check_indices=self.check_indices,
+        )
+
+    @property
+    def fused_attn(self) -> bool:
+        """Whether the layers use SDPA; set it to switch every layer."""
+        return all(layer.attn.fused_attn for layer in self.layers)
+
+    @fused_attn.setter
+    def fused_attn(self, value: bool) -> None:
+        for layer in self.layers:
+            layer.attn.fused_attn = bool(value)
+
+    @property
+    def num_queries(self) -> int:
+        """Queries the built-in search yields: ``num_anchors + include_cls``."""
+        return self.search.num_queries
+
+    def num_output_tokens(self, num_input_tokens: int) -> int:
+        """``num_anchors + include_cls`` (145 at the defaults), independent of N."""
+        patches = self._num_patches(num_input_tokens)
+        if self.search.num_anchors > patches:
+            raise ValueError(
+                f"num_anchors={self.search.num_anchors} exceeds the {patches} patch tokens of N={num_input_tokens}"
+            )
+        return self.num_queries
+
+    def analytic_flops(self, num_input_tokens: int) -> int:
+        """Forward FLOPs per sample with ``num_queries`` queries over N tokens (layers + projector)."""
+        q = self.num_output_tokens(num_input_tokens)
+        a = self._arch
+        return resampler_flops(
+            num_queries=q, num_tokens=num_input_tokens, dim=a.vision_dim, depth=a.depth, heads=a.heads,
+            dim_head=a.dim_head, ff_mult=a.ff_mult, kv_include_queries=a.kv_include_queries,
+        ) + projector_flops(a.projector, a.vision_dim, a.llm_dim, q)
+
+    def _check_anchor_idx(self, anchor_idx: torch.Tensor, features: torch.Tensor, mask: torch.Tensor | None) -> None:
+        b, n = features.shape[:2]
+        expected = f"(B, K) = ({b}, K) token indices in [0, {n}) for features of shape {shape_str(features)}"
+        check_ndim("anchor_idx", anchor_idx, (2,), expected)
+        check_integer("anchor_idx", anchor_idx)
+        if anchor_idx.shape[0] != b or anchor_idx.shape[1] < 1:
+            raise ValueError(f"anchor_idx must have shape {expected}, got shape {shape_str(anchor_idx)}")
+        if not self.check_indices or torch.compiler.is_compiling():
+            return
+        lo, hi = int(anchor_idx.min()), int(anchor_idx.max())
+        if lo < 0 or hi >= n:
+            raise ValueError(
+                f"anchor_idx must hold token indices in [0, {n}) for features of shape {shape_str(features)}, "
+                f"got values in [{lo}, {hi}] (anchor_idx shape {shape_str(anchor_idx)})"
+            )
+        if mask is not None and not bool(mask.gather(1, anchor_idx.long()).all()):
+            raise ValueError(
+                f"anchor_idx of shape {shape_str(anchor_idx)} points at padded tokens (key_padding_mask False); "
+                "anchors must be real tokens"
+            )
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        anchor_idx: torch.Tensor | None = None,
+        *,
+        attention: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Aggregate the image into one LLM token per anchor.
+
+        Args:
+            features: ``(B, N, D)``, the selected ViT layer's tokens, prefix tokens ([CLS]) included.
+                All N tokens are keys/values.
+            anchor_idx: ``(B, K)`` integer token indices, the queries, as :func:`~anchor_former.anchor_search`
+                returns them (``[0, sorted anchors]``); any order and any K >= 1 work.
+            attention: instead of ``anchor_idx``, the ViT's attention in any layout
+                :func:`~anchor_former.anchor_search` accepts (``(B, H, N, N)``, ``(B, H, N)``, ``(B, N)``);
+                the module's own search picks ``num_anchors`` anchors (plus [CLS]). Padded tokens are
+                never picked.
+            key_padding_mask: ``(B, N)`` bool, True = real token, False = padding (ignored as a key).
+                A padded batch gives, per sample, the result of running that sample alone.
+
+        Returns:
+            ``(B, K, llm_dim)``: output token ``k`` belongs to query ``anchor_idx[:, k]``.
+        """
+        self._check_features(features)
+        self._check_mask(key_padding_mask, features)
+        if (anchor_idx is None) == (attention is None):
+            raise ValueError("pass exactly one of anchor_idx (B, K) and attention; got "
+                             f"anchor_idx={'None' if anchor_idx is None else shape_str(anchor_idx)}, "
+                             f"attention={'None' if attention is None else shape_str(attention)}")
+        if anchor_idx is None:
+            anchor_idx = self._search(attention, features, key_padding_mask)
+        else:
+            self._check_anchor_idx(anchor_idx, features, key_padding_mask)
+        index = anchor_idx.long().unsqueeze(-1).expand(-1, -1, features.shape[-1])  # (B, K, D)
+        queries = features.gather(1, index)  # (B, K, D)
+        queries = run_layers(
+            self.layers, queries, features, key_padding_mask, gradient_checkpointing=self.gradient_checkpointing
+        )
+        return self.projector(self.norm(queries))  # (B, K, llm_dim)
+
+    def _search(
+        self, attention: torch.Tensor, features: torch.Tensor, key_padding_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Run the built-in search; padded tokens get the lowest score so they are never anchors."""
+        b, n = features.shape[:2]
+        scores = cls_scores(attention, num_prefix_tokens=self.num_prefix_tokens)  # (B, H, N)
+        check_floating("attention", attention)
+        if scores.shape[0] != b or scores.shape[-1] != n:
+            raise ValueError(
+                f"attention must cover the B={b} samples and N={n} tokens of features of shape "
+                f"{shape_str(features)}, got attention of shape {shape_str(attention)}"
+            )
+        if key_padding_mask is not None:
+            scores = scores.masked_fill(~key_padding_mask[:, None, :], torch.finfo(scores.dtype).min)
+        return self.search(scores)
+
+    def extra_repr(self) -> str:
+        a = self._arch
+        return (
+            f"vision_dim={a.vision_dim}, llm_dim={a.llm_dim}, num_anchors={a.num_anchors}, "
+            f"include_cls={a.include_cls}, num_prefix_tokens={a.num_prefix_tokens}"
+        )
