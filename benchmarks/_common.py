@@ -1,0 +1,255 @@
+"""Shared pieces of the benchmark scripts: the connector line-up, devices, timing, memory, environment.
+
+Not part of the installed package: the scripts under ``benchmarks/`` import it as a sibling module.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils import benchmark
+
+__all__ = [
+    "BASELINE",
+    "BENCH_CONNECTORS",
+    "BenchConnector",
+    "device_name",
+    "device_slug",
+    "environment",
+    "format_count",
+    "format_flops",
+    "measure",
+    "measure_interleaved",
+    "parse_device",
+    "progress",
+    "resolve_connectors",
+    "seeded",
+]
+
+
+@dataclass(frozen=True)
+class BenchConnector:
+    """One entry of the line-up: a label, the factory name and its keyword arguments."""
+
+    label: str
+    factory: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, vision_dim: int, llm_dim: int, **extra: Any) -> torch.nn.Module:
+        """``anchor_former.build_connector(factory, vision_dim, llm_dim, **kwargs, **extra)``."""
+        from anchor_former import build_connector
+
+        return build_connector(self.factory, vision_dim, llm_dim, **self.kwargs, **extra)
+
+
+# The issue's line-up; MLP-576 (LLaVA-1.5's projector) is the baseline every ratio is taken against.
+BENCH_CONNECTORS: dict[str, BenchConnector] = {
+    c.label: c
+    for c in (
+        BenchConnector("mlp-576", "mlp2x_gelu"),
+        BenchConnector("avgpool-144", "avgpool"),
+        BenchConnector("cabstractor-144", "cabstractor"),
+        BenchConnector("perceiver-144", "perceiver", {"num_queries": 144}),
+        BenchConnector("acformer-144", "acformer", {"num_anchors": 144}),
+        BenchConnector("acformer-256", "acformer", {"num_anchors": 256}),
+    )
+}
+BASELINE = "mlp-576"
+
+
+def resolve_connectors(spec: str | None) -> list[str]:
+    """Labels from a comma-separated ``spec`` (None or ``"all"``: every one), in line-up order.
+
+    The baseline is always included, because every ratio is taken against it.
+    """
+    if spec is None or spec.strip() == "all":
+        return list(BENCH_CONNECTORS)
+    wanted = [s.strip().lower() for s in spec.split(",") if s.strip()]
+    unknown = [w for w in wanted if w not in BENCH_CONNECTORS]
+    if unknown or not wanted:
+        raise ValueError(
+            f"unknown connector(s) {unknown or [spec]}; valid values (comma-separated): "
+            f"{', '.join(BENCH_CONNECTORS)} or 'all'"
+        )
+    return [label for label in BENCH_CONNECTORS if label in wanted or label == BASELINE]
+
+
+def parse_device(spec: str) -> torch.device:
+    """A usable ``torch.device`` from ``spec`` or a ``ValueError`` that says what is valid here."""
+    valid = ["cpu"]
+    if torch.cuda.is_available():
+        valid += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device {spec!r}; valid values on this machine: {', '.join(valid)}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {spec!r} asks for CUDA, but torch.cuda.is_available() is False here "
+                f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}, no GPU visible); "
+                f"valid values on this machine: {', '.join(valid)}"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {spec!r} does not exist: {torch.cuda.device_count()} CUDA device(s); valid values: "
+                f"{', '.join(valid)}"
+            )
+        return torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+    if device.type != "cpu":
+        raise ValueError(f"device type {device.type!r} is not supported; valid values on this machine: {', '.join(valid)}")
+    return device
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def device_name(device: torch.device) -> str:
+    """Human name: the GPU's name, or the CPU model and the threads torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{_cpu_model()} ({torch.get_num_threads()} threads)"
+
+
+def device_slug(device: torch.device) -> str:
+    """Short file-name-safe kind: ``cpu`` or e.g. ``cuda-nvidia-h100-80gb-hbm3``."""
+    if device.type == "cpu":
+        return "cpu"
+    return "cuda-" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Where and with what the numbers were taken."""
+    try:
+        import transformers
+
+        transformers_version = transformers.__version__
+    except ImportError:
+        transformers_version = None
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    env = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "transformers": transformers_version,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "threads": torch.get_num_threads(),
+        "git_commit": commit,
+    }
+    if device.type == "cuda":
+        env["cuda"] = torch.version.cuda
+        env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+    return env
+
+
+def progress(message: str) -> None:
+    """One line of progress on stderr (stdout carries the report)."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    """Seed torch's global generator (module init) and return a CPU generator for inputs."""
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def _peak_memory(fn: Callable[[], Any], device: torch.device) -> dict[str, float | None]:
+    """Peak CUDA memory of one call: absolute, and the increase over what was allocated before it."""
+    if device.type != "cuda":
+        fn()
+        return {"peak_mem_mib": None, "peak_extra_mib": None}
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    return {"peak_mem_mib": peak / 2**20, "peak_extra_mib": (peak - before) / 2**20}
+
+
+def measure(fn: Callable[[], Any], device: torch.device, *, min_run_time: float, label: str) -> dict[str, Any]:
+    """Median latency of one ``fn()`` by ``Timer.blocked_autorange(min_run_time)``, and peak memory on CUDA.
+
+    One warm-up call first (it also measures the peak CUDA memory, see :func:`measure_interleaved`).
+    Returns ``median_ms``, ``iqr_ms``, ``calls`` and ``peak_mem_mib`` / ``peak_extra_mib`` (``None`` on CPU).
+    """
+    out: dict[str, Any] = _peak_memory(fn, device)
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, label=label, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=min_run_time)
+    out.update(median_ms=m.median * 1e3, iqr_ms=m.iqr * 1e3, calls=len(m.times) * m.number_per_run)
+    return out
+
+
+def measure_interleaved(
+    fns: dict[str, Callable[[], Any]], device: torch.device, *, rounds: int, min_block_s: float
+) -> dict[str, dict[str, Any]]:
+    """Median latency of each ``fn()``, timed in interleaved rounds, and peak memory on CUDA.
+
+    Each function is called once to warm up (which also measures its peak CUDA memory: the allocator's
+    peak and its increase over what was allocated before the call), then calibrated to a block of
+    ``number`` calls lasting at least ``min_block_s``. Then, ``rounds`` times, every function runs one
+    block (:meth:`torch.utils.benchmark.Timer.timeit`, which synchronises CUDA). Interleaving makes the
+    ratios between functions robust to load that comes and goes on a shared machine. Returns per name
+    ``median_ms`` (per call, over rounds), ``iqr_ms``, ``calls`` (timed) and ``peak_mem_mib`` /
+    ``peak_extra_mib`` (``None`` on CPU, where the allocator keeps no statistics).
+    """
+    threads = torch.get_num_threads()
+    timers, numbers, out = {}, {}, {}
+    for name, fn in fns.items():
+        out[name] = _peak_memory(fn, device)
+        timers[name] = benchmark.Timer(stmt="fn()", globals={"fn": fn}, label=name, num_threads=threads)
+        first = timers[name].timeit(1).median
+        numbers[name] = max(1, math.ceil(min_block_s / max(first, 1e-9)))
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name in fns:
+            times[name].append(timers[name].timeit(numbers[name]).median)
+    for name, samples in times.items():
+        q1, median, q3 = statistics.quantiles(samples, n=4, method="inclusive") if len(samples) > 1 else samples * 3
+        out[name].update(median_ms=median * 1e3, iqr_ms=(q3 - q1) * 1e3, calls=rounds * numbers[name])
+    return out
+
+
+def format_flops(value: float | None) -> str:
+    """``12.3 G`` style (FLOPs); ``-`` for None."""
+    if value is None:
+        return "-"
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {unit}"
+    return f"{value:.0f}"
+
+
+def format_count(value: int) -> str:
+    """``84.2 M`` style (parameters)."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {unit}"
+    return str(value)

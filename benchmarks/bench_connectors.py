@@ -1,0 +1,204 @@
+"""Connector benchmark: tokens, parameters, FLOPs (measured and analytic), latency and GPU memory.
+
+Every connector of the line-up (MLP-576, AvgPool-144, C-Abstractor-144, Perceiver-144, AcFormer-144,
+AcFormer-256) at LLaVA-1.5 shapes: features ``(B, 577, 1024)`` (CLIP ViT-L/14-336 penultimate layer,
+[CLS] included) to ``4096``-wide LLM tokens. Ratios are to MLP-576 (LLaVA-1.5's ``mlp2x_gelu``) in the
+same run.
+
+* FLOPs are counted by :class:`torch.utils.flop_counter.FlopCounterMode` on a twin built with the manual
+  attention path (``fused_attn=False``; the counter sees CPU SDPA as 0 FLOPs) and cross-checked against
+  the connector's own ``analytic_flops(N)``.
+* Latency: inference (``torch.inference_mode``), the default (SDPA) path, median of
+  :class:`torch.utils.benchmark.Timer` repeats; peak memory from the CUDA allocator (GPU only).
+* Anchor connectors get ``anchor_idx`` from ``anchor_search`` on a random [CLS] attention row (the
+  search itself is timed in ``bench_search.py``, the probe in ``bench_probe.py``).
+
+Run alone: ``python benchmarks/bench_connectors.py [--preset default] [--device cpu]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from _common import (
+    BASELINE,
+    BENCH_CONNECTORS,
+    format_count,
+    format_flops,
+    measure_interleaved,
+    parse_device,
+    progress,
+    resolve_connectors,
+    seeded,
+)
+
+__all__ = ["PRESETS", "run", "to_markdown"]
+
+# Shapes per preset. ``dtype`` maps device type -> dtype (LLaVA runs fp16 on GPU). ``resampler`` overrides
+# the Perceiver/AcFormer defaults (tiny only, so that the smoke run takes milliseconds). Timing:
+# ``rounds`` interleaved rounds of blocks lasting at least ``min_block_s``.
+_DTYPE = {"cpu": torch.float32, "cuda": torch.float16}
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"vision_dim": 64, "llm_dim": 128, "tokens": 577, "heads": 16, "batch": 1, "rounds": 3,
+             "min_block_s": 0.002, "dtype": _DTYPE, "resampler": {"depth": 2, "heads": 2, "dim_head": 32}},
+    "default": {"vision_dim": 1024, "llm_dim": 4096, "tokens": 577, "heads": 16, "batch": 1, "rounds": 5,
+                "min_block_s": 0.05, "dtype": _DTYPE, "resampler": {}},
+    "llava-1.5-7b": {"vision_dim": 1024, "llm_dim": 4096, "tokens": 577, "heads": 16, "batch": 32, "rounds": 10,
+                     "min_block_s": 0.05, "dtype": _DTYPE, "resampler": {}},
+}
+_RESAMPLERS = ("perceiver", "acformer")
+
+
+def _has_fused_flag(module: torch.nn.Module) -> bool:
+    config = getattr(module, "config", None)
+    return config is not None and "fused_attn" in config.to_dict()
+
+
+def random_anchor_idx(batch: int, heads: int, tokens: int, num_anchors: int, *, generator: torch.Generator,
+                      device: torch.device) -> torch.Tensor:
+    """``(B, K + 1)`` anchors ([CLS] first) from a random [CLS] attention row ``(B, H, N)``."""
+    from anchor_former import anchor_search
+
+    row = torch.randn(batch, heads, tokens, generator=generator).softmax(-1)
+    return anchor_search(row, num_anchors).to(device)
+
+
+def _build(label: str, cfg: dict[str, Any], device: torch.device, **extra: Any) -> torch.nn.Module:
+    spec = BENCH_CONNECTORS[label]
+    kwargs = dict(cfg["resampler"]) if spec.factory in _RESAMPLERS else {}
+    dtype = cfg["dtype"][device.type]
+    return spec.build(cfg["vision_dim"], cfg["llm_dim"], device=device, dtype=dtype, **kwargs, **extra).eval()
+
+
+def count_flops(label: str, connector: torch.nn.Module, features: torch.Tensor, anchor_idx: torch.Tensor | None, *,
+                cfg: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """FLOPs per sample by FlopCounterMode on the explicit attention path, and the analytic count."""
+    manual = _has_fused_flag(connector)
+    counted = _build(label, cfg, device, fused_attn=False) if manual else connector
+    # Grad mode stays on: FlopCounterMode's module tracker asserts on a Parameter passed between modules
+    # (the Perceiver's learned queries) under no_grad/inference_mode. Only the forward runs.
+    with FlopCounterMode(display=False) as counter:
+        out = counted(features, anchor_idx).detach()
+    b, n = features.shape[:2]
+    tokens = connector.num_output_tokens(n)
+    if tuple(out.shape) != (b, tokens, cfg["llm_dim"]):
+        raise RuntimeError(f"{label}: output shape {tuple(out.shape)} != (B, T, llm_dim) = {(b, tokens, cfg['llm_dim'])}")
+    measured = counter.get_total_flops() // b
+    analytic = connector.analytic_flops(n)
+    return {
+        "visual_tokens": tokens,
+        "flops_measured": measured,
+        "flops_analytic": analytic,
+        "flops_match": measured == analytic,
+        "flops_counted_path": "manual attention (fused_attn=False)" if manual else "default",
+    }
+
+
+def run(*, preset: str = "default", device: torch.device | str = "cpu", connectors: str | None = None) -> dict[str, Any]:
+    """Benchmark the connectors (comma-separated labels, default all) at the preset's shapes.
+
+    Returns ``{"benchmark": "connectors", "preset", "shapes", "dtype", "results": [...]}``; each result has
+    ``visual_tokens``, ``params``, ``flops_measured``/``flops_analytic`` per sample, ``median_ms`` for the
+    batch, ``peak_mem_mib`` (GPU), and ``*_vs_baseline`` ratios to MLP-576.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    device = torch.device(device)
+    cfg = PRESETS[preset]
+    dtype = cfg["dtype"][device.type]
+    generator = seeded(0)
+    b, n = cfg["batch"], cfg["tokens"]
+    features = torch.randn(b, n, cfg["vision_dim"], generator=generator).to(device=device, dtype=dtype)
+    results, calls = {}, {}
+    for label in resolve_connectors(connectors):
+        progress(f"connectors: {label}: build and count FLOPs ({b}x{n}x{cfg['vision_dim']} -> {cfg['llm_dim']})")
+        connector = _build(label, cfg, device)
+        anchor_idx = None
+        if connector.uses_anchors:
+            anchor_idx = random_anchor_idx(b, cfg["heads"], n, connector.config.num_anchors, generator=generator,
+                                           device=device)
+        results[label] = {
+            "connector": label,
+            "factory": BENCH_CONNECTORS[label].factory,
+            "kwargs": {**BENCH_CONNECTORS[label].kwargs, **(cfg["resampler"] if BENCH_CONNECTORS[label].factory in _RESAMPLERS else {})},
+            "params": sum(p.numel() for p in connector.parameters()),
+            **count_flops(label, connector, features, anchor_idx, cfg=cfg, device=device),
+        }
+        calls[label] = (lambda c, a: lambda: c(features, a))(connector, anchor_idx)
+    progress(f"connectors: timing {len(calls)} connectors in {cfg['rounds']} interleaved rounds")
+    with torch.inference_mode():
+        timings = measure_interleaved(calls, device, rounds=cfg["rounds"], min_block_s=cfg["min_block_s"])
+    base = results[BASELINE]
+    base_ms = timings[BASELINE]["median_ms"]
+    for label, r in results.items():
+        r.update(timings[label])
+        r["tokens_vs_baseline"] = r["visual_tokens"] / base["visual_tokens"]
+        r["token_reduction"] = 1 - r["tokens_vs_baseline"]
+        r["params_vs_baseline"] = r["params"] / base["params"]
+        r["flops_vs_baseline"] = r["flops_measured"] / base["flops_measured"]
+        r["latency_vs_baseline"] = r["median_ms"] / base_ms
+        progress(f"connectors: {label}: {r['visual_tokens']} tokens, {format_flops(r['flops_measured'])}FLOPs, "
+                 f"{r['median_ms']:.2f} ms")
+    return {
+        "benchmark": "connectors",
+        "preset": preset,
+        "device_type": device.type,
+        "shapes": {k: cfg[k] for k in ("batch", "tokens", "vision_dim", "llm_dim")},
+        "dtype": str(dtype).removeprefix("torch."),
+        "timing": {"rounds": cfg["rounds"], "min_block_s": cfg["min_block_s"], "mode": "inference_mode, default path"},
+        "results": list(results.values()),
+        "target": "AcFormer-144 connector latency <= 1.5x MLP-576 on GPU (issue 3)",
+    }
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    """A markdown table of :func:`run`'s result."""
+    s = result["shapes"]
+    mem = result["device_type"] == "cuda"
+    lines = [
+        f"Connectors at features ({s['batch']}, {s['tokens']}, {s['vision_dim']}) -> {s['llm_dim']}, "
+        f"{result['dtype']}, inference. FLOPs per sample, counted by FlopCounterMode on the manual attention "
+        f"path and checked against `analytic_flops`; latency = median for the batch; (x) = ratio to {BASELINE}. "
+        f"Target: {result['target']}.",
+        "",
+        "| connector | visual tokens | reduction | params | FLOPs/sample (x) | analytic = counted | latency ms (x) |"
+        + (" peak extra MiB |" if mem else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if mem else ""),
+    ]
+    for r in result["results"]:
+        row = (
+            f"| {r['connector']} | {r['visual_tokens']} | {100 * r['token_reduction']:.0f}% | {format_count(r['params'])} "
+            f"| {format_flops(r['flops_measured'])} ({r['flops_vs_baseline']:.2f}x) "
+            f"| {'yes' if r['flops_match'] else 'NO: ' + format_flops(r['flops_analytic'])} "
+            f"| {r['median_ms']:.2f} ({r['latency_vs_baseline']:.2f}x) |"
+        )
+        if mem:
+            row += f" {r['peak_extra_mib']:.0f} |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="default", choices=list(PRESETS))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--connectors", default=None, help=f"comma-separated subset of: {', '.join(BENCH_CONNECTORS)}")
+    args = parser.parse_args(argv)
+    try:
+        device = parse_device(args.device)
+        resolve_connectors(args.connectors)
+    except ValueError as err:
+        parser.error(str(err))
+    result = run(preset=args.preset, device=device, connectors=args.connectors)
+    print(to_markdown(result))
+    json.dump(result, sys.stderr, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
