@@ -4,13 +4,17 @@
 projector``. A ResBlock is timm's RegNet bottleneck as Honeybee configures it (``RegStage`` with SiLU
 and ``LayerNorm2d``, bottleneck ratio 1, depthwise 3x3, squeeze-excitation at ratio 0.25 of the input
 width): ``1x1 conv-LN-SiLU, 3x3 depthwise conv-LN-SiLU, SE, 1x1 conv-LN``, plus the shortcut
-(identity, or ``1x1 conv-LN`` when the width changes), then SiLU. Convolutions have no bias.
+(identity, or ``1x1 conv-LN`` when the width changes), then SiLU. Convolutions have no bias; the
+LayerNorms use eps 1e-5 (timm turns Honeybee's ``LayerNorm2d`` into ``LayerNormAct2d`` with that eps).
+Block parameters carry timm's names (``stage1.b1.conv1.conv.weight``, ``...conv1.bn.weight``, ``se.fc1``,
+``downsample``), so Honeybee's ``net.0.*`` / ``net.2.*`` become ``stage1.*`` / ``stage2.*`` by prefix.
 Honeybee's readout is a SiLU MLP; here it is LLaVA's projector (``mlp2x_gelu`` by default) so every
 connector in this package shares the same readout and differs only in how it reduces the tokens.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -34,12 +38,13 @@ class LayerNorm2d(nn.LayerNorm):
 
 
 class _ConvNorm(nn.Sequential):
-    """``Conv2d(bias=False)`` then ``LayerNorm2d``; keys ``conv.*`` and ``norm.*``."""
+    """``Conv2d(bias=False)`` then ``LayerNorm2d``; keys ``conv.*`` and ``bn.*`` as in timm's ``ConvNormAct``
+    (so Honeybee/timm RegNet block weights load by key; the norm is a LayerNorm despite the name)."""
 
     def __init__(self, in_chs: int, out_chs: int, kernel_size: int, *, groups: int = 1, **dd: object) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, padding=kernel_size // 2, groups=groups, bias=False, **dd)
-        self.norm = LayerNorm2d(out_chs, eps=1e-6, **dd)
+        self.bn = LayerNorm2d(out_chs, **dd)
 
 
 class _SqueezeExcite(nn.Module):
@@ -160,10 +165,16 @@ class CAbstractor(Connector):
             nn.init.trunc_normal_(self.pos_emb, std=0.02)
         else:
             self.register_parameter("pos_emb", None)
+        # Blocks named b1, b2, ... like timm's RegStage: Honeybee's net.0.* / net.2.* map to stage1.* / stage2.*.
         self.stage1 = nn.Sequential(
-            *(RegBlock(vision_dim if i == 0 else hidden, hidden, se_ratio=se_ratio, **dd) for i in range(depth))
+            OrderedDict(
+                (f"b{i + 1}", RegBlock(vision_dim if i == 0 else hidden, hidden, se_ratio=se_ratio, **dd))
+                for i in range(depth)
+            )
         )
-        self.stage2 = nn.Sequential(*(RegBlock(hidden, hidden, se_ratio=se_ratio, **dd) for _ in range(depth)))
+        self.stage2 = nn.Sequential(
+            OrderedDict((f"b{i + 1}", RegBlock(hidden, hidden, se_ratio=se_ratio, **dd)) for i in range(depth))
+        )
         self.projector = build_projector(projector, hidden, llm_dim, **dd)
 
     @classmethod
