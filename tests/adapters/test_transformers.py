@@ -1,0 +1,228 @@
+"""The transformers adapter on a real tiny LlavaForConditionalGeneration and a real LlavaProcessor.
+
+Run in the main env: ``.venv/bin/python -m pytest tests/adapters/test_transformers.py -q``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+if int(transformers.__version__.split(".")[0]) < 5:
+    pytest.skip("the transformers adapter needs transformers >= 5", allow_module_level=True)
+
+from tokenizers import Tokenizer  # noqa: E402
+from tokenizers.models import WordLevel  # noqa: E402
+from tokenizers.pre_tokenizers import Whitespace  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForImageTextToText,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+from anchor_former.adapters.transformers import (  # noqa: E402
+    AnchorFormerLlavaConfig,
+    AnchorFormerLlavaForConditionalGeneration,
+    attach_anchor_former,
+    register_auto_classes,
+)
+from anchor_former.former import AnchorFormer  # noqa: E402
+from anchor_former.search import anchor_search  # noqa: E402
+
+VISION_DIM, LLM_DIM, IMAGE, PATCH, K = 32, 48, 28, 4, 8  # 7 x 7 = 49 patches, 4 heads
+NUM_PATCHES = (IMAGE // PATCH) ** 2
+CONNECTOR = {"depth": 2, "heads": 2, "dim_head": 8}
+WORDS = ["USER:", "ASSISTANT:", "what", "is", "in", "the", "picture", "?", "a", "cat", "dog"]
+
+
+def make_processor() -> LlavaProcessor:
+    """A real LlavaProcessor built offline: a WordLevel tokenizer from ``tokenizers`` + CLIPImageProcessor."""
+    vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "<s>", "</s>", "<image>", *WORDS])}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>", additional_special_tokens=["<image>"])
+    images = CLIPImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE})
+    # as llava-hf/llava-1.5-7b-hf: default strategy (drop [CLS]) and one additional token ([CLS])
+    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=PATCH,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+
+def make_model(processor: LlavaProcessor, **overrides) -> LlavaForConditionalGeneration:
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=VISION_DIM, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=IMAGE, patch_size=PATCH, projection_dim=16)
+    text = LlamaConfig(vocab_size=len(processor.tokenizer), hidden_size=LLM_DIM, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, pad_token_id=1,
+                       bos_token_id=2, eos_token_id=3)
+    settings = dict(vision_config=vision, text_config=text, image_token_index=processor.image_token_id,
+                    vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=NUM_PATCHES)
+    settings.update(overrides)
+    return LlavaForConditionalGeneration(LlavaConfig(**settings)).eval()
+
+
+def pixels(batch: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (IMAGE + 6, IMAGE + 2, 3), dtype=np.uint8) for _ in range(batch)]
+
+
+PROMPTS = ["USER: <image> what is in the picture ? ASSISTANT:", "USER: what is <image> in the ? ASSISTANT: a"]
+
+
+@pytest.fixture
+def attached():
+    processor = make_processor()
+    model = make_model(processor)
+    old = model.model.multi_modal_projector
+    old_weights = {k: v.clone() for k, v in old.state_dict().items()}
+    model = attach_anchor_former(model, processor, num_anchors=K, **CONNECTOR)
+    return model, processor, old_weights
+
+
+def inputs_for(processor, batch: int = 2):
+    return processor(text=PROMPTS[:batch], images=pixels(batch), return_tensors="pt", padding=True)
+
+
+def reference_image_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Eager CLIP with output_attentions, the [CLS] row of the layer that made hidden_states[-2],
+    anchor_search, then the connector on explicit indices."""
+    tower = copy.deepcopy(model.model.vision_tower)
+    tower.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = tower(pixel_values, output_hidden_states=True, output_attentions=True)
+        idx = anchor_search(out.attentions[-2][:, :, 0], K)
+        return model.model.multi_modal_projector(out.hidden_states[-2], idx)
+
+
+def test_plain_model_works_before_attach() -> None:
+    processor = make_processor()
+    model = make_model(processor)
+    inputs = inputs_for(processor)
+    assert int((inputs["input_ids"] == processor.image_token_id).sum()) == 2 * NUM_PATCHES
+    with torch.no_grad():
+        model(**inputs)
+
+
+def test_attach_swaps_projector_keeps_sdpa_and_warm_starts(attached) -> None:
+    model, _, old_weights = attached
+    assert isinstance(model, AnchorFormerLlavaForConditionalGeneration)
+    assert isinstance(model.config, AnchorFormerLlavaConfig) and model.config.image_seq_length == K + 1
+    connector = model.model.multi_modal_projector
+    assert isinstance(connector, AnchorFormer) and connector.num_queries == K + 1
+    assert model.model.vision_tower.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(connector.projector[0].weight, old_weights["linear_1.weight"], atol=0, rtol=0)
+    torch.testing.assert_close(connector.projector[0].bias, old_weights["linear_1.bias"], atol=0, rtol=0)
+    torch.testing.assert_close(connector.projector[2].weight, old_weights["linear_2.weight"], atol=0, rtol=0)
+    torch.testing.assert_close(connector.projector[2].bias, old_weights["linear_2.bias"], atol=0, rtol=0)
+
+
+def test_processor_to_forward_with_num_anchors_plus_one_tokens(attached) -> None:
+    model, processor, _ = attached
+    inputs = inputs_for(processor)
+    image_tokens = inputs["input_ids"] == processor.image_token_id
+    assert image_tokens.sum(dim=1).tolist() == [K + 1, K + 1]
+    with torch.no_grad():
+        out = model(**inputs)
+        expected = reference_image_tokens(model, inputs["pixel_values"])
+    assert out.logits.shape[:2] == inputs["input_ids"].shape
+    assert out.image_outputs.pooler_output[0].shape == (K + 1, LLM_DIM)
+    torch.testing.assert_close(torch.stack(out.image_outputs.pooler_output), expected, atol=1e-5, rtol=1e-5)
+    # the LLM input really holds those tokens at the <image> positions
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        merged = embeds.masked_scatter(image_tokens[..., None], expected.reshape(-1, LLM_DIM))
+        direct = model(inputs_embeds=merged, attention_mask=inputs["attention_mask"]).logits
+    torch.testing.assert_close(out.logits, direct, atol=1e-5, rtol=1e-5)
+
+
+def test_generate(attached) -> None:
+    model, processor, _ = attached
+    inputs = inputs_for(processor, batch=1)
+    out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert out.shape == (1, inputs["input_ids"].shape[1] + 3)
+    with torch.no_grad():
+        first = model(**inputs).logits[0, -1].argmax()
+    assert out[0, inputs["input_ids"].shape[1]] == first
+
+
+def test_training_step_reaches_the_connector(attached) -> None:
+    model, processor, _ = attached
+    model.train()
+    inputs = inputs_for(processor)
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == processor.image_token_id, -100)
+    out = model(**inputs, labels=labels)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    for name, p in model.model.multi_modal_projector.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_save_pretrained_and_load_back(attached, tmp_path) -> None:
+    model, processor, _ = attached
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = AnchorFormerLlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert loaded.config.anchor_former == model.config.anchor_former
+    assert loaded.config.anchor_former["connector_config"]["num_anchors"] == K
+    register_auto_classes()
+    auto = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert type(auto) is AnchorFormerLlavaForConditionalGeneration
+    reloaded_processor = LlavaProcessor.from_pretrained(tmp_path)  # plain transformers class
+    inputs = inputs_for(reloaded_processor)
+    torch.testing.assert_close(inputs["input_ids"], inputs_for(processor)["input_ids"], atol=0, rtol=0)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        torch.testing.assert_close(loaded(**inputs).logits, expected, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(auto(**inputs).logits, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_other_connector_and_score() -> None:
+    processor = make_processor()
+    model = attach_anchor_former(make_model(processor), processor, connector="avgpool")
+    inputs = inputs_for(processor)
+    # avgpool pools the 7 x 7 grid 2 x 2 (ceil or floor as the connector documents): as many tokens as it says
+    expected = model.model.multi_modal_projector.num_output_tokens(1 + NUM_PATCHES)
+    assert (inputs["input_ids"] == processor.image_token_id).sum(dim=1).tolist() == [expected] * 2
+    with torch.no_grad():
+        model(**inputs)
+    norm = attach_anchor_former(make_model(make_processor()), num_anchors=K, score="norm", **CONNECTOR)
+    assert norm.model.multi_modal_projector.num_queries == K  # no [CLS] query with token-norm scores
+
+
+# --- bad input -------------------------------------------------------------------------------------------
+
+
+def test_errors() -> None:
+    processor = make_processor()
+    with pytest.raises(ValueError, match=r"model must be a transformers LlavaForConditionalGeneration .*Linear"):
+        attach_anchor_former(nn.Linear(2, 2))
+    model = make_model(processor)
+    with pytest.raises(ValueError, match=rf"num_anchors=50 exceeds the {NUM_PATCHES} patch tokens"):
+        attach_anchor_former(model, num_anchors=50)
+    with pytest.raises(ValueError, match="connector must be one of .*got 'qformer'"):
+        attach_anchor_former(model, connector="qformer")
+    assert type(model) is LlavaForConditionalGeneration  # unchanged after the failures
+    multi = make_model(processor, vision_feature_layer=[-2, -1])
+    with pytest.raises(ValueError, match=r"vision_feature_layer must be a single int.*got \[-2, -1\]"):
+        attach_anchor_former(multi, num_anchors=K)
+
+
+def test_cls_less_tower_asked_for_cls_anchors() -> None:
+    from transformers import SiglipVisionConfig
+
+    processor = make_processor()
+    siglip = SiglipVisionConfig(hidden_size=VISION_DIM, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=IMAGE, patch_size=PATCH)
+    model = make_model(processor, vision_config=siglip)
+    with pytest.raises(ValueError, match=r"score='cls' needs a \[CLS\] token"):
+        attach_anchor_former(model, num_anchors=K)
