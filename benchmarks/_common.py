@@ -46,11 +46,21 @@ class BenchConnector:
     factory: str
     kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def build(self, vision_dim: int, llm_dim: int, **extra: Any) -> torch.nn.Module:
+    @property
+    def is_resampler(self) -> bool:
+        """Cross-attention resamplers (Perceiver, AcFormer): the ones ``resampler`` overrides apply to."""
+        return self.factory in ("perceiver", "acformer")
+
+    def build_kwargs(self, resampler: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The factory's keyword arguments, with ``resampler`` overrides (depth, heads, ...) if it is one."""
+        return {**self.kwargs, **(resampler or {})} if self.is_resampler else dict(self.kwargs)
+
+    def build(self, vision_dim: int, llm_dim: int, *, resampler: dict[str, Any] | None = None,
+              **extra: Any) -> torch.nn.Module:
         """``anchor_former.build_connector(factory, vision_dim, llm_dim, **kwargs, **extra)``."""
         from anchor_former import build_connector
 
-        return build_connector(self.factory, vision_dim, llm_dim, **self.kwargs, **extra)
+        return build_connector(self.factory, vision_dim, llm_dim, **self.build_kwargs(resampler), **extra)
 
 
 # The issue's line-up; MLP-576 (LLaVA-1.5's projector) is the baseline every ratio is taken against.

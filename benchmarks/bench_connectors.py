@@ -45,14 +45,13 @@ __all__ = ["PRESETS", "run", "to_markdown"]
 # ``rounds`` interleaved rounds of blocks lasting at least ``min_block_s``.
 _DTYPE = {"cpu": torch.float32, "cuda": torch.float16}
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {"vision_dim": 64, "llm_dim": 128, "tokens": 577, "heads": 16, "batch": 1, "rounds": 3,
-             "min_block_s": 0.002, "dtype": _DTYPE, "resampler": {"depth": 2, "heads": 2, "dim_head": 32}},
+    "tiny": {"vision_dim": 64, "llm_dim": 128, "tokens": 577, "heads": 16, "batch": 1, "rounds": 2,
+             "min_block_s": 0.0, "dtype": _DTYPE, "resampler": {"depth": 1, "heads": 2, "dim_head": 16}},
     "default": {"vision_dim": 1024, "llm_dim": 4096, "tokens": 577, "heads": 16, "batch": 1, "rounds": 5,
                 "min_block_s": 0.05, "dtype": _DTYPE, "resampler": {}},
     "llava-1.5-7b": {"vision_dim": 1024, "llm_dim": 4096, "tokens": 577, "heads": 16, "batch": 32, "rounds": 10,
                      "min_block_s": 0.05, "dtype": _DTYPE, "resampler": {}},
 }
-_RESAMPLERS = ("perceiver", "acformer")
 
 
 def _has_fused_flag(module: torch.nn.Module) -> bool:
@@ -70,10 +69,9 @@ def random_anchor_idx(batch: int, heads: int, tokens: int, num_anchors: int, *, 
 
 
 def _build(label: str, cfg: dict[str, Any], device: torch.device, **extra: Any) -> torch.nn.Module:
-    spec = BENCH_CONNECTORS[label]
-    kwargs = dict(cfg["resampler"]) if spec.factory in _RESAMPLERS else {}
     dtype = cfg["dtype"][device.type]
-    return spec.build(cfg["vision_dim"], cfg["llm_dim"], device=device, dtype=dtype, **kwargs, **extra).eval()
+    return BENCH_CONNECTORS[label].build(cfg["vision_dim"], cfg["llm_dim"], resampler=cfg["resampler"], device=device,
+                                         dtype=dtype, **extra).eval()
 
 
 def count_flops(label: str, connector: torch.nn.Module, features: torch.Tensor, anchor_idx: torch.Tensor | None, *,
@@ -126,7 +124,7 @@ def run(*, preset: str = "default", device: torch.device | str = "cpu", connecto
         results[label] = {
             "connector": label,
             "factory": BENCH_CONNECTORS[label].factory,
-            "kwargs": {**BENCH_CONNECTORS[label].kwargs, **(cfg["resampler"] if BENCH_CONNECTORS[label].factory in _RESAMPLERS else {})},
+            "kwargs": BENCH_CONNECTORS[label].build_kwargs(cfg["resampler"]),
             "params": sum(p.numel() for p in connector.parameters()),
             **count_flops(label, connector, features, anchor_idx, cfg=cfg, device=device),
         }

@@ -47,14 +47,16 @@ _LLAMA_7B = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads"
              "intermediate_size": 11008, "vocab_size": 32000}
 
 # ``vit`` / ``llm``: HF config fields of the measured models; ``scaled``: whether they are smaller than
-# LLaVA-1.5-7B (said in the output). ``dtype``: per device type.
+# LLaVA-1.5-7B (said in the output); ``resampler``: Perceiver/AcFormer overrides (tiny only). ``dtype``: per
+# device type. Timing: ``rounds`` interleaved rounds of blocks lasting at least ``min_block_s``.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "vit": {"image_size": 336, "patch_size": 14, "hidden_size": 32, "num_hidden_layers": 2,
-                "num_attention_heads": 16, "intermediate_size": 64},
+                "num_attention_heads": 2, "intermediate_size": 64},
         "llm": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
                 "intermediate_size": 128, "vocab_size": 1000},
-        "scaled": True, "batch": 1, "text_tokens": 8, "rounds": 3, "min_block_s": 0.002, "stages": True,
+        "resampler": {"depth": 1, "heads": 2, "dim_head": 16},
+        "scaled": True, "batch": 1, "text_tokens": 8, "rounds": 2, "min_block_s": 0.0, "stages": True,
         "dtype": {"cpu": torch.float32, "cuda": torch.float16},
     },
     "default": {
@@ -160,8 +162,8 @@ def measured(labels: list[str], *, preset: str, device: torch.device) -> dict[st
     rows, pipelines, stages = [], {}, {}
     with torch.inference_mode():
         for label in labels:
-            connector = BENCH_CONNECTORS[label].build(vit_shape.hidden_size, llm_shape.hidden_size, device=device,
-                                                      dtype=dtype).eval()
+            connector = BENCH_CONNECTORS[label].build(vit_shape.hidden_size, llm_shape.hidden_size,
+                                                      resampler=cfg.get("resampler"), device=device, dtype=dtype).eval()
             k = connector.config.num_anchors if connector.uses_anchors else None
             tokens = connector.num_output_tokens(n)
             total = flops.pipeline_flops(

@@ -1,0 +1,247 @@
+"""The anchor-former benchmark suite: what AcFormer's fewer visual tokens buy, measured on this machine.
+
+    python benchmarks/run.py                                   # default preset: CPU, about 2-3 minutes
+    python benchmarks/run.py --preset tiny                     # seconds (the smoke test runs this)
+    python benchmarks/run.py --preset llava-1.5-7b --device cuda   # LLaVA-1.5-7B shapes, for a GPU
+
+One run measures, side by side and as ratios to LLaVA-1.5's MLP-576 connector:
+
+* ``connectors`` (``bench_connectors.py``): visual tokens, parameters, FLOPs (FlopCounterMode, checked
+  against the analytic count), latency and GPU memory of MLP-576, AvgPool-144, C-Abstractor-144,
+  Perceiver-144, AcFormer-144 and AcFormer-256 at LLaVA-1.5 shapes (577×1024 → 4096);
+* ``pipeline`` (``bench_pipeline.py``): analytic ViT + probe + connector + LLM-prefill FLOPs at
+  LLaMA-7B/13B shapes, KV-cache bytes per sample, and the measured end-to-end pipeline with random-init
+  HF models (scaled down on the ``tiny``/``default`` presets, real shapes on ``llava-1.5-7b``);
+* ``search`` (``bench_search.py``): the batched anchor search against the reference's per-sample loop;
+* ``probe`` (``bench_probe.py``): anchors from the [CLS] probe against ``output_attentions``.
+
+Writes ``results.json`` (device, versions, preset, date, every figure), ``results.md`` (the tables printed
+on stdout) and, with matplotlib, ``chart.png`` (cost against visual tokens) to ``--output``, by default
+``benchmarks/results/<device>-<preset>/`` with ``<device>`` = ``cpu`` or ``cuda-<gpu name>``. Progress
+goes to stderr. Exit status 1 if a benchmark failed (its error is in the report), 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # sibling benchmark modules, also under ``python -m`` or another cwd
+
+import torch  # noqa: E402
+
+from _common import BENCH_CONNECTORS, device_slug, environment, parse_device, progress, resolve_connectors  # noqa: E402
+
+__all__ = ["BENCHMARKS", "PRESETS", "main", "render_markdown", "run_suite", "write_chart"]
+
+PRESETS = ("tiny", "default", "llava-1.5-7b")
+# name -> module; each module exposes ``run(*, preset, device) -> dict`` and optionally ``to_markdown``.
+BENCHMARKS = {"connectors": "bench_connectors", "pipeline": "bench_pipeline", "search": "bench_search",
+              "probe": "bench_probe"}
+_TAKES_CONNECTORS = ("connectors", "pipeline")
+
+
+def _parse_list(spec: str | None, valid: list[str], what: str) -> list[str]:
+    if spec is None or spec.strip() == "all":
+        return list(valid)
+    wanted = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [w for w in wanted if w not in valid]
+    if unknown or not wanted:
+        raise ValueError(f"unknown {what} {unknown or [spec]}; valid values (comma-separated): {', '.join(valid)} or 'all'")
+    return [v for v in valid if v in wanted]
+
+
+def run_suite(*, preset: str, device: torch.device, connectors: str | None = None,
+              benchmarks: list[str] | None = None) -> dict[str, Any]:
+    """Run the chosen benchmarks; a missing module is reported as skipped, a failing one as an error."""
+    report: dict[str, Any] = {
+        "suite": "anchor-former",
+        "preset": preset,
+        "environment": environment(device),
+        "connectors": resolve_connectors(connectors),
+        "benchmarks": {},
+    }
+    for name in benchmarks or list(BENCHMARKS):
+        module_name = BENCHMARKS[name]
+        if not (HERE / f"{module_name}.py").exists():
+            progress(f"{name}: skipped, benchmarks/{module_name}.py not found")
+            report["benchmarks"][name] = {"skipped": f"benchmarks/{module_name}.py not found"}
+            continue
+        progress(f"{name}: start ({module_name}.run, preset {preset}, {device})")
+        start = time.perf_counter()
+        try:
+            module = importlib.import_module(module_name)
+            kwargs = {"connectors": connectors} if name in _TAKES_CONNECTORS else {}
+            result = module.run(preset=preset, device=device, **kwargs)
+        except Exception as err:  # one failing benchmark must not lose the others' numbers
+            progress(f"{name}: FAILED: {type(err).__name__}: {err}")
+            result = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+        result["seconds"] = round(time.perf_counter() - start, 1)
+        progress(f"{name}: done in {result['seconds']} s")
+        report["benchmarks"][name] = result
+    return report
+
+
+def _generic_markdown(result: dict[str, Any]) -> str:
+    """Tables for list-of-dict / dict-of-dict values, a list for scalars (modules without to_markdown)."""
+    lines, tables = [], []
+    for key, value in result.items():
+        rows = None
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            rows = value
+        elif isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+            rows = [{"name": k, **v} for k, v in value.items()]
+        if rows is not None:
+            cols = list(dict.fromkeys(c for r in rows for c, v in r.items() if not isinstance(v, (dict, list))))
+            table = [f"{key}:", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            table += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in rows]
+            tables.append("\n".join(table))
+        elif not isinstance(value, (dict, list)) and key not in ("traceback",):
+            lines.append(f"- {key}: {_cell(value)}")
+    return "\n\n".join(["\n".join(lines)] + tables)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def render_markdown(report: dict[str, Any], *, chart: str | None = None) -> str:
+    """The whole report as markdown: environment, then one section per benchmark."""
+    env = report["environment"]
+    out = [
+        f"# anchor-former benchmarks: preset `{report['preset']}` on {env['device']}",
+        "",
+        f"{env['date_utc']} · device type {env['device_type']} · torch {env['torch']} · transformers "
+        f"{env['transformers']} · python {env['python']} · {env['threads']} threads · commit {env['git_commit']}",
+        "",
+        "Reproduce: `python benchmarks/run.py --preset " + report["preset"]
+        + ("" if env["device_type"] == "cpu" else " --device cuda") + "`. Every ratio (x) is to the MLP-576 "
+        "(LLaVA-1.5) connector in the same run. Times are medians over interleaved rounds on this device.",
+    ]
+    titles = {"connectors": "Connectors", "pipeline": "Pipeline", "search": "Anchor search", "probe": "Anchor probe"}
+    for name, result in report["benchmarks"].items():
+        out += ["", f"## {titles.get(name, name)}", ""]
+        if "skipped" in result:
+            out.append(f"Skipped: {result['skipped']}.")
+        elif "error" in result:
+            out.append(f"**Failed:** `{result['error']}` (traceback in results.json).")
+        else:
+            module = sys.modules.get(BENCHMARKS[name])
+            to_md = getattr(module, "to_markdown", None)
+            out.append(to_md(result) if to_md else _generic_markdown(result))
+            out.append(f"\n({result['seconds']} s)")
+    if chart:
+        out += ["", "## Chart", "", f"![cost against visual tokens]({chart})"]
+    return "\n".join(out) + "\n"
+
+
+def write_chart(report: dict[str, Any], path: Path) -> bool:
+    """Cost against visual tokens (analytic FLOPs at 7B/13B; measured pipeline time). False without matplotlib."""
+    pipeline = report["benchmarks"].get("pipeline", {})
+    if "analytic" not in pipeline:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        progress("chart: matplotlib not installed, no PNG (pip install matplotlib)")
+        return False
+    measured = pipeline.get("measured")
+    fig, axes = plt.subplots(1, 2 if measured else 1, figsize=(12 if measured else 6.5, 4.6), squeeze=False)
+    ax = axes[0][0]
+    for llm, marker in (("llama-7b", "o"), ("llama-13b", "s")):
+        rows = [r for r in pipeline["analytic"]["results"] if r["llm_shape"] == llm]
+        ax.scatter([r["visual_tokens"] for r in rows], [r["total_flops"] / 1e12 for r in rows], marker=marker,
+                   label=f"{llm} pipeline")
+        for r in rows:
+            ax.annotate(r["connector"], (r["visual_tokens"], r["total_flops"] / 1e12), fontsize=7,
+                        xytext=(4, -3 if "256" in r["connector"] else 3), textcoords="offset points")
+    ax.set(xlabel="visual tokens given to the LLM", ylabel="TFLOPs per sample (analytic)",
+           title=f"ViT-L/14-336 + connector + LLM prefill ({pipeline['analytic']['text_tokens']} text tokens)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if measured:
+        ax = axes[0][1]
+        rows = measured["results"]
+        ax.scatter([r["visual_tokens"] for r in rows], [r["latency_vs_baseline"] for r in rows], label="measured time")
+        ax.scatter([r["visual_tokens"] for r in rows], [r["analytic_vs_baseline"] for r in rows], marker="x",
+                   label="analytic FLOPs")
+        for r in rows:
+            ax.annotate(r["connector"], (r["visual_tokens"], r["latency_vs_baseline"]), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points")
+        scaled = "scaled-down models" if measured["scaled_down"] else "LLaVA-1.5-7B shapes"
+        ax.set(xlabel="visual tokens given to the LLM", ylabel="pipeline cost / MLP-576 pipeline",
+               title=f"measured on {report['environment']['device_type']} ({scaled}, batch {measured['batch']})")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"anchor-former, preset {report['preset']}, {report['environment']['device']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="anchor-former benchmark suite (connectors, pipeline, anchor search, probe).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"connectors: {', '.join(BENCH_CONNECTORS)}\nbenchmarks: {', '.join(BENCHMARKS)}",
+    )
+    parser.add_argument("--preset", default="default", choices=PRESETS,
+                        help="tiny: seconds; default: CPU, a few minutes; llava-1.5-7b: full shapes, for a GPU")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda if available, else cpu)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="directory for results.json/.md/chart.png (default benchmarks/results/<device>-<preset>)")
+    parser.add_argument("--connectors", default=None,
+                        help="comma-separated subset (mlp-576 is always added: it is the baseline); default all")
+    parser.add_argument("--benchmarks", default=None, help="comma-separated subset; default all that exist")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice; 1 for the tiny preset, which is a "
+                             "smoke run and must stay fast on a busy machine)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        device = parse_device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                              "cpu" if args.device == "auto" else args.device)
+        resolve_connectors(args.connectors)
+        benchmarks = _parse_list(args.benchmarks, list(BENCHMARKS), "benchmark(s)")
+        threads = args.threads if args.threads is not None else (1 if args.preset == "tiny" else None)
+        if threads is not None and threads < 1:
+            raise ValueError(f"--threads must be an integer >= 1, got {threads}")
+    except ValueError as err:
+        parser.error(str(err))
+    if threads is not None:
+        torch.set_num_threads(threads)
+    output = args.output or HERE / "results" / f"{device_slug(device)}-{args.preset}"
+    output.mkdir(parents=True, exist_ok=True)
+    progress(f"preset {args.preset} on {device}; results to {output}")
+    report = run_suite(preset=args.preset, device=device, connectors=args.connectors, benchmarks=benchmarks)
+    (output / "results.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    chart = "chart.png" if write_chart(report, output / "chart.png") else None
+    markdown = render_markdown(report, chart=chart)
+    (output / "results.md").write_text(markdown)
+    print(markdown)
+    progress(f"wrote {output / 'results.json'}, {output / 'results.md'}" + (f", {output / chart}" if chart else ""))
+    failed = [n for n, r in report["benchmarks"].items() if "error" in r]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Smoke test of the benchmark suite (``benchmarks/run.py``) and its argument errors. No timing assertions."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ROOT / "benchmarks" / "run.py"
+CONNECTORS = ["mlp-576", "avgpool-144", "cabstractor-144", "perceiver-144", "acformer-144", "acformer-256"]
+
+
+def _load_run_module():
+    spec = importlib.util.spec_from_file_location("anchor_former_bench_run", RUN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, str(RUN), "--preset", "tiny", "--device", "cpu", "--output", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    return proc, out
+
+
+def test_tiny_preset_writes_json_markdown_and_chart(tiny_run):
+    proc, out = tiny_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    env = report["environment"]
+    assert report["preset"] == "tiny" and env["device_type"] == "cpu"
+    for key in ("device", "torch", "transformers", "date_utc", "threads"):
+        assert env[key], key
+    assert "[bench]" in proc.stderr  # progress goes to stderr
+    markdown = (out / "results.md").read_text()
+    assert proc.stdout.strip() == markdown.strip()  # the report is printed too
+    assert markdown.startswith("# anchor-former benchmarks: preset `tiny`")
+    assert "| connector | visual tokens |" in markdown
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "![cost against visual tokens](chart.png)" in markdown
+    for name, result in report["benchmarks"].items():
+        assert "error" not in result, (name, result.get("traceback"))
+
+
+def test_tiny_connector_figures_are_consistent(tiny_run):
+    _, out = tiny_run
+    connectors = json.loads((out / "results.json").read_text())["benchmarks"]["connectors"]
+    rows = {r["connector"]: r for r in connectors["results"]}
+    assert list(rows) == CONNECTORS
+    # FlopCounterMode on the manual attention path agrees with every connector's analytic count.
+    assert all(r["flops_measured"] == r["flops_analytic"] > 0 for r in rows.values())
+    assert {label: r["visual_tokens"] for label, r in rows.items()} == {
+        "mlp-576": 576, "avgpool-144": 144, "cabstractor-144": 144, "perceiver-144": 144, "acformer-144": 145,
+        "acformer-256": 257,
+    }
+    base = rows["mlp-576"]
+    for r in rows.values():
+        assert r["median_ms"] > 0 and r["peak_mem_mib"] is None  # no allocator statistics on CPU
+        assert r["latency_vs_baseline"] == pytest.approx(r["median_ms"] / base["median_ms"])
+        assert r["flops_vs_baseline"] == pytest.approx(r["flops_measured"] / base["flops_measured"])
+
+
+def test_tiny_pipeline_figures_are_consistent(tiny_run):
+    _, out = tiny_run
+    pipeline = json.loads((out / "results.json").read_text())["benchmarks"]["pipeline"]
+    analytic = pipeline["analytic"]["results"]
+    assert {(r["llm_shape"], r["connector"]) for r in analytic} == {
+        (llm, c) for llm in ("llama-7b", "llama-13b") for c in CONNECTORS
+    }
+    for r in analytic:
+        assert r["total_flops"] == r["vit_flops"] + r["probe_flops"] + r["connector_flops"] + r["llm_flops"]
+        assert (r["probe_flops"] > 0) == r["connector"].startswith("acformer")
+        if r["connector"] == "mlp-576":
+            assert r["total_vs_baseline"] == 1.0
+    measured = pipeline["measured"]
+    assert measured["scaled_down"] is True  # CPU presets say they are not LLaVA-1.5-7B shapes
+    assert [r["connector"] for r in measured["results"]] == CONNECTORS
+    assert all(r["median_ms"] > 0 and r["llm_ms"] > 0 for r in measured["results"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "messages"),
+    [
+        (["--preset", "huge"], ["invalid choice: 'huge'", "tiny", "default", "llava-1.5-7b"]),
+        (["--connectors", "mlp-576,qformer-32"], ["unknown connector(s) ['qformer-32']", *CONNECTORS]),
+        (["--benchmarks", "speed"], ["unknown benchmark(s) ['speed']", "connectors", "pipeline", "search", "probe"]),
+        (["--device", "tpu"], ["unknown device 'tpu'", "valid values on this machine: cpu"]),
+        (["--device", "cpu", "--threads", "0"], ["--threads must be an integer >= 1, got 0"]),
+    ],
+)
+def test_bad_arguments_exit_with_the_valid_values(argv: list[str], messages: list[str], capsys):
+    run = _load_run_module()
+    with pytest.raises(SystemExit) as exc:
+        run.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    for message in messages:
+        assert message in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised when no GPU is present")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_cuda_without_gpu_is_a_clear_error(device: str, capsys):
+    run = _load_run_module()
+    with pytest.raises(SystemExit) as exc:
+        run.main(["--preset", "tiny", "--device", device])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"device {device!r} asks for CUDA, but torch.cuda.is_available() is False" in err
+    assert "valid values on this machine: cpu" in err
