@@ -3,7 +3,7 @@
 Public API (also listed in ``docs/api.md``). Modules add their names here explicitly.
 """
 
-from anchor_former import flops
+from anchor_former import adapters, checkpoint, flops
 from anchor_former.search import AnchorSearch, anchor_quotas, anchor_search, cls_scores
 from anchor_former.attention import CrossAttention
 from anchor_former.connectors import (
@@ -46,6 +46,8 @@ __all__ = [
     "build_connector",
     "build_projector",
     "flops",
+    "adapters",
+    "checkpoint",
     "AnchorExtraction",
     "AttentionProbe",
     "EncoderSpec",

@@ -40,6 +40,7 @@ __all__ = [
     "detect_layout",
     "llava_projector_to_mlp",
     "load_checked",
+    "load_connector_weights",
     "load_state_dict",
     "reference_acformer_to_anchor_former",
     "save_state_dict",
@@ -259,3 +260,38 @@ def load_checked(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, p
     if problems:
         raise CheckpointError(f"{what} does not fit {type(module).__name__}: " + "; ".join(problems))
     module.load_state_dict(dict(state_dict), strict=not partial)
+
+
+def load_connector_weights(
+    connector: nn.Module, checkpoint: str | os.PathLike[str] | Mapping[str, torch.Tensor]
+) -> Layout:
+    """Load a checkpoint of any known layout into a connector; returns the layout found.
+
+    Args:
+        connector: an :class:`~anchor_former.AnchorFormer` or another connector with an output MLP at
+            ``.projector`` (or a bare LLaVA ``linear`` / ``mlpNx_gelu`` projector).
+        checkpoint: a path (read by :func:`load_state_dict`) or a state dict. LLaVA ``mm_projector``
+            weights fill the output MLP only (the rest keeps its values); the reference AcFormer layout and
+            this package's own layout (any prefix up to ``mm_projector.`` / ``connector.``) fill everything.
+
+    Raises:
+        CheckpointError: unsafe file, unknown layout, or keys/shapes that do not fit (named); the connector
+            is unchanged then.
+    """
+    from anchor_former.former import AnchorFormer
+
+    state = dict(checkpoint) if isinstance(checkpoint, Mapping) else load_state_dict(checkpoint)
+    if isinstance(connector, AnchorFormer):
+        converted, layout = to_anchor_former(state)
+    elif not hasattr(connector, "projector"):  # a bare LLaVA projector (nn.Linear / nn.Sequential)
+        converted, layout = llava_projector_to_mlp(state), "llava_mlp"
+        load_checked(connector, converted, what="LLaVA projector checkpoint")
+        return layout
+    else:
+        stripped = strip_projector_prefix(state)
+        converted = {k.removeprefix("connector."): v for k, v in stripped.items()}
+        layout = "anchor_former"
+        if converted and all(_MLP_KEY.match(k) for k in converted):
+            converted, layout = {f"projector.{k}": v for k, v in converted.items()}, "llava_mlp"
+    load_checked(connector, converted, partial=layout == "llava_mlp", what=f"{layout} checkpoint")
+    return layout

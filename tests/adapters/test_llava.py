@@ -278,3 +278,50 @@ def test_cls_less_tower_asked_for_cls_anchors() -> None:
     norm_tower = AnchorVisionTower(tower, score="norm")
     out = norm_tower(images(1))
     assert out.features.shape == (1, NUM_PATCHES, VISION_DIM) and out.scores.shape == (1, NUM_PATCHES)
+
+
+def to_reference_layout(connector: AnchorFormer) -> dict[str, torch.Tensor]:
+    """Our state dict renamed to the reference patch's ``mm_projector`` layout (ACFORMER.md §3)."""
+    out = {"model.mm_projector.0.latents": torch.randn(K, VISION_DIM)}  # the reference's unused parameter
+    for key, value in connector.state_dict().items():
+        parts = key.split(".")
+        if parts[0] == "layers":
+            sub = "0" if parts[2] == "attn" else "1"
+            ref = f"0.layers.{parts[1]}.{sub}.{'.'.join(parts[3:])}"
+        elif parts[0] == "norm":
+            ref = f"0.{key}"
+        else:  # projector.{0,2}.* -> {1,3}.*
+            ref = f"{int(parts[1]) + 1}.{parts[2]}"
+        out[f"model.mm_projector.{ref}"] = value.clone()
+    return out
+
+
+def test_reference_acformer_checkpoint_loads_into_the_llava_model(tower_dir, tmp_path) -> None:
+    trained = enabled(tower_dir)
+    for p in trained.get_model().mm_projector.parameters():
+        nn.init.normal_(p, std=0.2)
+    path = tmp_path / "mm_projector.bin"
+    torch.save(to_reference_layout(trained.get_model().mm_projector.connector), path)
+    fresh = enabled(tower_dir)
+    assert load_projector_weights(fresh, path) == "reference_acformer"
+    pixel_values = images(2)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.encode_images(pixel_values), trained.encode_images(pixel_values), atol=0, rtol=0)
+
+
+def test_save_pretrained_then_rebuild_and_load(tower_dir, tmp_path) -> None:
+    """The documented reload of a whole saved model: LLaVA's own builder does not know 'acformer', so
+    load with the base projector type, re-enable with the recorded settings, then load the weights."""
+    trained = enabled(tower_dir)
+    for p in trained.get_model().mm_projector.parameters():
+        nn.init.normal_(p, std=0.2)
+    trained.save_pretrained(tmp_path)
+    model = LlavaLlamaForCausalLM.from_pretrained(tmp_path, mm_projector_type="mlp2x_gelu").eval()
+    model.get_vision_tower().load_model()
+    settings = dict(model.config.mm_connector_config)
+    enable_anchor_former(model, **settings)
+    assert load_projector_weights(model, tmp_path / "model.safetensors") == "anchor_former"
+    ids, pixel_values = prompt(2), images(2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, images=pixel_values).logits,
+                                   trained(input_ids=ids, images=pixel_values).logits, atol=1e-6, rtol=1e-6)

@@ -226,3 +226,19 @@ def test_cls_less_tower_asked_for_cls_anchors() -> None:
     model = make_model(processor, vision_config=siglip)
     with pytest.raises(ValueError, match=r"score='cls' needs a \[CLS\] token"):
         attach_anchor_former(model, num_anchors=K)
+
+
+def test_projector_checkpoints_load_into_the_attached_connector(attached, tmp_path) -> None:
+    from anchor_former.checkpoint import CheckpointError, load_connector_weights, save_state_dict
+
+    model, processor, _ = attached
+    connector = model.model.multi_modal_projector
+    mlp = nn.Sequential(nn.Linear(VISION_DIM, LLM_DIM), nn.GELU(), nn.Linear(LLM_DIM, LLM_DIM))
+    path = tmp_path / "mm_projector.bin"  # LLaVA-1.5 layout, as the original training code saves it
+    torch.save({f"model.mm_projector.{k}": v for k, v in mlp.state_dict().items()}, path)
+    assert load_connector_weights(connector, path) == "llava_mlp"
+    torch.testing.assert_close(connector.projector[2].weight, mlp[2].weight, atol=0, rtol=0)
+    bad = tmp_path / "bad.safetensors"
+    save_state_dict({"model.mm_projector.0.weight": torch.zeros(LLM_DIM, 7)}, bad)
+    with pytest.raises(CheckpointError, match=r"projector\.0\.weight: checkpoint \(48, 7\) vs module \(48, 32\)"):
+        load_connector_weights(connector, bad)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from anchor_former.checkpoint import load_checked, load_state_dict, save_state_dict, strip_projector_prefix, to_anchor_former
+from anchor_former.checkpoint import Layout, load_connector_weights, save_state_dict
 from anchor_former.probes.base import AttentionProbe, Score, detect_encoder
 
 __all__ = [
@@ -342,7 +342,7 @@ def _connector_of(target: nn.Module) -> nn.Module:
 
 def load_projector_weights(
     target: nn.Module, checkpoint: str | os.PathLike[str] | Mapping[str, torch.Tensor]
-) -> str:
+) -> Layout:
     """Load projector weights into a LLaVA model's connector (or a connector); returns the layout found.
 
     ``checkpoint``: a path (``.safetensors``, or a ``.bin`` read with ``weights_only=True``) or a state
@@ -357,25 +357,7 @@ def load_projector_weights(
         CheckpointError: unsafe pickle, unknown layout, missing/unexpected keys or shape mismatches (named);
             the model is unchanged then.
     """
-    state = load_state_dict(checkpoint) if not isinstance(checkpoint, Mapping) else dict(checkpoint)
-    connector = _connector_of(target)
-    if not hasattr(connector, "layers") and not hasattr(connector, "projector"):  # a plain LLaVA projector
-        from anchor_former.checkpoint import llava_projector_to_mlp
-
-        load_checked(connector, llava_projector_to_mlp(state), what="LLaVA projector checkpoint")
-        return "llava_mlp"
-    from anchor_former.former import AnchorFormer
-
-    if isinstance(connector, AnchorFormer):
-        converted, layout = to_anchor_former(state)
-    else:
-        stripped = strip_projector_prefix(state)
-        converted = {k.removeprefix("connector."): v for k, v in stripped.items()}
-        layout = "anchor_former"
-        if converted and all(re.match(r"^\d+\.(weight|bias)$", k) for k in converted):
-            converted, layout = {f"projector.{k}": v for k, v in converted.items()}, "llava_mlp"
-    load_checked(connector, converted, partial=layout == "llava_mlp", what=f"{layout} checkpoint")
-    return layout
+    return load_connector_weights(_connector_of(target), checkpoint)
 
 
 def save_projector_weights(target: nn.Module, path: str | os.PathLike[str]) -> None:
