@@ -325,3 +325,15 @@ def test_save_pretrained_then_rebuild_and_load(tower_dir, tmp_path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids, images=pixel_values).logits,
                                    trained(input_ids=ids, images=pixel_values).logits, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("connector", ["perceiver", "avgpool"])
+def test_baseline_connectors_through_the_same_switch(tower_dir, connector) -> None:
+    extra = {"num_queries": 6, **CONNECTOR} if connector == "perceiver" else {}
+    model = enable_anchor_former(make_model(tower_dir), connector=connector, **extra)
+    projector = model.get_model().mm_projector.connector
+    assert model.get_vision_tower().score is None  # no anchors needed: no attention row computed
+    ids = prompt(2)
+    with torch.no_grad():
+        logits = model(input_ids=ids, images=images(2)).logits
+    assert logits.shape[1] == ids.shape[1] - 1 + projector.num_output_tokens(1 + NUM_PATCHES)

@@ -312,6 +312,8 @@ def enable_anchor_former(
         }:
             target.load_state_dict(old_projector.state_dict())
 
+    if not getattr(new, "uses_anchors", False):
+        new_tower.score = None  # the connector ignores anchors: skip the probe's attention row
     # all checks passed: swap the modules and record the settings
     if isinstance(getattr(inner, "vision_tower", None), list):  # LLaVA keeps it in a list under FSDP
         inner.vision_tower = [new_tower]

@@ -203,15 +203,21 @@ def _expand_processor(processor: Any, num_tokens: int, patch_size: int) -> None:
     if "height" not in crop or "width" not in crop:
         raise ValueError(f"processor.image_processor needs a fixed crop_size {{'height', 'width'}}, got {crop!r}")
     height, width = int(crop["height"]), int(crop["width"])
+    saved = (processor.patch_size, processor.num_additional_image_tokens)
     if processor.patch_size is None:
         processor.patch_size = patch_size
     patches = (height // processor.patch_size) * (width // processor.patch_size)
     default = processor.vision_feature_select_strategy == "default"
     processor.num_additional_image_tokens = num_tokens - patches + int(default)
     blank = np.zeros((height, width, 3), dtype=np.uint8)
-    ids = processor(text=processor.image_token, images=blank, return_tensors="pt")["input_ids"]
-    got = int((ids == processor.image_token_id).sum())
+    try:
+        ids = processor(text=processor.image_token, images=blank, return_tensors="pt")["input_ids"]
+        got = int((ids == processor.image_token_id).sum())
+    except Exception:
+        processor.patch_size, processor.num_additional_image_tokens = saved
+        raise
     if got != num_tokens:
+        processor.patch_size, processor.num_additional_image_tokens = saved
         raise ValueError(
             f"could not make {type(processor).__name__} expand <image> to {num_tokens} tokens (it wrote {got}); "
             "this transformers version's processor counts image tokens differently"
