@@ -25,13 +25,14 @@ def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     features = torch.randn(4, 17, 16, generator=g)
     lengths = torch.tensor([17, 12, 15, 9])
     mask = torch.arange(17)[None] < lengths[:, None]
-    anchors = torch.stack(
-        [torch.cat([torch.zeros(1, dtype=torch.long), torch.randperm(int(n) - 1, generator=g)[:5] + 1]) for n in lengths]
-    )
+    cls = torch.zeros(1, dtype=torch.long)
+    anchors = torch.stack([torch.cat([cls, torch.randperm(int(n) - 1, generator=g)[:5] + 1]) for n in lengths])
     return features, anchors, mask
 
 
-def train(model: torch.nn.Module, features: torch.Tensor, anchors: torch.Tensor, mask: torch.Tensor, steps: int) -> list:
+def train(
+    model: torch.nn.Module, features: torch.Tensor, anchors: torch.Tensor, mask: torch.Tensor, steps: int
+) -> list:
     """``steps`` SGD steps on the mean squared output; returns the gradients of every step."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     grads = []
@@ -60,9 +61,9 @@ def worker(rank: int, init_file: str) -> None:
                 single = AnchorFormer(**CONFIG)
                 single_grads = train(single, features, anchors, mask, steps=2)
                 for step in range(2):
-                    for a, b in zip(ddp_grads[step], single_grads[step]):
+                    for a, b in zip(ddp_grads[step], single_grads[step], strict=False):
                         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-                for a, b in zip(model.parameters(), single.parameters()):
+                for a, b in zip(model.parameters(), single.parameters(), strict=False):
                     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
             dist.barrier()
     finally:

@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -30,7 +29,8 @@ def small(**overrides: object) -> AnchorFormer:
 
 def random_anchors(b: int, n: int, k: int) -> torch.Tensor:
     """[CLS] then k distinct sorted patch indices per sample, like anchor_search returns."""
-    rows = [torch.cat([torch.zeros(1, dtype=torch.long), torch.randperm(n - 1)[:k].sort().values + 1]) for _ in range(b)]
+    cls = torch.zeros(1, dtype=torch.long)
+    rows = [torch.cat([cls, torch.randperm(n - 1)[:k].sort().values + 1]) for _ in range(b)]
     return torch.stack(rows)
 
 
@@ -47,7 +47,9 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
 
 
-def naive_forward(model: AnchorFormer, features: torch.Tensor, anchor_idx: torch.Tensor, n_real: list[int]) -> torch.Tensor:
+def naive_forward(
+    model: AnchorFormer, features: torch.Tensor, anchor_idx: torch.Tensor, n_real: list[int]
+) -> torch.Tensor:
     """One sample at a time, one head at a time, softmax by hand over the sample's first n_real tokens."""
     cfg = model.config
     outputs = []
@@ -107,10 +109,10 @@ def test_padded_batch_equals_each_sample_alone(fused_attn: bool) -> None:
     anchors = [random_anchors(1, n, 5) for n in lengths]
     padded = torch.randn(3, 17, 16, dtype=torch.float64) * 100  # garbage in the padding
     mask = torch.zeros(3, 17, dtype=torch.bool)
-    for i, (s, n) in enumerate(zip(samples, lengths)):
+    for i, (s, n) in enumerate(zip(samples, lengths, strict=False)):
         padded[i, :n], mask[i, :n] = s, True
     out = model(padded, torch.cat(anchors), key_padding_mask=mask)
-    for i, (s, a) in enumerate(zip(samples, anchors)):
+    for i, (s, a) in enumerate(zip(samples, anchors, strict=False)):
         torch.testing.assert_close(out[i : i + 1], model(s[None], a), atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(out, naive_forward(model, padded, torch.cat(anchors), lengths), atol=1e-10, rtol=1e-10)
 
@@ -142,7 +144,8 @@ def test_permuting_anchor_idx_permutes_outputs(perm_seed: int) -> None:
     model = small().double()
     features, anchor_idx = torch.randn(2, 17, 16, dtype=torch.float64), random_anchors(2, 17, 5)
     perm = torch.randperm(6, generator=torch.Generator().manual_seed(perm_seed))
-    torch.testing.assert_close(model(features, anchor_idx[:, perm]), model(features, anchor_idx)[:, perm], atol=1e-12, rtol=1e-12)
+    permuted, plain = model(features, anchor_idx[:, perm]), model(features, anchor_idx)
+    torch.testing.assert_close(permuted, plain[:, perm], atol=1e-12, rtol=1e-12)
 
 
 def test_non_anchor_token_changes_output() -> None:
@@ -180,7 +183,7 @@ def test_gradient_checkpointing_gives_same_outputs_and_gradients() -> None:
         x = features.clone().requires_grad_()
         model(x, anchor_idx).square().mean().backward()
         grads.append([x.grad] + [p.grad for p in model.parameters()])
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=False):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
@@ -213,7 +216,7 @@ def test_compile_fullgraph_forward_backward_matches_eager() -> None:
 
     eager = step(model)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    for a, b in zip(eager, step(compiled)):
+    for a, b in zip(eager, step(compiled), strict=False):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -335,25 +338,35 @@ def test_analytic_flops_match_flop_counter_on_manual_path(kv_include_queries: bo
 # --- bad input -----------------------------------------------------------------------------------------
 
 
+X = torch.randn(2, 17, 16)
+IDX = torch.zeros(2, 3, dtype=torch.long)
+PADDED = torch.arange(17).expand(2, 17) < 10
+
+
 @pytest.mark.parametrize(
     ("features", "anchor_idx", "kwargs", "match"),
     [
-        (torch.randn(2, 17, 12), torch.zeros(2, 3, dtype=torch.long), {}, r"vision_dim=16.*\(2, 17, 12\)"),
-        (torch.randn(17, 16), torch.zeros(2, 3, dtype=torch.long), {}, r"features must have shape \(B, N, vision_dim=16\).*\(17, 16\)"),
-        (torch.randn(2, 17, 16), torch.zeros(2, 3, 1, dtype=torch.long), {}, r"anchor_idx must have shape \(B, K\).*\(2, 3, 1\)"),
-        (torch.randn(2, 17, 16), torch.zeros(3, 3, dtype=torch.long), {}, r"anchor_idx must have shape \(B, K\) = \(2, K\).*\(3, 3\)"),
-        (torch.randn(2, 17, 16), torch.full((2, 3), 17), {}, r"\[0, 17\).*got values in \[17, 17\]"),
-        (torch.randn(2, 17, 16), torch.full((2, 3), -1), {}, r"\[0, 17\).*got values in \[-1, -1\]"),
-        (torch.randn(2, 17, 16), torch.zeros(2, 3), {}, r"anchor_idx must be an integer tensor.*float32.*\(2, 3\)"),
-        (torch.randn(2, 17, 16), torch.zeros(2, 3, dtype=torch.long), {"key_padding_mask": torch.ones(2, 16, dtype=torch.bool)}, r"key_padding_mask must have shape \(B, N\) = \(2, 17\).*got shape \(2, 16\)"),
-        (torch.randn(2, 17, 16), torch.zeros(2, 3, dtype=torch.long), {"key_padding_mask": torch.ones(2, 17)}, r"key_padding_mask must be a bool tensor.*float32"),
-        (torch.randn(2, 17, 16), torch.full((2, 3), 15), {"key_padding_mask": torch.arange(17).expand(2, 17) < 10}, r"points at padded tokens"),
-        (torch.randn(2, 17, 16), None, {}, r"exactly one of anchor_idx"),
-        (torch.randn(2, 17, 16), torch.zeros(2, 3, dtype=torch.long), {"attention": torch.rand(2, 17)}, r"exactly one of anchor_idx"),
-        (torch.randn(2, 17, 16), None, {"attention": torch.rand(2, 4, 15)}, r"N=17 tokens.*\(2, 4, 15\)"),
+        (torch.randn(2, 17, 12), IDX, {}, r"vision_dim=16.*\(2, 17, 12\)"),
+        (torch.randn(17, 16), IDX, {}, r"features must have shape \(B, N, vision_dim=16\).*\(17, 16\)"),
+        (X, torch.zeros(2, 3, 1, dtype=torch.long), {}, r"anchor_idx must have shape \(B, K\).*\(2, 3, 1\)"),
+        (X, torch.zeros(3, 3, dtype=torch.long), {}, r"anchor_idx must have shape \(B, K\) = \(2, K\).*\(3, 3\)"),
+        (X, torch.full((2, 3), 17), {}, r"\[0, 17\).*got values in \[17, 17\]"),
+        (X, torch.full((2, 3), -1), {}, r"\[0, 17\).*got values in \[-1, -1\]"),
+        (X, torch.zeros(2, 3), {}, r"anchor_idx must be an integer tensor.*float32.*\(2, 3\)"),
+        (
+            X, IDX, {"key_padding_mask": torch.ones(2, 16, dtype=torch.bool)},
+            r"key_padding_mask must have shape \(B, N\) = \(2, 17\).*got shape \(2, 16\)",
+        ),
+        (X, IDX, {"key_padding_mask": torch.ones(2, 17)}, r"key_padding_mask must be a bool tensor.*float32"),
+        (X, torch.full((2, 3), 15), {"key_padding_mask": PADDED}, r"points at padded tokens"),
+        (X, None, {}, r"exactly one of anchor_idx"),
+        (X, IDX, {"attention": torch.rand(2, 17)}, r"exactly one of anchor_idx"),
+        (X, None, {"attention": torch.rand(2, 4, 15)}, r"N=17 tokens.*\(2, 4, 15\)"),
     ],
 )
-def test_bad_input_raises_with_shapes(features: torch.Tensor, anchor_idx: torch.Tensor | None, kwargs: dict, match: str) -> None:
+def test_bad_input_raises_with_shapes(
+    features: torch.Tensor, anchor_idx: torch.Tensor | None, kwargs: dict, match: str
+) -> None:
     with pytest.raises(ValueError, match=match):
         small()(features, anchor_idx, **kwargs)
 

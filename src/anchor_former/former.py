@@ -156,7 +156,11 @@ class AnchorFormer(Connector):
 
     @classmethod
     def from_config(
-        cls, config: AnchorFormerConfig | dict, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+        cls,
+        config: AnchorFormerConfig | dict,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> AnchorFormer:
         """Build from an :class:`AnchorFormerConfig` (or its dict)."""
         if isinstance(config, dict):
@@ -213,19 +217,28 @@ class AnchorFormer(Connector):
         check_integer("anchor_idx", anchor_idx)
         if anchor_idx.shape[0] != b or anchor_idx.shape[1] < 1:
             raise ValueError(f"anchor_idx must have shape {expected}, got shape {shape_str(anchor_idx)}")
+        if anchor_idx.device != features.device:
+            raise ValueError(
+                f"anchor_idx must be on the device of features ({features.device}), got {anchor_idx.device}"
+            )
         if not self.check_indices or torch.compiler.is_compiling():
             return
-        lo, hi = int(anchor_idx.min()), int(anchor_idx.max())
+        idx = anchor_idx.long()
+        ok = ((idx >= 0) & (idx < n)).all()
+        if mask is not None:
+            ok = ok & mask.gather(1, idx.clamp(0, n - 1)).all()
+        if bool(ok):  # the only host read on the happy path
+            return
+        lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= n:
             raise ValueError(
                 f"anchor_idx must hold token indices in [0, {n}) for features of shape {shape_str(features)}, "
                 f"got values in [{lo}, {hi}] (anchor_idx shape {shape_str(anchor_idx)})"
             )
-        if mask is not None and not bool(mask.gather(1, anchor_idx.long()).all()):
-            raise ValueError(
-                f"anchor_idx of shape {shape_str(anchor_idx)} points at padded tokens (key_padding_mask False); "
-                "anchors must be real tokens"
-            )
+        raise ValueError(
+            f"anchor_idx of shape {shape_str(anchor_idx)} points at padded tokens (key_padding_mask False); "
+            "anchors must be real tokens"
+        )
 
     def forward(
         self,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -28,7 +27,7 @@ def honeybee_net(connector: CAbstractor, depth: int, hidden: int, grid: int) -> 
     )
     ours = connector.state_dict()
     net.load_state_dict(
-        {k: ours[k.replace("0.", "stage1.", 1) if k.startswith("0.") else k.replace("2.", "stage2.", 1)] for k in net.state_dict()}
+        {k: ours[("stage1." if k.startswith("0.") else "stage2.") + k[2:]] for k in net.state_dict()}
     )
     return net
 

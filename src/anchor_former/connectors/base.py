@@ -133,7 +133,9 @@ class Connector(nn.Module):
         expected = f"(B, N) = ({b}, {n}) bool, True = real token, matching features of shape {shape_str(features)}"
         check_ndim("key_padding_mask", key_padding_mask, (2,), expected)
         if key_padding_mask.dtype != torch.bool:
-            raise ValueError(f"key_padding_mask must be a bool tensor of shape {expected}, got dtype {key_padding_mask.dtype}")
+            raise ValueError(
+                f"key_padding_mask must be a bool tensor of shape {expected}, got dtype {key_padding_mask.dtype}"
+            )
         if tuple(key_padding_mask.shape) != (b, n):
             raise ValueError(f"key_padding_mask must have shape {expected}, got shape {shape_str(key_padding_mask)}")
 
