@@ -242,3 +242,14 @@ def test_projector_checkpoints_load_into_the_attached_connector(attached, tmp_pa
     save_state_dict({"model.mm_projector.0.weight": torch.zeros(LLM_DIM, 7)}, bad)
     with pytest.raises(CheckpointError, match=r"projector\.0\.weight: checkpoint \(48, 7\) vs module \(48, 32\)"):
         load_connector_weights(connector, bad)
+
+
+def test_bfloat16_model() -> None:
+    processor = make_processor()
+    model = attach_anchor_former(make_model(processor).to(torch.bfloat16), processor, num_anchors=K, **CONNECTOR)
+    assert model.model.multi_modal_projector.projector[0].weight.dtype == torch.bfloat16
+    inputs = inputs_for(processor)
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
