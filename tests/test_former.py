@@ -126,6 +126,16 @@ def test_attention_path_equals_search_then_indices() -> None:
     assert via_attention.shape == (2, model.num_output_tokens(17), 24)
 
 
+def test_attention_path_with_register_tokens_never_picks_prefix() -> None:
+    model = small(num_prefix_tokens=5)  # [CLS] + 4 registers, as DINOv2 with registers
+    features, scores = torch.randn(2, 21, 16), torch.rand(2, 4, 21)
+    scores[:, :, 1:5] = 10.0  # registers would win if they were candidates
+    out = model(features, attention=scores)
+    idx = anchor_search(scores, 5, num_prefix_tokens=5)
+    assert bool((idx[:, 1:] >= 5).all())
+    torch.testing.assert_close(out, model(features, idx), atol=0, rtol=0)
+
+
 def test_attention_path_never_picks_padding_and_matches_alone() -> None:
     model = small()
     features, scores = torch.randn(2, 17, 16), torch.rand(2, 4, 17)
@@ -369,6 +379,15 @@ def test_bad_input_raises_with_shapes(
 ) -> None:
     with pytest.raises(ValueError, match=match):
         small()(features, anchor_idx, **kwargs)
+
+
+def test_index_checks_can_be_skipped_and_device_must_match() -> None:
+    model = small(check_indices=False)
+    out = model(X, torch.full((2, 3), 15), key_padding_mask=PADDED)  # anchors on padding: not checked
+    assert out.shape == (2, 3, 24)
+    meta = small(device="meta")
+    with pytest.raises(ValueError, match=r"anchor_idx must be on the device of features \(meta\), got cpu"):
+        meta(torch.empty(2, 17, 16, device="meta"), IDX)
 
 
 def test_bad_constructor_arguments() -> None:

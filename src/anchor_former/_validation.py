@@ -10,7 +10,15 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["shape_str", "check_ndim", "check_floating", "check_integer", "check_finite", "check_positive_int"]
+__all__ = [
+    "shape_str",
+    "check_ndim",
+    "check_floating",
+    "check_integer",
+    "check_finite",
+    "check_positive_int",
+    "check_nonnegative_int",
+]
 
 
 def shape_str(x: torch.Tensor | Sequence[int]) -> str:
@@ -59,4 +67,11 @@ def check_positive_int(name: str, value: object) -> int:
     """Return ``value`` as an int, raising unless it is an integer >= 1 (bool excluded)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def check_nonnegative_int(name: str, value: object) -> int:
+    """Return ``value`` as an int, raising unless it is an integer >= 0 (bool excluded)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
     return value

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from anchor_former._validation import check_floating, check_integer, check_ndim, shape_str
+from anchor_former._validation import check_floating, check_integer, check_ndim, check_positive_int, shape_str
 from anchor_former.connectors.base import Connector, ConnectorConfig
 from anchor_former.layers import ResamplerLayer, resampler_flops, run_layers
 from anchor_former.projector import build_projector, projector_flops
@@ -69,11 +69,6 @@ class AnchorFormerConfig(ConnectorConfig):
     fused_attn: bool = True
     gradient_checkpointing: bool = False
     check_indices: bool = True
-
-
-def _positive(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 class AnchorFormer(Connector):
@@ -130,7 +125,7 @@ class AnchorFormer(Connector):
             ("vision_dim", vision_dim), ("llm_dim", llm_dim), ("depth", depth), ("heads", heads),
             ("dim_head", dim_head), ("ff_mult", ff_mult),
         ):
-            _positive(name, value)
+            check_positive_int(name, value)
         dd = {"device": device, "dtype": dtype}
         # The search validates num_anchors, num_prefix_tokens and include_cls.
         self.search = AnchorSearch(num_anchors, include_cls=include_cls, num_prefix_tokens=num_prefix_tokens)

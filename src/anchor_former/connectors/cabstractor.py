@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from anchor_former._validation import check_nonnegative_int, check_positive_int
 from anchor_former.connectors.base import Connector, ConnectorConfig, grid_side
 from anchor_former.projector import build_projector, projector_flops
 
@@ -144,10 +145,8 @@ class CAbstractor(Connector):
     ) -> None:
         super().__init__()
         for name, value in (("depth", depth), ("grid", grid)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
-            raise ValueError(f"num_prefix_tokens must be an integer >= 0, got {num_prefix_tokens!r}")
+            check_positive_int(name, value)
+        check_nonnegative_int("num_prefix_tokens", num_prefix_tokens)
         if num_patches is not None:
             grid_side(num_patches, connector="cabstractor")
         dd = {"device": device, "dtype": dtype}

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from anchor_former._validation import check_nonnegative_int
 from anchor_former.connectors.base import Connector, ConnectorConfig
 from anchor_former.projector import build_projector, projector_flops
 
@@ -57,8 +58,7 @@ class MLPConnector(Connector):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
-            raise ValueError(f"num_prefix_tokens must be an integer >= 0, got {num_prefix_tokens!r}")
+        check_nonnegative_int("num_prefix_tokens", num_prefix_tokens)
         self.vision_dim = vision_dim
         self.llm_dim = llm_dim
         self.num_prefix_tokens = num_prefix_tokens

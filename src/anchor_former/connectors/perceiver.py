@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from anchor_former._validation import check_nonnegative_int, check_positive_int
 from anchor_former.connectors.base import Connector, ConnectorConfig
 from anchor_former.layers import ResamplerLayer, resampler_flops, run_layers
 from anchor_former.projector import build_projector, projector_flops
@@ -73,11 +74,12 @@ class PerceiverResampler(Connector):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("num_queries", num_queries), ("depth", depth), ("heads", heads), ("dim_head", dim_head)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
-            raise ValueError(f"num_prefix_tokens must be an integer >= 0, got {num_prefix_tokens!r}")
+        for name, value in (
+            ("num_queries", num_queries), ("depth", depth), ("heads", heads), ("dim_head", dim_head),
+            ("ff_mult", ff_mult),
+        ):
+            check_positive_int(name, value)
+        check_nonnegative_int("num_prefix_tokens", num_prefix_tokens)
         dd = {"device": device, "dtype": dtype}
         self.vision_dim = vision_dim
         self.llm_dim = llm_dim

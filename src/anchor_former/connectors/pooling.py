@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from anchor_former._validation import check_nonnegative_int, check_positive_int
 from anchor_former.connectors.base import Connector, ConnectorConfig, grid_side
 from anchor_former.projector import build_projector, projector_flops
 
@@ -59,10 +60,8 @@ class AvgPoolConnector(Connector):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1:
-            raise ValueError(f"pool must be an integer >= 1, got {pool!r}")
-        if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
-            raise ValueError(f"num_prefix_tokens must be an integer >= 0, got {num_prefix_tokens!r}")
+        check_positive_int("pool", pool)
+        check_nonnegative_int("num_prefix_tokens", num_prefix_tokens)
         self.vision_dim = vision_dim
         self.llm_dim = llm_dim
         self.num_prefix_tokens = num_prefix_tokens
