@@ -381,6 +381,13 @@ def test_bad_input_raises_with_shapes(
         small()(features, anchor_idx, **kwargs)
 
 
+def test_attention_path_rejects_samples_with_too_few_real_tokens() -> None:
+    mask = torch.ones(2, 17, dtype=torch.bool)
+    mask[1, 4:] = False  # 3 real patch tokens < num_anchors=5
+    with pytest.raises(ValueError, match=r"points at padded tokens.*at least num_anchors=5 real patch tokens"):
+        small()(X, attention=torch.rand(2, 17), key_padding_mask=mask)
+
+
 def test_index_checks_can_be_skipped_and_device_must_match() -> None:
     model = small(check_indices=False)
     out = model(X, torch.full((2, 3), 15), key_padding_mask=PADDED)  # anchors on padding: not checked

@@ -205,7 +205,9 @@ class AnchorFormer(Connector):
             dim_head=a.dim_head, ff_mult=a.ff_mult, kv_include_queries=a.kv_include_queries,
         ) + projector_flops(a.projector, a.vision_dim, a.llm_dim, q)
 
-    def _check_anchor_idx(self, anchor_idx: torch.Tensor, features: torch.Tensor, mask: torch.Tensor | None) -> None:
+    def _check_anchor_idx(
+        self, anchor_idx: torch.Tensor, features: torch.Tensor, mask: torch.Tensor | None, *, searched: bool = False
+    ) -> None:
         b, n = features.shape[:2]
         expected = f"(B, K) = ({b}, K) token indices in [0, {n}) for features of shape {shape_str(features)}"
         check_ndim("anchor_idx", anchor_idx, (2,), expected)
@@ -230,9 +232,15 @@ class AnchorFormer(Connector):
                 f"anchor_idx must hold token indices in [0, {n}) for features of shape {shape_str(features)}, "
                 f"got values in [{lo}, {hi}] (anchor_idx shape {shape_str(anchor_idx)})"
             )
+        hint = (
+            f"; with attention=..., every sample needs at least num_anchors={self.search.num_anchors} real "
+            "patch tokens"
+            if searched
+            else ""
+        )
         raise ValueError(
             f"anchor_idx of shape {shape_str(anchor_idx)} points at padded tokens (key_padding_mask False); "
-            "anchors must be real tokens"
+            f"anchors must be real tokens{hint}"
         )
 
     def forward(
@@ -268,6 +276,8 @@ class AnchorFormer(Connector):
                              f"attention={'None' if attention is None else shape_str(attention)}")
         if anchor_idx is None:
             anchor_idx = self._search(attention, features, key_padding_mask)
+            if key_padding_mask is not None:  # too few real tokens make the search fall back on padding
+                self._check_anchor_idx(anchor_idx, features, key_padding_mask, searched=True)
         else:
             self._check_anchor_idx(anchor_idx, features, key_padding_mask)
         index = anchor_idx.long().unsqueeze(-1).expand(-1, -1, features.shape[-1])  # (B, K, D)
