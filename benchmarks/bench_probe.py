@@ -1,0 +1,221 @@
+"""Probe benchmark: features + anchors via the [CLS]-attention probe vs the reference path.
+
+Run alone: ``python benchmarks/bench_probe.py [--preset default] [--device cpu]``; the suite folds
+:func:`run` into its report. Random-init HF ``CLIPVisionModel`` from a config (no download), layer -2,
+``torch.no_grad()`` like LLaVA's vision tower. Paths, all on the same weights and inputs:
+
+* ``sdpa``: the plain forward ``model(pixel_values)`` (SDPA attention) — the baseline of every ratio;
+* ``sdpa+hidden_states``: ``model(pixel_values, output_hidden_states=True).hidden_states[-2]``, how
+  LLaVA gets its features today (no anchors);
+* ``probe``: ``extract_anchors(model, pixel_values, num_anchors=K)`` — features and anchors from one
+  SDPA forward;
+* ``probe+hidden_states``: the probe attached while the model runs LLaVA's call
+  (``output_hidden_states=True``), then ``anchor_search`` — what a LLaVA adapter does;
+* ``reference``: the reference's path: an eager copy of the model run with ``output_attentions=True``
+  and ``output_hidden_states=True``, then the per-sample, per-head Python loop on the [CLS] row.
+
+Time is the median over interleaved rounds (``_common.measure_interleaved``, ``torch.utils.benchmark.Timer``), so
+load that comes and goes on a shared machine hits every path alike. Peak memory is the peak of
+tensor memory allocated during the call above what was allocated before it: on CUDA the caching
+allocator's statistics; on the CPU (no allocator statistics) a dispatch-level tracker that adds every
+new tensor storage when an op creates it and subtracts it when it is freed (kernel-internal scratch
+buffers are not seen).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import weakref
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import environment, measure_interleaved, parse_device, progress  # noqa: E402
+from bench_search import reference_loop  # noqa: E402
+
+from anchor_former import AttentionProbe, anchor_search, detect_encoder, extract_anchors  # noqa: E402
+from anchor_former.probes import query_attention_row  # noqa: E402
+
+__all__ = ["PRESETS", "run"]
+
+# CLIP ViT-L/14-336 is LLaVA-1.5's encoder: width 1024, 16 heads, 24 layers, 577 tokens.
+_VIT_L_336 = {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16, "image_size": 336,
+              "patch_size": 14, "num_hidden_layers": 24}
+PRESETS: dict[str, dict[str, Any]] = {
+    # seconds, for the smoke test
+    "tiny": {"vit": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "image_size": 32,
+                     "patch_size": 8, "num_hidden_layers": 3},
+             "batch": 2, "anchors": 8, "dtype": "float32", "rounds": 2, "min_block_s": 0.01},
+    # CPU: ViT-L/14-336 token count, width and heads, but 4 of its 24 layers and batch 1, so the whole run
+    # fits in ~40 s on 2 idle cores. Fewer layers make the probe's fixed cost look 6x larger, and the
+    # reference's stack of attention maps 6x smaller, than at full depth.
+    "default": {"vit": {**_VIT_L_336, "num_hidden_layers": 4}, "batch": 1, "anchors": 144, "dtype": "float32",
+                "rounds": 5, "min_block_s": 0.3},
+    # GPU: LLaVA-1.5-7B's vision tower as it runs there: full ViT-L/14-336, fp16, batch 32.
+    "llava-1.5-7b": {"vit": _VIT_L_336, "batch": 32, "anchors": 144, "dtype": "float16", "rounds": 7, "min_block_s": 0.5},
+}
+
+
+class _PeakTensorMemory(TorchDispatchMode):
+    """Peak bytes of tensor storages created inside the mode and still alive, at op granularity."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._sizes: dict[int, int] = {}
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key in self._sizes or key in inputs or storage.nbytes() == 0:
+                continue  # a view of an input (weights included), or an in-place result: no new memory
+            self._sizes[key] = storage.nbytes()
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._free, key)  # storages keep their Python object while alive
+        return out
+
+
+def _cpu_peak_extra_mib(fn) -> float:
+    with torch.no_grad(), _PeakTensorMemory() as tracker:
+        result = fn()
+    del result
+    return tracker.peak / 2**20
+
+
+def _build(cfg: dict[str, Any], device: torch.device):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    dtype = getattr(torch, cfg["dtype"])
+    model = CLIPVisionModel(CLIPVisionConfig(**cfg["vit"], attn_implementation="sdpa"))
+    model = model.to(device=device, dtype=dtype).eval()
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    return model, eager
+
+
+def run(*, preset: str = "default", device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Time and peak memory of each path at the preset's shapes; ratios are path / ``sdpa``."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    device = torch.device(device)
+    cfg = PRESETS[preset]
+    torch.manual_seed(0)
+    progress(f"probe: building {cfg['vit']['num_hidden_layers']}-layer CLIP ViT ({preset}) on {device}")
+    model, eager = _build(cfg, device)
+    vit = cfg["vit"]
+    pixels = torch.randn(cfg["batch"], 3, vit["image_size"], vit["image_size"], generator=torch.Generator().manual_seed(0))
+    pixels = pixels.to(device=device, dtype=getattr(torch, cfg["dtype"]))
+    k = cfg["anchors"]
+
+    def sdpa():
+        return model(pixel_values=pixels).last_hidden_state
+
+    def sdpa_hidden():
+        return model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+
+    def probe():
+        r = extract_anchors(model, pixels, num_anchors=k)
+        return r.features, r.anchor_idx
+
+    def probe_hidden():
+        with AttentionProbe(model, layer=-2) as p:
+            feats = model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+        return feats, anchor_search(p.scores, k, num_prefix_tokens=p.num_prefix_tokens)
+
+    def reference():
+        out = eager(pixel_values=pixels, output_hidden_states=True, output_attentions=True)
+        return out.hidden_states[-2], reference_loop(out.attentions[-2][:, :, 0], k)
+
+    paths = {"sdpa": sdpa, "sdpa+hidden_states": sdpa_hidden, "probe": probe,
+             "probe+hidden_states": probe_hidden, "reference": reference}
+
+    with torch.no_grad():  # the anchors must agree before anything is timed
+        feats, idx = probe()
+        ref_feats, ref_idx = reference()
+    same_anchors = torch.equal(idx.cpu(), torch.tensor(ref_idx))
+    max_feat_diff = (feats.float() - ref_feats.float()).abs().max().item()
+
+    def no_grad(fn):
+        def call():
+            with torch.no_grad():
+                return fn()
+        return call
+
+    progress(f"probe: timing {', '.join(paths)} (interleaved, {cfg['rounds']} rounds)")
+    results = measure_interleaved({name: no_grad(fn) for name, fn in paths.items()}, device, rounds=cfg["rounds"],
+                      min_block_s=cfg["min_block_s"])
+    if device.type == "cpu":
+        for name, fn in paths.items():
+            results[name]["peak_extra_mib"] = _cpu_peak_extra_mib(fn)
+    # the probe's own parts, timed alone: the [CLS] row from normed tokens, and the search
+    spec = detect_encoder(model)
+    tokens = torch.randn(cfg["batch"], (vit["image_size"] // vit["patch_size"]) ** 2 + 1,
+                         vit["hidden_size"], generator=torch.Generator().manual_seed(1)).to(pixels)
+    row = query_attention_row(tokens, spec.sites[-2])
+    parts = measure_interleaved(
+        {"row": lambda: query_attention_row(tokens, spec.sites[-2]),
+         "search": lambda: anchor_search(row, k, num_prefix_tokens=spec.num_prefix_tokens)},
+        device, rounds=cfg["rounds"], min_block_s=cfg["min_block_s"] / 10,
+    )
+    base = results["sdpa"]
+    for entry in results.values():
+        entry["time_ratio"] = entry["median_ms"] / base["median_ms"]
+        entry["peak_ratio"] = entry["peak_extra_mib"] / base["peak_extra_mib"]
+    return {
+        "benchmark": "probe",
+        "preset": preset,
+        "environment": environment(device),
+        "shapes": {"batch": cfg["batch"], "layers": vit["num_hidden_layers"], "width": vit["hidden_size"],
+                   "heads": vit["num_attention_heads"], "tokens": (vit["image_size"] // vit["patch_size"]) ** 2 + 1,
+                   "anchors": k, "dtype": cfg["dtype"], "layer": -2},
+        "memory_source": "cuda allocator" if device.type == "cuda" else "dispatch-level tensor tracker",
+        "probe_anchors_equal_reference": same_anchors,
+        "probe_vs_reference_max_feature_diff": max_feat_diff,
+        "paths": results,
+        "probe_parts_ms": {name: e["median_ms"] for name, e in parts.items()},
+        "probe_parts_ratio": {name: e["median_ms"] / base["median_ms"] for name, e in parts.items()},
+    }
+
+
+def _table(report: dict[str, Any]) -> str:
+    lines = ["| path | time (ms) | × sdpa | peak extra (MiB) | × sdpa |", "|---|---:|---:|---:|---:|"]
+    for name, e in report["paths"].items():
+        lines.append(f"| {name} | {e['median_ms']:.1f} | {e['time_ratio']:.3f} | {e['peak_extra_mib']:.1f} | "
+                     f"{e['peak_ratio']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="default", choices=sorted(PRESETS))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", type=Path, help="also write the report here")
+    args = parser.parse_args(argv)
+    report = run(preset=args.preset, device=parse_device(args.device))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if k != "paths"}, indent=2))
+    print(_table(report))
+
+
+if __name__ == "__main__":
+    main()

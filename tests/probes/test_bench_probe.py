@@ -1,0 +1,27 @@
+"""Smoke test: the probe benchmark runs its tiny preset and reports every path (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", minversion="5.0")  # the benchmark switches attention implementations
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+bench_probe = pytest.importorskip("bench_probe")
+
+
+def test_tiny_preset_runs() -> None:
+    report = bench_probe.run(preset="tiny", device=torch.device("cpu"))
+    json.dumps(report)  # JSON-serialisable
+    assert report["probe_anchors_equal_reference"] is True
+    assert set(report["paths"]) == {"sdpa", "sdpa+hidden_states", "probe", "probe+hidden_states", "reference"}
+    for entry in report["paths"].values():
+        assert entry["median_ms"] > 0 and entry["peak_extra_mib"] > 0
+    assert report["paths"]["sdpa"]["time_ratio"] == 1.0
+    with pytest.raises(ValueError, match="preset must be one of"):
+        bench_probe.run(preset="huge", device=torch.device("cpu"))
