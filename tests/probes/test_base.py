@@ -1,0 +1,110 @@
+"""The probe mechanism itself: the row math, layer indexing, the registry, autocast, checkpointing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from anchor_former.probes import (
+    AttentionProbe,
+    QueryKeySite,
+    detect_encoder,
+    positional_or_keyword,
+    query_attention_row,
+    registered_families,
+)
+
+
+def reference_row(x, w_q, b_q, w_k, b_k, heads, scale, query=None):
+    """softmax(scale * q_h . k_h(x_j)) over j, in float64, the obvious way (keys fully materialised)."""
+    x = x.double()
+    q_in = x[:, :1] if query is None else query.double().expand(x.shape[0], 1, -1)
+    q = torch.nn.functional.linear(q_in, w_q.double(), None if b_q is None else b_q.double())
+    k = torch.nn.functional.linear(x, w_k.double(), None if b_k is None else b_k.double())
+    b, n, _ = x.shape
+    q = q.view(b, 1, heads, -1).transpose(1, 2)  # (B, H, 1, E)
+    k = k.view(b, n, heads, -1).transpose(1, 2)  # (B, H, N, E)
+    return ((q @ k.transpose(-1, -2)) * scale).softmax(-1)[:, :, 0]  # (B, H, N)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(1, 3), tokens=st.integers(1, 20), heads=st.integers(1, 4), head_dim=st.integers(1, 8),
+    dim=st.integers(1, 24), bias=st.booleans(), learned_query=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_row_equals_explicit_attention(batch, tokens, heads, head_dim, dim, bias, learned_query, seed) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, tokens, dim, generator=g)
+    w_q, w_k = torch.randn(2, heads * head_dim, dim, generator=g)
+    b_q, b_k = torch.randn(2, heads * head_dim, generator=g) if bias else (None, None)
+    query = torch.randn(dim, generator=g) if learned_query else None
+    site = QueryKeySite(
+        module=nn.Identity(), tokens=positional_or_keyword("x"), projections=lambda: (w_q, b_q, w_k, b_k),
+        num_heads=heads, head_dim=head_dim, scale=head_dim**-0.5, query=None if query is None else (lambda: query),
+    )
+    row = query_attention_row(x, site)
+    assert row.shape == (batch, heads, tokens) and row.dtype == torch.float32
+    expected = reference_row(x, w_q, b_q, w_k, b_k, heads, head_dim**-0.5, query)
+    torch.testing.assert_close(row, expected.float(), atol=1e-5, rtol=1e-5)
+
+
+def tiny_clip(layers: int = 3) -> CLIPVisionModel:
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                              image_size=32, patch_size=8)
+    return CLIPVisionModel(config).eval()
+
+
+@pytest.mark.parametrize("layers", [1, 2, 5])
+def test_block_index_follows_hidden_states(layers: int) -> None:
+    spec = detect_encoder(tiny_clip(layers))
+    for layer in range(1, layers + 1):
+        assert spec.block_index(layer) == layer - 1
+        assert spec.block_index(layer - layers - 1) == layer - 1  # hidden_states[-k] == hidden_states[L + 1 - k]
+    for bad in (0, layers + 1, -layers - 1, True, 1.0):
+        with pytest.raises(ValueError, match="layer must"):
+            spec.block_index(bad)
+
+
+def test_registry_lists_the_families() -> None:
+    assert {f.name for f in registered_families()} >= {"clip", "dinov2", "timm_vit", "siglip"}
+    with pytest.raises(ValueError, match=r"torch.nn.modules.container.Sequential is not a supported.*dinov2"):
+        detect_encoder(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match="not a supported vision encoder"):
+        AttentionProbe("not a model")  # type: ignore[arg-type]
+
+
+def test_autocast_keeps_the_row_float32() -> None:
+    model = tiny_clip()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), AttentionProbe(model) as plain:
+        model(pixel_values=pixels)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), AttentionProbe(model) as mixed:
+        model(pixel_values=pixels)
+    assert mixed.attention.dtype == torch.float32
+    torch.testing.assert_close(mixed.attention, plain.attention, atol=3e-2, rtol=0)
+
+
+def test_gradient_checkpointing_reruns_are_not_captured() -> None:
+    model = tiny_clip().train()
+    model.gradient_checkpointing_enable()
+    pixels = torch.randn(2, 3, 32, 32, requires_grad=True)
+    with AttentionProbe(model) as probe:
+        out = model(pixel_values=pixels).last_hidden_state
+        out.sum().backward()  # recomputes the blocks inside backward, hooks still attached
+    assert len(probe.captures) == 1 and pixels.grad is not None
+
+
+def test_reattach_forgets_old_captures_and_double_attach_raises() -> None:
+    model = tiny_clip()
+    probe = AttentionProbe(model)
+    with torch.no_grad(), probe:
+        model(pixel_values=torch.randn(1, 3, 32, 32))
+        with pytest.raises(RuntimeError, match="already attached"):
+            probe.attach()
+    with torch.no_grad(), probe:
+        model(pixel_values=torch.randn(2, 3, 32, 32))
+    assert probe.features.shape[0] == 2
