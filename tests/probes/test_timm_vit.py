@@ -105,3 +105,27 @@ def test_spec_and_unsupported_block() -> None:
     post_norm = build(block_fn=timm_vit.ResPostBlock)
     with pytest.raises(ValueError, match="supported: pre-norm"):
         detect_encoder(post_norm)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"reg_tokens": 2}])
+def test_map_head_row_equals_explicit(kwargs: dict) -> None:
+    model = build(class_token=False, global_pool="map", **kwargs)
+    pool = model.attn_pool
+    pixels = torch.randn(2, 3, 32, 32)
+    seen = []
+    handle = pool.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    try:
+        with torch.no_grad(), AttentionProbe(model, score="map") as probe:
+            model(pixels)
+    finally:
+        handle.remove()
+    x = seen[0].double()  # (B, N, D) what the pool attends over
+    with torch.no_grad():
+        q = pool.q(pool.latent).double().view(1, 1, HEADS, -1).transpose(1, 2)  # (1, H, 1, E)
+        k = torch.nn.functional.linear(x, pool.kv.weight[:32].double(), pool.kv.bias[:32].double())
+        k = k.view(2, -1, HEADS, 8).transpose(1, 2)  # (B, H, N, E)
+        expected = ((q @ k.transpose(-1, -2)) * pool.scale).softmax(-1)[:, :, 0]  # (B, H, N)
+    torch.testing.assert_close(probe.attention, expected.float(), atol=1e-5, rtol=0)
+    prefix = kwargs.get("reg_tokens", 0)
+    result = extract_anchors(model, pixels, num_anchors=4, score="map")
+    assert torch.equal(result.anchor_idx, anchor_search(expected, 4, include_cls=False, num_prefix_tokens=prefix))

@@ -3,11 +3,14 @@
 
 Prefix tokens come from the model: ``num_prefix_tokens`` = [CLS] (``class_token``) + ``reg_tokens``
 (+ a distillation token where a subclass adds one); token 0 is [CLS] when ``cls_token`` exists.
-The forward run is ``model.forward_features`` (no classifier head needed).
+``score="map"`` uses the latent query of an ``AttentionPoolLatent`` head (``global_pool="map"``, e.g.
+timm's SigLIP ViTs; the first latent when there are several). The forward run is ``model(pixel_values)``
+(features and pooling head; the classifier, if any, is one linear layer).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from anchor_former.probes.base import (
@@ -23,6 +26,11 @@ __all__ = ["TimmViTFamily"]
 
 _MODULE = "timm.models.vision_transformer"
 _ATTENTION = "timm.layers.attention"
+_POOL = "timm.layers.attention_pool"
+
+
+def _norm_or_none(m: nn.Module) -> nn.Module | None:
+    return None if isinstance(m, nn.Identity) else m
 
 
 def _site(block: nn.Module) -> QueryKeySite:
@@ -39,9 +47,6 @@ def _site(block: nn.Module) -> QueryKeySite:
             None if bias is None else bias[width : 2 * width],
         )
 
-    def norm_or_none(m: nn.Module) -> nn.Module | None:
-        return None if isinstance(m, nn.Identity) else m
-
     return QueryKeySite(
         module=attn,
         tokens=positional_or_keyword("x"),
@@ -49,8 +54,38 @@ def _site(block: nn.Module) -> QueryKeySite:
         num_heads=attn.num_heads,
         head_dim=attn.head_dim,
         scale=float(attn.scale),
-        q_norm=norm_or_none(attn.q_norm),
-        k_norm=norm_or_none(attn.k_norm),
+        q_norm=_norm_or_none(attn.q_norm),
+        k_norm=_norm_or_none(attn.k_norm),
+    )
+
+
+def _pool_site(pool: nn.Module) -> QueryKeySite:
+    kv = pool.kv
+    width = pool.num_heads * pool.head_dim
+
+    def tokens(args, kwargs):
+        x = positional_or_keyword("x")(args, kwargs)
+        return x if pool.pos_embed is None else x + pool.pos_embed.unsqueeze(0).to(x.dtype)  # as the pool does
+
+    def projections():
+        if isinstance(pool.q, nn.Identity):  # the latent is the query itself
+            w_q = torch.eye(width, device=kv.weight.device, dtype=kv.weight.dtype)
+            b_q = None
+        else:
+            w_q, b_q = pool.q.weight, pool.q.bias
+        bias = kv.bias
+        return w_q, b_q, kv.weight[:width], None if bias is None else bias[:width]
+
+    return QueryKeySite(
+        module=pool,
+        tokens=tokens,
+        projections=projections,
+        num_heads=pool.num_heads,
+        head_dim=pool.head_dim,
+        scale=float(pool.scale),
+        query=lambda: pool.latent[0, 0],  # (latent_dim,)
+        q_norm=_norm_or_none(pool.q_norm),
+        k_norm=_norm_or_none(pool.k_norm),
     )
 
 
@@ -74,6 +109,8 @@ class TimmViTFamily(EncoderFamily):
                     f"timm.models.vision_transformer.Block with timm.layers.Attention"
                 )
         patch_embed = model.patch_embed
+        pool = getattr(model, "attn_pool", None)
+        pool_classes = loaded_classes(_POOL, ("AttentionPoolLatent",))
         return EncoderSpec(
             family=self.name,
             blocks=blocks,
@@ -82,7 +119,8 @@ class TimmViTFamily(EncoderFamily):
             has_cls=model.cls_token is not None,
             patch_size=int(patch_embed.patch_size[0]),
             num_channels=int(patch_embed.proj.in_channels),
-            run=model.forward_features,
+            run=lambda pixel_values: model(pixel_values),
+            pool_site=_pool_site(pool) if pool_classes and isinstance(pool, pool_classes) else None,
         )
 
 
