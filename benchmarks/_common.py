@@ -222,9 +222,9 @@ def measure_interleaved(
 ) -> dict[str, dict[str, Any]]:
     """Median latency of each ``fn()``, timed in interleaved rounds, and peak memory on CUDA.
 
-    Each function is called once to warm up (which also measures its peak CUDA memory: the allocator's
-    peak and its increase over what was allocated before the call), then calibrated to a block of
-    ``number`` calls lasting at least ``min_block_s``. Then, ``rounds`` times, every function runs one
+    Each function is called once to warm up and calibrate a block of ``number`` calls lasting at least
+    ``min_block_s`` (on CUDA after one more call that measures its peak memory: the allocator's peak and
+    its increase over what was allocated before the call). Then, ``rounds`` times, every function runs one
     block (:meth:`torch.utils.benchmark.Timer.timeit`, which synchronises CUDA). Interleaving makes the
     ratios between functions robust to load that comes and goes on a shared machine. Returns per name
     ``median_ms`` (per call, over rounds), ``iqr_ms``, ``calls`` (timed) and ``peak_mem_mib`` /
@@ -233,7 +233,7 @@ def measure_interleaved(
     threads = torch.get_num_threads()
     timers, numbers, out = {}, {}, {}
     for name, fn in fns.items():
-        out[name] = _peak_memory(fn, device)
+        out[name] = _peak_memory(fn, device) if device.type == "cuda" else {"peak_mem_mib": None, "peak_extra_mib": None}
         timers[name] = benchmark.Timer(stmt="fn()", globals={"fn": fn}, label=name, num_threads=threads)
         first = timers[name].timeit(1).median
         numbers[name] = max(1, math.ceil(min_block_s / max(first, 1e-9)))

@@ -5,9 +5,9 @@ AcFormer-256) at LLaVA-1.5 shapes: features ``(B, 577, 1024)`` (CLIP ViT-L/14-33
 [CLS] included) to ``4096``-wide LLM tokens. Ratios are to MLP-576 (LLaVA-1.5's ``mlp2x_gelu``) in the
 same run.
 
-* FLOPs are counted by :class:`torch.utils.flop_counter.FlopCounterMode` on a twin built with the manual
-  attention path (``fused_attn=False``; the counter sees CPU SDPA as 0 FLOPs) and cross-checked against
-  the connector's own ``analytic_flops(N)``.
+* FLOPs are counted by :class:`torch.utils.flop_counter.FlopCounterMode` on a meta-device twin built
+  with the manual attention path (``fused_attn=False``; the counter sees CPU SDPA as 0 FLOPs) and
+  cross-checked against the connector's own ``analytic_flops(N)``.
 * Latency: inference (``torch.inference_mode``), the default (SDPA) path, median of
   :class:`torch.utils.benchmark.Timer` repeats; peak memory from the CUDA allocator (GPU only).
 * Anchor connectors get ``anchor_idx`` from ``anchor_search`` on a random [CLS] attention row (the
@@ -47,16 +47,16 @@ _DTYPE = {"cpu": torch.float32, "cuda": torch.float16}
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"vision_dim": 64, "llm_dim": 128, "tokens": 577, "heads": 16, "batch": 1, "rounds": 2,
              "min_block_s": 0.0, "dtype": _DTYPE, "resampler": {"depth": 1, "heads": 2, "dim_head": 16}},
-    "default": {"vision_dim": 1024, "llm_dim": 4096, "tokens": 577, "heads": 16, "batch": 1, "rounds": 5,
+    "default": {"vision_dim": 1024, "llm_dim": 4096, "tokens": 577, "heads": 16, "batch": 1, "rounds": 3,
                 "min_block_s": 0.05, "dtype": _DTYPE, "resampler": {}},
     "llava-1.5-7b": {"vision_dim": 1024, "llm_dim": 4096, "tokens": 577, "heads": 16, "batch": 32, "rounds": 10,
                      "min_block_s": 0.05, "dtype": _DTYPE, "resampler": {}},
 }
 
 
-def _has_fused_flag(module: torch.nn.Module) -> bool:
+def _config_fields(module: torch.nn.Module) -> set[str]:
     config = getattr(module, "config", None)
-    return config is not None and "fused_attn" in config.to_dict()
+    return set(config.to_dict()) if config is not None else set()
 
 
 def random_anchor_idx(batch: int, heads: int, tokens: int, num_anchors: int, *, generator: torch.Generator,
@@ -75,14 +75,22 @@ def _build(label: str, cfg: dict[str, Any], device: torch.device, **extra: Any) 
 
 
 def count_flops(label: str, connector: torch.nn.Module, features: torch.Tensor, anchor_idx: torch.Tensor | None, *,
-                cfg: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """FLOPs per sample by FlopCounterMode on the explicit attention path, and the analytic count."""
-    manual = _has_fused_flag(connector)
-    counted = _build(label, cfg, device, fused_attn=False) if manual else connector
+                cfg: dict[str, Any]) -> dict[str, Any]:
+    """FLOPs per sample by FlopCounterMode, and the connector's own analytic count.
+
+    Counted on a twin on the meta device (shapes only: no memory, no compute) built with the explicit
+    attention path (``fused_attn=False``: the counter sees CPU SDPA as 0 FLOPs) and without the anchor
+    range check (a data-dependent read a meta tensor cannot answer).
+    """
+    fields = _config_fields(connector)
+    extra = {key: False for key in ("fused_attn", "check_indices") if key in fields}
+    twin = BENCH_CONNECTORS[label].build(cfg["vision_dim"], cfg["llm_dim"], resampler=cfg["resampler"], device="meta",
+                                         **extra).eval()
+    meta_idx = None if anchor_idx is None else anchor_idx.to("meta")
     # Grad mode stays on: FlopCounterMode's module tracker asserts on a Parameter passed between modules
     # (the Perceiver's learned queries) under no_grad/inference_mode. Only the forward runs.
     with FlopCounterMode(display=False) as counter:
-        out = counted(features, anchor_idx).detach()
+        out = twin(features.to("meta"), meta_idx)
     b, n = features.shape[:2]
     tokens = connector.num_output_tokens(n)
     if tuple(out.shape) != (b, tokens, cfg["llm_dim"]):
@@ -94,7 +102,8 @@ def count_flops(label: str, connector: torch.nn.Module, features: torch.Tensor, 
         "flops_measured": measured,
         "flops_analytic": analytic,
         "flops_match": measured == analytic,
-        "flops_counted_path": "manual attention (fused_attn=False)" if manual else "default",
+        "flops_counted_on": "meta device, " + ("manual attention (fused_attn=False)" if "fused_attn" in extra else
+                                               "default path"),
     }
 
 
@@ -126,7 +135,7 @@ def run(*, preset: str = "default", device: torch.device | str = "cpu", connecto
             "factory": BENCH_CONNECTORS[label].factory,
             "kwargs": BENCH_CONNECTORS[label].build_kwargs(cfg["resampler"]),
             "params": sum(p.numel() for p in connector.parameters()),
-            **count_flops(label, connector, features, anchor_idx, cfg=cfg, device=device),
+            **count_flops(label, connector, features, anchor_idx, cfg=cfg),
         }
         calls[label] = (lambda c, a: lambda: c(features, a))(connector, anchor_idx)
     progress(f"connectors: timing {len(calls)} connectors in {cfg['rounds']} interleaved rounds")
@@ -161,8 +170,8 @@ def to_markdown(result: dict[str, Any]) -> str:
     mem = result["device_type"] == "cuda"
     lines = [
         f"Connectors at features ({s['batch']}, {s['tokens']}, {s['vision_dim']}) -> {s['llm_dim']}, "
-        f"{result['dtype']}, inference. FLOPs per sample, counted by FlopCounterMode on the manual attention "
-        f"path and checked against `analytic_flops`; latency = median for the batch; (x) = ratio to {BASELINE}. "
+        f"{result['dtype']}, inference. FLOPs per sample, counted by FlopCounterMode (meta-device twin, manual "
+        f"attention path) and checked against the connector's `analytic_flops`; latency = median for the batch; (x) = ratio to {BASELINE}. "
         f"Target: {result['target']}.",
         "",
         "| connector | visual tokens | reduction | params | FLOPs/sample (x) | analytic = counted | latency ms (x) |"

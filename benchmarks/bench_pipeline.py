@@ -47,7 +47,7 @@ _LLAMA_7B = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads"
              "intermediate_size": 11008, "vocab_size": 32000}
 
 # ``vit`` / ``llm``: HF config fields of the measured models; ``scaled``: whether they are smaller than
-# LLaVA-1.5-7B (said in the output); ``resampler``: Perceiver/AcFormer overrides (tiny only). ``dtype``: per
+# LLaVA-1.5-7B (said in the output); ``resampler``: Perceiver/AcFormer overrides (scaled presets). ``dtype``: per
 # device type. Timing: ``rounds`` interleaved rounds of blocks lasting at least ``min_block_s``.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
@@ -60,10 +60,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dtype": {"cpu": torch.float32, "cuda": torch.float16},
     },
     "default": {
-        "vit": {"image_size": 336, "patch_size": 14, "hidden_size": 256, "num_hidden_layers": 6,
-                "num_attention_heads": 16, "intermediate_size": 1024},
-        "llm": {"hidden_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 8,
-                "intermediate_size": 2752, "vocab_size": 32000},
+        # ~1/8 of the widths, fewer layers; ViT : LLM FLOPs about 1 : 12 (LLaVA-1.5-7B: 1 : 22).
+        "vit": {"image_size": 336, "patch_size": 14, "hidden_size": 128, "num_hidden_layers": 4,
+                "num_attention_heads": 4, "intermediate_size": 512},
+        "llm": {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 8,
+                "intermediate_size": 1376, "vocab_size": 32000},
+        "resampler": {"heads": 4, "dim_head": 32},
         "scaled": True, "batch": 1, "text_tokens": 64, "rounds": 5, "min_block_s": 0.05, "stages": True,
         "dtype": {"cpu": torch.float32, "cuda": torch.float16},
     },

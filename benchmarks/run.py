@@ -144,6 +144,26 @@ def render_markdown(report: dict[str, Any], *, chart: str | None = None) -> str:
     return "\n".join(out) + "\n"
 
 
+def _annotate_groups(ax, rows: list[dict[str, Any]], x: str, y: str, scale: float = 1.0) -> None:
+    """Label points without overlaps: coincident points share one label, nearby labels are pushed apart."""
+    top = ax.get_ylim()[1]
+    groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for r in rows:  # points within 10 tokens and 2% of the axis are one point on the chart
+        groups.setdefault((round(r[x] / 10), round(r[y] / scale / (0.02 * top))), []).append(r)
+    labels = sorted(
+        ((min(r[x] for r in g), sum(r[y] for r in g) / scale / len(g), " / ".join(r["connector"] for r in g))
+         for g in groups.values()),
+        key=lambda item: (round(item[0] / 10), item[1]),
+    )
+    last: dict[int, float] = {}
+    for px, py, text in labels:
+        column = round(px / 10)
+        ty = max(py, last.get(column, -1e9) + 0.045 * top)
+        last[column] = ty
+        ax.annotate(text, (px, py), xytext=(px + 14, ty), textcoords="data", fontsize=7, va="center",
+                    arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "gray"} if ty != py else None)
+
+
 def write_chart(report: dict[str, Any], path: Path) -> bool:
     """Cost against visual tokens (analytic FLOPs at 7B/13B; measured pipeline time). False without matplotlib."""
     pipeline = report["benchmarks"].get("pipeline", {})
@@ -157,37 +177,48 @@ def write_chart(report: dict[str, Any], path: Path) -> bool:
     except ImportError:
         progress("chart: matplotlib not installed, no PNG (pip install matplotlib)")
         return False
+    from anchor_former import flops
+
+    analytic = pipeline["analytic"]
     measured = pipeline.get("measured")
-    fig, axes = plt.subplots(1, 2 if measured else 1, figsize=(12 if measured else 6.5, 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if measured else 1, figsize=(13 if measured else 6.5, 5), squeeze=False)
     ax = axes[0][0]
-    for llm, marker in (("llama-7b", "o"), ("llama-13b", "s")):
-        rows = [r for r in pipeline["analytic"]["results"] if r["llm_shape"] == llm]
+    vit = flops.ViTShape(**analytic["vit"])
+    text = analytic["text_tokens"]
+    for llm_dict, marker in zip(analytic["llms"], ("o", "s")):
+        llm = flops.LLMShape(**llm_dict)
+        grid = list(range(0, 641, 16))
+        curve = [(flops.vit_forward_flops(vit) + flops.llm_prefill_flops(llm, t + text)) / 1e12 for t in grid]
+        line = ax.plot(grid, curve, "--", lw=0.8, alpha=0.6, label=f"{llm.name}: ViT + LLM prefill")[0]
+        rows = [r for r in analytic["results"] if r["llm_shape"] == llm.name]
         ax.scatter([r["visual_tokens"] for r in rows], [r["total_flops"] / 1e12 for r in rows], marker=marker,
-                   label=f"{llm} pipeline")
-        for r in rows:
-            ax.annotate(r["connector"], (r["visual_tokens"], r["total_flops"] / 1e12), fontsize=7,
-                        xytext=(4, -3 if "256" in r["connector"] else 3), textcoords="offset points")
-    ax.set(xlabel="visual tokens given to the LLM", ylabel="TFLOPs per sample (analytic)",
-           title=f"ViT-L/14-336 + connector + LLM prefill ({pipeline['analytic']['text_tokens']} text tokens)")
+                   color=line.get_color(), label=f"{llm.name}: + connector (+ probe)", zorder=3)
+    ax.set(xlabel="visual tokens given to the LLM", ylabel="TFLOPs per sample (analytic)", xlim=(0, 720),
+           title=f"CLIP ViT-L/14-336 + connector + LLM prefill, {text} text tokens")
     ax.set_ylim(bottom=0)
+    for llm_dict in analytic["llms"]:
+        rows = [r for r in analytic["results"] if r["llm_shape"] == llm_dict["name"]]
+        _annotate_groups(ax, rows, "visual_tokens", "total_flops", 1e12)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left")
     if measured:
         ax = axes[0][1]
         rows = measured["results"]
-        ax.scatter([r["visual_tokens"] for r in rows], [r["latency_vs_baseline"] for r in rows], label="measured time")
         ax.scatter([r["visual_tokens"] for r in rows], [r["analytic_vs_baseline"] for r in rows], marker="x",
-                   label="analytic FLOPs")
-        for r in rows:
-            ax.annotate(r["connector"], (r["visual_tokens"], r["latency_vs_baseline"]), fontsize=7,
-                        xytext=(4, 3), textcoords="offset points")
-        scaled = "scaled-down models" if measured["scaled_down"] else "LLaVA-1.5-7B shapes"
+                   color="gray", label="analytic FLOPs, same shapes")
+        ax.scatter([r["visual_tokens"] for r in rows], [r["latency_vs_baseline"] for r in rows], zorder=3,
+                   label="measured time (median)")
+        ax.axhline(0.40, color="red", lw=0.8, ls=":", label="target for AcFormer-144 (GPU, 7B): 0.40x")
+        shapes = "scaled-down models" if measured["scaled_down"] else "LLaVA-1.5-7B shapes"
         ax.set(xlabel="visual tokens given to the LLM", ylabel="pipeline cost / MLP-576 pipeline",
-               title=f"measured on {report['environment']['device_type']} ({scaled}, batch {measured['batch']})")
-        ax.set_ylim(bottom=0)
+               title=f"measured pipeline on {report['environment']['device_type']} ({shapes}, batch {measured['batch']})")
+        ax.set_ylim(0, max(1.1, *(r["latency_vs_baseline"] * 1.05 for r in rows)))
+        ax.set_xlim(0, 720)
+        _annotate_groups(ax, rows, "visual_tokens", "latency_vs_baseline")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"anchor-former, preset {report['preset']}, {report['environment']['device']}", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"anchor-former benchmarks, preset {report['preset']}, {report['environment']['device']}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
