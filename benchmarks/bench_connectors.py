@@ -47,7 +47,7 @@ _DTYPE = {"cpu": torch.float32, "cuda": torch.float16}
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"vision_dim": 64, "llm_dim": 128, "tokens": 577, "heads": 16, "batch": 1, "rounds": 2,
              "min_block_s": 0.0, "dtype": _DTYPE, "resampler": {"depth": 1, "heads": 2, "dim_head": 16}},
-    "default": {"vision_dim": 1024, "llm_dim": 4096, "tokens": 577, "heads": 16, "batch": 1, "rounds": 3,
+    "default": {"vision_dim": 1024, "llm_dim": 4096, "tokens": 577, "heads": 16, "batch": 1, "rounds": 5,
                 "min_block_s": 0.05, "dtype": _DTYPE, "resampler": {}},
     "llava-1.5-7b": {"vision_dim": 1024, "llm_dim": 4096, "tokens": 577, "heads": 16, "batch": 32, "rounds": 10,
                      "min_block_s": 0.05, "dtype": _DTYPE, "resampler": {}},
@@ -85,7 +85,7 @@ def count_flops(label: str, connector: torch.nn.Module, features: torch.Tensor, 
     fields = _config_fields(connector)
     extra = {key: False for key in ("fused_attn", "check_indices") if key in fields}
     twin = BENCH_CONNECTORS[label].build(cfg["vision_dim"], cfg["llm_dim"], resampler=cfg["resampler"], device="meta",
-                                         **extra).eval()
+                                         dtype=features.dtype, **extra).eval()
     meta_idx = None if anchor_idx is None else anchor_idx.to("meta")
     # Grad mode stays on: FlopCounterMode's module tracker asserts on a Parameter passed between modules
     # (the Perceiver's learned queries) under no_grad/inference_mode. Only the forward runs.

@@ -263,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output or HERE / "results" / f"{device_slug(device)}-{args.preset}"
     output.mkdir(parents=True, exist_ok=True)
     progress(f"preset {args.preset} on {device}; results to {output}")
+    if args.preset == "llava-1.5-7b" and device.type == "cpu":
+        progress("warning: llava-1.5-7b on the CPU builds a 7B LLM in fp32 (~27 GB of RAM) and takes very long; "
+                 "it is meant for a GPU (--device cuda)")
     report = run_suite(preset=args.preset, device=device, connectors=args.connectors, benchmarks=benchmarks)
     (output / "results.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     chart = "chart.png" if write_chart(report, output / "chart.png") else None
