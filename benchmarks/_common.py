@@ -118,7 +118,9 @@ def parse_device(spec: str) -> torch.device:
             )
         return torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
     if device.type != "cpu":
-        raise ValueError(f"device type {device.type!r} is not supported; valid values on this machine: {', '.join(valid)}")
+        raise ValueError(
+            f"device type {device.type!r} is not supported; valid values on this machine: {', '.join(valid)}"
+        )
     return device
 
 
@@ -233,7 +235,8 @@ def measure_interleaved(
     threads = torch.get_num_threads()
     timers, numbers, out = {}, {}, {}
     for name, fn in fns.items():
-        out[name] = _peak_memory(fn, device) if device.type == "cuda" else {"peak_mem_mib": None, "peak_extra_mib": None}
+        no_stats = {"peak_mem_mib": None, "peak_extra_mib": None}
+        out[name] = _peak_memory(fn, device) if device.type == "cuda" else no_stats
         timers[name] = benchmark.Timer(stmt="fn()", globals={"fn": fn}, label=name, num_threads=threads)
         first = timers[name].timeit(1).median
         numbers[name] = max(1, math.ceil(min_block_s / max(first, 1e-9)))

@@ -68,10 +68,10 @@ def random_anchor_idx(batch: int, heads: int, tokens: int, num_anchors: int, *, 
     return anchor_search(row, num_anchors).to(device)
 
 
-def _build(label: str, cfg: dict[str, Any], device: torch.device, **extra: Any) -> torch.nn.Module:
+def _build(label: str, cfg: dict[str, Any], device: torch.device) -> torch.nn.Module:
     dtype = cfg["dtype"][device.type]
-    return BENCH_CONNECTORS[label].build(cfg["vision_dim"], cfg["llm_dim"], resampler=cfg["resampler"], device=device,
-                                         dtype=dtype, **extra).eval()
+    spec = BENCH_CONNECTORS[label]
+    return spec.build(cfg["vision_dim"], cfg["llm_dim"], resampler=cfg["resampler"], device=device, dtype=dtype).eval()
 
 
 def count_flops(label: str, connector: torch.nn.Module, features: torch.Tensor, anchor_idx: torch.Tensor | None, *,
@@ -94,7 +94,8 @@ def count_flops(label: str, connector: torch.nn.Module, features: torch.Tensor, 
     b, n = features.shape[:2]
     tokens = connector.num_output_tokens(n)
     if tuple(out.shape) != (b, tokens, cfg["llm_dim"]):
-        raise RuntimeError(f"{label}: output shape {tuple(out.shape)} != (B, T, llm_dim) = {(b, tokens, cfg['llm_dim'])}")
+        expected = (b, tokens, cfg["llm_dim"])
+        raise RuntimeError(f"{label}: output shape {tuple(out.shape)} != (B, T, llm_dim) = {expected}")
     measured = counter.get_total_flops() // b
     analytic = connector.analytic_flops(n)
     return {
@@ -107,7 +108,9 @@ def count_flops(label: str, connector: torch.nn.Module, features: torch.Tensor, 
     }
 
 
-def run(*, preset: str = "default", device: torch.device | str = "cpu", connectors: str | None = None) -> dict[str, Any]:
+def run(
+    *, preset: str = "default", device: torch.device | str = "cpu", connectors: str | None = None
+) -> dict[str, Any]:
     """Benchmark the connectors (comma-separated labels, default all) at the preset's shapes.
 
     Returns ``{"benchmark": "connectors", "preset", "shapes", "dtype", "results": [...]}``; each result has
@@ -171,7 +174,8 @@ def to_markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Connectors at features ({s['batch']}, {s['tokens']}, {s['vision_dim']}) -> {s['llm_dim']}, "
         f"{result['dtype']}, inference. FLOPs per sample, counted by FlopCounterMode (meta-device twin, manual "
-        f"attention path) and checked against the connector's `analytic_flops`; latency = median for the batch; (x) = ratio to {BASELINE}. "
+        f"attention path) and checked against the connector's `analytic_flops`; latency = median for the batch; "
+        f"(x) = ratio to {BASELINE}. "
         f"Target: {result['target']}.",
         "",
         "| connector | visual tokens | reduction | params | FLOPs/sample (x) | analytic = counted | latency ms (x) |"
@@ -180,7 +184,8 @@ def to_markdown(result: dict[str, Any]) -> str:
     ]
     for r in result["results"]:
         row = (
-            f"| {r['connector']} | {r['visual_tokens']} | {100 * r['token_reduction']:.0f}% | {format_count(r['params'])} "
+            f"| {r['connector']} | {r['visual_tokens']} | {100 * r['token_reduction']:.0f}% "
+            f"| {format_count(r['params'])} "
             f"| {format_flops(r['flops_measured'])} ({r['flops_vs_baseline']:.2f}x) "
             f"| {'yes' if r['flops_match'] else 'NO: ' + format_flops(r['flops_analytic'])} "
             f"| {r['median_ms']:.2f} ({r['latency_vs_baseline']:.2f}x) |"

@@ -99,7 +99,9 @@ def analytic(labels: list[str], *, text_tokens: int = ANALYTIC_TEXT_TOKENS) -> d
             rows.append({
                 "llm_shape": llm.name, "connector": label, "visual_tokens": tokens,
                 **{f"{stage}_flops": value for stage, value in total.to_dict().items()},
-                "kv_cache_bytes": flops.kv_cache_bytes(llm, tokens + text_tokens, bytes_per_element=KV_BYTES_PER_ELEMENT),
+                "kv_cache_bytes": flops.kv_cache_bytes(
+                    llm, tokens + text_tokens, bytes_per_element=KV_BYTES_PER_ELEMENT
+                ),
             })
     for row in rows:
         base = next(r for r in rows if r["llm_shape"] == row["llm_shape"] and r["connector"] == BASELINE)
@@ -242,7 +244,8 @@ def to_markdown(result: dict[str, Any]) -> str:
     ]
     for r in a["results"]:
         lines.append(
-            f"| {r['llm_shape']} | {r['connector']} | {r['visual_tokens']} | {format_flops(r['vit_flops'] + r['probe_flops'])} "
+            f"| {r['llm_shape']} | {r['connector']} | {r['visual_tokens']} "
+            f"| {format_flops(r['vit_flops'] + r['probe_flops'])} "
             f"| {format_flops(r['connector_flops'])} | {format_flops(r['llm_flops'])} ({r['llm_vs_baseline']:.3f}x) "
             f"| {format_flops(r['total_flops'])} ({r['total_vs_baseline']:.3f}x) "
             f"| {_mib(r['kv_cache_bytes'])} ({r['kv_cache_vs_baseline']:.3f}x) |"
@@ -251,7 +254,8 @@ def to_markdown(result: dict[str, Any]) -> str:
     if m:
         v, llm = m["vit"], m["llm"]
         shapes = (
-            f"ViT {v['hidden_size']} wide x {v['num_layers']} layers on {v['image_size'] // v['patch_size']}^2+1 tokens, "
+            f"ViT {v['hidden_size']} wide x {v['num_layers']} layers on "
+            f"{v['image_size'] // v['patch_size']}^2+1 tokens, "
             f"LLM {llm['hidden_size']} wide x {llm['num_layers']} layers (vocab {llm['vocab_size']})"
         )
         scaled = (
@@ -261,10 +265,12 @@ def to_markdown(result: dict[str, Any]) -> str:
         mem = any(r.get("peak_mem_mib") is not None for r in m["results"])
         lines += [
             "",
-            f"Measured pipeline, random-init HF models, SDPA, {m['dtype']}, batch {m['batch']}, {m['text_tokens']} text "
+            f"Measured pipeline, random-init HF models, SDPA, {m['dtype']}, batch {m['batch']}, "
+            f"{m['text_tokens']} text "
             f"tokens. {scaled}{shapes}. Latency = median for the batch; stages timed alone. Target: {m['target']}.",
             "",
-            "| connector | visual tokens | pipeline ms (x) | analytic FLOPs (x) | vision ms | connector ms | LLM prefill ms |"
+            "| connector | visual tokens | pipeline ms (x) | analytic FLOPs (x) | vision ms | connector ms "
+            "| LLM prefill ms |"
             + (" peak MiB |" if mem else ""),
             "|---|---|---|---|---|---|---|" + ("---|" if mem else ""),
         ]

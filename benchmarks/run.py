@@ -54,7 +54,9 @@ def _parse_list(spec: str | None, valid: list[str], what: str) -> list[str]:
     wanted = [s.strip() for s in spec.split(",") if s.strip()]
     unknown = [w for w in wanted if w not in valid]
     if unknown or not wanted:
-        raise ValueError(f"unknown {what} {unknown or [spec]}; valid values (comma-separated): {', '.join(valid)} or 'all'")
+        raise ValueError(
+            f"unknown {what} {unknown or [spec]}; valid values (comma-separated): {', '.join(valid)} or 'all'"
+        )
     return [v for v in valid if v in wanted]
 
 
@@ -211,7 +213,8 @@ def write_chart(report: dict[str, Any], path: Path) -> bool:
         ax.axhline(0.40, color="red", lw=0.8, ls=":", label="target for AcFormer-144 (GPU, 7B): 0.40x")
         shapes = "scaled-down models" if measured["scaled_down"] else "LLaVA-1.5-7B shapes"
         ax.set(xlabel="visual tokens given to the LLM", ylabel="pipeline cost / MLP-576 pipeline",
-               title=f"measured pipeline on {report['environment']['device_type']} ({shapes}, batch {measured['batch']})")
+               title=f"measured pipeline on {report['environment']['device_type']} ({shapes}, "
+                     f"batch {measured['batch']})")
         ax.set_ylim(0, max(1.1, *(r["latency_vs_baseline"] * 1.05 for r in rows)))
         ax.set_xlim(0, 720)
         _annotate_groups(ax, rows, "visual_tokens", "latency_vs_baseline")

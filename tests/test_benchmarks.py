@@ -121,3 +121,18 @@ def test_cuda_without_gpu_is_a_clear_error(device: str, capsys):
     err = capsys.readouterr().err
     assert f"device {device!r} asks for CUDA, but torch.cuda.is_available() is False" in err
     assert "valid values on this machine: cpu" in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tiny_preset_on_cuda_reports_gpu_and_memory(tmp_path: Path):
+    proc = subprocess.run(
+        [sys.executable, str(RUN), "--preset", "tiny", "--device", "cuda", "--output", str(tmp_path),
+         "--benchmarks", "connectors,pipeline"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["environment"]["device_type"] == "cuda"
+    assert report["environment"]["device"] == torch.cuda.get_device_name()
+    rows = report["benchmarks"]["connectors"]["results"] + report["benchmarks"]["pipeline"]["measured"]["results"]
+    assert all(r["peak_mem_mib"] > 0 for r in rows)
