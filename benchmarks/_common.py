@@ -225,8 +225,9 @@ def measure_interleaved(
     """Median latency of each ``fn()``, timed in interleaved rounds, and peak memory on CUDA.
 
     Each function is called once to warm up and calibrate a block of ``number`` calls lasting at least
-    ``min_block_s`` (on CUDA after one more call that measures its peak memory: the allocator's peak and
-    its increase over what was allocated before the call). Then, ``rounds`` times, every function runs one
+    ``min_block_s``. On CUDA every function is first run once (so one-time allocations such as cuBLAS
+    workspaces are not charged to whichever runs first) and then once more to measure its peak memory: the
+    allocator's peak and its increase over what was allocated before the call. Then, ``rounds`` times, every function runs one
     block (:meth:`torch.utils.benchmark.Timer.timeit`, which synchronises CUDA). Interleaving makes the
     ratios between functions robust to load that comes and goes on a shared machine. Returns per name
     ``median_ms`` (per call, over rounds), ``iqr_ms``, ``calls`` (timed) and ``peak_mem_mib`` /
@@ -234,6 +235,9 @@ def measure_interleaved(
     """
     threads = torch.get_num_threads()
     timers, numbers, out = {}, {}, {}
+    if device.type == "cuda":
+        for fn in fns.values():
+            fn()
     for name, fn in fns.items():
         no_stats = {"peak_mem_mib": None, "peak_extra_mib": None}
         out[name] = _peak_memory(fn, device) if device.type == "cuda" else no_stats
@@ -245,7 +249,9 @@ def measure_interleaved(
         for name in fns:
             times[name].append(timers[name].timeit(numbers[name]).median)
     for name, samples in times.items():
-        q1, median, q3 = statistics.quantiles(samples, n=4, method="inclusive") if len(samples) > 1 else samples * 3
+        q1, median, q3 = (
+            statistics.quantiles(samples, n=4, method="inclusive") if len(samples) > 1 else samples * 3
+        )
         out[name].update(median_ms=median * 1e3, iqr_ms=(q3 - q1) * 1e3, calls=rounds * numbers[name])
     return out
 
