@@ -31,5 +31,5 @@ status=0
 echo "== tests: main environment" >&2
 .venv/bin/python -m pytest -q "$@" || status=$?
 echo "== tests: LLaVA environment (transformers 4.37.2 + llava-torch)" >&2
-.venv-llava/bin/python -m pytest -q -p no:cacheprovider tests/adapters/test_llava.py tests/probes/test_clip.py tests/test_search.py "$@" || status=$?
+.venv-llava/bin/python -m pytest -q -p no:cacheprovider tests/adapters/test_llava.py tests/connectors/test_mlp.py tests/probes/test_clip.py tests/test_search.py tests/test_checkpoint.py "$@" || status=$?
 exit $status
