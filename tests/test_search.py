@@ -144,10 +144,13 @@ def test_module_matches_function(generator):
     assert AnchorSearch(10, include_cls=False, num_prefix_tokens=0).num_queries == 10
 
 
-def test_does_not_modify_input(generator):
-    row = torch.rand(2, 4, 30, generator=generator)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 4, 30), (2, 1, 30), (1, 4, 30), (2, 30), (1, 30), (2, 3, 30, 30)])
+def test_does_not_modify_input(generator, method, dtype, shape):
+    row = torch.rand(*shape, generator=generator).to(dtype)
     before = row.clone()
-    anchor_search(row, 12)
+    anchor_search(row, 12, method=method)
     assert torch.equal(row, before)
 
 

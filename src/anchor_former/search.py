@@ -145,7 +145,8 @@ def _greedy_masked(scores: torch.Tensor, quotas: tuple[int, ...]) -> torch.Tenso
     picks = []
     if scores.dtype == torch.float64:
         # float64 does not fit the packed key; a stable descending sort gives the same tie rule.
-        live = scores.transpose(0, 1).contiguous()  # (H, B, M)
+        # A copy, always: picks are struck out in place (contiguous() may return the input itself).
+        live = scores.transpose(0, 1).clone(memory_format=torch.contiguous_format)  # (H, B, M)
         lowest: float | int = float("-inf")
     else:
         live = _sort_keys(scores.transpose(0, 1).contiguous())  # (H, B, M) int64
