@@ -204,7 +204,8 @@ def run(*, preset: str = "default", device: torch.device | str = "cpu") -> dict[
 def to_markdown(report: dict[str, Any]) -> str:
     """A markdown table of :func:`run`'s report: each path's time and peak memory as ratios to SDPA."""
     lines = [
-        f"Features + anchors at {report.get('preset')} shapes on {report.get('device', '?')}; ratios to the plain "
+        f"Features + anchors, preset {report.get('preset')}, shapes {report.get('shapes')}, on "
+        f"{report.get('environment', {}).get('device', '?')}; ratios to the plain "
         "SDPA forward in the same run (target on GPU: probe <= 1.01x time, <= 1.02x peak memory). "
         f"Probe anchors equal the reference's: {report.get('probe_anchors_equal_reference')}.",
         "",
