@@ -138,11 +138,12 @@ def _greedy_masked(scores: torch.Tensor, quotas: tuple[int, ...]) -> torch.Tenso
     """Plain formulation: one top-k per head over the tokens no earlier head took.
 
     Returns the anchors ``(B, K)`` in candidate coordinates, ascending. Keys live in an ``(H, B, M)``
-    layout so each head's rows are contiguous (top-k over strided rows is twice as slow on CPU); a
-    head's picks are struck out of the later heads' keys in place.
+    layout so each head's rows are contiguous (top-k over strided rows is twice as slow on CPU). Before
+    head ``h`` chooses, the picks so far are struck out of its own rows only, which keeps the working set
+    of each step to one head's keys.
     """
-    h_total, m = scores.shape[1], scores.shape[2]
-    picks = []
+    b = scores.shape[0]
+    k = sum(quotas)
     if scores.dtype == torch.float64:
         # float64 does not fit the packed key; a stable descending sort gives the same tie rule.
         # A copy, always: picks are struck out in place (contiguous() may return the input itself).
@@ -151,24 +152,21 @@ def _greedy_masked(scores: torch.Tensor, quotas: tuple[int, ...]) -> torch.Tenso
     else:
         live = _sort_keys(scores.transpose(0, 1).contiguous())  # (H, B, M) int64
         lowest = torch.iinfo(torch.int64).min
-    # CPU top-k uses a heap (partial sort) while k * 64 <= M and nth_element beyond, which costs ~3x
-    # more at M = 576; so on CPU a head's quota is taken in chunks of at most M // 64. Taking the best
-    # c fresh tokens, striking them, then the best of the rest selects the same set.
-    chunk_cap = max(1, m // 64) if live.device.type == "cpu" else m
+    picks = torch.empty(b, k, dtype=torch.int64, device=scores.device)  # (B, K), filled head by head
+    done = 0
     for h, quota in enumerate(quotas):
-        start = 0
-        while start < quota:
-            k = min(chunk_cap, quota - start)
-            if live.dtype == torch.float64:
-                top = torch.sort(live[h], dim=-1, descending=True, stable=True).indices[:, :k]
-            else:
-                top = torch.topk(live[h], k, dim=-1, sorted=False).indices  # (B, k)
-            picks.append(top)
-            start += k
-            later = live[h:] if start < quota else live[h + 1 :]  # heads that still choose
-            if later.shape[0]:
-                later.scatter_(2, top.expand(later.shape[0], -1, -1), lowest)
-    return torch.cat(picks, dim=1).sort(dim=1).values  # (B, K)
+        if quota == 0:
+            continue
+        keys = live[h]  # (B, M)
+        if done:
+            keys.scatter_(1, picks[:, :done], lowest)
+        if keys.dtype == torch.float64:
+            top = torch.sort(keys, dim=-1, descending=True, stable=True).indices[:, :quota]
+        else:
+            top = torch.topk(keys, quota, dim=-1, sorted=False).indices  # (B, quota)
+        picks[:, done : done + quota] = top
+        done += quota
+    return picks.sort(dim=1).values  # (B, K)
 
 
 def _mask_to_sorted_indices(chosen: torch.Tensor, k: int) -> torch.Tensor:
