@@ -30,6 +30,9 @@ pip_q .venv-llava/bin/pip install -q --no-deps -e .
 status=0
 echo "== tests: main environment" >&2
 .venv/bin/python -m pytest -q "$@" || status=$?
-echo "== tests: LLaVA environment (transformers 4.37.2 + llava-torch)" >&2
-.venv-llava/bin/python -m pytest -q -p no:cacheprovider tests/adapters/test_llava.py tests/connectors/test_mlp.py tests/probes/test_clip.py tests/test_search.py tests/test_checkpoint.py "$@" || status=$?
+echo "== tests: LLaVA environment (torch 2.13, transformers 4.37.2 + llava-torch)" >&2
+# Everything runs here too (the library supports transformers 4.37) except the FLOP-count and benchmark
+# tests, which build their reference models with transformers 5.x APIs (the `bench` extra).
+.venv-llava/bin/python -m pytest -q -p no:cacheprovider tests \
+    --ignore=tests/test_flops.py --ignore=tests/test_benchmarks.py "$@" || status=$?
 exit $status
