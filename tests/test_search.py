@@ -274,12 +274,21 @@ def test_rejects_integer_scores():
         anchor_search(torch.ones(2, 10, dtype=torch.int64), 3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_rejects_non_finite(bad):
-    row = torch.rand(2, 4, 10)
+def test_rejects_non_finite(bad, dtype):
+    row = torch.rand(2, 4, 10).to(dtype)
     row[1, 2, 3] = bad
     with pytest.raises(ValueError, match=r"attention must be finite.*\(2, 4, 10\)"):
         anchor_search(row, 3)
+
+
+def test_accepts_the_largest_finite_values():
+    """The finiteness check must not mistake huge but finite scores for overflow."""
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        row = torch.full((2, 3, 50), torch.finfo(dtype).max, dtype=dtype)
+        row[:, :, 7] = 0.0
+        assert anchor_search(row, 5).shape == (2, 6)
 
 
 def test_rejects_cls_without_prefix_and_bad_options():
