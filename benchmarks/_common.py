@@ -272,3 +272,30 @@ def format_count(value: int) -> str:
         if abs(value) >= scale:
             return f"{value / scale:.3g} {unit}"
     return str(value)
+
+
+def connector_benchmark_main(
+    argv: list[str] | None,
+    *,
+    description: str,
+    presets: Any,
+    run: Callable[..., dict[str, Any]],
+    to_markdown: Callable[[dict[str, Any]], str],
+) -> None:
+    """Command line shared by the per-connector benchmarks: table on stdout, JSON on stderr."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--preset", default="default", choices=list(presets))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--connectors", default=None, help=f"comma-separated subset of: {', '.join(BENCH_CONNECTORS)}")
+    args = parser.parse_args(argv)
+    try:
+        device = parse_device(args.device)
+        resolve_connectors(args.connectors)
+    except ValueError as err:
+        parser.error(str(err))
+    result = run(preset=args.preset, device=device, connectors=args.connectors)
+    print(to_markdown(result))
+    json.dump(result, sys.stderr, indent=1, default=str)

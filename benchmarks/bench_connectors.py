@@ -18,9 +18,6 @@ Run alone: ``python benchmarks/bench_connectors.py [--preset default] [--device 
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from typing import Any
 
 import torch
@@ -29,10 +26,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from _common import (
     BASELINE,
     BENCH_CONNECTORS,
+    connector_benchmark_main,
     format_count,
     format_flops,
     measure_interleaved,
-    parse_device,
     progress,
     resolve_connectors,
     seeded,
@@ -197,19 +194,9 @@ def to_markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="default", choices=list(PRESETS))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--connectors", default=None, help=f"comma-separated subset of: {', '.join(BENCH_CONNECTORS)}")
-    args = parser.parse_args(argv)
-    try:
-        device = parse_device(args.device)
-        resolve_connectors(args.connectors)
-    except ValueError as err:
-        parser.error(str(err))
-    result = run(preset=args.preset, device=device, connectors=args.connectors)
-    print(to_markdown(result))
-    json.dump(result, sys.stderr, indent=1, default=str)
+    connector_benchmark_main(
+        argv, description=__doc__.splitlines()[0], presets=PRESETS, run=run, to_markdown=to_markdown
+    )
 
 
 if __name__ == "__main__":
