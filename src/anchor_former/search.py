@@ -18,12 +18,12 @@ Rules the reference leaves undefined, defined here:
 
 Two methods give identical results:
 
-* ``"sorted"`` (default): one ``topk`` of every head at once (``K`` candidates per head suffice, because
+* ``"sorted"`` (``"auto"`` on accelerators): one ``topk`` of every head at once (``K`` candidates per head suffice, because
   earlier heads can take at most ``K - quota[h]`` of head ``h``'s best ``K``), then a greedy pass over
   heads made of gathers, a cumulative sum and a scatter on ``(B, K)`` tensors: no data-dependent shapes,
   no host reads, ``torch.compile(fullgraph=True)``-able and CUDA-graphable.
-* ``"masked"``: the plain formulation, one masked ``topk`` per head; kept as the readable reference and
-  fallback.
+* ``"masked"`` (``"auto"`` on CPU): the plain formulation, one ``topk`` per head over the tokens earlier
+  heads left; the readable reference, and the faster one on CPU.
 """
 
 from __future__ import annotations
@@ -181,6 +181,19 @@ def _mask_to_sorted_indices(chosen: torch.Tensor, k: int) -> torch.Tensor:
     return out.scatter(1, slot, positions)[:, :k]
 
 
+def _check_options(*, include_cls: bool, num_prefix_tokens: int, method: str) -> None:
+    """Validate the search's settings (shared by :func:`anchor_search` and :class:`AnchorSearch`)."""
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, _METHODS))}, got {method!r}")
+    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
+        raise ValueError(f"num_prefix_tokens must be an integer >= 0, got {num_prefix_tokens!r}")
+    if include_cls and num_prefix_tokens < 1:
+        raise ValueError(
+            "include_cls=True needs a [CLS] token at index 0, but num_prefix_tokens=0 says the model has "
+            "none; pass include_cls=False"
+        )
+
+
 def anchor_search(
     attention: torch.Tensor,
     num_anchors: int,
@@ -204,9 +217,9 @@ def anchor_search(
         include_cls: prepend token 0 ([CLS]) to the result. Needs ``num_prefix_tokens >= 1``.
         num_prefix_tokens: leading special tokens that are never anchors: 1 for [CLS] (CLIP, timm ViT),
             1 + registers for DINOv2 with registers, 0 for models without [CLS] (SigLIP).
-        method: ``"sorted"`` (one top-k of all heads + a greedy pass; the fast path), ``"masked"``
-            (one masked top-k per head; the plain reference) or ``"auto"`` (= ``"sorted"``).
-            Both return identical results.
+        method: ``"sorted"`` (one top-k of all heads + a greedy pass; for accelerators), ``"masked"``
+            (one top-k per head; the plain formulation, faster on CPU) or ``"auto"`` (``"masked"`` on
+            CPU, ``"sorted"`` elsewhere). Both return identical results.
         check_finite: raise on NaN/inf scores. On CUDA this reads one flag back to the host; pass False
             in a latency-critical or CUDA-graphed loop. Skipped while ``torch.compile`` traces.
 
@@ -220,15 +233,7 @@ def anchor_search(
             ``num_anchors`` < 1 or above the number of candidates, an unknown method, or
             ``include_cls=True`` with ``num_prefix_tokens=0``.
     """
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {', '.join(map(repr, _METHODS))}, got {method!r}")
-    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
-        raise ValueError(f"num_prefix_tokens must be an integer >= 0, got {num_prefix_tokens!r}")
-    if include_cls and num_prefix_tokens < 1:
-        raise ValueError(
-            "include_cls=True needs a [CLS] token at index 0, but num_prefix_tokens=0 says the model has "
-            "none; pass include_cls=False"
-        )
+    _check_options(include_cls=include_cls, num_prefix_tokens=num_prefix_tokens, method=method)
     scores = cls_scores(attention, num_prefix_tokens=num_prefix_tokens)  # (B, H, N)
     check_floating("attention", attention)
     b, h, n = scores.shape
@@ -286,12 +291,7 @@ class AnchorSearch(nn.Module):
     ) -> None:
         super().__init__()
         anchor_quotas(num_anchors, 1)  # validates num_anchors
-        if method not in _METHODS:
-            raise ValueError(f"method must be one of {', '.join(map(repr, _METHODS))}, got {method!r}")
-        if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
-            raise ValueError(f"num_prefix_tokens must be an integer >= 0, got {num_prefix_tokens!r}")
-        if include_cls and num_prefix_tokens < 1:
-            raise ValueError("include_cls=True needs a [CLS] token at index 0 (num_prefix_tokens >= 1)")
+        _check_options(include_cls=include_cls, num_prefix_tokens=num_prefix_tokens, method=method)
         self.num_anchors = num_anchors
         self.include_cls = include_cls
         self.num_prefix_tokens = num_prefix_tokens
