@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils import benchmark
 
 from anchor_former.search import anchor_search
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import device_name  # noqa: E402
 
 __all__ = ["reference_loop", "run", "PRESETS"]
 
@@ -97,7 +100,7 @@ def run(*, preset: str = "default", device: torch.device | str = "cpu", compile:
     return {
         "benchmark": "anchor_search",
         "preset": preset,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": device_name(device),
         "device_type": device.type,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
