@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from anchor_former import AnchorSearch, anchor_quotas, anchor_search
+from anchor_former import AnchorSearch, anchor_quotas, anchor_search, native_search_available
+from anchor_former.search import _resolve_method
 
-METHODS = ["sorted", "masked"]
+METHODS = ["native", "sorted", "masked"]  # every implementation that runs on the CPU
+TRACEABLE = ["auto", "sorted", "masked"]  # what torch.compile can trace ("auto" leaves the kernel out)
+
+
+def fits(method: str, dtype: torch.dtype) -> bool:
+    """Whether ``method`` takes CPU scores of ``dtype`` (the native kernel reads float32/fp16/bf16)."""
+    return method != "native" or dtype != torch.float64
 
 
 def reference_search(
@@ -130,7 +139,8 @@ def test_dtype_does_not_change_result(generator, dtype):
     row = torch.softmax(torch.randn(3, 8, 101, generator=generator), dim=-1).to(dtype)
     expected = torch.tensor(reference_search(row, 40))
     for method in METHODS:
-        assert torch.equal(anchor_search(row, 40, method=method), expected)
+        if fits(method, dtype):
+            assert torch.equal(anchor_search(row, 40, method=method), expected)
         assert torch.equal(anchor_search(row.float(), 40, method=method), expected)
 
 
@@ -148,19 +158,24 @@ def test_module_matches_function(generator):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(2, 4, 30), (2, 1, 30), (1, 4, 30), (2, 30), (1, 30), (2, 3, 30, 30)])
 def test_does_not_modify_input(generator, method, dtype, shape):
+    if not fits(method, dtype):
+        pytest.skip("the native kernel takes no float64")
     row = torch.rand(*shape, generator=generator).to(dtype)
     before = row.clone()
     anchor_search(row, 12, method=method)
     assert torch.equal(row, before)
 
 
-def test_noncontiguous_input(generator):
+@pytest.mark.parametrize("method", METHODS)
+def test_noncontiguous_input(generator, method):
     row = torch.rand(4, 30, 6, generator=generator).transpose(1, 2)  # (B, H, N), non-contiguous
-    assert torch.equal(anchor_search(row, 12), torch.tensor(reference_search(row, 12)))
+    assert torch.equal(anchor_search(row, 12, method=method), torch.tensor(reference_search(row, 12)))
+    full = torch.rand(2, 3, 30, 30, generator=generator)  # the [CLS] row is a strided view
+    assert torch.equal(anchor_search(full, 12, method=method), torch.tensor(reference_search(full[:, :, 0], 12)))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", TRACEABLE)
 def test_compiles_fullgraph(generator, method):
     torch._dynamo.reset()
     row = torch.softmax(torch.randn(2, 4, 33, generator=generator), dim=-1)
@@ -172,10 +187,117 @@ def test_compiles_fullgraph(generator, method):
 def test_cuda_matches_cpu(generator):
     row = torch.softmax(torch.randn(8, 16, 577, generator=generator), dim=-1)
     for dtype in (torch.float32, torch.bfloat16):
-        for method in METHODS:
+        for method in ("auto", "sorted", "masked"):
             got = anchor_search(row.to("cuda", dtype), 144, method=method)
             assert got.device.type == "cuda"
             assert torch.equal(got.cpu(), anchor_search(row.to(dtype), 144))
+
+
+# ---------------------------------------------------------------------------------------------- native kernel
+
+
+def test_native_kernel_is_built():
+    """This test environment has a C compiler, so the install must have built the kernel; without it
+    "auto" would quietly fall back to the slower masked path."""
+    assert native_search_available()
+
+
+def test_auto_picks_the_method_by_device_and_dtype():
+    cpu = torch.rand(2, 4, 10)
+    assert _resolve_method("auto", cpu) == "native"
+    assert _resolve_method("auto", cpu.half()) == "native"
+    assert _resolve_method("auto", cpu.double()) == "masked"
+    assert _resolve_method("auto", torch.empty(2, 4, 10, device="meta")) == "sorted"
+    for method in METHODS:
+        assert _resolve_method(method, cpu) == method
+
+
+@pytest.mark.parametrize(
+    ("b", "h", "n", "k", "prefix"),
+    [
+        (2, 1, 577, 300, 1),  # one head whose quota exceeds the number of 16-token blocks
+        (2, 40, 50, 10, 1),  # more heads than anchors: the last heads add nothing
+        (3, 16, 577, 256, 1),
+        (2, 7, 13, 12, 0),  # fewer tokens than a block, every candidate taken
+        (2, 3, 600, 31, 5),
+    ],
+)
+def test_native_edge_shapes(generator, b, h, n, k, prefix):
+    row = torch.randn(b, h, n, generator=generator)
+    include_cls = prefix > 0
+    expected = torch.tensor(reference_search(row, k, include_cls=include_cls, num_prefix_tokens=prefix))
+    got = anchor_search(row, k, include_cls=include_cls, num_prefix_tokens=prefix, method="native")
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("where", [(1, 2, 0), (0, 39, 20)])  # the [CLS] score; a head with quota 0
+def test_native_finite_check_covers_every_score(where):
+    row = torch.rand(2, 40, 50)
+    row[where] = float("nan")
+    with pytest.raises(ValueError, match=r"attention must be finite, got 1 NaN and 0 inf.*\(2, 40, 50\)"):
+        anchor_search(row, 10, method="native")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_native_equals_masked_on_non_finite_scores_without_the_check(seed):
+    """NaN/inf order by their bits in both paths (unspecified behaviour, but the same everywhere)."""
+    gen = torch.Generator().manual_seed(seed)
+    row = torch.randn(3, 8, 70, generator=gen)
+    u = torch.rand(row.shape, generator=gen)
+    row[u < 0.04] = float("nan")
+    row[(u >= 0.04) & (u < 0.08)] = -float("nan")
+    row[(u >= 0.08) & (u < 0.12)] = float("inf")
+    row[(u >= 0.12) & (u < 0.16)] = -float("inf")
+    for k in (1, 20, 69):
+        native = anchor_search(row, k, method="native", check_finite=False)
+        assert torch.equal(native, anchor_search(row, k, method="masked", check_finite=False))
+
+
+def test_native_from_several_threads(generator):
+    """The kernel releases the GIL and keeps no state between calls."""
+    rows = [torch.softmax(torch.randn(8, 16, 577, generator=generator), dim=-1) for _ in range(8)]
+    expected = [anchor_search(r, 144, method="masked") for r in rows]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        got = list(pool.map(lambda r: anchor_search(r, 144, method="native"), rows * 3))
+    for i, g in enumerate(got):
+        assert torch.equal(g, expected[i % len(rows)])
+
+
+def test_native_rejects_what_it_cannot_take():
+    with pytest.raises(ValueError, match=r"method='native' takes CPU float32.*\(2, 4, 10\).*torch.float64"):
+        anchor_search(torch.rand(2, 4, 10, dtype=torch.float64), 3, method="native")
+    with pytest.raises(ValueError, match=r"method='native' takes CPU.*\(2, 4, 10\) on meta"):
+        anchor_search(torch.empty(2, 4, 10, device="meta"), 3, method="native", check_finite=False)
+
+
+@st.composite
+def tied_case(draw):
+    """Scores drawn from a few values (many ties, negatives, both zeros, extremes), in either memory layout."""
+    b = draw(st.integers(1, 3))
+    h = draw(st.integers(1, 20))
+    prefix = draw(st.integers(0, 2))
+    n = draw(st.integers(prefix + 1, prefix + 70))
+    k = draw(st.integers(1, n - prefix))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    pool = torch.tensor([-3.0e38, -2.5, -1.0, -0.0, 0.0, 1e-30, 0.25, 0.25000003, 1.0, 3.0e38])
+    pool = pool[: draw(st.integers(2, len(pool)))]
+    row = pool[torch.randint(len(pool), (b, h, n), generator=gen)]
+    if draw(st.booleans()):
+        row = row.transpose(0, 2).contiguous().transpose(0, 2)  # same values, token-major memory
+    include_cls = prefix > 0 and draw(st.booleans())
+    return row, k, prefix, include_cls
+
+
+@settings(max_examples=80, deadline=None)
+@given(tied_case())
+def test_native_matches_reference_on_ties(case):
+    row, k, prefix, include_cls = case
+    kwargs = dict(include_cls=include_cls, num_prefix_tokens=prefix)
+    got = anchor_search(row, k, method="native", **kwargs)
+    assert torch.equal(got, torch.tensor(reference_search(row, k, **kwargs)))
+    low = row.to(torch.bfloat16)  # rounding makes new ties; the rule must hold on the rounded values
+    got = anchor_search(low, k, method="native", **kwargs)
+    assert torch.equal(got, torch.tensor(reference_search(low.float(), k, **kwargs)))
 
 
 # ---------------------------------------------------------------------------------------------- properties

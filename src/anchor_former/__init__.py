@@ -4,7 +4,7 @@ Public API (also listed in ``docs/api.md``). Modules add their names here explic
 """
 
 from anchor_former import adapters, checkpoint, flops
-from anchor_former.search import AnchorSearch, anchor_quotas, anchor_search, cls_scores
+from anchor_former.search import AnchorSearch, anchor_quotas, anchor_search, cls_scores, native_search_available
 from anchor_former.attention import CrossAttention
 from anchor_former.connectors import (
     AvgPoolConnector,
@@ -42,6 +42,7 @@ __all__ = [
     "anchor_quotas",
     "anchor_search",
     "cls_scores",
+    "native_search_available",
     "available_connectors",
     "build_connector",
     "build_projector",

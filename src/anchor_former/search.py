@@ -16,14 +16,18 @@ Rules the reference leaves undefined, defined here:
 * **Prefix tokens.** The first ``num_prefix_tokens`` tokens (1 for CLIP's [CLS], 5 for DINOv2 with four
   registers, 0 for SigLIP which has no [CLS]) are never anchors.
 
-Two methods give identical results:
+Three methods give identical results:
 
+* ``"native"`` (``"auto"`` on CPU when built): a compiled C kernel, one pass per sample with no
+  Python loop at all (``_native.c``, built at install when a C compiler is present). Per head it writes
+  the row's keys once, bounds the quota's worst key from block maxima and scans only the blocks that
+  can reach it; the finite check rides along in the same pass. CPU only, float32/fp16/bf16 scores.
 * ``"sorted"`` (``"auto"`` on accelerators): one ``topk`` of every head at once (``K`` candidates per head suffice, because
   earlier heads can take at most ``K - quota[h]`` of head ``h``'s best ``K``), then a greedy pass over
   heads made of gathers, a cumulative sum and a scatter on ``(B, K)`` tensors: no data-dependent shapes,
   no host reads, ``torch.compile(fullgraph=True)``-able and CUDA-graphable.
-* ``"masked"`` (``"auto"`` on CPU): the plain formulation, one ``topk`` per head over the tokens earlier
-  heads left; the readable reference, and the faster one on CPU.
+* ``"masked"`` (``"auto"`` on CPU without the kernel, for float64, and under ``torch.compile``): the
+  plain formulation, one ``topk`` per head over the tokens earlier heads left; the readable reference.
 """
 
 from __future__ import annotations
@@ -37,10 +41,15 @@ from torch import nn
 from anchor_former._validation import check_finite as _check_finite
 from anchor_former._validation import check_floating, check_ndim, shape_str
 
-__all__ = ["AnchorSearch", "anchor_quotas", "anchor_search", "cls_scores"]
+try:  # the compiled CPU kernel (setup.py builds it when a C compiler is present)
+    from anchor_former import _native
+except ImportError:  # pragma: no cover - exercised only on installs without a compiler
+    _native = None
 
-Method = Literal["auto", "sorted", "masked"]
-_METHODS = ("auto", "sorted", "masked")
+__all__ = ["AnchorSearch", "anchor_quotas", "anchor_search", "cls_scores", "native_search_available"]
+
+Method = Literal["auto", "native", "sorted", "masked"]
+_METHODS = ("auto", "native", "sorted", "masked")
 _LAYOUTS = "(B, H, N, N) full attention, (B, H, N) [CLS] row per head, or (B, N) one score per token"
 
 
@@ -181,6 +190,60 @@ def _mask_to_sorted_indices(chosen: torch.Tensor, k: int) -> torch.Tensor:
     return out.scatter(1, slot, positions)[:, :k]
 
 
+def native_search_available() -> bool:
+    """Whether the compiled CPU kernel (``method="native"``) was built with this install."""
+    return _native is not None
+
+
+def _native_search(
+    scores: torch.Tensor, quotas: tuple[int, ...], *, num_prefix_tokens: int, include_cls: bool, check_finite: bool
+) -> torch.Tensor:
+    """The search by the compiled kernel: ``scores (B, H, N)`` on the CPU → ``(B, K + 1)`` or ``(B, K)``.
+
+    The kernel reads float32 scores through their strides (fp16/bf16 are upcast exactly first) and
+    writes the result rows; it counts non-finite scores in the same pass.
+    """
+    if scores.dtype != torch.float32:
+        scores = scores.float()  # (B, H, N), exact for fp16/bf16
+    scores = scores.detach()
+    b, h, n = scores.shape
+    out = torch.empty(b, sum(quotas) + int(include_cls), dtype=torch.int64)  # (B, K + 1) or (B, K)
+    bad = _native.search(
+        scores.data_ptr(), b, h, n, *scores.stride(), num_prefix_tokens, quotas,
+        out.data_ptr(), out.stride(0), include_cls, check_finite,
+    )  # fmt: skip
+    if bad:
+        _check_finite("attention", scores)  # raises with the counts
+    return out
+
+
+def _resolve_method(method: str, scores: torch.Tensor) -> str:
+    """The method that runs on ``scores (B, H, N)``: ``"auto"`` picks by device, dtype and tracing;
+    an explicit ``"native"`` is checked against what the kernel can take."""
+    on_cpu = scores.device.type == "cpu"
+    kernel_fits = on_cpu and scores.dtype != torch.float64 and not torch.compiler.is_compiling()
+    if method == "auto":
+        # On CPU the compiled kernel beats H top-k calls by far; on accelerators one top-k plus a
+        # greedy pass of small fused ops beats H separate top-k launches.
+        if not on_cpu:
+            return "sorted"
+        return "native" if kernel_fits and _native is not None else "masked"
+    if method == "native":
+        if _native is None:
+            raise RuntimeError(
+                "method='native' needs the compiled CPU kernel, which this install lacks (it is built "
+                "when a C compiler is present at install time); use method='masked' or 'auto'"
+            )
+        if not kernel_fits:
+            raise ValueError(
+                "method='native' takes CPU float32/float16/bfloat16 scores outside torch.compile, got "
+                f"scores of shape {shape_str(scores)} on {scores.device} with dtype {scores.dtype}"
+                f"{' while torch.compile traces' if torch.compiler.is_compiling() else ''}; "
+                "use method='masked' or 'auto'"
+            )
+    return method
+
+
 def _check_options(*, include_cls: bool, num_prefix_tokens: int, method: str) -> None:
     """Validate the search's settings (shared by :func:`anchor_search` and :class:`AnchorSearch`)."""
     if method not in _METHODS:
@@ -217,11 +280,14 @@ def anchor_search(
         include_cls: prepend token 0 ([CLS]) to the result. Needs ``num_prefix_tokens >= 1``.
         num_prefix_tokens: leading special tokens that are never anchors: 1 for [CLS] (CLIP, timm ViT),
             1 + registers for DINOv2 with registers, 0 for models without [CLS] (SigLIP).
-        method: ``"sorted"`` (one top-k of all heads + a greedy pass; for accelerators), ``"masked"``
-            (one top-k per head; the plain formulation, faster on CPU) or ``"auto"`` (``"masked"`` on
-            CPU, ``"sorted"`` elsewhere). Both return identical results.
+        method: ``"native"`` (the compiled CPU kernel; CPU float32/fp16/bf16 scores, not traceable by
+            ``torch.compile``), ``"sorted"`` (one top-k of all heads + a greedy pass; for
+            accelerators), ``"masked"`` (one top-k per head; the plain formulation) or ``"auto"``:
+            ``"native"`` on CPU when it was built (``"masked"`` without it, for float64 scores and while
+            ``torch.compile`` traces), ``"sorted"`` elsewhere. All return identical results.
         check_finite: raise on NaN/inf scores. On CUDA this reads one flag back to the host; pass False
-            in a latency-critical or CUDA-graphed loop. Skipped while ``torch.compile`` traces.
+            in a latency-critical or CUDA-graphed loop. Skipped while ``torch.compile`` traces; free
+            with the native kernel, which checks in its own pass.
 
     Returns:
         LongTensor ``(B, K + 1)`` = ``[0, a_1 < a_2 < ... < a_K]`` with ``include_cls=True``, else
@@ -230,8 +296,10 @@ def anchor_search(
 
     Raises:
         ValueError: wrong rank, a non-square full map, a non-floating dtype, NaN/inf scores,
-            ``num_anchors`` < 1 or above the number of candidates, an unknown method, or
-            ``include_cls=True`` with ``num_prefix_tokens=0``.
+            ``num_anchors`` < 1 or above the number of candidates, an unknown method,
+            ``method="native"`` for scores it cannot take (not on the CPU, float64, under
+            ``torch.compile``), or ``include_cls=True`` with ``num_prefix_tokens=0``.
+        RuntimeError: ``method="native"`` on an install built without the kernel.
     """
     _check_options(include_cls=include_cls, num_prefix_tokens=num_prefix_tokens, method=method)
     scores = cls_scores(attention, num_prefix_tokens=num_prefix_tokens)  # (B, H, N)
@@ -244,17 +312,18 @@ def anchor_search(
             f"{num_prefix_tokens} candidate tokens for attention of shape {shape_str(attention)}), "
             f"got {num_anchors!r}"
         )
+    method = _resolve_method(method, scores)
+    quotas = anchor_quotas(num_anchors, h)
+    if method == "native":
+        return _native_search(
+            scores, quotas, num_prefix_tokens=num_prefix_tokens, include_cls=include_cls, check_finite=check_finite
+        )
     if check_finite:
         _check_finite("attention", scores)
 
-    quotas = anchor_quotas(num_anchors, h)
     cand_scores = scores[:, :, num_prefix_tokens:]  # (B, H, M), M = N - num_prefix_tokens
     if cand_scores.dtype != torch.float64:
         cand_scores = cand_scores.float()  # exact for fp16/bf16: same order, same ties
-    if method == "auto":
-        # The masked loop is fastest on CPU; on accelerators one top-k plus a greedy pass of small
-        # fused ops beats H separate top-k launches.
-        method = "masked" if cand_scores.device.type == "cpu" else "sorted"
     if method == "masked":
         anchors = _greedy_masked(cand_scores, quotas)
     else:
@@ -273,7 +342,7 @@ class AnchorSearch(nn.Module):
         num_anchors: K anchors besides [CLS].
         include_cls: prepend token 0 to the result.
         num_prefix_tokens: leading special tokens that are never anchors.
-        method: ``"auto"``, ``"sorted"`` or ``"masked"`` (identical results).
+        method: ``"auto"``, ``"native"``, ``"sorted"`` or ``"masked"`` (identical results).
         check_finite: raise on NaN/inf scores (one host read on CUDA).
 
     Shapes:

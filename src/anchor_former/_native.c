@@ -1,0 +1,279 @@
+/*
+ * Compiled CPU kernel of the progressive anchor search (anchor_former.search, method="native").
+ *
+ * Same rules as the PyTorch paths, bit for bit: scores are float32 (fp16/bf16 are upcast exactly by
+ * the caller); each score maps to the order-preserving int32 image of its bits, with -0.0 and +0.0
+ * both mapped to 0, and ties go to the lower token index. Per sample, heads are visited in index
+ * order and head h adds its quota[h] best tokens that no earlier head took.
+ *
+ * Per (sample, head) row the selection is exact and cheap: the keys of the row are written once
+ * (taken tokens struck out), the maxima of blocks of 16 tokens are taken, and the q-th largest block
+ * maximum tau is a lower bound of the q-th best key (q blocks hold a key >= tau). Only blocks whose
+ * maximum reaches tau are scanned, into a best-first buffer of q entries.
+ *
+ * No Python objects are touched while the GIL is released. Built by setup.py as an optional
+ * extension: without a C compiler the package falls back to the PyTorch paths.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLOCK 16
+#define STRUCK INT32_MIN /* below every real key: the smallest key of a float is INT32_MIN + 1 */
+
+/* Order-preserving int32 image of a float32's bits; -0.0 and +0.0 share the key 0. */
+static inline int32_t order_key(uint32_t bits) {
+    int32_t b = (int32_t)bits;
+    int32_t sign = -(int32_t)(bits >> 31); /* -1 for negative floats, else 0 */
+    return (b ^ (sign & 0x7FFFFFFF)) - sign;
+}
+
+static inline int is_nonfinite(uint32_t bits) { return (bits & 0x7F800000u) == 0x7F800000u; }
+
+static inline uint32_t load_bits(const float *p) {
+    uint32_t bits;
+    memcpy(&bits, p, sizeof bits);
+    return bits;
+}
+
+/*
+ * Insert (key, j) into the best-first buffer keys/idx holding *len of at most q entries. j is larger
+ * than every index in the buffer, so it goes after entries with an equal key. When the buffer is full
+ * the caller has checked key > keys[q - 1], and the last entry is dropped.
+ */
+static inline void insert_best(int32_t *keys, int64_t *idx, int64_t *len, int64_t q, int32_t key, int64_t j) {
+    int64_t p = *len < q ? *len : q - 1;
+    while (p > 0 && keys[p - 1] < key) {
+        keys[p] = keys[p - 1];
+        idx[p] = idx[p - 1];
+        --p;
+    }
+    keys[p] = key;
+    idx[p] = j;
+    if (*len < q) ++*len;
+}
+
+/* The q-th largest of values[0:n] (q <= n), using keys[0:q] as scratch. */
+static int32_t kth_largest(const int32_t *values, int64_t n, int64_t q, int32_t *keys, int64_t *idx) {
+    int64_t len = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        if (len < q || values[i] > keys[q - 1]) insert_best(keys, idx, &len, q, values[i], i);
+    }
+    return keys[q - 1];
+}
+
+typedef struct {
+    int64_t batch, heads, tokens, prefix;      /* B, H, N, leading tokens that are never anchors */
+    int64_t stride_b, stride_h, stride_n;      /* element strides of the (B, H, N) scores */
+    const int64_t *quotas;                     /* (H,) anchors each head adds */
+    int64_t qmax;
+    int check_finite;
+} Problem;
+
+/* Scratch for one sample; M = N - prefix candidates, NB blocks. */
+typedef struct {
+    int32_t *work;   /* (M,) keys of the current head row, taken tokens struck */
+    int32_t *bmax;   /* (NB,) block maxima */
+    uint8_t *taken;  /* (M,) chosen by an earlier head */
+    int32_t *keys;   /* (max(qmax, 1),) best-first buffer */
+    int64_t *idx;
+    int32_t *cand;   /* (M,) candidate tokens, or block maxima while tau is searched */
+} Scratch;
+
+/* Write the keys of one head row into work (taken tokens struck) and return its non-finite count. */
+static int64_t load_row(const float *row, int64_t stride_n, int64_t m, const uint8_t *taken, int32_t *work) {
+    int64_t bad = 0;
+    if (stride_n == 1) {
+        for (int64_t j = 0; j < m; ++j) {
+            uint32_t bits = load_bits(row + j);
+            bad += is_nonfinite(bits);
+            int32_t key = order_key(bits);
+            work[j] = taken[j] ? STRUCK : key;
+        }
+    } else {
+        for (int64_t j = 0; j < m; ++j) {
+            uint32_t bits = load_bits(row + j * stride_n);
+            bad += is_nonfinite(bits);
+            int32_t key = order_key(bits);
+            work[j] = taken[j] ? STRUCK : key;
+        }
+    }
+    return bad;
+}
+
+static int64_t count_nonfinite(const float *row, int64_t stride_n, int64_t n) {
+    int64_t bad = 0;
+    for (int64_t j = 0; j < n; ++j) bad += is_nonfinite(load_bits(row + j * stride_n));
+    return bad;
+}
+
+/* Head h's quota q of the best untaken tokens: marks them in taken. */
+static void select_head(Scratch *s, int64_t m, int64_t q) {
+    int64_t nb = (m + BLOCK - 1) / BLOCK;
+    for (int64_t blk = 0; blk < nb; ++blk) {
+        int64_t lo = blk * BLOCK, hi = lo + BLOCK < m ? lo + BLOCK : m;
+        int32_t best = STRUCK;
+        for (int64_t j = lo; j < hi; ++j) best = s->work[j] > best ? s->work[j] : best;
+        s->bmax[blk] = best;
+    }
+    /* tau: a lower bound of the q-th best key, so smaller keys are never needed. */
+    int32_t tau = STRUCK;
+    if (q <= nb) {
+        /* A loose bound first: split the blocks into q runs; each run holds a key >= its maximum, so
+           at least q keys are >= the smallest run maximum. */
+        int32_t loose = INT32_MAX;
+        for (int64_t r = 0; r < q; ++r) {
+            int32_t run_max = STRUCK;
+            for (int64_t i = r * nb / q; i < (r + 1) * nb / q; ++i) run_max = s->bmax[i] > run_max ? s->bmax[i] : run_max;
+            loose = run_max < loose ? run_max : loose;
+        }
+        /* Then the tight one: the q-th largest block maximum (q blocks hold a key >= it), searched
+           among the few maxima that reach the loose bound. */
+        int64_t c = 0;
+        for (int64_t i = 0; i < nb; ++i) {
+            s->cand[c] = s->bmax[i];
+            c += s->bmax[i] >= loose;
+        }
+        tau = kth_largest(s->cand, c, q, s->keys, s->idx);
+    }
+    /* Candidates: the tokens whose key reaches tau (about q of them), in index order. */
+    int64_t c = 0;
+    for (int64_t blk = 0; blk < nb; ++blk) {
+        if (s->bmax[blk] < tau) continue;
+        int64_t lo = blk * BLOCK, hi = lo + BLOCK < m ? lo + BLOCK : m;
+        for (int64_t j = lo; j < hi; ++j) {
+            s->cand[c] = (int32_t)j;
+            c += s->work[j] >= tau;
+        }
+    }
+    int64_t len = 0;
+    for (int64_t i = 0; i < c; ++i) {
+        int32_t key = s->work[s->cand[i]];
+        if (len < q || key > s->keys[q - 1]) insert_best(s->keys, s->idx, &len, q, key, s->cand[i]);
+    }
+    /* Real keys are > STRUCK and at least q untaken tokens remain (the quotas sum to at most M), so
+       the buffer holds q untaken tokens. */
+    for (int64_t i = 0; i < q; ++i) s->taken[s->idx[i]] = 1;
+}
+
+/* Returns the number of non-finite scores seen (0 when check_finite is off), or -1 on allocation failure. */
+static int64_t run_search(const Problem *p, const float *scores, int64_t *out, int64_t out_stride_b, int include_cls) {
+    int64_t m = p->tokens - p->prefix;
+    int64_t nb = (m + BLOCK - 1) / BLOCK;
+    int64_t qcap = p->qmax > 0 ? p->qmax : 1; /* the best-first buffer; kth_largest needs q entries too */
+    Scratch s;
+    s.work = (int32_t *)malloc((size_t)(m > 0 ? m : 1) * sizeof(int32_t));
+    s.bmax = (int32_t *)malloc((size_t)(nb > 0 ? nb : 1) * sizeof(int32_t));
+    s.taken = (uint8_t *)malloc((size_t)(m > 0 ? m : 1));
+    s.keys = (int32_t *)malloc((size_t)qcap * sizeof(int32_t));
+    s.idx = (int64_t *)malloc((size_t)qcap * sizeof(int64_t));
+    s.cand = (int32_t *)malloc((size_t)(m > 0 ? m : 1) * sizeof(int32_t));
+    int64_t bad = 0;
+    if (!s.work || !s.bmax || !s.taken || !s.keys || !s.idx || !s.cand) {
+        bad = -1;
+        goto done;
+    }
+    for (int64_t b = 0; b < p->batch; ++b) {
+        memset(s.taken, 0, (size_t)m);
+        for (int64_t h = 0; h < p->heads; ++h) {
+            const float *row = scores + b * p->stride_b + h * p->stride_h;
+            int64_t q = p->quotas[h];
+            if (p->check_finite) bad += count_nonfinite(row, p->stride_n, p->prefix);
+            if (q == 0) {
+                if (p->check_finite) bad += count_nonfinite(row + p->prefix * p->stride_n, p->stride_n, m);
+                continue;
+            }
+            int64_t row_bad = load_row(row + p->prefix * p->stride_n, p->stride_n, m, s.taken, s.work);
+            if (p->check_finite) bad += row_bad;
+            select_head(&s, m, q);
+        }
+        int64_t *o = out + b * out_stride_b;
+        int64_t c = 0;
+        if (include_cls) o[c++] = 0;
+        for (int64_t j = 0; j < m; ++j) {
+            if (s.taken[j]) o[c++] = j + p->prefix;
+        }
+    }
+done:
+    free(s.work);
+    free(s.bmax);
+    free(s.taken);
+    free(s.keys);
+    free(s.idx);
+    free(s.cand);
+    return bad;
+}
+
+PyDoc_STRVAR(search_doc,
+             "search(scores_ptr, batch, heads, tokens, stride_b, stride_h, stride_n, prefix, quotas, out_ptr, "
+             "out_stride_b, include_cls, check_finite) -> int\n\n"
+             "Anchor search over float32 scores (B, H, N) at scores_ptr, written to the int64 rows at out_ptr.\n"
+             "Returns the number of non-finite scores seen (0 when check_finite is false).\n"
+             "Called by anchor_former.search with validated tensors; not a public API.");
+
+static PyObject *native_search(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long scores_ptr, out_ptr;
+    Py_ssize_t batch, heads, tokens, stride_b, stride_h, stride_n, prefix, out_stride_b;
+    PyObject *quota_seq;
+    int include_cls, check_finite;
+    if (!PyArg_ParseTuple(args, "KnnnnnnnOKnpp", &scores_ptr, &batch, &heads, &tokens, &stride_b, &stride_h,
+                          &stride_n, &prefix, &quota_seq, &out_ptr, &out_stride_b, &include_cls, &check_finite)) {
+        return NULL;
+    }
+    PyObject *fast = PySequence_Fast(quota_seq, "quotas must be a sequence of ints");
+    if (!fast) return NULL;
+    Py_ssize_t nq = PySequence_Fast_GET_SIZE(fast);
+    if (nq != heads) {
+        Py_DECREF(fast);
+        PyErr_Format(PyExc_ValueError, "quotas must have %zd entries (one per head), got %zd", heads, nq);
+        return NULL;
+    }
+    int64_t *quotas = (int64_t *)malloc((size_t)(nq > 0 ? nq : 1) * sizeof(int64_t));
+    if (!quotas) {
+        Py_DECREF(fast);
+        return PyErr_NoMemory();
+    }
+    int64_t qmax = 0, qsum = 0;
+    for (Py_ssize_t i = 0; i < nq; ++i) {
+        long long v = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fast, i));
+        if (v == -1 && PyErr_Occurred()) {
+            free(quotas);
+            Py_DECREF(fast);
+            return NULL;
+        }
+        quotas[i] = v;
+        qmax = v > qmax ? v : qmax;
+        qsum += v;
+    }
+    Py_DECREF(fast);
+    if (qsum > tokens - prefix || qsum < 0) {
+        free(quotas);
+        PyErr_Format(PyExc_ValueError, "quotas sum to %lld but there are only %zd candidate tokens",
+                     (long long)qsum, tokens - prefix);
+        return NULL;
+    }
+    Problem p = {batch, heads, tokens, prefix, stride_b, stride_h, stride_n, quotas, qmax, check_finite};
+    int64_t bad;
+    Py_BEGIN_ALLOW_THREADS
+    bad = run_search(&p, (const float *)(uintptr_t)scores_ptr, (int64_t *)(uintptr_t)out_ptr, out_stride_b,
+                     include_cls);
+    Py_END_ALLOW_THREADS
+    free(quotas);
+    if (bad < 0) return PyErr_NoMemory();
+    return PyLong_FromLongLong(bad);
+}
+
+static PyMethodDef native_methods[] = {
+    {"search", native_search, METH_VARARGS, search_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef native_module = {
+    PyModuleDef_HEAD_INIT, "_native", "Compiled CPU kernel of the anchor search.", -1, native_methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&native_module); }
