@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -200,6 +203,27 @@ def test_native_kernel_is_built():
     """This test environment has a C compiler, so the install must have built the kernel; without it
     "auto" would quietly fall back to the slower masked path."""
     assert native_search_available()
+
+
+def test_install_without_the_kernel_falls_back():
+    """An install built without a C compiler has no ``_native`` module: "auto" runs the masked path and an
+    explicit "native" says why it cannot run. (A fresh interpreter where that import fails.)"""
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["anchor_former._native"] = None  # what an install without the compiled module sees
+        import pytest, torch
+        from anchor_former import anchor_search, native_search_available
+        from anchor_former.search import _resolve_method
+        assert not native_search_available()
+        row = torch.rand(2, 4, 30)
+        assert _resolve_method("auto", row) == "masked"
+        assert torch.equal(anchor_search(row, 10), anchor_search(row, 10, method="sorted"))
+        with pytest.raises(RuntimeError, match="method='native' needs the compiled CPU kernel"):
+            anchor_search(row, 10, method="native")
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_auto_picks_the_method_by_device_and_dtype():
