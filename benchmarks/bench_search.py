@@ -8,6 +8,7 @@ Run alone: ``python benchmarks/bench_search.py [--preset default] [--device cpu]
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -90,6 +91,9 @@ def run(*, preset: str = "default", device: torch.device | str = "cpu", compile:
         }
         if device.type == "cpu" and native_search_available():
             variants["native"] = lambda: anchor_search(row, k, method="native", check_finite=False)
+        if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+            assert torch.equal(anchor_search(row, k, method="triton").cpu(), ref), "triton kernel disagrees"
+            variants["triton"] = lambda: anchor_search(row, k, method="triton", check_finite=False)
         if compile:
             torch._dynamo.reset()
             compiled = torch.compile(lambda a: anchor_search(a, k, check_finite=False), fullgraph=True, dynamic=False)
@@ -120,12 +124,13 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"target >= {result['target_speedup']}x. `default` is `method=\"auto\"` (here "
         f"`{result.get('auto_method', '?')}`) with the finite check; the others skip it.",
         "",
-        "| B | H | N | K | loop ms | default ms (x) | native ms (x) | masked ms (x) | sorted ms (x) | compiled auto ms (x) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| B | H | N | K | loop ms | default ms (x) | native ms (x) | triton ms (x) | masked ms (x) | sorted ms (x) "
+        "| compiled auto ms (x) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["results"]:
         cells = [str(r[key]) for key in ("batch", "heads", "tokens", "anchors")] + [f"{r['reference_loop_ms']:.1f}"]
-        for name in ("default", "native", "masked", "sorted", "compiled"):
+        for name in ("default", "native", "triton", "masked", "sorted", "compiled"):
             cells.append(f"{r[name + '_ms']:.3f} ({r[name + '_speedup']:.0f}x)" if f"{name}_ms" in r else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

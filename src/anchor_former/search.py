@@ -16,12 +16,15 @@ Rules the reference leaves undefined, defined here:
 * **Prefix tokens.** The first ``num_prefix_tokens`` tokens (1 for CLIP's [CLS], 5 for DINOv2 with four
   registers, 0 for SigLIP which has no [CLS]) are never anchors.
 
-Three methods give identical results:
+Four methods give identical results:
 
 * ``"native"`` (``"auto"`` on CPU when built): a compiled C kernel, one pass per sample with no
   Python loop at all (``_native.c``, built at install when a C compiler is present). Per head it writes
   the row's keys once, bounds the quota's worst key from block maxima and scans only the blocks that
   can reach it; the finite check rides along in the same pass. CPU only, float32/fp16/bf16 scores.
+* ``"triton"`` (CUDA, opt-in until measured on a GPU): the same walk as one Triton kernel, one program
+  per sample holding its keys in registers; per head one ``tl.topk`` finds the quota-th best untaken
+  key and every key at least that large is taken (``_triton_search.py``).
 * ``"sorted"`` (``"auto"`` on accelerators): one ``topk`` of every head at once (``K`` candidates per head suffice, because
   earlier heads can take at most ``K - quota[h]`` of head ``h``'s best ``K``), then a greedy pass over
   heads made of gathers, a cumulative sum and a scatter on ``(B, K)`` tensors: no data-dependent shapes,
@@ -33,6 +36,7 @@ Three methods give identical results:
 from __future__ import annotations
 
 import sys
+import importlib.util
 from typing import Literal
 
 import torch
@@ -48,8 +52,8 @@ except ImportError:  # pragma: no cover - exercised only on installs without a c
 
 __all__ = ["AnchorSearch", "anchor_quotas", "anchor_search", "cls_scores", "native_search_available"]
 
-Method = Literal["auto", "native", "sorted", "masked"]
-_METHODS = ("auto", "native", "sorted", "masked")
+Method = Literal["auto", "native", "triton", "sorted", "masked"]
+_METHODS = ("auto", "native", "triton", "sorted", "masked")
 _LAYOUTS = "(B, H, N, N) full attention, (B, H, N) [CLS] row per head, or (B, N) one score per token"
 
 
@@ -228,6 +232,14 @@ def _resolve_method(method: str, scores: torch.Tensor) -> str:
         if not on_cpu:
             return "sorted"
         return "native" if kernel_fits and _native is not None else "masked"
+    if method == "triton":
+        if importlib.util.find_spec("triton") is None:
+            raise RuntimeError("method='triton' needs the triton package (it ships with CUDA builds of PyTorch)")
+        if scores.device.type != "cuda" or scores.dtype == torch.float64:
+            raise ValueError(
+                "method='triton' takes CUDA float32/float16/bfloat16 scores, got scores of shape "
+                f"{shape_str(scores)} on {scores.device} with dtype {scores.dtype}; use method='sorted' or 'auto'"
+            )
     if method == "native":
         if _native is None:
             raise RuntimeError(
@@ -281,8 +293,9 @@ def anchor_search(
         num_prefix_tokens: leading special tokens that are never anchors: 1 for [CLS] (CLIP, timm ViT),
             1 + registers for DINOv2 with registers, 0 for models without [CLS] (SigLIP).
         method: ``"native"`` (the compiled CPU kernel; CPU float32/fp16/bf16 scores, not traceable by
-            ``torch.compile``), ``"sorted"`` (one top-k of all heads + a greedy pass; for
-            accelerators), ``"masked"`` (one top-k per head; the plain formulation) or ``"auto"``:
+            ``torch.compile``), ``"triton"`` (one Triton kernel; CUDA float32/fp16/bf16, opt-in),
+            ``"sorted"`` (one top-k of all heads + a greedy pass; for accelerators), ``"masked"``
+            (one top-k per head; the plain formulation) or ``"auto"``:
             ``"native"`` on CPU when it was built (``"masked"`` without it, for float64 scores and while
             ``torch.compile`` traces), ``"sorted"`` elsewhere. All return identical results.
         check_finite: raise on NaN/inf scores. On CUDA this reads one flag back to the host; pass False
@@ -297,9 +310,10 @@ def anchor_search(
     Raises:
         ValueError: wrong rank, a non-square full map, a non-floating dtype, NaN/inf scores,
             ``num_anchors`` < 1 or above the number of candidates, an unknown method,
-            ``method="native"`` for scores it cannot take (not on the CPU, float64, under
-            ``torch.compile``), or ``include_cls=True`` with ``num_prefix_tokens=0``.
-        RuntimeError: ``method="native"`` on an install built without the kernel.
+            ``method="native"``/``"triton"`` for scores it cannot take (wrong device, float64, the
+            native kernel under ``torch.compile``), or ``include_cls=True`` with ``num_prefix_tokens=0``.
+        RuntimeError: ``method="native"`` on an install built without the kernel, ``method="triton"``
+            without the triton package.
     """
     _check_options(include_cls=include_cls, num_prefix_tokens=num_prefix_tokens, method=method)
     scores = cls_scores(attention, num_prefix_tokens=num_prefix_tokens)  # (B, H, N)
@@ -318,6 +332,13 @@ def anchor_search(
         return _native_search(
             scores, quotas, num_prefix_tokens=num_prefix_tokens, include_cls=include_cls, check_finite=check_finite
         )
+    if method == "triton":
+        from anchor_former._triton_search import triton_search
+
+        anchors, bad = triton_search(scores, quotas, num_prefix_tokens=num_prefix_tokens, include_cls=include_cls)
+        if check_finite and not torch.compiler.is_compiling() and bool(bad.any()):  # one host read
+            _check_finite("attention", scores)  # raises with the counts
+        return anchors
     if check_finite:
         _check_finite("attention", scores)
 
@@ -342,7 +363,7 @@ class AnchorSearch(nn.Module):
         num_anchors: K anchors besides [CLS].
         include_cls: prepend token 0 to the result.
         num_prefix_tokens: leading special tokens that are never anchors.
-        method: ``"auto"``, ``"native"``, ``"sorted"`` or ``"masked"`` (identical results).
+        method: ``"auto"``, ``"native"``, ``"triton"``, ``"sorted"`` or ``"masked"`` (identical results).
         check_finite: raise on NaN/inf scores (one host read on CUDA).
 
     Shapes:

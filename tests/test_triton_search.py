@@ -1,0 +1,110 @@
+"""Tests for the Triton search kernel (anchor_former._triton_search, ``method="triton"``).
+
+Without a GPU the kernel is checked two ways: Triton's interpreter runs it on CPU tensors (exact
+agreement with the masked path, ties and non-finite counts included), and Triton's compiler builds it
+to a cubin for the GPUs the benchmarks name (sm_80, sm_90), which catches what the interpreter does not
+(types, shapes, register allocation). The CUDA test runs it for real where a GPU is present.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from anchor_former import anchor_search
+
+triton = pytest.importorskip("triton", reason="triton ships with CUDA builds of PyTorch only")
+
+INTERPRETED = textwrap.dedent(
+    """
+    import torch
+    from anchor_former import anchor_quotas, anchor_search
+    from anchor_former._triton_search import triton_search
+
+    gen = torch.Generator().manual_seed(0)
+    pool = torch.tensor([-3.0e38, -2.5, -1.0, -0.0, 0.0, 1e-30, 0.25, 0.25000003, 1.0, 3.0e38])
+    cases = [  # (b, h, n, k, prefix, include_cls, tied, token_major)
+        (2, 4, 30, 12, 1, True, False, False),
+        (3, 5, 40, 17, 1, True, True, False),  # quotas 4, 4, 3, 3, 3; many ties
+        (2, 3, 21, 20, 0, False, True, True),  # every candidate taken; strided scores
+        (2, 6, 9, 4, 2, False, False, False),  # more heads than anchors
+        (1, 1, 33, 1, 1, True, False, False),  # quota 1
+        (1, 16, 577, 144, 1, True, False, False),  # LLaVA-1.5 shapes
+    ]
+    for b, h, n, k, prefix, include_cls, tied, token_major in cases:
+        scores = pool[torch.randint(len(pool), (b, h, n), generator=gen)] if tied else torch.randn(b, h, n, generator=gen)
+        if token_major:
+            scores = scores.transpose(0, 2).contiguous().transpose(0, 2)
+        for dtype in (torch.float32, torch.bfloat16):
+            x = scores.to(dtype)
+            got, bad = triton_search(x, anchor_quotas(k, h), num_prefix_tokens=prefix, include_cls=include_cls)
+            want = anchor_search(x, k, num_prefix_tokens=prefix, include_cls=include_cls, method="masked")
+            assert torch.equal(got, want), (b, h, n, k, prefix, include_cls, tied, dtype)
+            assert bad.tolist() == [0] * b
+
+    scores = torch.rand(3, 4, 10)
+    scores[1, 2, 0] = float("nan")  # the [CLS] score counts too
+    scores[1, 0, 5] = float("inf")
+    scores[2, 3, 9] = -float("inf")
+    _, bad = triton_search(scores, anchor_quotas(3, 4), num_prefix_tokens=1, include_cls=True)
+    assert bad.tolist() == [0, 2, 1], bad.tolist()
+    print("ok")
+    """
+)
+
+
+def test_kernel_matches_masked_path_in_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run(
+        [sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "arch", "block_n", "top"),
+    [("fp32", 90, 1024, 16), ("bf16", 90, 1024, 16), ("fp16", 80, 1024, 16), ("fp32", 80, 2048, 32)],
+)
+def test_kernel_compiles_for_gpus(dtype, arch, block_n, top):
+    """Compile to a cubin for an A100 (sm_80) or H100/H200 (sm_90) without one: no GPU needed."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from anchor_former._triton_search import _search_kernel
+
+    ints = ["num_heads", "num_tokens", "num_prefix", "quota_base", "quota_extra"]
+    strides = ["stride_b", "stride_h", "stride_n", "out_stride_b"]
+    signature = {"scores_ptr": f"*{dtype}", "out_ptr": "*i64", "bad_ptr": "*i32"}
+    signature |= {name: "i32" for name in ints} | {name: "i64" for name in strides}
+    signature |= {"INCLUDE_CLS": "constexpr", "BLOCK_N": "constexpr", "TOP": "constexpr"}
+    source = ASTSource(
+        fn=_search_kernel, signature=signature, constexprs={"INCLUDE_CLS": 1, "BLOCK_N": block_n, "TOP": top}
+    )
+    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+    assert kernel.asm["cubin"]
+    assert "st.local" not in kernel.asm["ptx"]  # no stack arrays: the keys stay in registers
+
+
+def test_rejects_scores_it_cannot_take():
+    with pytest.raises(ValueError, match=r"method='triton' takes CUDA float32.*\(2, 4, 10\) on cpu"):
+        anchor_search(torch.rand(2, 4, 10), 3, method="triton")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    gen = torch.Generator().manual_seed(0)
+    row = torch.softmax(torch.randn(32, 16, 577, generator=gen), dim=-1)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for k in (256, 144, 100):
+            got = anchor_search(row.to("cuda", dtype), k, method="triton")
+            assert got.device.type == "cuda"
+            assert torch.equal(got.cpu(), anchor_search(row.to(dtype), k, method="masked"))
+    bad = row.to("cuda").clone()
+    bad[3, 5, 7] = float("nan")
+    with pytest.raises(ValueError, match="attention must be finite, got 1 NaN"):
+        anchor_search(bad, 144, method="triton")
