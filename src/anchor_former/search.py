@@ -25,8 +25,8 @@ Four methods give identical results:
 * ``"triton"`` (CUDA, opt-in until measured on a GPU): the same walk as one Triton kernel, one program
   per sample holding its keys in registers; per head one ``tl.topk`` finds the quota-th best untaken
   key and every key at least that large is taken (``_triton_search.py``).
-* ``"sorted"`` (``"auto"`` on accelerators): one ``topk`` of every head at once (``K`` candidates per head suffice, because
-  earlier heads can take at most ``K - quota[h]`` of head ``h``'s best ``K``), then a greedy pass over
+* ``"sorted"`` (``"auto"`` on accelerators): one ``topk`` of every head at once (``K`` candidates per
+  head suffice, because earlier heads can take at most ``K - quota[h]`` of head ``h``'s best ``K``), then a greedy pass over
   heads made of gathers, a cumulative sum and a scatter on ``(B, K)`` tensors: no data-dependent shapes,
   no host reads, ``torch.compile(fullgraph=True)``-able and CUDA-graphable.
 * ``"masked"`` (``"auto"`` on CPU without the kernel, for float64, and under ``torch.compile``): the
@@ -35,8 +35,8 @@ Four methods give identical results:
 
 from __future__ import annotations
 
-import sys
 import importlib.util
+import sys
 from typing import Literal
 
 import torch
