@@ -120,7 +120,8 @@ def run(*, preset: str = "default", device: torch.device | str = "cpu", compile:
 def to_markdown(result: dict[str, Any]) -> str:
     """A markdown table of :func:`run`'s result."""
     lines = [
-        f"Anchor search on {result['device']} ({result['device_type']}, torch {result['torch']}); speed-up = reference loop time / method time in the same run, "
+        f"Anchor search on {result['device']} ({result['device_type']}, torch {result['torch']}); "
+        "speed-up = reference loop time / method time in the same run, "
         f"target >= {result['target_speedup']}x. `default` is `method=\"auto\"` (here "
         f"`{result.get('auto_method', '?')}`) with the finite check; the others skip it.",
         "",

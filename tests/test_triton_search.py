@@ -37,7 +37,10 @@ INTERPRETED = textwrap.dedent(
         (1, 16, 577, 144, 1, True, False, False),  # LLaVA-1.5 shapes
     ]
     for b, h, n, k, prefix, include_cls, tied, token_major in cases:
-        scores = pool[torch.randint(len(pool), (b, h, n), generator=gen)] if tied else torch.randn(b, h, n, generator=gen)
+        if tied:
+            scores = pool[torch.randint(len(pool), (b, h, n), generator=gen)]
+        else:
+            scores = torch.randn(b, h, n, generator=gen)
         if token_major:
             scores = scores.transpose(0, 2).contiguous().transpose(0, 2)
         for dtype in (torch.float32, torch.bfloat16):

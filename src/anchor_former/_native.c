@@ -127,7 +127,9 @@ static void select_head(Scratch *s, int64_t m, int64_t q) {
         int32_t loose = INT32_MAX;
         for (int64_t r = 0; r < q; ++r) {
             int32_t run_max = STRUCK;
-            for (int64_t i = r * nb / q; i < (r + 1) * nb / q; ++i) run_max = s->bmax[i] > run_max ? s->bmax[i] : run_max;
+            for (int64_t i = r * nb / q; i < (r + 1) * nb / q; ++i) {
+                run_max = s->bmax[i] > run_max ? s->bmax[i] : run_max;
+            }
             loose = run_max < loose ? run_max : loose;
         }
         /* Then the tight one: the q-th largest block maximum (q blocks hold a key >= it), searched
@@ -273,7 +275,8 @@ static PyMethodDef native_methods[] = {
 };
 
 static struct PyModuleDef native_module = {
-    PyModuleDef_HEAD_INIT, "_native", "Compiled CPU kernel of the anchor search.", -1, native_methods, NULL, NULL, NULL, NULL,
+    PyModuleDef_HEAD_INIT, "_native", "Compiled CPU kernel of the anchor search.", -1, native_methods,
+    NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&native_module); }

@@ -26,9 +26,9 @@ Four methods give identical results:
   per sample holding its keys in registers; per head one ``tl.topk`` finds the quota-th best untaken
   key and every key at least that large is taken (``_triton_search.py``).
 * ``"sorted"`` (``"auto"`` on accelerators): one ``topk`` of every head at once (``K`` candidates per
-  head suffice, because earlier heads can take at most ``K - quota[h]`` of head ``h``'s best ``K``), then a greedy pass over
-  heads made of gathers, a cumulative sum and a scatter on ``(B, K)`` tensors: no data-dependent shapes,
-  no host reads, ``torch.compile(fullgraph=True)``-able and CUDA-graphable.
+  head suffice, because earlier heads can take at most ``K - quota[h]`` of head ``h``'s best ``K``),
+  then a greedy pass over heads made of gathers, a cumulative sum and a scatter on ``(B, K)`` tensors:
+  no data-dependent shapes, no host reads, ``torch.compile(fullgraph=True)``-able and CUDA-graphable.
 * ``"masked"`` (``"auto"`` on CPU without the kernel, for float64, and under ``torch.compile``): the
   plain formulation, one ``topk`` per head over the tokens earlier heads left; the readable reference.
 """
@@ -223,7 +223,7 @@ def _native_search(
 
 def _resolve_method(method: str, scores: torch.Tensor) -> str:
     """The method that runs on ``scores (B, H, N)``: ``"auto"`` picks by device, dtype and tracing;
-    an explicit ``"native"`` is checked against what the kernel can take."""
+    an explicit ``"native"`` or ``"triton"`` is checked against what its kernel can take."""
     on_cpu = scores.device.type == "cpu"
     kernel_fits = on_cpu and scores.dtype != torch.float64 and not torch.compiler.is_compiling()
     if method == "auto":
