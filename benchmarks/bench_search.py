@@ -92,8 +92,14 @@ def run(*, preset: str = "default", device: torch.device | str = "cpu", compile:
         if device.type == "cpu" and native_search_available():
             variants["native"] = lambda: anchor_search(row, k, method="native", check_finite=False)
         if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
-            assert torch.equal(anchor_search(row, k, method="triton").cpu(), ref), "triton kernel disagrees"
-            variants["triton"] = lambda: anchor_search(row, k, method="triton", check_finite=False)
+            # The opt-in kernel has not met a real GPU before: a failure is recorded, not fatal, so the
+            # other methods' numbers still come out of a scarce GPU run.
+            try:
+                entry["triton_matches_loop"] = torch.equal(anchor_search(row, k, method="triton").cpu(), ref)
+            except Exception as exc:  # noqa: BLE001 - any build or launch error
+                entry["triton_error"] = f"{type(exc).__name__}: {exc}"[:1000]
+            if entry.get("triton_matches_loop"):
+                variants["triton"] = lambda: anchor_search(row, k, method="triton", check_finite=False)
         if compile:
             torch._dynamo.reset()
             compiled = torch.compile(lambda a: anchor_search(a, k, check_finite=False), fullgraph=True, dynamic=False)
@@ -134,6 +140,11 @@ def to_markdown(result: dict[str, Any]) -> str:
         for name in ("default", "native", "triton", "masked", "sorted", "compiled"):
             cells.append(f"{r[name + '_ms']:.3f} ({r[name + '_speedup']:.0f}x)" if f"{name}_ms" in r else "-")
         lines.append("| " + " | ".join(cells) + " |")
+    for r in result["results"]:
+        if "triton_error" in r:
+            lines += ["", f"`triton` at K = {r['anchors']} failed (not timed): {r['triton_error']}"]
+        elif r.get("triton_matches_loop") is False:
+            lines += ["", f"`triton` at K = {r['anchors']} disagrees with the reference loop (not timed)."]
     return "\n".join(lines)
 
 
