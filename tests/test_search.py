@@ -287,6 +287,21 @@ def test_native_from_several_threads(generator):
         assert torch.equal(g, expected[i % len(rows)])
 
 
+def test_native_result_does_not_depend_on_the_thread_count(generator):
+    """A large batch is split over torch.get_num_threads() threads; the split must not show."""
+    row = torch.softmax(torch.randn(37, 16, 577, generator=generator), dim=-1)  # 37: uneven ranges
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 3, 8):
+            torch.set_num_threads(threads)
+            results.append(anchor_search(row, 144, method="native"))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(r, results[0]) for r in results)
+    assert torch.equal(results[0], anchor_search(row, 144, method="masked"))
+
+
 def test_native_rejects_what_it_cannot_take():
     with pytest.raises(ValueError, match=r"method='native' takes CPU float32.*\(2, 4, 10\).*torch.float64"):
         anchor_search(torch.rand(2, 4, 10, dtype=torch.float64), 3, method="native")

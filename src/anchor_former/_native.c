@@ -11,8 +11,10 @@
  * maximum tau is a lower bound of the q-th best key (q blocks hold a key >= tau). Only blocks whose
  * maximum reaches tau are scanned, into a best-first buffer of q entries.
  *
- * No Python objects are touched while the GIL is released. Built by setup.py as an optional
- * extension: without a C compiler the package falls back to the PyTorch paths.
+ * Samples are independent, so a large batch is split over up to torch.get_num_threads() POSIX threads
+ * (one thread on Windows); results do not depend on the split. No Python objects are touched while the
+ * GIL is released. Built by setup.py as an optional extension: without a C compiler the package falls
+ * back to the PyTorch paths.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -20,6 +22,11 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#if !defined(_WIN32)
+#include <pthread.h>
+#define ANCHOR_FORMER_PTHREADS 1
+#endif
 
 #define BLOCK 16
 #define STRUCK INT32_MIN /* below every real key: the smallest key of a float is INT32_MIN + 1 */
@@ -161,8 +168,10 @@ static void select_head(Scratch *s, int64_t m, int64_t q) {
     for (int64_t i = 0; i < q; ++i) s->taken[s->idx[i]] = 1;
 }
 
-/* Returns the number of non-finite scores seen (0 when check_finite is off), or -1 on allocation failure. */
-static int64_t run_search(const Problem *p, const float *scores, int64_t *out, int64_t out_stride_b, int include_cls) {
+/* Samples [first, last) of the batch. Returns the number of non-finite scores seen (0 when check_finite is
+   off), or -1 on allocation failure. */
+static int64_t run_search(const Problem *p, const float *scores, int64_t *out, int64_t out_stride_b, int include_cls,
+                          int64_t first, int64_t last) {
     int64_t m = p->tokens - p->prefix;
     int64_t nb = (m + BLOCK - 1) / BLOCK;
     int64_t qcap = p->qmax > 0 ? p->qmax : 1; /* the best-first buffer; kth_largest needs q entries too */
@@ -178,7 +187,7 @@ static int64_t run_search(const Problem *p, const float *scores, int64_t *out, i
         bad = -1;
         goto done;
     }
-    for (int64_t b = 0; b < p->batch; ++b) {
+    for (int64_t b = first; b < last; ++b) {
         memset(s.taken, 0, (size_t)m);
         for (int64_t h = 0; h < p->heads; ++h) {
             const float *row = scores + b * p->stride_b + h * p->stride_h;
@@ -209,21 +218,76 @@ done:
     return bad;
 }
 
+/* Samples are independent: a large batch is split into contiguous ranges, one per thread. */
+typedef struct {
+    const Problem *p;
+    const float *scores;
+    int64_t *out;
+    int64_t out_stride_b, first, last, result;
+    int include_cls;
+} Job;
+
+static void *run_job(void *arg) {
+    Job *job = (Job *)arg;
+    job->result = run_search(job->p, job->scores, job->out, job->out_stride_b, job->include_cls, job->first, job->last);
+    return NULL;
+}
+
+#define MIN_SCORES_PER_THREAD 65536 /* below this a thread costs more to start than it saves */
+
+static int64_t run_threaded(const Problem *p, const float *scores, int64_t *out, int64_t out_stride_b,
+                            int include_cls, int64_t max_threads) {
+    int64_t work = p->batch * p->heads * p->tokens;
+    int64_t n = work / MIN_SCORES_PER_THREAD;
+    if (n > max_threads) n = max_threads;
+    if (n > p->batch) n = p->batch;
+    if (n > 64) n = 64;
+    if (n < 1) n = 1;
+    Job jobs[64];
+    for (int64_t t = 0; t < n; ++t) {
+        Job job = {p, scores, out, out_stride_b, p->batch * t / n, p->batch * (t + 1) / n, 0, include_cls};
+        jobs[t] = job;
+    }
+#ifdef ANCHOR_FORMER_PTHREADS
+    pthread_t threads[64];
+    int started[64] = {0};
+    for (int64_t t = 1; t < n; ++t) started[t] = pthread_create(&threads[t], NULL, run_job, &jobs[t]) == 0;
+    run_job(&jobs[0]);
+    for (int64_t t = 1; t < n; ++t) {
+        if (started[t]) {
+            pthread_join(threads[t], NULL);
+        } else {
+            run_job(&jobs[t]); /* could not start a thread: do its share here */
+        }
+    }
+#else
+    for (int64_t t = 0; t < n; ++t) run_job(&jobs[t]);
+#endif
+    int64_t bad = 0;
+    for (int64_t t = 0; t < n; ++t) {
+        if (jobs[t].result < 0) return -1;
+        bad += jobs[t].result;
+    }
+    return bad;
+}
+
 PyDoc_STRVAR(search_doc,
              "search(scores_ptr, batch, heads, tokens, stride_b, stride_h, stride_n, prefix, quotas, out_ptr, "
-             "out_stride_b, include_cls, check_finite) -> int\n\n"
+             "out_stride_b, include_cls, check_finite, max_threads) -> int\n\n"
              "Anchor search over float32 scores (B, H, N) at scores_ptr, written to the int64 rows at out_ptr.\n"
-             "Returns the number of non-finite scores seen (0 when check_finite is false).\n"
+             "Returns the number of non-finite scores seen (0 when check_finite is false). Large batches are\n"
+             "split over up to max_threads threads.\n"
              "Called by anchor_former.search with validated tensors; not a public API.");
 
 static PyObject *native_search(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long scores_ptr, out_ptr;
-    Py_ssize_t batch, heads, tokens, stride_b, stride_h, stride_n, prefix, out_stride_b;
+    Py_ssize_t batch, heads, tokens, stride_b, stride_h, stride_n, prefix, out_stride_b, max_threads;
     PyObject *quota_seq;
     int include_cls, check_finite;
-    if (!PyArg_ParseTuple(args, "KnnnnnnnOKnpp", &scores_ptr, &batch, &heads, &tokens, &stride_b, &stride_h,
-                          &stride_n, &prefix, &quota_seq, &out_ptr, &out_stride_b, &include_cls, &check_finite)) {
+    if (!PyArg_ParseTuple(args, "KnnnnnnnOKnppn", &scores_ptr, &batch, &heads, &tokens, &stride_b, &stride_h,
+                          &stride_n, &prefix, &quota_seq, &out_ptr, &out_stride_b, &include_cls, &check_finite,
+                          &max_threads)) {
         return NULL;
     }
     PyObject *fast = PySequence_Fast(quota_seq, "quotas must be a sequence of ints");
@@ -261,8 +325,8 @@ static PyObject *native_search(PyObject *self, PyObject *args) {
     Problem p = {batch, heads, tokens, prefix, stride_b, stride_h, stride_n, quotas, qmax, check_finite};
     int64_t bad;
     Py_BEGIN_ALLOW_THREADS
-    bad = run_search(&p, (const float *)(uintptr_t)scores_ptr, (int64_t *)(uintptr_t)out_ptr, out_stride_b,
-                     include_cls);
+    bad = run_threaded(&p, (const float *)(uintptr_t)scores_ptr, (int64_t *)(uintptr_t)out_ptr, out_stride_b,
+                       include_cls, max_threads);
     Py_END_ALLOW_THREADS
     free(quotas);
     if (bad < 0) return PyErr_NoMemory();

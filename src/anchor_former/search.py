@@ -205,7 +205,8 @@ def _native_search(
     """The search by the compiled kernel: ``scores (B, H, N)`` on the CPU → ``(B, K + 1)`` or ``(B, K)``.
 
     The kernel reads float32 scores through their strides (fp16/bf16 are upcast exactly first) and
-    writes the result rows; it counts non-finite scores in the same pass.
+    writes the result rows; it counts non-finite scores in the same pass. A large batch is split over up
+    to ``torch.get_num_threads()`` threads.
     """
     if scores.dtype != torch.float32:
         scores = scores.float()  # (B, H, N), exact for fp16/bf16
@@ -214,7 +215,7 @@ def _native_search(
     out = torch.empty(b, sum(quotas) + int(include_cls), dtype=torch.int64)  # (B, K + 1) or (B, K)
     bad = _native.search(
         scores.data_ptr(), b, h, n, *scores.stride(), num_prefix_tokens, quotas,
-        out.data_ptr(), out.stride(0), include_cls, check_finite,
+        out.data_ptr(), out.stride(0), include_cls, check_finite, torch.get_num_threads(),
     )  # fmt: skip
     if bad:
         _check_finite("attention", scores)  # raises with the counts
