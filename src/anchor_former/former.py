@@ -121,17 +121,12 @@ class AnchorFormer(Connector):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("vision_dim", vision_dim), ("llm_dim", llm_dim), ("depth", depth), ("heads", heads),
-            ("dim_head", dim_head), ("ff_mult", ff_mult),
-        ):
+        self._set_widths(vision_dim, llm_dim, num_prefix_tokens)
+        for name, value in (("depth", depth), ("heads", heads), ("dim_head", dim_head), ("ff_mult", ff_mult)):
             check_positive_int(name, value)
         dd = {"device": device, "dtype": dtype}
-        # The search validates num_anchors, num_prefix_tokens and include_cls.
+        # The search validates num_anchors and include_cls.
         self.search = AnchorSearch(num_anchors, include_cls=include_cls, num_prefix_tokens=num_prefix_tokens)
-        self.vision_dim = vision_dim
-        self.llm_dim = llm_dim
-        self.num_prefix_tokens = num_prefix_tokens
         self.gradient_checkpointing = gradient_checkpointing
         self.check_indices = check_indices
         self._arch = AnchorFormerConfig(

@@ -50,6 +50,18 @@ def test_every_connector_follows_the_interface(name: str) -> None:
     assert counter.get_total_flops() == 2 * connector.analytic_flops(N)
 
 
+@pytest.mark.parametrize("name", available_connectors())
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_every_connector_rejects_bad_widths(name: str, bad: object) -> None:
+    kwargs = TINY.get(name, {})
+    with pytest.raises(ValueError, match=rf"vision_dim must be an integer >= 1, got {bad!r}"):
+        build_connector(name, bad, LLM, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=rf"llm_dim must be an integer >= 1, got {bad!r}"):
+        build_connector(name, D, bad, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"num_prefix_tokens must be an integer >= 0, got -1"):
+        build_connector(name, D, D if name == "identity" else LLM, num_prefix_tokens=-1, **kwargs)
+
+
 def test_llava_token_counts() -> None:
     counts = {
         name: build_connector(name, 1024, 1024 if name == "identity" else 4096, device="meta").num_output_tokens(577)

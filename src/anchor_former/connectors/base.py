@@ -27,7 +27,13 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import nn
 
-from anchor_former._validation import check_floating, check_ndim, shape_str
+from anchor_former._validation import (
+    check_floating,
+    check_ndim,
+    check_nonnegative_int,
+    check_positive_int,
+    shape_str,
+)
 
 __all__ = ["Connector", "ConnectorConfig", "grid_side"]
 
@@ -103,6 +109,15 @@ class Connector(nn.Module):
         raise NotImplementedError
 
     # --- shared input checks ---------------------------------------------------------------------------
+
+    def _set_widths(self, vision_dim: int, llm_dim: int, num_prefix_tokens: int) -> None:
+        """Check and set the interface attributes every connector has (called first in ``__init__``)."""
+        check_positive_int("vision_dim", vision_dim)
+        check_positive_int("llm_dim", llm_dim)
+        check_nonnegative_int("num_prefix_tokens", num_prefix_tokens)
+        self.vision_dim = vision_dim
+        self.llm_dim = llm_dim
+        self.num_prefix_tokens = num_prefix_tokens
 
     def _num_patches(self, num_input_tokens: int) -> int:
         """``N - num_prefix_tokens``, raising unless it is >= 1."""

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from anchor_former._validation import check_nonnegative_int, check_positive_int
+from anchor_former._validation import check_positive_int
 from anchor_former.connectors.base import Connector, ConnectorConfig, grid_side
 from anchor_former.projector import build_projector, projector_flops
 
@@ -144,16 +144,13 @@ class CAbstractor(Connector):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self._set_widths(vision_dim, llm_dim, num_prefix_tokens)
         for name, value in (("depth", depth), ("grid", grid)):
             check_positive_int(name, value)
-        check_nonnegative_int("num_prefix_tokens", num_prefix_tokens)
         if num_patches is not None:
             grid_side(num_patches, connector="cabstractor")
         dd = {"device": device, "dtype": dtype}
         hidden = vision_dim if hidden_dim is None else hidden_dim
-        self.vision_dim = vision_dim
-        self.llm_dim = llm_dim
-        self.num_prefix_tokens = num_prefix_tokens
         self.config = CAbstractorConfig(
             vision_dim, llm_dim, hidden_dim, depth, grid, se_ratio, num_patches, projector, num_prefix_tokens
         )

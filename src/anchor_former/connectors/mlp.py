@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import torch
 
-from anchor_former._validation import check_nonnegative_int
 from anchor_former.connectors.base import Connector, ConnectorConfig
 from anchor_former.projector import build_projector, projector_flops
 
@@ -58,10 +57,7 @@ class MLPConnector(Connector):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_nonnegative_int("num_prefix_tokens", num_prefix_tokens)
-        self.vision_dim = vision_dim
-        self.llm_dim = llm_dim
-        self.num_prefix_tokens = num_prefix_tokens
+        self._set_widths(vision_dim, llm_dim, num_prefix_tokens)
         self.config = MLPConnectorConfig(vision_dim, llm_dim, projector, num_prefix_tokens)
         self.projector = build_projector(projector, vision_dim, llm_dim, device=device, dtype=dtype)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from anchor_former._validation import check_nonnegative_int, check_positive_int
+from anchor_former._validation import check_positive_int
 from anchor_former.connectors.base import Connector, ConnectorConfig
 from anchor_former.layers import ResamplerLayer, resampler_flops, run_layers
 from anchor_former.projector import build_projector, projector_flops
@@ -74,16 +74,13 @@ class PerceiverResampler(Connector):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self._set_widths(vision_dim, llm_dim, num_prefix_tokens)
         for name, value in (
             ("num_queries", num_queries), ("depth", depth), ("heads", heads), ("dim_head", dim_head),
             ("ff_mult", ff_mult),
         ):
             check_positive_int(name, value)
-        check_nonnegative_int("num_prefix_tokens", num_prefix_tokens)
         dd = {"device": device, "dtype": dtype}
-        self.vision_dim = vision_dim
-        self.llm_dim = llm_dim
-        self.num_prefix_tokens = num_prefix_tokens
         self.gradient_checkpointing = gradient_checkpointing
         self._arch = PerceiverResamplerConfig(
             vision_dim=vision_dim, llm_dim=llm_dim, num_queries=num_queries, depth=depth, heads=heads,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from anchor_former._validation import check_nonnegative_int, check_positive_int
+from anchor_former._validation import check_positive_int
 from anchor_former.connectors.base import Connector, ConnectorConfig, grid_side
 from anchor_former.projector import build_projector, projector_flops
 
@@ -60,11 +60,8 @@ class AvgPoolConnector(Connector):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self._set_widths(vision_dim, llm_dim, num_prefix_tokens)
         check_positive_int("pool", pool)
-        check_nonnegative_int("num_prefix_tokens", num_prefix_tokens)
-        self.vision_dim = vision_dim
-        self.llm_dim = llm_dim
-        self.num_prefix_tokens = num_prefix_tokens
         self.pool = pool
         self.config = AvgPoolConnectorConfig(vision_dim, llm_dim, pool, projector, num_prefix_tokens)
         self.projector = build_projector(projector, vision_dim, llm_dim, device=device, dtype=dtype)
