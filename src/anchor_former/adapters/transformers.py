@@ -5,7 +5,9 @@
 language model, no copy):
 
 * ``model.model.multi_modal_projector`` becomes the connector (:class:`~anchor_former.AnchorFormer`
-  by default); its output MLP is initialised from the existing ``linear_1`` / ``linear_2``;
+  by default; :class:`~anchor_former.SelectConnector` for the training-free ``connector="select"``); its
+  output MLP is initialised from the existing ``linear_1`` / ``linear_2`` (for ``"select"`` that IS the
+  model's trained projector, so the reduced model needs no training);
 * image-feature extraction (``get_image_features``) runs the vision tower ONCE, as configured (SDPA by
   default, no ``output_attentions``), inside an :class:`~anchor_former.probes.AttentionProbe` that
   captures the ``vision_feature_layer`` tokens ([CLS] included) and that layer's [CLS] attention row;
@@ -182,6 +184,47 @@ def _projector_mlp(projector: nn.Module, config: LlavaConfig) -> dict[str, torch
     return state
 
 
+def _anchor_kwargs(
+    connector: str, num_anchors: int, patches: int, kwargs: dict[str, Any], *, has_cls: bool, score: str, full: bool
+) -> dict[str, Any]:
+    """The anchor settings of ``connector`` (``num_anchors``, ``include_cls``) added to ``kwargs``, checked.
+
+    ``"acformer"`` queries with [CLS] when the score is the [CLS] row; ``"select"`` keeps [CLS] only if the
+    stock model fed it to its projector (``vision_feature_select_strategy="full"`` on a tower with [CLS]).
+    """
+    if connector not in ("acformer", "select"):
+        return kwargs
+    if isinstance(num_anchors, bool) or not isinstance(num_anchors, int) or num_anchors < 1:
+        raise ValueError(f"num_anchors must be an integer >= 1, got {num_anchors!r}")
+    budget = num_anchors + int(kwargs.get("num_context", 0) or 0) if connector == "select" else num_anchors
+    if budget > patches:
+        what = "num_anchors + num_context" if connector == "select" else "num_anchors"
+        raise ValueError(
+            f"{what} must be at most the {patches} patch tokens of the vision tower, got {budget} "
+            f"(num_anchors={num_anchors}{', num_context=' + str(kwargs.get('num_context')) if connector == 'select' else ''})"
+        )
+    include_cls = has_cls and (full if connector == "select" else score == "cls")
+    return {"num_anchors": num_anchors, "include_cls": include_cls, **kwargs}
+
+
+def _check_select_source(projector: nn.Module, config: LlavaConfig, init_projector: bool) -> None:
+    """``connector="select"`` reuses the model's trained projector: it must be LLaVA's ``mlp2x_gelu``."""
+    if not init_projector:
+        raise ValueError(
+            "connector='select' maps the kept tokens with the model's own trained projector; init_projector=False "
+            "would leave it random"
+        )
+    if not (isinstance(getattr(projector, "linear_1", None), nn.Linear)
+            and isinstance(getattr(projector, "linear_2", None), nn.Linear)):
+        raise ValueError(
+            "connector='select' needs the model's projector to be transformers' LlavaMultiModalProjector "
+            f"(linear_1, GELU, linear_2 = LLaVA's mlp2x_gelu), got {type(projector).__name__}"
+        )
+    act = getattr(config, "projector_hidden_act", "gelu")
+    if act != "gelu":
+        raise ValueError(f"connector='select' needs projector_hidden_act='gelu' (LLaVA's mlp2x_gelu), got {act!r}")
+
+
 def _expand_processor(processor: Any, num_tokens: int, patch_size: int) -> None:
     """Make ``processor`` write ``num_tokens`` image tokens per ``<image>``.
 
@@ -240,8 +283,12 @@ def attach_anchor_former(
         model: a built ``LlavaForConditionalGeneration`` (e.g. ``from_pretrained("llava-hf/llava-1.5-7b-hf")``).
         processor: its ``LlavaProcessor``; changed so each ``<image>`` becomes ``num_anchors + 1`` tokens
             (or the connector's token count). Without it, prepare ``input_ids`` with that many image tokens.
-        num_anchors: K anchors; the LLM sees K + 1 tokens per image ([CLS] first). ``connector="acformer"`` only.
-        connector: a :func:`~anchor_former.build_connector` name (``"acformer"``, ``"perceiver"``, ...).
+        num_anchors: K anchors. ``connector="acformer"``: the LLM sees K + 1 tokens per image ([CLS] first);
+            ``"select"``: K anchor patches (plus ``num_context``). Ignored by the other connectors.
+        connector: a :func:`~anchor_former.build_connector` name: ``"acformer"`` (trained AcFormer),
+            ``"select"`` (training-free: the K anchor patches through the model's own projector, no new
+            parameters; pass ``num_context=M`` for M merged context tokens, ``include_cls=True`` to keep
+            [CLS] first, default: only with ``vision_feature_select_strategy="full"``), ``"perceiver"``, ...
         score: ``"cls"`` ([CLS] attention of ``vision_feature_layer``), ``"norm"`` (token norms, any
             encoder) or ``"map"`` (SigLIP's pooling head).
         init_projector: copy ``linear_1`` / ``linear_2`` into the connector's output MLP (``mlp2x_gelu``).
@@ -249,8 +296,10 @@ def attach_anchor_former(
 
     Raises:
         ValueError: not a ``LlavaForConditionalGeneration``; ``vision_feature_layer`` a list; unsupported
-            vision tower, or one without [CLS] with ``score="cls"``; ``num_anchors`` larger than the patch
-            count; unknown connector; a processor this version cannot make expand correctly.
+            vision tower, or one without [CLS] with ``score="cls"``; ``num_anchors`` (+ ``num_context``)
+            larger than the patch count; unknown connector; ``"select"`` on a projector that is not LLaVA's
+            ``mlp2x_gelu``; a processor this version cannot make expand correctly. The model and the
+            processor are unchanged then.
     """
     from anchor_former.connectors.registry import available_connectors, build_connector
 
@@ -265,14 +314,11 @@ def attach_anchor_former(
     spec = detect_encoder(inner.vision_tower)
     vision = old.vision_config
     side = int(vision.image_size) // int(vision.patch_size)
-    if connector == "acformer":
-        if isinstance(num_anchors, bool) or not isinstance(num_anchors, int) or num_anchors < 1:
-            raise ValueError(f"num_anchors must be an integer >= 1, got {num_anchors!r}")
-        if num_anchors > side * side:
-            raise ValueError(
-                f"num_anchors={num_anchors} exceeds the {side * side} patch tokens of the vision tower ({side}x{side} patches)"
-            )
-        kwargs = {"num_anchors": num_anchors, "include_cls": spec.has_cls and score == "cls", **kwargs}
+    strategy = getattr(old, "vision_feature_select_strategy", "default")
+    kwargs = _anchor_kwargs(connector, num_anchors, side * side, kwargs, has_cls=spec.has_cls, score=score,
+                            full=strategy == "full")
+    if connector == "select":
+        _check_select_source(inner.multi_modal_projector, old, init_projector)
     kwargs.setdefault("num_prefix_tokens", spec.num_prefix_tokens)
     old_projector = inner.multi_modal_projector
     param = next(iter(old_projector.parameters()))
