@@ -11,7 +11,8 @@ keeps that code untouched and swaps the two modules:
   :class:`AnchoredFeatures`, so the anchors travel to the projector as data, not as a module attribute.
 * :class:`LlavaConnector` replaces ``mm_projector``: it unpacks :class:`AnchoredFeatures` and calls the
   connector ``connector(features, attention=scores)``; the connector's own anchor search picks the
-  anchors, and the LLM sees ``num_anchors + 1`` tokens per image.
+  anchors, and the LLM sees ``num_anchors + 1`` tokens per image (AcFormer) or ``num_anchors +
+  num_context`` (the training-free ``connector="select"``, which reuses the model's trained projector).
 
 The vision tower keeps LLaVA's attribute names (``vision_tower``, ``image_processor``, ``select_layer``,
 ``is_loaded``, ``config``, ...) so state-dict keys (``model.vision_tower.vision_tower.*``) and LLaVA's
@@ -251,9 +252,13 @@ def enable_anchor_former(
     Args:
         model: ``LlavaLlamaForCausalLM`` or a sibling (``LlavaMistralForCausalLM``, ...). A delay-loaded
             vision tower is loaded.
-        num_anchors: K anchors ([CLS] is added as query K + 1); only for ``connector="acformer"``.
-        connector: a :func:`~anchor_former.build_connector` name (``"acformer"``, ``"perceiver"``,
-            ``"avgpool"``, ``"cabstractor"``, ...).
+        num_anchors: K anchors. ``"acformer"``: [CLS] is added as query K + 1; ``"select"``: the LLM sees
+            the K anchor patches (plus ``num_context``). Ignored by the other connectors.
+        connector: a :func:`~anchor_former.build_connector` name: ``"acformer"`` (trained AcFormer),
+            ``"select"`` (training-free: the K anchor patches through the model's own projector, no new
+            parameters; ``num_context=M`` adds M merged context tokens; [CLS] is kept first only where the
+            model's ``mm_vision_select_feature`` is ``"cls_patch"``), ``"perceiver"``, ``"avgpool"``,
+            ``"cabstractor"``, ...
         score: anchor score read by the probe at ``mm_vision_select_layer``: ``"cls"`` ([CLS] attention,
             as the paper), ``"norm"`` (token norms; encoders without [CLS]).
         init_projector: copy the model's current ``linear`` / ``mlpNx_gelu`` projector weights into the
@@ -263,7 +268,8 @@ def enable_anchor_former(
     Raises:
         ValueError: not a LLaVA model; ``mm_patch_merge_type`` other than ``"flat"`` (AcFormer's tokens
             are not a patch grid); unknown connector; ``score="cls"`` on a tower without [CLS];
-            ``num_anchors`` larger than the tower's patch count.
+            ``num_anchors`` (+ ``num_context``) larger than the tower's patch count; ``"select"`` on a
+            projector that is not LLaVA's ``linear`` / ``mlp{N}x_gelu``. The model is unchanged then.
     """
     from anchor_former.connectors.registry import available_connectors, build_connector
 
@@ -285,18 +291,12 @@ def enable_anchor_former(
         base = tower
     new_tower = AnchorVisionTower(base, score=score)  # raises for CLS-less + "cls", bad layer
     spec = detect_encoder(new_tower.vision_tower)
-    patches = new_tower.num_patches
-    if connector == "acformer":
-        if isinstance(num_anchors, bool) or not isinstance(num_anchors, int) or num_anchors < 1:
-            raise ValueError(f"num_anchors must be an integer >= 1, got {num_anchors!r}")
-        if num_anchors > patches:
-            raise ValueError(
-                f"num_anchors={num_anchors} exceeds the {patches} patch tokens of the vision tower "
-                f"({new_tower.num_patches_per_side}x{new_tower.num_patches_per_side} patches)"
-            )
-        kwargs = {"num_anchors": num_anchors, "include_cls": spec.has_cls and score == "cls", **kwargs}
+    kwargs = _anchor_kwargs(connector, num_anchors, new_tower, kwargs, has_cls=spec.has_cls, score=score,
+                            cls_patch=getattr(config, "mm_vision_select_feature", "patch") == "cls_patch")
     old_projector = inner.mm_projector
     old_type = getattr(config, "mm_projector_type", "linear")
+    if connector == "select":
+        _check_select_source(old_projector, old_type, init_projector)
     if "projector" not in kwargs and isinstance(old_type, str) and re.match(r"^(linear|mlp\d+x_gelu)$", old_type):
         if connector not in ("linear", "identity") and not re.match(r"^mlp\d+x_gelu$", connector):
             kwargs["projector"] = old_type  # same output MLP as the model had, so its weights carry over
@@ -305,12 +305,18 @@ def enable_anchor_former(
     param = param if param is not None else next(iter(model.parameters()))
     new = build_connector(connector, int(config.mm_hidden_size), int(config.hidden_size), **kwargs,
                           device=param.device, dtype=param.dtype)
+    new.num_output_tokens(new_tower.num_patches + spec.num_prefix_tokens)  # budget checks, before any change
     if init_projector and not isinstance(old_projector, LlavaConnector):
         target = getattr(new, "projector", None)
         if target is not None and {k: tuple(v.shape) for k, v in target.state_dict().items()} == {
             k: tuple(v.shape) for k, v in old_projector.state_dict().items()
         }:
             target.load_state_dict(old_projector.state_dict())
+        elif connector == "select":
+            raise ValueError(
+                f"connector='select' needs the model's {old_type} projector to fit a {kwargs['projector']} of "
+                f"width {config.mm_hidden_size} -> {config.hidden_size}; its parameters have other shapes"
+            )
 
     if not getattr(new, "uses_anchors", False):
         new_tower.score = None  # the connector ignores anchors: skip the probe's attention row
@@ -329,6 +335,53 @@ def enable_anchor_former(
     config.mm_vision_select_feature = "cls_patch"
     config.mm_anchor_score = score
     return model
+
+
+def _anchor_kwargs(
+    connector: str,
+    num_anchors: int,
+    tower: AnchorVisionTower,
+    kwargs: dict[str, Any],
+    *,
+    has_cls: bool,
+    score: str,
+    cls_patch: bool,
+) -> dict[str, Any]:
+    """The anchor settings of ``connector`` (``num_anchors``, ``include_cls``) added to ``kwargs``, checked.
+
+    ``"acformer"`` queries with [CLS] when the score is the [CLS] row; ``"select"`` keeps [CLS] only where
+    the stock model fed it to its projector (``mm_vision_select_feature="cls_patch"``).
+    """
+    if connector not in ("acformer", "select"):
+        return kwargs
+    if isinstance(num_anchors, bool) or not isinstance(num_anchors, int) or num_anchors < 1:
+        raise ValueError(f"num_anchors must be an integer >= 1, got {num_anchors!r}")
+    patches = tower.num_patches
+    context = kwargs.get("num_context", 0) if connector == "select" else 0
+    budget = num_anchors + (context if isinstance(context, int) and context > 0 else 0)
+    if budget > patches:
+        what = "num_anchors + num_context" if connector == "select" else "num_anchors"
+        raise ValueError(
+            f"{what} must be at most the {patches} patch tokens of the vision tower "
+            f"({tower.num_patches_per_side}x{tower.num_patches_per_side} patches), got {budget}"
+        )
+    include_cls = has_cls and (cls_patch if connector == "select" else score == "cls")
+    return {"num_anchors": num_anchors, "include_cls": include_cls, **kwargs}
+
+
+def _check_select_source(projector: nn.Module, projector_type: Any, init_projector: bool) -> None:
+    """``connector="select"`` reuses the model's trained projector: it must be LLaVA's linear / MLP."""
+    if not init_projector:
+        raise ValueError(
+            "connector='select' maps the kept tokens with the model's own trained projector; init_projector=False "
+            "would leave it random"
+        )
+    known = isinstance(projector_type, str) and re.match(r"^(linear|mlp\d+x_gelu)$", projector_type)
+    if not known or isinstance(projector, LlavaConnector):
+        raise ValueError(
+            "connector='select' needs the model's projector to be LLaVA's 'linear' or 'mlp{N}x_gelu' "
+            f"(config.mm_projector_type), got mm_projector_type={projector_type!r} ({type(projector).__name__})"
+        )
 
 
 def _connector_of(target: nn.Module) -> nn.Module:
