@@ -21,13 +21,16 @@ from anchor_former.probes.base import (
     modules_of_type,
     positional_or_keyword,
     query_attention_row,
+    query_key_states,
     register_encoder_family,
     registered_families,
-    token_norm_scores,
+    site_received_attention,
 )
 from anchor_former.probes.extract import AnchorExtraction, extract_anchors
+from anchor_former.probes.scores import DEFAULT_BLOCK_SIZE, received_attention, token_norm_scores
 
 __all__ = [
+    "DEFAULT_BLOCK_SIZE",
     "AnchorExtraction",
     "AttentionProbe",
     "EncoderFamily",
@@ -43,7 +46,10 @@ __all__ = [
     "modules_of_type",
     "positional_or_keyword",
     "query_attention_row",
+    "query_key_states",
+    "received_attention",
     "register_encoder_family",
     "registered_families",
+    "site_received_attention",
     "token_norm_scores",
 ]

@@ -21,8 +21,9 @@ class AnchorExtraction:
     Attributes:
         features: ``(B, N, D)`` the selected layer's hidden states (``hidden_states[layer]``), N tokens
             including the ``num_prefix_tokens`` prefix tokens; autograd intact.
-        attention: ``(B, H, N)`` float32 attention row per head of the scored query ([CLS] for
-            ``score="cls"``, the pooling head's probe for ``"map"``); None for ``score="norm"``.
+        attention: ``(B, H, N)`` float32 per head: the attention row of the scored query ([CLS] for
+            ``score="cls"``, the pooling head's probe for ``"map"``) or the attention each token receives,
+            averaged over all queries (``"received"``); None for ``score="norm"``.
         scores: what the search ranked: ``attention``, or ``(B, N)`` token norms for ``score="norm"``.
         anchor_idx: ``(B, K + 1)`` = ``[0, sorted anchors]`` with ``include_cls``, else ``(B, K)``
             ascending; indices into the N tokens.
@@ -73,7 +74,8 @@ def extract_anchors(
         layer: ``hidden_states`` index of the layer (LLaVA's ``mm_vision_select_layer``; ``-2`` =
             penultimate).
         score: ``"cls"`` (the [CLS] attention row of ``layer``), ``"map"`` (the attention-pooling head's
-            probe row over the final tokens; SigLIP) or ``"norm"`` (token norms of ``layer``).
+            probe row over the final tokens; SigLIP), ``"received"`` (the attention each token receives
+            in ``layer``, averaged over all queries; any encoder) or ``"norm"`` (token norms of ``layer``).
         include_cls: prepend token 0 to ``anchor_idx``; default: whether the model has a [CLS] token.
         method: the search implementation (results are identical).
 
