@@ -82,3 +82,42 @@ def assert_close_and_bites(got: torch.Tensor, expected: torch.Tensor, broken: di
     for name, tensor in broken.items():
         err = (tensor.float() - expected).abs().max().item() if tensor.shape == expected.shape else float("inf")
         assert err > atol, f"the broken variant '{name}' passes atol={atol} (max error {err:.2e})"
+
+
+def check_exact_family(
+    model: nn.Module,
+    run: Callable[..., Any],
+    *,
+    score: str,
+    layer: int,
+    num_layers: int,
+    attentions: Callable[[], tuple[torch.Tensor, ...]] | None = None,
+    padding: torch.Tensor | None = None,
+) -> Any:
+    """The exactness checks every family passes, on a transformers model with an eager twin.
+
+    ``run(m, **kw)`` calls model ``m`` on the test inputs with extra keyword arguments. Checks: the probe's
+    ``score`` of ``layer`` equals the eager twin's ``output_attentions`` (row 0 for ``"cls"``, column mean
+    over non-padding queries for ``"received"``) to 1e-5 and each broken variant does not; the features are
+    ``hidden_states[layer]``; outputs are bit-identical with and without the probe; no hook is left.
+    ``attentions`` overrides how the eager maps are obtained. Returns the probe.
+    """
+    from anchor_former.probes import AttentionProbe
+
+    with torch.no_grad():
+        plain = run(model, output_hidden_states=True)
+        before = hook_count(model)
+        with AttentionProbe(model, layer=layer, score=score) as probe:
+            probed = run(model, output_hidden_states=True)
+        assert hook_count(model) == before
+        maps = attentions() if attentions is not None else run(eager_copy(model), output_attentions=True).attentions
+    block = reference_block(layer, num_layers)
+    attn = maps[block]
+    expected = attn[:, :, 0].float() if score == "cls" else column_mean(attn, padding)
+    site = probe.encoder.sites[block]
+    broken = mutants(site, site_call(model, lambda: run(model), site), score)
+    assert_close_and_bites(probe.attention, expected, broken)
+    assert torch.equal(probe.features, probed.hidden_states[layer])
+    assert torch.equal(plain.last_hidden_state, probed.last_hidden_state)
+    assert all(torch.equal(a, b) for a, b in zip(plain.hidden_states, probed.hidden_states, strict=True))
+    return probe
