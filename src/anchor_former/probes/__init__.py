@@ -6,11 +6,12 @@ of them imports transformers or timm.
 
 from __future__ import annotations
 
-from anchor_former.probes import clip, dinov2, internvit, siglip, timm_vit  # noqa: F401  (register the families)
+from anchor_former.probes import clip, dinov2, internvit, siglip, siglip2, timm_vit  # noqa: F401  (register the families)
 from anchor_former.probes.base import (
     AttentionProbe,
     EncoderFamily,
     EncoderSpec,
+    InputLayout,
     ProbeCapture,
     QueryKeySite,
     Score,
@@ -35,6 +36,7 @@ __all__ = [
     "AttentionProbe",
     "EncoderFamily",
     "EncoderSpec",
+    "InputLayout",
     "ProbeCapture",
     "QueryKeySite",
     "Score",

@@ -41,6 +41,7 @@ __all__ = [
     "AttentionProbe",
     "EncoderFamily",
     "EncoderSpec",
+    "InputLayout",
     "ProbeCapture",
     "QueryKeySite",
     "Score",
@@ -134,6 +135,20 @@ def hf_linear_site(attn: nn.Module, q: nn.Linear, k: nn.Linear, *, num_heads: in
 
 
 @dataclass(frozen=True)
+class InputLayout:
+    """Where the tokens of one batch of model inputs come from.
+
+    Attributes:
+        grid_sizes: ``(rows, cols)`` of each image's patch grid; patch token
+            ``num_prefix_tokens + r * cols + c`` of image b (row-major, as the patches were laid out).
+        padding: ``(B, N)`` bool, True marks a padding token (variable-resolution models), or None.
+    """
+
+    grid_sizes: tuple[tuple[int, int], ...]
+    padding: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
 class EncoderSpec:
     """What a probe needs to know about one vision encoder.
 
@@ -146,8 +161,14 @@ class EncoderSpec:
         has_cls: token 0 is a [CLS] token.
         patch_size: pixels per patch side; the patch grid is ``(H_img // patch_size, W_img // patch_size)``.
         num_channels: input channels the patch embedding expects.
-        run: runs one ordinary forward of the model on ``pixel_values`` ``(B, C, H_img, W_img)``.
+        run: runs one ordinary forward of the model: ``run(pixel_values, **inputs)`` with ``pixel_values``
+            ``(B, C, H_img, W_img)`` (or the model's own layout, see ``layout``) and any extra keyword
+            inputs the model takes.
         pool_site: the attention of an attention-pooling (MAP) head over the final tokens, or None.
+        layout: validates ``(pixel_values, inputs)`` for models whose input is not a plain image batch
+            (raising ``ValueError`` naming the argument) and returns their :class:`InputLayout`; None =
+            ``pixel_values (B, num_channels, H_img, W_img)``, no extra inputs, grid ``(H_img // patch_size,
+            W_img // patch_size)``.
     """
 
     family: str
@@ -157,8 +178,9 @@ class EncoderSpec:
     has_cls: bool
     patch_size: int
     num_channels: int
-    run: Callable[[torch.Tensor], Any]
+    run: Callable[..., Any]
     pool_site: QueryKeySite | None = None
+    layout: Callable[[torch.Tensor, dict[str, Any]], InputLayout] | None = None
 
     @property
     def num_layers(self) -> int:
