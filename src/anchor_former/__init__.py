@@ -24,6 +24,7 @@ from anchor_former.probes import (
     cls_attention_probe,
     detect_encoder,
     extract_anchors,
+    received_attention,
     token_norm_scores,
 )
 from anchor_former.viz import plot_anchors, save_anchor_plot
@@ -57,6 +58,7 @@ __all__ = [
     "cls_attention_probe",
     "detect_encoder",
     "extract_anchors",
+    "received_attention",
     "token_norm_scores",
     "plot_anchors",
     "save_anchor_plot",

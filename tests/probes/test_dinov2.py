@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from _probe_helpers import eager_copy, hook_count, reference_block
+from _probe_helpers import assert_close_and_bites, column_mean, eager_copy, hook_count, mutants, reference_block, site_call
 
 from anchor_former import anchor_search
 from anchor_former.probes import AttentionProbe, detect_encoder, extract_anchors
@@ -45,6 +45,22 @@ def test_row_features_anchors_match_eager(registers: int, layer: int) -> None:
     result = extract_anchors(model, pixels, num_anchors=5, layer=layer)
     assert torch.equal(result.anchor_idx, anchor_search(row, 5, num_prefix_tokens=prefix))
     assert (result.anchor_idx[:, 1:] >= prefix).all()  # registers are never anchors
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+@pytest.mark.parametrize("score", ["cls", "received"])
+def test_scores_match_eager_and_tolerance_bites(registers: int, score: str) -> None:
+    model = build(registers)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), AttentionProbe(model, layer=-2, score=score) as probe:
+        model(pixel_values=pixels)
+        attn = eager_copy(model)(pixel_values=pixels, output_attentions=True).attentions[-2]
+    expected = attn[:, :, 0] if score == "cls" else column_mean(attn)
+    site = probe.encoder.sites[-2]
+    broken = mutants(site, site_call(model, lambda: model(pixel_values=pixels), site), score)
+    assert_close_and_bites(probe.attention, expected, broken)
+    result = extract_anchors(model, pixels, num_anchors=5, score=score)
+    assert torch.equal(result.anchor_idx, anchor_search(probe.attention, 5, num_prefix_tokens=1 + registers))
 
 
 def test_outputs_bit_identical_and_hooks_removed() -> None:

@@ -7,7 +7,7 @@ import torch
 
 timm_vit = pytest.importorskip("timm.models.vision_transformer")
 
-from _probe_helpers import hook_count  # noqa: E402
+from _probe_helpers import assert_close_and_bites, column_mean, hook_count, mutants, site_call  # noqa: E402
 
 from anchor_former import anchor_search  # noqa: E402
 from anchor_former.probes import AttentionProbe, detect_encoder, extract_anchors  # noqa: E402
@@ -58,6 +58,26 @@ def test_row_features_anchors_match_non_fused(kwargs: dict, prefix: int, layer: 
     assert torch.equal(probe.features, torch.cat([prefix_tokens, patches], dim=1))
     result = extract_anchors(model, pixels, num_anchors=5, layer=layer)
     assert torch.equal(result.anchor_idx, anchor_search(expected, 5, num_prefix_tokens=prefix))
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"qk_norm": True, "qkv_bias": True}, {"class_token": False, "reg_tokens": 2,
+                                                                            "global_pool": "avg"}])
+@pytest.mark.parametrize("score", ["cls", "received"])
+def test_scores_match_non_fused_and_tolerance_bites(kwargs: dict, score: str) -> None:
+    model = build(**kwargs)
+    if score == "cls" and model.cls_token is None:
+        pytest.skip("no [CLS] token")
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), AttentionProbe(model, layer=-2, score=score) as probe:
+        model.forward_features(pixels)
+    attn = eager_rows(model, pixels, 1)  # (B, H, N, N)
+    expected = attn[:, :, 0] if score == "cls" else column_mean(attn)
+    site = probe.encoder.sites[1]
+    broken = mutants(site, site_call(model, lambda: model.forward_features(pixels), site), score)
+    assert_close_and_bites(probe.attention, expected, broken)
+    result = extract_anchors(model, pixels, num_anchors=4, score=score)
+    assert torch.equal(result.anchor_idx, anchor_search(probe.attention, 4, include_cls=probe.has_cls,
+                                                        num_prefix_tokens=probe.num_prefix_tokens))
 
 
 def test_outputs_bit_identical_hooks_removed_grad() -> None:

@@ -6,11 +6,12 @@ of them imports transformers or timm.
 
 from __future__ import annotations
 
-from anchor_former.probes import clip, dinov2, siglip, timm_vit  # noqa: F401  (register the families)
+from anchor_former.probes import clip, dinov2, dinov3, internvit, siglip, siglip2, timm_vit  # noqa: F401  (register the families)
 from anchor_former.probes.base import (
     AttentionProbe,
     EncoderFamily,
     EncoderSpec,
+    InputLayout,
     ProbeCapture,
     QueryKeySite,
     Score,
@@ -21,17 +22,21 @@ from anchor_former.probes.base import (
     modules_of_type,
     positional_or_keyword,
     query_attention_row,
+    query_key_states,
     register_encoder_family,
     registered_families,
-    token_norm_scores,
+    site_received_attention,
 )
 from anchor_former.probes.extract import AnchorExtraction, extract_anchors
+from anchor_former.probes.scores import DEFAULT_BLOCK_SIZE, received_attention, token_norm_scores
 
 __all__ = [
+    "DEFAULT_BLOCK_SIZE",
     "AnchorExtraction",
     "AttentionProbe",
     "EncoderFamily",
     "EncoderSpec",
+    "InputLayout",
     "ProbeCapture",
     "QueryKeySite",
     "Score",
@@ -43,7 +48,10 @@ __all__ = [
     "modules_of_type",
     "positional_or_keyword",
     "query_attention_row",
+    "query_key_states",
+    "received_attention",
     "register_encoder_family",
     "registered_families",
+    "site_received_attention",
     "token_norm_scores",
 ]
