@@ -1,4 +1,4 @@
-"""Tests for anchor_former.search against a slow per-sample, per-head reference (ACFORMER.md §2)."""
+"""Tests for anchor_former.search against the package's rule restated as slow per-sample, per-head Python."""
 
 from __future__ import annotations
 
@@ -24,10 +24,11 @@ def fits(method: str, dtype: torch.dtype) -> bool:
     return method != "native" or dtype != torch.float64
 
 
-def reference_search(
+def restated_rule_search(
     scores: torch.Tensor, num_anchors: int, *, include_cls: bool = True, num_prefix_tokens: int = 1
 ) -> list[list[int]]:
-    """The reference behaviour written out plainly: Python loops over samples, heads and tokens.
+    """The package's own rule restated plainly (Python loops over samples, heads and tokens): not the
+    authors' code, which ``test_search_authors_loop.py`` runs verbatim.
 
     ``scores`` is ``(B, H, N)``. Quotas: K // H each, the first K % H heads one more. Ties: lower index first.
     """
@@ -78,7 +79,7 @@ def test_matches_reference_three_layouts(generator, method, b, h, n, k, prefix):
     """(B, H, N), (B, H, N, N) and (B, N) inputs give exactly the reference result (no ties)."""
     for _ in range(5):
         row = tie_free_scores(b, h, n, generator).float()  # (B, H, N)
-        expected = torch.tensor(reference_search(row, k, num_prefix_tokens=prefix))
+        expected = torch.tensor(restated_rule_search(row, k, num_prefix_tokens=prefix))
         assert torch.equal(anchor_search(row, k, num_prefix_tokens=prefix, method=method), expected)
 
         full = torch.rand(b, h, n, n, generator=generator)
@@ -86,7 +87,7 @@ def test_matches_reference_three_layouts(generator, method, b, h, n, k, prefix):
         assert torch.equal(anchor_search(full, k, num_prefix_tokens=prefix, method=method), expected)
 
         single = row[:, 0]  # (B, N): one head takes all K
-        expected_single = torch.tensor(reference_search(single[:, None], k, num_prefix_tokens=prefix))
+        expected_single = torch.tensor(restated_rule_search(single[:, None], k, num_prefix_tokens=prefix))
         assert torch.equal(anchor_search(single, k, num_prefix_tokens=prefix, method=method), expected_single)
 
 
@@ -95,7 +96,7 @@ def test_reference_shapes_of_llava(generator, method):
     """The LLaVA-1.5 case: 16 heads, 577 tokens, K = 144 and 256."""
     row = torch.softmax(torch.randn(2, 16, 577, generator=generator), dim=-1)
     for k in (144, 256):
-        expected = torch.tensor(reference_search(row, k))
+        expected = torch.tensor(restated_rule_search(row, k))
         got = anchor_search(row, k, method=method)
         assert got.shape == (2, k + 1)
         assert torch.equal(got, expected)
@@ -106,7 +107,7 @@ def test_ties_follow_lower_index_rule(generator, method):
     """Heavily tied scores (4 distinct values) still match the reference's documented tie rule."""
     row = torch.randint(0, 4, (4, 8, 50), generator=generator).float()
     for k in (7, 16, 40, 49):
-        expected = torch.tensor(reference_search(row, k))
+        expected = torch.tensor(restated_rule_search(row, k))
         assert torch.equal(anchor_search(row, k, method=method), expected)
 
 
@@ -117,7 +118,7 @@ def test_negative_scores_and_signed_zeros(generator, method):
     logits[:, :, 5:15] = 0.0
     logits[:, :, 10:15] = -0.0
     for k in (5, 20, 39):
-        assert torch.equal(anchor_search(logits, k, method=method), torch.tensor(reference_search(logits, k)))
+        assert torch.equal(anchor_search(logits, k, method=method), torch.tensor(restated_rule_search(logits, k)))
 
 
 def test_all_equal_scores_pick_lowest_indices():
@@ -129,18 +130,18 @@ def test_all_equal_scores_pick_lowest_indices():
 def test_no_cls_and_registers(generator):
     row = tie_free_scores(2, 4, 21, generator).float()
     got = anchor_search(row, 8, include_cls=False, num_prefix_tokens=0)
-    assert torch.equal(got, torch.tensor(reference_search(row, 8, include_cls=False, num_prefix_tokens=0)))
+    assert torch.equal(got, torch.tensor(restated_rule_search(row, 8, include_cls=False, num_prefix_tokens=0)))
     got = anchor_search(row, 8, include_cls=True, num_prefix_tokens=5)  # DINOv2: CLS + 4 registers
     assert got[:, 0].tolist() == [0, 0]
     assert bool((got[:, 1:] >= 5).all())
-    assert torch.equal(got, torch.tensor(reference_search(row, 8, num_prefix_tokens=5)))
+    assert torch.equal(got, torch.tensor(restated_rule_search(row, 8, num_prefix_tokens=5)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_dtype_does_not_change_result(generator, dtype):
     """Values representable in the low-precision dtype give the same anchors as the fp32 search."""
     row = torch.softmax(torch.randn(3, 8, 101, generator=generator), dim=-1).to(dtype)
-    expected = torch.tensor(reference_search(row, 40))
+    expected = torch.tensor(restated_rule_search(row, 40))
     for method in METHODS:
         if fits(method, dtype):
             assert torch.equal(anchor_search(row, 40, method=method), expected)
@@ -172,9 +173,9 @@ def test_does_not_modify_input(generator, method, dtype, shape):
 @pytest.mark.parametrize("method", METHODS)
 def test_noncontiguous_input(generator, method):
     row = torch.rand(4, 30, 6, generator=generator).transpose(1, 2)  # (B, H, N), non-contiguous
-    assert torch.equal(anchor_search(row, 12, method=method), torch.tensor(reference_search(row, 12)))
+    assert torch.equal(anchor_search(row, 12, method=method), torch.tensor(restated_rule_search(row, 12)))
     full = torch.rand(2, 3, 30, 30, generator=generator)  # the [CLS] row is a strided view
-    assert torch.equal(anchor_search(full, 12, method=method), torch.tensor(reference_search(full[:, :, 0], 12)))
+    assert torch.equal(anchor_search(full, 12, method=method), torch.tensor(restated_rule_search(full[:, :, 0], 12)))
 
 
 @pytest.mark.slow
@@ -183,7 +184,7 @@ def test_compiles_fullgraph(generator, method):
     torch._dynamo.reset()
     row = torch.softmax(torch.randn(2, 4, 33, generator=generator), dim=-1)
     compiled = torch.compile(lambda a: anchor_search(a, 12, method=method), fullgraph=True)
-    assert torch.equal(compiled(row), torch.tensor(reference_search(row, 12)))
+    assert torch.equal(compiled(row), torch.tensor(restated_rule_search(row, 12)))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -249,7 +250,7 @@ def test_auto_picks_the_method_by_device_and_dtype():
 def test_native_edge_shapes(generator, b, h, n, k, prefix):
     row = torch.randn(b, h, n, generator=generator)
     include_cls = prefix > 0
-    expected = torch.tensor(reference_search(row, k, include_cls=include_cls, num_prefix_tokens=prefix))
+    expected = torch.tensor(restated_rule_search(row, k, include_cls=include_cls, num_prefix_tokens=prefix))
     got = anchor_search(row, k, include_cls=include_cls, num_prefix_tokens=prefix, method="native")
     assert torch.equal(got, expected)
 
@@ -332,11 +333,11 @@ def tied_case(draw):
 def test_native_matches_reference_on_ties(case):
     row, k, prefix, include_cls = case
     kwargs = dict(include_cls=include_cls, num_prefix_tokens=prefix)
-    got = anchor_search(row, k, method="native", **kwargs)
-    assert torch.equal(got, torch.tensor(reference_search(row, k, **kwargs)))
+    got = anchor_search(row, k, method="native", layout="b h n", **kwargs)
+    assert torch.equal(got, torch.tensor(restated_rule_search(row, k, **kwargs)))
     low = row.to(torch.bfloat16)  # rounding makes new ties; the rule must hold on the rounded values
-    got = anchor_search(low, k, method="native", **kwargs)
-    assert torch.equal(got, torch.tensor(reference_search(low.float(), k, **kwargs)))
+    got = anchor_search(low, k, method="native", layout="b h n", **kwargs)
+    assert torch.equal(got, torch.tensor(restated_rule_search(low.float(), k, **kwargs)))
 
 
 # ---------------------------------------------------------------------------------------------- properties
@@ -361,7 +362,7 @@ def search_case(draw):
 def test_properties(case, method):
     row, k, prefix, include_cls = case
     b, h, n = row.shape
-    got = anchor_search(row, k, include_cls=include_cls, num_prefix_tokens=prefix, method=method)
+    got = anchor_search(row, k, include_cls=include_cls, num_prefix_tokens=prefix, method=method, layout="b h n")
     assert got.dtype == torch.int64
     assert got.shape == (b, k + int(include_cls))
     anchors = got[:, 1:] if include_cls else got
@@ -369,14 +370,14 @@ def test_properties(case, method):
         assert bool((got[:, 0] == 0).all())
     assert bool((anchors >= prefix).all()) and bool((anchors < n).all())  # prefix tokens never chosen
     assert bool((anchors[:, 1:] > anchors[:, :-1]).all())  # strictly ascending: sorted and unique
-    assert torch.equal(got, torch.tensor(reference_search(row, k, include_cls=include_cls, num_prefix_tokens=prefix)))
+    assert torch.equal(got, torch.tensor(restated_rule_search(row, k, include_cls=include_cls, num_prefix_tokens=prefix)))
 
 
 @settings(max_examples=40, deadline=None)
 @given(search_case(), st.floats(1e-3, 1e3))
 def test_batch_independence_and_scale_invariance(case, scale):
     row, k, prefix, include_cls = case
-    kwargs = dict(include_cls=include_cls, num_prefix_tokens=prefix)
+    kwargs = dict(include_cls=include_cls, num_prefix_tokens=prefix, layout="b h n")
     full = anchor_search(row, k, **kwargs)
     for i in range(row.shape[0]):
         assert torch.equal(anchor_search(row[i : i + 1], k, **kwargs), full[i : i + 1])
@@ -415,7 +416,7 @@ def test_rejects_wrong_rank():
 
 
 def test_rejects_non_square_map():
-    with pytest.raises(ValueError, match=r"square \(B, H, N, N\).*\(2, 4, 10, 11\)"):
+    with pytest.raises(ValueError, match=r"layout 'b h n n' must be a square map.*\(2, 4, 10, 11\)"):
         anchor_search(torch.rand(2, 4, 10, 11), 3)
 
 
