@@ -160,7 +160,7 @@ def run(
         "dtype": str(dtype).removeprefix("torch."),
         "timing": {"rounds": cfg["rounds"], "min_block_s": cfg["min_block_s"], "mode": "inference_mode, default path"},
         "results": list(results.values()),
-        "target": "AcFormer-144 connector latency <= 1.5x MLP-576 on GPU (issue 3)",
+        "target": "AcFormer-144 connector latency <= 1.5x MLP-576 on GPU (project target)",
     }
 
 

@@ -206,7 +206,7 @@ def measured(labels: list[str], *, preset: str, device: torch.device) -> dict[st
         "dtype": str(dtype).removeprefix("torch."),
         "timing": {"rounds": cfg["rounds"], "min_block_s": cfg["min_block_s"], "mode": "inference_mode"},
         "results": rows,
-        "target": "AcFormer-144 pipeline <= 0.40x MLP-576 pipeline (issue 6; GPU, LLaVA-1.5-7B shapes)",
+        "target": "AcFormer-144 pipeline <= 0.40x MLP-576 pipeline (project target; GPU, LLaVA-1.5-7B shapes)",
     }
 
 

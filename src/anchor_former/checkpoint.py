@@ -5,7 +5,7 @@ with ``torch.load(..., weights_only=True)``, which only rebuilds tensors and pla
 that asks for anything else (a function call, an arbitrary class) is refused with
 :class:`CheckpointError` before any of its code runs.
 
-Layouts understood (ACFORMER.md §3):
+Layouts understood (keys as they appear under LLaVA's ``model.mm_projector.``):
 
 * ``"llava_mlp"``: LLaVA-1.5's ``mm_projector.bin``, keys ``model.mm_projector.0.*`` and
   ``model.mm_projector.2.*`` (``mlp2x_gelu``; deeper ``mlpNx_gelu`` adds ``.4.*``, ...), or transformers'
