@@ -12,6 +12,7 @@ from anchor_former.connectors import (
     Connector,
     MLPConnector,
     PerceiverResampler,
+    SelectConnector,
 )
 from anchor_former.connectors.registry import available_connectors, build_connector
 from anchor_former.former import AnchorFormer, AnchorFormerConfig
@@ -39,6 +40,7 @@ __all__ = [
     "CrossAttention",
     "MLPConnector",
     "PerceiverResampler",
+    "SelectConnector",
     "anchor_quotas",
     "anchor_search",
     "cls_scores",
