@@ -286,7 +286,7 @@ def enable_anchor_former(
     new_tower = AnchorVisionTower(base, score=score)  # raises for CLS-less + "cls", bad layer
     spec = detect_encoder(new_tower.vision_tower)
     patches = new_tower.num_patches
-    if connector == "acformer":
+    if connector in ("acformer", "select"):
         if isinstance(num_anchors, bool) or not isinstance(num_anchors, int) or num_anchors < 1:
             raise ValueError(f"num_anchors must be an integer >= 1, got {num_anchors!r}")
         if num_anchors > patches:
@@ -294,7 +294,9 @@ def enable_anchor_former(
                 f"num_anchors={num_anchors} exceeds the {patches} patch tokens of the vision tower "
                 f"({new_tower.num_patches_per_side}x{new_tower.num_patches_per_side} patches)"
             )
-        kwargs = {"num_anchors": num_anchors, "include_cls": spec.has_cls and score == "cls", **kwargs}
+        if connector == "acformer":  # select keeps its own default: LLaVA-1.5's projector saw patches only
+            kwargs = {"include_cls": spec.has_cls and score == "cls", **kwargs}
+        kwargs = {"num_anchors": num_anchors, **kwargs}
     old_projector = inner.mm_projector
     old_type = getattr(config, "mm_projector_type", "linear")
     if "projector" not in kwargs and isinstance(old_type, str) and re.match(r"^(linear|mlp\d+x_gelu)$", old_type):
