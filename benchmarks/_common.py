@@ -79,6 +79,11 @@ BENCH_CONNECTORS: dict[str, BenchConnector] = {
         BenchConnector("perceiver-144", "perceiver", {"num_queries": 144}),
         BenchConnector("acformer-144", "acformer", {"num_anchors": 144}),
         BenchConnector("acformer-256", "acformer", {"num_anchors": 256}),
+        # training-free: the anchor patches through the checkpoint's own projector (no new parameters)
+        BenchConnector("select-64", "select", {"num_anchors": 64}),
+        BenchConnector("select-144", "select", {"num_anchors": 144}),
+        BenchConnector("select-192", "select", {"num_anchors": 192}),
+        BenchConnector("select-128+16", "select", {"num_anchors": 128, "num_context": 16}),
     )
 }
 BASELINE = "mlp-576"
