@@ -21,7 +21,8 @@ from benchmarks import run as bench_run  # noqa: E402
 from benchmarks._common import spread_warnings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CONNECTORS = ["mlp-576", "avgpool-144", "cabstractor-144", "perceiver-144", "acformer-144", "acformer-256"]
+CONNECTORS = ["mlp-576", "avgpool-144", "cabstractor-144", "perceiver-144", "acformer-144", "acformer-256",
+              "select-64", "select-144", "select-192", "select-128+16"]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def test_tiny_connector_figures_are_consistent(tiny_run):
     assert all(r["flops_measured"] == r["flops_analytic"] > 0 for r in rows.values())
     assert {label: r["visual_tokens"] for label, r in rows.items()} == {
         "mlp-576": 576, "avgpool-144": 144, "cabstractor-144": 144, "perceiver-144": 144, "acformer-144": 145,
-        "acformer-256": 257,
+        "acformer-256": 257, "select-64": 64, "select-144": 144, "select-192": 192, "select-128+16": 144,
     }
     base = rows["mlp-576"]
     for r in rows.values():
