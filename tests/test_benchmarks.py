@@ -82,7 +82,7 @@ def test_tiny_pipeline_figures_are_consistent(tiny_run):
     }
     for r in analytic:
         assert r["total_flops"] == r["vit_flops"] + r["probe_flops"] + r["connector_flops"] + r["llm_flops"]
-        assert (r["probe_flops"] > 0) == r["connector"].startswith("acformer")
+        assert (r["probe_flops"] > 0) == r["connector"].startswith(("acformer", "select"))
         if r["connector"] == "mlp-576":
             assert r["total_vs_baseline"] == 1.0
     measured = pipeline["measured"]
