@@ -170,3 +170,17 @@ def test_projector_that_is_not_llava_mlp_is_refused() -> None:
     model.model.multi_modal_projector = torch.nn.Linear(VISION_DIM, LLM_DIM)
     with pytest.raises(ValueError, match="needs the model's projector to be transformers' LlavaMultiModalProjector"):
         attach_anchor_former(model, processor, connector="select", num_anchors=8)
+
+
+def test_one_sdpa_tower_forward_per_batch() -> None:
+    _, reduced, processor = stock_and_attached(8, num_context=2)
+    tower = reduced.model.vision_tower
+    assert tower.config._attn_implementation == "sdpa"
+    calls = []
+    handle = tower.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            reduced(**inputs_for(processor))
+    finally:
+        handle.remove()
+    assert calls == [2]  # one forward over both images
