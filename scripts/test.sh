@@ -35,4 +35,10 @@ echo "== tests: LLaVA environment (torch 2.13, transformers 4.37.2 + llava-torch
 # tests, which build their reference models with transformers 5.x APIs (the `bench` extra).
 .venv-llava/bin/python -m pytest -q -p no:cacheprovider tests \
     --ignore=tests/test_flops.py --ignore=tests/test_benchmarks.py "$@" || status=$?
+# The compiled search kernel's tests once more under AddressSanitizer + UBSan (about 1 min); skipped
+# when the compiler has no sanitizer runtimes, or with SANITIZE=0.
+if [ "${SANITIZE:-1}" = 1 ] && [ -f "$(${CC:-gcc} -print-file-name=libasan.so 2>/dev/null)" ]; then
+    echo "== native search kernel under AddressSanitizer + UBSan" >&2
+    PYTHON=.venv/bin/python scripts/sanitize_native.sh || status=$?
+fi
 exit $status

@@ -312,9 +312,9 @@ def _resolve_method(method: str, scores: torch.Tensor) -> str:
             return "sorted"
         if not kernel_fits or _native is None:
             return "masked"
-        # A tensor without memory of its own (wrapped under vmap, a dispatch subclass) stays in PyTorch;
-        # lazily negated/conjugated views are resolved by _native_search.
-        return "native" if _own_cpu_memory(scores) else "masked"
+        # A tensor without memory of its own (wrapped under vmap, a dispatch subclass) stays in PyTorch, on
+        # the path without in-place ops; lazily negated/conjugated views are resolved by _native_search.
+        return "native" if _own_cpu_memory(scores) else "sorted"
     if method == "triton":
         if importlib.util.find_spec("triton") is None:
             raise RuntimeError("method='triton' needs the triton package (it ships with CUDA builds of PyTorch)")
@@ -413,9 +413,9 @@ def anchor_search(
             ``torch.compile``), ``"triton"`` (one Triton kernel; CUDA float32/fp16/bf16, opt-in),
             ``"sorted"`` (one top-k of all heads + a greedy pass; for accelerators), ``"masked"``
             (one top-k per head; the plain formulation) or ``"auto"``:
-            ``"native"`` on CPU when it was built (``"masked"`` without it, for float64 scores, for
-            tensors without memory of their own such as ``vmap``-wrapped ones, and while
-            ``torch.compile`` traces), ``"sorted"`` elsewhere. All return identical results.
+            ``"native"`` on CPU when it was built (``"masked"`` without it, for float64 scores and while
+            ``torch.compile`` traces; ``"sorted"`` for tensors without memory of their own such as
+            ``vmap``-wrapped ones), ``"sorted"`` elsewhere. All return identical results.
         check_finite: raise on NaN/inf scores. On CUDA this reads one flag back to the host; pass False
             in a latency-critical or CUDA-graphed loop. Skipped while ``torch.compile`` traces and for
             meta tensors (no values); free with the native kernel, which checks in its own pass.
