@@ -149,3 +149,11 @@ def test_map_head_row_equals_explicit(kwargs: dict) -> None:
     prefix = kwargs.get("reg_tokens", 0)
     result = extract_anchors(model, pixels, num_anchors=4, score="map")
     assert torch.equal(result.anchor_idx, anchor_search(expected, 4, include_cls=False, num_prefix_tokens=prefix))
+
+
+def test_dynamic_img_pad_grid_rounds_up() -> None:
+    model = build(img_size=32, dynamic_img_size=True, dynamic_img_pad=True)
+    pixels = torch.randn(1, 3, 36, 44)  # 4.5 x 5.5 patches: timm pads to 5 x 6
+    result = extract_anchors(model, pixels, num_anchors=4)
+    assert result.grid_size == (5, 6)
+    assert result.features.shape[1] == 1 + 5 * 6

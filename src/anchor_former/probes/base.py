@@ -165,6 +165,8 @@ class EncoderSpec:
             ``(B, C, H_img, W_img)`` (or the model's own layout, see ``layout``) and any extra keyword
             inputs the model takes.
         pool_site: the attention of an attention-pooling (MAP) head over the final tokens, or None.
+        grid: ``(H_img, W_img) -> (rows, cols)`` of the patch grid; None = ``(H_img // patch_size,
+            W_img // patch_size)`` (timm's ``dynamic_img_pad`` rounds up instead).
         layout: validates ``(pixel_values, inputs)`` for models whose input is not a plain image batch
             (raising ``ValueError`` naming the argument) and returns their :class:`InputLayout`; None =
             ``pixel_values (B, num_channels, H_img, W_img)``, no extra inputs, grid ``(H_img // patch_size,
@@ -181,6 +183,7 @@ class EncoderSpec:
     run: Callable[..., Any]
     pool_site: QueryKeySite | None = None
     layout: Callable[[torch.Tensor, dict[str, Any]], InputLayout] | None = None
+    grid: Callable[[int, int], tuple[int, int]] | None = None
 
     @property
     def num_layers(self) -> int:
