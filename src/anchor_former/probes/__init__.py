@@ -6,7 +6,7 @@ of them imports transformers or timm.
 
 from __future__ import annotations
 
-from anchor_former.probes import clip, dinov2, dinov3, eva, internvit, siglip, siglip2, timm_vit  # noqa: F401  (register the families)
+from anchor_former.probes import clip, dinov2, dinov3, eva, internvit, openclip, siglip, siglip2, timm_vit  # noqa: F401  (register the families)
 from anchor_former.probes.base import (
     AttentionProbe,
     EncoderFamily,
