@@ -160,7 +160,8 @@ def _siglip_section(cfg: dict[str, Any], device: torch.device, no_grad) -> dict[
     vit = cfg["siglip"]
     progress(f"probe: building {vit['num_hidden_layers']}-layer SigLIP ViT on {device}")
     model, eager = _build(cfg, device, siglip=True)
-    pixels = torch.randn(cfg["batch"], 3, vit["image_size"], vit["image_size"], generator=torch.Generator().manual_seed(0))
+    size = vit["image_size"]
+    pixels = torch.randn(cfg["batch"], 3, size, size, generator=torch.Generator().manual_seed(0))
     pixels = pixels.to(device=device, dtype=getattr(torch, cfg["dtype"]))
     tokens = (vit["image_size"] // vit["patch_size"]) ** 2
     k = min(cfg["anchors"], tokens // 2)

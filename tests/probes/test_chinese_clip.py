@@ -1,4 +1,4 @@
-"""ChineseCLIP's vision tower (transformers ``ChineseCLIPVisionModel``, CLIP's architecture) against eager attentions."""
+"""ChineseCLIP's vision tower (``ChineseCLIPVisionModel``, CLIP's architecture) against eager attentions."""
 
 from __future__ import annotations
 

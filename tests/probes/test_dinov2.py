@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from _probe_helpers import assert_close_and_bites, column_mean, eager_copy, hook_count, mutants, reference_block, site_call
+from _probe_helpers import (
+    assert_close_and_bites,
+    column_mean,
+    eager_copy,
+    hook_count,
+    mutants,
+    reference_block,
+    site_call,
+)
 
 from anchor_former import anchor_search
 from anchor_former.probes import AttentionProbe, detect_encoder, extract_anchors

@@ -32,7 +32,8 @@ def eager_run(model: torch.nn.Module, pixels: torch.Tensor) -> tuple[list[torch.
     twin = copy.deepcopy(model)
     twin.config._attn_implementation = "eager"
     maps, outs = [], []
-    handles = [layer.self_attn.register_forward_hook(lambda m, a, o: maps.append(o[1])) for layer in twin.encoder.layers]
+    layers = twin.encoder.layers
+    handles = [layer.self_attn.register_forward_hook(lambda m, a, o: maps.append(o[1])) for layer in layers]
     handles += [layer.register_forward_hook(lambda m, a, o: outs.append(o)) for layer in twin.encoder.layers]
     try:
         with torch.no_grad():

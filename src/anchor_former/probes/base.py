@@ -103,7 +103,8 @@ class QueryKeySite:
     q_norm: nn.Module | None = None
     k_norm: nn.Module | None = None
     norm_over_heads: bool = False
-    rotary: Callable[[torch.Tensor, torch.Tensor, tuple[Any, ...], dict[str, Any]], tuple[torch.Tensor, torch.Tensor]] | None = None
+    rotary: Callable[[torch.Tensor, torch.Tensor, tuple[Any, ...], dict[str, Any]],
+                     tuple[torch.Tensor, torch.Tensor]] | None = None
     padding_mask: Callable[[tuple[Any, ...], dict[str, Any]], torch.Tensor | None] | None = None
 
 
@@ -246,7 +247,8 @@ def register_encoder_family(family: EncoderFamily, *, replace: bool = False) -> 
     if family.name in names:
         if not replace:
             raise ValueError(
-                f"family name {family.name!r} is already registered ({type(_FAMILIES[names.index(family.name)]).__name__}); "
+                f"family name {family.name!r} is already registered "
+                f"({type(_FAMILIES[names.index(family.name)]).__name__}); "
                 f"pass replace=True to replace it, or pick another name; registered: {', '.join(names)}"
             )
         _FAMILIES[names.index(family.name)] = family
@@ -401,7 +403,8 @@ def site_received_attention(
     q, k = query_key_states(tokens, site, args=args, kwargs=kwargs)
     batch, num = tokens.shape[:2]
     extra = {} if block_size is None else {"block_size": block_size}
-    return received_attention(q, k, scale=site.scale, key_padding_mask=_padding(site, args, kwargs, batch, num), **extra)
+    padding = _padding(site, args, kwargs, batch, num)
+    return received_attention(q, k, scale=site.scale, key_padding_mask=padding, **extra)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,8 @@ def _site(attn: nn.Module) -> QueryKeySite:
 
     def projections():
         w, b = attn.qkv.weight, attn.qkv.bias
-        return w[:width], None if b is None else b[:width], w[width : 2 * width], None if b is None else b[width : 2 * width]
+        b_q, b_k = (None, None) if b is None else (b[:width], b[width : 2 * width])
+        return w[:width], b_q, w[width : 2 * width], b_k
 
     return QueryKeySite(module=attn, tokens=positional_or_keyword("hidden_states"), projections=projections,
                         num_heads=attn.num_heads, head_dim=attn.head_dim, scale=float(attn.scale))

@@ -121,7 +121,8 @@ class TimmViTFamily(EncoderFamily):
             patch_size=int(patch_embed.patch_size[0]),
             num_channels=int(patch_embed.proj.in_channels),
             run=lambda pixel_values: model(pixel_values),
-            grid=lambda height, width: tuple(patch_embed.dynamic_feat_size((height, width))),  # dynamic_img_pad rounds up
+            # timm's own grid: dynamic_img_pad rounds up
+            grid=lambda height, width: tuple(patch_embed.dynamic_feat_size((height, width))),
             pool_site=latent_pool_site(pool) if pool_classes and isinstance(pool, pool_classes) else None,
         )
 
