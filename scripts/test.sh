@@ -19,6 +19,10 @@ echo "== main environment (.venv)" >&2
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip_q .venv/bin/pip install -q $MAIN_TORCH
 pip_q .venv/bin/pip install -q -e ".[test,hf,timm,viz]"
+# open_clip towers for the probe tests (tests/probes/test_openclip.py skips without it): its other
+# dependencies (torchvision, timm, regex, huggingface_hub, safetensors, tqdm) are already here
+pip_q .venv/bin/pip install -q ftfy
+pip_q .venv/bin/pip install -q --no-deps "open_clip_torch>=3.0"
 
 echo "== LLaVA environment (.venv-llava)" >&2
 [ -x .venv-llava/bin/python ] || "$PYTHON" -m venv .venv-llava

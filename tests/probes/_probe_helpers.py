@@ -121,3 +121,13 @@ def check_exact_family(
     assert torch.equal(plain.last_hidden_state, probed.last_hidden_state)
     assert all(torch.equal(a, b) for a, b in zip(plain.hidden_states, probed.hidden_states, strict=True))
     return probe
+
+
+def randomize(model: nn.Module) -> nn.Module:
+    """Re-draw every parameter (some inits zero the q/k weights, giving exactly uniform attention that no
+    broken variant can miss): matrices N(0, 0.3^2), vectors N(0, 0.1^2), norm weights 1 + N(0, 0.1^2)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            std = 0.3 if p.ndim > 1 else 0.1
+            p.copy_(torch.randn_like(p) * std + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+    return model

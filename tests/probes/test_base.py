@@ -86,7 +86,9 @@ def test_autocast_keeps_the_row_float32() -> None:
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), AttentionProbe(model) as mixed:
         model(pixel_values=pixels)
     assert mixed.attention.dtype == torch.float32
-    torch.testing.assert_close(mixed.attention, plain.attention, atol=3e-2, rtol=0)
+    # the row itself is float32 with autocast off; the bf16 layers before it move it by 9e-5 (measured)
+    torch.testing.assert_close(mixed.attention, plain.attention, atol=4e-4, rtol=0)
+    assert (plain.attention - 1 / plain.attention.shape[-1]).abs().max() > 4e-4  # a uniform row would fail
 
 
 def test_gradient_checkpointing_reruns_are_not_captured() -> None:

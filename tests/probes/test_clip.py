@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _probe_helpers import assert_close_and_bites, column_mean, eager_copy, hook_count, mutants, reference_block, site_call
+from _probe_helpers import (
+    assert_close_and_bites,
+    column_mean,
+    eager_copy,
+    hook_count,
+    mutants,
+    reference_block,
+    site_call,
+)
 from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
 from anchor_former import anchor_search
@@ -184,5 +192,6 @@ def test_errors(model: CLIPVisionModel, pixels: torch.Tensor) -> None:
         extract_anchors(model, pixels[0], num_anchors=4)
     with pytest.raises(ValueError, match=r"got shape \(3, 1, 32, 32\)"):
         extract_anchors(model, pixels[:, :1], num_anchors=4)
-    with pytest.raises(ValueError, match="not a supported vision encoder; supported families: clip"):
+    with pytest.raises(ValueError, match="not a supported vision encoder; supported families: "
+                                         ".*clip \\(transformers CLIPVisionModel"):
         extract_anchors(torch.nn.Linear(3, 3), pixels, num_anchors=4)

@@ -9,7 +9,7 @@ transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "InternVLVisionModel"):
     pytest.skip("this transformers has no InternVLVisionModel", allow_module_level=True)
 
-from _probe_helpers import check_exact_family  # noqa: E402
+from _probe_helpers import check_exact_family, randomize  # noqa: E402
 
 from anchor_former import anchor_search  # noqa: E402
 from anchor_former.probes import detect_encoder, extract_anchors  # noqa: E402
@@ -22,11 +22,7 @@ def build(qk_norm: bool) -> torch.nn.Module:
         hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4, image_size=32,
         patch_size=8, use_qk_norm=qk_norm, layer_scale_init_value=0.5, use_mean_pooling=False,
     )
-    model = transformers.InternVLVisionModel(config).eval()
-    with torch.no_grad():  # transformers initialises q/k near zero (uniform attention): randomise everything
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.3 if p.ndim > 1 else 0.5) + (1.0 if "norm" in name else 0.0))
-    return model
+    return randomize(transformers.InternVLVisionModel(config).eval())
 
 
 @pytest.mark.parametrize("qk_norm", [False, True])

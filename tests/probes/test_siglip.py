@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _probe_helpers import assert_close_and_bites, column_mean, eager_copy, hook_count, mutants, reference_block, site_call
+from _probe_helpers import (
+    assert_close_and_bites,
+    column_mean,
+    eager_copy,
+    hook_count,
+    mutants,
+    reference_block,
+    site_call,
+)
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from anchor_former import anchor_search

@@ -1,12 +1,26 @@
-"""[CLS]-attention probes: anchors from real ViTs without ``output_attentions`` (see ``docs/probes.md``).
+"""Attention probes: anchors from real ViTs without ``output_attentions`` (see ``docs/probes.md``).
 
-Importing this package registers the built-in encoder families (clip, dinov2, timm_vit, siglip); none
-of them imports transformers or timm.
+Importing this package registers the built-in encoder families (``registered_families()`` lists them:
+transformers CLIP and its clones, DINOv2, DINOv3, SigLIP, SigLIP2, InternViT, BLIP-2, AIMv2; timm
+ViT and Eva; open_clip); none of them imports transformers, timm or open_clip.
 """
 
 from __future__ import annotations
 
-from anchor_former.probes import clip, dinov2, dinov3, internvit, siglip, siglip2, timm_vit  # noqa: F401  (register the families)
+from anchor_former.probes import (  # noqa: F401  (register the families)
+    aimv2,
+    blip2,
+    clip,
+    clip_clones,
+    dinov2,
+    dinov3,
+    eva,
+    internvit,
+    openclip,
+    siglip,
+    siglip2,
+    timm_vit,
+)
 from anchor_former.probes.base import (
     AttentionProbe,
     EncoderFamily,

@@ -103,7 +103,8 @@ class QueryKeySite:
     q_norm: nn.Module | None = None
     k_norm: nn.Module | None = None
     norm_over_heads: bool = False
-    rotary: Callable[[torch.Tensor, torch.Tensor, tuple[Any, ...], dict[str, Any]], tuple[torch.Tensor, torch.Tensor]] | None = None
+    rotary: Callable[[torch.Tensor, torch.Tensor, tuple[Any, ...], dict[str, Any]],
+                     tuple[torch.Tensor, torch.Tensor]] | None = None
     padding_mask: Callable[[tuple[Any, ...], dict[str, Any]], torch.Tensor | None] | None = None
 
 
@@ -165,6 +166,8 @@ class EncoderSpec:
             ``(B, C, H_img, W_img)`` (or the model's own layout, see ``layout``) and any extra keyword
             inputs the model takes.
         pool_site: the attention of an attention-pooling (MAP) head over the final tokens, or None.
+        grid: ``(H_img, W_img) -> (rows, cols)`` of the patch grid; None = ``(H_img // patch_size,
+            W_img // patch_size)`` (timm's ``dynamic_img_pad`` rounds up instead).
         layout: validates ``(pixel_values, inputs)`` for models whose input is not a plain image batch
             (raising ``ValueError`` naming the argument) and returns their :class:`InputLayout`; None =
             ``pixel_values (B, num_channels, H_img, W_img)``, no extra inputs, grid ``(H_img // patch_size,
@@ -181,6 +184,7 @@ class EncoderSpec:
     run: Callable[..., Any]
     pool_site: QueryKeySite | None = None
     layout: Callable[[torch.Tensor, dict[str, Any]], InputLayout] | None = None
+    grid: Callable[[int, int], tuple[int, int]] | None = None
 
     @property
     def num_layers(self) -> int:
@@ -243,7 +247,8 @@ def register_encoder_family(family: EncoderFamily, *, replace: bool = False) -> 
     if family.name in names:
         if not replace:
             raise ValueError(
-                f"family name {family.name!r} is already registered ({type(_FAMILIES[names.index(family.name)]).__name__}); "
+                f"family name {family.name!r} is already registered "
+                f"({type(_FAMILIES[names.index(family.name)]).__name__}); "
                 f"pass replace=True to replace it, or pick another name; registered: {', '.join(names)}"
             )
         _FAMILIES[names.index(family.name)] = family
@@ -398,7 +403,8 @@ def site_received_attention(
     q, k = query_key_states(tokens, site, args=args, kwargs=kwargs)
     batch, num = tokens.shape[:2]
     extra = {} if block_size is None else {"block_size": block_size}
-    return received_attention(q, k, scale=site.scale, key_padding_mask=_padding(site, args, kwargs, batch, num), **extra)
+    padding = _padding(site, args, kwargs, batch, num)
+    return received_attention(q, k, scale=site.scale, key_padding_mask=padding, **extra)
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,11 @@ def _image_layout(spec: EncoderSpec, pixel_values: torch.Tensor, inputs: dict[st
     if inputs:
         raise ValueError(f"inputs must be empty for this {spec.family} encoder (it takes pixel_values only), "
                          f"got keys {sorted(inputs)}")
-    grid = tuple(s // spec.patch_size for s in pixel_values.shape[-2:])
+    height, width = (int(s) for s in pixel_values.shape[-2:])
+    if spec.grid is not None:
+        grid = tuple(int(g) for g in spec.grid(height, width))
+    else:
+        grid = (height // spec.patch_size, width // spec.patch_size)
     return InputLayout(grid_sizes=(grid,) * pixel_values.shape[0])
 
 
