@@ -34,6 +34,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from anchor_former._optional import require
 from anchor_former._validation import shape_str
 
 __all__ = [
@@ -82,8 +83,7 @@ def load_state_dict(path: str | os.PathLike[str], *, map_location: str | torch.d
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint path {path!r} is not a file")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
+        load_file = require("safetensors.torch", extra="hf", feature="reading .safetensors checkpoints").load_file
         device = str(map_location) if not isinstance(map_location, str) else map_location
         return dict(load_file(path, device=device))
     try:
@@ -111,8 +111,7 @@ def save_state_dict(
     state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str], *, metadata: dict[str, str] | None = None
 ) -> None:
     """Write ``state_dict`` as safetensors (contiguous CPU copies; shared storage is fine)."""
-    from safetensors.torch import save_file
-
+    save_file = require("safetensors.torch", extra="hf", feature="saving checkpoints (safetensors)").save_file
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     save_file(tensors, os.fspath(path), metadata=metadata)
 
