@@ -140,6 +140,21 @@ class AnchorFormerLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self.post_init()
 
 
+def _share_llava_weight_conversions() -> None:
+    """Give this model type Llava's checkpoint key renamings. A model loaded with ``from_pretrained`` saves
+    its weights in the layout it was loaded from (Llava's legacy ``language_model.model.*``); without the
+    same renamings on load, ``AnchorFormerLlavaForConditionalGeneration.from_pretrained`` would skip the
+    language model's weights."""
+    from transformers import conversion_mapping
+
+    mapping = conversion_mapping.get_checkpoint_conversion_mapping("llava")
+    if mapping and AnchorFormerLlavaConfig.model_type not in conversion_mapping.USER_REGISTERED_MAPPINGS:
+        conversion_mapping.register_checkpoint_conversion_mapping(AnchorFormerLlavaConfig.model_type, mapping)
+
+
+_share_llava_weight_conversions()
+
+
 def register_auto_classes() -> None:
     """Register the classes with ``AutoConfig``, ``AutoModel`` and ``AutoModelForImageTextToText``
     (idempotent), so ``AutoModelForImageTextToText.from_pretrained(saved_dir)`` rebuilds the model."""
