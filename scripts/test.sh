@@ -19,7 +19,7 @@ pip_q() { "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 echo "== main environment (.venv)" >&2
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip_q .venv/bin/pip install -q $MAIN_TORCH
-pip_q .venv/bin/pip install -q -e ".[test,hf,timm,viz]" build  # build: the sdist check of scripts/test_wheel.sh
+pip_q .venv/bin/pip install -q -e ".[test,hf,timm,viz,train]" build  # build: the sdist check of scripts/test_wheel.sh
 # open_clip towers for the probe tests (tests/probes/test_openclip.py skips without it): its other
 # dependencies (torchvision, timm, regex, huggingface_hub, safetensors, tqdm) are already here
 pip_q .venv/bin/pip install -q ftfy
@@ -28,7 +28,11 @@ pip_q .venv/bin/pip install -q --no-deps "open_clip_torch>=3.0"
 echo "== LLaVA environment (.venv-llava)" >&2
 [ -x .venv-llava/bin/python ] || "$PYTHON" -m venv .venv-llava
 pip_q .venv-llava/bin/pip install -q $LLAVA_TORCH
-pip_q .venv-llava/bin/pip install -q "transformers==4.37.2" "tokenizers<0.19" einops pillow "pytest>=7" "hypothesis>=6.80" safetensors
+pip_q .venv-llava/bin/pip install -q "transformers==4.37.2" "tokenizers<0.19" einops pillow "pytest>=7" "hypothesis>=6.80" safetensors \
+    "accelerate==0.34.2" sentencepiece
+# LLaVA's trainer imports deepspeed when it saves (maybe_zero_3); pure-Python install, no CUDA ops built
+# (about 40 s, 21 MB; imports on CPU). accelerate < 1.0: transformers 4.37's Trainer passes arguments 1.0 removed.
+DS_BUILD_OPS=0 pip_q .venv-llava/bin/pip install -q "deepspeed==0.19.8"
 pip_q .venv-llava/bin/pip install -q --no-deps "llava-torch==1.2.2.post1"
 pip_q .venv-llava/bin/pip install -q --no-deps -e .
 

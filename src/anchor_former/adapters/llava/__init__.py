@@ -40,6 +40,7 @@ __all__ = [
     "build_vision_projector",
     "enable_anchor_former",
     "load_projector_weights",
+    "register_with_llava",
     "save_projector_weights",
 ]
 
@@ -420,3 +421,6 @@ def save_projector_weights(target: nn.Module, path: str | os.PathLike[str]) -> N
     ``model.mm_projector.connector.*`` (what :func:`load_projector_weights` reads back)."""
     connector = _connector_of(target)
     save_state_dict({f"model.mm_projector.connector.{k}": v for k, v in connector.state_dict().items()}, path)
+
+
+from anchor_former.adapters.llava.registration import register_with_llava  # noqa: E402  (extends the classes above)
