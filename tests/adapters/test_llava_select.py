@@ -150,7 +150,7 @@ def test_projector_the_package_does_not_know_is_refused(tower_dir) -> None:
                                          r"'mlp\{N\}x_gelu'.*got mm_projector_type='qformer_custom'"):
         enable_anchor_former(model, connector="select", num_anchors=8)
     model = enable_anchor_former(make_model(tower_dir), num_anchors=8, depth=1, heads=2, dim_head=8)
-    with pytest.raises(ValueError, match="got mm_projector_type='acformer'"):
+    with pytest.raises(ValueError, match="connector must stay 'acformer' when re-attaching.*got 'select'"):
         enable_anchor_former(model, connector="select", num_anchors=8)
 
 

@@ -26,6 +26,7 @@ which it consumes. Only single-layer ``vision_feature_layer`` (an int) is suppor
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
 
+from anchor_former.adapters._probed import probed_forward
 from anchor_former.probes.base import AttentionProbe, Score, detect_encoder
 
 try:  # transformers >= 5: ``return_dict=False`` support for get_image_features
@@ -63,6 +65,22 @@ class AnchorFormerLlavaConfig(LlavaConfig):
     anchor_former: dict | None = None
 
 
+_MLP_NAMES = re.compile(r"^(linear|identity|mlp\d+x_gelu)$")
+
+
+def _constructor_kwargs(connector: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` as keyword arguments of ``build_connector(connector, vision_dim, llm_dim, ...)``.
+
+    The widths come from the model's configs; for the MLP connectors (``linear``, ``identity``,
+    ``mlp{N}x_gelu``) the name IS the ``projector`` argument, so a recorded ``projector`` is dropped
+    (folders saved before this rule record it, and passing it twice was a ``TypeError``).
+    """
+    kwargs = {k: v for k, v in settings.items() if k not in ("vision_dim", "llm_dim")}
+    if _MLP_NAMES.match(str(connector)):
+        kwargs.pop("projector", None)
+    return kwargs
+
+
 def _build_connector(config: AnchorFormerLlavaConfig, **dd: Any) -> nn.Module:
     from anchor_former.connectors.registry import build_connector
 
@@ -72,11 +90,10 @@ def _build_connector(config: AnchorFormerLlavaConfig, **dd: Any) -> nn.Module:
             "config.anchor_former must name the connector ({'connector': 'acformer', 'score': 'cls', "
             f"'connector_config': {{...}}}}), got {settings!r}; build the model with attach_anchor_former"
         )
-    kwargs = dict(settings.get("connector_config") or {})
-    kwargs.pop("vision_dim", None)
-    kwargs.pop("llm_dim", None)
+    name = settings["connector"]
+    kwargs = _constructor_kwargs(name, dict(settings.get("connector_config") or {}))
     return build_connector(
-        settings["connector"], int(config.vision_config.hidden_size), int(config.text_config.hidden_size), **kwargs, **dd
+        name, int(config.vision_config.hidden_size), int(config.text_config.hidden_size), **kwargs, **dd
     )
 
 
@@ -117,9 +134,10 @@ class AnchorFormerLlavaModel(LlavaModel):
         if not isinstance(layer, int) or isinstance(layer, bool):
             raise ValueError(f"vision_feature_layer must be a single int for AnchorFormer, got {layer!r}")
         score = (self.config.anchor_former or {}).get("score", "cls")
-        probe = AttentionProbe(self.vision_tower, layer=layer, score=score)
-        with probe:
-            image_outputs = self.vision_tower(pixel_values, return_dict=True, **kwargs)
+        tower = self.vision_tower
+        image_outputs, probe = probed_forward(
+            tower, lambda: tower(pixel_values, return_dict=True, **kwargs), layer=layer, score=score
+        )
         connector = self.multi_modal_projector
         if getattr(connector, "uses_anchors", False):
             tokens = connector(probe.features, attention=probe.scores)  # (B, T, llm_dim)
@@ -152,6 +170,27 @@ def register_auto_classes() -> None:
     AutoModelForImageTextToText.register(
         AnchorFormerLlavaConfig, AnchorFormerLlavaForConditionalGeneration, exist_ok=True
     )
+
+
+def _register_key_conversions() -> None:
+    """Load legacy-layout LLaVA weights into the package's model type, as transformers does for ``llava``.
+
+    transformers 5 renames the keys of older LLaVA checkpoints at load (``language_model.model.*`` →
+    ``model.language_model.*``, ``language_model.lm_head`` → ``lm_head``, ...), registered per model type
+    (``"llava"``) and class (``"LlavaModel"``), and writes those old names again when a model that was
+    loaded that way is saved. Without the same rules for ``"anchor_former_llava"`` /
+    ``AnchorFormerLlavaModel``, reloading such a folder would leave the language model and ``lm_head``
+    randomly initialised. Registered once, at import of this module (which loading the class implies).
+    """
+    from transformers import conversion_mapping as mapping
+
+    for ours, theirs in ((AnchorFormerLlavaConfig.model_type, "llava"), (AnchorFormerLlavaModel.__name__, "LlavaModel")):
+        rules = mapping.get_checkpoint_conversion_mapping(theirs)
+        if rules is not None:
+            mapping.register_checkpoint_conversion_mapping(ours, rules, overwrite=True)
+
+
+_register_key_conversions()
 
 
 def _llava_model(model: nn.Module) -> LlavaModel:
@@ -267,6 +306,104 @@ def _expand_processor(processor: Any, num_tokens: int, patch_size: int) -> None:
         )
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What :func:`attach_anchor_former` checked and will build (nothing is changed while planning)."""
+
+    inner: LlavaModel
+    connector: str
+    score: str
+    kwargs: dict[str, Any]  # the connector's constructor arguments (widths excluded)
+    num_input_tokens: int  # tokens of the probed layer per image, prefix tokens included
+    patch_size: int
+    previous: nn.Module | None  # the connector of an already attached model, whose weights carry over
+    init_projector: bool
+
+
+def _plan(model: nn.Module, *, num_anchors: int, connector: str, score: str, init_projector: bool,
+          kwargs: dict[str, Any]) -> _Plan:
+    """Validate the arguments against ``model``; raises ``ValueError`` before anything changes."""
+    from anchor_former.connectors.registry import available_connectors
+
+    inner = _llava_model(model)
+    old = model.config
+    layer = old.vision_feature_layer
+    if not isinstance(layer, int) or isinstance(layer, bool):
+        raise ValueError(f"config.vision_feature_layer must be a single int for AnchorFormer, got {layer!r}")
+    if connector not in available_connectors() and not re.match(r"^mlp\d+x_gelu$", str(connector)):
+        raise ValueError(f"connector must be one of {', '.join(available_connectors())}, got {connector!r}")
+    previous = None
+    if isinstance(model, AnchorFormerLlavaForConditionalGeneration):
+        recorded = old.anchor_former or {}
+        if recorded.get("connector") != connector:
+            raise ValueError(
+                f"connector must stay {recorded.get('connector')!r} when re-attaching (the model is already "
+                f"attached, and its connector's weights carry over), got {connector!r}; to switch connectors, "
+                "attach to a stock LlavaForConditionalGeneration (from_pretrained of the base model) instead"
+            )
+        inherited = {k: v for k, v in (recorded.get("connector_config") or {}).items()
+                     if k not in ("num_anchors", "include_cls")}
+        kwargs = {**_constructor_kwargs(connector, inherited), **kwargs}
+        previous = inner.multi_modal_projector
+    AttentionProbe(inner.vision_tower, layer=layer, score=score)  # unsupported tower, bad layer, CLS-less + "cls"
+    spec = detect_encoder(inner.vision_tower)
+    vision = old.vision_config
+    side = int(vision.image_size) // int(vision.patch_size)
+    strategy = getattr(old, "vision_feature_select_strategy", "default")
+    kwargs = _anchor_kwargs(connector, num_anchors, side * side, kwargs, has_cls=spec.has_cls, score=score,
+                            full=strategy == "full")
+    if connector == "select" and previous is None:
+        _check_select_source(inner.multi_modal_projector, old, init_projector)
+    kwargs.setdefault("num_prefix_tokens", spec.num_prefix_tokens)
+    return _Plan(inner=inner, connector=connector, score=score, kwargs=kwargs,
+                 num_input_tokens=side * side + spec.num_prefix_tokens, patch_size=int(vision.patch_size),
+                 previous=previous, init_projector=init_projector)
+
+
+def _build(plan: _Plan, config: LlavaConfig) -> nn.Module:
+    """The new connector on the old projector's device and dtype, with its starting weights: the
+    previous connector's (re-attach), else the model's ``linear_1`` / ``linear_2`` (``init_projector``)."""
+    from anchor_former.checkpoint import CheckpointError, load_checked
+    from anchor_former.connectors.registry import build_connector
+
+    old_projector = plan.inner.multi_modal_projector
+    param = next(iter(old_projector.parameters()), None)
+    param = param if param is not None else next(iter(plan.inner.parameters()))
+    new = build_connector(plan.connector, int(config.vision_config.hidden_size), int(config.text_config.hidden_size),
+                          **plan.kwargs, device=param.device, dtype=param.dtype)
+    if plan.previous is not None:
+        try:
+            load_checked(new, plan.previous.state_dict(), what="the attached connector's weights")
+        except CheckpointError as error:
+            raise ValueError(
+                f"re-attaching keeps the attached connector's weights, so its architecture must stay the same: "
+                f"{error}; to change it, attach to a stock LlavaForConditionalGeneration instead"
+            ) from error
+    elif plan.init_projector and hasattr(old_projector, "linear_1"):
+        target = getattr(new, "projector", None)
+        if target is None:
+            raise ValueError(f"connector {plan.connector!r} has no output MLP to initialise; pass init_projector=False")
+        load_checked(target, _projector_mlp(old_projector, config), what="the model's multi_modal_projector")
+    return new
+
+
+def _swap(model: nn.Module, plan: _Plan, new: nn.Module, num_tokens: int) -> None:
+    """Install ``new`` and the :class:`AnchorFormerLlavaConfig` recording it (every check has passed)."""
+    old = model.config
+    settings = new.config.to_dict() if hasattr(getattr(new, "config", None), "to_dict") else dict(plan.kwargs)
+    settings = _constructor_kwargs(plan.connector, settings)
+    data = {k: v for k, v in old.to_dict().items() if k not in ("model_type", "anchor_former")}
+    data["image_seq_length"] = num_tokens
+    config = AnchorFormerLlavaConfig(
+        **data, anchor_former={"connector": plan.connector, "score": plan.score, "connector_config": settings}
+    )
+    config.vision_config, config.text_config = old.vision_config, old.text_config  # the submodules' own objects
+    model.__class__ = AnchorFormerLlavaForConditionalGeneration
+    plan.inner.__class__ = AnchorFormerLlavaModel
+    model.config = plan.inner.config = config
+    plan.inner.multi_modal_projector = new
+
+
 def attach_anchor_former(
     model: nn.Module,
     processor: Any = None,
@@ -280,7 +417,8 @@ def attach_anchor_former(
     """Switch a ``LlavaForConditionalGeneration`` (and its processor) to AcFormer in place; returns it.
 
     Args:
-        model: a built ``LlavaForConditionalGeneration`` (e.g. ``from_pretrained("llava-hf/llava-1.5-7b-hf")``).
+        model: a built ``LlavaForConditionalGeneration`` (e.g. ``from_pretrained("llava-hf/llava-1.5-7b-hf")``),
+            or one already attached (re-attach, see below).
         processor: its ``LlavaProcessor``; changed so each ``<image>`` becomes ``num_anchors + 1`` tokens
             (or the connector's token count). Without it, prepare ``input_ids`` with that many image tokens.
         num_anchors: K anchors. ``connector="acformer"``: the LLM sees K + 1 tokens per image ([CLS] first);
@@ -294,56 +432,24 @@ def attach_anchor_former(
         init_projector: copy ``linear_1`` / ``linear_2`` into the connector's output MLP (``mlp2x_gelu``).
         **kwargs: further connector arguments (``depth``, ``heads``, ``dim_head``, ...).
 
+    Re-attaching (``model`` already attached, e.g. to change ``num_anchors``) keeps the connector: the
+    same ``connector`` name is required, every weight of the attached connector carries over unchanged
+    (none depends on K), connector arguments not passed keep their recorded values, and
+    ``init_projector`` does not apply.
+
     Raises:
         ValueError: not a ``LlavaForConditionalGeneration``; ``vision_feature_layer`` a list; unsupported
             vision tower, or one without [CLS] with ``score="cls"``; ``num_anchors`` (+ ``num_context``)
             larger than the patch count; unknown connector; ``"select"`` on a projector that is not LLaVA's
-            ``mlp2x_gelu``; a processor this version cannot make expand correctly. The model and the
+            ``mlp2x_gelu``; a processor this version cannot make expand correctly; on re-attach, another
+            connector name or arguments that change the connector's weight shapes. The model and the
             processor are unchanged then.
     """
-    from anchor_former.connectors.registry import available_connectors, build_connector
-
-    inner = _llava_model(model)
-    old = model.config
-    layer = old.vision_feature_layer
-    if not isinstance(layer, int) or isinstance(layer, bool):
-        raise ValueError(f"config.vision_feature_layer must be a single int for AnchorFormer, got {layer!r}")
-    if connector not in available_connectors() and not re.match(r"^mlp\d+x_gelu$", str(connector)):
-        raise ValueError(f"connector must be one of {', '.join(available_connectors())}, got {connector!r}")
-    AttentionProbe(inner.vision_tower, layer=layer, score=score)  # unsupported tower, bad layer, CLS-less + "cls"
-    spec = detect_encoder(inner.vision_tower)
-    vision = old.vision_config
-    side = int(vision.image_size) // int(vision.patch_size)
-    strategy = getattr(old, "vision_feature_select_strategy", "default")
-    kwargs = _anchor_kwargs(connector, num_anchors, side * side, kwargs, has_cls=spec.has_cls, score=score,
-                            full=strategy == "full")
-    if connector == "select":
-        _check_select_source(inner.multi_modal_projector, old, init_projector)
-    kwargs.setdefault("num_prefix_tokens", spec.num_prefix_tokens)
-    old_projector = inner.multi_modal_projector
-    param = next(iter(old_projector.parameters()))
-    new = build_connector(connector, int(vision.hidden_size), int(old.text_config.hidden_size), **kwargs,
-                          device=param.device, dtype=param.dtype)
-    if init_projector and hasattr(old_projector, "linear_1"):
-        target = getattr(new, "projector", None)
-        if target is None:
-            raise ValueError(f"connector {connector!r} has no output MLP to initialise; pass init_projector=False")
-        from anchor_former.checkpoint import load_checked
-
-        load_checked(target, _projector_mlp(old_projector, old), what="the model's multi_modal_projector")
-    num_tokens = new.num_output_tokens(1 + side * side if spec.has_cls else side * side)
+    plan = _plan(model, num_anchors=num_anchors, connector=connector, score=score, init_projector=init_projector,
+                 kwargs=kwargs)
+    new = _build(plan, model.config)
+    num_tokens = new.num_output_tokens(plan.num_input_tokens)
     if processor is not None:
-        _expand_processor(processor, num_tokens, int(vision.patch_size))
-
-    settings = new.config.to_dict() if hasattr(getattr(new, "config", None), "to_dict") else dict(kwargs)
-    settings.pop("vision_dim", None)
-    settings.pop("llm_dim", None)
-    data = {k: v for k, v in old.to_dict().items() if k not in ("model_type", "anchor_former")}
-    data["image_seq_length"] = num_tokens
-    config = AnchorFormerLlavaConfig(**data, anchor_former={"connector": connector, "score": score, "connector_config": settings})
-    config.vision_config, config.text_config = old.vision_config, old.text_config  # the submodules' own objects
-    model.__class__ = AnchorFormerLlavaForConditionalGeneration
-    inner.__class__ = AnchorFormerLlavaModel
-    model.config = inner.config = config
-    inner.multi_modal_projector = new
+        _expand_processor(processor, num_tokens, plan.patch_size)
+    _swap(model, plan, new, num_tokens)
     return model
