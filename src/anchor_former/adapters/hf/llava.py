@@ -154,6 +154,12 @@ def register_auto_classes() -> None:
     )
 
 
+def _is_llava_next(model: nn.Module) -> bool:
+    from transformers import LlavaNextForConditionalGeneration
+
+    return isinstance(model, LlavaNextForConditionalGeneration)
+
+
 def _llava_model(model: nn.Module) -> LlavaModel:
     inner = getattr(model, "model", None)
     if not isinstance(model, LlavaForConditionalGeneration) or not isinstance(inner, LlavaModel):
@@ -303,6 +309,11 @@ def attach_anchor_former(
     """
     from anchor_former.connectors.registry import available_connectors, build_connector
 
+    if _is_llava_next(model):  # LLaVA-NeXT (anyres views): its own module
+        from anchor_former.adapters.hf.llava_next import attach_llava_next
+
+        return attach_llava_next(model, processor, num_anchors=num_anchors, connector=connector, score=score,
+                                 init_projector=init_projector, **kwargs)
     inner = _llava_model(model)
     old = model.config
     layer = old.vision_feature_layer
