@@ -43,13 +43,14 @@ crops.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from anchor_former._validation import shape_str
+from anchor_former.search import anchor_search
 
 __all__ = [
     "AnyresViews",
@@ -57,6 +58,7 @@ __all__ = [
     "anyres_views",
     "arrange_fixed",
     "arrange_selected",
+    "select_view_tokens",
     "num_fixed_tokens",
     "num_selected_tokens",
     "select_best_resolution",
@@ -366,3 +368,59 @@ def arrange_fixed(views: AnyresViews, tokens: torch.Tensor, newline: torch.Tenso
     crops = tokens[1:].reshape(r, c * t, d)  # (R, C * T, D): one row of crops per entry
     closing = newline.to(tokens.dtype).expand(r, 1, d)
     return torch.cat([tokens[0], torch.cat([crops, closing], dim=1).reshape(-1, d)], dim=0)
+
+
+def select_view_tokens(
+    views: AnyresViews,
+    budgets: Sequence[int],
+    features: torch.Tensor,
+    scores: torch.Tensor,
+    *,
+    num_prefix_tokens: int,
+    projector: Callable[[torch.Tensor], torch.Tensor],
+    newline: torch.Tensor | None,
+) -> torch.Tensor:
+    """One image's training-free tokens: each view's anchors through ``projector``, in the stock layout.
+
+    View ``v`` keeps ``k_v = budgets[v]`` anchors, found by :func:`~anchor_former.anchor_search` on its own
+    score row among its candidate patches only (:meth:`AnyresViews.candidate_mask`; a view keeping every
+    candidate needs no search). Views with the same budget are searched in one batched call.
+
+    Args:
+        views: the image's :class:`AnyresViews`.
+        budgets: ``k_v`` per view (:func:`view_budgets`).
+        features: ``(V, N, D)`` the views' tokens of the selected ViT layer, ``num_prefix_tokens`` prefix
+            tokens first, then the ``s * s`` patches in raster order.
+        scores: ``(V, H, N)`` [CLS] attention rows or ``(V, N)`` per-token scores of the same layer.
+        num_prefix_tokens: leading non-patch tokens (1 for CLIP's [CLS]).
+        projector: maps ``(T, D)`` features to ``(T, llm_dim)`` (the checkpoint's own projector).
+        newline: ``(llm_dim,)`` the ``image_newline`` vector (``"spatial_unpad"`` only).
+
+    Returns:
+        ``(sum k_v + num_newlines, llm_dim)``, laid out by :func:`arrange_selected`.
+    """
+    prefix = num_prefix_tokens
+    if features.ndim != 3 or features.shape[0] != views.num_views or features.shape[1] != prefix + views.side**2:
+        raise ValueError(
+            f"features must have shape (V, N, D) = ({views.num_views}, {prefix + views.side ** 2}, D), "
+            f"got shape {shape_str(features)}"
+        )
+    mask = views.candidate_mask(features.device)  # (V, P)
+    patches = [mask[v].nonzero().flatten() for v in range(views.num_views)]
+    by_budget: dict[int, list[int]] = {}
+    for v, k in enumerate(budgets):
+        if k > patches[v].numel():
+            raise ValueError(f"budgets[{v}] must be at most the view's {patches[v].numel()} candidates, got {k}")
+        if k < patches[v].numel():  # a view keeping every candidate needs no search
+            by_budget.setdefault(int(k), []).append(v)
+    for k, group in by_budget.items():
+        if k == 0:
+            for v in group:
+                patches[v] = patches[v][:0]
+            continue
+        real = torch.cat([mask.new_ones(len(group), prefix), mask[group]], dim=1)  # (G, N), True = candidate
+        found = anchor_search(scores[group], k, include_cls=False, num_prefix_tokens=prefix, key_padding_mask=real)
+        for v, row in zip(group, found - prefix):  # (k,) ascending patch indices
+            patches[v] = row
+    kept = torch.cat([features[v, prefix + p] for v, p in enumerate(patches)], dim=0)  # (sum k_v, D)
+    return arrange_selected(views, patches, projector(kept), newline)

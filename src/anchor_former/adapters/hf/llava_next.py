@@ -54,7 +54,6 @@ from anchor_former.adapters.hf.llava import (
     can_return_tuple,
 )
 from anchor_former.probes.base import AttentionProbe, Score, detect_encoder
-from anchor_former.search import anchor_search
 from anchor_former.views import (
     AnyresViews,
     anyres_views,
@@ -62,6 +61,7 @@ from anchor_former.views import (
     arrange_selected,
     num_fixed_tokens,
     num_selected_tokens,
+    select_view_tokens,
     view_budgets,
 )
 
@@ -159,39 +159,21 @@ class AnchorFormerLlavaNextModel(LlavaNextModel):
         with probe:
             image_outputs = self.vision_tower(pixel_values, return_dict=True, **kwargs)
         features, scores = probe.features, probe.scores  # (sum V_i, N, D), (sum V_i, H, N) or (sum V_i, N)
-        tokens = settings["anyres"]
+        tokens, connector = settings["anyres"], self.multi_modal_projector
         images, start = [], 0
         for image_views, n in zip(views, counts):
-            f, sc = features[start : start + n], scores[start : start + n]
+            f, sc = features[start : start + n], scores[start : start + n]  # this image's V views
             start += n
             if tokens["layout"] == "selected":
-                images.append(self._selected(image_views, _budgets(tokens, image_views), f, sc))
+                images.append(select_view_tokens(
+                    image_views, _budgets(tokens, image_views), f, sc, num_prefix_tokens=connector.num_prefix_tokens,
+                    projector=connector.projector, newline=self.image_newline,
+                ))  # fmt: skip
             else:
-                connector = self.multi_modal_projector
                 out = connector(f, attention=sc) if getattr(connector, "uses_anchors", False) else connector(f)
                 images.append(arrange_fixed(image_views, out, self.image_newline))  # out: (V, T, llm_dim)
         image_outputs.pooler_output = images
         return image_outputs
-
-    def _selected(
-        self, views: AnyresViews, budgets: tuple[int, ...], features: torch.Tensor, scores: torch.Tensor
-    ) -> torch.Tensor:
-        """One image's ``connector="select"`` tokens ``(sum k_v + G, llm_dim)`` from ``features (V, N, D)``."""
-        connector = self.multi_modal_projector
-        prefix = connector.num_prefix_tokens
-        mask = views.candidate_mask(features.device)  # (V, P)
-        patches: list[torch.Tensor] = [mask[v].nonzero().flatten() for v in range(views.num_views)]
-        by_budget: dict[int, list[int]] = {}
-        for v, k in enumerate(budgets):
-            if 0 < k < patches[v].numel():  # views that keep every candidate need no search
-                by_budget.setdefault(k, []).append(v)
-        for k, group in by_budget.items():  # one batched search per distinct budget
-            real = torch.cat([mask.new_ones(len(group), prefix), mask[group]], dim=1)  # (G, N)
-            found = anchor_search(scores[group], k, include_cls=False, num_prefix_tokens=prefix, key_padding_mask=real)
-            for v, row in zip(group, found - prefix):
-                patches[v] = row
-        kept = torch.cat([features[v, prefix + p] for v, p in enumerate(patches)], dim=0)  # (sum k_v, D)
-        return arrange_selected(views, patches, connector.projector(kept), self.image_newline)
 
 
 class AnchorFormerLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
