@@ -160,7 +160,7 @@ def test_other_connector_and_score() -> None:
 
 def test_errors() -> None:
     processor = make_processor()
-    with pytest.raises(ValueError, match=r"model must be a transformers LlavaForConditionalGeneration .*Linear"):
+    with pytest.raises(ValueError, match=r"model must be one of the supported transformers models \(LlavaNextForConditionalGeneration, .*LlavaForConditionalGeneration\), got torch.nn.modules.linear.Linear"):
         attach_anchor_former(nn.Linear(2, 2))
     model = make_model(processor)
     with pytest.raises(ValueError, match=rf"num_anchors must be at most the {NUM_PATCHES} patch tokens of the vision tower, got 50"):
