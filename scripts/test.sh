@@ -18,7 +18,7 @@ pip_q() { "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 echo "== main environment (.venv)" >&2
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip_q .venv/bin/pip install -q $MAIN_TORCH
-pip_q .venv/bin/pip install -q -e ".[test,hf,timm,viz,train]"
+pip_q .venv/bin/pip install -q -e ".[test,hf,timm,viz,train,lora]"
 
 echo "== LLaVA environment (.venv-llava)" >&2
 [ -x .venv-llava/bin/python ] || "$PYTHON" -m venv .venv-llava
