@@ -12,7 +12,9 @@ process (explicitly, when called; never on import):
   LLaVA delays loading the CLIP weights);
 * ``LlavaMetaModel.initialize_vision_modules`` (what LLaVA's ``train.py`` calls): records the connector
   settings (``num_anchors``, ``anchor_score``, ``connector_config`` of the model arguments) in the config
-  before LLaVA builds the projector, and loads ``--pretrain_mm_mlp_adapter`` with
+  before LLaVA builds the projector (replacing a LLaVA projector the model already has, e.g. when
+  fine-tuning LLaVA-1.5, whose weights then initialise the connector's output MLP), and loads
+  ``--pretrain_mm_mlp_adapter`` with
   :func:`~anchor_former.adapters.llava.load_projector_weights` (safe loading; the layouts it knows: a
   stage-1 ``mm_projector.bin`` with ``model.mm_projector.connector.*`` keys, LLaVA-1.5's
   ``mm_projector.bin`` into the output MLP, the reference AcFormer patch) instead of LLaVA's strict
@@ -39,6 +41,7 @@ from anchor_former.adapters.llava import (
     _LLAVA_PROJECTORS,
     CONNECTOR_CONFIG_KEY,
     AnchorVisionTower,
+    LlavaConnector,
     build_vision_projector,
     enable_anchor_former,
     load_projector_weights,
@@ -166,10 +169,15 @@ def _initialize_vision_modules(self: nn.Module, model_args: Any, fsdp: Any = Non
     self.vision_tower = [tower] if fsdp else tower  # LLaVA's own branch then only calls load_model (no-op)
     setattr(self.config, CONNECTOR_CONFIG_KEY, connector_settings(tower, model_args))
     self.config.mm_anchor_score = score
+    previous = getattr(self, "mm_projector", None)
+    if previous is not None and not isinstance(previous, LlavaConnector):
+        self.mm_projector = None  # e.g. LLaVA-1.5's mlp2x_gelu: LLaVA builds a projector only where there is none
     args = copy.copy(model_args)
     args.pretrain_mm_mlp_adapter = None  # loaded below, by layout; LLaVA's strict load would reject it
     original(self, args, fsdp=fsdp)
     connector = self.mm_projector.connector
+    if previous is not None and not isinstance(previous, LlavaConnector):
+        _warm_start(connector, previous)
     settings = connector.config.to_dict() if hasattr(getattr(connector, "config", None), "to_dict") else {}
     settings = {k: v for k, v in settings.items() if k not in ("vision_dim", "llm_dim")}
     setattr(self.config, CONNECTOR_CONFIG_KEY, settings or getattr(self.config, CONNECTOR_CONFIG_KEY))
@@ -179,6 +187,15 @@ def _initialize_vision_modules(self: nn.Module, model_args: Any, fsdp: Any = Non
         self.config.mm_anchor_score = None
     if model_args.pretrain_mm_mlp_adapter is not None:
         load_projector_weights(self.mm_projector, model_args.pretrain_mm_mlp_adapter)
+
+
+def _warm_start(connector: nn.Module, projector: nn.Module) -> None:
+    """Copy a replaced LLaVA projector into the connector's output MLP when their shapes agree (as
+    ``enable_anchor_former(init_projector=True)``): fine-tuning LLaVA-1.5 starts from its trained MLP."""
+    target = getattr(connector, "projector", None)
+    shapes = {k: tuple(v.shape) for k, v in projector.state_dict().items()}
+    if target is not None and shapes and shapes == {k: tuple(v.shape) for k, v in target.state_dict().items()}:
+        target.load_state_dict(projector.state_dict())
 
 
 def _load_pretrained_model(*args: Any, anchor_former: dict[str, Any] | None = None, **kwargs: Any) -> Any:
