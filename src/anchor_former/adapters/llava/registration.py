@@ -56,7 +56,7 @@ SCORE_KEY = "mm_anchor_score"
 _ORIGINALS: dict[tuple[Any, str], Callable[..., Any]] = {}
 
 
-def uses_connector(projector_type: Any) -> bool:
+def _uses_connector(projector_type: Any) -> bool:
     """Whether ``mm_projector_type`` names one of this package's connectors (not a LLaVA projector)."""
     from anchor_former.connectors.registry import available_connectors
 
@@ -107,7 +107,7 @@ def _score_of(config: Any) -> Score | None:
 def _build_vision_tower(vision_tower_cfg: Any, **kwargs: Any) -> nn.Module:
     """LLaVA's ``build_vision_tower``, wrapped as an anchor tower when the projector type needs one."""
     tower = _ORIGINALS[(_arch(), "build_vision_tower")](vision_tower_cfg, **kwargs)
-    if not uses_connector(getattr(vision_tower_cfg, "mm_projector_type", None)):
+    if not _uses_connector(getattr(vision_tower_cfg, "mm_projector_type", None)):
         return tower
     score = _score_of(vision_tower_cfg)
     if getattr(tower, "is_loaded", True):
@@ -154,7 +154,7 @@ def connector_settings(tower: AnchorVisionTower, model_args: Any) -> dict[str, A
 def _initialize_vision_modules(self: nn.Module, model_args: Any, fsdp: Any = None) -> None:
     """``LlavaMetaModel.initialize_vision_modules`` for this package's connectors (see the module doc)."""
     original = _ORIGINALS[(_arch().LlavaMetaModel, "initialize_vision_modules")]
-    if not uses_connector(getattr(model_args, "mm_projector_type", None)):
+    if not _uses_connector(getattr(model_args, "mm_projector_type", None)):
         return original(self, model_args, fsdp=fsdp)
     score = getattr(model_args, "anchor_score", "cls")
     tower = self.get_vision_tower()
