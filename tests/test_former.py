@@ -1,4 +1,4 @@
-"""Tests for anchor_former.former.AnchorFormer against a naive loop written here (ACFORMER.md §3)."""
+"""Tests for anchor_former.former.AnchorFormer against a naive loop written here (the authors' resampler layout)."""
 
 from __future__ import annotations
 
@@ -246,7 +246,7 @@ def test_compile_inductor_fullgraph_with_checkpointing() -> None:
 
 
 def reference_layout(d: int, llm: int, depth: int, heads: int, dim_head: int, ff_mult: int, latents: int) -> dict:
-    """Key → shape of the reference projector (ACFORMER.md §3), under ``model.mm_projector.``."""
+    """Key → shape of the reference projector (the authors' patch), under ``model.mm_projector.``."""
     inner = heads * dim_head
     shapes: dict[str, tuple[int, ...]] = {}
     for i in range(depth):
@@ -384,8 +384,25 @@ def test_bad_input_raises_with_shapes(
 def test_attention_path_rejects_samples_with_too_few_real_tokens() -> None:
     mask = torch.ones(2, 17, dtype=torch.bool)
     mask[1, 4:] = False  # 3 real patch tokens < num_anchors=5
-    with pytest.raises(ValueError, match=r"points at padded tokens.*at least num_anchors=5 real patch tokens"):
+    with pytest.raises(ValueError, match=r"key_padding_mask leaves samples \[1\] with fewer real candidate tokens "
+                       r"\(\[3\]\) than num_anchors=5"):
         small()(X, attention=torch.rand(2, 17), key_padding_mask=mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_real_token_at_the_lowest_finite_score_beats_padding(dtype: torch.dtype) -> None:
+    """Padding is excluded from the search, not given a sentinel score: a real token whose score is the
+    dtype's lowest finite value (what a padding sentinel would be) is still chosen over padded tokens."""
+    model = small()  # num_anchors=5
+    features = torch.randn(1, 17, 16)
+    mask = torch.ones(1, 17, dtype=torch.bool)
+    mask[0, 1:12] = False  # tokens 1..11 padded; real patches 12..16, exactly num_anchors of them
+    scores = torch.rand(1, 17).to(dtype)
+    scores[0, 12] = torch.finfo(dtype).min  # a real token at the sentinel value
+    scores[0, 1:12] = torch.finfo(dtype).min  # padded tokens at the same value, lower indices
+    out = model(features, attention=scores, key_padding_mask=mask)
+    expected = torch.tensor([[0, 12, 13, 14, 15, 16]])  # [CLS] and every real patch
+    torch.testing.assert_close(out, model(features, expected, key_padding_mask=mask), atol=0, rtol=0)
 
 
 def test_index_checks_can_be_skipped_and_device_must_match() -> None:

@@ -1,4 +1,4 @@
-"""Tests for anchor_former.search against a slow per-sample, per-head reference (ACFORMER.md §2)."""
+"""Tests for anchor_former.search against the package's rule restated as slow per-sample, per-head Python."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from anchor_former import AnchorSearch, anchor_quotas, anchor_search, native_search_available
+from anchor_former import AnchorSearch, anchor_quotas, anchor_search, cls_scores, native_search_available
 from anchor_former.search import _resolve_method
 
 METHODS = ["native", "sorted", "masked"]  # every implementation that runs on the CPU
@@ -24,10 +24,11 @@ def fits(method: str, dtype: torch.dtype) -> bool:
     return method != "native" or dtype != torch.float64
 
 
-def reference_search(
+def restated_rule_search(
     scores: torch.Tensor, num_anchors: int, *, include_cls: bool = True, num_prefix_tokens: int = 1
 ) -> list[list[int]]:
-    """The reference behaviour written out plainly: Python loops over samples, heads and tokens.
+    """The package's own rule restated plainly (Python loops over samples, heads and tokens): not the
+    authors' code, which ``test_search_authors_loop.py`` runs verbatim.
 
     ``scores`` is ``(B, H, N)``. Quotas: K // H each, the first K % H heads one more. Ties: lower index first.
     """
@@ -78,7 +79,7 @@ def test_matches_reference_three_layouts(generator, method, b, h, n, k, prefix):
     """(B, H, N), (B, H, N, N) and (B, N) inputs give exactly the reference result (no ties)."""
     for _ in range(5):
         row = tie_free_scores(b, h, n, generator).float()  # (B, H, N)
-        expected = torch.tensor(reference_search(row, k, num_prefix_tokens=prefix))
+        expected = torch.tensor(restated_rule_search(row, k, num_prefix_tokens=prefix))
         assert torch.equal(anchor_search(row, k, num_prefix_tokens=prefix, method=method), expected)
 
         full = torch.rand(b, h, n, n, generator=generator)
@@ -86,7 +87,7 @@ def test_matches_reference_three_layouts(generator, method, b, h, n, k, prefix):
         assert torch.equal(anchor_search(full, k, num_prefix_tokens=prefix, method=method), expected)
 
         single = row[:, 0]  # (B, N): one head takes all K
-        expected_single = torch.tensor(reference_search(single[:, None], k, num_prefix_tokens=prefix))
+        expected_single = torch.tensor(restated_rule_search(single[:, None], k, num_prefix_tokens=prefix))
         assert torch.equal(anchor_search(single, k, num_prefix_tokens=prefix, method=method), expected_single)
 
 
@@ -95,7 +96,7 @@ def test_reference_shapes_of_llava(generator, method):
     """The LLaVA-1.5 case: 16 heads, 577 tokens, K = 144 and 256."""
     row = torch.softmax(torch.randn(2, 16, 577, generator=generator), dim=-1)
     for k in (144, 256):
-        expected = torch.tensor(reference_search(row, k))
+        expected = torch.tensor(restated_rule_search(row, k))
         got = anchor_search(row, k, method=method)
         assert got.shape == (2, k + 1)
         assert torch.equal(got, expected)
@@ -106,7 +107,7 @@ def test_ties_follow_lower_index_rule(generator, method):
     """Heavily tied scores (4 distinct values) still match the reference's documented tie rule."""
     row = torch.randint(0, 4, (4, 8, 50), generator=generator).float()
     for k in (7, 16, 40, 49):
-        expected = torch.tensor(reference_search(row, k))
+        expected = torch.tensor(restated_rule_search(row, k))
         assert torch.equal(anchor_search(row, k, method=method), expected)
 
 
@@ -117,7 +118,7 @@ def test_negative_scores_and_signed_zeros(generator, method):
     logits[:, :, 5:15] = 0.0
     logits[:, :, 10:15] = -0.0
     for k in (5, 20, 39):
-        assert torch.equal(anchor_search(logits, k, method=method), torch.tensor(reference_search(logits, k)))
+        assert torch.equal(anchor_search(logits, k, method=method), torch.tensor(restated_rule_search(logits, k)))
 
 
 def test_all_equal_scores_pick_lowest_indices():
@@ -129,18 +130,18 @@ def test_all_equal_scores_pick_lowest_indices():
 def test_no_cls_and_registers(generator):
     row = tie_free_scores(2, 4, 21, generator).float()
     got = anchor_search(row, 8, include_cls=False, num_prefix_tokens=0)
-    assert torch.equal(got, torch.tensor(reference_search(row, 8, include_cls=False, num_prefix_tokens=0)))
+    assert torch.equal(got, torch.tensor(restated_rule_search(row, 8, include_cls=False, num_prefix_tokens=0)))
     got = anchor_search(row, 8, include_cls=True, num_prefix_tokens=5)  # DINOv2: CLS + 4 registers
     assert got[:, 0].tolist() == [0, 0]
     assert bool((got[:, 1:] >= 5).all())
-    assert torch.equal(got, torch.tensor(reference_search(row, 8, num_prefix_tokens=5)))
+    assert torch.equal(got, torch.tensor(restated_rule_search(row, 8, num_prefix_tokens=5)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_dtype_does_not_change_result(generator, dtype):
     """Values representable in the low-precision dtype give the same anchors as the fp32 search."""
     row = torch.softmax(torch.randn(3, 8, 101, generator=generator), dim=-1).to(dtype)
-    expected = torch.tensor(reference_search(row, 40))
+    expected = torch.tensor(restated_rule_search(row, 40))
     for method in METHODS:
         if fits(method, dtype):
             assert torch.equal(anchor_search(row, 40, method=method), expected)
@@ -172,9 +173,9 @@ def test_does_not_modify_input(generator, method, dtype, shape):
 @pytest.mark.parametrize("method", METHODS)
 def test_noncontiguous_input(generator, method):
     row = torch.rand(4, 30, 6, generator=generator).transpose(1, 2)  # (B, H, N), non-contiguous
-    assert torch.equal(anchor_search(row, 12, method=method), torch.tensor(reference_search(row, 12)))
+    assert torch.equal(anchor_search(row, 12, method=method), torch.tensor(restated_rule_search(row, 12)))
     full = torch.rand(2, 3, 30, 30, generator=generator)  # the [CLS] row is a strided view
-    assert torch.equal(anchor_search(full, 12, method=method), torch.tensor(reference_search(full[:, :, 0], 12)))
+    assert torch.equal(anchor_search(full, 12, method=method), torch.tensor(restated_rule_search(full[:, :, 0], 12)))
 
 
 @pytest.mark.slow
@@ -183,7 +184,7 @@ def test_compiles_fullgraph(generator, method):
     torch._dynamo.reset()
     row = torch.softmax(torch.randn(2, 4, 33, generator=generator), dim=-1)
     compiled = torch.compile(lambda a: anchor_search(a, 12, method=method), fullgraph=True)
-    assert torch.equal(compiled(row), torch.tensor(reference_search(row, 12)))
+    assert torch.equal(compiled(row), torch.tensor(restated_rule_search(row, 12)))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -249,7 +250,7 @@ def test_auto_picks_the_method_by_device_and_dtype():
 def test_native_edge_shapes(generator, b, h, n, k, prefix):
     row = torch.randn(b, h, n, generator=generator)
     include_cls = prefix > 0
-    expected = torch.tensor(reference_search(row, k, include_cls=include_cls, num_prefix_tokens=prefix))
+    expected = torch.tensor(restated_rule_search(row, k, include_cls=include_cls, num_prefix_tokens=prefix))
     got = anchor_search(row, k, include_cls=include_cls, num_prefix_tokens=prefix, method="native")
     assert torch.equal(got, expected)
 
@@ -332,11 +333,11 @@ def tied_case(draw):
 def test_native_matches_reference_on_ties(case):
     row, k, prefix, include_cls = case
     kwargs = dict(include_cls=include_cls, num_prefix_tokens=prefix)
-    got = anchor_search(row, k, method="native", **kwargs)
-    assert torch.equal(got, torch.tensor(reference_search(row, k, **kwargs)))
+    got = anchor_search(row, k, method="native", layout="b h n", **kwargs)
+    assert torch.equal(got, torch.tensor(restated_rule_search(row, k, **kwargs)))
     low = row.to(torch.bfloat16)  # rounding makes new ties; the rule must hold on the rounded values
-    got = anchor_search(low, k, method="native", **kwargs)
-    assert torch.equal(got, torch.tensor(reference_search(low.float(), k, **kwargs)))
+    got = anchor_search(low, k, method="native", layout="b h n", **kwargs)
+    assert torch.equal(got, torch.tensor(restated_rule_search(low.float(), k, **kwargs)))
 
 
 # ---------------------------------------------------------------------------------------------- properties
@@ -361,7 +362,7 @@ def search_case(draw):
 def test_properties(case, method):
     row, k, prefix, include_cls = case
     b, h, n = row.shape
-    got = anchor_search(row, k, include_cls=include_cls, num_prefix_tokens=prefix, method=method)
+    got = anchor_search(row, k, include_cls=include_cls, num_prefix_tokens=prefix, method=method, layout="b h n")
     assert got.dtype == torch.int64
     assert got.shape == (b, k + int(include_cls))
     anchors = got[:, 1:] if include_cls else got
@@ -369,14 +370,14 @@ def test_properties(case, method):
         assert bool((got[:, 0] == 0).all())
     assert bool((anchors >= prefix).all()) and bool((anchors < n).all())  # prefix tokens never chosen
     assert bool((anchors[:, 1:] > anchors[:, :-1]).all())  # strictly ascending: sorted and unique
-    assert torch.equal(got, torch.tensor(reference_search(row, k, include_cls=include_cls, num_prefix_tokens=prefix)))
+    assert torch.equal(got, torch.tensor(restated_rule_search(row, k, include_cls=include_cls, num_prefix_tokens=prefix)))
 
 
 @settings(max_examples=40, deadline=None)
 @given(search_case(), st.floats(1e-3, 1e3))
 def test_batch_independence_and_scale_invariance(case, scale):
     row, k, prefix, include_cls = case
-    kwargs = dict(include_cls=include_cls, num_prefix_tokens=prefix)
+    kwargs = dict(include_cls=include_cls, num_prefix_tokens=prefix, layout="b h n")
     full = anchor_search(row, k, **kwargs)
     for i in range(row.shape[0]):
         assert torch.equal(anchor_search(row[i : i + 1], k, **kwargs), full[i : i + 1])
@@ -415,7 +416,7 @@ def test_rejects_wrong_rank():
 
 
 def test_rejects_non_square_map():
-    with pytest.raises(ValueError, match=r"square \(B, H, N, N\).*\(2, 4, 10, 11\)"):
+    with pytest.raises(ValueError, match=r"layout 'b h n n' must be a square map.*\(2, 4, 10, 11\)"):
         anchor_search(torch.rand(2, 4, 10, 11), 3)
 
 
@@ -465,3 +466,202 @@ def test_rejects_cls_without_prefix_and_bad_options():
         AnchorSearch(0)
     with pytest.raises(ValueError, match="num_heads must be an integer >= 1"):
         anchor_quotas(4, 0)
+
+
+# ---------------------------------------------------------------------------------------------- legal inputs
+# Each test below failed before the fix it names: wrong anchors, raw errors or out-of-bounds reads.
+
+
+def distinct_ascending(got: torch.Tensor, k: int, *, prefix: int, include_cls: bool) -> bool:
+    """K distinct, ascending, never-prefix tokens per row (after [CLS] when included)."""
+    anchors = got[:, 1:] if include_cls else got
+    return (
+        anchors.shape[1] == k
+        and bool((anchors >= prefix).all())
+        and bool((anchors[:, 1:] > anchors[:, :-1]).all())
+        and (not include_cls or bool((got[:, 0] == 0).all()))
+    )
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_lazily_negated_views_are_read_by_value(generator, method):
+    """``z.conj().imag`` is a float32 view with the negative bit set: its memory holds the un-negated
+    values. The native kernel read that memory and returned the anchors of ``-scores``."""
+    z = torch.complex(torch.randn(3, 4, 40, generator=generator), torch.randn(3, 4, 40, generator=generator))
+    view = z.conj().imag  # (B, H, N)
+    assert view.is_neg()
+    values = view.clone()  # the same values, materialised
+    expected = torch.tensor(restated_rule_search(values, 12))
+    assert torch.equal(anchor_search(view, 12, method=method), expected)
+    assert torch.equal(anchor_search(torch._neg_view(-values), 12, method=method), expected)
+
+
+def test_native_routes_tensors_without_own_memory_to_pytorch(generator):
+    """Under vmap the scores are wrapped (no data pointer of their own): "auto" takes the sorted path, made
+    of out-of-place ops only."""
+    rows = tie_free_scores(3, 2, 20, generator).float()
+    got = torch.vmap(lambda r: anchor_search(r[None], 5, check_finite=False)[0])(rows)  # no host reads in vmap
+    assert torch.equal(got, torch.tensor(restated_rule_search(rows, 5)))
+
+
+@st.composite
+def extreme_case(draw):
+    """Any CPU dtype, scores from a pool with -inf, +inf, signed zeros, the extremes and heavy ties."""
+    dtype = draw(st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16]))
+    b, h = draw(st.integers(1, 3)), draw(st.integers(1, 6))
+    prefix = draw(st.integers(0, 2))
+    n = draw(st.integers(prefix + 1, prefix + 50))
+    k = draw(st.integers(1, n - prefix))
+    info = torch.finfo(dtype)
+    pool = torch.tensor(
+        [float("-inf"), info.min, -1.0, -0.0, 0.0, info.tiny, 0.5, 1.0, info.max, float("inf")], dtype=dtype
+    )
+    pool = pool[torch.tensor(draw(st.lists(st.integers(0, 9), min_size=1, max_size=10, unique=True)))]
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    row = pool[torch.randint(len(pool), (b, h, n), generator=gen)]
+    include_cls = prefix > 0 and draw(st.booleans())
+    return row, k, prefix, include_cls
+
+
+@settings(max_examples=150, deadline=None)
+@given(extreme_case(), st.sampled_from(METHODS))
+def test_infinities_signed_zeros_and_ties_in_every_dtype(case, method):
+    """float64 with -inf gave duplicate anchors (taken tokens were struck with -inf, tying real -inf)."""
+    row, k, prefix, include_cls = case
+    if not fits(method, row.dtype):
+        return
+    kwargs = dict(include_cls=include_cls, num_prefix_tokens=prefix)
+    got = anchor_search(row, k, method=method, check_finite=False, layout="b h n", **kwargs)
+    assert distinct_ascending(got, k, prefix=prefix, include_cls=include_cls)
+    assert torch.equal(got, torch.tensor(restated_rule_search(row, k, **kwargs)))
+
+
+def test_float64_minus_inf_gives_distinct_anchors():
+    row = torch.tensor([[[0.5, 0.2, float("-inf"), float("-inf"), float("-inf")]] * 2], dtype=torch.float64)
+    for method in ("masked", "sorted", "auto"):
+        assert anchor_search(row, 4, method=method, check_finite=False).tolist() == [[0, 1, 2, 3, 4]]
+
+
+def test_square_3d_input_needs_a_layout(generator):
+    """(B, N, N) was read as (B, H=N, N) rows and gave wrong anchors without a word."""
+    maps = torch.softmax(torch.randn(2, 9, 9, generator=generator), dim=-1)  # head-averaged maps
+    with pytest.raises(ValueError, match=r"shape \(2, 9, 9\) is ambiguous.*layout='b h n' or layout='b n n'"):
+        anchor_search(maps, 4)
+    for method in METHODS:
+        got = anchor_search(maps, 4, layout="b n n", method=method)
+        assert torch.equal(got, torch.tensor(restated_rule_search(maps[:, None, 0], 4)))  # row 0 of each map
+        rows = anchor_search(maps, 4, layout="b h n", method=method)  # 9 heads of 9 tokens: the other reading
+        assert torch.equal(rows, torch.tensor(restated_rule_search(maps, 4)))
+    assert torch.equal(cls_scores(maps, layout="b n n"), maps[:, None, 0])
+    assert torch.equal(AnchorSearch(4)(maps, layout="b n n"), anchor_search(maps, 4, layout="b n n"))
+
+
+def test_layout_must_match_the_rank():
+    with pytest.raises(ValueError, match=r"layout='b h n n' must have 4 dims, got shape \(2, 4, 10\)"):
+        anchor_search(torch.rand(2, 4, 10), 3, layout="b h n n")
+    with pytest.raises(ValueError, match=r"layout must be one of 'b h n n', 'b n n', 'b h n', 'b n' or None"):
+        anchor_search(torch.rand(2, 4, 10), 3, layout="bhn")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"layout 'b n n' must be a square map.*\(2, 4, 10\)"):
+        anchor_search(torch.rand(2, 4, 10), 3, layout="b n n")
+
+
+@pytest.mark.parametrize(
+    ("b", "h", "n", "k"),
+    [
+        (2, 1, 4097, 2048),  # one head, K = N / 2: the quickselect on every candidate
+        (1, 1, 65, 64),  # every candidate of one head
+        (2, 4, 2001, 400),  # quotas of 100 > 32 with more blocks than the quota: tau, then quickselect
+        (2, 16, 577, 500),  # quotas of 31 and 32: the best-first buffer at its largest
+        (3, 2, 1500, 1000),
+    ],
+)
+def test_native_large_quotas(generator, b, h, n, k):
+    """Quotas above N/16 took O(N * quota) per head (668 ms for N = 65537, K = 32768); the quickselect
+    that replaced it must give the same anchors, ties included."""
+    for row in (torch.randn(b, h, n, generator=generator), torch.randint(0, 3, (b, h, n), generator=generator).float()):
+        expected = anchor_search(row, k, method="masked")
+        assert torch.equal(anchor_search(row, k, method="native"), expected)
+    small = torch.randint(0, 5, (2, h, min(n, 300)), generator=generator).float()
+    kk = min(k, small.shape[-1] - 1)
+    assert torch.equal(anchor_search(small, kk, method="native"), torch.tensor(restated_rule_search(small, kk)))
+
+
+def _native_args(**overrides):
+    """A valid argument tuple for the private kernel entry point, with named overrides."""
+    scores = torch.rand(2, 3, 20)
+    out = torch.empty(2, 7, dtype=torch.int64)
+    args = dict(
+        scores_ptr=scores.data_ptr(), batch=2, heads=3, tokens=20, stride_b=60, stride_h=20, stride_n=1, prefix=1,
+        quotas=(2, 2, 2), out_ptr=out.data_ptr(), out_stride_b=7, out_width=7, include_cls=True,
+        check_finite=True, max_threads=1, mask_ptr=0, mask_stride_b=0, mask_stride_n=0,
+    )  # fmt: skip
+    args.update(overrides)
+    return (scores, out), tuple(args.values())
+
+
+@pytest.mark.skipif(not native_search_available(), reason="the kernel was not built")
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"quotas": (-1, 4, 3)}, r"quotas\[0\] = -1"),  # read out of bounds before (sum was fine)
+        ({"quotas": (20, 0, 0)}, r"quotas\[0\] = 20"),
+        ({"quotas": (2, 2)}, r"quotas must have 3 entries"),
+        ({"prefix": 21}, r"prefix must be in \[0, 20\], got 21"),
+        ({"prefix": -1}, r"prefix must be in \[0, 20\], got -1"),
+        ({"batch": -2}, r"batch must be in \[0, 2147483647\], got -2"),
+        ({"tokens": -1}, r"tokens must be in"),
+        ({"heads": -3}, r"heads must be in"),
+        ({"stride_n": -1}, r"stride_n must be in"),
+        ({"out_width": 8}, r"out_width must be sum\(quotas\) \+ include_cls = 7, got 8"),
+        ({"out_stride_b": 3}, r"out_stride_b must be in \[7, "),
+        ({"max_threads": 0}, r"max_threads must be in \[1, "),
+        ({"scores_ptr": 0}, r"must be non-null"),
+        ({"prefix": 0}, r"include_cls must be in \[0, 0\], got 1"),
+    ],
+)
+def test_native_entry_point_validates_every_argument(overrides, match):
+    from anchor_former import _native
+
+    keep, args = _native_args(**overrides)
+    with pytest.raises(ValueError, match=match):
+        _native.search(*args)
+    keep, args = _native_args()
+    assert _native.search(*args) == 0  # the unmodified arguments are fine
+
+
+def test_sparse_meta_and_float8_scores(generator):
+    """Each raised a raw error (item() on meta, no data pointer / as_strided for sparse, no isfinite for
+    float8); now meta works without values, sparse is refused by name and float8 is upcast exactly."""
+    meta = anchor_search(torch.empty(2, 4, 30, device="meta"), 7)
+    assert meta.shape == (2, 8) and meta.device.type == "meta"
+    with pytest.raises(ValueError, match=r"attention must be a dense \(strided\) tensor.*sparse_coo"):
+        anchor_search(torch.rand(2, 4, 30).to_sparse(), 7)
+    row = torch.rand(2, 4, 30, generator=generator).to(torch.float8_e4m3fn)
+    expected = torch.tensor(restated_rule_search(row.float(), 7))
+    for method in METHODS:
+        assert torch.equal(anchor_search(row, 7, method=method), expected)
+    row[0, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match="attention must be finite, got 1 NaN"):
+        anchor_search(row, 7, method="masked")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_padding_is_excluded_by_construction(generator, method):
+    """Padded tokens are never candidates, whatever their score: a real token at the lowest finite score
+    (the old sentinel) still beats padding, and padded scores at +inf do not matter."""
+    row = torch.rand(2, 3, 20, generator=generator)
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    mask[0, 1:9] = False  # sample 0: real patches 9..19, sample 1: 1..11 (11 each)
+    mask[1, 12:] = False
+    row[0, :, 1:9] = float("inf")
+    row[0, :, 9] = -torch.finfo(torch.float32).max
+    got = anchor_search(row, 11, method=method, key_padding_mask=mask, check_finite=False)
+    assert got[0].tolist() == [0, *range(9, 20)]  # every real patch, token 9 at the lowest score included
+    for i in range(2):
+        real = mask[i].nonzero().flatten()  # [CLS] and the real patches
+        alone = anchor_search(row[i : i + 1, :, real], 11, method=method, check_finite=False)
+        assert torch.equal(got[i], real[alone[0]])
+    with pytest.raises(ValueError, match=r"key_padding_mask leaves samples \[0, 1\] with fewer real candidate tokens \(\[11, 11\]\)"):
+        anchor_search(row, 12, method=method, key_padding_mask=mask, check_finite=False)
+    with pytest.raises(ValueError, match=r"key_padding_mask must be \(B, N\) = \(2, 20\) bool.*on cpu.*device meta"):
+        anchor_search(row, 3, method=method, key_padding_mask=mask.to("meta"))

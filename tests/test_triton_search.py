@@ -56,6 +56,40 @@ INTERPRETED = textwrap.dedent(
     scores[2, 3, 9] = -float("inf")
     _, bad = triton_search(scores, anchor_quotas(3, 4), num_prefix_tokens=1, include_cls=True)
     assert bad.tolist() == [0, 2, 1], bad.tolist()
+
+    # Padding: padded tokens are never anchors, even with the highest or the lowest finite scores.
+    scores = torch.randn(3, 4, 40, generator=gen)
+    scores[:, :, 30:] = 3.0e38
+    scores[0, :, 5] = -torch.finfo(torch.float32).max  # a real token at the lowest finite score
+    mask = torch.ones(3, 40, dtype=torch.bool)
+    mask[:, 30:] = False
+    mask[1, 10:20] = False
+    for k in (8, 15, 19):  # sample 1 has 19 real candidates
+        got, _ = triton_search(scores, anchor_quotas(k, 4), num_prefix_tokens=1, include_cls=True,
+                               key_padding_mask=mask)
+        want = anchor_search(scores, k, method="masked", key_padding_mask=mask)
+        assert torch.equal(got, want), (k, got, want)
+    print("ok")
+    """
+)
+
+# (B=1, H=3, N=64) fp16 rows 2**30 + 64 elements apart: head 2 starts past 2**31 elements, as in a full
+# (B, H, N, N) map beyond ~12k tokens read through its [CLS] row. torch.empty only reserves the pages
+# (6 GiB of address space, about 1 MiB touched); 32-bit offsets wrap and read outside the tensor.
+LARGE_STRIDES = textwrap.dedent(
+    """
+    import torch
+    from anchor_former import anchor_quotas, anchor_search
+    from anchor_former._triton_search import triton_search
+
+    n, stride_h = 64, 2**30 + 64
+    storage = torch.empty(2 * stride_h + n, dtype=torch.float16)
+    rows = torch.as_strided(storage, (1, 3, n), (3 * stride_h, stride_h, 1))
+    dense = torch.randn(1, 3, n, generator=torch.Generator().manual_seed(0)).half()
+    rows.copy_(dense)
+    got, bad = triton_search(rows, anchor_quotas(12, 3), num_prefix_tokens=1, include_cls=True)
+    assert torch.equal(got, anchor_search(dense, 12, method="masked")), got
+    assert bad.tolist() == [0]
     print("ok")
     """
 )
@@ -69,11 +103,21 @@ def test_kernel_matches_masked_path_in_the_interpreter():
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
+def test_kernel_offsets_do_not_wrap_at_2_to_the_31_elements():
+    """Offsets are 64-bit: the third head's row lies 2**31 + 128 elements in (the old kernel crashed)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run(
+        [sys.executable, "-c", LARGE_STRIDES], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), (result.returncode, result.stderr[-3000:])
+
+
 @pytest.mark.parametrize(
     ("dtype", "arch", "block_n", "top"),
     [("fp32", 90, 1024, 16), ("bf16", 90, 1024, 16), ("fp16", 80, 1024, 16), ("fp32", 80, 2048, 32)],
 )
-def test_kernel_compiles_for_gpus(dtype, arch, block_n, top):
+@pytest.mark.parametrize("has_mask", [False, True])
+def test_kernel_compiles_for_gpus(dtype, arch, block_n, top, has_mask):
     """Compile to a cubin for an A100 (sm_80) or H100/H200 (sm_90) without one: no GPU needed."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -81,13 +125,13 @@ def test_kernel_compiles_for_gpus(dtype, arch, block_n, top):
     from anchor_former._triton_search import _search_kernel
 
     ints = ["num_heads", "num_tokens", "num_prefix", "quota_base", "quota_extra"]
-    strides = ["stride_b", "stride_h", "stride_n", "out_stride_b"]
-    signature = {"scores_ptr": f"*{dtype}", "out_ptr": "*i64", "bad_ptr": "*i32"}
-    signature |= {name: "i32" for name in ints} | {name: "i64" for name in strides}
-    signature |= {"INCLUDE_CLS": "constexpr", "BLOCK_N": "constexpr", "TOP": "constexpr"}
-    source = ASTSource(
-        fn=_search_kernel, signature=signature, constexprs={"INCLUDE_CLS": 1, "BLOCK_N": block_n, "TOP": top}
-    )
+    # Strides as Triton passes values below 2**31: 32-bit; the kernel must widen its offsets itself.
+    strides = ["stride_b", "stride_h", "stride_n", "out_stride_b", "mask_stride_b", "mask_stride_n"]
+    signature = {"scores_ptr": f"*{dtype}", "out_ptr": "*i64", "bad_ptr": "*i32", "mask_ptr": "*i1"}
+    signature |= {name: "i32" for name in ints} | {name: "i32" for name in strides}
+    signature |= {"HAS_MASK": "constexpr", "INCLUDE_CLS": "constexpr", "BLOCK_N": "constexpr", "TOP": "constexpr"}
+    constexprs = {"HAS_MASK": has_mask, "INCLUDE_CLS": 1, "BLOCK_N": block_n, "TOP": top}
+    source = ASTSource(fn=_search_kernel, signature=signature, constexprs=constexprs)
     kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
     assert kernel.asm["cubin"]
     assert "st.local" not in kernel.asm["ptx"]  # no stack arrays: the keys stay in registers

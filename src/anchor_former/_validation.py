@@ -50,11 +50,14 @@ def check_integer(name: str, x: torch.Tensor) -> None:
 def check_finite(name: str, x: torch.Tensor) -> None:
     """Raise if ``x`` holds NaN or +-inf.
 
-    On an accelerator this reads one boolean back to the host (a synchronisation), and it is skipped
-    while ``torch.compile`` traces, where a data-dependent branch would break the graph.
+    On an accelerator this reads one boolean back to the host (a synchronisation). It is skipped while
+    ``torch.compile`` traces, where a data-dependent branch would break the graph, and for meta tensors,
+    which have no values. Floating dtypes without ``isfinite`` kernels (float8) are upcast exactly first.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or x.device.type == "meta":
         return
+    if x.is_floating_point() and x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        x = x.float()
     if x.dtype in (torch.float16, torch.bfloat16, torch.float32):
         # One reduction instead of an elementwise pass plus a reduction (5x faster on CPU): a float64 sum
         # of these cannot overflow, so it is finite exactly when every element is.

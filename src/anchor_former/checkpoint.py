@@ -5,7 +5,7 @@ with ``torch.load(..., weights_only=True)``, which only rebuilds tensors and pla
 that asks for anything else (a function call, an arbitrary class) is refused with
 :class:`CheckpointError` before any of its code runs.
 
-Layouts understood (ACFORMER.md §3):
+Layouts understood (keys as they appear under LLaVA's ``model.mm_projector.``):
 
 * ``"llava_mlp"``: LLaVA-1.5's ``mm_projector.bin``, keys ``model.mm_projector.0.*`` and
   ``model.mm_projector.2.*`` (``mlp2x_gelu``; deeper ``mlpNx_gelu`` adds ``.4.*``, ...), or transformers'
@@ -13,7 +13,8 @@ Layouts understood (ACFORMER.md §3):
   (``AnchorFormer.projector``) only.
 * ``"reference_acformer"``: the reference AcFormer patch's projector,
   ``model.mm_projector.0.layers.{i}.0.*`` (attention), ``0.layers.{i}.1.{0,1,3}.*`` (feed-forward),
-  ``0.norm.*``, the unused ``0.latents``, and the MLP at ``1.*`` and ``3.*``.
+  ``0.norm.*``, the unused ``0.latents``, and the MLP at ``1.*`` and ``3.*``. The authors' code trains it
+  with 256 anchors (``REFERENCE_NUM_ANCHORS``); loading it into another ``num_anchors`` warns.
 * ``"anchor_former"``: this package's own :class:`~anchor_former.AnchorFormer` state dict (possibly
   under a prefix such as ``model.mm_projector.connector.``).
 
@@ -26,12 +27,14 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Literal
 
 import torch
 from torch import nn
 
+from anchor_former._optional import require
 from anchor_former._validation import shape_str
 
 __all__ = [
@@ -42,6 +45,7 @@ __all__ = [
     "load_checked",
     "load_connector_weights",
     "load_state_dict",
+    "REFERENCE_NUM_ANCHORS",
     "reference_acformer_to_anchor_former",
     "save_state_dict",
     "strip_projector_prefix",
@@ -49,6 +53,8 @@ __all__ = [
 ]
 
 Layout = Literal["llava_mlp", "reference_acformer", "anchor_former"]
+# Anchors the authors' published code selects (a constant in its CLIP encoder); their checkpoints saw 257 queries.
+REFERENCE_NUM_ANCHORS = 256
 
 StateDict = dict[str, torch.Tensor]
 
@@ -77,8 +83,7 @@ def load_state_dict(path: str | os.PathLike[str], *, map_location: str | torch.d
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint path {path!r} is not a file")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
+        load_file = require("safetensors.torch", extra="hf", feature="reading .safetensors checkpoints").load_file
         device = str(map_location) if not isinstance(map_location, str) else map_location
         return dict(load_file(path, device=device))
     try:
@@ -106,8 +111,7 @@ def save_state_dict(
     state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str], *, metadata: dict[str, str] | None = None
 ) -> None:
     """Write ``state_dict`` as safetensors (contiguous CPU copies; shared storage is fine)."""
-    from safetensors.torch import save_file
-
+    save_file = require("safetensors.torch", extra="hf", feature="saving checkpoints (safetensors)").save_file
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     save_file(tensors, os.fspath(path), metadata=metadata)
 
@@ -294,4 +298,10 @@ def load_connector_weights(
         if converted and all(_MLP_KEY.match(k) for k in converted):
             converted, layout = {f"projector.{k}": v for k, v in converted.items()}, "llava_mlp"
     load_checked(connector, converted, partial=layout == "llava_mlp", what=f"{layout} checkpoint")
+    if layout == "reference_acformer" and connector.search.num_anchors != REFERENCE_NUM_ANCHORS:
+        warnings.warn(
+            f"the authors' AcFormer code trains with {REFERENCE_NUM_ANCHORS} anchors (num_count = 256 in its CLIP "
+            f"encoder; its num_latents=144 is unused), but this connector has num_anchors="
+            f"{connector.search.num_anchors}: the weights load, but the model differs from the one trained; "
+            f"build it with num_anchors={REFERENCE_NUM_ANCHORS} to reproduce it", UserWarning, stacklevel=2)
     return layout

@@ -1,6 +1,6 @@
 """AnchorFormer: visual anchors as the queries of a cross-attention resampler, then LLaVA's projector.
 
-The architecture of the reference (ACFORMER.md §3), at the defaults:
+The architecture of the reference (the authors' published patch to LLaVA-1.5), at the defaults:
 
 * queries = the features at the anchor indices (``[CLS] + K anchors``, in ``anchor_idx`` order);
   keys/values = ALL tokens of the same features, [CLS] included; queries are not concatenated into the
@@ -200,9 +200,7 @@ class AnchorFormer(Connector):
             dim_head=a.dim_head, ff_mult=a.ff_mult, kv_include_queries=a.kv_include_queries,
         ) + projector_flops(a.projector, a.vision_dim, a.llm_dim, q)
 
-    def _check_anchor_idx(
-        self, anchor_idx: torch.Tensor, features: torch.Tensor, mask: torch.Tensor | None, *, searched: bool = False
-    ) -> None:
+    def _check_anchor_idx(self, anchor_idx: torch.Tensor, features: torch.Tensor, mask: torch.Tensor | None) -> None:
         b, n = features.shape[:2]
         expected = f"(B, K) = ({b}, K) token indices in [0, {n}) for features of shape {shape_str(features)}"
         check_ndim("anchor_idx", anchor_idx, (2,), expected)
@@ -227,15 +225,9 @@ class AnchorFormer(Connector):
                 f"anchor_idx must hold token indices in [0, {n}) for features of shape {shape_str(features)}, "
                 f"got values in [{lo}, {hi}] (anchor_idx shape {shape_str(anchor_idx)})"
             )
-        hint = (
-            f"; with attention=..., every sample needs at least num_anchors={self.search.num_anchors} real "
-            "patch tokens"
-            if searched
-            else ""
-        )
         raise ValueError(
             f"anchor_idx of shape {shape_str(anchor_idx)} points at padded tokens (key_padding_mask False); "
-            f"anchors must be real tokens{hint}"
+            "anchors must be real tokens"
         )
 
     def forward(
@@ -256,7 +248,8 @@ class AnchorFormer(Connector):
             attention: instead of ``anchor_idx``, the ViT's attention in any layout
                 :func:`~anchor_former.anchor_search` accepts (``(B, H, N, N)``, ``(B, H, N)``, ``(B, N)``);
                 the module's own search picks ``num_anchors`` anchors (plus [CLS]). Padded tokens are
-                never picked.
+                never picked (they are not candidates); a sample with fewer than ``num_anchors`` real
+                patch tokens raises.
             key_padding_mask: ``(B, N)`` bool, True = real token, False = padding (ignored as a key).
                 A padded batch gives, per sample, the result of running that sample alone.
 
@@ -269,10 +262,8 @@ class AnchorFormer(Connector):
             raise ValueError("pass exactly one of anchor_idx (B, K) and attention; got "
                              f"anchor_idx={'None' if anchor_idx is None else shape_str(anchor_idx)}, "
                              f"attention={'None' if attention is None else shape_str(attention)}")
-        if anchor_idx is None:
+        if anchor_idx is None:  # the search never picks padding (too few real tokens raise there)
             anchor_idx = self._search(attention, features, key_padding_mask)
-            if key_padding_mask is not None:  # too few real tokens make the search fall back on padding
-                self._check_anchor_idx(anchor_idx, features, key_padding_mask, searched=True)
         else:
             self._check_anchor_idx(anchor_idx, features, key_padding_mask)
         index = anchor_idx.long().unsqueeze(-1).expand(-1, -1, features.shape[-1])  # (B, K, D)
@@ -285,7 +276,8 @@ class AnchorFormer(Connector):
     def _search(
         self, attention: torch.Tensor, features: torch.Tensor, key_padding_mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """Run the built-in search; padded tokens get the lowest score so they are never anchors."""
+        """Run the built-in search; padded tokens are excluded from the candidates (not given a low score,
+        which a real token could tie)."""
         b, n = features.shape[:2]
         scores = cls_scores(attention, num_prefix_tokens=self.num_prefix_tokens)  # (B, H, N)
         check_floating("attention", attention)
@@ -294,9 +286,7 @@ class AnchorFormer(Connector):
                 f"attention must cover the B={b} samples and N={n} tokens of features of shape "
                 f"{shape_str(features)}, got attention of shape {shape_str(attention)}"
             )
-        if key_padding_mask is not None:
-            scores = scores.masked_fill(~key_padding_mask[:, None, :], torch.finfo(scores.dtype).min)
-        return self.search(scores)
+        return self.search(scores, layout="b h n", key_padding_mask=key_padding_mask)
 
     def extra_repr(self) -> str:
         a = self._arch

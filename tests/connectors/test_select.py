@@ -129,7 +129,17 @@ def test_registry_config_round_trip_and_llava_keys() -> None:
     conn.projector.load_state_dict(llava.state_dict())
     x = torch.randn(1, 5, D)
     torch.testing.assert_close(conn.projector(x), llava(x), rtol=0, atol=0)
-    assert conn.analytic_flops(17) == 2 * 6 * (D * LLM + LLM * LLM)
+    assert conn.analytic_flops(17) == 2 * 6 * (D * LLM + LLM * LLM) + 4 * (16 - 4) * 2 * D
+
+
+@pytest.mark.parametrize("m", [0, 3])
+def test_analytic_flops_match_the_flop_counter(m) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    conn = make(5, m)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        conn(torch.randn(2, 17, D), attention=torch.rand(2, 4, 17))
+    assert counter.get_total_flops() == 2 * conn.analytic_flops(17)
 
 
 def test_gradients_reach_the_projector_and_features() -> None:

@@ -139,6 +139,15 @@ class Connector(nn.Module):
                 f"(width {features.shape[-1]} != vision_dim {self.vision_dim})"
             )
         self._num_patches(features.shape[1])
+        # A dtype mismatch would fail deep inside a matmul with a message naming no argument; under
+        # torch.autocast mixed dtypes are the point, so they pass.
+        param = next(self.parameters(), None)
+        if param is not None and features.dtype != param.dtype and not torch.is_autocast_enabled(features.device.type):
+            raise ValueError(
+                f"features must have the dtype of {type(self).__name__}'s parameters ({param.dtype}), got dtype "
+                f"{features.dtype} with shape {shape_str(features)}; cast one to the other "
+                f"(features.to({param.dtype}) or connector.to({features.dtype})) or run under torch.autocast"
+            )
 
     @staticmethod
     def _check_mask(key_padding_mask: torch.Tensor | None, features: torch.Tensor) -> None:
@@ -153,6 +162,11 @@ class Connector(nn.Module):
             )
         if tuple(key_padding_mask.shape) != (b, n):
             raise ValueError(f"key_padding_mask must have shape {expected}, got shape {shape_str(key_padding_mask)}")
+        if key_padding_mask.device != features.device:
+            raise ValueError(
+                f"key_padding_mask must be on the device of features ({features.device}), got "
+                f"{key_padding_mask.device} (shape {shape_str(key_padding_mask)})"
+            )
 
     @staticmethod
     def _require_real_tokens(key_padding_mask: torch.Tensor | None) -> None:

@@ -28,6 +28,7 @@ every patch token, i.e. the unmodified LLaVA model.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -73,7 +74,9 @@ def merge_context(features: torch.Tensor, num_context: int) -> torch.Tensor:
     """
     b, u, _ = features.shape
     targets = _context_targets(u, num_context, features.device)  # (M,)
-    with torch.autocast(device_type=features.device.type, enabled=False):
+    # float32 whatever the caller's autocast (meta tensors have no autocast state to change)
+    exact = contextlib.nullcontext() if features.device.type == "meta" else torch.autocast(features.device.type, enabled=False)
+    with exact:
         x = features.float()
         unit = torch.nn.functional.normalize(x, dim=-1)  # (B, U, D)
         similarity = unit @ unit[:, targets].transpose(1, 2)  # (B, U, M)
@@ -168,9 +171,12 @@ class SelectConnector(Connector):
         return int(self.config.include_cls) + self.num_anchors + self.num_context
 
     def analytic_flops(self, num_input_tokens: int) -> int:
-        """The projector on the output tokens (selection and merging are not matrix products of weights)."""
+        """The projector on the output tokens, plus the context merge's two ``(U, M, D)`` products (the
+        cosine similarities and the member sums, U = P - K unselected patches)."""
         t = self.num_output_tokens(num_input_tokens)
-        return projector_flops(self.config.projector, self.vision_dim, self.llm_dim, t)
+        unselected = self._num_patches(num_input_tokens) - self.num_anchors
+        merge = 2 * 2 * unselected * self.num_context * self.vision_dim
+        return projector_flops(self.config.projector, self.vision_dim, self.llm_dim, t) + merge
 
     def select(
         self, features: torch.Tensor, anchor_idx: torch.Tensor | None = None, *, attention: torch.Tensor | None = None
@@ -246,18 +252,22 @@ class SelectConnector(Connector):
         if anchor_idx.device != features.device:
             raise ValueError(f"anchor_idx must be on the device of features ({features.device}), got {anchor_idx.device}")
         idx = anchor_idx.long()
-        if idx.shape[1] == k + 1:
-            head, idx = idx[:, 0], idx[:, 1:]
-            if not torch.compiler.is_compiling() and bool((head != 0).any()):
-                raise ValueError(f"anchor_idx of shape {shape_str(anchor_idx)} must start with [CLS] (0) in every row")
-        if not torch.compiler.is_compiling():
-            ascending = bool((idx[:, 1:] > idx[:, :-1]).all()) if k > 1 else True
-            if not ascending or bool((idx < prefix).any()) or bool((idx >= n).any()):
-                raise ValueError(
-                    f"anchor_idx must hold {expected}; got values in [{int(idx.min())}, {int(idx.max())}]"
-                    + ("" if ascending else ", not strictly ascending")
-                )
-        return idx
+        head = idx[:, 0] if idx.shape[1] == k + 1 else None
+        idx = idx[:, 1:] if head is not None else idx
+        if torch.compiler.is_compiling() or idx.device.type == "meta":  # no values to read
+            return idx
+        ok = ((idx >= prefix) & (idx < n)).all() & (idx[:, 1:] > idx[:, :-1]).all()
+        if head is not None:
+            ok = ok & (head == 0).all()
+        if bool(ok):  # the only host read on the happy path
+            return idx
+        if head is not None and bool((head != 0).any()):
+            raise ValueError(f"anchor_idx of shape {shape_str(anchor_idx)} must start with [CLS] (0) in every row")
+        ascending = bool((idx[:, 1:] > idx[:, :-1]).all())
+        raise ValueError(
+            f"anchor_idx must hold {expected}; got values in [{int(idx.min())}, {int(idx.max())}]"
+            + ("" if ascending else ", not strictly ascending")
+        )
 
     def _unselected(self, features: torch.Tensor, anchors: torch.Tensor, patches: int) -> torch.Tensor:
         """``(B, P - K, D)`` the patches that are not anchors, in raster order."""
