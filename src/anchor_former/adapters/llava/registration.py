@@ -179,8 +179,11 @@ def _initialize_vision_modules(self: nn.Module, model_args: Any, fsdp: Any = Non
     if previous is not None and not isinstance(previous, LlavaConnector):
         _warm_start(connector, previous)
     settings = connector.config.to_dict() if hasattr(getattr(connector, "config", None), "to_dict") else {}
-    settings = {k: v for k, v in settings.items() if k not in ("vision_dim", "llm_dim")}
-    setattr(self.config, CONNECTOR_CONFIG_KEY, settings or getattr(self.config, CONNECTOR_CONFIG_KEY))
+    settings = {k: v for k, v in settings.items() if k not in ("vision_dim", "llm_dim")} or dict(
+        getattr(self.config, CONNECTOR_CONFIG_KEY))
+    # as attach_anchor_former records it: attach_anchor_former(model, **config.mm_connector_config) rebuilds it
+    settings.update(connector=model_args.mm_projector_type, score=score)
+    setattr(self.config, CONNECTOR_CONFIG_KEY, settings)
     self.config.mm_vision_select_feature = "cls_patch"
     if not getattr(connector, "uses_anchors", False):
         tower.score = None  # the connector ignores anchors: skip the probe's attention row
