@@ -373,7 +373,7 @@ def _build(plan: _Plan, config: LlavaConfig) -> nn.Module:
                           **plan.kwargs, device=param.device, dtype=param.dtype)
     if plan.previous is not None:
         try:
-            load_checked(new, plan.previous.state_dict(), what="the attached connector's weights")
+            load_checked(new, plan.previous.state_dict(), what="the attached connector")
         except CheckpointError as error:
             raise ValueError(
                 f"re-attaching keeps the attached connector's weights, so its architecture must stay the same: "

@@ -319,7 +319,7 @@ def _build(plan: _Plan, config: Any, model: nn.Module) -> nn.Module:
     new.num_output_tokens(plan.tower.num_patches + plan.tower.num_prefix_tokens)  # budget checks, before any change
     if plan.previous is not None:
         try:
-            load_checked(new, plan.previous.state_dict(), what="the attached connector's weights")
+            load_checked(new, plan.previous.state_dict(), what="the attached connector")
         except CheckpointError as error:
             raise ValueError(
                 f"re-attaching keeps the attached connector's weights, so its architecture must stay the same: "
