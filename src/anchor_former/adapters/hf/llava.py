@@ -200,7 +200,7 @@ def _llava_model(model: nn.Module) -> LlavaModel:
             "model must be a transformers LlavaForConditionalGeneration (transformers >= 5.0, which keeps the "
             "projector at model.model.multi_modal_projector), got "
             f"{type(model).__module__}.{type(model).__qualname__}; for the original LLaVA code use "
-            "anchor_former.adapters.llava.enable_anchor_former"
+            "anchor_former.adapters.llava.attach_anchor_former"
         )
     if not hasattr(inner, "multi_modal_projector") or not hasattr(inner, "get_image_features"):
         raise ValueError("this transformers version's LlavaModel has no multi_modal_projector/get_image_features")

@@ -84,8 +84,9 @@ def build_vision_projector(config: Any, delay_load: bool = False, **kwargs: Any)
       around ``build_connector(mm_projector_type, mm_hidden_size, hidden_size, **mm_connector_config,
       **kwargs)``. ``config.mm_connector_config`` (a dict, saved in ``config.json``) holds that
       connector's own arguments, e.g. ``{"num_anchors": 144, "depth": 6, "heads": 8, "dim_head": 64,
-      "projector": "mlp2x_gelu"}`` for ``"acformer"``. These connectors need an
-      :class:`AnchorVisionTower` (see :func:`enable_anchor_former`).
+      "projector": "mlp2x_gelu"}`` for ``"acformer"`` (its ``connector`` / ``score`` entries, recorded
+      for :func:`attach_anchor_former`, are not constructor arguments and are skipped). These connectors need an
+      :class:`AnchorVisionTower` (see :func:`attach_anchor_former`).
 
     Args:
         config: a LLaVA config (or any object with those attributes).
@@ -142,7 +143,7 @@ class LlavaConnector(nn.Module):
             raise ValueError(
                 "LlavaConnector needs AnchoredFeatures (all tokens of the selected layer plus the anchor scores) "
                 f"from AnchorVisionTower, got {got}; switch the model with "
-                "anchor_former.adapters.llava.enable_anchor_former(model, ...)"
+                "anchor_former.adapters.llava.attach_anchor_former(model, ...)"
             )
         if getattr(self.connector, "uses_anchors", False):
             if inputs.scores is None:
