@@ -11,11 +11,15 @@ language model, no copy):
 * image-feature extraction (``get_image_features``) runs the vision tower ONCE, as configured (SDPA by
   default, no ``output_attentions``), inside an :class:`~anchor_former.probes.AttentionProbe` that
   captures the ``vision_feature_layer`` tokens ([CLS] included) and that layer's [CLS] attention row;
-  the connector gets both as arguments and returns ``num_anchors + 1`` tokens per image;
+  the connector gets both as arguments and returns ``num_anchors + 1`` tokens per image. The probe is
+  built per call and that step runs under a lock of the vision tower and eagerly under
+  ``torch.compile`` (:mod:`anchor_former.adapters._probed`), so threads sharing the model and
+  ``torch.compile(model)`` work;
 * the config becomes an :class:`AnchorFormerLlavaConfig` (``model_type = "anchor_former_llava"``) whose
   ``anchor_former`` entry records the connector and its settings, so ``save_pretrained`` /
   ``AnchorFormerLlavaForConditionalGeneration.from_pretrained`` (or ``AutoModelForImageTextToText`` after
-  :func:`register_auto_classes`) round-trip the model;
+  :func:`register_auto_classes`) round-trip the model, also in transformers' legacy LLaVA key layout (the
+  key conversions of ``llava`` are registered for this model type at import);
 * the processor, if given, expands each ``<image>`` to ``num_anchors + 1`` tokens, so transformers'
   check that image tokens match image features passes.
 

@@ -14,6 +14,11 @@ keeps that code untouched and swaps the two modules:
   anchors, and the LLM sees ``num_anchors + 1`` tokens per image (AcFormer) or ``num_anchors +
   num_context`` (the training-free ``connector="select"``, which reuses the model's trained projector).
 
+:func:`attach_anchor_former` does the swap (``enable_anchor_former`` is the same function under its
+earlier name). Each tower forward builds its own probe and runs under a lock of the CLIP model, and
+eagerly under ``torch.compile`` (:mod:`anchor_former.adapters._probed`), so threads sharing one model and
+``torch.compile(model)`` work.
+
 The vision tower keeps LLaVA's attribute names (``vision_tower``, ``image_processor``, ``select_layer``,
 ``is_loaded``, ``config``, ...) so state-dict keys (``model.vision_tower.vision_tower.*``) and LLaVA's
 training/eval scripts are unchanged; the connector's keys are ``model.mm_projector.connector.*``.
