@@ -134,6 +134,18 @@ def test_reattach_that_would_discard_weights_is_refused(tower_dir, kwargs, match
         torch.testing.assert_close(value, before[key], atol=0, rtol=0, msg=key)
 
 
+def test_reattach_select_equals_a_fresh_attach(tower_dir) -> None:
+    """Training-free select: re-attaching with another K gives exactly the model a fresh attach gives
+    (same projector, same token layout: no [CLS] on a "patch" model, num_context kept)."""
+    model = attach_anchor_former(make_model(tower_dir), connector="select", num_anchors=K, num_context=2)
+    attach_anchor_former(model, connector="select", num_anchors=4)
+    fresh = attach_anchor_former(make_model(tower_dir), connector="select", num_anchors=4, num_context=2)
+    connector = model.get_model().mm_projector.connector
+    assert connector.config == fresh.get_model().mm_projector.connector.config and not connector.config.include_cls
+    ids, pixel_values = prompt(2), images(2)
+    torch.testing.assert_close(logits(model, ids, pixel_values), logits(fresh, ids, pixel_values), atol=0, rtol=0)
+
+
 # --- torch.compile -----------------------------------------------------------------------------------------
 
 

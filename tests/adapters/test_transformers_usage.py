@@ -190,14 +190,19 @@ def test_reattach_that_would_discard_weights_is_refused(kwargs, match) -> None:
         torch.testing.assert_close(value, before[key], atol=0, rtol=0, msg=key)
 
 
-def test_reattach_select_keeps_its_projector() -> None:
+def test_reattach_select_equals_a_fresh_attach() -> None:
+    """Training-free select: re-attaching with another K gives exactly the model a fresh attach gives."""
     processor = make_processor()
-    model = attach_anchor_former(make_model(processor), processor, connector="select", num_anchors=K)
-    weights = {k: v.clone() for k, v in model.model.multi_modal_projector.state_dict().items()}
+    model = attach_anchor_former(make_model(processor), processor, connector="select", num_anchors=K, num_context=2)
     attach_anchor_former(model, processor, connector="select", num_anchors=4)
-    assert model.model.multi_modal_projector.config.num_anchors == 4
-    for key, value in model.model.multi_modal_projector.state_dict().items():
-        torch.testing.assert_close(value, weights[key], atol=0, rtol=0, msg=key)
+    fresh_processor = make_processor()
+    fresh = attach_anchor_former(make_model(fresh_processor), fresh_processor, connector="select", num_anchors=4,
+                                 num_context=2)
+    assert model.model.multi_modal_projector.config == fresh.model.multi_modal_projector.config
+    inputs = image_inputs(processor, 0)
+    torch.testing.assert_close(inputs["input_ids"], image_inputs(fresh_processor, 0)["input_ids"], atol=0, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, fresh(**inputs).logits, atol=0, rtol=0)
 
 
 # --- torch.compile -----------------------------------------------------------------------------------------

@@ -345,8 +345,9 @@ def _plan(model: nn.Module, *, num_anchors: int, connector: str, score: str, ini
                 f"attached, and its connector's weights carry over), got {connector!r}; to switch connectors, "
                 "attach to a stock LlavaForConditionalGeneration (from_pretrained of the base model) instead"
             )
-        inherited = {k: v for k, v in (recorded.get("connector_config") or {}).items()
-                     if k not in ("num_anchors", "include_cls")}
+        # keep the recorded include_cls unless the score changes (acformer derives it from the score)
+        recompute = ("num_anchors",) + (("include_cls",) if score != recorded.get("score", score) else ())
+        inherited = {k: v for k, v in (recorded.get("connector_config") or {}).items() if k not in recompute}
         kwargs = {**_constructor_kwargs(connector, inherited), **kwargs}
         previous = inner.multi_modal_projector
     AttentionProbe(inner.vision_tower, layer=layer, score=score)  # unsupported tower, bad layer, CLS-less + "cls"

@@ -289,8 +289,11 @@ def _plan(model: nn.Module, *, num_anchors: int, connector: str, score: Score, i
                 f"connector's weights carry over), got {connector!r}; to switch connectors, attach to a freshly "
                 "loaded stock LLaVA model instead"
             )
+        # keep the recorded include_cls unless the score changes (acformer derives it from the score; select
+        # from mm_vision_select_feature, which the first attach set to "cls_patch")
+        recompute = ("num_anchors",) + (("include_cls",) if score != getattr(config, "mm_anchor_score", score) else ())
         inherited = {k: v for k, v in dict(getattr(config, CONNECTOR_CONFIG_KEY, None) or {}).items()
-                     if k not in ("num_anchors", "include_cls")}
+                     if k not in recompute}
         kwargs = {**_constructor_kwargs(inherited), **kwargs}
         previous = inner.mm_projector.connector
     if not getattr(tower, "is_loaded", True):
