@@ -267,7 +267,8 @@ def enable_anchor_former(
 
     Raises:
         ValueError: not a LLaVA model; ``mm_patch_merge_type`` other than ``"flat"`` (AcFormer's tokens
-            are not a patch grid); unknown connector; ``score="cls"`` on a tower without [CLS];
+            are not a patch grid) unless ``image_aspect_ratio="anyres"`` (LLaVA-NeXT views, anchors per view,
+            ``image_budget=B`` for one budget per image: :mod:`anchor_former.adapters.llava.anyres`); unknown connector; ``score="cls"`` on a tower without [CLS];
             ``num_anchors`` (+ ``num_context``) larger than the tower's patch count; ``"select"`` on a
             projector that is not LLaVA's ``linear`` / ``mlp{N}x_gelu``. The model is unchanged then.
     """
@@ -276,7 +277,8 @@ def enable_anchor_former(
     inner, tower = _llava_parts(model)
     config = model.config
     merge = getattr(config, "mm_patch_merge_type", "flat") or "flat"
-    if merge != "flat":
+    anyres = getattr(config, "image_aspect_ratio", None) == "anyres"  # LLaVA-NeXT views: see .anyres
+    if merge != "flat" and not anyres:
         raise ValueError(
             f"config.mm_patch_merge_type must be 'flat' for enable_anchor_former (the connector's tokens are not a "
             f"patch grid that LLaVA's spatial merge could tile), got {merge!r}"
@@ -290,6 +292,10 @@ def enable_anchor_former(
             tower.load_model()
         base = tower
     new_tower = AnchorVisionTower(base, score=score)  # raises for CLS-less + "cls", bad layer
+    if anyres:
+        from anchor_former.adapters.llava.anyres import check_anyres, enable_anyres
+
+        image_budget = check_anyres(config, connector, kwargs, view_size=int(new_tower.config.image_size))
     spec = detect_encoder(new_tower.vision_tower)
     kwargs = _anchor_kwargs(connector, num_anchors, new_tower, kwargs, has_cls=spec.has_cls, score=score,
                             cls_patch=getattr(config, "mm_vision_select_feature", "patch") == "cls_patch")
@@ -334,6 +340,8 @@ def enable_anchor_former(
     setattr(config, CONNECTOR_CONFIG_KEY, settings)
     config.mm_vision_select_feature = "cls_patch"
     config.mm_anchor_score = score
+    if anyres:
+        enable_anyres(model, image_budget)
     return model
 
 
