@@ -1,0 +1,24 @@
+"""Smoke test of the analytic LLaVA-NeXT rows (``benchmarks/anyres_rows.py``), checked by hand counts."""
+
+from __future__ import annotations
+
+from benchmarks.anyres_rows import analytic_anyres, to_markdown
+
+from anchor_former import flops
+
+
+def test_672_image_rows_match_hand_counts() -> None:
+    result = analytic_anyres()
+    assert result["views"] == 5 and result["grid"] == [2, 2]
+    rows = {(r["llm_shape"], r["case"]): r for r in result["results"]}
+    # stock: 576 base + a 48 x 48 grid + one newline per grid row; select K/view: 5 K + 48 newlines;
+    # acformer: 5 (K + 1) + one newline per row of crops
+    expected = {"stock": 576 + 48 * 48 + 48, "select-144/view": 5 * 144 + 48, "select-64/view": 5 * 64 + 48,
+                "select-576/image": 576 + 48, "acformer-144/view": 5 * 145 + 2}
+    for case, tokens in expected.items():
+        row = rows[("llama-7b", case)]
+        assert row["visual_tokens"] == tokens
+        assert row["llm_flops"] == flops.llm_prefill_flops(flops.LLAMA_7B, tokens + 64)
+        assert row["vit_flops"] == 5 * flops.vit_forward_flops(flops.CLIP_VIT_L14_336)
+    assert rows[("llama-13b", "stock")]["kv_cache_bytes"] == flops.kv_cache_bytes(flops.LLAMA_13B, 2928 + 64)
+    assert "| llama-7b | select-144/view | 768 (48) |" in to_markdown(result)
