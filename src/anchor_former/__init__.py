@@ -3,7 +3,7 @@
 Public API (also listed in ``docs/api.md``). Modules add their names here explicitly.
 """
 
-from anchor_former import adapters, checkpoint, flops
+from anchor_former import adapters, checkpoint, flops, views
 from anchor_former.search import AnchorSearch, anchor_quotas, anchor_search, cls_scores, native_search_available
 from anchor_former.attention import CrossAttention
 from anchor_former.connectors import (
@@ -52,6 +52,7 @@ __all__ = [
     "flops",
     "adapters",
     "checkpoint",
+    "views",
     "AnchorExtraction",
     "AttentionProbe",
     "EncoderSpec",
