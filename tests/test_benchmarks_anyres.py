@@ -22,3 +22,14 @@ def test_672_image_rows_match_hand_counts() -> None:
         assert row["vit_flops"] == 5 * flops.vit_forward_flops(flops.CLIP_VIT_L14_336)
     assert rows[("llama-13b", "stock")]["kv_cache_bytes"] == flops.kv_cache_bytes(flops.LLAMA_13B, 2928 + 64)
     assert "| llama-7b | select-144/view | 768 (48) |" in to_markdown(result)
+
+
+def test_measured_case_runs_and_counts_tokens() -> None:
+    from benchmarks.anyres_rows import measured_anyres
+
+    result = measured_anyres(preset="tiny", per_view=4, rounds=1, min_block_s=0.0)
+    rows = result["results"]
+    # tiny: 7 x 7 patches per view, 2 x 2 crops, no unpadding: 49 + 14 * 14 + 14 newlines; select: 5 * 4 + 14
+    assert rows["stock"]["visual_tokens"] == 49 + 14 * 14 + 14
+    assert rows["select-4/view"]["visual_tokens"] == 5 * 4 + 14
+    assert all(row["median_ms"] > 0 for row in rows.values())
