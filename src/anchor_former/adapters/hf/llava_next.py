@@ -343,7 +343,9 @@ def attach_llava_next(
             f"gives exactly its patch grid to the stock layout), got {strategy!r}"
         )
     if kwargs.get("num_context"):
-        raise ValueError(f"num_context (context tokens) is not supported with LLaVA-NeXT views, got {kwargs['num_context']!r}")
+        raise ValueError(
+            f"num_context (context tokens) is not supported with LLaVA-NeXT views, got {kwargs['num_context']!r}"
+        )
     kwargs.pop("num_context", None)
     vision = old.vision_config
     side = int(vision.image_size) // int(vision.patch_size)

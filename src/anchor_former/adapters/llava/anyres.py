@@ -103,7 +103,9 @@ def anyres_token_counts(model: nn.Module, image_sizes: list[Any]) -> list[int]:
     return counts
 
 
-def anyres_image_tokens(model: nn.Module, images: torch.Tensor | list[torch.Tensor], image_sizes: Any) -> list[torch.Tensor]:
+def anyres_image_tokens(
+    model: nn.Module, images: torch.Tensor | list[torch.Tensor], image_sizes: Any
+) -> list[torch.Tensor]:
     """Each image's LLM tokens ``(T_i, llm_dim)`` from its views.
 
     Args:
@@ -198,7 +200,9 @@ def check_anyres(config: Any, connector: str, kwargs: dict[str, Any], *, view_si
     if not getattr(config, "image_grid_pinpoints", None):
         raise ValueError("config.image_grid_pinpoints must list the anyres resolutions, got none")
     if kwargs.get("num_context"):
-        raise ValueError(f"num_context (context tokens) is not supported with anyres views, got {kwargs['num_context']!r}")
+        raise ValueError(
+            f"num_context (context tokens) is not supported with anyres views, got {kwargs['num_context']!r}"
+        )
     kwargs.pop("num_context", None)
     budget = kwargs.pop("image_budget", None)
     if budget is None:
