@@ -25,7 +25,6 @@ from _hf_llava_next import (  # noqa: E402
     inputs_for,
     make_model,
     make_processor,
-    pixels,
 )
 from transformers import (  # noqa: E402
     AutoModelForImageTextToText,
