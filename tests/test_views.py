@@ -134,11 +134,10 @@ def test_fixed_layout_and_count() -> None:
 @settings(max_examples=60, deadline=None)
 @given(size=sizes)
 def test_agrees_with_transformers_resolution_and_unpadding(size) -> None:
-    transformers = pytest.importorskip("transformers")
+    modeling = pytest.importorskip("transformers.models.llava_next.modeling_llava_next")  # transformers >= 4.39
     from transformers.image_processing_utils import select_best_resolution as hf_best
-    from transformers.models.llava_next.modeling_llava_next import unpad_image
 
-    del transformers
+    unpad_image = modeling.unpad_image
     assert select_best_resolution(size, PINPOINTS) == tuple(hf_best(size, PINPOINTS))
     views = anyres_views(size, grid_pinpoints=PINPOINTS, view_size=VIEW, patch_size=PATCH)
     gh, gw = views.grid[0] * SIDE, views.grid[1] * SIDE
