@@ -263,6 +263,8 @@ class _Plan:
     kwargs: dict[str, Any]  # the connector's constructor arguments (widths excluded)
     previous: nn.Module | None  # the connector of an already switched model, whose weights carry over
     init_projector: bool
+    anyres: bool = False  # LLaVA-NeXT views (image_aspect_ratio="anyres"): see .anyres
+    image_budget: int | None = None  # anyres + select: one budget per image, spread over its views
 
 
 def _plan(model: nn.Module, *, num_anchors: int, connector: str, score: Score, init_projector: bool,
@@ -274,7 +276,8 @@ def _plan(model: nn.Module, *, num_anchors: int, connector: str, score: Score, i
     inner, tower = _llava_parts(model)
     config = model.config
     merge = getattr(config, "mm_patch_merge_type", "flat") or "flat"
-    if merge != "flat":
+    anyres = getattr(config, "image_aspect_ratio", None) == "anyres"  # LLaVA-NeXT views: see .anyres
+    if merge != "flat" and not anyres:
         raise ValueError(
             f"config.mm_patch_merge_type must be 'flat' for attach_anchor_former (the connector's tokens are not a "
             f"patch grid that LLaVA's spatial merge could tile), got {merge!r}"
@@ -300,6 +303,11 @@ def _plan(model: nn.Module, *, num_anchors: int, connector: str, score: Score, i
     if not getattr(tower, "is_loaded", True):
         tower.load_model()
     new_tower = AnchorVisionTower(tower, score=score)  # raises for CLS-less + "cls", bad layer
+    image_budget = None
+    if anyres:
+        from anchor_former.adapters.llava.anyres import check_anyres
+
+        image_budget = check_anyres(config, connector, kwargs, view_size=int(new_tower.config.image_size))
     spec = detect_encoder(new_tower.vision_tower)
     kwargs = _anchor_kwargs(connector, num_anchors, new_tower, kwargs, has_cls=spec.has_cls, score=score,
                             cls_patch=getattr(config, "mm_vision_select_feature", "patch") == "cls_patch")
@@ -312,7 +320,7 @@ def _plan(model: nn.Module, *, num_anchors: int, connector: str, score: Score, i
         kwargs["projector"] = old_type  # same output MLP as the model had, so its weights carry over
     kwargs.setdefault("num_prefix_tokens", spec.num_prefix_tokens)
     return _Plan(inner=inner, tower=new_tower, connector=connector, score=score, kwargs=kwargs, previous=previous,
-                 init_projector=init_projector)
+                 init_projector=init_projector, anyres=anyres, image_budget=image_budget)
 
 
 def _build(plan: _Plan, config: Any, model: nn.Module) -> nn.Module:
@@ -416,7 +424,9 @@ def attach_anchor_former(
 
     Raises:
         ValueError: not a LLaVA model; ``mm_patch_merge_type`` other than ``"flat"`` (AcFormer's tokens
-            are not a patch grid); unknown connector; ``score="cls"`` on a tower without [CLS];
+            are not a patch grid) unless ``image_aspect_ratio="anyres"`` (LLaVA-NeXT views, anchors per view,
+            ``image_budget=B`` for one budget per image: :mod:`anchor_former.adapters.llava.anyres`); unknown
+            connector; ``score="cls"`` on a tower without [CLS];
             ``num_anchors`` (+ ``num_context``) larger than the tower's patch count; ``"select"`` on a
             projector that is not LLaVA's ``linear`` / ``mlp{N}x_gelu``; on re-attach, another connector
             name or arguments that change the connector's weight shapes. The model is unchanged then.
@@ -425,6 +435,10 @@ def attach_anchor_former(
                  kwargs=kwargs)
     new = _build(plan, model.config, model)
     _swap(model, plan, new)
+    if plan.anyres:
+        from anchor_former.adapters.llava.anyres import enable_anyres
+
+        enable_anyres(model, plan.image_budget)
     return model
 
 
