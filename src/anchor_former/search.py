@@ -1,6 +1,6 @@
 """Progressive per-head visual-anchor search, batched and free of host synchronisation.
 
-The search (ACFORMER.md §2): the [CLS] query's attention row of one ViT layer gives every token a score
+The search, as the authors' AcFormer code runs it: the [CLS] query's attention row of one ViT layer gives every token a score
 per head. Heads are visited in index order; head ``h`` adds its ``quota[h]`` highest-scoring tokens that
 earlier heads have not already chosen. Prefix tokens ([CLS], registers) are never candidates. The result
 is ``[0] + sorted(anchors)`` (CLS first, then raster order) or just ``sorted(anchors)``.
