@@ -120,8 +120,8 @@ def _read_pickle(path: str, map_location: str | torch.device) -> object:
             raise _corrupt(path, f"its pickle is damaged: {_last_line(err)}") from err
         raise CheckpointError(
             f"refused to load {path!r}: would execute code. Its pickle asks for objects other than tensors and "
-            "plain containers, which unpickling would construct by running code (torch.load(weights_only=True) stopped at: "
-            f"{_last_line(err)}). If you trust the file, re-save its tensors with "
+            "plain containers, which unpickling would construct by running code "
+            f"(torch.load(weights_only=True) stopped at: {_last_line(err)}). If you trust the file, re-save its tensors with "
             "anchor_former.checkpoint.save_state_dict (safetensors)."
         ) from err
     except _CORRUPT_ERRORS as err:
@@ -303,10 +303,13 @@ def _kind_problem(value: object, target: torch.Tensor) -> str | None:
         return f"a quantized tensor ({value.dtype})"
     if value.device.type == "meta" and target.device.type != "meta":
         return "a meta tensor (it has no values)"
-    family = lambda t: "complex" if t.is_complex() else "floating" if t.is_floating_point() else "integer/bool"  # noqa: E731
-    if family(value) != family(target):
-        return f"dtype {value.dtype} ({family(value)}) for a {target.dtype} ({family(target)}) tensor"
+    if _family(value) != _family(target):
+        return f"dtype {value.dtype} ({_family(value)}) for a {target.dtype} ({_family(target)}) tensor"
     return None
+
+
+def _family(t: torch.Tensor) -> str:
+    return "complex" if t.is_complex() else "floating" if t.is_floating_point() else "integer/bool"
 
 
 def load_checked(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, partial: bool = False,
