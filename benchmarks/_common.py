@@ -1,6 +1,7 @@
 """Shared pieces of the benchmark scripts: the connector line-up, devices, timing, memory, environment.
 
-Not part of the installed package: the scripts under ``benchmarks/`` import it as a sibling module.
+Not part of the installed package: the modules of the ``benchmarks`` package (run from the repository
+root, ``python -m benchmarks.run``) import it as ``benchmarks._common``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import re
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,13 +31,17 @@ __all__ = [
     "environment",
     "format_count",
     "format_flops",
-    "measure",
+    "format_ms",
     "measure_interleaved",
     "parse_device",
     "progress",
     "resolve_connectors",
     "seeded",
+    "spread_warnings",
 ]
+
+# A timing whose interquartile range exceeds this share of its median is flagged in results.md.
+SPREAD_WARN_RATIO = 0.2
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,11 @@ BENCH_CONNECTORS: dict[str, BenchConnector] = {
         BenchConnector("perceiver-144", "perceiver", {"num_queries": 144}),
         BenchConnector("acformer-144", "acformer", {"num_anchors": 144}),
         BenchConnector("acformer-256", "acformer", {"num_anchors": 256}),
+        # training-free: the anchor patches through the checkpoint's own projector (no new parameters)
+        BenchConnector("select-64", "select", {"num_anchors": 64}),
+        BenchConnector("select-144", "select", {"num_anchors": 144}),
+        BenchConnector("select-192", "select", {"num_anchors": 192}),
+        BenchConnector("select-128+16", "select", {"num_anchors": 128, "num_context": 16}),
     )
 }
 BASELINE = "mlp-576"
@@ -206,21 +217,9 @@ def _peak_memory(fn: Callable[[], Any], device: torch.device) -> dict[str, float
     return {"peak_mem_mib": peak / 2**20, "peak_extra_mib": (peak - before) / 2**20}
 
 
-def measure(fn: Callable[[], Any], device: torch.device, *, min_run_time: float, label: str) -> dict[str, Any]:
-    """Median latency of one ``fn()`` by ``Timer.blocked_autorange(min_run_time)``, and peak memory on CUDA.
-
-    One warm-up call first (it also measures the peak CUDA memory, see :func:`measure_interleaved`).
-    Returns ``median_ms``, ``iqr_ms``, ``calls`` and ``peak_mem_mib`` / ``peak_extra_mib`` (``None`` on CPU).
-    """
-    out: dict[str, Any] = _peak_memory(fn, device)
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, label=label, num_threads=torch.get_num_threads())
-    m = timer.blocked_autorange(min_run_time=min_run_time)
-    out.update(median_ms=m.median * 1e3, iqr_ms=m.iqr * 1e3, calls=len(m.times) * m.number_per_run)
-    return out
-
-
 def measure_interleaved(
-    fns: dict[str, Callable[[], Any]], device: torch.device, *, rounds: int, min_block_s: float
+    fns: dict[str, Callable[[], Any]], device: torch.device, *, rounds: int, min_block_s: float,
+    label: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Median latency of each ``fn()``, timed in interleaved rounds, and peak memory on CUDA.
 
@@ -231,10 +230,11 @@ def measure_interleaved(
     block (:meth:`torch.utils.benchmark.Timer.timeit`, which synchronises CUDA). Interleaving makes the
     ratios between functions robust to load that comes and goes on a shared machine. Returns per name
     ``median_ms`` (per call, over rounds), ``iqr_ms``, ``calls`` (timed) and ``peak_mem_mib`` /
-    ``peak_extra_mib`` (``None`` on CPU, where the allocator keeps no statistics).
+    ``peak_extra_mib`` (``None`` on CPU, where the allocator keeps no statistics). With ``label``, prints
+    an estimate of the whole measurement after calibration and one progress line per round (stderr).
     """
     threads = torch.get_num_threads()
-    timers, numbers, out = {}, {}, {}
+    timers, numbers, block_s, out = {}, {}, {}, {}
     if device.type == "cuda":
         for fn in fns.values():
             fn()
@@ -244,10 +244,19 @@ def measure_interleaved(
         timers[name] = benchmark.Timer(stmt="fn()", globals={"fn": fn}, label=name, num_threads=threads)
         first = timers[name].timeit(1).median
         numbers[name] = max(1, math.ceil(min_block_s / max(first, 1e-9)))
+        block_s[name] = numbers[name] * first
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
+    start = time.perf_counter()
+    if label:
+        per_round = sum(block_s.values())
+        progress(f"{label}: {len(fns)} functions x {rounds} interleaved rounds, about {rounds * per_round:.0f} s")
+    for r in range(rounds):
         for name in fns:
             times[name].append(timers[name].timeit(numbers[name]).median)
+        if label:
+            elapsed = time.perf_counter() - start
+            progress(f"{label}: round {r + 1}/{rounds} done, {elapsed:.1f} s, "
+                     f"~{elapsed / (r + 1) * (rounds - r - 1):.0f} s left")
     for name, samples in times.items():
         q1, median, q3 = (
             statistics.quantiles(samples, n=4, method="inclusive") if len(samples) > 1 else samples * 3
@@ -264,6 +273,43 @@ def format_flops(value: float | None) -> str:
         if abs(value) >= scale:
             return f"{value / scale:.3g} {unit}"
     return f"{value:.0f}"
+
+
+def format_ms(median_ms: float, iqr_ms: float | None, digits: int = 2) -> str:
+    """``12.34 ± 0.56``: a median in milliseconds with its interquartile range (``-`` when unknown)."""
+    iqr = "-" if iqr_ms is None else f"{iqr_ms:.{digits}f}"
+    return f"{median_ms:.{digits}f} ± {iqr}"
+
+
+def spread_warnings(result: Any, *, ratio: float = SPREAD_WARN_RATIO) -> list[str]:
+    """Timings in ``result`` (any nesting of dicts and lists) whose IQR exceeds ``ratio`` of the median.
+
+    A timing is a dict with ``median_ms`` and ``iqr_ms``; it is named by its ``connector`` / ``name`` field,
+    else by the nearest enclosing labelled dict (a connector, or a search case ``input`` + ``anchors``)
+    and its key. Returns one sentence per flagged timing.
+    """
+    found: list[str] = []
+
+    def label(node: dict[str, Any]) -> str | None:
+        if "input" in node and "anchors" in node:
+            return f"{node['input']} K={node['anchors']}"
+        return node.get("connector") or node.get("name")
+
+    def walk(node: Any, key: str, context: str) -> None:
+        if isinstance(node, dict):
+            own = label(node)
+            median, iqr = node.get("median_ms"), node.get("iqr_ms")
+            if isinstance(median, (int, float)) and isinstance(iqr, (int, float)) and median > 0 and iqr > ratio * median:
+                name = own or " ".join(part for part in (context, key) if part)
+                found.append(f"`{name}`: IQR {iqr:.3g} ms is {100 * iqr / median:.0f} % of the median {median:.3g} ms")
+            for child_key, value in node.items():
+                walk(value, str(child_key), own or context)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value, key, context)
+
+    walk(result, "", "")
+    return found
 
 
 def format_count(value: int) -> str:

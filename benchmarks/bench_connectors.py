@@ -13,7 +13,7 @@ same run.
 * Anchor connectors get ``anchor_idx`` from ``anchor_search`` on a random [CLS] attention row (the
   search itself is timed in ``bench_search.py``, the probe in ``bench_probe.py``).
 
-Run alone: ``python benchmarks/bench_connectors.py [--preset default] [--device cpu]``.
+Run alone from the repository root: ``python -m benchmarks.bench_connectors [--preset default] [--device cpu]``.
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from _common import (
+from benchmarks._common import (
     BASELINE,
     BENCH_CONNECTORS,
     connector_benchmark_main,
     format_count,
     format_flops,
+    format_ms,
     measure_interleaved,
     progress,
     resolve_connectors,
@@ -138,9 +139,9 @@ def run(
             **count_flops(label, connector, features, anchor_idx, cfg=cfg),
         }
         calls[label] = (lambda c, a: lambda: c(features, a))(connector, anchor_idx)
-    progress(f"connectors: timing {len(calls)} connectors in {cfg['rounds']} interleaved rounds")
     with torch.inference_mode():
-        timings = measure_interleaved(calls, device, rounds=cfg["rounds"], min_block_s=cfg["min_block_s"])
+        timings = measure_interleaved(calls, device, rounds=cfg["rounds"], min_block_s=cfg["min_block_s"],
+                                      label="connectors: timing")
     base = results[BASELINE]
     base_ms = timings[BASELINE]["median_ms"]
     for label, r in results.items():
@@ -160,7 +161,7 @@ def run(
         "dtype": str(dtype).removeprefix("torch."),
         "timing": {"rounds": cfg["rounds"], "min_block_s": cfg["min_block_s"], "mode": "inference_mode, default path"},
         "results": list(results.values()),
-        "target": "AcFormer-144 connector latency <= 1.5x MLP-576 on GPU (issue 3)",
+        "target": "AcFormer-144 connector latency <= 1.5x MLP-576 on GPU (project target)",
     }
 
 
@@ -171,11 +172,13 @@ def to_markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Connectors at features ({s['batch']}, {s['tokens']}, {s['vision_dim']}) -> {s['llm_dim']}, "
         f"{result['dtype']}, inference. FLOPs per sample, counted by FlopCounterMode (meta-device twin, manual "
-        f"attention path) and checked against the connector's `analytic_flops`; latency = median for the batch; "
+        f"attention path) and checked against the connector's `analytic_flops`; latency = median ± IQR for the batch "
+        f"over interleaved rounds; "
         f"(x) = ratio to {BASELINE}. "
         f"Target: {result['target']}.",
         "",
-        "| connector | visual tokens | reduction | params | FLOPs/sample (x) | analytic = counted | latency ms (x) |"
+        "| connector | visual tokens | reduction | params | FLOPs/sample (x) | analytic = counted "
+        "| latency ms ± IQR (x) |"
         + (" peak extra MiB |" if mem else ""),
         "|---|---|---|---|---|---|---|" + ("---|" if mem else ""),
     ]
@@ -185,7 +188,7 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"| {format_count(r['params'])} "
             f"| {format_flops(r['flops_measured'])} ({r['flops_vs_baseline']:.2f}x) "
             f"| {'yes' if r['flops_match'] else 'NO: ' + format_flops(r['flops_analytic'])} "
-            f"| {r['median_ms']:.2f} ({r['latency_vs_baseline']:.2f}x) |"
+            f"| {format_ms(r['median_ms'], r['iqr_ms'])} ({r['latency_vs_baseline']:.2f}x) |"
         )
         if mem:
             row += f" {r['peak_extra_mib']:.0f} |"

@@ -15,7 +15,7 @@ Two parts, both per connector and as a ratio to the MLP-576 (LLaVA-1.5) pipeline
   (577 ViT tokens, 576/144/... visual tokens) but shrink widths and depths so a CPU finishes in seconds;
   their output says so.
 
-Run alone: ``python benchmarks/bench_pipeline.py [--preset default] [--device cpu]``.
+Run alone from the repository root: ``python -m benchmarks.bench_pipeline [--preset default] [--device cpu]``.
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ from typing import Any
 
 import torch
 
-from _common import (
+from benchmarks._common import (
     BASELINE,
     BENCH_CONNECTORS,
     connector_benchmark_main,
     format_flops,
+    format_ms,
     measure_interleaved,
     progress,
     resolve_connectors,
@@ -132,66 +133,79 @@ def _models(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype):
     return vit.eval(), llm.eval()
 
 
+class _Pipeline:
+    """The random-init ViT and LLM of one preset, with the stage functions every connector shares."""
+
+    def __init__(self, cfg: dict[str, Any], device: torch.device) -> None:
+        self.dtype = cfg["dtype"][device.type]
+        self.batch, self.text = cfg["batch"], cfg["text_tokens"]
+        generator = seeded(0)
+        progress(f"pipeline: building ViT {cfg['vit']['hidden_size']}x{cfg['vit']['num_hidden_layers']} and LLM "
+                 f"{cfg['llm']['hidden_size']}x{cfg['llm']['num_hidden_layers']} ({self.dtype}, {device})")
+        self.vit, self.llm = _models(cfg, device, self.dtype)
+        self.vit_shape = flops.ViTShape.from_hf_config(self.vit.config, name="measured-vit")
+        self.llm_shape = flops.LLMShape.from_hf_config(self.llm.config, name="measured-llm")
+        self._extract_anchors = _extract_anchors()
+        size = cfg["vit"]["image_size"]
+        self.pixels = torch.randn(self.batch, 3, size, size, generator=generator).to(device=device, dtype=self.dtype)
+        self.text_ids = torch.randint(0, cfg["llm"]["vocab_size"], (self.batch, self.text), generator=generator).to(device)
+
+    def vision(self, k: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(B, N, D)`` features of layer -2 and, for ``k`` anchors, ``(B, k + 1)`` anchor indices."""
+        if k is None:  # LLaVA's way: hidden_states[-2]
+            return self.vit(pixel_values=self.pixels, output_hidden_states=True).hidden_states[-2], None
+        found = self._extract_anchors(self.vit, self.pixels, num_anchors=k, layer=-2)
+        return found.features, found.anchor_idx
+
+    def prefill(self, visual: torch.Tensor) -> torch.Tensor:
+        """Last-token logits of the LLM over ``[visual (B, T, d_llm), text]`` with a KV cache."""
+        embeds = torch.cat([visual, self.llm.get_input_embeddings()(self.text_ids)], dim=1)  # (B, T + text, d_llm)
+        return self.llm(inputs_embeds=embeds, logits_to_keep=1, use_cache=True).logits
+
+
+def _cases(pipe: _Pipeline, labels: list[str], cfg: dict[str, Any], device: torch.device):
+    """Per connector: its result row, its end-to-end function, and (``cfg["stages"]``) each stage alone."""
+    rows, pipelines, stages = [], {}, {}
+    n = pipe.vit_shape.num_tokens
+    for label in labels:
+        progress(f"pipeline: building {label}")
+        connector = BENCH_CONNECTORS[label].build(pipe.vit_shape.hidden_size, pipe.llm_shape.hidden_size,
+                                                  resampler=cfg.get("resampler"), device=device,
+                                                  dtype=pipe.dtype).eval()
+        k = connector.config.num_anchors if connector.uses_anchors else None
+        tokens = connector.num_output_tokens(n)
+        total = flops.pipeline_flops(
+            vit=pipe.vit_shape, llm=pipe.llm_shape, visual_tokens=tokens, text_tokens=pipe.text,
+            connector_flops=connector.analytic_flops(n), uses_anchors=connector.uses_anchors, batch=pipe.batch,
+        )
+        rows.append({"connector": label, "visual_tokens": tokens, "num_anchors": k, "analytic_flops": total.to_dict()})
+        pipelines[label] = (lambda c, k: lambda: pipe.prefill(c(*pipe.vision(k))))(connector, k)
+        if cfg["stages"]:  # each stage alone, on the inputs it gets in the pipeline
+            features, anchor_idx = pipe.vision(k)
+            visual = connector(features, anchor_idx)
+            stages.setdefault(f"vision/{k}", (lambda k: lambda: pipe.vision(k))(k))
+            stages[f"connector/{label}"] = (lambda c, f, a: lambda: c(f, a))(connector, features, anchor_idx)
+            stages.setdefault(f"llm/{tokens}", (lambda v: lambda: pipe.prefill(v))(visual))
+    return rows, pipelines, stages
+
+
 def measured(labels: list[str], *, preset: str, device: torch.device) -> dict[str, Any]:
     """End-to-end pipeline latency per connector with random-init HF models at the preset's shapes."""
     cfg = PRESETS[preset]
-    dtype = cfg["dtype"][device.type]
-    b, text = cfg["batch"], cfg["text_tokens"]
-    generator = seeded(0)
-    progress(f"pipeline: building ViT {cfg['vit']['hidden_size']}x{cfg['vit']['num_hidden_layers']} and LLM "
-             f"{cfg['llm']['hidden_size']}x{cfg['llm']['num_hidden_layers']} ({dtype}, {device})")
-    vit, llm = _models(cfg, device, dtype)
-    vit_shape = flops.ViTShape.from_hf_config(vit.config, name="measured-vit")
-    llm_shape = flops.LLMShape.from_hf_config(llm.config, name="measured-llm")
-    extract_anchors = _extract_anchors()
-    size = cfg["vit"]["image_size"]
-    pixels = torch.randn(b, 3, size, size, generator=generator).to(device=device, dtype=dtype)
-    text_ids = torch.randint(0, cfg["llm"]["vocab_size"], (b, text), generator=generator).to(device)
-    embed = llm.get_input_embeddings()
-    n = vit_shape.num_tokens
-
-    def vision(k: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if k is None:  # LLaVA's way: hidden_states[-2]
-            return vit(pixel_values=pixels, output_hidden_states=True).hidden_states[-2], None
-        found = extract_anchors(vit, pixels, num_anchors=k, layer=-2)
-        return found.features, found.anchor_idx
-
-    def prefill(visual: torch.Tensor) -> torch.Tensor:
-        embeds = torch.cat([visual, embed(text_ids)], dim=1)  # (B, T + text, d_llm)
-        return llm(inputs_embeds=embeds, logits_to_keep=1, use_cache=True).logits
-
-    rows, pipelines, stages = [], {}, {}
+    pipe = _Pipeline(cfg, device)
+    timing = {"rounds": cfg["rounds"], "min_block_s": cfg["min_block_s"]}
     with torch.inference_mode():
-        for label in labels:
-            connector = BENCH_CONNECTORS[label].build(vit_shape.hidden_size, llm_shape.hidden_size,
-                                                      resampler=cfg.get("resampler"), device=device, dtype=dtype).eval()
-            k = connector.config.num_anchors if connector.uses_anchors else None
-            tokens = connector.num_output_tokens(n)
-            total = flops.pipeline_flops(
-                vit=vit_shape, llm=llm_shape, visual_tokens=tokens, text_tokens=text,
-                connector_flops=connector.analytic_flops(n), uses_anchors=connector.uses_anchors, batch=b,
-            )
-            row = {"connector": label, "visual_tokens": tokens, "num_anchors": k, "analytic_flops": total.to_dict()}
-            rows.append(row)
-            pipelines[label] = (lambda c, k: lambda: prefill(c(*vision(k))))(connector, k)
-            if cfg["stages"]:  # each stage alone, on the inputs it gets in the pipeline
-                features, anchor_idx = vision(k)
-                visual = connector(features, anchor_idx)
-                stages.setdefault(f"vision/{k}", (lambda k: lambda: vision(k))(k))
-                stages[f"connector/{label}"] = (lambda c, f, a: lambda: c(f, a))(connector, features, anchor_idx)
-                stages.setdefault(f"llm/{tokens}", (lambda v: lambda: prefill(v))(visual))
-        progress(f"pipeline: timing {len(pipelines)} pipelines end to end in {cfg['rounds']} interleaved rounds "
-                 f"({b} images, visual + {text} text tokens)")
-        timed = measure_interleaved(pipelines, device, rounds=cfg["rounds"], min_block_s=cfg["min_block_s"])
-        if stages:
-            progress(f"pipeline: timing {len(stages)} stages alone")
-            timed_stages = measure_interleaved(stages, device, rounds=cfg["rounds"], min_block_s=cfg["min_block_s"])
+        rows, pipelines, stages = _cases(pipe, labels, cfg, device)
+        timed = measure_interleaved(pipelines, device, **timing,
+                                    label=f"pipeline: end to end ({pipe.batch} images, visual + {pipe.text} text tokens)")
+        timed_stages = measure_interleaved(stages, device, **timing, label="pipeline: stages alone") if stages else {}
     for row in rows:
         row.update(timed[row["connector"]])
-        if stages:
-            row["vision_ms"] = timed_stages[f"vision/{row['num_anchors']}"]["median_ms"]
-            row["connector_ms"] = timed_stages[f"connector/{row['connector']}"]["median_ms"]
-            row["llm_ms"] = timed_stages[f"llm/{row['visual_tokens']}"]["median_ms"]
+        for stage, key in (("vision", f"vision/{row['num_anchors']}"), ("connector", f"connector/{row['connector']}"),
+                           ("llm", f"llm/{row['visual_tokens']}")):
+            if key in timed_stages:
+                row[f"{stage}_ms"] = timed_stages[key]["median_ms"]
+                row[f"{stage}_iqr_ms"] = timed_stages[key]["iqr_ms"]
         progress(f"pipeline: {row['connector']}: {row['median_ms']:.1f} ms")
     base = next(r for r in rows if r["connector"] == BASELINE)
     for r in rows:
@@ -199,14 +213,14 @@ def measured(labels: list[str], *, preset: str, device: torch.device) -> dict[st
         r["analytic_vs_baseline"] = r["analytic_flops"]["total"] / base["analytic_flops"]["total"]
     return {
         "scaled_down": cfg["scaled"],
-        "vit": vit_shape.to_dict(),
-        "llm": llm_shape.to_dict(),
-        "batch": b,
-        "text_tokens": text,
-        "dtype": str(dtype).removeprefix("torch."),
-        "timing": {"rounds": cfg["rounds"], "min_block_s": cfg["min_block_s"], "mode": "inference_mode"},
+        "vit": pipe.vit_shape.to_dict(),
+        "llm": pipe.llm_shape.to_dict(),
+        "batch": pipe.batch,
+        "text_tokens": pipe.text,
+        "dtype": str(pipe.dtype).removeprefix("torch."),
+        "timing": {**timing, "mode": "inference_mode"},
         "results": rows,
-        "target": "AcFormer-144 pipeline <= 0.40x MLP-576 pipeline (issue 6; GPU, LLaVA-1.5-7B shapes)",
+        "target": "AcFormer-144 pipeline <= 0.40x MLP-576 pipeline (project target; GPU, LLaVA-1.5-7B shapes)",
     }
 
 
@@ -264,18 +278,21 @@ def to_markdown(result: dict[str, Any]) -> str:
             "",
             f"Measured pipeline, random-init HF models, SDPA, {m['dtype']}, batch {m['batch']}, "
             f"{m['text_tokens']} text "
-            f"tokens. {scaled}{shapes}. Latency = median for the batch; stages timed alone. Target: {m['target']}.",
+            f"tokens. {scaled}{shapes}. Latency = median ± IQR for the batch over interleaved rounds; stages timed "
+            f"alone. Target: {m['target']}.",
             "",
-            "| connector | visual tokens | pipeline ms (x) | analytic FLOPs (x) | vision ms | connector ms "
+            "| connector | visual tokens | pipeline ms ± IQR (x) | analytic FLOPs (x) | vision ms | connector ms "
             "| LLM prefill ms |"
             + (" peak MiB |" if mem else ""),
             "|---|---|---|---|---|---|---|" + ("---|" if mem else ""),
         ]
         for r in m["results"]:
             row = (
-                f"| {r['connector']} | {r['visual_tokens']} | {r['median_ms']:.1f} ({r['latency_vs_baseline']:.3f}x) "
-                f"| {format_flops(r['analytic_flops']['total'])} ({r['analytic_vs_baseline']:.3f}x) "
-                f"| {_fmt_ms(r.get('vision_ms'))} | {_fmt_ms(r.get('connector_ms'))} | {_fmt_ms(r.get('llm_ms'))} |"
+                f"| {r['connector']} | {r['visual_tokens']} | {format_ms(r['median_ms'], r['iqr_ms'], 1)} "
+                f"({r['latency_vs_baseline']:.3f}x) "
+                f"| {format_flops(r['analytic_flops']['total'])} ({r['analytic_vs_baseline']:.3f}x) | "
+                + " | ".join(_fmt_ms(r.get(f"{stage}_ms"), r.get(f"{stage}_iqr_ms")) for stage in ("vision", "connector", "llm"))
+                + " |"
             )
             if mem:
                 row += f" {r['peak_mem_mib']:.0f} |"
@@ -283,8 +300,8 @@ def to_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _fmt_ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
+def _fmt_ms(value: float | None, iqr: float | None) -> str:
+    return "-" if value is None else format_ms(value, iqr, 1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Probe benchmark: features + anchors via the [CLS]-attention probe vs the reference path.
+"""Probe benchmark: features + anchors via the attention probes vs the reference path.
 
 Run alone: ``python benchmarks/bench_probe.py [--preset default] [--device cpu]``; the suite folds
 :func:`run` into its report. Random-init HF ``CLIPVisionModel`` from a config (no download), layer -2,
@@ -12,7 +12,14 @@ Run alone: ``python benchmarks/bench_probe.py [--preset default] [--device cpu]`
 * ``probe+hidden_states``: the probe attached while the model runs LLaVA's call
   (``output_hidden_states=True``), then ``anchor_search`` — what a LLaVA adapter does;
 * ``reference``: the reference's path: an eager copy of the model run with ``output_attentions=True``
-  and ``output_hidden_states=True``, then the per-sample, per-head Python loop on the [CLS] row.
+  and ``output_hidden_states=True``, then the per-sample, per-head Python loop on the [CLS] row;
+* ``received``: ``extract_anchors(..., score="received")`` — the attention each token receives, averaged
+  over all queries, recomputed by the probe in query blocks beside one SDPA forward;
+* ``eager_received``: the same score the obvious way: an eager copy with ``output_attentions=True`` and
+  ``output_hidden_states=True``, the column mean of layer -2's map, then ``anchor_search``.
+
+A second model at SigLIP-so400m/14-384 shapes (no [CLS]; width 1152, 16 heads, 729 tokens) runs
+``sdpa``, ``received`` and ``eager_received`` (section ``siglip``).
 
 Time is the median over interleaved rounds (``_common.measure_interleaved``, ``torch.utils.benchmark.Timer``), so
 load that comes and goes on a shared machine hits every path alike. Peak memory is the peak of
@@ -42,25 +49,31 @@ from _common import environment, measure_interleaved, parse_device, progress  # 
 from bench_search import reference_loop  # noqa: E402
 
 from anchor_former import AttentionProbe, anchor_search, detect_encoder, extract_anchors  # noqa: E402
-from anchor_former.probes import query_attention_row  # noqa: E402
+from anchor_former.probes import DEFAULT_BLOCK_SIZE, query_attention_row, site_received_attention  # noqa: E402
 
 __all__ = ["PRESETS", "run"]
 
 # CLIP ViT-L/14-336 is LLaVA-1.5's encoder: width 1024, 16 heads, 24 layers, 577 tokens.
 _VIT_L_336 = {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16, "image_size": 336,
               "patch_size": 14, "num_hidden_layers": 24}
+# SigLIP-so400m/14-384 (LLaVA-OneVision's encoder): width 1152, 16 heads, 27 layers, 729 tokens, no [CLS].
+_SO400M_384 = {"hidden_size": 1152, "intermediate_size": 4304, "num_attention_heads": 16, "image_size": 384,
+               "patch_size": 14, "num_hidden_layers": 27}
 PRESETS: dict[str, dict[str, Any]] = {
     # seconds, for the smoke test
     "tiny": {"vit": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "image_size": 32,
                      "patch_size": 8, "num_hidden_layers": 3},
-             "batch": 2, "anchors": 8, "dtype": "float32", "rounds": 2, "min_block_s": 0.01},
+             "batch": 2, "anchors": 8, "dtype": "float32", "rounds": 2, "min_block_s": 0.01,
+             "siglip": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "image_size": 32,
+                        "patch_size": 8, "num_hidden_layers": 3}},
     # CPU: ViT-L/14-336 token count, width and heads, but 4 of its 24 layers and batch 1, so the whole run
     # fits in ~40 s on 2 idle cores. Fewer layers make the probe's fixed cost look 6x larger, and the
     # reference's stack of attention maps 6x smaller, than at full depth.
     "default": {"vit": {**_VIT_L_336, "num_hidden_layers": 4}, "batch": 1, "anchors": 144, "dtype": "float32",
-                "rounds": 5, "min_block_s": 0.3},
+                "rounds": 5, "min_block_s": 0.3, "siglip": {**_SO400M_384, "num_hidden_layers": 4}},
     # GPU: LLaVA-1.5-7B's vision tower as it runs there: full ViT-L/14-336, fp16, batch 32.
-    "llava-1.5-7b": {"vit": _VIT_L_336, "batch": 32, "anchors": 144, "dtype": "float16", "rounds": 7, "min_block_s": 0.5},
+    "llava-1.5-7b": {"vit": _VIT_L_336, "batch": 32, "anchors": 144, "dtype": "float16", "rounds": 7, "min_block_s": 0.5,
+                     "siglip": _SO400M_384},
 }
 
 
@@ -101,15 +114,77 @@ def _cpu_peak_extra_mib(fn) -> float:
     return tracker.peak / 2**20
 
 
-def _build(cfg: dict[str, Any], device: torch.device):
-    from transformers import CLIPVisionConfig, CLIPVisionModel
+def _build(cfg: dict[str, Any], device: torch.device, *, siglip: bool = False):
+    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
     dtype = getattr(torch, cfg["dtype"])
-    model = CLIPVisionModel(CLIPVisionConfig(**cfg["vit"], attn_implementation="sdpa"))
+    if siglip:
+        model = SiglipVisionModel(SiglipVisionConfig(**cfg["siglip"], attn_implementation="sdpa"))
+    else:
+        model = CLIPVisionModel(CLIPVisionConfig(**cfg["vit"], attn_implementation="sdpa"))
     model = model.to(device=device, dtype=dtype).eval()
     eager = copy.deepcopy(model)
     eager.set_attn_implementation("eager")
     return model, eager
+
+
+def _received_paths(model, eager, pixels: torch.Tensor, k: int, *, has_cls: bool) -> dict[str, Any]:
+    """``received`` (the probe) and ``eager_received`` (column mean of eager ``output_attentions``)."""
+
+    def received():
+        r = extract_anchors(model, pixels, num_anchors=k, score="received")
+        return r.features, r.anchor_idx
+
+    def eager_received():
+        out = eager(pixel_values=pixels, output_hidden_states=True, output_attentions=True)
+        scores = out.attentions[-2].float().mean(2)  # (B, H, N) column mean over the queries
+        return out.hidden_states[-2], anchor_search(scores, k, include_cls=has_cls, num_prefix_tokens=int(has_cls))
+
+    return {"received": received, "eager_received": eager_received}
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Share of anchors two ``(B, K)`` index sets have in common."""
+    return sum(len(set(x.tolist()) & set(y.tolist())) for x, y in zip(a.cpu(), b.cpu(), strict=True)) / b.numel()
+
+
+def _ratios(results: dict[str, dict[str, Any]]) -> None:
+    base = results["sdpa"]
+    for entry in results.values():
+        entry["time_ratio"] = entry["median_ms"] / base["median_ms"]
+        entry["peak_ratio"] = entry["peak_extra_mib"] / base["peak_extra_mib"]
+
+
+def _siglip_section(cfg: dict[str, Any], device: torch.device, no_grad) -> dict[str, Any]:
+    """sdpa / received / eager_received at the preset's SigLIP shapes (no [CLS])."""
+    vit = cfg["siglip"]
+    progress(f"probe: building {vit['num_hidden_layers']}-layer SigLIP ViT on {device}")
+    model, eager = _build(cfg, device, siglip=True)
+    size = vit["image_size"]
+    pixels = torch.randn(cfg["batch"], 3, size, size, generator=torch.Generator().manual_seed(0))
+    pixels = pixels.to(device=device, dtype=getattr(torch, cfg["dtype"]))
+    tokens = (vit["image_size"] // vit["patch_size"]) ** 2
+    k = min(cfg["anchors"], tokens // 2)
+    paths = {"sdpa": lambda: model(pixel_values=pixels).last_hidden_state,
+             **_received_paths(model, eager, pixels, k, has_cls=False)}
+    with torch.no_grad():
+        got, want = paths["received"]()[1], paths["eager_received"]()[1]
+    same, overlap = torch.equal(got.cpu(), want.cpu()), _overlap(got, want)
+    progress(f"probe: timing SigLIP {', '.join(paths)} (interleaved, {cfg['rounds']} rounds)")
+    results = measure_interleaved({n: no_grad(fn) for n, fn in paths.items()}, device, rounds=cfg["rounds"],
+                                  min_block_s=cfg["min_block_s"])
+    if device.type == "cpu":
+        for name, fn in paths.items():
+            results[name]["peak_extra_mib"] = _cpu_peak_extra_mib(fn)
+    _ratios(results)
+    return {
+        "shapes": {"batch": cfg["batch"], "layers": vit["num_hidden_layers"], "width": vit["hidden_size"],
+                   "heads": vit["num_attention_heads"], "tokens": tokens, "anchors": k, "dtype": cfg["dtype"],
+                   "layer": -2},
+        "received_anchors_equal_eager": same,
+        "received_anchor_overlap_with_eager": overlap,
+        "paths": results,
+    }
 
 
 def run(*, preset: str = "default", device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -146,7 +221,8 @@ def run(*, preset: str = "default", device: torch.device | str = "cpu") -> dict[
         return out.hidden_states[-2], reference_loop(out.attentions[-2][:, :, 0], k)
 
     paths = {"sdpa": sdpa, "sdpa+hidden_states": sdpa_hidden, "probe": probe,
-             "probe+hidden_states": probe_hidden, "reference": reference}
+             "probe+hidden_states": probe_hidden, "reference": reference,
+             **_received_paths(model, eager, pixels, k, has_cls=True)}
 
     with torch.no_grad():  # the anchors must agree before anything is timed
         feats, idx = probe()
@@ -157,6 +233,9 @@ def run(*, preset: str = "default", device: torch.device | str = "cpu") -> dict[
     # probe's is float32, so near-ties may fall differently: report the overlap too
     overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(idx.cpu(), ref_idx)) / ref_idx.numel()
     max_feat_diff = (feats.float() - ref_feats.float()).abs().max().item()
+    with torch.no_grad():
+        got, want = paths["received"]()[1], paths["eager_received"]()[1]
+    received_same, received_overlap = torch.equal(got.cpu(), want.cpu()), _overlap(got, want)
 
     def no_grad(fn):
         def call():
@@ -177,13 +256,18 @@ def run(*, preset: str = "default", device: torch.device | str = "cpu") -> dict[
     row = query_attention_row(tokens, spec.sites[-2])
     parts = measure_interleaved(
         {"row": lambda: query_attention_row(tokens, spec.sites[-2]),
+         "received": lambda: site_received_attention(tokens, spec.sites[-2]),
          "search": lambda: anchor_search(row, k, num_prefix_tokens=spec.num_prefix_tokens)},
         device, rounds=cfg["rounds"], min_block_s=cfg["min_block_s"] / 10,
     )
+    if device.type == "cpu":
+        received_peak = _cpu_peak_extra_mib(lambda: site_received_attention(tokens, spec.sites[-2]))
+    else:
+        received_peak = measure_interleaved({"received": lambda: site_received_attention(tokens, spec.sites[-2])},
+                                            device, rounds=1, min_block_s=0.0)["received"]["peak_extra_mib"]
+    _ratios(results)
     base = results["sdpa"]
-    for entry in results.values():
-        entry["time_ratio"] = entry["median_ms"] / base["median_ms"]
-        entry["peak_ratio"] = entry["peak_extra_mib"] / base["peak_extra_mib"]
+    siglip = _siglip_section(cfg, device, no_grad)
     return {
         "benchmark": "probe",
         "preset": preset,
@@ -198,6 +282,11 @@ def run(*, preset: str = "default", device: torch.device | str = "cpu") -> dict[
         "paths": results,
         "probe_parts_ms": {name: e["median_ms"] for name, e in parts.items()},
         "probe_parts_ratio": {name: e["median_ms"] / base["median_ms"] for name, e in parts.items()},
+        "received_block_size": DEFAULT_BLOCK_SIZE,
+        "received_part_peak_mib": received_peak,
+        "received_anchors_equal_eager": received_same,
+        "received_anchor_overlap_with_eager": received_overlap,
+        "siglip": siglip,
     }
 
 
@@ -215,6 +304,19 @@ def to_markdown(report: dict[str, Any]) -> str:
     for name, e in report["paths"].items():
         lines.append(f"| {name} | {e['median_ms']:.1f} | {e['time_ratio']:.3f} | {e['peak_extra_mib']:.1f} | "
                      f"{e['peak_ratio']:.3f} |")
+    siglip = report.get("siglip")
+    if siglip:
+        lines += [
+            "",
+            f"SigLIP (no [CLS]), shapes {siglip['shapes']}; `received` anchors equal eager's: "
+            f"{siglip['received_anchors_equal_eager']}.",
+            "",
+            "| path | time (ms) | x sdpa | peak extra (MiB) | x sdpa |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name, e in siglip["paths"].items():
+            lines.append(f"| {name} | {e['median_ms']:.1f} | {e['time_ratio']:.3f} | {e['peak_extra_mib']:.1f} | "
+                         f"{e['peak_ratio']:.3f} |")
     return "\n".join(lines)
 
 

@@ -1,8 +1,19 @@
 """Anchor-search benchmark: the batched search against the reference's per-sample, per-head Python loop.
 
-Run alone: ``python benchmarks/bench_search.py [--preset default] [--device cpu]``; the suite
-(``benchmarks/run.py``) folds :func:`run` into its report. The issue's shapes are B=32, H=16, N=577
-(CLIP ViT-L/14-336: [CLS] + 24×24 patches), K=256 and K=144.
+Run alone from the repository root: ``python -m benchmarks.bench_search [--preset default] [--device cpu]``;
+the suite (``python -m benchmarks.run``) folds :func:`run` into its report. The shapes are B=32, H=16,
+N=577 (CLIP ViT-L/14-336: [CLS] + 24×24 patches), K=256 and K=144, on three kinds of [CLS] rows:
+
+* ``random``: a softmax of independent Gaussian logits per head: heads disagree, so each head's top
+  tokens are rarely taken already and the reference loop's widening window stays short;
+* ``correlated``: the heads share most of their logits (``0.9 · shared + 0.45 · own`` Gaussians), as real
+  attention heads agree on the salient tokens; the reference loop then widens its window far more often;
+* ``clip``: the [CLS] rows of layer -2 of a **random-init** HF ``CLIPVisionModel`` (16 heads, 577 tokens,
+  width and depth reduced so a CPU builds it in seconds) on random pixels, taken with ``output_attentions``.
+  Random weights, not a trained model: it shows the search on attention-shaped rows, not trained heads.
+
+Every method, the reference loop included, is timed in interleaved rounds (``measure_interleaved``), so
+load that comes and goes on a shared machine hits all of them alike; each time is a median with its IQR.
 """
 
 from __future__ import annotations
@@ -11,24 +22,34 @@ import argparse
 import importlib.util
 import json
 import sys
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils import benchmark
 
 from anchor_former.search import _resolve_method, anchor_search, native_search_available
+from benchmarks._common import device_name, format_ms, measure_interleaved, parse_device, progress
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import device_name  # noqa: E402
+__all__ = ["INPUTS", "PRESETS", "make_scores", "reference_loop", "run", "to_markdown"]
 
-__all__ = ["reference_loop", "run", "PRESETS"]
-
-# batch, heads, tokens, anchors, timed repeats budget (seconds per measurement)
+# batch, heads, tokens, anchors; ``clip``: HF CLIPVisionConfig of the random-init model for the ``clip``
+# rows (its image/patch sizes give the same token count); timing: interleaved rounds of blocks >= min_block_s.
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {"batch": 4, "heads": 4, "tokens": 65, "anchors": [16], "min_run_time": 0.05},
-    "default": {"batch": 32, "heads": 16, "tokens": 577, "anchors": [256, 144], "min_run_time": 0.5},
-    "llava-1.5-7b": {"batch": 32, "heads": 16, "tokens": 577, "anchors": [256, 144], "min_run_time": 1.0},
+    "tiny": {"batch": 4, "heads": 4, "tokens": 65, "anchors": [16], "rounds": 2, "min_block_s": 0.0,
+             "clip": {"image_size": 56, "patch_size": 7, "hidden_size": 32, "intermediate_size": 64,
+                      "num_hidden_layers": 2, "num_attention_heads": 4}},
+    "default": {"batch": 32, "heads": 16, "tokens": 577, "anchors": [256, 144], "rounds": 7, "min_block_s": 0.05,
+                "clip": {"image_size": 336, "patch_size": 14, "hidden_size": 256, "intermediate_size": 1024,
+                         "num_hidden_layers": 2, "num_attention_heads": 16}},
+    "llava-1.5-7b": {"batch": 32, "heads": 16, "tokens": 577, "anchors": [256, 144], "rounds": 10,
+                     "min_block_s": 0.1,
+                     "clip": {"image_size": 336, "patch_size": 14, "hidden_size": 1024, "intermediate_size": 4096,
+                              "num_hidden_layers": 4, "num_attention_heads": 16}},
+}
+INPUTS = {
+    "random": "independent Gaussian logits per head, softmax",
+    "correlated": "heads share most logits: softmax(0.9 * shared + 0.45 * own), Gaussian",
+    "clip": "[CLS] rows of layer -2 of a random-init HF CLIPVisionModel on random pixels (not trained weights)",
 }
 
 
@@ -59,56 +80,105 @@ def reference_loop(attention_row: torch.Tensor, num_anchors: int) -> list[list[i
     return out
 
 
-def _time(fn, *, min_run_time: float, label: str) -> float:
-    """Median seconds of ``fn()`` (torch.utils.benchmark synchronises CUDA)."""
-    fn()  # warm-up (and compilation)
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, label=label, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
+def _clip_rows(cfg: dict[str, Any], generator: torch.Generator) -> torch.Tensor | None:
+    """``(B, H, N)`` [CLS] rows of layer -2 of a random-init CLIP; None without transformers."""
+    try:
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    model = CLIPVisionModel(CLIPVisionConfig(**cfg["clip"], attn_implementation="eager")).eval()
+    size = cfg["clip"]["image_size"]
+    pixels = torch.randn(cfg["batch"], 3, size, size, generator=generator)
+    with torch.no_grad():
+        attentions = model(pixel_values=pixels, output_attentions=True).attentions
+    return attentions[-2][:, :, 0, :].contiguous()  # (B, H, N): the [CLS] query's row per head
+
+
+def make_scores(kind: str, cfg: dict[str, Any]) -> torch.Tensor | None:
+    """``(B, H, N)`` float32 [CLS] rows of one input kind (see :data:`INPUTS`); None if it cannot be built."""
+    b, h, n = cfg["batch"], cfg["heads"], cfg["tokens"]
+    gen = torch.Generator().manual_seed(0)
+    if kind == "random":
+        return torch.softmax(torch.randn(b, h, n, generator=gen), dim=-1)
+    if kind == "correlated":
+        shared = torch.randn(b, 1, n, generator=gen)
+        return torch.softmax(0.9 * shared + 0.45 * torch.randn(b, h, n, generator=gen), dim=-1)
+    if kind == "clip":
+        return _clip_rows(cfg, gen)
+    raise ValueError(f"kind must be one of {sorted(INPUTS)}, got {kind!r}")
+
+
+def _methods(row: torch.Tensor, k: int, entry: dict[str, Any], compiled: Callable | None,
+             ref: torch.Tensor) -> dict[str, Callable[[], Any]]:
+    """The timed functions for one case: the reference loop and every batched method available here."""
+    fns: dict[str, Callable[[], Any]] = {
+        "loop": lambda: reference_loop(row, k),
+        # What a user gets by default: method="auto" + the finite check.
+        "default": lambda: anchor_search(row, k),
+        "masked": lambda: anchor_search(row, k, method="masked", check_finite=False),
+        "sorted": lambda: anchor_search(row, k, method="sorted", check_finite=False),
+    }
+    if row.device.type == "cpu" and native_search_available():
+        fns["native"] = lambda: anchor_search(row, k, method="native", check_finite=False)
+    if row.device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        # The opt-in kernel has not met a real GPU before: a failure is recorded, not fatal, so the
+        # other methods' numbers still come out of a scarce GPU run.
+        try:
+            entry["triton_matches_loop"] = torch.equal(anchor_search(row, k, method="triton").cpu(), ref)
+        except Exception as exc:  # noqa: BLE001 - any build or launch error
+            entry["triton_error"] = f"{type(exc).__name__}: {exc}"[:1000]
+        if entry.get("triton_matches_loop"):
+            fns["triton"] = lambda: anchor_search(row, k, method="triton", check_finite=False)
+    if compiled is not None:
+        fns["compiled"] = lambda: compiled(row)
+    return fns
+
+
+def _time_case(kind: str, row: torch.Tensor, k: int, cfg: dict[str, Any], compiled: Callable | None) -> dict[str, Any]:
+    """One (input kind, K) case: agreement with the loop, then every method timed interleaved."""
+    b, h, n = row.shape
+    ref = torch.tensor(reference_loop(row, k))
+    entry: dict[str, Any] = {"input": kind, "batch": b, "heads": h, "tokens": n, "anchors": k,
+                             # ties (the loop's argsort is unstable) or K % H != 0 can make them differ
+                             "matches_loop": torch.equal(anchor_search(row, k).cpu(), ref)}
+    fns = _methods(row, k, entry, compiled, ref)
+    times = measure_interleaved(fns, row.device, rounds=cfg["rounds"], min_block_s=cfg["min_block_s"],
+                                label=f"search: {kind} K={k}")
+    entry["times"] = {name: {key: t[key] for key in ("median_ms", "iqr_ms", "calls")} for name, t in times.items()}
+    loop_ms = times["loop"]["median_ms"]
+    entry["speedup"] = {name: loop_ms / t["median_ms"] for name, t in times.items() if name != "loop"}
+    return entry
 
 
 def run(*, preset: str = "default", device: torch.device | str = "cpu", compile: bool = True) -> dict[str, Any]:
-    """Time the reference loop and each batched method at the preset's shapes; ratios are loop / method."""
+    """Time the reference loop and each batched method on each input kind; ratios are loop / method."""
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     device = torch.device(device)
     cfg = PRESETS[preset]
-    b, h, n = cfg["batch"], cfg["heads"], cfg["tokens"]
-    gen = torch.Generator().manual_seed(0)
-    row = torch.softmax(torch.randn(b, h, n, generator=gen), dim=-1).to(device)
+    rows, skipped = {}, {}
+    for kind in INPUTS:
+        progress(f"search: building the {kind!r} rows ({INPUTS[kind]})")
+        row = make_scores(kind, cfg)
+        if row is None:
+            skipped[kind] = "needs transformers (the bench extra)"
+            continue
+        rows[kind] = row.to(device)
     results: list[dict[str, Any]] = []
     for k in cfg["anchors"]:
-        # Same anchors as the loop when K % H == 0 and there are no ties (random softmax rows).
-        ref = torch.tensor(reference_loop(row, k))
-        assert torch.equal(anchor_search(row, k).cpu(), ref), "batched search disagrees with the reference loop"
-        entry: dict[str, Any] = {"batch": b, "heads": h, "tokens": n, "anchors": k}
-        loop_s = _time(lambda: reference_loop(row, k), min_run_time=cfg["min_run_time"], label="loop")
-        entry["reference_loop_ms"] = loop_s * 1e3
-        variants = {
-            # What a user gets by default: method="auto" + the finite check.
-            "default": lambda: anchor_search(row, k),
-            "masked": lambda: anchor_search(row, k, method="masked", check_finite=False),
-            "sorted": lambda: anchor_search(row, k, method="sorted", check_finite=False),
-        }
-        if device.type == "cpu" and native_search_available():
-            variants["native"] = lambda: anchor_search(row, k, method="native", check_finite=False)
-        if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
-            # The opt-in kernel has not met a real GPU before: a failure is recorded, not fatal, so the
-            # other methods' numbers still come out of a scarce GPU run.
-            try:
-                entry["triton_matches_loop"] = torch.equal(anchor_search(row, k, method="triton").cpu(), ref)
-            except Exception as exc:  # noqa: BLE001 - any build or launch error
-                entry["triton_error"] = f"{type(exc).__name__}: {exc}"[:1000]
-            if entry.get("triton_matches_loop"):
-                variants["triton"] = lambda: anchor_search(row, k, method="triton", check_finite=False)
+        compiled = None
         if compile:
+            progress(f"search: compiling anchor_search for K={k}")
             torch._dynamo.reset()
-            compiled = torch.compile(lambda a: anchor_search(a, k, check_finite=False), fullgraph=True, dynamic=False)
-            variants["compiled"] = lambda: compiled(row)
-        for name, fn in variants.items():
-            seconds = _time(fn, min_run_time=cfg["min_run_time"], label=name)
-            entry[f"{name}_ms"] = seconds * 1e3
-            entry[f"{name}_speedup"] = loop_s / seconds
-        results.append(entry)
+            compiled = torch.compile(lambda a, k=k: anchor_search(a, k, check_finite=False), fullgraph=True,
+                                     dynamic=False)
+        for kind, row in rows.items():
+            entry = _time_case(kind, row, k, cfg, compiled)
+            progress(f"search: {kind} K={k}: loop {entry['times']['loop']['median_ms']:.1f} ms, default "
+                     f"{entry['times']['default']['median_ms']:.3f} ms ({entry['speedup']['default']:.0f}x)")
+            results.append(entry)
+    any_row = next(iter(rows.values()))
     return {
         "benchmark": "anchor_search",
         "preset": preset,
@@ -116,35 +186,47 @@ def run(*, preset: str = "default", device: torch.device | str = "cpu", compile:
         "device_type": device.type,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "auto_method": _resolve_method("auto", row),  # what "default" ran
+        "auto_method": _resolve_method("auto", any_row),  # what "default" ran
         "native_built": native_search_available(),
+        "inputs": {kind: INPUTS[kind] for kind in rows},
+        "skipped_inputs": skipped,
+        "timing": {"rounds": cfg["rounds"], "min_block_s": cfg["min_block_s"], "mode": "interleaved, loop included"},
         "results": results,
         "target_speedup": 300 if device.type == "cuda" else 30,
     }
 
 
+_COLUMNS = ("default", "native", "triton", "masked", "sorted", "compiled")
+
+
 def to_markdown(result: dict[str, Any]) -> str:
-    """A markdown table of :func:`run`'s result."""
+    """A markdown table of :func:`run`'s result: median ± IQR per method, and the speed-up over the loop."""
     lines = [
-        f"Anchor search on {result['device']} ({result['device_type']}, torch {result['torch']}); "
-        "speed-up = reference loop time / method time in the same run, "
-        f"target >= {result['target_speedup']}x. `default` is `method=\"auto\"` (here "
-        f"`{result.get('auto_method', '?')}`) with the finite check; the others skip it.",
+        f"Anchor search on {result['device']} ({result['device_type']}, torch {result['torch']}); every method "
+        "and the reference loop timed in the same interleaved rounds; ms = median ± IQR for the whole batch; "
+        f"(x) = loop time / method time, target >= {result['target_speedup']}x. `default` is "
+        f"`method=\"auto\"` (here `{result.get('auto_method', '?')}`) with the finite check; the others skip it. "
+        "Inputs: " + "; ".join(f"`{k}`: {v}" for k, v in result["inputs"].items()) + ".",
         "",
-        "| B | H | N | K | loop ms | default ms (x) | native ms (x) | triton ms (x) | masked ms (x) | sorted ms (x) "
-        "| compiled auto ms (x) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| input | B | H | N | K | same anchors as loop | loop ms | "
+        + " | ".join(f"{c} ms (x)" for c in _COLUMNS) + " |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(_COLUMNS),
     ]
     for r in result["results"]:
-        cells = [str(r[key]) for key in ("batch", "heads", "tokens", "anchors")] + [f"{r['reference_loop_ms']:.1f}"]
-        for name in ("default", "native", "triton", "masked", "sorted", "compiled"):
-            cells.append(f"{r[name + '_ms']:.3f} ({r[name + '_speedup']:.0f}x)" if f"{name}_ms" in r else "-")
+        t = r["times"]
+        cells = [r["input"]] + [str(r[key]) for key in ("batch", "heads", "tokens", "anchors")]
+        cells += ["yes" if r["matches_loop"] else "no", format_ms(t["loop"]["median_ms"], t["loop"]["iqr_ms"], 1)]
+        for name in _COLUMNS:
+            cells.append(f"{format_ms(t[name]['median_ms'], t[name]['iqr_ms'], 3)} ({r['speedup'][name]:.0f}x)"
+                         if name in t else "-")
         lines.append("| " + " | ".join(cells) + " |")
+    for kind, why in result.get("skipped_inputs", {}).items():
+        lines += ["", f"`{kind}` rows skipped: {why}."]
     for r in result["results"]:
         if "triton_error" in r:
-            lines += ["", f"`triton` at K = {r['anchors']} failed (not timed): {r['triton_error']}"]
+            lines += ["", f"`triton` at K = {r['anchors']} ({r['input']}) failed (not timed): {r['triton_error']}"]
         elif r.get("triton_matches_loop") is False:
-            lines += ["", f"`triton` at K = {r['anchors']} disagrees with the reference loop (not timed)."]
+            lines += ["", f"`triton` at K = {r['anchors']} ({r['input']}) disagrees with the reference loop (not timed)."]
     return "\n".join(lines)
 
 
@@ -154,7 +236,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args(argv)
-    result = run(preset=args.preset, device=args.device, compile=not args.no_compile)
+    try:
+        device = parse_device(args.device)
+    except ValueError as err:
+        parser.error(str(err))
+    result = run(preset=args.preset, device=device, compile=not args.no_compile)
     print(to_markdown(result))
     json.dump(result, sys.stderr, indent=1)
 

@@ -1,4 +1,8 @@
-"""Smoke test of the benchmark suite (``benchmarks/run.py``) and its argument errors. No timing assertions."""
+"""Smoke test of the benchmark suite (``python -m benchmarks.run``) and its argument errors. No timing assertions.
+
+``benchmarks`` is a package at the repository root (pytest puts the root on the path: ``pythonpath`` in
+pyproject.toml).
+"""
 
 from __future__ import annotations
 
@@ -13,23 +17,19 @@ import torch
 
 pytest.importorskip("transformers")
 
+from benchmarks import run as bench_run  # noqa: E402
+from benchmarks._common import spread_warnings  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-RUN = ROOT / "benchmarks" / "run.py"
-CONNECTORS = ["mlp-576", "avgpool-144", "cabstractor-144", "perceiver-144", "acformer-144", "acformer-256"]
-
-
-def _load_run_module():
-    spec = importlib.util.spec_from_file_location("anchor_former_bench_run", RUN)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+CONNECTORS = ["mlp-576", "avgpool-144", "cabstractor-144", "perceiver-144", "acformer-144", "acformer-256",
+              "select-64", "select-144", "select-192", "select-128+16"]
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run(
-        [sys.executable, str(RUN), "--preset", "tiny", "--device", "cpu", "--output", str(out)],
+        [sys.executable, "-m", "benchmarks.run", "--preset", "tiny", "--device", "cpu", "--output", str(out)],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )
     return proc, out
@@ -64,7 +64,7 @@ def test_tiny_connector_figures_are_consistent(tiny_run):
     assert all(r["flops_measured"] == r["flops_analytic"] > 0 for r in rows.values())
     assert {label: r["visual_tokens"] for label, r in rows.items()} == {
         "mlp-576": 576, "avgpool-144": 144, "cabstractor-144": 144, "perceiver-144": 144, "acformer-144": 145,
-        "acformer-256": 257,
+        "acformer-256": 257, "select-64": 64, "select-144": 144, "select-192": 192, "select-128+16": 144,
     }
     base = rows["mlp-576"]
     for r in rows.values():
@@ -82,7 +82,7 @@ def test_tiny_pipeline_figures_are_consistent(tiny_run):
     }
     for r in analytic:
         assert r["total_flops"] == r["vit_flops"] + r["probe_flops"] + r["connector_flops"] + r["llm_flops"]
-        assert (r["probe_flops"] > 0) == r["connector"].startswith("acformer")
+        assert (r["probe_flops"] > 0) == r["connector"].startswith(("acformer", "select"))
         if r["connector"] == "mlp-576":
             assert r["total_vs_baseline"] == 1.0
     measured = pipeline["measured"]
@@ -101,10 +101,9 @@ def test_tiny_pipeline_figures_are_consistent(tiny_run):
         (["--device", "cpu", "--threads", "0"], ["--threads must be an integer >= 1, got 0"]),
     ],
 )
-def test_bad_arguments_exit_with_the_valid_values(argv: list[str], messages: list[str], capsys):
-    run = _load_run_module()
+def test_bad_arguments_exit_with_the_valid_values(argv: list[str], messages: list[str], capsys, tmp_path: Path):
     with pytest.raises(SystemExit) as exc:
-        run.main(argv)
+        bench_run.main([*argv, "--output", str(tmp_path)])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     for message in messages:
@@ -113,10 +112,9 @@ def test_bad_arguments_exit_with_the_valid_values(argv: list[str], messages: lis
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised when no GPU is present")
 @pytest.mark.parametrize("device", ["cuda", "cuda:0"])
-def test_cuda_without_gpu_is_a_clear_error(device: str, capsys):
-    run = _load_run_module()
+def test_cuda_without_gpu_is_a_clear_error(device: str, capsys, tmp_path: Path):
     with pytest.raises(SystemExit) as exc:
-        run.main(["--preset", "tiny", "--device", device])
+        bench_run.main(["--preset", "tiny", "--device", device, "--output", str(tmp_path)])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert f"device {device!r} asks for CUDA, but torch.cuda.is_available() is False" in err
@@ -126,7 +124,7 @@ def test_cuda_without_gpu_is_a_clear_error(device: str, capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_tiny_preset_on_cuda_reports_gpu_and_memory(tmp_path: Path):
     proc = subprocess.run(
-        [sys.executable, str(RUN), "--preset", "tiny", "--device", "cuda", "--output", str(tmp_path),
+        [sys.executable, "-m", "benchmarks.run", "--preset", "tiny", "--device", "cuda", "--output", str(tmp_path),
          "--benchmarks", "connectors,pipeline"],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
@@ -136,3 +134,50 @@ def test_tiny_preset_on_cuda_reports_gpu_and_memory(tmp_path: Path):
     assert report["environment"]["device"] == torch.cuda.get_device_name()
     rows = report["benchmarks"]["connectors"]["results"] + report["benchmarks"]["pipeline"]["measured"]["results"]
     assert all(r["peak_mem_mib"] > 0 for r in rows)
+
+
+def test_tiny_search_rows_cover_every_input_and_show_spread(tiny_run):
+    _, out = tiny_run
+    search = json.loads((out / "results.json").read_text())["benchmarks"]["search"]
+    assert [(r["input"], r["anchors"]) for r in search["results"]] == [("random", 16), ("correlated", 16), ("clip", 16)]
+    for r in search["results"]:
+        assert {"loop", "default", "masked", "sorted"} <= set(r["times"])
+        assert all(t["median_ms"] > 0 and t["iqr_ms"] >= 0 for t in r["times"].values())
+    markdown = (out / "results.md").read_text()
+    assert "| input | B | H | N | K | same anchors as loop | loop ms |" in markdown
+    assert "| correlated | 4 | 4 | 65 | 16 |" in markdown and " ± " in markdown
+
+
+def test_noisy_timings_are_flagged_in_the_markdown():
+    quiet = {"results": [{"connector": "a", "median_ms": 10.0, "iqr_ms": 2.0}]}
+    noisy = {"results": [{"connector": "b", "median_ms": 10.0, "iqr_ms": 2.5},
+                         {"input": "clip", "anchors": 16, "times": {"loop": {"median_ms": 4.0, "iqr_ms": 1.0}}}]}
+    assert spread_warnings(quiet) == []  # 20 % exactly is not flagged
+    assert spread_warnings(noisy) == ["`b`: IQR 2.5 ms is 25 % of the median 10 ms",
+                                      "`clip K=16 loop`: IQR 1 ms is 25 % of the median 4 ms"]
+    section = bench_run.markdown_section("extra", {**noisy, "seconds": 1.0})
+    assert "**Warning: noisy timings.** 2 timing(s) have an IQR above 20 % of their median" in section
+    assert "Warning" not in bench_run.markdown_section("extra", {**quiet, "seconds": 1.0})
+
+
+def test_default_output_is_a_new_ignored_folder_and_bad_output_fails_before_running(tmp_path: Path, capsys):
+    out = bench_run.default_output(torch.device("cpu"), "tiny")
+    assert out.parent == ROOT / "benchmarks" / "out" and out.name.startswith("cpu-tiny-")
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(out / "results.json")], cwd=ROOT)
+    assert ignored.returncode in (0, 128)  # 0: ignored; 128: not a git checkout (an unpacked sdist)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as exc:
+        bench_run.main(["--preset", "tiny", "--output", str(blocker / "sub")])  # a file where a folder must go
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--output {str(blocker / 'sub')!r} is not a writable directory" in err
+    assert "[bench] preset" not in err  # nothing ran
+
+
+def test_run_py_also_works_as_a_script(tmp_path: Path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--benchmarks", "nope", "--output", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert proc.returncode == 2 and "unknown benchmark(s) ['nope']" in proc.stderr, proc.stderr[-2000:]

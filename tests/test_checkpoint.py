@@ -17,6 +17,7 @@ from anchor_former.checkpoint import (
     CheckpointError,
     detect_layout,
     llava_projector_to_mlp,
+    REFERENCE_NUM_ANCHORS,
     load_checked,
     load_connector_weights,
     load_state_dict,
@@ -282,6 +283,19 @@ def test_reference_acformer_checkpoint_gives_the_reference_outputs(tmp_path) -> 
         fused = module(x, idx)
     torch.testing.assert_close(manual, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_checkpoint_warns_unless_loaded_with_the_trained_256_anchors() -> None:
+    sd = {f"model.mm_projector.{k}": v for k, v in reference_projector().state_dict().items()}
+    assert REFERENCE_NUM_ANCHORS == 256
+    with pytest.warns(UserWarning, match=r"trains with 256 anchors .* this connector has num_anchors=5"):
+        assert load_connector_weights(anchor_former(), sd) == "reference_acformer"
+    trained = AnchorFormer(D, LLM, num_anchors=256, depth=DEPTH, heads=HEADS, dim_head=DIM_HEAD)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_connector_weights(trained, sd) == "reference_acformer"
+        own = {f"model.mm_projector.connector.{k}": v for k, v in anchor_former().state_dict().items()}
+        assert load_connector_weights(anchor_former(), own) == "anchor_former"  # only the reference layout warns
 
 
 def test_own_layout_under_a_prefix_round_trips(tmp_path) -> None:

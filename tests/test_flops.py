@@ -110,21 +110,43 @@ def test_vit_forward_matches_flop_counter(batch: int):
     assert truncated == counter.get_total_flops() - _module_total(counter, "CLIPVisionModel.encoder.layers.2")
 
 
-def test_cls_probe_matches_a_plain_probe():
+def test_cls_probe_formula_counts_the_shipped_probe():
+    from anchor_former.probes import cls_attention_probe
+
     model = _tiny_clip()
     shape = ViTShape.from_hf_config(model.config)
-    layer = model.vision_model.encoder.layers[1] if hasattr(model, "vision_model") else model.encoder.layers[1]
-    attn = layer.self_attn
-    x = torch.randn(2, shape.num_tokens, shape.hidden_size)
-    heads, head_dim = shape.num_heads, shape.hidden_size // shape.num_heads
+    pixels = torch.randn(2, 3, shape.image_size, shape.image_size)
+    probe = cls_attention_probe(model, layer=-2)
 
-    def probe() -> torch.Tensor:  # the [CLS] row per head from the layer's own input
-        h = layer.layer_norm1(x)
-        k = attn.k_proj(h).view(2, -1, heads, head_dim).transpose(1, 2)  # (B, H, N, h)
-        q = attn.q_proj(h[:, :1]).view(2, 1, heads, head_dim).transpose(1, 2)  # (B, H, 1, h)
-        return (q @ k.transpose(-1, -2) * head_dim**-0.5).softmax(-1)[:, :, 0]  # (B, H, N)
+    def probed() -> torch.Tensor:
+        with probe:
+            model(pixel_values=pixels)
+        return probe.scores
 
-    assert _count(probe).get_total_flops() == flops.cls_probe_flops(shape, batch=2)
+    plain = _count(lambda: model(pixel_values=pixels)).get_total_flops()
+    extra = _count(probed).get_total_flops() - plain  # what the probe adds to the same forward
+    assert extra == flops.cls_probe_flops(shape, batch=2)
+    # The count bites: the unfolded probe (every key projected), the formula before W_k was folded into
+    # the query, is a different number at these shapes.
+    assert extra != flops.cls_probe_flops(shape, batch=2, key_norm=True)
+
+
+def test_cls_probe_formula_with_key_norm_counts_the_unfolded_probe():
+    from anchor_former.probes import QueryKeySite, query_attention_row
+
+    shape = ViTShape(name="tiny", image_size=28, patch_size=7, hidden_size=32, num_layers=1, num_heads=4,
+                     intermediate_size=48)
+    d, heads = shape.hidden_size, shape.num_heads
+    w_q, w_k = torch.randn(d, d), torch.randn(d, d)
+    site = QueryKeySite(
+        module=torch.nn.Identity(), tokens=lambda args, kwargs: args[0],
+        projections=lambda: (w_q, None, w_k, None), num_heads=heads, head_dim=d // heads, scale=1.0,
+        k_norm=torch.nn.LayerNorm(d // heads),
+    )
+    x = torch.randn(2, shape.num_tokens, d)
+    assert _count(lambda: query_attention_row(x, site)).get_total_flops() == flops.cls_probe_flops(
+        shape, batch=2, key_norm=True
+    )
 
 
 def test_presets_match_full_size_hf_models_on_meta():

@@ -1,4 +1,4 @@
-"""Tests for anchor_former.former.AnchorFormer against a naive loop written here (ACFORMER.md §3)."""
+"""Tests for anchor_former.former.AnchorFormer against a naive loop written here (the authors' resampler layout)."""
 
 from __future__ import annotations
 
@@ -246,7 +246,7 @@ def test_compile_inductor_fullgraph_with_checkpointing() -> None:
 
 
 def reference_layout(d: int, llm: int, depth: int, heads: int, dim_head: int, ff_mult: int, latents: int) -> dict:
-    """Key → shape of the reference projector (ACFORMER.md §3), under ``model.mm_projector.``."""
+    """Key → shape of the reference projector (the authors' patch), under ``model.mm_projector.``."""
     inner = heads * dim_head
     shapes: dict[str, tuple[int, ...]] = {}
     for i in range(depth):

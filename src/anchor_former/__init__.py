@@ -1,6 +1,21 @@
 """anchor-former: the AcFormer vision-language connector as a drop-in PyTorch package.
 
-Public API (also listed in ``docs/api.md``). Modules add their names here explicitly.
+From a ViT layer's tokens and its [CLS] attention to one LLM token per visual anchor:
+
+>>> import torch
+>>> from anchor_former import AnchorFormer, anchor_search
+>>> features = torch.randn(2, 577, 1024)          # (B, N, D): CLIP ViT-L/14-336 layer -2, [CLS] first
+>>> attention = torch.rand(2, 16, 577).softmax(-1)  # (B, H, N): that layer's [CLS] attention row per head
+>>> anchor_idx = anchor_search(attention, 144)      # (B, 145): [CLS], then 144 anchors in raster order
+>>> connector = AnchorFormer(vision_dim=1024, llm_dim=4096, num_anchors=144)
+>>> connector(features, anchor_idx).shape          # what the LLM sees instead of 576 patch tokens
+torch.Size([2, 145, 4096])
+
+With a Hugging Face or timm ViT, ``extract_anchors(vit, pixel_values, num_anchors=144, layer=-2)`` gives
+the features and anchors of one ordinary SDPA forward (no ``output_attentions``). Adapters for LLaVA and
+transformers' ``LlavaForConditionalGeneration`` are in ``anchor_former.adapters``; the benchmark suite
+runs with ``python -m benchmarks.run`` from a clone. Documentation: README.md and docs/ in the
+repository (``docs/api.md`` lists every public name, the same as ``__all__`` here).
 """
 
 from anchor_former import adapters, checkpoint, flops
@@ -12,6 +27,7 @@ from anchor_former.connectors import (
     Connector,
     MLPConnector,
     PerceiverResampler,
+    SelectConnector,
 )
 from anchor_former.connectors.registry import available_connectors, build_connector
 from anchor_former.former import AnchorFormer, AnchorFormerConfig
@@ -23,6 +39,7 @@ from anchor_former.probes import (
     cls_attention_probe,
     detect_encoder,
     extract_anchors,
+    received_attention,
     token_norm_scores,
 )
 from anchor_former.viz import plot_anchors, save_anchor_plot
@@ -39,6 +56,7 @@ __all__ = [
     "CrossAttention",
     "MLPConnector",
     "PerceiverResampler",
+    "SelectConnector",
     "anchor_quotas",
     "anchor_search",
     "cls_scores",
@@ -55,6 +73,7 @@ __all__ = [
     "cls_attention_probe",
     "detect_encoder",
     "extract_anchors",
+    "received_attention",
     "token_norm_scores",
     "plot_anchors",
     "save_anchor_plot",

@@ -1,6 +1,6 @@
 """Multi-head cross-attention of queries over a token set, with an SDPA path and a manual path.
 
-The block is the reference resampler's attention (ACFORMER.md §3): separate pre-norms for the queries
+The block is the reference resampler's attention (the authors' patch to LLaVA-1.5): separate pre-norms for the queries
 (``norm_latents``) and the keys/values (``norm_media``), bias-free ``to_q``, ``to_kv`` (split into k
 and v) and ``to_out``, scale ``dim_head ** -0.5``, softmax over keys. Submodule names follow the
 reference layout so its checkpoints map by a prefix rename.

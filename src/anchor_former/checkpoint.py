@@ -5,7 +5,7 @@ with ``torch.load(..., weights_only=True)``, which only rebuilds tensors and pla
 that asks for anything else (a function call, an arbitrary class) is refused with
 :class:`CheckpointError` before any of its code runs.
 
-Layouts understood:
+Layouts understood (keys as they appear under LLaVA's ``model.mm_projector.``):
 
 * ``"llava_mlp"``: LLaVA-1.5's ``mm_projector.bin``, keys ``model.mm_projector.0.*`` and
   ``model.mm_projector.2.*`` (``mlp2x_gelu``; deeper ``mlpNx_gelu`` adds ``.4.*``, ...), or transformers'
@@ -13,7 +13,8 @@ Layouts understood:
   (``AnchorFormer.projector``) only.
 * ``"reference_acformer"``: the reference AcFormer patch's projector,
   ``model.mm_projector.0.layers.{i}.0.*`` (attention), ``0.layers.{i}.1.{0,1,3}.*`` (feed-forward),
-  ``0.norm.*``, the unused ``0.latents``, and the MLP at ``1.*`` and ``3.*``.
+  ``0.norm.*``, the unused ``0.latents``, and the MLP at ``1.*`` and ``3.*``. The authors' code trains it
+  with 256 anchors (``REFERENCE_NUM_ANCHORS``); loading it into another ``num_anchors`` warns.
 * ``"anchor_former"``: this package's own :class:`~anchor_former.AnchorFormer` state dict (possibly
   under a prefix such as ``model.mm_projector.connector.``).
 
@@ -27,6 +28,7 @@ import os
 import pickle
 import re
 import struct
+import warnings
 import zipfile
 from collections.abc import Mapping
 from typing import Literal
@@ -34,6 +36,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from anchor_former._optional import require
 from anchor_former._validation import shape_str
 
 __all__ = [
@@ -44,6 +47,7 @@ __all__ = [
     "load_checked",
     "load_connector_weights",
     "load_state_dict",
+    "REFERENCE_NUM_ANCHORS",
     "reference_acformer_to_anchor_former",
     "save_state_dict",
     "strip_projector_prefix",
@@ -51,6 +55,8 @@ __all__ = [
 ]
 
 Layout = Literal["llava_mlp", "reference_acformer", "anchor_former"]
+# Anchors the authors' published code selects (a constant in its CLIP encoder); their checkpoints saw 257 queries.
+REFERENCE_NUM_ANCHORS = 256
 
 StateDict = dict[str, torch.Tensor]
 
@@ -79,8 +85,7 @@ def _corrupt(path: str, detail: str) -> CheckpointError:
 
 def _read_safetensors(path: str, device: str) -> StateDict:
     """All tensors of a safetensors file on ``device``; ``"meta"`` reads only the header (shapes, dtypes)."""
-    from safetensors import safe_open
-
+    safe_open = require("safetensors", extra="hf", feature="reading .safetensors checkpoints").safe_open
     try:
         with safe_open(path, framework="pt") as f:
             if device != "meta":
@@ -171,8 +176,7 @@ def save_state_dict(
     state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str], *, metadata: dict[str, str] | None = None
 ) -> None:
     """Write ``state_dict`` as safetensors (contiguous CPU copies; shared storage is fine)."""
-    from safetensors.torch import save_file
-
+    save_file = require("safetensors.torch", extra="hf", feature="saving checkpoints (safetensors)").save_file
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     save_file(tensors, os.fspath(path), metadata=metadata)
 
@@ -396,4 +400,10 @@ def load_connector_weights(
         if converted and all(_MLP_KEY.match(k) for k in converted):
             converted, layout = {f"projector.{k}": v for k, v in converted.items()}, "llava_mlp"
     load_checked(connector, converted, partial=layout == "llava_mlp", what=f"{layout} checkpoint")
+    if layout == "reference_acformer" and connector.search.num_anchors != REFERENCE_NUM_ANCHORS:
+        warnings.warn(
+            f"the authors' AcFormer code trains with {REFERENCE_NUM_ANCHORS} anchors (num_count = 256 in its CLIP "
+            f"encoder; its num_latents=144 is unused), but this connector has num_anchors="
+            f"{connector.search.num_anchors}: the weights load, but the model differs from the one trained; "
+            f"build it with num_anchors={REFERENCE_NUM_ANCHORS} to reproduce it", UserWarning, stacklevel=2)
     return layout

@@ -29,8 +29,8 @@ head width ``h``, MLP width ``f``, vocabulary ``V``:
 * ViT (CLIP): patch embedding ``2·P·(C·p²)·D`` for ``P`` patches of ``p × p`` pixels with ``C``
   channels, then per layer on ``N`` tokens (patches + [CLS]) ``4·2·N·D²`` (q, k, v, o)
   ``+ 4·N²·D`` (scores, values) ``+ 2·2·N·D·F`` (fc1, fc2).
-* [CLS]-row probe (issue 4): key projection of all ``N`` tokens ``2·N·D²``, query projection of the
-  [CLS] token ``2·D²`` and one score per token and head ``2·N·D``.
+* [CLS]-row probe, as shipped (``W_k`` folded into the query): query projection of the [CLS] token
+  ``2·D²``, the fold ``2·D²`` and one score per head and token ``2·H·N·D``.
 """
 
 from __future__ import annotations
@@ -312,14 +312,21 @@ def vit_forward_flops(shape: ViTShape, *, batch: int = 1, num_layers: int | None
     return vit_patch_embed_flops(shape, batch=batch) + layers * vit_layer_flops(shape, batch=batch)
 
 
-def cls_probe_flops(shape: ViTShape, *, batch: int = 1) -> int:
-    """FLOPs of the [CLS]-row probe on one layer: keys of all tokens, the [CLS] query, one score per head.
+def cls_probe_flops(shape: ViTShape, *, batch: int = 1, key_norm: bool = False) -> int:
+    """FLOPs of the [CLS]-row probe on one layer, as :func:`anchor_former.probes.query_attention_row` runs it.
 
-    ``B · (2·N·D² + 2·D² + 2·N·D)``; the anchor search after it is a sort and counts 0.
+    Without a key norm (CLIP, SigLIP, DINOv2, most timm ViTs) the probe never projects the keys: it folds
+    ``W_k`` into the query, ``q · (W_k x) = (W_k^T q) · x``, so per sample it costs the query projection
+    ``2·D²``, the fold ``2·D²`` (``H`` heads × ``h`` × ``D``, ``H·h = D``) and one score per head and token
+    ``2·H·N·D``: ``B · (4·D² + 2·H·N·D)`` (23.1 MFLOPs at CLIP ViT-L/14-336 shapes). With
+    ``key_norm=True`` (encoders that normalise keys per head, where the fold does not apply) it projects
+    every key: ``B · (2·D² + 2·N·D² + 2·N·D)``. The anchor search after it is a selection and counts 0.
     """
     check_positive_int("batch", batch)
-    n, d = shape.num_tokens, shape.hidden_size
-    return batch * (_mm(n, d, d) + _mm(1, d, d) + _mm(1, d, n))
+    n, d, h = shape.num_tokens, shape.hidden_size, shape.num_heads
+    if key_norm:
+        return batch * (_mm(1, d, d) + _mm(n, d, d) + _mm(1, d, n))
+    return batch * (_mm(1, d, d) + _mm(1, d, d) + h * _mm(1, d, n))
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """AnchorFormer: visual anchors as the queries of a cross-attention resampler, then LLaVA's projector.
 
-The architecture of the reference (ACFORMER.md §3), at the defaults:
+The architecture of the reference (the authors' published patch to LLaVA-1.5), at the defaults:
 
 * queries = the features at the anchor indices (``[CLS] + K anchors``, in ``anchor_idx`` order);
   keys/values = ALL tokens of the same features, [CLS] included; queries are not concatenated into the

@@ -1,6 +1,6 @@
 """The resampler layer shared by :class:`~anchor_former.AnchorFormer` and the learned-query Perceiver.
 
-One layer (ACFORMER.md §3): ``q = q + Attn(LN_q(q), LN_kv(x))`` then ``q = q + FF(q)`` with
+One layer (as in the authors' Perceiver-resampler patch to LLaVA-1.5): ``q = q + Attn(LN_q(q), LN_kv(x))`` then ``q = q + FF(q)`` with
 ``FF = LayerNorm, Linear(no bias), GELU, Linear(no bias)``. Only where the queries come from differs
 between the two connectors (anchor tokens vs learned latents), which is the paper's main ablation.
 """

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from anchor_former._optional import require
 from anchor_former._validation import check_integer, check_ndim, shape_str
 
 if TYPE_CHECKING:
@@ -23,11 +24,7 @@ __all__ = ["plot_anchors", "save_anchor_plot"]
 
 
 def _figure_class() -> type[Figure]:
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("anchor_former.viz needs matplotlib: pip install 'anchor-former[viz]'") from err
-    return Figure
+    return require("matplotlib.figure", extra="viz", feature="anchor_former.viz").Figure
 
 
 def _image_hwc(image: torch.Tensor) -> torch.Tensor:
@@ -68,7 +65,7 @@ def plot_anchors(
     Returns:
         a matplotlib ``Figure`` (save with ``fig.savefig(path)``).
     """
-    from matplotlib.patches import Rectangle
+    Rectangle = require("matplotlib.patches", extra="viz", feature="anchor_former.viz").Rectangle
 
     check_ndim("anchor_idx", anchor_idx, (1,), "(K,) token indices of one sample")
     check_integer("anchor_idx", anchor_idx)

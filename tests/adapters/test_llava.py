@@ -14,9 +14,21 @@ from torch import nn
 llava = pytest.importorskip("llava")
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
-from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM  # noqa: E402
+from _llava_torch import (  # noqa: E402
+    CONNECTOR,
+    IMAGE,
+    K,
+    LLM_DIM,
+    NUM_PATCHES,
+    PATCH,
+    VISION_DIM,
+    images,
+    make_model,
+    prompt,
+    save_tiny_tower,
+)
 from llava.model.multimodal_projector.builder import build_vision_projector as llava_build_vision_projector  # noqa: E402
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel  # noqa: E402
+from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM  # noqa: E402
 
 from anchor_former.adapters.llava import (  # noqa: E402
     AnchoredFeatures,
@@ -31,53 +43,15 @@ from anchor_former.checkpoint import CheckpointError, save_state_dict  # noqa: E
 from anchor_former.former import AnchorFormer  # noqa: E402
 from anchor_former.search import anchor_search  # noqa: E402
 
-VISION_DIM, LLM_DIM, IMAGE, PATCH, K = 32, 48, 28, 4, 8  # 7 x 7 = 49 patches, 4 heads
-NUM_PATCHES = (IMAGE // PATCH) ** 2
-CONNECTOR = {"depth": 2, "heads": 2, "dim_head": 8}
-
 
 @pytest.fixture(scope="module")
 def tower_dir(tmp_path_factory):
     """A saved tiny CLIPVisionModel + CLIPImageProcessor, what ``mm_vision_tower`` points at."""
-    path = tmp_path_factory.mktemp("clip_tower")
-    torch.manual_seed(0)
-    config = CLIPVisionConfig(hidden_size=VISION_DIM, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=IMAGE, patch_size=PATCH, projection_dim=16)
-    CLIPVisionModel(config).save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE}).save_pretrained(path)
-    return str(path)
-
-
-def llava_config(tower_dir: str, **overrides) -> LlavaConfig:
-    settings = dict(
-        vocab_size=64, hidden_size=LLM_DIM, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=256, pad_token_id=0, mm_vision_tower=tower_dir, mm_hidden_size=VISION_DIM,
-        mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2, mm_vision_select_feature="patch",
-        mm_patch_merge_type="flat", use_mm_proj=True,
-    )
-    settings.update(overrides)
-    return LlavaConfig(**settings)
-
-
-def make_model(tower_dir: str, **overrides) -> LlavaLlamaForCausalLM:
-    torch.manual_seed(0)
-    model = LlavaLlamaForCausalLM(llava_config(tower_dir, **overrides))
-    model.get_vision_tower().load_model()
-    return model.eval()
+    return save_tiny_tower(tmp_path_factory.mktemp("clip_tower"))
 
 
 def enabled(tower_dir: str) -> LlavaLlamaForCausalLM:
     return enable_anchor_former(make_model(tower_dir), num_anchors=K, **CONNECTOR)
-
-
-def images(batch: int = 2) -> torch.Tensor:
-    return torch.randn(batch, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(1))
-
-
-def prompt(batch: int = 2) -> torch.Tensor:
-    ids = torch.randint(1, 64, (batch, 7), generator=torch.Generator().manual_seed(2))
-    ids[:, 2] = IMAGE_TOKEN_INDEX
-    return ids
 
 
 def reference_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -254,7 +228,7 @@ def test_errors(tower_dir) -> None:
     with pytest.raises(ValueError, match=r"model must be a built LLaVA model .*got torch\.nn\.modules\.linear\.Linear"):
         enable_anchor_former(nn.Linear(2, 2))
     model = make_model(tower_dir)
-    with pytest.raises(ValueError, match=rf"num_anchors=50 exceeds the {NUM_PATCHES} patch tokens"):
+    with pytest.raises(ValueError, match=rf"num_anchors must be at most the {NUM_PATCHES} patch tokens of the vision tower .*got 50"):
         enable_anchor_former(model, num_anchors=50)
     with pytest.raises(ValueError, match="connector must be one of .*got 'qformer'"):
         enable_anchor_former(model, connector="qformer")

@@ -16,6 +16,7 @@ TINY = {
     "acformer": dict(num_anchors=8, depth=1, heads=2, dim_head=8, ff_mult=2, fused_attn=False),
     "perceiver": dict(num_queries=5, depth=1, heads=2, dim_head=8, ff_mult=2, fused_attn=False),
     "cabstractor": dict(depth=1, grid=2),
+    "select": dict(num_anchors=8),
 }
 
 
@@ -69,7 +70,7 @@ def test_llava_token_counts() -> None:
     }
     assert counts == {
         "acformer": 145, "avgpool": 144, "cabstractor": 144, "identity": 576, "linear": 576,
-        "mlp2x_gelu": 576, "perceiver": 144,
+        "mlp2x_gelu": 576, "perceiver": 144, "select": 144,
     }
 
 

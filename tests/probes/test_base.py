@@ -15,6 +15,7 @@ from anchor_former.probes import (
     detect_encoder,
     positional_or_keyword,
     query_attention_row,
+    register_encoder_family,
     registered_families,
 )
 
@@ -85,7 +86,9 @@ def test_autocast_keeps_the_row_float32() -> None:
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), AttentionProbe(model) as mixed:
         model(pixel_values=pixels)
     assert mixed.attention.dtype == torch.float32
-    torch.testing.assert_close(mixed.attention, plain.attention, atol=3e-2, rtol=0)
+    # the row itself is float32 with autocast off; the bf16 layers before it move it by 9e-5 (measured)
+    torch.testing.assert_close(mixed.attention, plain.attention, atol=4e-4, rtol=0)
+    assert (plain.attention - 1 / plain.attention.shape[-1]).abs().max() > 4e-4  # a uniform row would fail
 
 
 def test_gradient_checkpointing_reruns_are_not_captured() -> None:
@@ -108,3 +111,21 @@ def test_reattach_forgets_old_captures_and_double_attach_raises() -> None:
     with torch.no_grad(), probe:
         model(pixel_values=torch.randn(2, 3, 32, 32))
     assert probe.features.shape[0] == 2
+
+
+def test_registering_an_existing_name_needs_replace() -> None:
+    families = registered_families()
+    clip = next(f for f in families if f.name == "clip")
+    assert "clip" in repr(clip) and "CLIPVisionModel" in repr(clip)
+    with pytest.raises(ValueError, match="family name 'clip' is already registered.*replace=True"):
+        register_encoder_family(type(clip)())
+    assert registered_families() == families
+    try:
+        replacement = type(clip)()
+        assert register_encoder_family(replacement, replace=True) is replacement
+        assert [f.name for f in registered_families()] == [f.name for f in families]  # same place in the order
+        assert any(f is replacement for f in registered_families())
+    finally:
+        register_encoder_family(clip, replace=True)
+    with pytest.raises(ValueError, match="family must be an EncoderFamily with a non-empty name"):
+        register_encoder_family("clip")  # type: ignore[arg-type]

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _probe_helpers import eager_copy, hook_count, reference_block
+from _probe_helpers import (
+    assert_close_and_bites,
+    column_mean,
+    eager_copy,
+    hook_count,
+    mutants,
+    reference_block,
+    site_call,
+)
 from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
 from anchor_former import anchor_search
@@ -58,6 +66,32 @@ def test_row_and_features_match_eager(layout: str, layer: int, pixels: torch.Ten
     assert probe.attention.dtype == torch.float32
     torch.testing.assert_close(probe.attention, row.detach(), atol=1e-5, rtol=0)
     assert torch.equal(probe.features, out.hidden_states[layer])
+
+
+@pytest.mark.parametrize("score", ["cls", "received"])
+@pytest.mark.parametrize("layer", [-2, 1])
+def test_scores_match_eager_and_tolerance_bites(score: str, layer: int, pixels: torch.Tensor) -> None:
+    model = CLIPVisionModel(tiny_config()).eval()
+    with torch.no_grad(), AttentionProbe(model, layer=layer, score=score) as probe:
+        model(pixel_values=pixels)
+    with torch.no_grad():
+        attn = eager_copy(model)(pixel_values=pixels, output_attentions=True).attentions[reference_block(layer, LAYERS)]
+    expected = attn[:, :, 0] if score == "cls" else column_mean(attn)  # (B, H, N)
+    site = probe.encoder.sites[reference_block(layer, LAYERS)]
+    broken = mutants(site, site_call(model, lambda: model(pixel_values=pixels), site), score)
+    assert probe.attention.shape == (3, HEADS, 17)
+    assert_close_and_bites(probe.attention, expected.float(), broken)
+
+
+def test_extract_anchors_received(model: CLIPVisionModel, pixels: torch.Tensor) -> None:
+    result = extract_anchors(model, pixels, num_anchors=6, score="received")
+    with torch.no_grad():
+        ref = eager_copy(model)(pixel_values=pixels, output_attentions=True, output_hidden_states=True)
+    expected = column_mean(ref.attentions[-2])
+    torch.testing.assert_close(result.attention, expected, atol=1e-5, rtol=0)
+    assert torch.equal(result.anchor_idx, anchor_search(result.attention, 6, num_prefix_tokens=1))
+    assert result.anchor_idx.shape == (3, 7) and result.score == "received"
+    assert torch.equal(result.features, model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2])
 
 
 def test_extract_anchors_equals_search_on_eager_row(model: CLIPVisionModel, pixels: torch.Tensor) -> None:
@@ -158,5 +192,6 @@ def test_errors(model: CLIPVisionModel, pixels: torch.Tensor) -> None:
         extract_anchors(model, pixels[0], num_anchors=4)
     with pytest.raises(ValueError, match=r"got shape \(3, 1, 32, 32\)"):
         extract_anchors(model, pixels[:, :1], num_anchors=4)
-    with pytest.raises(ValueError, match="not a supported vision encoder; supported families: clip"):
+    with pytest.raises(ValueError, match="not a supported vision encoder; supported families: "
+                                         ".*clip \\(transformers CLIPVisionModel"):
         extract_anchors(torch.nn.Linear(3, 3), pixels, num_anchors=4)

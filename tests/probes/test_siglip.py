@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _probe_helpers import hook_count
+from _probe_helpers import (
+    assert_close_and_bites,
+    column_mean,
+    eager_copy,
+    hook_count,
+    mutants,
+    reference_block,
+    site_call,
+)
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from anchor_former import anchor_search
@@ -51,6 +59,22 @@ def test_map_row_equals_the_head_attention() -> None:
     assert torch.equal(result.anchor_idx, anchor_search(weights, 5, include_cls=False, num_prefix_tokens=0))
 
 
+@pytest.mark.parametrize("layer", [-2, 3])
+def test_received_matches_eager_column_mean(layer: int) -> None:
+    model = build()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), AttentionProbe(model, layer=layer, score="received") as probe:
+        out = model(pixel_values=pixels, output_hidden_states=True)
+        attn = eager_copy(model)(pixel_values=pixels, output_attentions=True).attentions[reference_block(layer, 3)]
+    site = probe.encoder.sites[reference_block(layer, 3)]
+    broken = mutants(site, site_call(model, lambda: model(pixel_values=pixels), site), "received")
+    assert probe.attention.shape == (2, HEADS, 16)
+    assert_close_and_bites(probe.attention, column_mean(attn), broken)
+    assert torch.equal(probe.features, out.hidden_states[layer])
+    result = extract_anchors(model, pixels, num_anchors=5, layer=layer, score="received")
+    assert torch.equal(result.anchor_idx, anchor_search(probe.attention, 5, include_cls=False, num_prefix_tokens=0))
+
+
 def test_norm_score() -> None:
     model = build()
     pixels = torch.randn(2, 3, 32, 32)
@@ -78,7 +102,8 @@ def test_bit_identical_and_hooks_removed() -> None:
 def test_errors() -> None:
     model = build()
     pixels = torch.randn(2, 3, 32, 32)
-    with pytest.raises(ValueError, match="score='cls' needs a \\[CLS\\] token, but this siglip encoder has none"):
+    with pytest.raises(ValueError, match="score='cls' needs a \\[CLS\\] token, but this siglip encoder has none; "
+                                         "use score='received'"):
         extract_anchors(model, pixels, num_anchors=4)
     with pytest.raises(ValueError, match="include_cls=True needs a \\[CLS\\] token"):
         extract_anchors(model, pixels, num_anchors=4, score="norm", include_cls=True)

@@ -1,45 +1,30 @@
-"""Adapter for transformers' ``LlavaForConditionalGeneration`` (transformers >= 5.0; tested with 5.24.0).
+"""Adapter for transformers' multimodal models (transformers >= 5.0; tested with 5.24.0).
 
-:func:`attach_anchor_former` turns a built ``LlavaForConditionalGeneration`` into an
-:class:`AnchorFormerLlavaForConditionalGeneration` in place (same object, same vision tower and
-language model, no copy):
+One entry point, :func:`attach_anchor_former`, detects the model family and switches the model (and its
+processor) in place; each family's rules live in its own module under :mod:`anchor_former.adapters.hf`:
 
-* ``model.model.multi_modal_projector`` becomes the connector (:class:`~anchor_former.AnchorFormer`
-  by default); its output MLP is initialised from the existing ``linear_1`` / ``linear_2``;
-* image-feature extraction (``get_image_features``) runs the vision tower ONCE, as configured (SDPA by
-  default, no ``output_attentions``), inside an :class:`~anchor_former.probes.AttentionProbe` that
-  captures the ``vision_feature_layer`` tokens ([CLS] included) and that layer's [CLS] attention row;
-  the connector gets both as arguments and returns ``num_anchors + 1`` tokens per image;
-* the config becomes an :class:`AnchorFormerLlavaConfig` (``model_type = "anchor_former_llava"``) whose
-  ``anchor_former`` entry records the connector and its settings, so ``save_pretrained`` /
-  ``AnchorFormerLlavaForConditionalGeneration.from_pretrained`` (or ``AutoModelForImageTextToText`` after
-  :func:`register_auto_classes`) round-trip the model;
-* the processor, if given, expands each ``<image>`` to ``num_anchors + 1`` tokens, so transformers'
-  check that image tokens match image features passes.
+* ``LlavaForConditionalGeneration`` (LLaVA-1.5): :mod:`anchor_former.adapters.hf.llava`;
+* ``LlavaNextForConditionalGeneration`` (LLaVA-NeXT / 1.6, anyres): :mod:`anchor_former.adapters.hf.llava_next`;
+* ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` (training-free only):
+  :mod:`anchor_former.adapters.hf.qwen_vl`.
 
-``vision_feature_select_strategy`` no longer applies: the connector receives all tokens and documents
-which it consumes. Only single-layer ``vision_feature_layer`` (an int) is supported.
+The LLaVA-1.5 classes are re-exported here, so ``from anchor_former.adapters.transformers import
+AnchorFormerLlavaForConditionalGeneration`` keeps working.
 """
 
 from __future__ import annotations
 
-import re
+from collections.abc import Callable
 from typing import Any
 
-import torch
-from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaModel
-from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
 
-from anchor_former.probes.base import AttentionProbe, Score, detect_encoder
-
-try:  # transformers >= 5: ``return_dict=False`` support for get_image_features
-    from transformers.utils.generic import can_return_tuple
-except ImportError:  # pragma: no cover - older transformers are refused by attach_anchor_former
-    def can_return_tuple(func):  # type: ignore[no-redef]
-        return func
+from anchor_former.adapters.hf.llava import (
+    AnchorFormerLlavaConfig,
+    AnchorFormerLlavaForConditionalGeneration,
+    AnchorFormerLlavaModel,
+    register_auto_classes,
+)
 
 __all__ = [
     "AnchorFormerLlavaConfig",
@@ -47,257 +32,56 @@ __all__ = [
     "AnchorFormerLlavaModel",
     "attach_anchor_former",
     "register_auto_classes",
+    "supported_models",
 ]
 
 
-@strict
-class AnchorFormerLlavaConfig(LlavaConfig):
-    """``LlavaConfig`` plus ``anchor_former``: ``{"connector": name, "score": "cls"|"norm"|"map",
-    "connector_config": {...}}`` (the connector's constructor arguments, ``vision_dim``/``llm_dim``
-    excluded: they come from the vision and text configs)."""
+def _families() -> tuple[tuple[tuple[type, ...], Callable[..., nn.Module]], ...]:
+    """``(model classes, attach function)`` per family, most specific first."""
+    from transformers import (
+        LlavaNextForConditionalGeneration,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLForConditionalGeneration,
+    )
 
-    model_type = "anchor_former_llava"
+    from anchor_former.adapters.hf import llava, llava_next, qwen_vl
 
-    anchor_former: dict | None = None
-
-
-def _build_connector(config: AnchorFormerLlavaConfig, **dd: Any) -> nn.Module:
-    from anchor_former.connectors.registry import build_connector
-
-    settings = config.anchor_former or {}
-    if "connector" not in settings:
-        raise ValueError(
-            "config.anchor_former must name the connector ({'connector': 'acformer', 'score': 'cls', "
-            f"'connector_config': {{...}}}}), got {settings!r}; build the model with attach_anchor_former"
-        )
-    kwargs = dict(settings.get("connector_config") or {})
-    kwargs.pop("vision_dim", None)
-    kwargs.pop("llm_dim", None)
-    return build_connector(
-        settings["connector"], int(config.vision_config.hidden_size), int(config.text_config.hidden_size), **kwargs, **dd
+    return (
+        ((LlavaNextForConditionalGeneration,), llava_next.attach_llava_next),
+        ((Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration), qwen_vl.attach_anchor_former_qwen),
+        ((llava.LlavaForConditionalGeneration,), llava.attach_anchor_former),
     )
 
 
-class AnchorFormerLlavaModel(LlavaModel):
-    """``LlavaModel`` whose projector is a connector fed by a probe during image-feature extraction."""
-
-    config_class = AnchorFormerLlavaConfig
-    config: AnchorFormerLlavaConfig
-
-    def __init__(self, config: AnchorFormerLlavaConfig) -> None:
-        super().__init__(config)
-        self.multi_modal_projector = _build_connector(config)
-
-    @can_return_tuple
-    def get_image_features(
-        self,
-        pixel_values: torch.Tensor,
-        vision_feature_layer: int | list[int] | None = None,
-        vision_feature_select_strategy: str | None = None,
-        image_sizes: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> BaseModelOutputWithPooling:
-        """Vision tower + probe + connector.
-
-        Args:
-            pixel_values: ``(B, C, H_img, W_img)`` images.
-            vision_feature_layer: ``hidden_states`` index of the layer the connector reads (default:
-                ``config.vision_feature_layer``); the [CLS] attention row of that same layer gives the anchors.
-            vision_feature_select_strategy: ignored; the connector receives all tokens.
-            image_sizes: accepted for signature compatibility; every image gives the same number of tokens.
-
-        Returns:
-            The vision tower's output with ``pooler_output`` = a list of B tensors ``(T, llm_dim)``,
-            T = ``num_anchors + 1`` for AcFormer.
-        """
-        kwargs.pop("return_dict", None)
-        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
-        if not isinstance(layer, int) or isinstance(layer, bool):
-            raise ValueError(f"vision_feature_layer must be a single int for AnchorFormer, got {layer!r}")
-        score = (self.config.anchor_former or {}).get("score", "cls")
-        probe = AttentionProbe(self.vision_tower, layer=layer, score=score)
-        with probe:
-            image_outputs = self.vision_tower(pixel_values, return_dict=True, **kwargs)
-        connector = self.multi_modal_projector
-        if getattr(connector, "uses_anchors", False):
-            tokens = connector(probe.features, attention=probe.scores)  # (B, T, llm_dim)
-        else:
-            tokens = connector(probe.features)
-        image_outputs.pooler_output = list(tokens)
-        return image_outputs
+def supported_models() -> tuple[str, ...]:
+    """Names of the transformers model classes :func:`attach_anchor_former` accepts."""
+    return tuple(cls.__name__ for classes, _ in _families() for cls in classes)
 
 
-class AnchorFormerLlavaForConditionalGeneration(LlavaForConditionalGeneration):
-    """``LlavaForConditionalGeneration`` with an :class:`AnchorFormerLlavaModel` inside."""
+def attach_anchor_former(model: nn.Module, processor: Any = None, **kwargs: Any) -> nn.Module:
+    """Switch a transformers multimodal model (and its processor) in place; returns ``model``.
 
-    config_class = AnchorFormerLlavaConfig
-    config: AnchorFormerLlavaConfig
+    Detects the family by class and calls its attach function with the same arguments:
 
-    def __init__(self, config: AnchorFormerLlavaConfig) -> None:
-        LlavaPreTrainedModel.__init__(self, config)
-        self.model = AnchorFormerLlavaModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.post_init()
-
-
-def register_auto_classes() -> None:
-    """Register the classes with ``AutoConfig``, ``AutoModel`` and ``AutoModelForImageTextToText``
-    (idempotent), so ``AutoModelForImageTextToText.from_pretrained(saved_dir)`` rebuilds the model."""
-    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
-
-    AutoConfig.register(AnchorFormerLlavaConfig.model_type, AnchorFormerLlavaConfig, exist_ok=True)
-    AutoModel.register(AnchorFormerLlavaConfig, AnchorFormerLlavaModel, exist_ok=True)
-    AutoModelForImageTextToText.register(
-        AnchorFormerLlavaConfig, AnchorFormerLlavaForConditionalGeneration, exist_ok=True
-    )
-
-
-def _llava_model(model: nn.Module) -> LlavaModel:
-    inner = getattr(model, "model", None)
-    if not isinstance(model, LlavaForConditionalGeneration) or not isinstance(inner, LlavaModel):
-        raise ValueError(
-            "model must be a transformers LlavaForConditionalGeneration (transformers >= 5.0, which keeps the "
-            "projector at model.model.multi_modal_projector), got "
-            f"{type(model).__module__}.{type(model).__qualname__}; for the original LLaVA code use "
-            "anchor_former.adapters.llava.enable_anchor_former"
-        )
-    if not hasattr(inner, "multi_modal_projector") or not hasattr(inner, "get_image_features"):
-        raise ValueError("this transformers version's LlavaModel has no multi_modal_projector/get_image_features")
-    return inner
-
-
-def _projector_mlp(projector: nn.Module, config: LlavaConfig) -> dict[str, torch.Tensor]:
-    """transformers' ``LlavaMultiModalProjector`` as LLaVA ``mlp2x_gelu`` keys ``0.*`` / ``2.*``."""
-    act = getattr(config, "projector_hidden_act", "gelu")
-    if act != "gelu":
-        raise ValueError(
-            f"init_projector needs projector_hidden_act='gelu' (LLaVA's mlp2x_gelu), got {act!r}; "
-            "pass init_projector=False"
-        )
-    state = {}
-    for index, linear in ((0, projector.linear_1), (2, projector.linear_2)):
-        state[f"{index}.weight"] = linear.weight
-        # a bias-free linear is the same map as one with a zero bias
-        state[f"{index}.bias"] = linear.bias if linear.bias is not None else torch.zeros_like(linear.weight[:, 0])
-    return state
-
-
-def _expand_processor(processor: Any, num_tokens: int, patch_size: int) -> None:
-    """Make ``processor`` write ``num_tokens`` image tokens per ``<image>``.
-
-    transformers' ``LlavaProcessor`` writes ``(H // patch_size) * (W // patch_size) +
-    num_additional_image_tokens - (strategy == "default")`` tokens for a ``(H, W)`` image; for the fixed
-    crop size of CLIP processors we set ``num_additional_image_tokens`` so that this equals
-    ``num_tokens`` (a negative value), which ``LlavaProcessor.from_pretrained`` restores without this
-    package. The result is checked on a blank image of the crop size.
-    """
-    import numpy as np
-
-    for name in ("num_additional_image_tokens", "patch_size", "image_processor", "image_token"):
-        if not hasattr(processor, name):
-            raise ValueError(
-                f"processor must be a transformers LlavaProcessor (with {name}), got {type(processor).__name__}"
-            )
-    crop = getattr(processor.image_processor, "crop_size", None) or getattr(processor.image_processor, "size", None)
-    crop = dict(crop) if crop is not None else {}
-    if "height" not in crop or "width" not in crop:
-        raise ValueError(f"processor.image_processor needs a fixed crop_size {{'height', 'width'}}, got {crop!r}")
-    height, width = int(crop["height"]), int(crop["width"])
-    saved = (processor.patch_size, processor.num_additional_image_tokens)
-    if processor.patch_size is None:
-        processor.patch_size = patch_size
-    patches = (height // processor.patch_size) * (width // processor.patch_size)
-    default = processor.vision_feature_select_strategy == "default"
-    processor.num_additional_image_tokens = num_tokens - patches + int(default)
-    blank = np.zeros((height, width, 3), dtype=np.uint8)
-    try:
-        ids = processor(text=processor.image_token, images=blank, return_tensors="pt")["input_ids"]
-        got = int((ids == processor.image_token_id).sum())
-    except Exception:
-        processor.patch_size, processor.num_additional_image_tokens = saved
-        raise
-    if got != num_tokens:
-        processor.patch_size, processor.num_additional_image_tokens = saved
-        raise ValueError(
-            f"could not make {type(processor).__name__} expand <image> to {num_tokens} tokens (it wrote {got}); "
-            "this transformers version's processor counts image tokens differently"
-        )
-
-
-def attach_anchor_former(
-    model: nn.Module,
-    processor: Any = None,
-    *,
-    num_anchors: int = 144,
-    connector: str = "acformer",
-    score: Score = "cls",
-    init_projector: bool = True,
-    **kwargs: Any,
-) -> AnchorFormerLlavaForConditionalGeneration:
-    """Switch a ``LlavaForConditionalGeneration`` (and its processor) to AcFormer in place; returns it.
-
-    Args:
-        model: a built ``LlavaForConditionalGeneration`` (e.g. ``from_pretrained("llava-hf/llava-1.5-7b-hf")``).
-        processor: its ``LlavaProcessor``; changed so each ``<image>`` becomes ``num_anchors + 1`` tokens
-            (or the connector's token count). Without it, prepare ``input_ids`` with that many image tokens.
-        num_anchors: K anchors; the LLM sees K + 1 tokens per image ([CLS] first). ``connector="acformer"`` only.
-        connector: a :func:`~anchor_former.build_connector` name (``"acformer"``, ``"perceiver"``, ...).
-        score: ``"cls"`` ([CLS] attention of ``vision_feature_layer``), ``"norm"`` (token norms, any
-            encoder) or ``"map"`` (SigLIP's pooling head).
-        init_projector: copy ``linear_1`` / ``linear_2`` into the connector's output MLP (``mlp2x_gelu``).
-        **kwargs: further connector arguments (``depth``, ``heads``, ``dim_head``, ...).
+    * LLaVA-1.5 :func:`anchor_former.adapters.hf.llava.attach_anchor_former` (``num_anchors``,
+      ``connector`` = ``"acformer"`` | ``"select"`` | any :func:`~anchor_former.build_connector` name,
+      ``score``, ``init_projector``, ``num_context``, connector arguments);
+    * LLaVA-NeXT :func:`anchor_former.adapters.hf.llava_next.attach_llava_next` (the same, per view, plus
+      ``image_budget``);
+    * Qwen2-VL / Qwen2.5-VL :func:`anchor_former.adapters.hf.qwen_vl.attach_anchor_former_qwen`
+      (``num_anchors`` per image as a count or a fraction; ``connector="select"``, ``score="received"``).
 
     Raises:
-        ValueError: not a ``LlavaForConditionalGeneration``; ``vision_feature_layer`` a list; unsupported
-            vision tower, or one without [CLS] with ``score="cls"``; ``num_anchors`` larger than the patch
-            count; unknown connector; a processor this version cannot make expand correctly.
+        ValueError: a model of no supported family (the message lists them), or whatever the family's
+            function raises for its arguments; the model and the processor are unchanged then.
     """
-    from anchor_former.connectors.registry import available_connectors, build_connector
-
-    inner = _llava_model(model)
-    old = model.config
-    layer = old.vision_feature_layer
-    if not isinstance(layer, int) or isinstance(layer, bool):
-        raise ValueError(f"config.vision_feature_layer must be a single int for AnchorFormer, got {layer!r}")
-    if connector not in available_connectors() and not re.match(r"^mlp\d+x_gelu$", str(connector)):
-        raise ValueError(f"connector must be one of {', '.join(available_connectors())}, got {connector!r}")
-    AttentionProbe(inner.vision_tower, layer=layer, score=score)  # unsupported tower, bad layer, CLS-less + "cls"
-    spec = detect_encoder(inner.vision_tower)
-    vision = old.vision_config
-    side = int(vision.image_size) // int(vision.patch_size)
-    if connector == "acformer":
-        if isinstance(num_anchors, bool) or not isinstance(num_anchors, int) or num_anchors < 1:
-            raise ValueError(f"num_anchors must be an integer >= 1, got {num_anchors!r}")
-        if num_anchors > side * side:
-            raise ValueError(
-                f"num_anchors={num_anchors} exceeds the {side * side} patch tokens of the vision tower ({side}x{side} patches)"
-            )
-        kwargs = {"num_anchors": num_anchors, "include_cls": spec.has_cls and score == "cls", **kwargs}
-    kwargs.setdefault("num_prefix_tokens", spec.num_prefix_tokens)
-    old_projector = inner.multi_modal_projector
-    param = next(iter(old_projector.parameters()))
-    new = build_connector(connector, int(vision.hidden_size), int(old.text_config.hidden_size), **kwargs,
-                          device=param.device, dtype=param.dtype)
-    if init_projector and hasattr(old_projector, "linear_1"):
-        target = getattr(new, "projector", None)
-        if target is None:
-            raise ValueError(f"connector {connector!r} has no output MLP to initialise; pass init_projector=False")
-        from anchor_former.checkpoint import load_checked
-
-        load_checked(target, _projector_mlp(old_projector, old), what="the model's multi_modal_projector")
-    num_tokens = new.num_output_tokens(1 + side * side if spec.has_cls else side * side)
-    if processor is not None:
-        _expand_processor(processor, num_tokens, int(vision.patch_size))
-
-    settings = new.config.to_dict() if hasattr(getattr(new, "config", None), "to_dict") else dict(kwargs)
-    settings.pop("vision_dim", None)
-    settings.pop("llm_dim", None)
-    data = {k: v for k, v in old.to_dict().items() if k not in ("model_type", "anchor_former")}
-    data["image_seq_length"] = num_tokens
-    config = AnchorFormerLlavaConfig(**data, anchor_former={"connector": connector, "score": score, "connector_config": settings})
-    config.vision_config, config.text_config = old.vision_config, old.text_config  # the submodules' own objects
-    model.__class__ = AnchorFormerLlavaForConditionalGeneration
-    inner.__class__ = AnchorFormerLlavaModel
-    model.config = inner.config = config
-    inner.multi_modal_projector = new
-    return model
+    families = _families()
+    for classes, attach in families:
+        if isinstance(model, classes):
+            return attach(model, processor, **kwargs)
+    names = ", ".join(cls.__name__ for classes, _ in families for cls in classes)
+    raise ValueError(
+        f"model must be one of the supported transformers models ({names}), got "
+        f"{type(model).__module__}.{type(model).__qualname__}; for the original LLaVA code use "
+        "anchor_former.adapters.llava.attach_anchor_former"
+    )

@@ -16,6 +16,7 @@ from anchor_former.connectors.cabstractor import CAbstractor
 from anchor_former.connectors.mlp import MLPConnector
 from anchor_former.connectors.perceiver import PerceiverResampler
 from anchor_former.connectors.pooling import AvgPoolConnector
+from anchor_former.connectors.select import SelectConnector
 from anchor_former.former import AnchorFormer
 from anchor_former.projector import _mlp_depth
 
@@ -29,6 +30,7 @@ _BUILDERS: dict[str, Callable[..., Connector]] = {
     "linear": lambda vision_dim, llm_dim, **kw: MLPConnector(vision_dim, llm_dim, projector="linear", **kw),
     "mlp2x_gelu": lambda vision_dim, llm_dim, **kw: MLPConnector(vision_dim, llm_dim, projector="mlp2x_gelu", **kw),
     "perceiver": PerceiverResampler,
+    "select": SelectConnector,
 }
 
 
@@ -45,7 +47,8 @@ def build_connector(name: str, vision_dim: int, llm_dim: int, **kwargs: Any) -> 
             ``"acformer"`` (:class:`~anchor_former.AnchorFormer`), ``"mlp2x_gelu"`` / ``"linear"`` /
             ``"identity"`` / ``"mlp{N}x_gelu"`` (:class:`MLPConnector`), ``"avgpool"``
             (:class:`AvgPoolConnector`), ``"cabstractor"`` (:class:`CAbstractor`), ``"perceiver"``
-            (:class:`PerceiverResampler`).
+            (:class:`PerceiverResampler`), ``"select"`` (:class:`SelectConnector`, training-free: the anchor
+            patches through a wrapped LLaVA projector, no parameters of its own).
         vision_dim: D, width of the ViT features.
         llm_dim: width of the output tokens.
         **kwargs: keyword arguments of that connector's constructor (``device``, ``dtype`` included).

@@ -1,4 +1,4 @@
-"""The probe mechanism: one layer's [CLS] attention row, computed beside the model's ordinary forward.
+"""The probe mechanism: one layer's anchor score, computed beside the model's ordinary forward.
 
 A probe attaches two hooks to an unmodified vision encoder and removes them on exit:
 
@@ -8,7 +8,10 @@ A probe attaches two hooks to an unmodified vision encoder and removes them on e
   ``softmax_j(scale * q_h . k_h(x_j))`` with the module's own query/key projections and scale. The
   query is token 0 ([CLS]) or, for attention-pooling heads, the head's learned probe. The key
   projection is folded into the query (``q . (W_k x + b_k) = (W_k^T q) . x + const``, the constant drops
-  out of the softmax), so the extra work is ``O(B * H * N * D)`` and nothing ``(N, N)`` is ever formed;
+  out of the softmax), so the extra work is ``O(B * H * N * D)`` and nothing ``(N, N)`` is ever formed.
+  For ``score="received"`` it computes every query and key of the layer instead and averages the
+  attention each token receives over all queries (:func:`~anchor_former.probes.received_attention`, in
+  query blocks: nothing ``(N, N)`` is kept either, but the work is one more ``O(B * N^2 * D)`` matmul);
 * a forward hook on the selected layer itself, which keeps its output: the features
   ``hidden_states[layer]`` as the model computed them (same tensor, autograd intact).
 
@@ -32,12 +35,13 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from anchor_former._validation import check_floating, check_ndim
+from anchor_former.probes.scores import received_attention, token_norm_scores
 
 __all__ = [
     "AttentionProbe",
     "EncoderFamily",
     "EncoderSpec",
+    "InputLayout",
     "ProbeCapture",
     "QueryKeySite",
     "Score",
@@ -48,13 +52,17 @@ __all__ = [
     "modules_of_type",
     "positional_or_keyword",
     "query_attention_row",
+    "query_key_states",
     "register_encoder_family",
     "registered_families",
-    "token_norm_scores",
+    "site_received_attention",
 ]
 
-Score = Literal["cls", "map", "norm"]
-_SCORES = ("cls", "map", "norm")
+Score = Literal["cls", "map", "norm", "received"]
+_SCORES = ("cls", "map", "norm", "received")
+
+#: ``(args, kwargs)`` of one call of a hooked module
+CallArgs = tuple[tuple[Any, ...], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -75,7 +83,14 @@ class QueryKeySite:
         scale: the logit scale the module uses (usually ``E ** -0.5``).
         query: None = the query is token 0 of the key tokens ([CLS]); else returns the learned query
             input ``(Dq,)`` (the probe of an attention-pooling head).
-        q_norm, k_norm: per-head normalisations applied after the projections (timm ``qk_norm``), or None.
+        q_norm, k_norm: normalisations applied after the projections (timm ``qk_norm``), or None; they
+            see ``(..., H, E)`` (per head) or, with ``norm_over_heads``, ``(..., H * E)`` (InternViT).
+        norm_over_heads: ``q_norm`` / ``k_norm`` normalise all heads' features together.
+        rotary: applies the module's positional rotation to ``(q, k)``, both ``(B, H, N, E)`` float32
+            after the norms, given the module's call ``(args, kwargs)``; returns the rotated pair. None for
+            modules without rotary embeddings.
+        padding_mask: returns the ``(B, N)`` bool padding mask (True = padding token) of a call, or None
+            when the call has none; None for modules that never get one.
     """
 
     module: nn.Module
@@ -87,6 +102,10 @@ class QueryKeySite:
     query: Callable[[], torch.Tensor] | None = None
     q_norm: nn.Module | None = None
     k_norm: nn.Module | None = None
+    norm_over_heads: bool = False
+    rotary: Callable[[torch.Tensor, torch.Tensor, tuple[Any, ...], dict[str, Any]],
+                     tuple[torch.Tensor, torch.Tensor]] | None = None
+    padding_mask: Callable[[tuple[Any, ...], dict[str, Any]], torch.Tensor | None] | None = None
 
 
 def positional_or_keyword(name: str) -> Callable[[tuple[Any, ...], dict[str, Any]], torch.Tensor]:
@@ -117,6 +136,20 @@ def hf_linear_site(attn: nn.Module, q: nn.Linear, k: nn.Linear, *, num_heads: in
 
 
 @dataclass(frozen=True)
+class InputLayout:
+    """Where the tokens of one batch of model inputs come from.
+
+    Attributes:
+        grid_sizes: ``(rows, cols)`` of each image's patch grid; patch token
+            ``num_prefix_tokens + r * cols + c`` of image b (row-major, as the patches were laid out).
+        padding: ``(B, N)`` bool, True marks a padding token (variable-resolution models), or None.
+    """
+
+    grid_sizes: tuple[tuple[int, int], ...]
+    padding: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
 class EncoderSpec:
     """What a probe needs to know about one vision encoder.
 
@@ -129,8 +162,16 @@ class EncoderSpec:
         has_cls: token 0 is a [CLS] token.
         patch_size: pixels per patch side; the patch grid is ``(H_img // patch_size, W_img // patch_size)``.
         num_channels: input channels the patch embedding expects.
-        run: runs one ordinary forward of the model on ``pixel_values`` ``(B, C, H_img, W_img)``.
+        run: runs one ordinary forward of the model: ``run(pixel_values, **inputs)`` with ``pixel_values``
+            ``(B, C, H_img, W_img)`` (or the model's own layout, see ``layout``) and any extra keyword
+            inputs the model takes.
         pool_site: the attention of an attention-pooling (MAP) head over the final tokens, or None.
+        grid: ``(H_img, W_img) -> (rows, cols)`` of the patch grid; None = ``(H_img // patch_size,
+            W_img // patch_size)`` (timm's ``dynamic_img_pad`` rounds up instead).
+        layout: validates ``(pixel_values, inputs)`` for models whose input is not a plain image batch
+            (raising ``ValueError`` naming the argument) and returns their :class:`InputLayout`; None =
+            ``pixel_values (B, num_channels, H_img, W_img)``, no extra inputs, grid ``(H_img // patch_size,
+            W_img // patch_size)``.
     """
 
     family: str
@@ -140,8 +181,10 @@ class EncoderSpec:
     has_cls: bool
     patch_size: int
     num_channels: int
-    run: Callable[[torch.Tensor], Any]
+    run: Callable[..., Any]
     pool_site: QueryKeySite | None = None
+    layout: Callable[[torch.Tensor, dict[str, Any]], InputLayout] | None = None
+    grid: Callable[[int, int], tuple[int, int]] | None = None
 
     @property
     def num_layers(self) -> int:
@@ -175,6 +218,9 @@ class EncoderFamily(ABC):
     #: the model classes it accepts, for error messages
     description: str = ""
 
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}: {self.description}>"
+
     @abstractmethod
     def matches(self, model: nn.Module) -> bool:
         """Whether ``model`` belongs to this family (by type; must not import optional libraries)."""
@@ -187,15 +233,32 @@ class EncoderFamily(ABC):
 _FAMILIES: list[EncoderFamily] = []
 
 
-def register_encoder_family(family: EncoderFamily) -> EncoderFamily:
-    """Add a family to the registry (idempotent by name; a later registration replaces an earlier one)."""
-    _FAMILIES[:] = [f for f in _FAMILIES if f.name != family.name]
-    _FAMILIES.append(family)
+def register_encoder_family(family: EncoderFamily, *, replace: bool = False) -> EncoderFamily:
+    """Add a family to the registry (looked up after the ones registered before it).
+
+    Raises:
+        ValueError: ``family`` is not an :class:`EncoderFamily` with a non-empty ``name``, or a family of
+            that name is registered and ``replace`` is False. With ``replace=True`` the new family takes
+            the old one's place in the lookup order.
+    """
+    if not isinstance(family, EncoderFamily) or not isinstance(family.name, str) or not family.name:
+        raise ValueError(f"family must be an EncoderFamily with a non-empty name, got {family!r}")
+    names = [f.name for f in _FAMILIES]
+    if family.name in names:
+        if not replace:
+            raise ValueError(
+                f"family name {family.name!r} is already registered "
+                f"({type(_FAMILIES[names.index(family.name)]).__name__}); "
+                f"pass replace=True to replace it, or pick another name; registered: {', '.join(names)}"
+            )
+        _FAMILIES[names.index(family.name)] = family
+    else:
+        _FAMILIES.append(family)
     return family
 
 
 def registered_families() -> tuple[EncoderFamily, ...]:
-    """The registered families, in lookup order."""
+    """The registered families, in lookup order (each prints as ``<name>: <description>``)."""
     return tuple(_FAMILIES)
 
 
@@ -229,56 +292,119 @@ def detect_encoder(vision_model: nn.Module) -> EncoderSpec:
     )
 
 
-def query_attention_row(tokens: torch.Tensor, site: QueryKeySite) -> torch.Tensor:
+def _normed(proj: torch.Tensor, norm: nn.Module | None, site: QueryKeySite, dtype: torch.dtype) -> torch.Tensor:
+    """``proj (..., H * E)`` float32 -> ``(..., H, E)`` float32 after the site's norm (run in the model's dtype)."""
+    lead = proj.shape[:-1]
+    heads = proj.view(*lead, site.num_heads, site.head_dim)
+    if norm is None:
+        return heads
+    if site.norm_over_heads:
+        return norm(proj.to(dtype)).float().view(*lead, site.num_heads, site.head_dim)
+    return norm(heads.to(dtype)).float()
+
+
+def query_key_states(
+    tokens: torch.Tensor, site: QueryKeySite, *, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every query and key of the module, as its attention uses them, in float32 without autograd.
+
+    Args:
+        tokens: ``(B, N, D)`` the tokens as the module receives them (pre-attention-normed).
+        site: the module's projections, norms and rotary embedding (``site.query`` must be None).
+        args, kwargs: the module's call, for ``site.rotary`` (positions) — unused by sites without one.
+
+    Returns:
+        ``(q, k)``, both ``(B, H, N, E)`` float32, before the logit scale.
+    """
+    w_q, b_q, w_k, b_k = site.projections()
+    batch, num, _ = tokens.shape
+    with torch.no_grad(), torch.autocast(device_type=tokens.device.type, enabled=False):
+        x = tokens.detach().float()  # (B, N, D)
+        q = torch.nn.functional.linear(x, w_q.float(), None if b_q is None else b_q.float())  # (B, N, H*E)
+        k = torch.nn.functional.linear(x, w_k.float(), None if b_k is None else b_k.float())
+        q = _normed(q, site.q_norm, site, tokens.dtype).transpose(1, 2)  # (B, H, N, E)
+        k = _normed(k, site.k_norm, site, tokens.dtype).transpose(1, 2)  # (B, H, N, E)
+        if site.rotary is not None:
+            q, k = site.rotary(q, k, args, kwargs or {})
+            q, k = q.float(), k.float()
+        return q, k
+
+
+def _padding(site: QueryKeySite, args: tuple[Any, ...], kwargs: dict[str, Any] | None, batch: int, num: int):
+    if site.padding_mask is None:
+        return None
+    mask = site.padding_mask(args, kwargs or {})
+    return None if mask is None else mask.reshape(batch, num).bool()
+
+
+def query_attention_row(
+    tokens: torch.Tensor, site: QueryKeySite, *, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+) -> torch.Tensor:
     """One query's attention probabilities over all tokens, per head, in float32, without autograd.
 
     Args:
         tokens: ``(B, N, D)`` the key tokens as the attention module receives them (pre-attention-normed).
         site: the module's projections; the query is token 0 unless ``site.query`` is set.
+        args, kwargs: the module's call, read by ``site.rotary`` / ``site.padding_mask`` if the site has them.
 
     Returns:
-        ``(B, H, N)`` float32, each ``(b, h)`` row a softmax over the N tokens.
+        ``(B, H, N)`` float32, each ``(b, h)`` row a softmax over the N tokens (0 at padding tokens).
     """
     w_q, b_q, w_k, b_k = site.projections()
     heads, width = site.num_heads, site.head_dim
     batch, num, dim = tokens.shape
+    padding = _padding(site, args, kwargs, batch, num)
     # the model may run under autocast; this must stay float32 whatever the caller's context
     with torch.no_grad(), torch.autocast(device_type=tokens.device.type, enabled=False):
-        x = tokens.detach().float()  # (B, N, D)
-        q_in = x[:, 0] if site.query is None else site.query().detach().float().expand(batch, -1)  # (B, Dq)
-        q = torch.nn.functional.linear(q_in, w_q.float(), None if b_q is None else b_q.float())
-        q = q.view(batch, heads, width)  # (B, H, E)
-        if site.q_norm is not None:
-            q = site.q_norm(q.to(tokens.dtype)).float()
-        if site.k_norm is None:
-            # fold W_k into the query: q . (W_k x + b_k) = (W_k^T q) . x + q . b_k, and q . b_k is the same
-            # for every token, so it cancels in the softmax
-            u = torch.einsum("bhe,hed->bhd", q, w_k.float().view(heads, width, dim))  # (B, H, D)
-            logits = torch.bmm(u, x.transpose(1, 2))  # (B, H, N)
+        if site.query is None and site.rotary is not None:
+            q, k = query_key_states(tokens, site, args=args, kwargs=kwargs)  # rotary keys: nothing to fold
+            logits = torch.einsum("bhe,bhne->bhn", q[:, :, 0], k)  # (B, H, N)
         else:
-            k = torch.nn.functional.linear(x, w_k.float(), None if b_k is None else b_k.float())
-            k = site.k_norm(k.view(batch, num, heads, width).to(tokens.dtype)).float()  # (B, N, H, E)
-            logits = torch.einsum("bhe,bnhe->bhn", q, k)  # (B, H, N)
-        return torch.softmax(logits * site.scale, dim=-1)
+            x = tokens.detach().float()  # (B, N, D)
+            q_in = x[:, 0] if site.query is None else site.query().detach().float().expand(batch, -1)  # (B, Dq)
+            q = torch.nn.functional.linear(q_in, w_q.float(), None if b_q is None else b_q.float())  # (B, H*E)
+            q = _normed(q, site.q_norm, site, tokens.dtype)  # (B, H, E)
+            if site.k_norm is None:
+                # fold W_k into the query: q . (W_k x + b_k) = (W_k^T q) . x + q . b_k, and q . b_k is the
+                # same for every token, so it cancels in the softmax
+                u = torch.einsum("bhe,hed->bhd", q, w_k.float().view(heads, width, dim))  # (B, H, D)
+                logits = torch.bmm(u, x.transpose(1, 2))  # (B, H, N)
+            else:
+                k = torch.nn.functional.linear(x, w_k.float(), None if b_k is None else b_k.float())
+                k = _normed(k, site.k_norm, site, tokens.dtype)  # (B, N, H, E)
+                logits = torch.einsum("bhe,bnhe->bhn", q, k)  # (B, H, N)
+        logits = logits * site.scale
+        if padding is None:
+            return torch.softmax(logits, dim=-1)
+        padding = padding.to(logits.device).unsqueeze(1)  # (B, 1, N)
+        probs = torch.softmax(logits.masked_fill(padding & ~padding.all(-1, keepdim=True), float("-inf")), dim=-1)
+        return probs.masked_fill(padding, 0.0)  # an image with only padding: all zeros
 
 
-def token_norm_scores(features: torch.Tensor) -> torch.Tensor:
-    """Per-token L2 norm, a [CLS]-free anchor score: the high-norm tokens of a ViT layer.
-
-    Large ViTs trained without registers grow a few high-norm "artifact" tokens that carry global
-    information (Darcet et al., "Vision Transformers Need Registers"); they are probably the tokens the
-    [CLS] query attends to, and this score finds them in any encoder, with or without [CLS].
+def site_received_attention(
+    tokens: torch.Tensor,
+    site: QueryKeySite,
+    *,
+    args: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+    block_size: int | None = None,
+) -> torch.Tensor:
+    """The attention each token receives in the module, averaged over all queries, per head.
 
     Args:
-        features: ``(B, N, D)`` hidden states of one layer.
+        tokens: ``(B, N, D)`` the tokens as the module receives them (pre-attention-normed).
+        site: the module's projections, norms, rotary embedding and padding mask.
+        args, kwargs: the module's call.
+        block_size: query rows per step (:func:`~anchor_former.probes.received_attention`); None = default.
 
     Returns:
-        ``(B, N)`` float32 norms, without autograd; pass to ``anchor_search`` as one score per token.
+        ``(B, H, N)`` float32 (:func:`~anchor_former.probes.received_attention`).
     """
-    check_ndim("features", features, (3,), "(B, N, D)")
-    check_floating("features", features)
-    with torch.no_grad():
-        return torch.linalg.vector_norm(features.detach(), dim=-1, dtype=torch.float32)
+    q, k = query_key_states(tokens, site, args=args, kwargs=kwargs)
+    batch, num = tokens.shape[:2]
+    extra = {} if block_size is None else {"block_size": block_size}
+    padding = _padding(site, args, kwargs, batch, num)
+    return received_attention(q, k, scale=site.scale, key_padding_mask=padding, **extra)
 
 
 @dataclass(frozen=True)
@@ -288,9 +414,10 @@ class ProbeCapture:
     Attributes:
         features: ``(B, N, D)`` the selected layer's output, ``hidden_states[layer]``, the model's own
             tensor (gradients flow if the forward recorded them).
-        attention: ``(B, H, N)`` float32 probabilities of the probed query (the [CLS] token for
-            ``score="cls"``, the pooling head's probe for ``"map"``) over all tokens per head, detached;
-            None for ``score="norm"``.
+        attention: ``(B, H, N)`` float32 per head, detached: the probabilities of the probed query over
+            all tokens (the [CLS] token for ``score="cls"``, the pooling head's probe for ``"map"``), or
+            the attention each token receives averaged over all queries (``"received"``); None for
+            ``score="norm"``.
     """
 
     features: torch.Tensor
@@ -323,8 +450,10 @@ class AttentionProbe:
             the penultimate layer.
         score: ``"cls"`` the [CLS] token's attention row of ``layer`` (needs a [CLS] token);
             ``"map"`` the attention row of the model's attention-pooling head's probe query over the
-            final tokens (SigLIP; independent of ``layer``); ``"norm"`` per-token L2 norms of the
-            ``layer`` features (:func:`token_norm_scores`; any encoder).
+            final tokens (SigLIP; independent of ``layer``); ``"received"`` the attention each token
+            receives in ``layer``, averaged over all queries, per head (:func:`received_attention`; any
+            encoder, padding tokens excluded; costs one more ``N x N`` matmul per image and head);
+            ``"norm"`` per-token L2 norms of the ``layer`` features (:func:`token_norm_scores`; any encoder).
 
     Raises:
         ValueError: unsupported model, ``layer`` out of range, ``score="cls"`` on an encoder without
@@ -397,7 +526,11 @@ class AttentionProbe:
     def _on_site_input(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if _in_backward():
             return
-        self._attention.append(query_attention_row(self._site.tokens(args, kwargs), self._site))
+        tokens = self._site.tokens(args, kwargs)
+        if self.score == "received":
+            self._attention.append(site_received_attention(tokens, self._site, args=args, kwargs=kwargs))
+        else:
+            self._attention.append(query_attention_row(tokens, self._site, args=args, kwargs=kwargs))
 
     @property
     def captures(self) -> list[ProbeCapture]:
@@ -429,7 +562,7 @@ class AttentionProbe:
 
     @property
     def attention(self) -> torch.Tensor | None:
-        """``(B, H, N)`` float32 attention row per head of the single forward; None for ``score="norm"``."""
+        """``(B, H, N)`` float32 attention score per head of the single forward; None for ``score="norm"``."""
         return self._only().attention
 
     @property
@@ -439,22 +572,33 @@ class AttentionProbe:
         return capture.attention if capture.attention is not None else token_norm_scores(capture.features)
 
 
+def _alternatives(spec: EncoderSpec, *exclude: str) -> str:
+    offers = {
+        "received": "score='received' (attention each token receives, any encoder)",
+        "cls": "score='cls'" if spec.has_cls else "",
+        "map": "score='map' (its attention-pooling head)" if spec.pool_site is not None else "",
+        "norm": "score='norm' (token norms, any encoder)",
+    }
+    return " or ".join(v for k, v in offers.items() if v and k not in exclude)
+
+
 def _score_site(spec: EncoderSpec, block: int, score: str) -> QueryKeySite | None:
     if score == "cls":
         if not spec.has_cls:
             raise ValueError(
                 f"score='cls' needs a [CLS] token, but this {spec.family} encoder has none; use "
-                f"score='norm' (token norms, any encoder)"
-                + (" or score='map' (its attention-pooling head)" if spec.pool_site is not None else "")
+                + _alternatives(spec, "cls")
             )
         return spec.sites[block]
     if score == "map":
         if spec.pool_site is None:
             raise ValueError(
                 f"score='map' needs an attention-pooling (MAP) head, but this {spec.family} encoder has none; "
-                f"use score='norm'" + (" or score='cls'" if spec.has_cls else "")
+                f"use " + _alternatives(spec, "map")
             )
         return spec.pool_site
+    if score == "received":
+        return spec.sites[block]
     if score == "norm":
         return None
     raise ValueError(f"score must be one of {', '.join(map(repr, _SCORES))}, got {score!r}")

@@ -23,12 +23,14 @@ from anchor_former.probes.base import (
     register_encoder_family,
 )
 
-__all__ = ["SiglipFamily"]
+__all__ = ["SiglipFamily", "pooling_head_site"]
 
 _MODULE = "transformers.models.siglip.modeling_siglip"
 
 
-def _pool_site(head: nn.Module) -> QueryKeySite:
+def pooling_head_site(head: nn.Module) -> QueryKeySite:
+    """The site of a SigLIP-style pooling head: its learned ``probe`` query over the tokens it is called with,
+    through its ``attention`` (``torch.nn.MultiheadAttention``, packed ``in_proj``)."""
     mha = head.attention  # torch.nn.MultiheadAttention(batch_first=True), packed in_proj
     dim = mha.embed_dim
 
@@ -72,7 +74,7 @@ class SiglipFamily(EncoderFamily):
             patch_size=int(config.patch_size),
             num_channels=int(config.num_channels),
             run=lambda pixel_values: model(pixel_values=pixel_values),
-            pool_site=_pool_site(heads[0]) if heads else None,
+            pool_site=pooling_head_site(heads[0]) if heads else None,
         )
 
 

@@ -22,7 +22,7 @@ from anchor_former.probes.base import (
     register_encoder_family,
 )
 
-__all__ = ["TimmViTFamily"]
+__all__ = ["TimmViTFamily", "latent_pool_site"]
 
 _MODULE = "timm.models.vision_transformer"
 _ATTENTION = "timm.layers.attention"
@@ -59,7 +59,8 @@ def _site(block: nn.Module) -> QueryKeySite:
     )
 
 
-def _pool_site(pool: nn.Module) -> QueryKeySite:
+def latent_pool_site(pool: nn.Module) -> QueryKeySite:
+    """The site of timm's ``AttentionPoolLatent``: its first latent query over the tokens it pools."""
     kv = pool.kv
     width = pool.num_heads * pool.head_dim
 
@@ -120,7 +121,9 @@ class TimmViTFamily(EncoderFamily):
             patch_size=int(patch_embed.patch_size[0]),
             num_channels=int(patch_embed.proj.in_channels),
             run=lambda pixel_values: model(pixel_values),
-            pool_site=_pool_site(pool) if pool_classes and isinstance(pool, pool_classes) else None,
+            # timm's own grid: dynamic_img_pad rounds up
+            grid=lambda height, width: tuple(patch_embed.dynamic_feat_size((height, width))),
+            pool_site=latent_pool_site(pool) if pool_classes and isinstance(pool, pool_classes) else None,
         )
 
 

@@ -11,7 +11,8 @@ keeps that code untouched and swaps the two modules:
   :class:`AnchoredFeatures`, so the anchors travel to the projector as data, not as a module attribute.
 * :class:`LlavaConnector` replaces ``mm_projector``: it unpacks :class:`AnchoredFeatures` and calls the
   connector ``connector(features, attention=scores)``; the connector's own anchor search picks the
-  anchors, and the LLM sees ``num_anchors + 1`` tokens per image.
+  anchors, and the LLM sees ``num_anchors + 1`` tokens per image (AcFormer) or ``num_anchors +
+  num_context`` (the training-free ``connector="select"``, which reuses the model's trained projector).
 
 The vision tower keeps LLaVA's attribute names (``vision_tower``, ``image_processor``, ``select_layer``,
 ``is_loaded``, ``config``, ...) so state-dict keys (``model.vision_tower.vision_tower.*``) and LLaVA's
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from anchor_former.adapters._probed import probed_forward
 from anchor_former.checkpoint import Layout, load_connector_weights, save_state_dict
 from anchor_former.probes.base import AttentionProbe, Score, detect_encoder
 
@@ -36,9 +38,11 @@ __all__ = [
     "AnchorVisionTower",
     "AnchoredFeatures",
     "LlavaConnector",
+    "attach_anchor_former",
     "build_vision_projector",
     "enable_anchor_former",
     "load_projector_weights",
+    "register_with_llava",
     "save_projector_weights",
 ]
 
@@ -105,10 +109,18 @@ def build_vision_projector(config: Any, delay_load: bool = False, **kwargs: Any)
         raise ValueError(
             f"config.mm_projector_type must be one of {_llava_projector_names()}, got {projector_type!r}"
         )
-    connector_kwargs = {**dict(getattr(config, CONNECTOR_CONFIG_KEY, None) or {}), **kwargs}
-    for key in ("vision_dim", "llm_dim"):  # set by mm_hidden_size / hidden_size
-        connector_kwargs.pop(key, None)
+    connector_kwargs = _constructor_kwargs({**dict(getattr(config, CONNECTOR_CONFIG_KEY, None) or {}), **kwargs})
     return LlavaConnector(build_connector(projector_type, vision_dim, llm_dim, **connector_kwargs))
+
+
+#: entries of ``mm_connector_config`` that are :func:`attach_anchor_former` arguments, not the connector's
+_ATTACH_KEYS = ("connector", "score")
+
+
+def _constructor_kwargs(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``mm_connector_config`` as the connector's constructor arguments: without the widths (set by
+    ``mm_hidden_size`` / ``hidden_size``) and without the recorded ``connector`` / ``score``."""
+    return {k: v for k, v in settings.items() if k not in ("vision_dim", "llm_dim", *_ATTACH_KEYS)}
 
 
 class LlavaConnector(nn.Module):
@@ -174,10 +186,12 @@ class AnchorVisionTower(nn.Module):
         return detect_encoder(self.vision_tower).num_prefix_tokens
 
     def _encode(self, images: torch.Tensor) -> AnchoredFeatures:
-        probe = AttentionProbe(self.vision_tower, layer=self.select_layer, score=self.score or "norm")
-        trainable = any(p.requires_grad for p in self.vision_tower.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable), probe:
-            self.vision_tower(images.to(device=self.device, dtype=self.dtype))
+        clip = self.vision_tower
+        trainable = any(p.requires_grad for p in clip.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
+            # a fresh probe per call, under the tower's lock and outside torch.compile (see _probed)
+            _, probe = probed_forward(clip, lambda: clip(images.to(device=self.device, dtype=self.dtype)),
+                                      layer=self.select_layer, score=self.score or "norm")
         features = probe.features.to(images.dtype)  # (B, N, D), as LLaVA casts back to the input dtype
         return AnchoredFeatures(features, None if self.score is None else probe.scores)
 
@@ -232,7 +246,127 @@ def _llava_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return inner, tower
 
 
-def enable_anchor_former(
+@dataclass(frozen=True)
+class _Plan:
+    """What :func:`attach_anchor_former` checked and will build (nothing is changed while planning)."""
+
+    inner: nn.Module
+    tower: AnchorVisionTower
+    connector: str
+    score: Score
+    kwargs: dict[str, Any]  # the connector's constructor arguments (widths excluded)
+    previous: nn.Module | None  # the connector of an already switched model, whose weights carry over
+    init_projector: bool
+
+
+def _plan(model: nn.Module, *, num_anchors: int, connector: str, score: Score, init_projector: bool,
+          kwargs: dict[str, Any]) -> _Plan:
+    """Validate the arguments against ``model``; raises ``ValueError`` before anything changes (a
+    delay-loaded CLIP tower is loaded, as LLaVA itself would on first use)."""
+    from anchor_former.connectors.registry import available_connectors
+
+    inner, tower = _llava_parts(model)
+    config = model.config
+    merge = getattr(config, "mm_patch_merge_type", "flat") or "flat"
+    if merge != "flat":
+        raise ValueError(
+            f"config.mm_patch_merge_type must be 'flat' for attach_anchor_former (the connector's tokens are not a "
+            f"patch grid that LLaVA's spatial merge could tile), got {merge!r}"
+        )
+    if connector not in available_connectors() and not re.match(r"^mlp\d+x_gelu$", str(connector)):
+        raise ValueError(f"connector must be one of {', '.join(available_connectors())}, got {connector!r}")
+    previous = None
+    if isinstance(inner.mm_projector, LlavaConnector):
+        recorded = getattr(config, "mm_projector_type", None)
+        if recorded != connector:
+            raise ValueError(
+                f"connector must stay {recorded!r} when re-attaching (the model is already switched, and its "
+                f"connector's weights carry over), got {connector!r}; to switch connectors, attach to a freshly "
+                "loaded stock LLaVA model instead"
+            )
+        inherited = {k: v for k, v in dict(getattr(config, CONNECTOR_CONFIG_KEY, None) or {}).items()
+                     if k not in ("num_anchors", "include_cls")}
+        kwargs = {**_constructor_kwargs(inherited), **kwargs}
+        previous = inner.mm_projector.connector
+    if not getattr(tower, "is_loaded", True):
+        tower.load_model()
+    new_tower = AnchorVisionTower(tower, score=score)  # raises for CLS-less + "cls", bad layer
+    spec = detect_encoder(new_tower.vision_tower)
+    kwargs = _anchor_kwargs(connector, num_anchors, new_tower, kwargs, has_cls=spec.has_cls, score=score,
+                            cls_patch=getattr(config, "mm_vision_select_feature", "patch") == "cls_patch")
+    old_type = getattr(config, "mm_projector_type", "linear")
+    if connector == "select" and previous is None:
+        _check_select_source(inner.mm_projector, old_type, init_projector)
+    if _LLAVA_PROJECTORS.match(str(connector)):
+        kwargs.pop("projector", None)  # the name is the projector
+    elif "projector" not in kwargs and isinstance(old_type, str) and re.match(r"^(linear|mlp\d+x_gelu)$", old_type):
+        kwargs["projector"] = old_type  # same output MLP as the model had, so its weights carry over
+    kwargs.setdefault("num_prefix_tokens", spec.num_prefix_tokens)
+    return _Plan(inner=inner, tower=new_tower, connector=connector, score=score, kwargs=kwargs, previous=previous,
+                 init_projector=init_projector)
+
+
+def _build(plan: _Plan, config: Any, model: nn.Module) -> nn.Module:
+    """The new connector on the old projector's device and dtype, with its starting weights: the
+    previous connector's (re-attach), else the model's LLaVA projector (``init_projector``)."""
+    from anchor_former.checkpoint import CheckpointError, load_checked
+    from anchor_former.connectors.registry import build_connector
+
+    old_projector = plan.inner.mm_projector
+    param = next(iter(old_projector.parameters()), None)
+    param = param if param is not None else next(iter(model.parameters()))
+    new = build_connector(plan.connector, int(config.mm_hidden_size), int(config.hidden_size), **plan.kwargs,
+                          device=param.device, dtype=param.dtype)
+    new.num_output_tokens(plan.tower.num_patches + plan.tower.num_prefix_tokens)  # budget checks, before any change
+    if plan.previous is not None:
+        try:
+            load_checked(new, plan.previous.state_dict(), what="the attached connector's weights")
+        except CheckpointError as error:
+            raise ValueError(
+                f"re-attaching keeps the attached connector's weights, so its architecture must stay the same: "
+                f"{error}; to change it, attach to a freshly loaded stock LLaVA model instead"
+            ) from error
+    elif plan.init_projector:
+        target = getattr(new, "projector", None)
+        if target is not None and _shapes(target) == _shapes(old_projector):
+            target.load_state_dict(old_projector.state_dict())
+        elif plan.connector == "select":
+            raise ValueError(
+                f"connector='select' needs the model's {config.mm_projector_type} projector to fit a "
+                f"{plan.kwargs['projector']} of width {config.mm_hidden_size} -> {config.hidden_size}; its "
+                "parameters have other shapes"
+            )
+    return new
+
+
+def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def _swap(model: nn.Module, plan: _Plan, new: nn.Module) -> None:
+    """Install the tower and ``new``, and record the settings in ``model.config`` (every check has passed)."""
+    if not getattr(new, "uses_anchors", False):
+        plan.tower.score = None  # the connector ignores anchors: skip the probe's attention row
+    inner, config = plan.inner, model.config
+    if isinstance(getattr(inner, "vision_tower", None), list):  # LLaVA keeps it in a list under FSDP
+        inner.vision_tower = [plan.tower]
+    else:
+        inner.vision_tower = plan.tower
+    inner.mm_projector = LlavaConnector(new)
+    conn_config = getattr(new, "config", None)
+    settings = conn_config.to_dict() if hasattr(conn_config, "to_dict") else dict(plan.kwargs)
+    settings = _constructor_kwargs(settings)
+    if _LLAVA_PROJECTORS.match(plan.connector):
+        settings.pop("projector", None)
+    # connector and score too, so attach_anchor_former(model, **config.mm_connector_config) rebuilds it
+    settings.update(connector=plan.connector, score=plan.score)
+    config.mm_projector_type = plan.connector
+    setattr(config, CONNECTOR_CONFIG_KEY, settings)
+    config.mm_vision_select_feature = "cls_patch"
+    config.mm_anchor_score = plan.score
+
+
+def attach_anchor_former(
     model: nn.Module,
     *,
     num_anchors: int = 144,
@@ -245,90 +379,95 @@ def enable_anchor_former(
 
     Replaces ``model.get_model().vision_tower`` by an :class:`AnchorVisionTower` (same CLIP model, no
     copy) and ``model.get_model().mm_projector`` by a :class:`LlavaConnector`, and records the settings
-    in ``model.config`` (``mm_projector_type``, ``mm_connector_config``, ``mm_vision_select_feature =
-    "cls_patch"``, ``mm_anchor_score``). The LLM then sees ``num_anchors + 1`` visual tokens per image.
+    in ``model.config`` (``mm_projector_type``, ``mm_connector_config`` (the connector's arguments plus
+    ``connector`` and ``score``, so ``attach_anchor_former(model, **model.config.mm_connector_config)``
+    rebuilds it), ``mm_vision_select_feature = "cls_patch"``, ``mm_anchor_score``). The LLM then sees
+    ``num_anchors + 1`` visual tokens per image. :func:`enable_anchor_former` is the same function.
 
     Args:
         model: ``LlavaLlamaForCausalLM`` or a sibling (``LlavaMistralForCausalLM``, ...). A delay-loaded
-            vision tower is loaded.
-        num_anchors: K anchors ([CLS] is added as query K + 1); only for ``connector="acformer"``.
-        connector: a :func:`~anchor_former.build_connector` name (``"acformer"``, ``"perceiver"``,
-            ``"avgpool"``, ``"cabstractor"``, ...).
+            vision tower is loaded. A model already switched is re-attached (below).
+        num_anchors: K anchors. ``"acformer"``: [CLS] is added as query K + 1; ``"select"``: the LLM sees
+            the K anchor patches (plus ``num_context``). Ignored by the other connectors.
+        connector: a :func:`~anchor_former.build_connector` name: ``"acformer"`` (trained AcFormer),
+            ``"select"`` (training-free: the K anchor patches through the model's own projector, no new
+            parameters; ``num_context=M`` adds M merged context tokens; [CLS] is kept first only where the
+            model's ``mm_vision_select_feature`` is ``"cls_patch"``), ``"perceiver"``, ``"avgpool"``,
+            ``"cabstractor"``, ...
         score: anchor score read by the probe at ``mm_vision_select_layer``: ``"cls"`` ([CLS] attention,
             as the paper), ``"norm"`` (token norms; encoders without [CLS]).
         init_projector: copy the model's current ``linear`` / ``mlpNx_gelu`` projector weights into the
             connector's output MLP (which by default gets the same type), i.e. warm start from LLaVA-1.5.
         **kwargs: further connector arguments (``depth``, ``heads``, ``dim_head``, ``ff_mult``, ...).
 
+    Re-attaching (the model is already switched, e.g. to change ``num_anchors``) keeps the connector: the
+    same ``connector`` name is required, every weight of the attached connector carries over unchanged
+    (none depends on K), connector arguments not passed keep their recorded values, and
+    ``init_projector`` does not apply.
+
     Raises:
         ValueError: not a LLaVA model; ``mm_patch_merge_type`` other than ``"flat"`` (AcFormer's tokens
             are not a patch grid); unknown connector; ``score="cls"`` on a tower without [CLS];
-            ``num_anchors`` larger than the tower's patch count.
+            ``num_anchors`` (+ ``num_context``) larger than the tower's patch count; ``"select"`` on a
+            projector that is not LLaVA's ``linear`` / ``mlp{N}x_gelu``; on re-attach, another connector
+            name or arguments that change the connector's weight shapes. The model is unchanged then.
     """
-    from anchor_former.connectors.registry import available_connectors, build_connector
-
-    inner, tower = _llava_parts(model)
-    config = model.config
-    merge = getattr(config, "mm_patch_merge_type", "flat") or "flat"
-    if merge != "flat":
-        raise ValueError(
-            f"config.mm_patch_merge_type must be 'flat' for enable_anchor_former (the connector's tokens are not a "
-            f"patch grid that LLaVA's spatial merge could tile), got {merge!r}"
-        )
-    if connector not in available_connectors() and not re.match(r"^mlp\d+x_gelu$", str(connector)):
-        raise ValueError(f"connector must be one of {', '.join(available_connectors())}, got {connector!r}")
-    if isinstance(tower, AnchorVisionTower):
-        base = tower
-    else:
-        if not getattr(tower, "is_loaded", True):
-            tower.load_model()
-        base = tower
-    new_tower = AnchorVisionTower(base, score=score)  # raises for CLS-less + "cls", bad layer
-    spec = detect_encoder(new_tower.vision_tower)
-    patches = new_tower.num_patches
-    if connector == "acformer":
-        if isinstance(num_anchors, bool) or not isinstance(num_anchors, int) or num_anchors < 1:
-            raise ValueError(f"num_anchors must be an integer >= 1, got {num_anchors!r}")
-        if num_anchors > patches:
-            raise ValueError(
-                f"num_anchors={num_anchors} exceeds the {patches} patch tokens of the vision tower "
-                f"({new_tower.num_patches_per_side}x{new_tower.num_patches_per_side} patches)"
-            )
-        kwargs = {"num_anchors": num_anchors, "include_cls": spec.has_cls and score == "cls", **kwargs}
-    old_projector = inner.mm_projector
-    old_type = getattr(config, "mm_projector_type", "linear")
-    if "projector" not in kwargs and isinstance(old_type, str) and re.match(r"^(linear|mlp\d+x_gelu)$", old_type):
-        if connector not in ("linear", "identity") and not re.match(r"^mlp\d+x_gelu$", connector):
-            kwargs["projector"] = old_type  # same output MLP as the model had, so its weights carry over
-    kwargs.setdefault("num_prefix_tokens", spec.num_prefix_tokens)
-    param = next(iter(old_projector.parameters()), None)
-    param = param if param is not None else next(iter(model.parameters()))
-    new = build_connector(connector, int(config.mm_hidden_size), int(config.hidden_size), **kwargs,
-                          device=param.device, dtype=param.dtype)
-    if init_projector and not isinstance(old_projector, LlavaConnector):
-        target = getattr(new, "projector", None)
-        if target is not None and {k: tuple(v.shape) for k, v in target.state_dict().items()} == {
-            k: tuple(v.shape) for k, v in old_projector.state_dict().items()
-        }:
-            target.load_state_dict(old_projector.state_dict())
-
-    if not getattr(new, "uses_anchors", False):
-        new_tower.score = None  # the connector ignores anchors: skip the probe's attention row
-    # all checks passed: swap the modules and record the settings
-    if isinstance(getattr(inner, "vision_tower", None), list):  # LLaVA keeps it in a list under FSDP
-        inner.vision_tower = [new_tower]
-    else:
-        inner.vision_tower = new_tower
-    inner.mm_projector = LlavaConnector(new)
-    conn_config = getattr(new, "config", None)
-    settings = conn_config.to_dict() if hasattr(conn_config, "to_dict") else dict(kwargs)
-    settings.pop("vision_dim", None)
-    settings.pop("llm_dim", None)
-    config.mm_projector_type = connector
-    setattr(config, CONNECTOR_CONFIG_KEY, settings)
-    config.mm_vision_select_feature = "cls_patch"
-    config.mm_anchor_score = score
+    plan = _plan(model, num_anchors=num_anchors, connector=connector, score=score, init_projector=init_projector,
+                 kwargs=kwargs)
+    new = _build(plan, model.config, model)
+    _swap(model, plan, new)
     return model
+
+
+#: the LLaVA adapter's original name for :func:`attach_anchor_former` (kept; same function)
+enable_anchor_former = attach_anchor_former
+
+
+def _anchor_kwargs(
+    connector: str,
+    num_anchors: int,
+    tower: AnchorVisionTower,
+    kwargs: dict[str, Any],
+    *,
+    has_cls: bool,
+    score: str,
+    cls_patch: bool,
+) -> dict[str, Any]:
+    """The anchor settings of ``connector`` (``num_anchors``, ``include_cls``) added to ``kwargs``, checked.
+
+    ``"acformer"`` queries with [CLS] when the score is the [CLS] row; ``"select"`` keeps [CLS] only where
+    the stock model fed it to its projector (``mm_vision_select_feature="cls_patch"``).
+    """
+    if connector not in ("acformer", "select"):
+        return kwargs
+    if isinstance(num_anchors, bool) or not isinstance(num_anchors, int) or num_anchors < 1:
+        raise ValueError(f"num_anchors must be an integer >= 1, got {num_anchors!r}")
+    patches = tower.num_patches
+    context = kwargs.get("num_context", 0) if connector == "select" else 0
+    budget = num_anchors + (context if isinstance(context, int) and context > 0 else 0)
+    if budget > patches:
+        what = "num_anchors + num_context" if connector == "select" else "num_anchors"
+        raise ValueError(
+            f"{what} must be at most the {patches} patch tokens of the vision tower "
+            f"({tower.num_patches_per_side}x{tower.num_patches_per_side} patches), got {budget}"
+        )
+    include_cls = has_cls and (cls_patch if connector == "select" else score == "cls")
+    return {"num_anchors": num_anchors, "include_cls": include_cls, **kwargs}
+
+
+def _check_select_source(projector: nn.Module, projector_type: Any, init_projector: bool) -> None:
+    """``connector="select"`` reuses the model's trained projector: it must be LLaVA's linear / MLP."""
+    if not init_projector:
+        raise ValueError(
+            "connector='select' maps the kept tokens with the model's own trained projector; init_projector=False "
+            "would leave it random"
+        )
+    known = isinstance(projector_type, str) and re.match(r"^(linear|mlp\d+x_gelu)$", projector_type)
+    if not known or isinstance(projector, LlavaConnector):
+        raise ValueError(
+            "connector='select' needs the model's projector to be LLaVA's 'linear' or 'mlp{N}x_gelu' "
+            f"(config.mm_projector_type), got mm_projector_type={projector_type!r} ({type(projector).__name__})"
+        )
 
 
 def _connector_of(target: nn.Module) -> nn.Module:
@@ -367,3 +506,6 @@ def save_projector_weights(target: nn.Module, path: str | os.PathLike[str]) -> N
     ``model.mm_projector.connector.*`` (what :func:`load_projector_weights` reads back)."""
     connector = _connector_of(target)
     save_state_dict({f"model.mm_projector.connector.{k}": v for k, v in connector.state_dict().items()}, path)
+
+
+from anchor_former.adapters.llava.registration import register_with_llava  # noqa: E402  (extends the classes above)

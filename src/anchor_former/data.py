@@ -1,0 +1,318 @@
+"""LLaVA-format training data: a JSON list of conversations, each optionally about one image.
+
+The file format is LLaVA's (``llava_v1_5_mix665k.json``, ``blip_laion_cc_sbu_558k.json``)::
+
+    [{"id": "0001", "image": "coco/train2017/000000033471.jpg",
+      "conversations": [{"from": "human", "value": "<image>\\nWhat is in the picture?"},
+                        {"from": "gpt", "value": "A bus."}, ...]}, ...]
+
+:func:`load_conversations` reads and checks the WHOLE file before anything trains: every sample must
+be an object with a ``conversations`` list of ``{"from": "human"|"gpt", "value": str}`` turns that
+alternate human/gpt starting with human and end with gpt; at most one ``<image>`` placeholder, only in
+a sample with an ``image``; the image file must exist under ``image_folder``. The first violation raises
+``ValueError`` naming the sample index, the JSON file and (for images) the image path.
+
+:class:`ConversationDataset` turns a sample into ``input_ids (T,)``, ``labels (T,)`` and
+``pixel_values (C, H_img, W_img)``; the ``<image>`` placeholder becomes ``num_image_tokens`` copies of
+the model's image token (K + 1 for AcFormer), and ``labels`` is ``-100`` everywhere except the answers
+(the gpt turns and the end-of-turn token after each). Templates:
+
+* ``"plain"`` (stage 1, LLaVA's caption pretraining): ``<image>`` tokens, the caption, ``"\\n"``; the
+  human turn's text is dropped (as LLaVA's ``plain`` template does); samples must be one human + one gpt
+  turn with an image.
+* ``"vicuna_v1"`` (stage 2, LLaVA-1.5's instruction tuning): ``"{system} USER: {q} ASSISTANT: {a}</s>"``
+  per round, ``</s>`` being the tokenizer's end-of-sequence token.
+
+Text pieces are tokenized separately and concatenated, so the answer mask is exact by construction
+(LLaVA re-tokenizes whole rounds and masks everything on a length mismatch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import Dataset
+
+__all__ = [
+    "IGNORE_INDEX",
+    "IMAGE_PLACEHOLDER",
+    "ConversationCollator",
+    "ConversationDataset",
+    "ConversationSample",
+    "Template",
+    "load_conversations",
+]
+
+#: label value the loss ignores (PyTorch's cross-entropy default)
+IGNORE_INDEX = -100
+#: where the image goes in a human turn
+IMAGE_PLACEHOLDER = "<image>"
+#: LLaVA-1.5's system prompt for ``vicuna_v1``
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+Template = Literal["plain", "vicuna_v1"]
+_ROLES = ("human", "gpt")
+
+
+@dataclass(frozen=True)
+class ConversationSample:
+    """One validated sample.
+
+    Attributes:
+        index: position in the JSON list (error messages name it).
+        image: absolute path of the image file, or None for a text-only sample.
+        turns: ``(role, text)`` pairs, roles alternating ``"human"`` / ``"gpt"``; when ``image`` is set
+            exactly one human turn holds the ``<image>`` placeholder.
+    """
+
+    index: int
+    image: str | None
+    turns: tuple[tuple[str, str], ...]
+
+
+def _sample_error(index: int, data_path: str, what: str) -> ValueError:
+    return ValueError(f"sample {index} of {data_path}: {what}")
+
+
+def _check_turns(index: int, data_path: str, conversations: Any) -> list[tuple[str, str]]:
+    if not isinstance(conversations, list) or not conversations:
+        raise _sample_error(index, data_path, f"'conversations' must be a non-empty list, got {conversations!r:.80}")
+    turns = []
+    for j, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise _sample_error(index, data_path, f"turn {j} must be {{'from': ..., 'value': str}}, got {turn!r:.80}")
+        role = turn.get("from")
+        if role != _ROLES[j % 2]:
+            raise _sample_error(
+                index, data_path,
+                f"turn {j} must be from {_ROLES[j % 2]!r} (turns alternate human/gpt, starting with human), "
+                f"got {role!r}",
+            )
+        turns.append((role, turn["value"]))
+    if turns[-1][0] != "gpt":
+        raise _sample_error(index, data_path, f"the last turn must be from 'gpt' (an answer), got {len(turns)} turns "
+                                              "ending with 'human'")
+    return turns
+
+
+def load_conversations(data_path: str | os.PathLike[str], *, image_folder: str | os.PathLike[str] | None = None
+                       ) -> list[ConversationSample]:
+    """Read and validate a LLaVA-format JSON file (every sample, before any training).
+
+    Args:
+        data_path: the JSON file: a list of ``{"image"?: str, "conversations": [...]}`` objects.
+        image_folder: folder the ``image`` entries are relative to (absolute entries are kept).
+
+    Returns:
+        One :class:`ConversationSample` per JSON entry, in file order. A sample whose human turns hold no
+        ``<image>`` but which has an ``image`` gets ``"<image>\\n"`` prepended to its first turn.
+
+    Raises:
+        ValueError: unreadable JSON or not a list; a sample that is not an object, malformed turns (not
+            alternating human/gpt from human, not ending with gpt, a value that is not a string), more than
+            one ``<image>``, ``<image>`` without an ``image`` entry, an ``image`` that is not a string, an
+            image file that does not exist. The message names the sample index, ``data_path`` and, for
+            images, the missing file.
+    """
+    data_path = os.fspath(data_path)
+    try:
+        with open(data_path, encoding="utf-8") as handle:
+            raw = json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"data_path {data_path!r} must be a readable JSON file: {error}") from error
+    if not isinstance(raw, list):
+        raise ValueError(f"data_path {data_path!r} must hold a JSON list of samples, got {type(raw).__name__}")
+    folder = os.fspath(image_folder) if image_folder is not None else ""
+    samples = []
+    for index, entry in enumerate(raw):
+        if not isinstance(entry, dict):
+            raise _sample_error(index, data_path, f"must be a JSON object, got {type(entry).__name__}")
+        turns = _check_turns(index, data_path, entry.get("conversations"))
+        count = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
+        image = entry.get("image")
+        if image is None:
+            if count:
+                raise _sample_error(index, data_path, f"has {count} {IMAGE_PLACEHOLDER} placeholder(s) but no 'image'")
+        else:
+            if not isinstance(image, str) or not image:
+                raise _sample_error(index, data_path, f"'image' must be a file name, got {image!r:.80}")
+            image = os.path.abspath(os.path.join(folder, image))
+            if not os.path.isfile(image):
+                raise _sample_error(index, data_path, f"image file {image} does not exist (image_folder={folder!r})")
+            if count > 1:
+                raise _sample_error(index, data_path, f"has {count} {IMAGE_PLACEHOLDER} placeholders; one image per "
+                                                      "sample is supported")
+            if count == 0:
+                turns[0] = (turns[0][0], f"{IMAGE_PLACEHOLDER}\n{turns[0][1]}")
+        samples.append(ConversationSample(index=index, image=image, turns=tuple(turns)))
+    return samples
+
+
+def _expand_to_square(image: Any, background: tuple[int, ...]) -> Any:
+    """LLaVA-1.5's ``pad`` aspect ratio: paste the image centred on a square of the processor's mean colour."""
+    from PIL import Image
+
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    result = Image.new(image.mode, (side, side), background)
+    result.paste(image, ((side - width) // 2, (side - height) // 2))
+    return result
+
+
+class ConversationDataset(Dataset):
+    """Tokenized samples for causal-LM training with the loss on the answers only.
+
+    Args:
+        samples: from :func:`load_conversations`.
+        tokenizer: a Hugging Face tokenizer (``__call__`` with ``add_special_tokens``; ``eos_token_id``;
+            ``bos_token_id`` may be None).
+        image_processor: a Hugging Face image processor (``__call__(images=..., return_tensors="pt")``);
+            only needed when some sample has an image.
+        image_token_id: the model's image token id (``config.image_token_id``).
+        num_image_tokens: how many image tokens the model's connector gives per image (K + 1 for AcFormer).
+        template: ``"plain"`` or ``"vicuna_v1"`` (see the module docstring).
+        max_length: longest ``input_ids``; longer samples are cut at the end. A cut through the image
+            tokens raises ValueError (the model would see a partial image).
+        image_aspect_ratio: ``"pad"`` (LLaVA-1.5: pad to a square with the mean colour) or ``"square"``
+            (the processor's own resize and crop).
+
+    ``dataset[i]`` → ``{"input_ids": (T,) long, "labels": (T,) long, "pixel_values": (C, H_img, W_img)}``
+    (``pixel_values`` only for samples with an image).
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[ConversationSample],
+        *,
+        tokenizer: Any,
+        image_processor: Any = None,
+        image_token_id: int,
+        num_image_tokens: int,
+        template: Template = "vicuna_v1",
+        max_length: int = 2048,
+        image_aspect_ratio: Literal["pad", "square"] = "pad",
+    ) -> None:
+        if template not in ("plain", "vicuna_v1"):
+            raise ValueError(f"template must be 'plain' or 'vicuna_v1', got {template!r}")
+        if image_aspect_ratio not in ("pad", "square"):
+            raise ValueError(f"image_aspect_ratio must be 'pad' or 'square', got {image_aspect_ratio!r}")
+        for name, value in (("num_image_tokens", num_image_tokens), ("max_length", max_length)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if tokenizer.eos_token_id is None:
+            raise ValueError("tokenizer must have an eos_token (it ends every answer), got eos_token_id=None")
+        if image_processor is None and any(s.image is not None for s in samples):
+            raise ValueError("image_processor is required: some samples have an image")
+        if template == "plain":
+            for sample in samples:
+                if sample.image is None or len(sample.turns) != 2:
+                    raise ValueError(
+                        f"sample {sample.index}: template 'plain' (caption pretraining) needs an image and exactly "
+                        f"one human + one gpt turn, got image={sample.image!r} and {len(sample.turns)} turns"
+                    )
+        self.samples = list(samples)
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.image_token_id = int(image_token_id)
+        self.num_image_tokens = num_image_tokens
+        self.template = template
+        self.max_length = max_length
+        self.image_aspect_ratio = image_aspect_ratio
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def _prompt_ids(self, text: str) -> list[int]:
+        """Text with at most one ``<image>`` → ids with the image tokens in its place."""
+        before, _, after = text.partition(IMAGE_PLACEHOLDER)
+        if before == text:
+            return self._ids(text)
+        return self._ids(before) + [self.image_token_id] * self.num_image_tokens + self._ids(after)
+
+    def encode(self, sample: ConversationSample) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids (T,), labels (T,))`` for one sample; labels are ``-100`` outside the answers."""
+        pieces: list[tuple[list[int], bool]] = []  # (ids, is_answer)
+        bos = self.tokenizer.bos_token_id
+        if bos is not None:
+            pieces.append(([bos], False))
+        if self.template == "plain":
+            pieces.append(([self.image_token_id] * self.num_image_tokens, False))
+            pieces.append((self._ids(sample.turns[1][1] + "\n"), True))
+        else:
+            prompt = VICUNA_SYSTEM + " "
+            for role, text in sample.turns:
+                if role == "human":
+                    prompt += f"USER: {text} ASSISTANT:"
+                else:
+                    pieces.append((self._prompt_ids(prompt), False))
+                    pieces.append((self._ids(" " + text) + [self.tokenizer.eos_token_id], True))
+                    prompt = ""
+        input_ids = [i for ids, _ in pieces for i in ids]
+        labels = [i if answer else IGNORE_INDEX for ids, answer in pieces for i in ids]
+        if len(input_ids) > self.max_length:
+            cut = input_ids[self.max_length:]
+            if self.image_token_id in cut:
+                raise ValueError(
+                    f"sample {sample.index}: max_length={self.max_length} cuts through its {self.num_image_tokens} "
+                    f"image tokens ({len(input_ids)} tokens in all); raise max_length"
+                )
+            input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
+        return torch.tensor(input_ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
+
+    def load_image(self, sample: ConversationSample) -> torch.Tensor:
+        """``(C, H_img, W_img)`` pixel values of the sample's image."""
+        from PIL import Image
+
+        with Image.open(sample.image) as handle:
+            image = handle.convert("RGB")
+        if self.image_aspect_ratio == "pad":
+            mean = getattr(self.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
+            image = _expand_to_square(image, tuple(int(round(255 * m)) for m in mean))
+        return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        sample = self.samples[i]
+        input_ids, labels = self.encode(sample)
+        item = {"input_ids": input_ids, "labels": labels}
+        if sample.image is not None:
+            item["pixel_values"] = self.load_image(sample)
+        return item
+
+
+@dataclass(frozen=True)
+class ConversationCollator:
+    """Pads a list of :class:`ConversationDataset` items into a batch (right padding).
+
+    Returns ``input_ids (B, T)`` (``pad_token_id``), ``labels (B, T)`` (``-100``), ``attention_mask
+    (B, T)`` (1 = token) and, when any sample has an image, ``pixel_values (I, C, H_img, W_img)`` for the
+    I samples with one, in batch order (what ``LlavaForConditionalGeneration`` expects).
+    """
+
+    pad_token_id: int
+
+    def __call__(self, items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        length = max(int(item["input_ids"].shape[0]) for item in items)
+        input_ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), length), dtype=torch.long)
+        for row, item in enumerate(items):
+            n = int(item["input_ids"].shape[0])
+            input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = item["input_ids"], item["labels"], 1
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        images = [item["pixel_values"] for item in items if "pixel_values" in item]
+        if images:
+            batch["pixel_values"] = torch.stack(images)
+        return batch
