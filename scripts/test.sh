@@ -19,7 +19,10 @@ pip_q() { "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 echo "== main environment (.venv)" >&2
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip_q .venv/bin/pip install -q $MAIN_TORCH
-pip_q .venv/bin/pip install -q -e ".[test,hf,timm,viz]" build  # build: the sdist check of scripts/test_wheel.sh
+pip_q .venv/bin/pip install -q -e ".[test,hf,timm,viz]"
+# scripts/test_wheel.sh builds without isolation (fast, offline once installed): the build backend of
+# pyproject.toml's [build-system] and `build` for the sdist
+pip_q .venv/bin/pip install -q "setuptools>=77,<85" build
 
 echo "== LLaVA environment (.venv-llava)" >&2
 [ -x .venv-llava/bin/python ] || "$PYTHON" -m venv .venv-llava
