@@ -1,4 +1,4 @@
-"""Training-free reduction on real tiny Qwen2-VL / Qwen2.5-VL models + processors (random init, offline).
+"""Training-free reduction on real tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL models + processors (random init, offline).
 
 The spine: at full budget (every merged token kept) the attached model's logits equal the stock model's,
 for a batch mixing two image sizes and a video.
@@ -19,6 +19,7 @@ from _hf_qwen import FAMILIES, IMAGE_SIZES, MERGE, PATCH, PROMPTS, SPECIAL, VIDE
 from transformers.vision_utils import get_vision_window_index  # noqa: E402
 
 from anchor_former.adapters.hf.qwen_vl import (  # noqa: E402
+    AnchorFormerQwen3VLForConditionalGeneration,
     AnchorFormerQwen2_5_VLForConditionalGeneration,
     AnchorFormerQwen2VLForConditionalGeneration,
     attach_anchor_former_qwen,
@@ -29,7 +30,8 @@ from anchor_former.adapters.hf.qwen_vl import (  # noqa: E402
 
 TOL = {"atol": 1e-5, "rtol": 0}  # fp32; the full-budget identity measured 0.0 here (bitwise equal)
 ATTACHED = {"qwen2_5_vl": AnchorFormerQwen2_5_VLForConditionalGeneration,
-            "qwen2_vl": AnchorFormerQwen2VLForConditionalGeneration}
+            "qwen2_vl": AnchorFormerQwen2VLForConditionalGeneration,
+            "qwen3_vl": AnchorFormerQwen3VLForConditionalGeneration}
 # merged tokens per image and per video step: images 3 x 4 and 2 x 2, video 2 steps of 2 x 3
 MERGED = [(IMAGE_SIZES[0][0] // 16) * (IMAGE_SIZES[0][1] // 16), (IMAGE_SIZES[1][0] // 16) * (IMAGE_SIZES[1][1] // 16)]
 VIDEO_STEPS, VIDEO_MERGED = VIDEO_SHAPE[0] // 2, (VIDEO_SHAPE[1] // 16) * (VIDEO_SHAPE[2] // 16)
@@ -113,7 +115,7 @@ def test_scores_match_the_dense_reference_and_pick_the_top_k(family) -> None:
     _, reduced, processor = stock_and_attached(family, 3)
     inputs = inputs_for(processor)
     layer = reduced.config.anchor_former["score_layer"]
-    assert layer == (3 if family == "qwen2_5_vl" else 2)  # the last full-attention block
+    assert layer == (3 if family == "qwen2_5_vl" else 2)  # the last full-attention block (all are, but 2.5-VL's)
     visual = reduced.model.visual
     captured = []
     handle = visual.blocks[layer].attn.register_forward_pre_hook(
@@ -168,7 +170,10 @@ def test_kept_tokens_keep_their_stock_positions(family) -> None:
     pos, delta = reduced.model.get_rope_index(**{k: inputs[k] for k in keys},
                                               second_per_grid_ts=inputs.get("second_per_grid_ts"), kept_indices=kept)
     torch.testing.assert_close(reduced.model.rope_deltas, delta, rtol=0, atol=0)  # what forward stored for decoding
-    iters = {1: iter(kept["image"]), 2: iter(kept["video"])}
+    video_runs = kept["video"]
+    if family == "qwen3_vl":  # one run per video step (timestamp text between), indices per step
+        video_runs = [step - s * VIDEO_MERGED for idx in video_runs for s, step in enumerate(idx.view(VIDEO_STEPS, -1))]
+    iters = {1: iter(kept["image"]), 2: iter(video_runs)}
     for b in range(2):
         real, full_real = inputs["attention_mask"][b].bool(), full["attention_mask"][b].bool()
         types, full_types = inputs["mm_token_type_ids"][b][real], full["mm_token_type_ids"][b][full_real]
@@ -315,12 +320,25 @@ def test_unsupported_models_are_refused() -> None:
     from _hf_llava import make_processor as make_llava_processor
 
     llava = make_llava(make_llava_processor())
-    with pytest.raises(ValueError, match="model must be a transformers Qwen2VLForConditionalGeneration or "
-                                         "Qwen2_5_VLForConditionalGeneration .*got transformers.*LlavaForConditional"):
+    with pytest.raises(ValueError, match="model must be a transformers Qwen2VLForConditionalGeneration, Qwen2_5_VL"
+                                         "ForConditionalGeneration or Qwen3VLForConditionalGeneration .*got transformers"
+                                         ".*LlavaForConditional"):
         attach_anchor_former_qwen(llava, num_anchors=4)
     assert type(llava).__name__ == "LlavaForConditionalGeneration"
     _, reduced, processor = stock_and_attached("qwen2_5_vl", 2)
     with pytest.raises(ValueError, match="not yet attached"):
         attach_anchor_former_qwen(reduced, num_anchors=3)
-    with pytest.raises(ValueError, match="processor must be a transformers Qwen2VLProcessor or Qwen2_5_VLProcessor"):
+    with pytest.raises(ValueError, match="processor must be a transformers Qwen2VLProcessor, Qwen2_5_VLProcessor or Qwen3VLProcessor"):
         attach_anchor_former_qwen(make_model(make_processor()), object(), num_anchors=2)
+
+
+def test_qwen3_deepstack_features_are_taken_at_the_kept_tokens() -> None:
+    stock, reduced, processor = stock_and_attached("qwen3_vl", 2)
+    inputs = inputs_for(processor)
+    with torch.no_grad():
+        out = reduced.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        full = stock.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    assert len(out.deepstack_features) == 2
+    for layer_out, layer_full in zip(out.deepstack_features, full.deepstack_features):
+        for kept, idx, everything in zip(layer_out, out.kept_indices, layer_full):
+            torch.testing.assert_close(kept, everything[idx], rtol=0, atol=0)
