@@ -1,0 +1,161 @@
+"""Analytic rows for Qwen2.5-VL-7B: what keeping K merged visual tokens buys in LLM prefill and KV cache.
+
+    python -m benchmarks.qwen_rows            # markdown tables on stdout
+    python -m benchmarks.qwen_rows --json     # the same rows as JSON
+
+Cases: one 1280 x 720 image and a 32-frame 1280 x 720 video, each followed by ``text_tokens`` text tokens,
+at full budget and at K merged tokens per image / per video step (``attach_anchor_former_qwen``'s rule;
+a video step is 2 frames). Counts follow :mod:`anchor_former.flops` (matrix products only, 2 FLOPs per
+multiply-add, dense attention, LM head on the last token; KV cache in bf16).
+
+Shapes (from the published ``config.json`` / ``preprocessor_config.json`` of Qwen/Qwen2.5-VL-7B-Instruct,
+written out here because no hub download is possible): LLM 28 layers, width 3584, 28 query / 4 key-value
+heads of 128, MLP 18944, vocabulary 152064; vision tower 32 blocks, width 1280, 16 heads, SwiGLU MLP 3420,
+patch 14, 2 x 2 merge, 112-pixel windows, full attention in blocks 7, 15, 23, 31. Token counts come from
+transformers' own ``smart_resize`` with the processors' default pixel limits (images: 56*56 .. 28*28*1280
+pixels; video frames: 128*28*28 .. 28*28*768 pixels), so a 1280 x 720 image is 52 x 92 patches = 1196
+merged tokens and each video step 40 x 72 patches = 720 merged tokens.
+
+The tower rows put the score probe (one extra ``qkv`` linear of the scored block plus that block's
+``q @ k^T`` per attention segment, see :func:`anchor_former.adapters.hf.qwen_vl.merged_token_scores`)
+beside the plain tower forward (window attention counted per window, exactly as the tower splits it).
+
+Wiring into the suite: ``qwen_rows()`` and ``tower_rows()`` return plain lists of dicts; a section of
+``benchmarks.run`` can call them and print :func:`markdown` of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import torch
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+from transformers.vision_utils import get_vision_window_index
+
+from anchor_former.adapters.hf.qwen_vl import kept_per_step
+from anchor_former.flops import LLMShape, kv_cache_bytes, llm_prefill_flops
+
+__all__ = ["QWEN2_5_VL_7B_LLM", "QWEN2_5_VL_7B_VISION", "case_grids", "markdown", "probe_flops", "qwen_rows",
+           "tower_flops", "tower_rows"]
+
+QWEN2_5_VL_7B_LLM = LLMShape(name="Qwen2.5-VL-7B LLM", hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4,
+                             intermediate_size=18944, vocab_size=152064, head_dim=128)
+QWEN2_5_VL_7B_VISION = {"depth": 32, "hidden_size": 1280, "num_heads": 16, "intermediate_size": 3420,
+                        "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+                        "fullatt_block_indexes": (7, 15, 23, 31), "out_hidden_size": 3584, "in_channels": 3}
+IMAGE_PIXELS = (56 * 56, 28 * 28 * 1280)  # Qwen2VLImageProcessor defaults (min, max)
+VIDEO_PIXELS = (128 * 28 * 28, 28 * 28 * 768)  # Qwen2VLVideoProcessor defaults per frame (min, max)
+
+
+def _grid(height: int, width: int, pixels: tuple[int, int], steps: int = 1) -> tuple[int, int, int]:
+    """(t, h, w) patch grid of ``steps`` temporal steps of a ``height x width`` frame."""
+    v = QWEN2_5_VL_7B_VISION
+    factor = v["patch_size"] * v["merge_size"]
+    h, w = smart_resize(height, width, factor=factor, min_pixels=pixels[0], max_pixels=pixels[1])
+    return steps, h // v["patch_size"], w // v["patch_size"]
+
+
+def case_grids(*, height: int = 720, width: int = 1280, frames: int = 32) -> dict[str, tuple[int, int, int]]:
+    """The (t, h, w) patch grids of the two cases: one image and one ``frames``-frame video."""
+    return {f"image {width}x{height}": _grid(height, width, IMAGE_PIXELS),
+            f"video {frames}x{width}x{height}": _grid(height, width, VIDEO_PIXELS, frames // 2)}
+
+
+def qwen_rows(
+    budgets: tuple[int | float | None, ...] = (None, 256, 144, 64), *, text_tokens: int = 64, llm: LLMShape = QWEN2_5_VL_7B_LLM
+) -> list[dict[str, Any]]:
+    """One row per case and budget (``None`` = full): visual tokens, prefill FLOPs, KV-cache bytes, ratios to full."""
+    rows = []
+    merge = QWEN2_5_VL_7B_VISION["merge_size"] ** 2
+    for case, (t, h, w) in case_grids().items():
+        per_step = h * w // merge
+        full = None
+        for k in budgets:
+            visual = t * (per_step if k is None else kept_per_step(k, per_step, what=case))
+            flops = llm_prefill_flops(llm, visual + text_tokens)
+            cache = kv_cache_bytes(llm, visual + text_tokens)
+            full = full or (flops, cache)
+            rows.append({"case": case, "grid_thw": [t, h, w], "budget": "full" if k is None else f"K={k}",
+                         "visual_tokens": visual, "text_tokens": text_tokens, "prefill_flops": flops,
+                         "prefill_ratio": flops / full[0], "kv_cache_bytes_bf16": cache, "kv_ratio": cache / full[1]})
+    return rows
+
+
+def _segments(vision: dict[str, Any], grid: tuple[int, int, int]) -> tuple[list[int], list[int]]:
+    """Patch counts of the full-attention segments (one per step) and of the attention windows."""
+    t, h, w = grid
+    _, cu_windows = get_vision_window_index(torch.tensor([grid]), spatial_merge_size=vision["merge_size"],
+                                            window_size=vision["window_size"], patch_size=vision["patch_size"])
+    bounds = torch.unique_consecutive(torch.as_tensor(cu_windows)).tolist()
+    return [h * w] * t, [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def tower_flops(vision: dict[str, Any], grid: tuple[int, int, int]) -> int:
+    """FLOPs of a Qwen2.5-VL vision tower forward on one item of (t, h, w) patches (patch embedding,
+    blocks with window or full attention as the tower splits them, merger)."""
+    d, f = vision["hidden_size"], vision["intermediate_size"]
+    full_segments, windows = _segments(vision, grid)
+    n = sum(full_segments)
+    full_pairs, window_pairs = sum(s * s for s in full_segments), sum(s * s for s in windows)
+    patch_in = vision["in_channels"] * vision["temporal_patch_size"] * vision["patch_size"] ** 2
+    linear = 2 * n * d * 3 * d + 2 * n * d * d + 3 * 2 * n * d * f  # qkv, proj, SwiGLU per block
+    blocks = sum(linear + 4 * d * (full_pairs if i in vision["fullatt_block_indexes"] else window_pairs)
+                 for i in range(vision["depth"]))
+    merged, wide = n // vision["merge_size"] ** 2, d * vision["merge_size"] ** 2
+    return 2 * n * patch_in * d + blocks + 2 * merged * wide * wide + 2 * merged * wide * vision["out_hidden_size"]
+
+
+def probe_flops(vision: dict[str, Any], grid: tuple[int, int, int]) -> int:
+    """FLOPs the score probe adds: the scored block's ``qkv`` linear again and its ``q @ k^T`` per
+    full-attention segment (the received-attention column sums are a further ``q @ k^T``-sized product of
+    probabilities with the query weights, ``2 * s * s`` per head). Both formulas are checked against
+    ``FlopCounterMode`` on a real tiny tower in the tests."""
+    d = vision["hidden_size"]
+    full_segments, _ = _segments(vision, grid)
+    n = sum(full_segments)
+    return 2 * n * d * 3 * d + sum(2 * s * s * d + 2 * s * s * vision["num_heads"] for s in full_segments)
+
+
+def tower_rows(vision: dict[str, Any] = QWEN2_5_VL_7B_VISION) -> list[dict[str, Any]]:
+    """Per case: the vision tower's forward FLOPs and the score probe's extra FLOPs."""
+    rows = []
+    for case, grid in case_grids().items():
+        tower, probe = tower_flops(vision, grid), probe_flops(vision, grid)
+        rows.append({"case": case, "patches": grid[0] * grid[1] * grid[2], "tower_flops": tower,
+                     "probe_flops": probe, "probe_over_tower": probe / tower})
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of ``rows`` (large counts in G/T, ratios with 3 decimals)."""
+    def cell(key: str, value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.3f}"
+        if isinstance(value, int) and key.endswith("flops"):
+            return f"{value / 1e12:.2f} T"
+        if isinstance(value, int) and key.endswith("bytes_bf16"):
+            return f"{value / 2**20:.1f} MiB"
+        return str(value)
+
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(k, r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print JSON instead of markdown")
+    parser.add_argument("--text-tokens", type=int, default=64)
+    args = parser.parse_args(argv)
+    prefill, tower = qwen_rows(text_tokens=args.text_tokens), tower_rows()
+    if args.json:
+        print(json.dumps({"prefill": prefill, "tower": tower}, indent=1))
+    else:
+        print(markdown(prefill), "", markdown(tower), sep="\n")
+
+
+if __name__ == "__main__":
+    main()
