@@ -108,10 +108,10 @@ def tower_flops(vision: dict[str, Any], grid: tuple[int, int, int]) -> int:
 
 
 def probe_flops(vision: dict[str, Any], grid: tuple[int, int, int]) -> int:
-    """FLOPs the score probe adds: the scored block's ``qkv`` linear again and its ``q @ k^T`` per
-    full-attention segment (the received-attention column sums are a further ``q @ k^T``-sized product of
-    probabilities with the query weights, ``2 * s * s`` per head). Both formulas are checked against
-    ``FlopCounterMode`` on a real tiny tower in the tests."""
+    """FLOPs the score probe adds: the scored block's ``qkv`` linear again, its ``q @ k^T`` per
+    full-attention segment of s patches, and the column sums (query weights times probabilities,
+    ``2 * s * s`` per head). Both formulas are checked against ``FlopCounterMode`` on a real tiny tower
+    in the tests."""
     d = vision["hidden_size"]
     full_segments, _ = _segments(vision, grid)
     n = sum(full_segments)
