@@ -75,10 +75,12 @@ def test_full_budget_identity_catches_a_wrong_token_order() -> None:
 # --- scores ---------------------------------------------------------------------------------------------
 
 
-def reference_scores(model, inputs, layer: int, *, undo_windows: bool = True) -> list[torch.Tensor]:
-    """Slow reference: the full softmax map of each segment, column mean, head mean, 2 x 2 sum, per image."""
+def reference_scores(model, inputs, layer: int, *, video: bool = False, undo_windows: bool = True) -> list[torch.Tensor]:
+    """Slow reference: the full softmax map of each segment, column mean, head mean, 2 x 2 sum, per item."""
     visual = model.model.visual
     attn = visual.blocks[layer].attn
+    pixels, grid = (inputs["pixel_values_videos"], inputs["video_grid_thw"]) if video else \
+        (inputs["pixel_values"], inputs["image_grid_thw"])
     captured = {}
 
     def hook(module, args, kwargs):
@@ -86,7 +88,7 @@ def reference_scores(model, inputs, layer: int, *, undo_windows: bool = True) ->
 
     handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
     with torch.no_grad():
-        visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+        visual(pixels, grid_thw=grid)
     handle.remove()
     x, cu, (cos, sin) = captured["x"], captured["cu"].tolist(), captured["pe"]
     heads = attn.num_heads
@@ -104,10 +106,10 @@ def reference_scores(model, inputs, layer: int, *, undo_windows: bool = True) ->
             per_patch.append(probs.mean(1).mean(0))  # (n,) column mean, then head mean
     merged = torch.cat(per_patch).view(-1, MERGE * MERGE).sum(-1)
     if undo_windows and hasattr(visual, "fullatt_block_indexes"):
-        window, _ = get_vision_window_index(inputs["image_grid_thw"], spatial_merge_size=MERGE,
-                                            window_size=visual.window_size, patch_size=visual.patch_size)
+        window, _ = get_vision_window_index(grid, spatial_merge_size=MERGE, window_size=visual.window_size,
+                                            patch_size=visual.patch_size)
         merged = merged[torch.argsort(window)]
-    return list(merged.split(MERGED))
+    return list(merged.split((grid.prod(-1) // MERGE**2).tolist()))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -123,16 +125,21 @@ def test_scores_match_the_dense_reference_and_pick_the_top_k(family) -> None:
                                                              merge_unit=4, block_size=5)), with_kwargs=True)
     with torch.no_grad():
         visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
-        out = reduced.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        images = reduced.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        video = reduced.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
     handle.remove()
     expected = reference_scores(reduced, inputs, layer, undo_windows=False)
     torch.testing.assert_close(captured[0], torch.cat(expected), atol=2e-7, rtol=0)  # measured 3e-8
-    ordered = reference_scores(reduced, inputs, layer)
-    for idx, score in zip(out.kept_indices, ordered):
+    for idx, score in zip(images.kept_indices, reference_scores(reduced, inputs, layer)):
         assert idx.tolist() == sorted(torch.argsort(score, descending=True, stable=True)[:3].tolist())
+    # video: top 3 of each 2-frame step, step offsets added
+    steps = reference_scores(reduced, inputs, layer, video=True)[0].view(VIDEO_STEPS, VIDEO_MERGED)
+    expected_video = [s * VIDEO_MERGED + i for s in range(VIDEO_STEPS)
+                      for i in sorted(torch.argsort(steps[s], descending=True, stable=True)[:3].tolist())]
+    assert video.kept_indices[0].tolist() == expected_video
     if family == "qwen2_5_vl":  # the window order matters: scores left in the tower's window order differ
         wrong = reference_scores(reduced, inputs, layer, undo_windows=False)[0]
-        assert (wrong - ordered[0]).abs().max() > 1e-3
+        assert (wrong - reference_scores(reduced, inputs, layer)[0]).abs().max() > 1e-3
 
 
 # --- token counts and positions -------------------------------------------------------------------------
@@ -313,6 +320,14 @@ def test_budget_larger_than_an_image_is_refused() -> None:
             reduced(**inputs)
     with torch.no_grad():  # the stock copy is untouched and still runs
         assert torch.isfinite(stock(**inputs).logits).all()
+
+
+def test_inputs_from_a_stock_processor_are_refused() -> None:
+    _, reduced, _ = stock_and_attached("qwen2_5_vl", 2)
+    with pytest.raises(ValueError, match=r"input_ids must hold the 2 kept image tokens of grid \(1, 6, 8\) "
+                                         r"\(num_anchors=2\), got a run of 12; prepare inputs with the processor"):
+        with torch.no_grad():
+            reduced(**inputs_for(make_processor()))
 
 
 def test_unsupported_models_are_refused() -> None:

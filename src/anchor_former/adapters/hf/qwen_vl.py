@@ -355,8 +355,8 @@ class _QwenSelectMixin:
                 idx = torch.arange(length, device=full.device) if idx is None else idx.to(full.device)
                 if idx.numel() != length or length > full.shape[1]:
                     raise ValueError(
-                        f"a {name} run of {length} tokens in input_ids does not match the {idx.numel()} kept tokens of "
-                        f"its grid {tuple(int(v) for v in grid)} (num_anchors={self._settings()['num_anchors']}); "
+                        f"input_ids must hold the {idx.numel()} kept {name} tokens of grid {tuple(int(v) for v in grid)} "
+                        f"(num_anchors={self._settings()['num_anchors']}), got a run of {length}; "
                         "prepare inputs with the processor passed to attach_anchor_former_qwen / attach_qwen_processor"
                     )
                 pieces.append(full[:, idx])
