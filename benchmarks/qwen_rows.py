@@ -2,6 +2,7 @@
 
     python -m benchmarks.qwen_rows            # markdown tables on stdout
     python -m benchmarks.qwen_rows --json     # the same rows as JSON
+    python -m benchmarks.qwen_rows --measure  # plus the measured scaled-down pipeline (CPU, ~1 minute)
 
 Cases: one 1280 x 720 image and a 32-frame 1280 x 720 video, each followed by ``text_tokens`` text tokens,
 at full budget and at K merged tokens per image / per video step (``attach_anchor_former_qwen``'s rule;
@@ -20,8 +21,12 @@ The tower rows put the score probe (one extra ``qkv`` linear of the scored block
 ``q @ k^T`` per attention segment, see :func:`anchor_former.adapters.hf.qwen_vl.merged_token_scores`)
 beside the plain tower forward (window attention counted per window, exactly as the tower splits it).
 
-Wiring into the suite: ``qwen_rows()`` and ``tower_rows()`` return plain lists of dicts; a section of
-``benchmarks.run`` can call them and print :func:`markdown` of each.
+``measured_rows()`` times a scaled-down random-init Qwen2.5-VL (same structure: windowed and full vision
+blocks, M-RoPE LLM) on one 448 x 448 image: the pipeline at full budget and at K, and the tower alone vs
+the tower with the probe.
+
+Wiring into the suite: ``qwen_rows()``, ``tower_rows()`` and ``measured_rows()`` return plain lists of
+dicts; a section of ``benchmarks.run`` can call them and print :func:`markdown` of each.
 """
 
 from __future__ import annotations
@@ -37,8 +42,8 @@ from transformers.vision_utils import get_vision_window_index
 from anchor_former.adapters.hf.qwen_vl import kept_per_step
 from anchor_former.flops import LLMShape, kv_cache_bytes, llm_prefill_flops
 
-__all__ = ["QWEN2_5_VL_7B_LLM", "QWEN2_5_VL_7B_VISION", "case_grids", "markdown", "probe_flops", "qwen_rows",
-           "tower_flops", "tower_rows"]
+__all__ = ["QWEN2_5_VL_7B_LLM", "QWEN2_5_VL_7B_VISION", "case_grids", "markdown", "measured_rows", "probe_flops",
+           "qwen_rows", "tower_flops", "tower_rows"]
 
 QWEN2_5_VL_7B_LLM = LLMShape(name="Qwen2.5-VL-7B LLM", hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4,
                              intermediate_size=18944, vocab_size=152064, head_dim=128)
@@ -128,6 +133,83 @@ def tower_rows(vision: dict[str, Any] = QWEN2_5_VL_7B_VISION) -> list[dict[str, 
     return rows
 
 
+def _scaled_model(k_budgets: tuple[int | float | None, ...]) -> tuple[Any, dict[Any, Any], dict[str, torch.Tensor]]:
+    """A scaled-down random-init Qwen2.5-VL (same structure: windows, full blocks, M-RoPE), one attached
+    copy per budget, and one 448 x 448 image (32 x 32 patches, 256 merged tokens) between 2 x 32 text tokens."""
+    import copy
+
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
+
+    from anchor_former.adapters.hf.qwen_vl import attach_anchor_former_qwen
+
+    vision = {"depth": 4, "hidden_size": 128, "num_heads": 4, "intermediate_size": 256, "patch_size": 14,
+              "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112, "fullatt_block_indexes": [1, 3],
+              "out_hidden_size": 512}
+    text = {"vocab_size": 1024, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 4,
+            "num_attention_heads": 8, "num_key_value_heads": 2, "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]}}
+    torch.manual_seed(0)
+    stock = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        vision_config=vision, text_config=text, image_token_id=1000, video_token_id=1001, vision_start_token_id=1002,
+    )).eval()
+    models = {k: stock if k is None else attach_anchor_former_qwen(copy.deepcopy(stock), num_anchors=k)
+              for k in k_budgets}
+    image = torch.randint(0, 256, (448, 448, 3), dtype=torch.uint8).numpy()
+    pixels = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 1280)(images=[image], return_tensors="pt")
+    return stock, models, dict(pixels)
+
+
+def _inputs(image: dict[str, torch.Tensor], visual: int, text: int = 32) -> dict[str, torch.Tensor]:
+    """``text`` tokens, ``visual`` image pad tokens, ``text`` tokens (batch 1)."""
+    ids = torch.cat([torch.randint(0, 1000, (text,)), torch.full((visual,), 1000), torch.randint(0, 1000, (text,))])
+    types = (ids == 1000).int()
+    return {"input_ids": ids[None], "mm_token_type_ids": types[None], "attention_mask": torch.ones_like(ids)[None],
+            **image}
+
+
+def measured_rows(
+    budgets: tuple[int | float | None, ...] = (None, 64), *, rounds: int = 3, min_block_s: float = 0.0
+) -> list[dict[str, Any]]:
+    """Measured CPU latency of the scaled-down pipeline (tower + probe + LLM prefill, last-token logits)
+    at full budget and at K, and of the tower alone vs the tower with the score probe. Timings on a shared
+    machine are indicative only; ratios come from interleaved rounds."""
+    from benchmarks._common import measure_interleaved
+
+    from anchor_former.adapters.hf.qwen_vl import kept_per_step
+
+    stock, models, image = _scaled_model(budgets)
+    grid = image["image_grid_thw"]
+    merged = int(grid[0].prod()) // 4
+    fns, tokens = {}, {}
+    for k, model in models.items():
+        visual = merged if k is None else kept_per_step(k, merged)
+        inputs = _inputs(image, visual)
+        name = "pipeline full" if k is None else f"pipeline K={k}"
+        tokens[name] = visual
+
+        def run(model: Any = model, inputs: dict[str, torch.Tensor] = inputs) -> None:
+            with torch.no_grad():
+                model(**inputs, logits_to_keep=1)
+
+        fns[name] = run
+    reduced = next(m for k, m in models.items() if k is not None)
+
+    def tower() -> None:
+        with torch.no_grad():
+            stock.model.visual(image["pixel_values"], grid_thw=grid)
+
+    def tower_probe() -> None:
+        with torch.no_grad():
+            reduced.model.get_image_features(image["pixel_values"], grid)
+
+    fns["tower"], fns["tower + probe"] = tower, tower_probe
+    timed = measure_interleaved(fns, torch.device("cpu"), rounds=rounds, min_block_s=min_block_s)
+    base = {"pipeline": timed["pipeline full"]["median_ms"], "tower": timed["tower"]["median_ms"]}
+    return [{"what": name, "visual_tokens": tokens.get(name, merged), "median_ms": t["median_ms"],
+             "iqr_ms": t["iqr_ms"], "ratio": t["median_ms"] / base["pipeline" if name.startswith("pipeline") else "tower"]}
+            for name, t in timed.items()]
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     """A markdown table of ``rows`` (large counts in G/T, ratios with 3 decimals)."""
     def cell(key: str, value: Any) -> str:
@@ -149,12 +231,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print JSON instead of markdown")
     parser.add_argument("--text-tokens", type=int, default=64)
+    parser.add_argument("--measure", action="store_true", help="also time the scaled-down pipeline on CPU")
     args = parser.parse_args(argv)
-    prefill, tower = qwen_rows(text_tokens=args.text_tokens), tower_rows()
+    tables = {"prefill": qwen_rows(text_tokens=args.text_tokens), "tower": tower_rows()}
+    if args.measure:
+        tables["measured_cpu_scaled"] = measured_rows()
     if args.json:
-        print(json.dumps({"prefill": prefill, "tower": tower}, indent=1))
+        print(json.dumps(tables, indent=1))
     else:
-        print(markdown(prefill), "", markdown(tower), sep="\n")
+        print(*(markdown(rows) for rows in tables.values()), sep="\n\n")
 
 
 if __name__ == "__main__":
