@@ -293,6 +293,7 @@ class _QwenSelectMixin:
         video_grid_thw: torch.LongTensor | None = None,
         second_per_grid_ts: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        *,
         kept_indices: dict[str, tuple[torch.Tensor, ...]] | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
