@@ -129,3 +129,17 @@ def test_registering_an_existing_name_needs_replace() -> None:
         register_encoder_family(clip, replace=True)
     with pytest.raises(ValueError, match="family must be an EncoderFamily with a non-empty name"):
         register_encoder_family("clip")  # type: ignore[arg-type]
+
+
+def test_received_block_size_changes_nothing_but_memory() -> None:
+    model = tiny_clip()
+    pixels = torch.randn(2, 3, 32, 32)
+    rows = []
+    for block in (1, 5, 17, 4096):
+        with torch.no_grad(), AttentionProbe(model, score="received", block_size=block) as probe:
+            model(pixel_values=pixels)
+        rows.append(probe.attention)
+    for row in rows[1:]:
+        torch.testing.assert_close(row, rows[0], atol=1e-7, rtol=0)
+    with pytest.raises(ValueError, match="block_size must be an integer >= 1, got 0"):
+        AttentionProbe(model, score="received", block_size=0)

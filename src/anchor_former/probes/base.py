@@ -35,7 +35,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from anchor_former.probes.scores import received_attention, token_norm_scores
+from anchor_former._validation import check_positive_int
+from anchor_former.probes.scores import DEFAULT_BLOCK_SIZE, received_attention, token_norm_scores
 
 __all__ = [
     "AttentionProbe",
@@ -454,19 +455,25 @@ class AttentionProbe:
             receives in ``layer``, averaged over all queries, per head (:func:`received_attention`; any
             encoder, padding tokens excluded; costs one more ``N x N`` matmul per image and head);
             ``"norm"`` per-token L2 norms of the ``layer`` features (:func:`token_norm_scores`; any encoder).
+        block_size: for ``"received"``, query rows whose logits are held at once (memory vs. speed only;
+            see :func:`received_attention`).
 
     Raises:
         ValueError: unsupported model, ``layer`` out of range, ``score="cls"`` on an encoder without
-            [CLS], ``score="map"`` on one without a pooling head, unknown ``score``.
+            [CLS], ``score="map"`` on one without a pooling head, unknown ``score``, ``block_size`` < 1.
     """
 
-    def __init__(self, vision_model: nn.Module, *, layer: int = -2, score: Score = "cls") -> None:
+    def __init__(
+        self, vision_model: nn.Module, *, layer: int = -2, score: Score = "cls", block_size: int = DEFAULT_BLOCK_SIZE
+    ) -> None:
+        check_positive_int("block_size", block_size)
         spec = detect_encoder(vision_model)
         block = spec.block_index(layer)
         site = _score_site(spec, block, score)
         self.encoder = spec
         self.layer = block + 1  # the positive hidden_states index
         self.score = score
+        self.block_size = block_size
         self._block = spec.blocks[block]
         self._site = site
         self._handles: list[RemovableHandle] = []
@@ -528,7 +535,9 @@ class AttentionProbe:
             return
         tokens = self._site.tokens(args, kwargs)
         if self.score == "received":
-            self._attention.append(site_received_attention(tokens, self._site, args=args, kwargs=kwargs))
+            self._attention.append(
+                site_received_attention(tokens, self._site, args=args, kwargs=kwargs, block_size=self.block_size)
+            )
         else:
             self._attention.append(query_attention_row(tokens, self._site, args=args, kwargs=kwargs))
 

@@ -74,6 +74,7 @@ def received_attention(
         if key_padding_mask is None:
             keep = None
             weight = torch.full((batch * heads, 1, num), 1.0 / max(num, 1), device=q.device)  # (B*H, 1, N)
+            key_bias = torch.zeros(1, 1, num, device=q.device)  # (1, 1, N)
         else:
             keep = (~key_padding_mask).to(q.device)  # (B, N) True = real token
             counts = keep.sum(-1, keepdim=True).clamp_min(1)  # (B, 1)
@@ -89,10 +90,11 @@ def received_attention(
             g1 = min(g0 + pairs, batch * heads)
             for i0 in range(0, num, rows):
                 i1 = min(i0 + rows, num)
-                logits = torch.bmm(qf[g0:g1, i0:i1], kt[g0:g1]) * scale  # (g, rows, N)
-                if keep is not None:
-                    logits = logits + key_bias[g0:g1]
+                bias = key_bias if keep is None else key_bias[g0:g1]
+                # one fused op for scale * q k^T + key bias, so a block holds two (g, rows, N) buffers at most
+                logits = torch.baddbmm(bias, qf[g0:g1, i0:i1], kt[g0:g1], alpha=scale)  # (g, rows, N)
                 probs = torch.softmax(logits, dim=-1)
+                del logits
                 out[g0:g1] += torch.bmm(weight[g0:g1, :, i0:i1], probs)  # (g, 1, N) weighted column sums
         return out.view(batch, heads, num)
 
