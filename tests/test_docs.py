@@ -41,12 +41,36 @@ _PENDING: dict[str, dict[str, object]] = {
             "vision_model = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,"
             " num_attention_heads=4, image_size=112, patch_size=7)).eval()  # 16 x 16 patches\n"
             "vision_tower, pixel_values, num_anchors = vision_model, torch.randn(2, 3, 112, 112), 144\n"
+            "q, k, head_dim = torch.randn(2, 4, 17, 8), torch.randn(2, 4, 17, 8), 8  # a layer's (B, H, N, E)\n"
+            "s, padding = head_dim ** -0.5, torch.arange(17).expand(2, 17) >= torch.tensor([[17], [12]])\n"
         ),
         "needs": "transformers",
         # block (found by a line of its code) -> directives
         "block_directives": {"from anchor_former.viz import save_anchor_plot": ["needs matplotlib"],
                              "class FooFamily(EncoderFamily):": [
-                                 "skip: registers an encoder family for a library that does not exist"]},
+                                 "skip: registers an encoder family for a library that does not exist"],
+                             "batch = processor(images=images": [
+                                 "skip: needs a SigLIP2 model and processor; tests/probes/test_siglip2.py runs it"]},
+    },
+    "llava-next.md": {
+        "block_directives": {
+            'LlavaNextForConditionalGeneration.from_pretrained("llava-hf/llava-v1.6-vicuna-7b-hf")': [
+                "skip: downloads LLaVA-NeXT-7B; tests/adapters/test_llava_next_hf.py runs these steps on a tiny model"],
+            "from llava.mm_utils import process_images": [
+                "skip: needs a llava-torch LLaVA-NeXT model and images; tests/adapters/test_llava_anyres.py runs them"],
+        },
+    },
+    "qwen-vl.md": {
+        "block_directives": {
+            'from_pretrained("Qwen/Qwen2.5-VL-7B-Instruct")': [
+                "skip: downloads Qwen2.5-VL-7B; tests/adapters/test_qwen_vl.py runs these steps on a tiny model"],
+            "processor = attach_qwen_processor(AutoProcessor.from_pretrained(d),": [
+                "skip: continues a saved Qwen2.5-VL folder; tests/adapters/test_qwen_vl.py reloads one"],
+        },
+    },
+    "training.md": {
+        "block_directives": {'.from_pretrained("out/stage2")': [
+            "skip: needs the folder a training run writes; tests/test_train.py reloads one"]},
     },
 }
 
@@ -90,8 +114,8 @@ def parse_page(path: Path) -> Page:
         page.setup = setup.group(2)
     pending = _PENDING.get(name)
     if pending:
-        page.setup = page.setup or str(pending["setup"])
-        page.setup_needs = page.setup_needs or str(pending["needs"])
+        page.setup = page.setup or str(pending.get("setup", ""))
+        page.setup_needs = page.setup_needs or str(pending.get("needs", ""))
         for line, extra in dict(pending["block_directives"]).items():
             for block in blocks:
                 if line in block.code and not block.directives:
