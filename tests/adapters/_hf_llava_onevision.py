@@ -21,7 +21,7 @@ from transformers import (
 VISION_DIM, LLM_DIM, IMAGE, PATCH = 32, 48, 28, 4  # 7 x 7 = 49 patches per view, 4 heads
 SIDE = IMAGE // PATCH
 NUM_PATCHES = SIDE * SIDE
-POOLED = -(-SIDE // 2) ** 2  # a video frame after the model's 2x2 bilinear pooling: 4 x 4 = 16 tokens
+POOLED = (-(-SIDE // 2)) ** 2  # a video frame after the model's 2x2 bilinear pooling: 4 x 4 = 16 tokens
 # a slice of OneVision's 36 pinpoints (multiples of the 384-px view) scaled to 28-px views, up to 3 x 3 crops
 PINPOINTS = [[28, 28], [28, 56], [56, 28], [56, 56], [28, 84], [84, 28], [84, 84], [56, 84], [84, 56]]
 # "anyres_max_2": the model bilinearly shrinks a high-resolution grid of more than ~2.4 views' patches
