@@ -149,19 +149,32 @@ def test_processor_counts_equal_model_tokens(kwargs) -> None:
         assert n_video == video_token_count(settings["video"], frames) == frames * settings["video"]["tokens_per_frame"] + 1
 
 
-def test_multi_image_sample_counts_and_full_budget() -> None:
-    """A sample with two images: base views only, each closed by a newline; full budget = stock."""
-    stock, model, processor = stock_and_attached(**FULL)
-    _, small, small_processor = stock_and_attached(connector="select", num_anchors=5)
+@pytest.mark.parametrize("kwargs,per_image", [(FULL, NUM_PATCHES + 1),
+                                               ({"connector": "select", "num_anchors": 5}, 5 + 1),
+                                               ({"connector": "select", "num_anchors": 5, "image_budget": 12}, 12 + 1),
+                                               ({"connector": "acformer", "num_anchors": 3, **CONNECTOR}, 3 + 1)])  # no [CLS] query
+def test_multi_image_sample_counts_and_full_budget(kwargs, per_image) -> None:
+    """A sample with two images: base views only (the whole budget each), each closed by a newline;
+    at full budget the logits are the stock model's."""
+    stock, model, processor = stock_and_attached(**kwargs)
     prompt = "user <image> <image> what is in the picture ? assistant"
-    for proc, m, per_image in ((processor, model, NUM_PATCHES + 1), (small_processor, small, 5 + 1)):
-        inputs = proc(text=[prompt], images=[pixels([(30, 90), (64, 61)])], return_tensors="pt")
-        assert inputs["batch_num_images"].tolist() == [2]
-        assert int((inputs["input_ids"] == proc.image_token_id).sum()) == 2 * per_image
-        with torch.no_grad():
-            logits = m(**inputs).logits
-            if m is model:
-                torch.testing.assert_close(logits, stock(**inputs).logits, **TOL)
+    inputs = processor(text=[prompt], images=[pixels([(30, 90), (64, 61)])], return_tensors="pt")
+    assert inputs["batch_num_images"].tolist() == [2]
+    assert int((inputs["input_ids"] == processor.image_token_id).sum()) == 2 * per_image
+    with torch.no_grad():
+        out = model(**inputs)
+        assert [t.shape[0] for t in out.image_outputs.pooler_output] == [per_image] * 2
+        if kwargs is FULL:
+            torch.testing.assert_close(out.logits, stock(**inputs).logits, **TOL)
+
+
+def test_attaching_twice_is_refused() -> None:
+    _, model, processor = stock_and_attached(connector="select", num_anchors=5)
+    settings = copy.deepcopy(model.config.anchor_former)
+    with pytest.raises(ValueError, match="model must be a stock LlavaOnevisionForConditionalGeneration, got one "
+                                         "already attached"):
+        attach_anchor_former(model, processor, connector="select", num_anchors=7)
+    assert model.config.anchor_former == settings and processor.anyres_tokens == settings["anyres"]
 
 
 def test_reduced_video_tokens_are_anchors_among_pooled_tokens() -> None:

@@ -22,16 +22,17 @@ adapter reproduces both:
   kept grid row is still closed by ``image_newline``. Images the model does not shrink are laid out
   exactly as in the LLaVA-NeXT adapter (anchors per view among its unpadded patches).
 * multi-image samples (``batch_num_images > 1``): each image is its base view only, then one
-  ``image_newline``; ``"select"`` keeps ``k_0`` base-view anchors.
+  ``image_newline``; ``"select"`` keeps ``k_0 = min(K or B, s * s)`` base-view anchors (the whole
+  budget: there is no other view).
 
 Token layout (``select``; ``k_v`` anchors in view v, ``G`` kept grid rows)::
 
     single image:  [base: k_0 anchors] [row 1 anchors][NL] ... [row G anchors][NL]
     multi-image:   [base: k_0 anchors][NL]
 
-and for the fixed-size connectors (AcFormer: ``T = K + 1`` per view) the LLaVA-NeXT layout (base view's
-``T``, then each row of crops followed by one ``image_newline``; no shrinking: there is no patch grid left
-to shrink), or ``[base: T][NL]`` in multi-image samples.
+and for the fixed-size connectors (AcFormer: ``T = K`` per view on SigLIP, ``K + 1`` with a [CLS] query)
+the LLaVA-NeXT layout (base view's ``T``, then each row of crops followed by one ``image_newline``; no
+shrinking: there is no patch grid left to shrink), or ``[base: T][NL]`` in multi-image samples.
 
 **Video**: every frame is one base view. The stock model projects all ``s x s`` tokens of each frame,
 pools them 2x2 (bilinear to ``ceil(s/2) x ceil(s/2)``), concatenates the frames and appends ONE
@@ -41,10 +42,11 @@ score map: the pooled tokens are what the LLM sees, and only a choice among them
 reproduce the stock model exactly (anchors chosen before pooling would be either pooled again, mixing
 dropped neighbours back in, or fed unpooled, which at full budget is 4x the stock tokens). The trained
 connectors (AcFormer) read each frame's unpooled tokens instead (their queries are ViT anchors and their
-keys every token; pooling first would only blur the anchors) and give ``T`` tokens per frame::
+keys every token; pooling first would only blur the anchors) and give ``T`` tokens per frame (``K`` for
+AcFormer on SigLIP)::
 
     video (select):    [frame 1: K][frame 2: K] ... [frame F: K][NL]
-    video (acformer):  [frame 1: K+1] ... [frame F: K+1][NL]
+    video (acformer):  [frame 1: T] ... [frame F: T][NL]
 
 The processor writes exactly these counts (it calls :func:`image_token_count` / :func:`video_token_count`).
 """
@@ -117,14 +119,22 @@ def _high_budget(budgets: tuple[int, ...], views: AnyresViews, cells: int) -> in
     return min(cells, -(-kept * cells // candidates))
 
 
-def image_token_count(tokens: dict[str, Any], views: AnyresViews, *, vision_aspect_ratio: str, multi_image: bool) -> int:
+def _base_budget(tokens: dict[str, Any], views: AnyresViews) -> int:
+    """``k_0`` of an image of a multi-image sample (its base view is its only view): the whole budget, capped."""
+    budget = tokens["num_anchors"] if tokens.get("image_budget") is None else tokens["image_budget"]
+    return min(int(budget), views.side**2)
+
+
+def image_token_count(
+    tokens: dict[str, Any], views: AnyresViews, *, vision_aspect_ratio: str, multi_image: bool
+) -> int:
     """LLM tokens of one image under ``tokens`` (``config.anchor_former["anyres"]``, see the module doc).
 
     ``multi_image``: the image belongs to a sample with several images (base view only, then a newline).
     """
     if multi_image:
         if tokens["layout"] == "selected":
-            return _budgets(tokens, views)[0] + 1
+            return _base_budget(tokens, views) + 1
         return int(tokens["tokens_per_view"]) + 1
     if tokens["layout"] == "selected":
         shrunk = shrunk_grid(views, vision_aspect_ratio)
@@ -268,12 +278,13 @@ class AnchorFormerLlavaOnevisionModel(LlavaOnevisionModel):
                 out = connector(f, attention=sc) if getattr(connector, "uses_anchors", False) else connector(f)
                 images.append(arrange_fixed(image_views, out, newline) if alone else torch.cat([out[0], newline[None]]))
                 continue
-            budgets = _budgets(tokens, image_views)
-            shrunk = shrunk_grid(image_views, aspect) if alone else None
-            if not alone:
-                kept = _search(_grid_scores(sc, prefix), budgets[0])[0]  # (k_0,)
+            if not alone:  # a multi-image sample: the base view takes the whole budget
+                kept = _search(_grid_scores(sc, prefix), _base_budget(tokens, image_views))[0]  # (k_0,)
                 images.append(torch.cat([connector.projector(f[0, prefix + kept]), newline[None].to(f.dtype)]))
-            elif shrunk is None:
+                continue
+            budgets = _budgets(tokens, image_views)
+            shrunk = shrunk_grid(image_views, aspect)
+            if shrunk is None:
                 images.append(select_view_tokens(
                     image_views, budgets, f, sc, num_prefix_tokens=prefix, projector=connector.projector,
                     newline=newline,
@@ -321,7 +332,8 @@ class AnchorFormerLlavaOnevisionModel(LlavaOnevisionModel):
             kept = _search(pooled_scores, int(video["tokens_per_frame"]))  # (B F, K) ascending
             out = pooled.gather(1, kept[..., None].expand(-1, -1, pooled.shape[-1]))  # (B F, K, L)
         else:
-            out = connector(features, attention=scores) if getattr(connector, "uses_anchors", False) else connector(features)
+            uses_anchors = getattr(connector, "uses_anchors", False)
+            out = connector(features, attention=scores) if uses_anchors else connector(features)  # (B F, T, L)
         out = out.reshape(b, frames * out.shape[1], -1)  # (B, F T, L)
         newline = self.image_newline[None, None, :].expand(b, 1, -1).to(out.device, out.dtype)
         output.pooler_output = torch.cat([out, newline], dim=1)
@@ -486,7 +498,7 @@ def attach_llava_onevision(
         model: a built ``LlavaOnevisionForConditionalGeneration`` (e.g. ``llava-hf/llava-onevision-qwen2-7b-ov-hf``).
         processor: its ``LlavaOnevisionProcessor``; becomes an :class:`AnchorFormerLlavaOnevisionProcessor`.
         num_anchors: K anchors per image view (``"select"``: at most the ``s * s`` patches of a view;
-            ``"acformer"``: K + 1 tokens per view and per video frame).
+            ``"acformer"``: K tokens per view and per video frame, K + 1 with a [CLS] score).
         connector: ``"select"`` (training-free, the model's projector), ``"acformer"``, ``"perceiver"``, ...
         score: ``"received"`` (attention each token receives in ``vision_feature_layer``), ``"norm"``
             (token norms); ``"cls"`` only on a tower with [CLS].
@@ -513,6 +525,11 @@ def attach_llava_onevision(
     if not isinstance(model, LlavaOnevisionForConditionalGeneration) or not isinstance(inner, LlavaOnevisionModel):
         raise ValueError(
             f"model must be a transformers LlavaOnevisionForConditionalGeneration, got {type(model).__qualname__}"
+        )
+    if isinstance(model, AnchorFormerLlavaOnevisionForConditionalGeneration):
+        raise ValueError(
+            "model must be a stock LlavaOnevisionForConditionalGeneration, got one already attached "
+            f"({type(model).__qualname__}); load the base model again to attach other settings"
         )
     old = model.config
     layer = old.vision_feature_layer
@@ -566,10 +583,12 @@ def attach_llava_onevision(
         load_checked(target, _projector_mlp(old_projector, old), what="the model's multi_modal_projector")
     if connector == "select":
         tokens = {"layout": "selected", "num_anchors": num_anchors, "image_budget": image_budget}
-        video = {"layout": "selected", "tokens_per_frame": min(num_anchors, pooled) if frame_anchors is None else frame_anchors}
+        per_frame = min(num_anchors, pooled) if frame_anchors is None else frame_anchors
+        video = {"layout": "selected", "tokens_per_frame": per_frame}
     else:
         per_view = new.num_output_tokens(side * side + spec.num_prefix_tokens)
-        tokens, video = {"layout": "fixed", "tokens_per_view": per_view}, {"layout": "fixed", "tokens_per_frame": per_view}
+        tokens = {"layout": "fixed", "tokens_per_view": per_view}
+        video = {"layout": "fixed", "tokens_per_frame": per_view}
     if processor is not None:
         _expand(processor, tokens, video, old)
 
@@ -577,8 +596,8 @@ def attach_llava_onevision(
     settings.pop("vision_dim", None)
     settings.pop("llm_dim", None)
     data = {k: v for k, v in old.to_dict().items() if k not in ("model_type", "anchor_former")}
-    anchor = {"connector": connector, "score": score, "connector_config": settings, "anyres": copy.deepcopy(tokens),
-              "video": dict(video)}
+    anchor = {"connector": connector, "score": score, "connector_config": settings,
+              "anyres": copy.deepcopy(tokens), "video": dict(video)}
     config = AnchorFormerLlavaOnevisionConfig(**data, anchor_former=anchor)
     config.vision_config, config.text_config = old.vision_config, old.text_config  # the submodules' own objects
     model.__class__ = AnchorFormerLlavaOnevisionForConditionalGeneration
