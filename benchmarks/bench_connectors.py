@@ -106,6 +106,21 @@ def count_flops(label: str, connector: torch.nn.Module, features: torch.Tensor, 
     }
 
 
+def _add_ratios(results: dict[str, dict[str, Any]], timings: dict[str, dict[str, Any]]) -> None:
+    """Timings into each result row, and every figure as a ratio to the baseline (MLP-576)."""
+    base = results[BASELINE]
+    base_ms = timings[BASELINE]["median_ms"]
+    for label, r in results.items():
+        r.update(timings[label])
+        r["tokens_vs_baseline"] = r["visual_tokens"] / base["visual_tokens"]
+        r["token_reduction"] = 1 - r["tokens_vs_baseline"]
+        r["params_vs_baseline"] = r["params"] / base["params"]
+        r["flops_vs_baseline"] = r["flops_measured"] / base["flops_measured"]
+        r["latency_vs_baseline"] = r["median_ms"] / base_ms
+        progress(f"connectors: {label}: {r['visual_tokens']} tokens, {format_flops(r['flops_measured'])}FLOPs, "
+                 f"{r['median_ms']:.2f} ms")
+
+
 def run(
     *, preset: str = "default", device: torch.device | str = "cpu", connectors: str | None = None
 ) -> dict[str, Any]:
@@ -142,17 +157,7 @@ def run(
     with torch.inference_mode():
         timings = measure_interleaved(calls, device, rounds=cfg["rounds"], min_block_s=cfg["min_block_s"],
                                       label="connectors: timing")
-    base = results[BASELINE]
-    base_ms = timings[BASELINE]["median_ms"]
-    for label, r in results.items():
-        r.update(timings[label])
-        r["tokens_vs_baseline"] = r["visual_tokens"] / base["visual_tokens"]
-        r["token_reduction"] = 1 - r["tokens_vs_baseline"]
-        r["params_vs_baseline"] = r["params"] / base["params"]
-        r["flops_vs_baseline"] = r["flops_measured"] / base["flops_measured"]
-        r["latency_vs_baseline"] = r["median_ms"] / base_ms
-        progress(f"connectors: {label}: {r['visual_tokens']} tokens, {format_flops(r['flops_measured'])}FLOPs, "
-                 f"{r['median_ms']:.2f} ms")
+    _add_ratios(results, timings)
     return {
         "benchmark": "connectors",
         "preset": preset,

@@ -19,7 +19,10 @@ Run alone: ``python benchmarks/bench_probe.py [--preset default] [--device cpu]`
   ``output_hidden_states=True``, the column mean of layer -2's map, then ``anchor_search``.
 
 A second model at SigLIP-so400m/14-384 shapes (no [CLS]; width 1152, 16 heads, 729 tokens) runs
-``sdpa``, ``received`` and ``eager_received`` (section ``siglip``).
+``sdpa``, ``received`` and ``eager_received`` (section ``siglip``). Section ``families`` runs one row per
+supported encoder family (random init, the preset's ``families`` shape): the plain forward vs
+``extract_anchors`` with the family's default score (``cls``, or ``received`` without [CLS]); families
+whose library is not installed are skipped.
 
 Time is the median over interleaved rounds (``_common.measure_interleaved``, ``torch.utils.benchmark.Timer``), so
 load that comes and goes on a shared machine hits every path alike. Peak memory is the peak of
@@ -65,15 +68,21 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "patch_size": 8, "num_hidden_layers": 3},
              "batch": 2, "anchors": 8, "dtype": "float32", "rounds": 2, "min_block_s": 0.01,
              "siglip": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "image_size": 32,
-                        "patch_size": 8, "num_hidden_layers": 3}},
+                        "patch_size": 8, "num_hidden_layers": 3},
+             "families": {"width": 32, "heads": 4, "layers": 2, "image_size": 32, "patch_size": 8, "rounds": 1,
+                          "min_block_s": 0.0}},
     # CPU: ViT-L/14-336 token count, width and heads, but 4 of its 24 layers and batch 1, so the whole run
     # fits in ~40 s on 2 idle cores. Fewer layers make the probe's fixed cost look 6x larger, and the
     # reference's stack of attention maps 6x smaller, than at full depth.
     "default": {"vit": {**_VIT_L_336, "num_hidden_layers": 4}, "batch": 1, "anchors": 144, "dtype": "float32",
-                "rounds": 5, "min_block_s": 0.3, "siglip": {**_SO400M_384, "num_hidden_layers": 4}},
+                "rounds": 5, "min_block_s": 0.3, "siglip": {**_SO400M_384, "num_hidden_layers": 4},
+                "families": {"width": 384, "heads": 6, "layers": 4, "image_size": 224, "patch_size": 16,
+                             "rounds": 3, "min_block_s": 0.1}},
     # GPU: LLaVA-1.5-7B's vision tower as it runs there: full ViT-L/14-336, fp16, batch 32.
     "llava-1.5-7b": {"vit": _VIT_L_336, "batch": 32, "anchors": 144, "dtype": "float16", "rounds": 7, "min_block_s": 0.5,
-                     "siglip": _SO400M_384},
+                     "siglip": _SO400M_384,
+                     "families": {"width": 1024, "heads": 16, "layers": 24, "image_size": 336, "patch_size": 14,
+                                  "rounds": 5, "min_block_s": 0.3}},
 }
 
 
@@ -187,6 +196,95 @@ def _siglip_section(cfg: dict[str, Any], device: torch.device, no_grad) -> dict[
     }
 
 
+def _family_models(shape: dict[str, Any]) -> dict[str, Any]:
+    """``name -> (builder, model kwargs builder)`` for every family whose library imports."""
+    import importlib
+
+    width, heads, layers, image, patch = (shape[k] for k in ("width", "heads", "layers", "image_size", "patch_size"))
+    hf = {"hidden_size": width, "intermediate_size": 4 * width, "num_hidden_layers": layers,
+          "num_attention_heads": heads, "image_size": image, "patch_size": patch}
+    grid = image // patch
+    builders: dict[str, Any] = {}
+
+    def hf_family(name: str, model: str, config: str, **extra: Any) -> None:
+        try:
+            tf = importlib.import_module("transformers")
+            builders[name] = lambda: getattr(tf, model)(getattr(tf, config)(**hf, **extra))
+        except ImportError:
+            pass
+
+    hf_family("clip", "CLIPVisionModel", "CLIPVisionConfig")
+    hf_family("dinov2", "Dinov2Model", "Dinov2Config")
+    hf_family("dinov3", "DINOv3ViTModel", "DINOv3ViTConfig", num_register_tokens=4)
+    hf_family("siglip", "SiglipVisionModel", "SiglipVisionConfig")
+    hf_family("internvit", "InternVLVisionModel", "InternVLVisionConfig", use_qk_norm=True)
+    hf_family("blip2", "Blip2VisionModel", "Blip2VisionConfig")
+    hf_family("aimv2", "Aimv2VisionModel", "Aimv2VisionConfig")
+    hf_family("altclip", "AltCLIPVisionModel", "AltCLIPVisionConfig")
+    hf_family("chinese_clip", "ChineseCLIPVisionModel", "ChineseCLIPVisionConfig")
+    hf_family("metaclip_2", "MetaClip2VisionModel", "MetaClip2VisionConfig")
+    if "clip" in builders:
+        hf_s2 = {k: v for k, v in hf.items() if k != "image_size"}
+        tf = importlib.import_module("transformers")
+        builders["siglip2"] = lambda: tf.Siglip2VisionModel(tf.Siglip2VisionConfig(**hf_s2, num_patches=grid * grid))
+        builders["idefics"] = lambda: importlib.import_module("transformers.models.idefics.vision").IdeficsVisionTransformer(
+            tf.IdeficsVisionConfig(embed_dim=width, **{k: v for k, v in hf.items() if k != "hidden_size"}))
+    try:
+        timm = importlib.import_module("timm.models")
+        timm_kw = {"img_size": image, "patch_size": patch, "embed_dim": width, "depth": layers, "num_heads": heads,
+                   "num_classes": 0}
+        builders["timm_vit"] = lambda: timm.vision_transformer.VisionTransformer(**timm_kw)
+        builders["timm_eva"] = lambda: timm.eva.Eva(**timm_kw, use_rot_pos_emb=True, ref_feat_shape=grid)
+    except ImportError:
+        pass
+    try:
+        oc = importlib.import_module("open_clip.transformer")
+        builders["open_clip"] = lambda: oc.VisionTransformer(image_size=image, patch_size=patch, width=width,
+                                                             layers=layers, heads=heads, mlp_ratio=4.0, output_dim=width)
+    except ImportError:
+        pass
+    return builders
+
+
+def _families_section(cfg: dict[str, Any], device: torch.device, no_grad) -> dict[str, Any]:
+    """One row per family: the plain forward vs ``extract_anchors`` (``cls``, or ``received`` without [CLS])."""
+    shape = cfg["families"]
+    image, patch, batch = shape["image_size"], shape["patch_size"], cfg["batch"]
+    dtype = getattr(torch, cfg["dtype"])
+    rows: dict[str, Any] = {}
+    for name, build in _family_models(shape).items():
+        progress(f"probe: family {name}")
+        torch.manual_seed(0)
+        model = build().to(device=device, dtype=dtype).eval()
+        spec = detect_encoder(model)
+        score = "cls" if spec.has_cls else "received"
+        inputs: dict[str, Any] = {}
+        if spec.layout is not None:  # SigLIP2 NaFlex: patch rows, all real
+            n = (image // patch) ** 2
+            pixels = torch.randn(batch, n, 3 * patch * patch, generator=torch.Generator().manual_seed(0))
+            inputs = {"pixel_attention_mask": torch.ones(batch, n, dtype=torch.long, device=device),
+                      "spatial_shapes": torch.tensor([[image // patch] * 2] * batch, device=device)}
+        else:
+            pixels = torch.randn(batch, 3, image, image, generator=torch.Generator().manual_seed(0))
+        pixels = pixels.to(device=device, dtype=dtype)
+        k = min(cfg["anchors"], (image // patch) ** 2 // 2)
+        paths = {"sdpa": lambda: spec.run(pixels, **inputs),
+                 "probe": lambda: extract_anchors(model, pixels, num_anchors=k, score=score, inputs=inputs).anchor_idx}
+        results = measure_interleaved({n: no_grad(fn) for n, fn in paths.items()}, device, rounds=shape["rounds"],
+                                      min_block_s=shape["min_block_s"])
+        if device.type == "cpu":
+            for path, fn in paths.items():
+                results[path]["peak_extra_mib"] = _cpu_peak_extra_mib(fn)
+        _ratios(results)
+        rows[name] = {"score": score, "tokens": int(spec.num_prefix_tokens + (image // patch) ** 2),
+                      "sdpa_ms": results["sdpa"]["median_ms"], "probe_ms": results["probe"]["median_ms"],
+                      "time_ratio": results["probe"]["time_ratio"], "peak_ratio": results["probe"]["peak_ratio"],
+                      "sdpa_peak_extra_mib": results["sdpa"]["peak_extra_mib"],
+                      "probe_peak_extra_mib": results["probe"]["peak_extra_mib"]}
+        del model
+    return {"shape": shape, "rows": rows}
+
+
 def run(*, preset: str = "default", device: torch.device | str = "cpu") -> dict[str, Any]:
     """Time and peak memory of each path at the preset's shapes; ratios are path / ``sdpa``."""
     if preset not in PRESETS:
@@ -268,6 +366,7 @@ def run(*, preset: str = "default", device: torch.device | str = "cpu") -> dict[
     _ratios(results)
     base = results["sdpa"]
     siglip = _siglip_section(cfg, device, no_grad)
+    families = _families_section(cfg, device, no_grad)
     return {
         "benchmark": "probe",
         "preset": preset,
@@ -287,6 +386,7 @@ def run(*, preset: str = "default", device: torch.device | str = "cpu") -> dict[
         "received_anchors_equal_eager": received_same,
         "received_anchor_overlap_with_eager": received_overlap,
         "siglip": siglip,
+        "families": families,
     }
 
 
@@ -317,6 +417,18 @@ def to_markdown(report: dict[str, Any]) -> str:
         for name, e in siglip["paths"].items():
             lines.append(f"| {name} | {e['median_ms']:.1f} | {e['time_ratio']:.3f} | {e['peak_extra_mib']:.1f} | "
                          f"{e['peak_ratio']:.3f} |")
+    families = report.get("families")
+    if families:
+        lines += [
+            "",
+            f"One row per family, random init, shape {families['shape']}: `extract_anchors` vs the plain forward.",
+            "",
+            "| family | score | tokens | sdpa (ms) | probe (ms) | time x | peak x |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for name, r in families["rows"].items():
+            lines.append(f"| {name} | {r['score']} | {r['tokens']} | {r['sdpa_ms']:.1f} | {r['probe_ms']:.1f} | "
+                         f"{r['time_ratio']:.3f} | {r['peak_ratio']:.3f} |")
     return "\n".join(lines)
 
 

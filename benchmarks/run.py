@@ -65,7 +65,8 @@ from benchmarks._common import (  # noqa: E402
     spread_warnings,
 )
 
-__all__ = ["BENCHMARKS", "PRESETS", "default_output", "main", "render_markdown", "run_suite", "write_chart"]
+__all__ = ["BENCHMARKS", "PRESETS", "default_output", "main", "markdown_chart", "markdown_header", "markdown_section",
+           "render_markdown", "run_suite", "write_chart"]
 
 PRESETS = ("tiny", "default", "llava-1.5-7b")
 # name -> module of the ``benchmarks`` package; each exposes ``run(*, preset, device) -> dict`` and
@@ -194,6 +195,7 @@ def markdown_section(name: str, result: dict[str, Any]) -> str:
 
 
 def markdown_chart(chart: str) -> str:
+    """The chart's section (a link to the PNG beside results.md)."""
     return "\n".join(["", "## Chart", "", f"![cost against visual tokens]({chart})"]) + "\n"
 
 

@@ -19,7 +19,10 @@ pip_q() { "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 echo "== main environment (.venv)" >&2
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip_q .venv/bin/pip install -q $MAIN_TORCH
-pip_q .venv/bin/pip install -q -e ".[test,hf,timm,viz,train]" build  # build: the sdist check of scripts/test_wheel.sh
+pip_q .venv/bin/pip install -q -e ".[test,hf,timm,viz,train,lora]"
+# scripts/test_wheel.sh builds without isolation (fast, offline once installed): the build backend of
+# pyproject.toml's [build-system] and `build` for the sdist
+pip_q .venv/bin/pip install -q "setuptools>=77,<85" build
 # open_clip towers for the probe tests (tests/probes/test_openclip.py skips without it): its other
 # dependencies (torchvision, timm, regex, huggingface_hub, safetensors, tqdm) are already here
 pip_q .venv/bin/pip install -q ftfy

@@ -6,8 +6,9 @@
 #      from a copy of tests/ with no src/ anywhere on the path;
 #   3. the sdist carries every tracked file under tests/, benchmarks/ and docs/, and tests run from it unpacked.
 #
-#   scripts/test_wheel.sh [ENV]     ENV: a virtual environment with torch, transformers, pytest, hypothesis and
-#                                   `build` (default .venv, as scripts/test.sh sets it up); takes < 1 minute
+#   scripts/test_wheel.sh [ENV]     ENV: a virtual environment with torch, transformers, pytest, hypothesis,
+#                                   `build` and setuptools>=77,<85 (builds run without isolation): default .venv,
+#                                   as scripts/test.sh sets it up; about 30 s of CPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py="${1:-.venv}/bin/python"

@@ -27,7 +27,7 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
                 logits = torch.stack([(q[bi, hi, qi] * k[bi, hi, j]).sum() / math.sqrt(d) for j in keys])
                 weights = torch.exp(logits - logits.max())
                 weights = weights / weights.sum()
-                out[bi, hi, qi] = sum(w * v[bi, hi, j] for w, j in zip(weights, keys, strict=False))
+                out[bi, hi, qi] = sum(w * v[bi, hi, j] for w, j in zip(weights, keys, strict=True))
     return out
 
 

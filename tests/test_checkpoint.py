@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import warnings
+import zipfile
 
 import pytest
 import torch
@@ -113,9 +116,97 @@ def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path) -> None:
     marker = tmp_path / "pwned"
     path = tmp_path / "mm_projector.bin"
     torch.save({"model.mm_projector.0.weight": torch.zeros(2, 2), "payload": _Exploit(str(marker))}, path)
-    with pytest.raises(CheckpointError, match=r"refusing to load .*could execute arbitrary code"):
+    with pytest.raises(CheckpointError, match=r"refused to load .*mm_projector.bin': would execute code"):
         load_state_dict(path)
     assert not marker.exists()
+
+
+def _damaged_files(tmp_path):
+    """(name, bytes) of files that are not readable checkpoints, each in both formats' extensions."""
+    state = {"w": torch.randn(8, 8), "b": torch.randn(8)}
+    save_state_dict(state, tmp_path / "ok.safetensors")
+    torch.save(state, tmp_path / "ok.bin")
+    st, pt = (tmp_path / "ok.safetensors").read_bytes(), (tmp_path / "ok.bin").read_bytes()
+    rng = torch.Generator().manual_seed(0)
+    noise = bytes(torch.randint(0, 256, (4096,), generator=rng, dtype=torch.uint8).tolist())
+    return [
+        ("truncated.safetensors", st[: len(st) // 2]), ("header-only.safetensors", st[:40]),
+        ("empty.safetensors", b""), ("random.safetensors", noise),
+        ("truncated.bin", pt[: len(pt) // 2]), ("empty.bin", b""), ("random.bin", noise),
+        ("text.pt", b"not a checkpoint at all\n"), ("json.pth", b'{"w": [1, 2]}'),
+        ("plain-pickle.pt", pickle.dumps({"w": [1.0, 2.0]})),
+        ("zip-without-pickle.pt", _zip_bytes()),
+    ]  # fmt: skip
+
+
+def _zip_bytes() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        z.writestr("archive/other.txt", "hello")
+    return buffer.getvalue()
+
+
+def test_every_unreadable_file_is_a_checkpoint_error_naming_the_path(tmp_path) -> None:
+    """Truncated/empty safetensors raised the library's own error without the path; broken .pt files
+    raised OSError/EOFError/RuntimeError; random bytes were called a possibly malicious pickle."""
+    for name, data in _damaged_files(tmp_path):
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(CheckpointError, match=rf"checkpoint '.*{name}' is corrupt or not a checkpoint"):
+            load_state_dict(path)
+        with pytest.raises(CheckpointError, match="corrupt or not a checkpoint"):
+            load_connector_weights(nn.Linear(8, 8), path)
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
+def test_meta_map_location_works_for_both_formats(tmp_path, suffix) -> None:
+    state = {"w": torch.randn(4, 3), "b": torch.randn(4).half(), "n": torch.tensor(3)}
+    path = tmp_path / f"x{suffix}"
+    save_state_dict(state, path) if suffix == ".safetensors" else torch.save(state, path)
+    got = load_state_dict(path, map_location="meta")
+    assert {k: (v.device.type, v.shape, v.dtype) for k, v in got.items()} == {
+        k: ("meta", v.shape, v.dtype) for k, v in state.items()
+    }
+
+
+def _quantized(x: torch.Tensor) -> torch.Tensor:
+    with warnings.catch_warnings():  # quantized dtypes are deprecated, but checkpoints holding them exist
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.quantize_per_tensor(x, 0.1, 0, torch.qint8)
+
+
+def _bad_values() -> list[tuple[str, object]]:
+    """Values whose shape fits a (3, 4) float32 weight but whose kind does not."""
+    return [
+        ("sparse", torch.randn(3, 4).to_sparse()),
+        ("meta", torch.empty(3, 4, device="meta")),
+        ("quantized", _quantized(torch.randn(3, 4))),
+        ("complex", torch.randn(3, 4, dtype=torch.complex64)),
+        ("integer", torch.ones(3, 4, dtype=torch.int64)),
+        ("not a tensor", [[0.0] * 4] * 3),
+    ]
+
+
+@pytest.mark.parametrize(("kind", "value"), _bad_values(), ids=[k for k, _ in _bad_values()])
+def test_a_value_of_the_wrong_kind_changes_nothing(kind, value) -> None:
+    """load_checked passed its checks when every shape matched, then failed inside load_state_dict with
+    most tensors already copied. The bad value sits last, so a half-done copy would show."""
+    module = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 4), nn.Linear(4, 3))
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    state = {k: torch.randn_like(v) for k, v in before.items()}
+    state["2.weight"] = value
+    with pytest.raises(CheckpointError, match=r"values of the wrong kind 2\.weight: "):
+        load_checked(module, state)
+    after = module.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_values_are_converted_to_the_parameters_dtype_and_device() -> None:
+    module = nn.Linear(4, 3)
+    state = {"weight": torch.randn(3, 4, dtype=torch.float64), "bias": torch.randn(3).half()}
+    load_checked(module, state)
+    assert module.weight.dtype == torch.float32
+    torch.testing.assert_close(module.weight, state["weight"].float(), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("suffix", [".bin", ".safetensors"])

@@ -61,9 +61,9 @@ def worker(rank: int, init_file: str) -> None:
                 single = AnchorFormer(**CONFIG)
                 single_grads = train(single, features, anchors, mask, steps=2)
                 for step in range(2):
-                    for a, b in zip(ddp_grads[step], single_grads[step], strict=False):
+                    for a, b in zip(ddp_grads[step], single_grads[step], strict=True):
                         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-                for a, b in zip(model.parameters(), single.parameters(), strict=False):
+                for a, b in zip(model.parameters(), single.parameters(), strict=True):
                     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
             dist.barrier()
     finally:

@@ -43,8 +43,10 @@ _PENDING: dict[str, dict[str, object]] = {
             "vision_tower, pixel_values, num_anchors = vision_model, torch.randn(2, 3, 112, 112), 144\n"
         ),
         "needs": "transformers",
-        "block_directives": {2: ["needs matplotlib"],
-                             3: ["skip: registers an encoder family for a library that does not exist"]},
+        # block (found by a line of its code) -> directives
+        "block_directives": {"from anchor_former.viz import save_anchor_plot": ["needs matplotlib"],
+                             "class FooFamily(EncoderFamily):": [
+                                 "skip: registers an encoder family for a library that does not exist"]},
     },
 }
 
@@ -90,8 +92,10 @@ def parse_page(path: Path) -> Page:
     if pending:
         page.setup = page.setup or str(pending["setup"])
         page.setup_needs = page.setup_needs or str(pending["needs"])
-        for index, extra in dict(pending["block_directives"]).items():
-            blocks[index].directives = [*extra, *blocks[index].directives]
+        for line, extra in dict(pending["block_directives"]).items():
+            for block in blocks:
+                if line in block.code and not block.directives:
+                    block.directives = list(extra)
     return page
 
 

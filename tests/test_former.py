@@ -80,6 +80,14 @@ def naive_forward(
 
 
 # --- numerics -------------------------------------------------------------------------------------------
+# Tolerances are a few times the error measured on a 2-core x86-64 CPU (torch 2.14): float64 against the
+# naive loop ~4e-16 -> 4e-15; float32 paths ~1.5e-7 -> 1e-6; half precision below. Paths that run the
+# same operations in the same order are compared exactly. test_tolerances_bite shows each one rejects a
+# deliberately broken model.
+F64_TOL = dict(atol=4e-15, rtol=0)
+F32_TOL = dict(atol=1e-6, rtol=0)
+# Half precision against float32, max over 20 seeds of |half - fp32| / (|fp32| + 1): bf16 5.3e-3, fp16 5.3e-4.
+HALF_TOL = {torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
 @pytest.mark.parametrize("fused_attn", [True, False])
@@ -90,7 +98,7 @@ def test_matches_naive_reference(fused_attn: bool, kv_include_queries: bool) -> 
     anchor_idx = random_anchors(3, 17, 5)
     out = model(features, anchor_idx)
     assert out.shape == (3, 6, 24)
-    torch.testing.assert_close(out, naive_forward(model, features, anchor_idx, [17] * 3), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(out, naive_forward(model, features, anchor_idx, [17] * 3), **F64_TOL)
 
 
 def test_fused_equals_manual_float32() -> None:
@@ -98,7 +106,7 @@ def test_fused_equals_manual_float32() -> None:
     features, anchor_idx = torch.randn(4, 26, 16), random_anchors(4, 26, 5)
     fused = model(features, anchor_idx)
     model.fused_attn = False
-    torch.testing.assert_close(fused, model(features, anchor_idx), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused, model(features, anchor_idx), **F32_TOL)
 
 
 @pytest.mark.parametrize("fused_attn", [True, False])
@@ -109,12 +117,12 @@ def test_padded_batch_equals_each_sample_alone(fused_attn: bool) -> None:
     anchors = [random_anchors(1, n, 5) for n in lengths]
     padded = torch.randn(3, 17, 16, dtype=torch.float64) * 100  # garbage in the padding
     mask = torch.zeros(3, 17, dtype=torch.bool)
-    for i, (s, n) in enumerate(zip(samples, lengths, strict=False)):
+    for i, (s, n) in enumerate(zip(samples, lengths, strict=True)):
         padded[i, :n], mask[i, :n] = s, True
     out = model(padded, torch.cat(anchors), key_padding_mask=mask)
-    for i, (s, a) in enumerate(zip(samples, anchors, strict=False)):
-        torch.testing.assert_close(out[i : i + 1], model(s[None], a), atol=1e-12, rtol=1e-12)
-    torch.testing.assert_close(out, naive_forward(model, padded, torch.cat(anchors), lengths), atol=1e-10, rtol=1e-10)
+    for i, (s, a) in enumerate(zip(samples, anchors, strict=True)):
+        torch.testing.assert_close(out[i : i + 1], model(s[None], a), **F64_TOL)
+    torch.testing.assert_close(out, naive_forward(model, padded, torch.cat(anchors), lengths), **F64_TOL)
 
 
 def test_attention_path_equals_search_then_indices() -> None:
@@ -144,7 +152,7 @@ def test_attention_path_never_picks_padding_and_matches_alone() -> None:
     scores[0, :, 11:] = 10.0  # padded tokens would win the search if they were candidates
     out = model(features, attention=scores, key_padding_mask=mask)
     alone = model(features[:1, :11], attention=scores[:1, :, :11])
-    torch.testing.assert_close(out[:1], alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:1], alone, **F32_TOL)
 
 
 @settings(max_examples=25, deadline=None)
@@ -155,7 +163,7 @@ def test_permuting_anchor_idx_permutes_outputs(perm_seed: int) -> None:
     features, anchor_idx = torch.randn(2, 17, 16, dtype=torch.float64), random_anchors(2, 17, 5)
     perm = torch.randperm(6, generator=torch.Generator().manual_seed(perm_seed))
     permuted, plain = model(features, anchor_idx[:, perm]), model(features, anchor_idx)
-    torch.testing.assert_close(permuted, plain[:, perm], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(permuted, plain[:, perm], **F64_TOL)
 
 
 def test_non_anchor_token_changes_output() -> None:
@@ -193,8 +201,8 @@ def test_gradient_checkpointing_gives_same_outputs_and_gradients() -> None:
         x = features.clone().requires_grad_()
         model(x, anchor_idx).square().mean().backward()
         grads.append([x.grad] + [p.grad for p in model.parameters()])
-    for a, b in zip(*grads, strict=False):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)  # the same operations, recomputed
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -206,7 +214,7 @@ def test_half_precision_close_to_float32(dtype: torch.dtype, fused_attn: bool) -
     features, anchor_idx = torch.randn(2, 17, 16), random_anchors(2, 17, 5)
     out = half(features.to(dtype), anchor_idx)
     assert out.dtype == dtype
-    torch.testing.assert_close(out.float(), model(features, anchor_idx), atol=0.1, rtol=0.05)
+    torch.testing.assert_close(out.float(), model(features, anchor_idx), atol=HALF_TOL[dtype], rtol=HALF_TOL[dtype])
     out.float().square().mean().backward()
     assert all(p.grad is not None and p.grad.dtype == dtype for p in half.parameters())
 
@@ -226,8 +234,8 @@ def test_compile_fullgraph_forward_backward_matches_eager() -> None:
 
     eager = step(model)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    for a, b in zip(eager, step(compiled), strict=False):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for a, b in zip(eager, step(compiled), strict=True):
+        torch.testing.assert_close(a, b, **F32_TOL)  # measured 0: aot_eager runs the same ATen ops
 
 
 @pytest.mark.slow
@@ -238,8 +246,30 @@ def test_compile_inductor_fullgraph_with_checkpointing() -> None:
     compiled = torch.compile(model, fullgraph=True)
     out = compiled(features, anchor_idx)
     out.square().mean().backward()
-    torch.testing.assert_close(out, model(features, anchor_idx), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, model(features, anchor_idx), atol=1e-5, rtol=1e-5)  # inductor fuses: looser
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_tolerances_bite() -> None:
+    """Each tolerance above rejects a deliberately broken model (so the tests can fail for real bugs)."""
+    # float64 naive reference: a 1e-9 change in one weight is far outside 4e-15.
+    model = small().double()
+    features, anchor_idx = torch.randn(3, 17, 16, dtype=torch.float64), random_anchors(3, 17, 5)
+    expected = naive_forward(model, features, anchor_idx, [17] * 3)
+    with torch.no_grad():
+        model.layers[1].attn.to_out.weight[0, 0] += 1e-9
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(model(features, anchor_idx), expected, **F64_TOL)
+    # half precision: a model missing its last resampler layer (the old tolerance, 0.1 / 0.05, passed it).
+    for dtype, tol in HALF_TOL.items():
+        full = small()
+        broken = small(dtype=dtype)
+        broken.load_state_dict(full.state_dict())
+        broken.layers = broken.layers[:-1]
+        features, anchor_idx = torch.randn(2, 17, 16), random_anchors(2, 17, 5)
+        with pytest.raises(AssertionError):
+            torch.testing.assert_close(broken(features.to(dtype), anchor_idx).float(), full(features, anchor_idx),
+                                       atol=tol, rtol=tol)
 
 
 # --- layout, counts and config -------------------------------------------------------------------------

@@ -629,6 +629,18 @@ def test_native_entry_point_validates_every_argument(overrides, match):
     assert _native.search(*args) == 0  # the unmodified arguments are fine
 
 
+@pytest.mark.skipif(not native_search_available(), reason="the kernel was not built")
+def test_native_entry_point_checks_the_real_tokens_itself():
+    """The kernel does not trust the Python-side padding check: too few real tokens raise there too."""
+    from anchor_former import _native
+
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    mask[1, 5:] = False  # 4 real candidates, quotas sum to 6
+    keep, args = _native_args(mask_ptr=mask.data_ptr(), mask_stride_b=20, mask_stride_n=1)
+    with pytest.raises(ValueError, match="fewer real \\(unpadded\\) candidate tokens"):
+        _native.search(*args)
+
+
 def test_sparse_meta_and_float8_scores(generator):
     """Each raised a raw error (item() on meta, no data pointer / as_strided for sparse, no isfinite for
     float8); now meta works without values, sparse is refused by name and float8 is upcast exactly."""
@@ -661,6 +673,8 @@ def test_padding_is_excluded_by_construction(generator, method):
         real = mask[i].nonzero().flatten()  # [CLS] and the real patches
         alone = anchor_search(row[i : i + 1, :, real], 11, method=method, check_finite=False)
         assert torch.equal(got[i], real[alone[0]])
+    strided = mask.t().contiguous().t()  # token-major memory: read through its strides
+    assert torch.equal(anchor_search(row, 11, method=method, key_padding_mask=strided, check_finite=False), got)
     with pytest.raises(ValueError, match=r"key_padding_mask leaves samples \[0, 1\] with fewer real candidate tokens \(\[11, 11\]\)"):
         anchor_search(row, 12, method=method, key_padding_mask=mask, check_finite=False)
     with pytest.raises(ValueError, match=r"key_padding_mask must be \(B, N\) = \(2, 20\) bool.*on cpu.*device meta"):

@@ -248,3 +248,32 @@ def test_a_missing_image_stops_before_the_model_loads(workdir, tmp_path, monkeyp
 def test_bad_arguments_raise_value_error(workdir, extra, message) -> None:
     with pytest.raises(ValueError, match=message):
         train(*parse_args(args(workdir, "bad", "--max_steps", "1", *extra)))
+
+
+def test_lora_stage_2_saves_merged_weights(workdir) -> None:
+    """--lora_r: LoRA on the language model's linear layers and the full connector; the saved folder has
+    the plain model's keys (merged), so it reloads without peft."""
+    pytest.importorskip("peft")
+    base = split(load_file(workdir / "base" / "model.safetensors"))
+    train(*parse_args(args(workdir, "lora", "--stage", "2", "--lora_r", "4", "--max_steps", "2",
+                           "--per_device_train_batch_size", "4")))
+    saved = split(load_file(workdir / "lora" / "model.safetensors"))
+    assert not changed(base["vision"], saved["vision"])
+    linear = re.compile(r".*layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
+    assert {k for k in base["language"] if not torch.equal(base["language"][k], saved["language"][k])} == {
+        k for k in base["language"] if linear.match(k)}  # the adapted linears moved, embeddings and norms did not
+    reloaded = AnchorFormerLlavaForConditionalGeneration.from_pretrained(workdir / "lora")
+    assert not any("lora" in key for key in reloaded.state_dict())
+
+
+def test_shipped_distributed_configs() -> None:
+    """configs/: DeepSpeed ZeRO-2/3 with the Trainer's "auto" values, FSDP2 wrapping the decoder layers."""
+    root = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
+    for name, stage in (("zero2.json", 2), ("zero3.json", 3)):
+        with open(os.path.join(root, name)) as handle:
+            config = json.load(handle)
+        assert config["zero_optimization"]["stage"] == stage
+        assert config["train_micro_batch_size_per_gpu"] == config["gradient_accumulation_steps"] == "auto"
+    with open(os.path.join(root, "fsdp.json")) as handle:
+        fsdp = json.load(handle)
+    assert fsdp["version"] == 2 and "LlamaDecoderLayer" in fsdp["transformer_layer_cls_to_wrap"]

@@ -134,11 +134,10 @@ def test_fixed_layout_and_count() -> None:
 @settings(max_examples=60, deadline=None)
 @given(size=sizes)
 def test_agrees_with_transformers_resolution_and_unpadding(size) -> None:
-    transformers = pytest.importorskip("transformers")
+    modeling = pytest.importorskip("transformers.models.llava_next.modeling_llava_next")  # transformers >= 4.39
     from transformers.image_processing_utils import select_best_resolution as hf_best
-    from transformers.models.llava_next.modeling_llava_next import unpad_image
 
-    del transformers
+    unpad_image = modeling.unpad_image
     assert select_best_resolution(size, PINPOINTS) == tuple(hf_best(size, PINPOINTS))
     views = anyres_views(size, grid_pinpoints=PINPOINTS, view_size=VIEW, patch_size=PATCH)
     gh, gw = views.grid[0] * SIDE, views.grid[1] * SIDE
@@ -166,3 +165,37 @@ def test_agrees_with_transformers_resolution_and_unpadding(size) -> None:
 def test_bad_input(call, match) -> None:
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_select_view_tokens_searches_each_view_among_its_candidates() -> None:
+    from anchor_former import anchor_search
+    from anchor_former.views import select_view_tokens
+
+    views = anyres_views((60, 300), grid_pinpoints=PINPOINTS, view_size=VIEW, patch_size=PATCH)  # 1 x 3, unpadded
+    mask = views.candidate_mask()
+    assert views.num_candidates() == (16, 8, 8, 8)
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(views.num_views, 1 + SIDE * SIDE, 5, generator=gen)
+    scores = torch.rand(views.num_views, 2, 1 + SIDE * SIDE, generator=gen)  # (V, H, N), [CLS] first
+    budgets = view_budgets(views.num_candidates(), per_view=3)
+
+    def projector(x):
+        return x * 2
+
+    newline = torch.full((5,), -1.0)
+    got = select_view_tokens(views, budgets, features, scores, num_prefix_tokens=1, projector=projector,
+                             newline=newline)
+    patches = []  # reference: one search per view, padded patches excluded
+    for v in range(views.num_views):
+        real = torch.cat([torch.ones(1, dtype=torch.bool), mask[v]])[None]
+        patches.append(anchor_search(scores[v : v + 1], 3, include_cls=False, key_padding_mask=real)[0] - 1)
+    assert all(bool(mask[v, p].all()) for v, p in enumerate(patches))
+    tokens = torch.cat([features[v, 1 + p] for v, p in enumerate(patches)]) * 2
+    torch.testing.assert_close(got, arrange_selected(views, patches, tokens, newline), rtol=0, atol=0)
+    full = select_view_tokens(views, views.num_candidates(), features, scores, num_prefix_tokens=1,
+                              projector=projector, newline=newline)
+    want = reference_layout(features[:, 1:] * 2, views, newline, (60, 300))
+    torch.testing.assert_close(full, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"budgets\[1\] must be at most the view's 8 candidates, got 9"):
+        select_view_tokens(views, (3, 9, 3, 3), features, scores, num_prefix_tokens=1, projector=projector,
+                           newline=newline)

@@ -18,7 +18,7 @@ runs with ``python -m benchmarks.run`` from a clone. Documentation: README.md an
 repository (``docs/api.md`` lists every public name, the same as ``__all__`` here).
 """
 
-from anchor_former import adapters, checkpoint, flops
+from anchor_former import adapters, checkpoint, flops, views
 from anchor_former.search import AnchorSearch, anchor_quotas, anchor_search, cls_scores, native_search_available
 from anchor_former.attention import CrossAttention
 from anchor_former.connectors import (
@@ -67,6 +67,7 @@ __all__ = [
     "flops",
     "adapters",
     "checkpoint",
+    "views",
     "AnchorExtraction",
     "AttentionProbe",
     "EncoderSpec",

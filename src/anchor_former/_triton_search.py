@@ -110,6 +110,7 @@ def triton_search(
     _search_kernel[(b,)](
         scores, out, bad, mask, h, n, num_prefix_tokens, base, extra,
         *scores.stride(), out.stride(0), *mask_strides,
-        HAS_MASK=key_padding_mask is not None, INCLUDE_CLS=int(include_cls), BLOCK_N=block_n, TOP=top, num_warps=4 if block_n <= 1024 else 8,
+        HAS_MASK=key_padding_mask is not None, INCLUDE_CLS=int(include_cls), BLOCK_N=block_n, TOP=top,
+        num_warps=4 if block_n <= 1024 else 8,
     )  # fmt: skip
     return out, bad

@@ -27,7 +27,9 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import struct
 import warnings
+import zipfile
 from collections.abc import Mapping
 from typing import Literal
 
@@ -66,36 +68,99 @@ class CheckpointError(ValueError):
 # --- reading and writing -------------------------------------------------------------------------------
 
 
+# torch.save's legacy (pre-zip) format opens with a pickled magic number: PROTO, then LONG1 of 10 bytes.
+_LEGACY_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
+# What torch's weights-only unpickler says when a pickle asks for code (a global, a call, an object).
+_REFUSED = re.compile(r"GLOBAL|allowlist|reduce|create new object|must be imported to load", re.IGNORECASE)
+# What a damaged or foreign file raises inside torch.load / safetensors.
+_CORRUPT_ERRORS = (
+    EOFError, OSError, RuntimeError, KeyError, ValueError, IndexError, TypeError, AttributeError,
+    UnicodeDecodeError, zipfile.BadZipFile, struct.error, pickle.UnpicklingError,
+)  # fmt: skip
+
+
+def _corrupt(path: str, detail: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path!r} is corrupt or not a checkpoint ({detail})")
+
+
+def _read_safetensors(path: str, device: str) -> StateDict:
+    """All tensors of a safetensors file on ``device``; ``"meta"`` reads only the header (shapes, dtypes)."""
+    safe_open = require("safetensors", extra="hf", feature="reading .safetensors checkpoints").safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            if device != "meta":
+                return {k: f.get_tensor(k).to(device) for k in f.keys()}
+            out = {}
+            for k in f.keys():
+                sl = f.get_slice(k)
+                dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype())
+                out[k] = (
+                    torch.empty(sl.get_shape(), dtype=dtype, device="meta") if dtype else f.get_tensor(k).to("meta")
+                )
+            return out
+    except Exception as err:  # safetensors raises its own SafetensorError (an Exception) for damaged files
+        if isinstance(err, CheckpointError):
+            raise
+        raise _corrupt(path, f"safetensors could not read it: {type(err).__name__}: {err}") from err
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def _read_pickle(path: str, map_location: str | torch.device) -> object:
+    """``torch.load(weights_only=True)`` with every failure turned into a :class:`CheckpointError` that says
+    whether the file is damaged/foreign or was refused because it asks to run code."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not (zipfile.is_zipfile(path) or (head[:1] == b"\x80" and head[2:14] == _LEGACY_MAGIC)):
+        raise _corrupt(path, "neither the zip archive torch.save writes nor its legacy pickle format")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not _REFUSED.search(str(err)):
+            raise _corrupt(path, f"its pickle is damaged: {_last_line(err)}") from err
+        raise CheckpointError(
+            f"refused to load {path!r}: would execute code. Its pickle asks for objects other than tensors and "
+            "plain containers, which unpickling would construct by running code "
+            f"(torch.load(weights_only=True) stopped at: {_last_line(err)}). If you trust the file, re-save its tensors with "
+            "anchor_former.checkpoint.save_state_dict (safetensors)."
+        ) from err
+    except _CORRUPT_ERRORS as err:
+        raise _corrupt(path, f"{type(err).__name__}: {_last_line(err)}") from err
+
+
+def _last_line(err: BaseException) -> str:
+    """The informative line of an error message (torch's weights-only errors end with the reason)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    reason = [line for line in lines if "WeightsUnpickler error" in line or "GLOBAL" in line]
+    return (reason or lines or [type(err).__name__])[-1][:300]
+
+
 def load_state_dict(path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu") -> StateDict:
     """Read a flat ``{name: tensor}`` checkpoint without executing code.
 
     Args:
         path: a ``.safetensors`` file, or a PyTorch file (``.bin``, ``.pt``, ``.pth``) holding a dict of
             tensors (what ``torch.save(module.state_dict(), path)`` writes).
-        map_location: where the tensors go.
+        map_location: where the tensors go; ``"meta"`` works for both formats (shapes and dtypes only;
+            safetensors then reads just the header).
 
     Raises:
-        CheckpointError: the file is missing, its pickle needs anything besides tensors and plain
-            containers (it would run code on load: refused, nothing of it runs), or it is not a flat
-            mapping from names to tensors.
+        CheckpointError: naming the path, when the file is missing; corrupt or not a checkpoint (truncated,
+            empty, random bytes, another format); refused because its pickle needs anything besides tensors
+            and plain containers (it would run code on load; nothing of it runs); or not a flat mapping
+            from names to tensors.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint path {path!r} is not a file")
     if path.endswith(".safetensors"):
-        load_file = require("safetensors.torch", extra="hf", feature="reading .safetensors checkpoints").load_file
-        device = str(map_location) if not isinstance(map_location, str) else map_location
-        return dict(load_file(path, device=device))
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()
-        raise CheckpointError(
-            f"refusing to load {path!r}: its pickle contains objects other than tensors and plain containers, "
-            "and unpickling them could execute arbitrary code (torch.load(weights_only=True) stopped at: "
-            f"{reason[0] if reason else type(err).__name__}). If you trust the file, re-save its tensors with "
-            "anchor_former.checkpoint.save_state_dict (safetensors)."
-        ) from err
+        return _read_safetensors(path, str(map_location))
+    obj = _read_pickle(path, map_location)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"checkpoint {path!r} must hold a dict of tensors, got {type(obj).__name__}")
     bad = [f"{k!r} ({type(v).__name__})" for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
@@ -232,9 +297,32 @@ def to_anchor_former(state_dict: Mapping[str, torch.Tensor]) -> tuple[StateDict,
     return {k.split("connector.", 1)[-1] if k.startswith("connector.") else k: v for k, v in stripped.items()}, layout
 
 
+def _kind_problem(value: object, target: torch.Tensor) -> str | None:
+    """Why ``value`` cannot be copied into ``target`` by ``load_state_dict`` (None if it can)."""
+    if not isinstance(value, torch.Tensor):
+        return f"a {type(value).__name__}, not a tensor"
+    if value.layout != torch.strided:
+        return f"a {value.layout} tensor, not a dense one"
+    if value.is_quantized:
+        return f"a quantized tensor ({value.dtype})"
+    if value.device.type == "meta" and target.device.type != "meta":
+        return "a meta tensor (it has no values)"
+    if _family(value) != _family(target):
+        return f"dtype {value.dtype} ({_family(value)}) for a {target.dtype} ({_family(target)}) tensor"
+    return None
+
+
+def _family(t: torch.Tensor) -> str:
+    return "complex" if t.is_complex() else "floating" if t.is_floating_point() else "integer/bool"
+
+
 def load_checked(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, partial: bool = False,
                  what: str = "checkpoint") -> None:
     """``module.load_state_dict`` that checks everything first and changes nothing on failure.
+
+    Every value is checked (a dense, non-quantized tensor with values, of the target's dtype family: a
+    floating tensor for a floating parameter, ...) and converted to the target's dtype and device
+    *before* the first copy, so the copy itself cannot fail half-way.
 
     Args:
         module: the module to load into.
@@ -243,16 +331,19 @@ def load_checked(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, p
         what: how to call the checkpoint in messages.
 
     Raises:
-        CheckpointError: unexpected keys, missing keys (unless ``partial``), or shape mismatches; the
-            message names each key with both shapes.
+        CheckpointError: unexpected keys, missing keys (unless ``partial``), shape mismatches or values of
+            the wrong kind (non-tensor, sparse, meta, quantized, complex for real, ...); the message
+            names each key. The module is unchanged then.
     """
     target = module.state_dict()
     unexpected = sorted(set(state_dict) - set(target))
     missing = [] if partial else sorted(set(target) - set(state_dict))
+    known = {k: v for k, v in state_dict.items() if k in target and isinstance(target[k], torch.Tensor)}
+    wrong_kind = [f"{k}: {why}" for k, v in known.items() if (why := _kind_problem(v, target[k]))]
     mismatched = [
         f"{k}: checkpoint {shape_str(v)} vs module {shape_str(target[k])}"
-        for k, v in state_dict.items()
-        if k in target and tuple(v.shape) != tuple(target[k].shape)
+        for k, v in known.items()
+        if isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(target[k].shape)
     ]
     problems = []
     if unexpected:
@@ -261,9 +352,20 @@ def load_checked(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, p
         problems.append(f"missing keys {missing[:8]}" + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
     if mismatched:
         problems.append("shape mismatches " + "; ".join(mismatched[:8]))
+    if wrong_kind:
+        problems.append("values of the wrong kind " + "; ".join(wrong_kind[:8]))
     if problems:
         raise CheckpointError(f"{what} does not fit {type(module).__name__}: " + "; ".join(problems))
-    module.load_state_dict(dict(state_dict), strict=not partial)
+    converted = dict(state_dict)
+    for k, v in known.items():
+        try:  # before any copy: a failure here leaves the module as it was
+            converted[k] = v.detach().to(device=target[k].device, dtype=target[k].dtype)
+        except (RuntimeError, TypeError, ValueError) as err:
+            raise CheckpointError(
+                f"{what} does not fit {type(module).__name__}: {k} cannot be converted to {target[k].dtype} on "
+                f"{target[k].device}: {err}"
+            ) from err
+    module.load_state_dict(converted, strict=not partial)
 
 
 def load_connector_weights(

@@ -45,6 +45,7 @@ __all__ = [
     "ConversationDataset",
     "ConversationSample",
     "Template",
+    "VICUNA_SYSTEM",
     "load_conversations",
 ]
 

@@ -1,27 +1,36 @@
 """Progressive per-head visual-anchor search, batched and free of host synchronisation.
 
-The search (ACFORMER.md §2): the [CLS] query's attention row of one ViT layer gives every token a score
-per head. Heads are visited in index order; head ``h`` adds its ``quota[h]`` highest-scoring tokens that
-earlier heads have not already chosen. Prefix tokens ([CLS], registers) are never candidates. The result
-is ``[0] + sorted(anchors)`` (CLS first, then raster order) or just ``sorted(anchors)``.
+The search, as the authors' AcFormer code runs it: the [CLS] query's attention row of one ViT layer gives
+every token a score per head. Heads are visited in index order; head ``h`` adds its ``quota[h]``
+highest-scoring tokens that earlier heads have not already chosen. Prefix tokens ([CLS], registers) are
+never candidates. The result is ``[0] + sorted(anchors)`` (CLS first, then raster order) or just
+``sorted(anchors)``.
 
-Rules the reference leaves undefined, defined here:
+Rules the authors' loop leaves undefined, defined here (``docs/algorithm.md`` compares the two):
 
 * **Quotas.** ``num_anchors = K`` is spread over ``H`` heads as ``K // H`` each, and the remainder
   ``K % H`` goes one extra to each of the first heads (``anchor_quotas``). Exactly ``K`` anchors are
   returned. With ``H > K`` the last heads get a quota of 0.
 * **Ties.** Equal scores are ordered by lower token index first. Scores are compared in float32
-  (exact for fp16/bf16 inputs) or float64 for float64 inputs, so the result does not depend on the
-  device, the input's half-precision dtype, the batch it sits in, or the method.
+  (exact for fp16/bf16/float8 inputs; -0.0 equals +0.0) or, for float64, by a stable sort, so the
+  result does not depend on the device, the input's dtype, the batch it sits in, or the method.
 * **Prefix tokens.** The first ``num_prefix_tokens`` tokens (1 for CLIP's [CLS], 5 for DINOv2 with four
   registers, 0 for SigLIP which has no [CLS]) are never anchors.
+* **Padding.** Tokens that ``key_padding_mask`` marks as padding are not candidates at all (no sentinel
+  score that a real token could tie).
+* **Layouts.** ``(B, H, N, N)``, ``(B, N, N)``, ``(B, H, N)`` or ``(B, N)``, inferred from the rank; 3-D
+  input whose last two sizes are equal is ambiguous and needs ``layout=``.
 
-Four methods give identical results:
+Every method compares unique integer keys (score, then lower index first) and strikes taken tokens with
+a value below every key, so the result is ``K`` distinct ascending tokens for every legal input,
+``-inf``/``+inf`` scores included (with ``check_finite=False``). Four methods give identical results:
 
 * ``"native"`` (``"auto"`` on CPU when built): a compiled C kernel, one pass per sample with no
   Python loop at all (``_native.c``, built at install when a C compiler is present). Per head it writes
   the row's keys once, bounds the quota's worst key from block maxima and scans only the blocks that
-  can reach it; the finite check rides along in the same pass. CPU only, float32/fp16/bf16 scores.
+  can reach it; small quotas go through a best-first buffer, large ones (up to ``K = N/2`` and beyond)
+  through a quickselect, so no quota makes it quadratic. The finite check rides along in the same pass.
+  CPU only, float32/fp16/bf16 scores; lazily negated views are resolved before it reads memory.
 * ``"triton"`` (CUDA, opt-in until measured on a GPU): the same walk as one Triton kernel, one program
   per sample holding its keys in registers; per head one ``tl.topk`` finds the quota-th best untaken
   key and every key at least that large is taken (``_triton_search.py``).
@@ -30,7 +39,7 @@ Four methods give identical results:
   then a greedy pass over heads made of gathers, a cumulative sum and a scatter on ``(B, K)`` tensors:
   no data-dependent shapes, no host reads, ``torch.compile(fullgraph=True)``-able and CUDA-graphable.
 * ``"masked"`` (``"auto"`` on CPU without the kernel, for float64, and under ``torch.compile``): the
-  plain formulation, one ``topk`` per head over the tokens earlier heads left; the readable reference.
+  plain formulation, one ``topk`` per head over the tokens earlier heads left.
 """
 
 from __future__ import annotations

@@ -39,7 +39,16 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["DataArguments", "ModelArguments", "connector_digest", "main", "parse_args", "train"]
+__all__ = [
+    "DataArguments",
+    "ModelArguments",
+    "connector_digest",
+    "load_model",
+    "main",
+    "parse_args",
+    "set_trainable",
+    "train",
+]
 
 logger = logging.getLogger(__name__)
 

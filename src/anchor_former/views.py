@@ -257,7 +257,9 @@ def view_budgets(
     """
     counts = [int(c) for c in candidates]
     if (per_view is None) == (per_image is None):
-        raise ValueError(f"pass exactly one of per_view and per_image, got per_view={per_view!r}, per_image={per_image!r}")
+        raise ValueError(
+            f"pass exactly one of per_view and per_image, got per_view={per_view!r}, per_image={per_image!r}"
+        )
     budget = per_view if per_image is None else per_image
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         name = "per_view" if per_image is None else "per_image"

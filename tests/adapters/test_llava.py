@@ -35,7 +35,7 @@ from anchor_former.adapters.llava import (  # noqa: E402
     AnchorVisionTower,
     LlavaConnector,
     build_vision_projector,
-    enable_anchor_former,
+    attach_anchor_former,
     load_projector_weights,
     save_projector_weights,
 )
@@ -51,7 +51,7 @@ def tower_dir(tmp_path_factory):
 
 
 def enabled(tower_dir: str) -> LlavaLlamaForCausalLM:
-    return enable_anchor_former(make_model(tower_dir), num_anchors=K, **CONNECTOR)
+    return attach_anchor_former(make_model(tower_dir), num_anchors=K, **CONNECTOR)
 
 
 def reference_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -97,14 +97,14 @@ def test_build_vision_projector_unknown_type_lists_the_known_ones() -> None:
         build_vision_projector(config)
 
 
-# --- enable_anchor_former --------------------------------------------------------------------------------
+# --- attach_anchor_former --------------------------------------------------------------------------------
 
 
 def test_enable_swaps_modules_keeps_tower_keys_and_warm_starts_mlp(tower_dir) -> None:
     model = make_model(tower_dir)
     old_mlp = {k: v.clone() for k, v in model.get_model().mm_projector.state_dict().items()}
     tower_keys = {k for k in model.state_dict() if ".vision_tower." in k}
-    enable_anchor_former(model, num_anchors=K, **CONNECTOR)
+    attach_anchor_former(model, num_anchors=K, **CONNECTOR)
     inner = model.get_model()
     assert isinstance(inner.vision_tower, AnchorVisionTower) and isinstance(inner.mm_projector, LlavaConnector)
     assert {k for k in model.state_dict() if ".vision_tower." in k} == tower_keys
@@ -226,16 +226,16 @@ def test_checkpoint_that_does_not_fit_is_named_and_model_unchanged(tower_dir, tm
 
 def test_errors(tower_dir) -> None:
     with pytest.raises(ValueError, match=r"model must be a built LLaVA model .*got torch\.nn\.modules\.linear\.Linear"):
-        enable_anchor_former(nn.Linear(2, 2))
+        attach_anchor_former(nn.Linear(2, 2))
     model = make_model(tower_dir)
     with pytest.raises(ValueError, match=rf"num_anchors must be at most the {NUM_PATCHES} patch tokens of the vision tower .*got 50"):
-        enable_anchor_former(model, num_anchors=50)
+        attach_anchor_former(model, num_anchors=50)
     with pytest.raises(ValueError, match="connector must be one of .*got 'qformer'"):
-        enable_anchor_former(model, connector="qformer")
+        attach_anchor_former(model, connector="qformer")
     assert isinstance(model.get_model().mm_projector, nn.Sequential)  # unchanged after the failures
     spatial = make_model(tower_dir, mm_patch_merge_type="spatial_unpad")
     with pytest.raises(ValueError, match="mm_patch_merge_type must be 'flat'.*got 'spatial_unpad'"):
-        enable_anchor_former(spatial, num_anchors=K)
+        attach_anchor_former(spatial, num_anchors=K)
     enabled_model = enabled(tower_dir)
     with pytest.raises(ValueError, match=r"LlavaConnector needs AnchoredFeatures .*got a tensor of shape \(1, 49, 32\)"):
         enabled_model.get_model().mm_projector(torch.zeros(1, NUM_PATCHES, VISION_DIM))
@@ -293,7 +293,7 @@ def test_save_pretrained_then_rebuild_and_load(tower_dir, tmp_path) -> None:
     model = LlavaLlamaForCausalLM.from_pretrained(tmp_path, mm_projector_type="mlp2x_gelu").eval()
     model.get_vision_tower().load_model()
     settings = dict(model.config.mm_connector_config)
-    enable_anchor_former(model, **settings)
+    attach_anchor_former(model, **settings)
     assert load_projector_weights(model, tmp_path / "model.safetensors") == "anchor_former"
     ids, pixel_values = prompt(2), images(2)
     with torch.no_grad():
@@ -304,7 +304,7 @@ def test_save_pretrained_then_rebuild_and_load(tower_dir, tmp_path) -> None:
 @pytest.mark.parametrize("connector", ["perceiver", "avgpool"])
 def test_baseline_connectors_through_the_same_switch(tower_dir, connector) -> None:
     extra = {"num_queries": 6, **CONNECTOR} if connector == "perceiver" else {}
-    model = enable_anchor_former(make_model(tower_dir), connector=connector, **extra)
+    model = attach_anchor_former(make_model(tower_dir), connector=connector, **extra)
     projector = model.get_model().mm_projector.connector
     assert model.get_vision_tower().score is None  # no anchors needed: no attention row computed
     ids = prompt(2)

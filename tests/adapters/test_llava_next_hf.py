@@ -25,15 +25,20 @@ from _hf_llava_next import (  # noqa: E402
     inputs_for,
     make_model,
     make_processor,
-    pixels,
 )
-from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
+)
 
 from anchor_former import AnchorFormer, SelectConnector, anchor_search  # noqa: E402
 from anchor_former.adapters.hf.llava_next import (  # noqa: E402
     AnchorFormerLlavaNextForConditionalGeneration,
     AnchorFormerLlavaNextProcessor,
     anyres_token_count,
+    register_auto_classes,
 )
 from anchor_former.adapters.transformers import attach_anchor_former  # noqa: E402
 from anchor_former.views import anyres_views  # noqa: E402
@@ -197,6 +202,12 @@ def test_save_and_load_round_trip(kwargs, tmp_path) -> None:
     torch.testing.assert_close(inputs["input_ids"], inputs_for(processor, SIZES[:4])["input_ids"], rtol=0, atol=0)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, **TOL)
+    register_auto_classes()
+    auto = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert type(auto) is AnchorFormerLlavaNextForConditionalGeneration
+    assert type(AutoProcessor.from_pretrained(tmp_path)) is AnchorFormerLlavaNextProcessor
+    with torch.no_grad():
+        torch.testing.assert_close(auto(**inputs).logits, model(**inputs).logits, **TOL)
 
 
 def test_norm_score_and_select_keeps_no_new_parameters() -> None:

@@ -183,6 +183,34 @@ def test_connector_arguments_are_checked(workdir, registered) -> None:
         model.get_model().initialize_vision_modules(model_args=arguments, fsdp=[])
 
 
+def stock_config(workdir) -> LlavaConfig:
+    """A LLaVA-1.5-style config (mlp2x_gelu projector) over the tiny Llama and CLIP tower."""
+    config = LlavaConfig.from_pretrained(workdir / "llm")
+    for key, value in dict(mm_vision_tower=str(workdir / "clip"), mm_hidden_size=VISION_DIM, use_mm_proj=True,
+                           mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2, mm_vision_select_feature="patch",
+                           mm_patch_merge_type="flat", mm_use_im_start_end=False, mm_use_im_patch_token=False).items():
+        setattr(config, key, value)  # as LLaVA's initialize_vision_modules records them
+    return config
+
+
+def test_fine_tuning_a_llava_model_replaces_its_projector_and_keeps_its_weights(workdir, registered) -> None:
+    """Stage 2 from a LLaVA-1.5 checkpoint (it already has an mlp2x_gelu mm_projector): the connector
+    replaces it, and the connector's output MLP starts from its weights."""
+    torch.manual_seed(3)
+    model = LlavaLlamaForCausalLM(stock_config(workdir))
+    model.get_vision_tower().load_model()
+    old = {k: v.clone() for k, v in model.get_model().mm_projector.state_dict().items()}
+    arguments = anchor_model_arguments(llava_train.ModelArguments)(
+        vision_tower=str(workdir / "clip"), mm_vision_select_layer=-2, mm_projector_type="acformer", num_anchors=K,
+        connector_config=CONNECTOR)
+    model.get_model().initialize_vision_modules(model_args=arguments, fsdp=[])
+    projector = model.get_model().mm_projector
+    assert isinstance(projector, LlavaConnector) and isinstance(projector.connector, AnchorFormer)
+    assert isinstance(model.get_model().vision_tower, AnchorVisionTower)
+    for key, value in old.items():
+        torch.testing.assert_close(projector.connector.projector.state_dict()[key], value, atol=0, rtol=0, msg=key)
+
+
 SELECT_ATOL = 1e-4  # float16 model vs a float32 reference; measured max |difference| 1.7e-5
 
 
@@ -190,13 +218,8 @@ def test_select_reloads_a_stock_llava_folder_with_no_connector_weights(workdir, 
     """connector='select' (training-free): LLaVA's own mlp2x_gelu folder, switched at load time; the
     projector keeps the checkpoint's weights and nothing else has parameters."""
     torch.manual_seed(2)
-    config = LlavaConfig.from_pretrained(workdir / "llm")
-    for key, value in dict(mm_vision_tower=str(workdir / "clip"), mm_hidden_size=VISION_DIM, use_mm_proj=True,
-                           mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2, mm_vision_select_feature="patch",
-                           mm_patch_merge_type="flat", mm_use_im_start_end=False, mm_use_im_patch_token=False).items():
-        setattr(config, key, value)  # as LLaVA's initialize_vision_modules records them
     folder = tmp_path / "tiny-llava-base"
-    LlavaLlamaForCausalLM(config).save_pretrained(folder)
+    LlavaLlamaForCausalLM(stock_config(workdir)).save_pretrained(folder)
     LlamaTokenizer.from_pretrained(workdir / "llm").save_pretrained(folder)
     checkpoint = load_file(folder / "model.safetensors")
 

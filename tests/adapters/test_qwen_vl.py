@@ -1,4 +1,4 @@
-"""Training-free reduction on real tiny Qwen2-VL / Qwen2.5-VL models + processors (random init, offline).
+"""Training-free reduction on real tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL models + processors (random init, offline).
 
 The spine: at full budget (every merged token kept) the attached model's logits equal the stock model's,
 for a batch mixing two image sizes and a video.
@@ -19,6 +19,7 @@ from _hf_qwen import FAMILIES, IMAGE_SIZES, MERGE, PATCH, PROMPTS, SPECIAL, VIDE
 from transformers.vision_utils import get_vision_window_index  # noqa: E402
 
 from anchor_former.adapters.hf.qwen_vl import (  # noqa: E402
+    AnchorFormerQwen3VLForConditionalGeneration,
     AnchorFormerQwen2_5_VLForConditionalGeneration,
     AnchorFormerQwen2VLForConditionalGeneration,
     attach_anchor_former_qwen,
@@ -29,7 +30,8 @@ from anchor_former.adapters.hf.qwen_vl import (  # noqa: E402
 
 TOL = {"atol": 1e-5, "rtol": 0}  # fp32; the full-budget identity measured 0.0 here (bitwise equal)
 ATTACHED = {"qwen2_5_vl": AnchorFormerQwen2_5_VLForConditionalGeneration,
-            "qwen2_vl": AnchorFormerQwen2VLForConditionalGeneration}
+            "qwen2_vl": AnchorFormerQwen2VLForConditionalGeneration,
+            "qwen3_vl": AnchorFormerQwen3VLForConditionalGeneration}
 # merged tokens per image and per video step: images 3 x 4 and 2 x 2, video 2 steps of 2 x 3
 MERGED = [(IMAGE_SIZES[0][0] // 16) * (IMAGE_SIZES[0][1] // 16), (IMAGE_SIZES[1][0] // 16) * (IMAGE_SIZES[1][1] // 16)]
 VIDEO_STEPS, VIDEO_MERGED = VIDEO_SHAPE[0] // 2, (VIDEO_SHAPE[1] // 16) * (VIDEO_SHAPE[2] // 16)
@@ -73,10 +75,12 @@ def test_full_budget_identity_catches_a_wrong_token_order() -> None:
 # --- scores ---------------------------------------------------------------------------------------------
 
 
-def reference_scores(model, inputs, layer: int, *, undo_windows: bool = True) -> list[torch.Tensor]:
-    """Slow reference: the full softmax map of each segment, column mean, head mean, 2 x 2 sum, per image."""
+def reference_scores(model, inputs, layer: int, *, video: bool = False, undo_windows: bool = True) -> list[torch.Tensor]:
+    """Slow reference: the full softmax map of each segment, column mean, head mean, 2 x 2 sum, per item."""
     visual = model.model.visual
     attn = visual.blocks[layer].attn
+    pixels, grid = (inputs["pixel_values_videos"], inputs["video_grid_thw"]) if video else \
+        (inputs["pixel_values"], inputs["image_grid_thw"])
     captured = {}
 
     def hook(module, args, kwargs):
@@ -84,7 +88,7 @@ def reference_scores(model, inputs, layer: int, *, undo_windows: bool = True) ->
 
     handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
     with torch.no_grad():
-        visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+        visual(pixels, grid_thw=grid)
     handle.remove()
     x, cu, (cos, sin) = captured["x"], captured["cu"].tolist(), captured["pe"]
     heads = attn.num_heads
@@ -102,10 +106,10 @@ def reference_scores(model, inputs, layer: int, *, undo_windows: bool = True) ->
             per_patch.append(probs.mean(1).mean(0))  # (n,) column mean, then head mean
     merged = torch.cat(per_patch).view(-1, MERGE * MERGE).sum(-1)
     if undo_windows and hasattr(visual, "fullatt_block_indexes"):
-        window, _ = get_vision_window_index(inputs["image_grid_thw"], spatial_merge_size=MERGE,
-                                            window_size=visual.window_size, patch_size=visual.patch_size)
+        window, _ = get_vision_window_index(grid, spatial_merge_size=MERGE, window_size=visual.window_size,
+                                            patch_size=visual.patch_size)
         merged = merged[torch.argsort(window)]
-    return list(merged.split(MERGED))
+    return list(merged.split((grid.prod(-1) // MERGE**2).tolist()))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -113,7 +117,7 @@ def test_scores_match_the_dense_reference_and_pick_the_top_k(family) -> None:
     _, reduced, processor = stock_and_attached(family, 3)
     inputs = inputs_for(processor)
     layer = reduced.config.anchor_former["score_layer"]
-    assert layer == (3 if family == "qwen2_5_vl" else 2)  # the last full-attention block
+    assert layer == (3 if family == "qwen2_5_vl" else 2)  # the last full-attention block (all are, but 2.5-VL's)
     visual = reduced.model.visual
     captured = []
     handle = visual.blocks[layer].attn.register_forward_pre_hook(
@@ -121,16 +125,21 @@ def test_scores_match_the_dense_reference_and_pick_the_top_k(family) -> None:
                                                              merge_unit=4, block_size=5)), with_kwargs=True)
     with torch.no_grad():
         visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
-        out = reduced.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        images = reduced.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        video = reduced.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
     handle.remove()
     expected = reference_scores(reduced, inputs, layer, undo_windows=False)
     torch.testing.assert_close(captured[0], torch.cat(expected), atol=2e-7, rtol=0)  # measured 3e-8
-    ordered = reference_scores(reduced, inputs, layer)
-    for idx, score in zip(out.kept_indices, ordered):
+    for idx, score in zip(images.kept_indices, reference_scores(reduced, inputs, layer)):
         assert idx.tolist() == sorted(torch.argsort(score, descending=True, stable=True)[:3].tolist())
+    # video: top 3 of each 2-frame step, step offsets added
+    steps = reference_scores(reduced, inputs, layer, video=True)[0].view(VIDEO_STEPS, VIDEO_MERGED)
+    expected_video = [s * VIDEO_MERGED + i for s in range(VIDEO_STEPS)
+                      for i in sorted(torch.argsort(steps[s], descending=True, stable=True)[:3].tolist())]
+    assert video.kept_indices[0].tolist() == expected_video
     if family == "qwen2_5_vl":  # the window order matters: scores left in the tower's window order differ
         wrong = reference_scores(reduced, inputs, layer, undo_windows=False)[0]
-        assert (wrong - ordered[0]).abs().max() > 1e-3
+        assert (wrong - reference_scores(reduced, inputs, layer)[0]).abs().max() > 1e-3
 
 
 # --- token counts and positions -------------------------------------------------------------------------
@@ -168,7 +177,10 @@ def test_kept_tokens_keep_their_stock_positions(family) -> None:
     pos, delta = reduced.model.get_rope_index(**{k: inputs[k] for k in keys},
                                               second_per_grid_ts=inputs.get("second_per_grid_ts"), kept_indices=kept)
     torch.testing.assert_close(reduced.model.rope_deltas, delta, rtol=0, atol=0)  # what forward stored for decoding
-    iters = {1: iter(kept["image"]), 2: iter(kept["video"])}
+    video_runs = kept["video"]
+    if family == "qwen3_vl":  # one run per video step (timestamp text between), indices per step
+        video_runs = [step - s * VIDEO_MERGED for idx in video_runs for s, step in enumerate(idx.view(VIDEO_STEPS, -1))]
+    iters = {1: iter(kept["image"]), 2: iter(video_runs)}
     for b in range(2):
         real, full_real = inputs["attention_mask"][b].bool(), full["attention_mask"][b].bool()
         types, full_types = inputs["mm_token_type_ids"][b][real], full["mm_token_type_ids"][b][full_real]
@@ -310,17 +322,38 @@ def test_budget_larger_than_an_image_is_refused() -> None:
         assert torch.isfinite(stock(**inputs).logits).all()
 
 
+def test_inputs_from_a_stock_processor_are_refused() -> None:
+    _, reduced, _ = stock_and_attached("qwen2_5_vl", 2)
+    with pytest.raises(ValueError, match=r"input_ids must hold the 2 kept image tokens of grid \(1, 6, 8\) "
+                                         r"\(num_anchors=2\), got a run of 12; prepare inputs with the processor"):
+        with torch.no_grad():
+            reduced(**inputs_for(make_processor()))
+
+
 def test_unsupported_models_are_refused() -> None:
     from _hf_llava import make_model as make_llava
     from _hf_llava import make_processor as make_llava_processor
 
     llava = make_llava(make_llava_processor())
-    with pytest.raises(ValueError, match="model must be a transformers Qwen2VLForConditionalGeneration or "
-                                         "Qwen2_5_VLForConditionalGeneration .*got transformers.*LlavaForConditional"):
+    with pytest.raises(ValueError, match="model must be a transformers Qwen2VLForConditionalGeneration, Qwen2_5_VL"
+                                         "ForConditionalGeneration or Qwen3VLForConditionalGeneration .*got transformers"
+                                         ".*LlavaForConditional"):
         attach_anchor_former_qwen(llava, num_anchors=4)
     assert type(llava).__name__ == "LlavaForConditionalGeneration"
     _, reduced, processor = stock_and_attached("qwen2_5_vl", 2)
     with pytest.raises(ValueError, match="not yet attached"):
         attach_anchor_former_qwen(reduced, num_anchors=3)
-    with pytest.raises(ValueError, match="processor must be a transformers Qwen2VLProcessor or Qwen2_5_VLProcessor"):
+    with pytest.raises(ValueError, match="processor must be a transformers Qwen2VLProcessor, Qwen2_5_VLProcessor or Qwen3VLProcessor"):
         attach_anchor_former_qwen(make_model(make_processor()), object(), num_anchors=2)
+
+
+def test_qwen3_deepstack_features_are_taken_at_the_kept_tokens() -> None:
+    stock, reduced, processor = stock_and_attached("qwen3_vl", 2)
+    inputs = inputs_for(processor)
+    with torch.no_grad():
+        out = reduced.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        full = stock.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    assert len(out.deepstack_features) == 2
+    for layer_out, layer_full in zip(out.deepstack_features, full.deepstack_features):
+        for kept, idx, everything in zip(layer_out, out.kept_indices, layer_full):
+            torch.testing.assert_close(kept, everything[idx], rtol=0, atol=0)

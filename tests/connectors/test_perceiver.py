@@ -50,6 +50,10 @@ def naive_forward(model: PerceiverResampler, features: torch.Tensor, n_real: lis
     return torch.stack(outs)
 
 
+# A few times the measured float64 error against the naive loop (~4e-16); see test_tolerance_bites.
+F64_TOL = dict(atol=4e-15, rtol=0)
+
+
 @pytest.mark.parametrize("fused_attn", [True, False])
 def test_matches_naive_reference_with_padding(fused_attn: bool) -> None:
     model = PerceiverResampler(16, 24, fused_attn=fused_attn, **SMALL).double()
@@ -58,9 +62,20 @@ def test_matches_naive_reference_with_padding(fused_attn: bool) -> None:
     mask = torch.arange(17)[None] < torch.tensor(lengths)[:, None]
     out = model(features, torch.zeros(3, 2, dtype=torch.long), key_padding_mask=mask)
     assert out.shape == (3, 4, 24)
-    torch.testing.assert_close(out, naive_forward(model, features, lengths), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(out, naive_forward(model, features, lengths), **F64_TOL)
     for i, n in enumerate(lengths):
-        torch.testing.assert_close(out[i : i + 1], model(features[i : i + 1, :n]), atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(out[i : i + 1], model(features[i : i + 1, :n]), **F64_TOL)
+
+
+def test_tolerance_bites() -> None:
+    """The naive-reference tolerance rejects a 1e-9 change of one learned query."""
+    model = PerceiverResampler(16, 24, **SMALL).double()
+    features = torch.randn(2, 17, 16, dtype=torch.float64)
+    expected = naive_forward(model, features, [17, 17])
+    with torch.no_grad():
+        model.latents[0, 0] += 1e-9
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(model(features), expected, **F64_TOL)
 
 
 def test_same_layers_as_anchor_former_plus_latents() -> None:
@@ -73,7 +88,7 @@ def test_same_layers_as_anchor_former_plus_latents() -> None:
     features = torch.randn(1, 17, 16)
     anchor_idx = torch.tensor([[0, 3, 5, 8]])
     perceiver.load_state_dict({**former.state_dict(), "latents": features[0, anchor_idx[0]]})
-    torch.testing.assert_close(perceiver(features), former(features, anchor_idx), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(perceiver(features), former(features, anchor_idx), atol=0, rtol=0)  # same ops
 
 
 def test_ignores_anchors_and_every_parameter_gets_a_gradient() -> None:

@@ -24,13 +24,26 @@ def naive_pool(patches: torch.Tensor, side: int, pool: int) -> torch.Tensor:
     return torch.stack(cells, dim=1)
 
 
+# A few times the measured float32 error against the naive windows (3e-8); see test_tolerance_bites.
+TOL = dict(atol=2e-7, rtol=0)
+
+
+def test_tolerance_bites() -> None:
+    """Windows read column-major instead of raster order must fail the comparison."""
+    connector = AvgPoolConnector(8, 12, pool=2)
+    features = torch.randn(2, 1 + 4 * 4, 8)
+    transposed = features[:, 1:].reshape(2, 4, 4, 8).transpose(1, 2).reshape(2, 16, 8)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(connector(features), connector.projector(naive_pool(transposed, 4, 2)), **TOL)
+
+
 @pytest.mark.parametrize(("side", "pool"), [(4, 2), (5, 2), (6, 3), (3, 1)])
 def test_matches_naive_pooling_then_projector(side: int, pool: int) -> None:
     connector = AvgPoolConnector(8, 12, pool=pool)
     features = torch.randn(2, 1 + side * side, 8)
     out = connector(features, torch.zeros(2, 2, dtype=torch.long))
     expected = connector.projector(naive_pool(features[:, 1:], side, pool))
-    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out, expected, **TOL)
     assert out.shape[1] == connector.num_output_tokens(1 + side * side) == (-(-side // pool)) ** 2
 
 

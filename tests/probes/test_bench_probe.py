@@ -27,6 +27,11 @@ def test_tiny_preset_runs() -> None:
     assert report["paths"]["sdpa"]["time_ratio"] == 1.0
     assert report["probe_parts_ms"]["received"] > 0 and report["received_part_peak_mib"] > 0
     assert 0 <= report["received_anchor_overlap_with_eager"] <= 1
-    assert "SigLIP (no [CLS])" in bench_probe.to_markdown(report)
+    rows = report["families"]["rows"]
+    assert {"clip", "internvit", "siglip2", "dinov3", "aimv2", "blip2", "idefics"} <= set(rows)
+    assert all(r["probe_ms"] > 0 and r["peak_ratio"] > 0 for r in rows.values())
+    assert rows["siglip2"]["score"] == "received" and rows["internvit"]["score"] == "cls"
+    markdown = bench_probe.to_markdown(report)
+    assert "SigLIP (no [CLS])" in markdown and "| internvit | cls |" in markdown
     with pytest.raises(ValueError, match="preset must be one of"):
         bench_probe.run(preset="huge", device=torch.device("cpu"))

@@ -34,8 +34,8 @@ __all__ = ["COMPILE_ADVICE", "probed_forward"]
 COMPILE_ADVICE = (
     "anchor_former: the vision tower runs eagerly under an AttentionProbe (forward hooks attached per call, "
     "which dynamo cannot trace). torch.compile(model) with the default fullgraph=False compiles the rest of "
-    "the model around this step; for fullgraph=True compile the language model alone "
-    "(model.model.language_model in transformers, model.get_model() layers in LLaVA) or the connector"
+    "the model around this step; fullgraph=True cannot include it: compile the language model alone, in place "
+    "(transformers: model.model.language_model.compile(fullgraph=True)), or the connector"
 )
 
 _LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.Lock] = weakref.WeakKeyDictionary()

@@ -5,7 +5,8 @@ processor) in place; each family's rules live in its own module under :mod:`anch
 
 * ``LlavaForConditionalGeneration`` (LLaVA-1.5): :mod:`anchor_former.adapters.hf.llava`;
 * ``LlavaNextForConditionalGeneration`` (LLaVA-NeXT / 1.6, anyres): :mod:`anchor_former.adapters.hf.llava_next`;
-* ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` (training-free only):
+* ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
+  ``Qwen3VLForConditionalGeneration`` (training-free only):
   :mod:`anchor_former.adapters.hf.qwen_vl`.
 
 The LLaVA-1.5 classes are re-exported here, so ``from anchor_former.adapters.transformers import
@@ -43,6 +44,7 @@ def _families() -> tuple[tuple[tuple[type, ...], Callable[..., nn.Module]], ...]
         LlavaOnevisionForConditionalGeneration,
         Qwen2_5_VLForConditionalGeneration,
         Qwen2VLForConditionalGeneration,
+        Qwen3VLForConditionalGeneration,
     )
 
     from anchor_former.adapters.hf import llava, llava_next, llava_onevision, qwen_vl
@@ -50,7 +52,8 @@ def _families() -> tuple[tuple[tuple[type, ...], Callable[..., nn.Module]], ...]
     return (
         ((LlavaNextForConditionalGeneration,), llava_next.attach_llava_next),
         ((LlavaOnevisionForConditionalGeneration,), llava_onevision.attach_llava_onevision),
-        ((Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration), qwen_vl.attach_anchor_former_qwen),
+        ((Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration),
+         qwen_vl.attach_anchor_former_qwen),
         ((llava.LlavaForConditionalGeneration,), llava.attach_anchor_former),
     )
 
@@ -70,7 +73,7 @@ def attach_anchor_former(model: nn.Module, processor: Any = None, **kwargs: Any)
       ``score``, ``init_projector``, ``num_context``, connector arguments);
     * LLaVA-NeXT :func:`anchor_former.adapters.hf.llava_next.attach_llava_next` (the same, per view, plus
       ``image_budget``);
-    * Qwen2-VL / Qwen2.5-VL :func:`anchor_former.adapters.hf.qwen_vl.attach_anchor_former_qwen`
+    * Qwen2-VL / Qwen2.5-VL / Qwen3-VL :func:`anchor_former.adapters.hf.qwen_vl.attach_anchor_former_qwen`
       (``num_anchors`` per image as a count or a fraction; ``connector="select"``, ``score="received"``).
 
     Raises:

@@ -11,11 +11,15 @@ language model, no copy):
 * image-feature extraction (``get_image_features``) runs the vision tower ONCE, as configured (SDPA by
   default, no ``output_attentions``), inside an :class:`~anchor_former.probes.AttentionProbe` that
   captures the ``vision_feature_layer`` tokens ([CLS] included) and that layer's [CLS] attention row;
-  the connector gets both as arguments and returns ``num_anchors + 1`` tokens per image;
+  the connector gets both as arguments and returns ``num_anchors + 1`` tokens per image. The probe is
+  built per call and that step runs under a lock of the vision tower and eagerly under
+  ``torch.compile`` (:mod:`anchor_former.adapters._probed`), so threads sharing the model and
+  ``torch.compile(model)`` work;
 * the config becomes an :class:`AnchorFormerLlavaConfig` (``model_type = "anchor_former_llava"``) whose
   ``anchor_former`` entry records the connector and its settings, so ``save_pretrained`` /
   ``AnchorFormerLlavaForConditionalGeneration.from_pretrained`` (or ``AutoModelForImageTextToText`` after
-  :func:`register_auto_classes`) round-trip the model;
+  :func:`register_auto_classes`) round-trip the model, also in transformers' legacy LLaVA key layout (the
+  key conversions of ``llava`` are registered for this model type at import);
 * the processor, if given, expands each ``<image>`` to ``num_anchors + 1`` tokens, so transformers'
   check that image tokens match image features passes.
 
@@ -200,7 +204,7 @@ def _llava_model(model: nn.Module) -> LlavaModel:
             "model must be a transformers LlavaForConditionalGeneration (transformers >= 5.0, which keeps the "
             "projector at model.model.multi_modal_projector), got "
             f"{type(model).__module__}.{type(model).__qualname__}; for the original LLaVA code use "
-            "anchor_former.adapters.llava.enable_anchor_former"
+            "anchor_former.adapters.llava.attach_anchor_former"
         )
     if not hasattr(inner, "multi_modal_projector") or not hasattr(inner, "get_image_features"):
         raise ValueError("this transformers version's LlavaModel has no multi_modal_projector/get_image_features")
@@ -341,8 +345,9 @@ def _plan(model: nn.Module, *, num_anchors: int, connector: str, score: str, ini
                 f"attached, and its connector's weights carry over), got {connector!r}; to switch connectors, "
                 "attach to a stock LlavaForConditionalGeneration (from_pretrained of the base model) instead"
             )
-        inherited = {k: v for k, v in (recorded.get("connector_config") or {}).items()
-                     if k not in ("num_anchors", "include_cls")}
+        # keep the recorded include_cls unless the score changes (acformer derives it from the score)
+        recompute = ("num_anchors",) + (("include_cls",) if score != recorded.get("score", score) else ())
+        inherited = {k: v for k, v in (recorded.get("connector_config") or {}).items() if k not in recompute}
         kwargs = {**_constructor_kwargs(connector, inherited), **kwargs}
         previous = inner.multi_modal_projector
     AttentionProbe(inner.vision_tower, layer=layer, score=score)  # unsupported tower, bad layer, CLS-less + "cls"
@@ -373,7 +378,7 @@ def _build(plan: _Plan, config: LlavaConfig) -> nn.Module:
                           **plan.kwargs, device=param.device, dtype=param.dtype)
     if plan.previous is not None:
         try:
-            load_checked(new, plan.previous.state_dict(), what="the attached connector's weights")
+            load_checked(new, plan.previous.state_dict(), what="the attached connector")
         except CheckpointError as error:
             raise ValueError(
                 f"re-attaching keeps the attached connector's weights, so its architecture must stay the same: "

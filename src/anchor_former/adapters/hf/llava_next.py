@@ -149,7 +149,7 @@ class AnchorFormerLlavaNextModel(LlavaNextModel):
         if not isinstance(layer, int) or isinstance(layer, bool):
             raise ValueError(f"vision_feature_layer must be a single int for AnchorFormer, got {layer!r}")
         settings = self.config.anchor_former or {}
-        views = [_views(self.config, size) for size in image_sizes.tolist()]
+        views = [_views(self.config, size) for size in torch.as_tensor(image_sizes).tolist()]  # (B, 2) (h, w)
         counts = [v.num_views for v in views]
         if pixel_values.dim() == 5:
             pixel_values = torch.cat([pix[:n] for pix, n in zip(pixel_values, counts)], dim=0)
@@ -343,7 +343,9 @@ def attach_llava_next(
             f"gives exactly its patch grid to the stock layout), got {strategy!r}"
         )
     if kwargs.get("num_context"):
-        raise ValueError(f"num_context (context tokens) is not supported with LLaVA-NeXT views, got {kwargs['num_context']!r}")
+        raise ValueError(
+            f"num_context (context tokens) is not supported with LLaVA-NeXT views, got {kwargs['num_context']!r}"
+        )
     kwargs.pop("num_context", None)
     vision = old.vision_config
     side = int(vision.image_size) // int(vision.patch_size)

@@ -1,16 +1,17 @@
-"""transformers' Qwen2-VL and Qwen2.5-VL: training-free reduction of the merged visual tokens.
+"""transformers' Qwen2-VL, Qwen2.5-VL and Qwen3-VL: training-free reduction of the merged visual tokens.
 
-:func:`attach_anchor_former_qwen` switches a built ``Qwen2VLForConditionalGeneration`` or
-``Qwen2_5_VLForConditionalGeneration`` (transformers >= 5; tested with 5.24.0) and its processor in
+:func:`attach_anchor_former_qwen` switches a built ``Qwen2VLForConditionalGeneration``,
+``Qwen2_5_VLForConditionalGeneration`` or ``Qwen3VLForConditionalGeneration`` (transformers >= 5; tested
+with 5.24.0) and its processor in
 place, so the LLM sees only K *merged* tokens (the unit after the 2 x 2 patch merger) per image, or per
 temporal step of a video, instead of all of them. No parameter is added or changed; the vision tower
 still runs once, with its configured attention (SDPA, flash or eager), and the merger (the checkpoint's
 trained projector) maps every patch as before; the reduction drops merged tokens after it.
 
 Scores. A forward pre-hook on the attention of ONE full-attention vision block (``score_layer``; by
-default the last full-attention block: block ``fullatt_block_indexes[-1]`` of Qwen2.5-VL, the last block
-of Qwen2-VL, where every block attends over the whole image) recomputes that block's queries and keys
-exactly as the module does (``qkv`` linear, 2-D vision rotary embedding) and calls
+default the last full-attention block: block ``fullatt_block_indexes[-1]`` of Qwen2.5-VL, the last
+block of Qwen2-VL and Qwen3-VL, where every block attends over the whole image) recomputes that block's
+queries and keys exactly as the module does (``qkv`` linear, 2-D vision rotary embedding) and calls
 :func:`~anchor_former.probes.scores.received_attention` once per attention segment of ``cu_seqlens``
 (one image, or one temporal step of a video), in query blocks, never holding the N x N map. A patch's
 score is its received attention averaged over heads; a merged token's score is the SUM over its 2 x 2
@@ -35,9 +36,10 @@ image and video; a processor loaded from disk is switched again with :func:`atta
 ``save_pretrained`` / ``from_pretrained`` of the model round-trip through the ``AnchorFormerQwen*``
 classes (config key ``anchor_former``).
 
-Qwen3-VL is not supported: its LLM adds "deepstack" features of three intermediate vision layers at the
-visual token positions (``visual_pos_masks``), and its video rope index splits a clip into per-frame
-groups with timestamp text between them; both would need their own selection path.
+Qwen3-VL works the same way, with two additions: the features its "deepstack" mergers take from
+intermediate vision blocks (added to the first LLM layers at the visual positions) are kept at the same
+indices as the merged tokens, and its rope index (one run per video step, timestamp text between the
+runs) gets the per-step kept indices.
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import (
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLModel,
+    Qwen3VLProcessor,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLModel,
@@ -68,12 +74,18 @@ from transformers.vision_utils import get_vision_window_index
 from anchor_former.probes.scores import DEFAULT_BLOCK_SIZE, received_attention
 
 __all__ = [
+    "AnchorFormerQwen3VLConfig",
+    "AnchorFormerQwen3VLForConditionalGeneration",
+    "AnchorFormerQwen3VLModel",
     "AnchorFormerQwen2VLConfig",
     "AnchorFormerQwen2VLForConditionalGeneration",
     "AnchorFormerQwen2VLModel",
     "AnchorFormerQwen2_5_VLConfig",
     "AnchorFormerQwen2_5_VLForConditionalGeneration",
     "AnchorFormerQwen2_5_VLModel",
+    "AnchorFormerQwen2_5_VLProcessor",
+    "AnchorFormerQwen2VLProcessor",
+    "AnchorFormerQwen3VLProcessor",
     "QwenVisionSelectOutput",
     "attach_anchor_former_qwen",
     "attach_qwen_processor",
@@ -181,6 +193,8 @@ class QwenVisionSelectOutput(BaseModelOutputWithPooling):
     the item's full merged sequence (``t * (h/2) * (w/2)``, raster order per step, steps in time order)."""
 
     kept_indices: tuple[torch.Tensor, ...] | None = None
+    #: Qwen3-VL only: per deepstack layer, a tuple of ``(T_i, llm_dim)`` features at the same kept indices.
+    deepstack_features: list[tuple[torch.Tensor, ...]] | None = None
 
 
 # --- model classes --------------------------------------------------------------------------------------
@@ -191,6 +205,8 @@ class _QwenSelectMixin:
 
     #: Qwen2.5-VL spaces video steps by ``tokens_per_second * second_per_grid_ts``; Qwen2-VL by 1.
     _scales_video_time = False
+    #: Qwen3-VL writes each video step as its own run (timestamp text between steps).
+    _splits_video_steps = False
 
     def _settings(self) -> dict[str, Any]:
         settings = self.config.anchor_former or {}
@@ -230,17 +246,22 @@ class _QwenSelectMixin:
             scores = scores[torch.argsort(window_index.to(scores.device))]
         merged = out.pooler_output  # (sum n_i, llm_dim) in merger output order
         sizes = (grid_thw.prod(-1) // (merge * merge)).tolist()
-        features, kept = [], []
-        for item, (feat, score, grid, count) in enumerate(zip(merged.split(sizes), scores.split(sizes), grid_thw, counts)):
+        kept = []
+        for score, grid, count in zip(scores.split(sizes), grid_thw, counts):
             steps = int(grid[0])
-            per_step = feat.shape[0] // steps
-            k = count // steps
-            order = torch.argsort(score.view(steps, per_step), dim=1, descending=True, stable=True)[:, :k]  # (t, k)
-            idx = (order.sort(dim=1).values + torch.arange(steps, device=order.device)[:, None] * per_step).flatten()
-            features.append(feat[idx])  # (t * k, llm_dim)
-            kept.append(idx)
-        return QwenVisionSelectOutput(last_hidden_state=out.last_hidden_state, pooler_output=tuple(features),
-                                      kept_indices=tuple(kept))
+            per_step = score.shape[0] // steps
+            order = torch.argsort(score.view(steps, per_step), dim=1, descending=True, stable=True)[:, : count // steps]
+            offsets = torch.arange(steps, device=order.device)[:, None] * per_step  # (t, 1) first token of each step
+            kept.append((order.sort(dim=1).values + offsets).flatten())  # (t * k,) ascending
+
+        def pick(features: torch.Tensor) -> tuple[torch.Tensor, ...]:  # (sum n_i, D) -> per item (T_i, D)
+            return tuple(f[idx] for f, idx in zip(features.split(sizes), kept))
+
+        deepstack = getattr(out, "deepstack_features", None)
+        return QwenVisionSelectOutput(
+            last_hidden_state=out.last_hidden_state, pooler_output=pick(merged), kept_indices=tuple(kept),
+            deepstack_features=None if deepstack is None else [pick(f) for f in deepstack],
+        )
 
     @can_return_tuple
     def get_image_features(
@@ -272,6 +293,7 @@ class _QwenSelectMixin:
         video_grid_thw: torch.LongTensor | None = None,
         second_per_grid_ts: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        *,
         kept_indices: dict[str, tuple[torch.Tensor, ...]] | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,9 +317,18 @@ class _QwenSelectMixin:
         merge = self.config.vision_config.spatial_merge_size
         tokens_per_second = getattr(self.config.vision_config, "tokens_per_second", 1)
         positions = torch.zeros(3, *input_ids.shape, dtype=input_ids.dtype, device=input_ids.device)
+        kept = dict(kept_indices or {})
+        if self._splits_video_steps and video_grid_thw is not None:  # one (1, h, w) run per step, as the stock model
+            if kept.get("video") is not None:
+                kept["video"] = tuple(
+                    step - s * (int(g[1]) * int(g[2]) // merge**2)
+                    for idx, g in zip(kept["video"], video_grid_thw)
+                    for s, step in enumerate(idx.view(int(g[0]), -1))
+                )
+            video_grid_thw = torch.repeat_interleave(video_grid_thw, video_grid_thw[:, 0], dim=0)
+            video_grid_thw[:, 0] = 1
         grids = {1: iter(image_grid_thw if image_grid_thw is not None else ()),
                  2: iter(video_grid_thw if video_grid_thw is not None else ())}
-        kept = kept_indices or {}
         kept_iters = {1: iter(kept.get("image") or ()), 2: iter(kept.get("video") or ())}
         seconds = iter(second_per_grid_ts) if second_per_grid_ts is not None else itertools.repeat(1)
         deltas = []
@@ -319,13 +350,14 @@ class _QwenSelectMixin:
                 if grid is None:
                     raise ValueError(f"input_ids hold more {name} runs than {name}_grid_thw has rows")
                 interval = tokens_per_second * next(seconds) if modality == 2 and self._scales_video_time else 1
-                full = self.get_vision_position_ids(current, grid, 1, merge, interval, device=input_ids.device)  # (3, n)
+                full = self.get_vision_position_ids(current, grid, 1, merge, interval, device=input_ids.device)
+                # full: (3, n) the stock positions of every merged token of this run
                 idx = next(kept_iters[modality], None) if kept else None
                 idx = torch.arange(length, device=full.device) if idx is None else idx.to(full.device)
                 if idx.numel() != length or length > full.shape[1]:
                     raise ValueError(
-                        f"a {name} run of {length} tokens in input_ids does not match the {idx.numel()} kept tokens of "
-                        f"its grid {tuple(int(v) for v in grid)} (num_anchors={self._settings()['num_anchors']}); "
+                        f"input_ids must hold the {idx.numel()} kept {name} tokens of grid {tuple(int(v) for v in grid)} "
+                        f"(num_anchors={self._settings()['num_anchors']}), got a run of {length}; "
                         "prepare inputs with the processor passed to attach_anchor_former_qwen / attach_qwen_processor"
                     )
                 pieces.append(full[:, idx])
@@ -407,6 +439,15 @@ class AnchorFormerQwen2_5_VLConfig(Qwen2_5_VLConfig):
     anchor_former: dict | None = None
 
 
+@strict
+class AnchorFormerQwen3VLConfig(Qwen3VLConfig):
+    """``Qwen3VLConfig`` plus ``anchor_former`` (the keys of :class:`AnchorFormerQwen2VLConfig`)."""
+
+    model_type = "anchor_former_qwen3_vl"
+
+    anchor_former: dict | None = None
+
+
 class AnchorFormerQwen2VLModel(_QwenSelectMixin, Qwen2VLModel):
     """``Qwen2VLModel`` that keeps K merged visual tokens per image / video step at their true positions."""
 
@@ -418,6 +459,13 @@ class AnchorFormerQwen2_5_VLModel(_QwenSelectMixin, Qwen2_5_VLModel):
 
     config_class = AnchorFormerQwen2_5_VLConfig
     _scales_video_time = True
+
+
+class AnchorFormerQwen3VLModel(_QwenSelectMixin, Qwen3VLModel):
+    """``Qwen3VLModel`` that keeps K merged visual tokens (and their deepstack features) per image / video step."""
+
+    config_class = AnchorFormerQwen3VLConfig
+    _splits_video_steps = True
 
 
 class AnchorFormerQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
@@ -442,12 +490,25 @@ class AnchorFormerQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGen
         self.post_init()
 
 
+class AnchorFormerQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
+    """``Qwen3VLForConditionalGeneration`` with an :class:`AnchorFormerQwen3VLModel` inside."""
+
+    config_class = AnchorFormerQwen3VLConfig
+
+    def __init__(self, config: AnchorFormerQwen3VLConfig) -> None:
+        super().__init__(config)
+        self.model = AnchorFormerQwen3VLModel(config)
+        self.post_init()
+
+
 # stock class -> (config class, model class, outer class)
 _FAMILIES: dict[type, tuple[type, type, type]] = {
     Qwen2VLForConditionalGeneration: (AnchorFormerQwen2VLConfig, AnchorFormerQwen2VLModel,
                                       AnchorFormerQwen2VLForConditionalGeneration),
     Qwen2_5_VLForConditionalGeneration: (AnchorFormerQwen2_5_VLConfig, AnchorFormerQwen2_5_VLModel,
                                          AnchorFormerQwen2_5_VLForConditionalGeneration),
+    Qwen3VLForConditionalGeneration: (AnchorFormerQwen3VLConfig, AnchorFormerQwen3VLModel,
+                                      AnchorFormerQwen3VLForConditionalGeneration),
 }
 
 
@@ -488,23 +549,36 @@ class AnchorFormerQwen2_5_VLProcessor(_SelectProcessorMixin, Qwen2_5_VLProcessor
     """``Qwen2_5_VLProcessor`` writing the kept number of pad tokens."""
 
 
+class AnchorFormerQwen3VLProcessor(_SelectProcessorMixin, Qwen3VLProcessor):
+    """``Qwen3VLProcessor`` writing the kept number of pad tokens (per frame run of a video)."""
+
+    def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs: Any) -> str:
+        # the stock text is "<t seconds><|vision_start|>" + n pads + "<|vision_end|>" per step: shorten each run
+        grid = video_inputs["video_grid_thw"][video_idx]
+        merged = int(grid[1]) * int(grid[2]) // self.video_processor.merge_size**2
+        kept = kept_per_step(self.num_anchors, merged, what=f"video {video_idx}")
+        text = Qwen3VLProcessor.replace_video_token(self, video_inputs, video_idx, **kwargs)
+        return text.replace(self.video_token * merged, self.video_token * kept)
+
+
 _PROCESSORS = {Qwen2VLProcessor: AnchorFormerQwen2VLProcessor, Qwen2_5_VLProcessor: AnchorFormerQwen2_5_VLProcessor,
-               AnchorFormerQwen2VLProcessor: AnchorFormerQwen2VLProcessor,
-               AnchorFormerQwen2_5_VLProcessor: AnchorFormerQwen2_5_VLProcessor}
+               Qwen3VLProcessor: AnchorFormerQwen3VLProcessor}
+_PROCESSORS.update({v: v for v in list(_PROCESSORS.values())})
 
 
 def _processor_class(processor: Any) -> type:
     target = _PROCESSORS.get(type(processor))
     if target is None:
         raise ValueError(
-            "processor must be a transformers Qwen2VLProcessor or Qwen2_5_VLProcessor, got "
+            "processor must be a transformers Qwen2VLProcessor, Qwen2_5_VLProcessor or Qwen3VLProcessor, got "
             f"{type(processor).__module__}.{type(processor).__qualname__}"
         )
     return target
 
 
 def attach_qwen_processor(processor: Any, *, num_anchors: Budget) -> Any:
-    """Switch a ``Qwen2VLProcessor`` / ``Qwen2_5_VLProcessor`` in place to write the kept pad-token counts.
+    """Switch a ``Qwen2VLProcessor`` / ``Qwen2_5_VLProcessor`` / ``Qwen3VLProcessor`` in place to write the
+    kept pad-token counts.
 
     Use it on a processor loaded from disk (``save_pretrained`` stores the stock processor) with the
     model's ``config.anchor_former["num_anchors"]``. Returns the processor.
@@ -549,12 +623,14 @@ def attach_anchor_former_qwen(
     score_layer: int | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> nn.Module:
-    """Switch a Qwen2-VL / Qwen2.5-VL model (and its processor) to the training-free reduction in place.
+    """Switch a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model (and its processor) to the training-free reduction in place.
 
     Args:
-        model: a built ``Qwen2VLForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration``.
-        processor: its ``Qwen2VLProcessor`` / ``Qwen2_5_VLProcessor``; switched to write the kept number of
-            pad tokens. Without it, prepare ``input_ids`` with that many (see :func:`kept_per_step`).
+        model: a built ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` or
+            ``Qwen3VLForConditionalGeneration``.
+        processor: its ``Qwen2VLProcessor`` / ``Qwen2_5_VLProcessor`` / ``Qwen3VLProcessor``; switched to
+            write the kept number of pad tokens. Without it, prepare ``input_ids`` with that many (see
+            :func:`kept_per_step`).
         num_anchors: K merged tokens kept per image and per video step (int), or the fraction kept (float
             in (0, 1]; ``1.0`` keeps all: the stock model).
         connector: ``"select"`` (the only mode: the model's own merger is the projector).
@@ -565,18 +641,18 @@ def attach_anchor_former_qwen(
 
     Returns:
         ``model``, now an ``AnchorFormerQwen2VLForConditionalGeneration`` /
-        ``AnchorFormerQwen2_5_VLForConditionalGeneration``.
+        ``AnchorFormerQwen2_5_VLForConditionalGeneration`` / ``AnchorFormerQwen3VLForConditionalGeneration``.
 
     Raises:
-        ValueError: another model class (Qwen3-VL included), a bad budget, a windowed ``score_layer``,
+        ValueError: another model class (or an already attached one), a bad budget, a windowed ``score_layer``,
             another connector or score, a processor of another kind. Nothing is changed then.
     """
     family = _FAMILIES.get(type(model))
     if family is None:
         raise ValueError(
-            "model must be a transformers Qwen2VLForConditionalGeneration or Qwen2_5_VLForConditionalGeneration "
-            f"(not yet attached), got {type(model).__module__}.{type(model).__qualname__}"
-            + ("; Qwen3-VL is not supported (deepstack features)" if "qwen3" in type(model).__module__ else "")
+            "model must be a transformers Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration or "
+            f"Qwen3VLForConditionalGeneration (not yet attached), got "
+            f"{type(model).__module__}.{type(model).__qualname__}"
         )
     if connector != "select":
         raise ValueError(f"connector must be 'select' for Qwen-VL (its merger is the projector), got {connector!r}")

@@ -14,6 +14,11 @@ keeps that code untouched and swaps the two modules:
   anchors, and the LLM sees ``num_anchors + 1`` tokens per image (AcFormer) or ``num_anchors +
   num_context`` (the training-free ``connector="select"``, which reuses the model's trained projector).
 
+:func:`attach_anchor_former` does the swap (``enable_anchor_former`` is the same function under its
+earlier name). Each tower forward builds its own probe and runs under a lock of the CLIP model, and
+eagerly under ``torch.compile`` (:mod:`anchor_former.adapters._probed`), so threads sharing one model and
+``torch.compile(model)`` work.
+
 The vision tower keeps LLaVA's attribute names (``vision_tower``, ``image_processor``, ``select_layer``,
 ``is_loaded``, ``config``, ...) so state-dict keys (``model.vision_tower.vision_tower.*``) and LLaVA's
 training/eval scripts are unchanged; the connector's keys are ``model.mm_projector.connector.*``.
@@ -85,8 +90,9 @@ def build_vision_projector(config: Any, delay_load: bool = False, **kwargs: Any)
       around ``build_connector(mm_projector_type, mm_hidden_size, hidden_size, **mm_connector_config,
       **kwargs)``. ``config.mm_connector_config`` (a dict, saved in ``config.json``) holds that
       connector's own arguments, e.g. ``{"num_anchors": 144, "depth": 6, "heads": 8, "dim_head": 64,
-      "projector": "mlp2x_gelu"}`` for ``"acformer"``. These connectors need an
-      :class:`AnchorVisionTower` (see :func:`enable_anchor_former`).
+      "projector": "mlp2x_gelu"}`` for ``"acformer"`` (its ``connector`` / ``score`` entries, recorded
+      for :func:`attach_anchor_former`, are not constructor arguments and are skipped). These connectors need an
+      :class:`AnchorVisionTower` (see :func:`attach_anchor_former`).
 
     Args:
         config: a LLaVA config (or any object with those attributes).
@@ -143,7 +149,7 @@ class LlavaConnector(nn.Module):
             raise ValueError(
                 "LlavaConnector needs AnchoredFeatures (all tokens of the selected layer plus the anchor scores) "
                 f"from AnchorVisionTower, got {got}; switch the model with "
-                "anchor_former.adapters.llava.enable_anchor_former(model, ...)"
+                "anchor_former.adapters.llava.attach_anchor_former(model, ...)"
             )
         if getattr(self.connector, "uses_anchors", False):
             if inputs.scores is None:
@@ -257,6 +263,8 @@ class _Plan:
     kwargs: dict[str, Any]  # the connector's constructor arguments (widths excluded)
     previous: nn.Module | None  # the connector of an already switched model, whose weights carry over
     init_projector: bool
+    anyres: bool = False  # LLaVA-NeXT views (image_aspect_ratio="anyres"): see .anyres
+    image_budget: int | None = None  # anyres + select: one budget per image, spread over its views
 
 
 def _plan(model: nn.Module, *, num_anchors: int, connector: str, score: Score, init_projector: bool,
@@ -268,7 +276,8 @@ def _plan(model: nn.Module, *, num_anchors: int, connector: str, score: Score, i
     inner, tower = _llava_parts(model)
     config = model.config
     merge = getattr(config, "mm_patch_merge_type", "flat") or "flat"
-    if merge != "flat":
+    anyres = getattr(config, "image_aspect_ratio", None) == "anyres"  # LLaVA-NeXT views: see .anyres
+    if merge != "flat" and not anyres:
         raise ValueError(
             f"config.mm_patch_merge_type must be 'flat' for attach_anchor_former (the connector's tokens are not a "
             f"patch grid that LLaVA's spatial merge could tile), got {merge!r}"
@@ -284,13 +293,21 @@ def _plan(model: nn.Module, *, num_anchors: int, connector: str, score: Score, i
                 f"connector's weights carry over), got {connector!r}; to switch connectors, attach to a freshly "
                 "loaded stock LLaVA model instead"
             )
+        # keep the recorded include_cls unless the score changes (acformer derives it from the score; select
+        # from mm_vision_select_feature, which the first attach set to "cls_patch")
+        recompute = ("num_anchors",) + (("include_cls",) if score != getattr(config, "mm_anchor_score", score) else ())
         inherited = {k: v for k, v in dict(getattr(config, CONNECTOR_CONFIG_KEY, None) or {}).items()
-                     if k not in ("num_anchors", "include_cls")}
+                     if k not in recompute}
         kwargs = {**_constructor_kwargs(inherited), **kwargs}
         previous = inner.mm_projector.connector
     if not getattr(tower, "is_loaded", True):
         tower.load_model()
     new_tower = AnchorVisionTower(tower, score=score)  # raises for CLS-less + "cls", bad layer
+    image_budget = None
+    if anyres:
+        from anchor_former.adapters.llava.anyres import check_anyres
+
+        image_budget = check_anyres(config, connector, kwargs, view_size=int(new_tower.config.image_size))
     spec = detect_encoder(new_tower.vision_tower)
     kwargs = _anchor_kwargs(connector, num_anchors, new_tower, kwargs, has_cls=spec.has_cls, score=score,
                             cls_patch=getattr(config, "mm_vision_select_feature", "patch") == "cls_patch")
@@ -303,7 +320,7 @@ def _plan(model: nn.Module, *, num_anchors: int, connector: str, score: Score, i
         kwargs["projector"] = old_type  # same output MLP as the model had, so its weights carry over
     kwargs.setdefault("num_prefix_tokens", spec.num_prefix_tokens)
     return _Plan(inner=inner, tower=new_tower, connector=connector, score=score, kwargs=kwargs, previous=previous,
-                 init_projector=init_projector)
+                 init_projector=init_projector, anyres=anyres, image_budget=image_budget)
 
 
 def _build(plan: _Plan, config: Any, model: nn.Module) -> nn.Module:
@@ -320,7 +337,7 @@ def _build(plan: _Plan, config: Any, model: nn.Module) -> nn.Module:
     new.num_output_tokens(plan.tower.num_patches + plan.tower.num_prefix_tokens)  # budget checks, before any change
     if plan.previous is not None:
         try:
-            load_checked(new, plan.previous.state_dict(), what="the attached connector's weights")
+            load_checked(new, plan.previous.state_dict(), what="the attached connector")
         except CheckpointError as error:
             raise ValueError(
                 f"re-attaching keeps the attached connector's weights, so its architecture must stay the same: "
@@ -407,7 +424,9 @@ def attach_anchor_former(
 
     Raises:
         ValueError: not a LLaVA model; ``mm_patch_merge_type`` other than ``"flat"`` (AcFormer's tokens
-            are not a patch grid); unknown connector; ``score="cls"`` on a tower without [CLS];
+            are not a patch grid) unless ``image_aspect_ratio="anyres"`` (LLaVA-NeXT views, anchors per view,
+            ``image_budget=B`` for one budget per image: :mod:`anchor_former.adapters.llava.anyres`); unknown
+            connector; ``score="cls"`` on a tower without [CLS];
             ``num_anchors`` (+ ``num_context``) larger than the tower's patch count; ``"select"`` on a
             projector that is not LLaVA's ``linear`` / ``mlp{N}x_gelu``; on re-attach, another connector
             name or arguments that change the connector's weight shapes. The model is unchanged then.
@@ -416,6 +435,10 @@ def attach_anchor_former(
                  kwargs=kwargs)
     new = _build(plan, model.config, model)
     _swap(model, plan, new)
+    if plan.anyres:
+        from anchor_former.adapters.llava.anyres import enable_anyres
+
+        enable_anyres(model, plan.image_budget)
     return model
 
 

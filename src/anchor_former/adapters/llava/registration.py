@@ -12,7 +12,9 @@ process (explicitly, when called; never on import):
   LLaVA delays loading the CLIP weights);
 * ``LlavaMetaModel.initialize_vision_modules`` (what LLaVA's ``train.py`` calls): records the connector
   settings (``num_anchors``, ``anchor_score``, ``connector_config`` of the model arguments) in the config
-  before LLaVA builds the projector, and loads ``--pretrain_mm_mlp_adapter`` with
+  before LLaVA builds the projector (replacing a LLaVA projector the model already has, e.g. when
+  fine-tuning LLaVA-1.5, whose weights then initialise the connector's output MLP), and loads
+  ``--pretrain_mm_mlp_adapter`` with
   :func:`~anchor_former.adapters.llava.load_projector_weights` (safe loading; the layouts it knows: a
   stage-1 ``mm_projector.bin`` with ``model.mm_projector.connector.*`` keys, LLaVA-1.5's
   ``mm_projector.bin`` into the output MLP, the reference AcFormer patch) instead of LLaVA's strict
@@ -39,6 +41,7 @@ from anchor_former.adapters.llava import (
     _LLAVA_PROJECTORS,
     CONNECTOR_CONFIG_KEY,
     AnchorVisionTower,
+    LlavaConnector,
     build_vision_projector,
     enable_anchor_former,
     load_projector_weights,
@@ -53,7 +56,7 @@ SCORE_KEY = "mm_anchor_score"
 _ORIGINALS: dict[tuple[Any, str], Callable[..., Any]] = {}
 
 
-def uses_connector(projector_type: Any) -> bool:
+def _uses_connector(projector_type: Any) -> bool:
     """Whether ``mm_projector_type`` names one of this package's connectors (not a LLaVA projector)."""
     from anchor_former.connectors.registry import available_connectors
 
@@ -104,7 +107,7 @@ def _score_of(config: Any) -> Score | None:
 def _build_vision_tower(vision_tower_cfg: Any, **kwargs: Any) -> nn.Module:
     """LLaVA's ``build_vision_tower``, wrapped as an anchor tower when the projector type needs one."""
     tower = _ORIGINALS[(_arch(), "build_vision_tower")](vision_tower_cfg, **kwargs)
-    if not uses_connector(getattr(vision_tower_cfg, "mm_projector_type", None)):
+    if not _uses_connector(getattr(vision_tower_cfg, "mm_projector_type", None)):
         return tower
     score = _score_of(vision_tower_cfg)
     if getattr(tower, "is_loaded", True):
@@ -151,7 +154,7 @@ def connector_settings(tower: AnchorVisionTower, model_args: Any) -> dict[str, A
 def _initialize_vision_modules(self: nn.Module, model_args: Any, fsdp: Any = None) -> None:
     """``LlavaMetaModel.initialize_vision_modules`` for this package's connectors (see the module doc)."""
     original = _ORIGINALS[(_arch().LlavaMetaModel, "initialize_vision_modules")]
-    if not uses_connector(getattr(model_args, "mm_projector_type", None)):
+    if not _uses_connector(getattr(model_args, "mm_projector_type", None)):
         return original(self, model_args, fsdp=fsdp)
     score = getattr(model_args, "anchor_score", "cls")
     tower = self.get_vision_tower()
@@ -166,19 +169,36 @@ def _initialize_vision_modules(self: nn.Module, model_args: Any, fsdp: Any = Non
     self.vision_tower = [tower] if fsdp else tower  # LLaVA's own branch then only calls load_model (no-op)
     setattr(self.config, CONNECTOR_CONFIG_KEY, connector_settings(tower, model_args))
     self.config.mm_anchor_score = score
+    previous = getattr(self, "mm_projector", None)
+    if previous is not None and not isinstance(previous, LlavaConnector):
+        self.mm_projector = None  # e.g. LLaVA-1.5's mlp2x_gelu: LLaVA builds a projector only where there is none
     args = copy.copy(model_args)
     args.pretrain_mm_mlp_adapter = None  # loaded below, by layout; LLaVA's strict load would reject it
     original(self, args, fsdp=fsdp)
     connector = self.mm_projector.connector
+    if previous is not None and not isinstance(previous, LlavaConnector):
+        _warm_start(connector, previous)
     settings = connector.config.to_dict() if hasattr(getattr(connector, "config", None), "to_dict") else {}
-    settings = {k: v for k, v in settings.items() if k not in ("vision_dim", "llm_dim")}
-    setattr(self.config, CONNECTOR_CONFIG_KEY, settings or getattr(self.config, CONNECTOR_CONFIG_KEY))
+    settings = {k: v for k, v in settings.items() if k not in ("vision_dim", "llm_dim")} or dict(
+        getattr(self.config, CONNECTOR_CONFIG_KEY))
+    # as attach_anchor_former records it: attach_anchor_former(model, **config.mm_connector_config) rebuilds it
+    settings.update(connector=model_args.mm_projector_type, score=score)
+    setattr(self.config, CONNECTOR_CONFIG_KEY, settings)
     self.config.mm_vision_select_feature = "cls_patch"
     if not getattr(connector, "uses_anchors", False):
         tower.score = None  # the connector ignores anchors: skip the probe's attention row
         self.config.mm_anchor_score = None
     if model_args.pretrain_mm_mlp_adapter is not None:
         load_projector_weights(self.mm_projector, model_args.pretrain_mm_mlp_adapter)
+
+
+def _warm_start(connector: nn.Module, projector: nn.Module) -> None:
+    """Copy a replaced LLaVA projector into the connector's output MLP when their shapes agree (as
+    ``enable_anchor_former(init_projector=True)``): fine-tuning LLaVA-1.5 starts from its trained MLP."""
+    target = getattr(connector, "projector", None)
+    shapes = {k: tuple(v.shape) for k, v in projector.state_dict().items()}
+    if target is not None and shapes and shapes == {k: tuple(v.shape) for k, v in target.state_dict().items()}:
+        target.load_state_dict(projector.state_dict())
 
 
 def _load_pretrained_model(*args: Any, anchor_former: dict[str, Any] | None = None, **kwargs: Any) -> Any:

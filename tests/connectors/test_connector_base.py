@@ -13,6 +13,7 @@ TINY = {
     "acformer": dict(num_anchors=8, depth=1, heads=2, dim_head=8, ff_mult=2),
     "perceiver": dict(num_queries=5, depth=1, heads=2, dim_head=8, ff_mult=2),
     "cabstractor": dict(depth=1, grid=2),
+    "select": dict(num_anchors=8),
 }
 WITH_PARAMETERS = [name for name in available_connectors() if name != "identity"]
 
