@@ -41,15 +41,17 @@ def _families() -> tuple[tuple[tuple[type, ...], Callable[..., nn.Module]], ...]
     """``(model classes, attach function)`` per family, most specific first."""
     from transformers import (
         LlavaNextForConditionalGeneration,
+        LlavaOnevisionForConditionalGeneration,
         Qwen2_5_VLForConditionalGeneration,
         Qwen2VLForConditionalGeneration,
         Qwen3VLForConditionalGeneration,
     )
 
-    from anchor_former.adapters.hf import llava, llava_next, qwen_vl
+    from anchor_former.adapters.hf import llava, llava_next, llava_onevision, qwen_vl
 
     return (
         ((LlavaNextForConditionalGeneration,), llava_next.attach_llava_next),
+        ((LlavaOnevisionForConditionalGeneration,), llava_onevision.attach_llava_onevision),
         ((Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration),
          qwen_vl.attach_anchor_former_qwen),
         ((llava.LlavaForConditionalGeneration,), llava.attach_anchor_former),
