@@ -38,7 +38,8 @@ def test_equals_column_mean(batch, heads, tokens, width, block, padded, seed) ->
         lengths = torch.randint(1, tokens + 1, (batch,), generator=g)
         padding = torch.arange(tokens)[None, :] >= lengths[:, None]  # (B, N) True = padding
     scale = width**-0.5
-    got = received_attention(q, k, scale=scale, block_size=block, key_padding_mask=padding)
+    real = None if padding is None else ~padding  # the package's convention: True = real token
+    got = received_attention(q, k, scale=scale, block_size=block, key_padding_mask=real)
     assert got.shape == (batch, heads, tokens) and got.dtype == torch.float32
     expected = reference_received(q, k, scale, padding)
     torch.testing.assert_close(got, expected.float(), atol=ATOL, rtol=0)
@@ -70,7 +71,7 @@ def test_only_padding_gives_zeros_half_precision_and_autocast() -> None:
     q, k = torch.randn(2, 2, 3, 6, 4)
     padding = torch.zeros(2, 6, dtype=torch.bool)
     padding[1] = True
-    got = received_attention(q, k, scale=0.5, key_padding_mask=padding)
+    got = received_attention(q, k, scale=0.5, key_padding_mask=~padding)
     assert torch.isfinite(got).all() and (got[1] == 0).all()
     half = received_attention(q.bfloat16(), k.bfloat16(), scale=0.5)
     assert half.dtype == torch.float32

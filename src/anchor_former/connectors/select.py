@@ -234,7 +234,7 @@ class SelectConnector(Connector):
                     f"attention must cover the B={features.shape[0]} samples and N={features.shape[1]} tokens of "
                     f"features of shape {shape_str(features)}, got attention of shape {shape_str(attention)}"
                 )
-            return self.search(scores)
+            return self.search(scores, layout="b h n")
         return self._check_anchor_idx(anchor_idx, features)
 
     def _check_anchor_idx(self, anchor_idx: torch.Tensor, features: torch.Tensor) -> torch.Tensor:

@@ -404,8 +404,9 @@ def site_received_attention(
     q, k = query_key_states(tokens, site, args=args, kwargs=kwargs)
     batch, num = tokens.shape[:2]
     extra = {} if block_size is None else {"block_size": block_size}
-    padding = _padding(site, args, kwargs, batch, num)
-    return received_attention(q, k, scale=site.scale, key_padding_mask=padding, **extra)
+    padding = _padding(site, args, kwargs, batch, num)  # (B, N) True = padding, or None
+    real = None if padding is None else ~padding
+    return received_attention(q, k, scale=site.scale, key_padding_mask=real, **extra)
 
 
 @dataclass(frozen=True)

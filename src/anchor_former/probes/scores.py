@@ -43,9 +43,10 @@ def received_attention(
         scale: the logit scale the layer uses (usually ``E ** -0.5``).
         block_size: query rows per step (>= 1); one step holds ``min(block_size, N)`` queries of
             ``max(1, block_size // N)`` (image, head) pairs. Only memory and speed depend on it.
-        key_padding_mask: ``(B, N)`` bool, True marks a padding token (PyTorch ``nn.MultiheadAttention``'s
-            convention). Padding tokens are masked out as keys (they receive 0) and are left out of the
-            mean over queries; an image with only padding gets all zeros.
+        key_padding_mask: ``(B, N)`` bool, **True = real token**, False = padding (the convention of every
+            ``key_padding_mask`` in this package: connectors, :func:`~anchor_former.anchor_search`; the
+            opposite of ``nn.MultiheadAttention``'s). Padding tokens are masked out as keys (they receive 0)
+            and are left out of the mean over queries; an image with only padding gets all zeros.
 
     Returns:
         ``(B, H, N)`` float32, each ``(b, h)`` row summing to 1 over its non-padding tokens.
@@ -76,7 +77,7 @@ def received_attention(
             weight = torch.full((batch * heads, 1, num), 1.0 / max(num, 1), device=q.device)  # (B*H, 1, N)
             key_bias = torch.zeros(1, 1, num, device=q.device)  # (1, 1, N)
         else:
-            keep = (~key_padding_mask).to(q.device)  # (B, N) True = real token
+            keep = key_padding_mask.to(q.device)  # (B, N) True = real token
             counts = keep.sum(-1, keepdim=True).clamp_min(1)  # (B, 1)
             weight = (keep.float() / counts).repeat_interleave(heads, 0).unsqueeze(1)  # (B*H, 1, N) query weights
             # -inf at padding keys; an image with only padding keeps finite logits (its query weights are 0)
