@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import weakref
 from pathlib import Path
 from typing import Any
@@ -46,13 +45,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import environment, measure_interleaved, parse_device, progress  # noqa: E402
-from bench_search import reference_loop  # noqa: E402
-
-from anchor_former import AttentionProbe, anchor_search, detect_encoder, extract_anchors  # noqa: E402
-from anchor_former.probes import DEFAULT_BLOCK_SIZE, query_attention_row, site_received_attention  # noqa: E402
+from anchor_former import AttentionProbe, anchor_search, detect_encoder, extract_anchors
+from anchor_former.probes import DEFAULT_BLOCK_SIZE, query_attention_row, site_received_attention
+from benchmarks._common import environment, measure_interleaved, parse_device, progress
+from benchmarks.bench_search import reference_loop
 
 __all__ = ["PRESETS", "run"]
 

@@ -255,7 +255,7 @@ def test_cls_less_tower_asked_for_cls_anchors() -> None:
 
 
 def to_reference_layout(connector: AnchorFormer) -> dict[str, torch.Tensor]:
-    """Our state dict renamed to the reference patch's ``mm_projector`` layout (ACFORMER.md §3)."""
+    """Our state dict renamed to the reference patch's ``mm_projector`` layout (the authors' resampler keys, see docs/connectors.md)."""
     out = {"model.mm_projector.0.latents": torch.randn(K, VISION_DIM)}  # the reference's unused parameter
     for key, value in connector.state_dict().items():
         parts = key.split(".")

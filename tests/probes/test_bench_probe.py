@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("transformers", minversion="5.0")  # the benchmark switches attention implementations
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-bench_probe = pytest.importorskip("bench_probe")
+bench_probe = pytest.importorskip("benchmarks.bench_probe")
 
 
 def test_tiny_preset_runs() -> None:
