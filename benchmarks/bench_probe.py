@@ -392,7 +392,9 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"Features + anchors, preset {report.get('preset')}, shapes {report.get('shapes')}, on "
         f"{report.get('environment', {}).get('device', '?')}; ratios to the plain "
         "SDPA forward in the same run (target on GPU: probe <= 1.01x time, <= 1.02x peak memory). "
-        f"Probe anchors equal the reference's: {report.get('probe_anchors_equal_reference')}.",
+        f"Probe anchors equal the reference's on this run's {report.get('shapes', {}).get('dtype', '?')} inputs: "
+        f"{report.get('probe_anchors_equal_reference')} (in fp16/bf16 the reference's unstable argsort breaks ties "
+        "differently for a share of images: benchmarks/results/search-vs-authors-loop-cpu.md).",
         "",
         "| path | time (ms) | x sdpa | peak extra (MiB) | x sdpa |",
         "|---|---:|---:|---:|---:|",
