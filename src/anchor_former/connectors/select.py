@@ -75,7 +75,8 @@ def merge_context(features: torch.Tensor, num_context: int) -> torch.Tensor:
     b, u, _ = features.shape
     targets = _context_targets(u, num_context, features.device)  # (M,)
     # float32 whatever the caller's autocast (meta tensors have no autocast state to change)
-    exact = contextlib.nullcontext() if features.device.type == "meta" else torch.autocast(features.device.type, enabled=False)
+    device = features.device.type
+    exact = contextlib.nullcontext() if device == "meta" else torch.autocast(device, enabled=False)
     with exact:
         x = features.float()
         unit = torch.nn.functional.normalize(x, dim=-1)  # (B, U, D)
@@ -247,10 +248,13 @@ class SelectConnector(Connector):
         )
         check_ndim("anchor_idx", anchor_idx, (2,), expected)
         check_integer("anchor_idx", anchor_idx)
-        if anchor_idx.shape[0] != b or anchor_idx.shape[1] not in (k, k + 1) or (anchor_idx.shape[1] == k + 1 and prefix < 1):
+        width = anchor_idx.shape[1]
+        if anchor_idx.shape[0] != b or width not in (k, k + 1) or (width == k + 1 and prefix < 1):
             raise ValueError(f"anchor_idx must have shape {expected}, got shape {shape_str(anchor_idx)}")
         if anchor_idx.device != features.device:
-            raise ValueError(f"anchor_idx must be on the device of features ({features.device}), got {anchor_idx.device}")
+            raise ValueError(
+                f"anchor_idx must be on the device of features ({features.device}), got {anchor_idx.device}"
+            )
         idx = anchor_idx.long()
         head = idx[:, 0] if idx.shape[1] == k + 1 else None
         idx = idx[:, 1:] if head is not None else idx

@@ -53,7 +53,7 @@ from anchor_former.adapters.hf.llava import (
     _projector_mlp,
     can_return_tuple,
 )
-from anchor_former.probes.base import AttentionProbe, Score, detect_encoder
+from anchor_former.probes.base import AttentionProbe, EncoderSpec, Score, detect_encoder
 from anchor_former.views import (
     AnyresViews,
     anyres_views,
@@ -284,6 +284,42 @@ def _expand(processor: Any, tokens: dict[str, Any], config: LlavaNextConfig) -> 
         raise
 
 
+
+def check_views_model(
+    inner: nn.Module, config: Any, *, connector: str, score: str, kwargs: dict[str, Any], family: str,
+    default_strategy: str,
+) -> EncoderSpec:
+    """The checks every anyres-view model (LLaVA-NeXT, LLaVA-OneVision) shares, before anything changes.
+
+    ``vision_feature_layer`` a single int; a known connector; a tower and score the probe supports; the
+    ``vision_feature_select_strategy`` that gives each view's patch grid unchanged (``"default"`` on towers
+    with [CLS], ``"full"`` without); no ``num_context`` (popped from ``kwargs``). Returns the tower's
+    :class:`~anchor_former.probes.EncoderSpec`; raises ``ValueError``.
+    """
+    from anchor_former.connectors.registry import available_connectors
+
+    layer = config.vision_feature_layer
+    if not isinstance(layer, int) or isinstance(layer, bool):
+        raise ValueError(f"config.vision_feature_layer must be a single int for AnchorFormer, got {layer!r}")
+    if connector not in available_connectors() and not re.match(r"^mlp\d+x_gelu$", str(connector)):
+        raise ValueError(f"connector must be one of {', '.join(available_connectors())}, got {connector!r}")
+    AttentionProbe(inner.vision_tower, layer=layer, score=score)  # unsupported tower, bad layer, CLS-less + "cls"
+    spec = detect_encoder(inner.vision_tower)
+    strategy = getattr(config, "vision_feature_select_strategy", default_strategy)
+    expected = "default" if spec.has_cls else "full"
+    if strategy != expected:
+        raise ValueError(
+            f"config.vision_feature_select_strategy must be {expected!r} for {family} on this tower (each view "
+            f"gives exactly its patch grid to the stock layout), got {strategy!r}"
+        )
+    if kwargs.get("num_context"):
+        raise ValueError(
+            f"num_context (context tokens) is not supported with {family} views, got {kwargs['num_context']!r}"
+        )
+    kwargs.pop("num_context", None)
+    return spec
+
+
 def attach_llava_next(
     model: nn.Module,
     processor: Any = None,
@@ -328,25 +364,8 @@ def attach_llava_next(
             f"model must be a transformers LlavaNextForConditionalGeneration, got {type(model).__qualname__}"
         )
     old = model.config
-    layer = old.vision_feature_layer
-    if not isinstance(layer, int) or isinstance(layer, bool):
-        raise ValueError(f"config.vision_feature_layer must be a single int for AnchorFormer, got {layer!r}")
-    if connector not in available_connectors() and not re.match(r"^mlp\d+x_gelu$", str(connector)):
-        raise ValueError(f"connector must be one of {', '.join(available_connectors())}, got {connector!r}")
-    AttentionProbe(inner.vision_tower, layer=layer, score=score)  # unsupported tower, bad layer, CLS-less + "cls"
-    spec = detect_encoder(inner.vision_tower)
-    strategy = getattr(old, "vision_feature_select_strategy", "default")
-    expected = "default" if spec.has_cls else "full"
-    if strategy != expected:
-        raise ValueError(
-            f"config.vision_feature_select_strategy must be {expected!r} for LLaVA-NeXT on this tower (each view "
-            f"gives exactly its patch grid to the stock layout), got {strategy!r}"
-        )
-    if kwargs.get("num_context"):
-        raise ValueError(
-            f"num_context (context tokens) is not supported with LLaVA-NeXT views, got {kwargs['num_context']!r}"
-        )
-    kwargs.pop("num_context", None)
+    spec = check_views_model(inner, old, connector=connector, score=score, kwargs=kwargs, family="LLaVA-NeXT",
+                      default_strategy="default")
     vision = old.vision_config
     side = int(vision.image_size) // int(vision.patch_size)
     most_views = 1 + max((int(h) // int(vision.image_size)) * (int(w) // int(vision.image_size))
@@ -364,7 +383,7 @@ def attach_llava_next(
     if connector == "select":
         _check_select_source(inner.multi_modal_projector, old, init_projector)
     if processor is not None:
-        _check_processor(processor, old, strategy)
+        _check_processor(processor, old, "default" if spec.has_cls else "full")  # the strategy checked above
     kwargs.setdefault("num_prefix_tokens", spec.num_prefix_tokens)
     old_projector = inner.multi_modal_projector
     param = next(iter(old_projector.parameters()))

@@ -78,7 +78,7 @@ from anchor_former.adapters.hf.llava import (
     _projector_mlp,
     can_return_tuple,
 )
-from anchor_former.adapters.hf.llava_next import _budgets, _views, anyres_token_count
+from anchor_former.adapters.hf.llava_next import _budgets, _views, anyres_token_count, check_views_model
 from anchor_former.probes.base import AttentionProbe, Score, detect_encoder
 from anchor_former.search import anchor_search
 from anchor_former.views import AnyresViews, arrange_fixed, select_view_tokens
@@ -532,23 +532,8 @@ def attach_llava_onevision(
             f"({type(model).__qualname__}); load the base model again to attach other settings"
         )
     old = model.config
-    layer = old.vision_feature_layer
-    if not isinstance(layer, int) or isinstance(layer, bool):
-        raise ValueError(f"config.vision_feature_layer must be a single int for AnchorFormer, got {layer!r}")
-    if connector not in available_connectors() and not re.match(r"^mlp\d+x_gelu$", str(connector)):
-        raise ValueError(f"connector must be one of {', '.join(available_connectors())}, got {connector!r}")
-    AttentionProbe(inner.vision_tower, layer=layer, score=score)  # unsupported tower, bad layer, CLS-less + "cls"
-    spec = detect_encoder(inner.vision_tower)
-    strategy = getattr(old, "vision_feature_select_strategy", "full")
-    expected = "default" if spec.has_cls else "full"
-    if strategy != expected:
-        raise ValueError(
-            f"config.vision_feature_select_strategy must be {expected!r} for LLaVA-OneVision on this tower (each "
-            f"view gives exactly its patch grid to the stock layout), got {strategy!r}"
-        )
-    if kwargs.get("num_context"):
-        raise ValueError(f"num_context (context tokens) is not supported with LLaVA-OneVision, got {kwargs['num_context']!r}")
-    kwargs.pop("num_context", None)
+    spec = check_views_model(inner, old, connector=connector, score=score, kwargs=kwargs, family="LLaVA-OneVision",
+                      default_strategy="full")
     vision = old.vision_config
     side = int(vision.image_size) // int(vision.patch_size)
     pooled = math.ceil(side / 2) ** 2
@@ -563,14 +548,15 @@ def attach_llava_onevision(
         if connector != "select":
             raise ValueError(f"{name} is a connector='select' option, got connector={connector!r}")
         low = most_views if limit is None else 1
-        if isinstance(value, bool) or not isinstance(value, int) or value < low or (limit is not None and value > limit):
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        if not is_int or value < low or (limit is not None and value > limit):
             raise ValueError(f"{name} must be an integer {what}, got {value!r}")
     kwargs = _anchor_kwargs(connector, num_anchors, side * side, kwargs, has_cls=spec.has_cls, score=score,
                             full=False)
     if connector == "select":
         _check_select_source(inner.multi_modal_projector, old, init_projector)
     if processor is not None:
-        _check_processor(processor, old, strategy)
+        _check_processor(processor, old, "default" if spec.has_cls else "full")  # the strategy checked above
     kwargs.setdefault("num_prefix_tokens", spec.num_prefix_tokens)
     old_projector = inner.multi_modal_projector
     param = next(iter(old_projector.parameters()))
