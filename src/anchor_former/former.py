@@ -37,12 +37,10 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from anchor_former._validation import check_floating, check_integer, check_ndim, check_positive_int, shape_str
-from anchor_former.connectors.base import Connector, ConnectorConfig
-from anchor_former.layers import ResamplerLayer, resampler_flops, run_layers
-from anchor_former.projector import build_projector, projector_flops
+from anchor_former._validation import check_floating, check_integer, check_ndim, shape_str
+from anchor_former.connectors.base import ConnectorConfig
+from anchor_former.connectors.resampler import ResamplerConnector
 from anchor_former.search import AnchorSearch, cls_scores
 
 __all__ = ["AnchorFormer", "AnchorFormerConfig"]
@@ -71,7 +69,7 @@ class AnchorFormerConfig(ConnectorConfig):
     check_indices: bool = True
 
 
-class AnchorFormer(Connector):
+class AnchorFormer(ResamplerConnector):
     """The AcFormer connector: anchor tokens attend over all tokens, then LLaVA's projector.
 
     Args:
@@ -122,27 +120,19 @@ class AnchorFormer(Connector):
     ) -> None:
         super().__init__()
         self._set_widths(vision_dim, llm_dim, num_prefix_tokens)
-        for name, value in (("depth", depth), ("heads", heads), ("dim_head", dim_head), ("ff_mult", ff_mult)):
-            check_positive_int(name, value)
-        dd = {"device": device, "dtype": dtype}
+        self._build_resampler(
+            depth=depth, heads=heads, dim_head=dim_head, ff_mult=ff_mult, projector=projector,
+            kv_include_queries=kv_include_queries, fused_attn=fused_attn,
+            gradient_checkpointing=gradient_checkpointing, device=device, dtype=dtype,
+        )
         # The search validates num_anchors and include_cls.
         self.search = AnchorSearch(num_anchors, include_cls=include_cls, num_prefix_tokens=num_prefix_tokens)
-        self.gradient_checkpointing = gradient_checkpointing
         self.check_indices = check_indices
         self._arch = AnchorFormerConfig(
             vision_dim=vision_dim, llm_dim=llm_dim, num_anchors=num_anchors, depth=depth, heads=heads,
             dim_head=dim_head, ff_mult=ff_mult, projector=projector, num_prefix_tokens=num_prefix_tokens,
             include_cls=include_cls, kv_include_queries=kv_include_queries,
         )
-        self.layers = nn.ModuleList(
-            ResamplerLayer(
-                vision_dim, heads=heads, dim_head=dim_head, ff_mult=ff_mult, fused_attn=fused_attn,
-                kv_include_queries=kv_include_queries, **dd,
-            )
-            for _ in range(depth)
-        )
-        self.norm = nn.LayerNorm(vision_dim, **dd)
-        self.projector = build_projector(projector, vision_dim, llm_dim, **dd)
 
     @classmethod
     def from_config(
@@ -168,16 +158,6 @@ class AnchorFormer(Connector):
         )
 
     @property
-    def fused_attn(self) -> bool:
-        """Whether the layers use SDPA; set it to switch every layer."""
-        return all(layer.attn.fused_attn for layer in self.layers)
-
-    @fused_attn.setter
-    def fused_attn(self, value: bool) -> None:
-        for layer in self.layers:
-            layer.attn.fused_attn = bool(value)
-
-    @property
     def num_queries(self) -> int:
         """Queries the built-in search yields: ``num_anchors + include_cls``."""
         return self.search.num_queries
@@ -193,12 +173,7 @@ class AnchorFormer(Connector):
 
     def analytic_flops(self, num_input_tokens: int) -> int:
         """Forward FLOPs per sample with ``num_queries`` queries over N tokens (layers + projector)."""
-        q = self.num_output_tokens(num_input_tokens)
-        a = self._arch
-        return resampler_flops(
-            num_queries=q, num_tokens=num_input_tokens, dim=a.vision_dim, depth=a.depth, heads=a.heads,
-            dim_head=a.dim_head, ff_mult=a.ff_mult, kv_include_queries=a.kv_include_queries,
-        ) + projector_flops(a.projector, a.vision_dim, a.llm_dim, q)
+        return self._resampler_flops(self.num_output_tokens(num_input_tokens), num_input_tokens)
 
     def _check_anchor_idx(self, anchor_idx: torch.Tensor, features: torch.Tensor, mask: torch.Tensor | None) -> None:
         b, n = features.shape[:2]
@@ -268,10 +243,7 @@ class AnchorFormer(Connector):
             self._check_anchor_idx(anchor_idx, features, key_padding_mask)
         index = anchor_idx.long().unsqueeze(-1).expand(-1, -1, features.shape[-1])  # (B, K, D)
         queries = features.gather(1, index)  # (B, K, D)
-        queries = run_layers(
-            self.layers, queries, features, key_padding_mask, gradient_checkpointing=self.gradient_checkpointing
-        )
-        return self.projector(self.norm(queries))  # (B, K, llm_dim)
+        return self._resample(queries, features, key_padding_mask)  # (B, K, llm_dim)
 
     def _search(
         self, attention: torch.Tensor, features: torch.Tensor, key_padding_mask: torch.Tensor | None

@@ -12,6 +12,7 @@ from anchor_former.connectors.cabstractor import CAbstractor, CAbstractorConfig
 from anchor_former.connectors.mlp import MLPConnector, MLPConnectorConfig
 from anchor_former.connectors.perceiver import PerceiverResampler, PerceiverResamplerConfig
 from anchor_former.connectors.pooling import AvgPoolConnector, AvgPoolConnectorConfig
+from anchor_former.connectors.resampler import ResamplerConnector
 from anchor_former.connectors.select import SelectConnector, SelectConnectorConfig, merge_context
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "MLPConnectorConfig",
     "PerceiverResampler",
     "PerceiverResamplerConfig",
+    "ResamplerConnector",
     "SelectConnector",
     "SelectConnectorConfig",
     "grid_side",

@@ -13,9 +13,8 @@ import torch
 from torch import nn
 
 from anchor_former._validation import check_positive_int
-from anchor_former.connectors.base import Connector, ConnectorConfig
-from anchor_former.layers import ResamplerLayer, resampler_flops, run_layers
-from anchor_former.projector import build_projector, projector_flops
+from anchor_former.connectors.base import ConnectorConfig
+from anchor_former.connectors.resampler import ResamplerConnector
 
 __all__ = ["PerceiverResampler", "PerceiverResamplerConfig"]
 
@@ -38,7 +37,7 @@ class PerceiverResamplerConfig(ConnectorConfig):
     gradient_checkpointing: bool = False
 
 
-class PerceiverResampler(Connector):
+class PerceiverResampler(ResamplerConnector):
     """``num_queries`` learned latents attend over all tokens, then the LLaVA projector.
 
     Consumes all N tokens as keys/values (prefix tokens included, as AnchorFormer does). Ignores
@@ -75,29 +74,19 @@ class PerceiverResampler(Connector):
     ) -> None:
         super().__init__()
         self._set_widths(vision_dim, llm_dim, num_prefix_tokens)
-        for name, value in (
-            ("num_queries", num_queries), ("depth", depth), ("heads", heads), ("dim_head", dim_head),
-            ("ff_mult", ff_mult),
-        ):
-            check_positive_int(name, value)
-        dd = {"device": device, "dtype": dtype}
-        self.gradient_checkpointing = gradient_checkpointing
+        check_positive_int("num_queries", num_queries)
+        self._build_resampler(
+            depth=depth, heads=heads, dim_head=dim_head, ff_mult=ff_mult, projector=projector,
+            kv_include_queries=kv_include_queries, fused_attn=fused_attn,
+            gradient_checkpointing=gradient_checkpointing, device=device, dtype=dtype,
+        )
         self._arch = PerceiverResamplerConfig(
             vision_dim=vision_dim, llm_dim=llm_dim, num_queries=num_queries, depth=depth, heads=heads,
             dim_head=dim_head, ff_mult=ff_mult, projector=projector, num_prefix_tokens=num_prefix_tokens,
             kv_include_queries=kv_include_queries,
         )
-        self.latents = nn.Parameter(torch.empty(num_queries, vision_dim, **dd))
+        self.latents = nn.Parameter(torch.empty(num_queries, vision_dim, device=device, dtype=dtype))
         nn.init.normal_(self.latents, std=0.02)
-        self.layers = nn.ModuleList(
-            ResamplerLayer(
-                vision_dim, heads=heads, dim_head=dim_head, ff_mult=ff_mult, fused_attn=fused_attn,
-                kv_include_queries=kv_include_queries, **dd,
-            )
-            for _ in range(depth)
-        )
-        self.norm = nn.LayerNorm(vision_dim, **dd)
-        self.projector = build_projector(projector, vision_dim, llm_dim, **dd)
 
     @classmethod
     def from_config(cls, config: PerceiverResamplerConfig, **kwargs: object) -> PerceiverResampler:
@@ -106,22 +95,15 @@ class PerceiverResampler(Connector):
     @property
     def config(self) -> PerceiverResamplerConfig:
         """The current configuration, runtime switches included."""
-        fused = all(layer.attn.fused_attn for layer in self.layers)
-        return PerceiverResamplerConfig.from_dict(
-            {**self._arch.to_dict(), "fused_attn": fused, "gradient_checkpointing": self.gradient_checkpointing}
-        )
+        switches = {"fused_attn": self.fused_attn, "gradient_checkpointing": self.gradient_checkpointing}
+        return PerceiverResamplerConfig.from_dict({**self._arch.to_dict(), **switches})
 
     def num_output_tokens(self, num_input_tokens: int) -> int:
         self._num_patches(num_input_tokens)
         return self._arch.num_queries
 
     def analytic_flops(self, num_input_tokens: int) -> int:
-        a = self._arch
-        q = self.num_output_tokens(num_input_tokens)
-        return resampler_flops(
-            num_queries=q, num_tokens=num_input_tokens, dim=a.vision_dim, depth=a.depth, heads=a.heads,
-            dim_head=a.dim_head, ff_mult=a.ff_mult, kv_include_queries=a.kv_include_queries,
-        ) + projector_flops(a.projector, a.vision_dim, a.llm_dim, q)
+        return self._resampler_flops(self.num_output_tokens(num_input_tokens), num_input_tokens)
 
     def forward(
         self,
@@ -136,7 +118,4 @@ class PerceiverResampler(Connector):
         self._check_mask(key_padding_mask, features)
         self._require_real_tokens(key_padding_mask)
         queries = self.latents.unsqueeze(0).expand(features.shape[0], -1, -1)  # (B, K, D)
-        queries = run_layers(
-            self.layers, queries, features, key_padding_mask, gradient_checkpointing=self.gradient_checkpointing
-        )
-        return self.projector(self.norm(queries))  # (B, K, llm_dim)
+        return self._resample(queries, features, key_padding_mask)  # (B, K, llm_dim)
