@@ -40,6 +40,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
 
+from anchor_former.adapters._anchors import anchor_kwargs
 from anchor_former.adapters._probed import probed_forward
 from anchor_former.probes.base import AttentionProbe, Score, detect_encoder
 
@@ -227,29 +228,6 @@ def _projector_mlp(projector: nn.Module, config: LlavaConfig) -> dict[str, torch
     return state
 
 
-def _anchor_kwargs(
-    connector: str, num_anchors: int, patches: int, kwargs: dict[str, Any], *, has_cls: bool, score: str, full: bool
-) -> dict[str, Any]:
-    """The anchor settings of ``connector`` (``num_anchors``, ``include_cls``) added to ``kwargs``, checked.
-
-    ``"acformer"`` queries with [CLS] when the score is the [CLS] row; ``"select"`` keeps [CLS] only if the
-    stock model fed it to its projector (``vision_feature_select_strategy="full"`` on a tower with [CLS]).
-    """
-    if connector not in ("acformer", "select"):
-        return kwargs
-    if isinstance(num_anchors, bool) or not isinstance(num_anchors, int) or num_anchors < 1:
-        raise ValueError(f"num_anchors must be an integer >= 1, got {num_anchors!r}")
-    budget = num_anchors + int(kwargs.get("num_context", 0) or 0) if connector == "select" else num_anchors
-    if budget > patches:
-        what = "num_anchors + num_context" if connector == "select" else "num_anchors"
-        raise ValueError(
-            f"{what} must be at most the {patches} patch tokens of the vision tower, got {budget} "
-            f"(num_anchors={num_anchors}{', num_context=' + str(kwargs.get('num_context')) if connector == 'select' else ''})"
-        )
-    include_cls = has_cls and (full if connector == "select" else score == "cls")
-    return {"num_anchors": num_anchors, "include_cls": include_cls, **kwargs}
-
-
 def _check_select_source(projector: nn.Module, config: LlavaConfig, init_projector: bool) -> None:
     """``connector="select"`` reuses the model's trained projector: it must be LLaVA's ``mlp2x_gelu``."""
     if not init_projector:
@@ -355,8 +333,8 @@ def _plan(model: nn.Module, *, num_anchors: int, connector: str, score: str, ini
     vision = old.vision_config
     side = int(vision.image_size) // int(vision.patch_size)
     strategy = getattr(old, "vision_feature_select_strategy", "default")
-    kwargs = _anchor_kwargs(connector, num_anchors, side * side, kwargs, has_cls=spec.has_cls, score=score,
-                            full=strategy == "full")
+    kwargs = anchor_kwargs(connector, num_anchors, side * side, kwargs, has_cls=spec.has_cls, score=score,
+                           stock_cls=strategy == "full")
     if connector == "select" and previous is None:
         _check_select_source(inner.multi_modal_projector, old, init_projector)
     kwargs.setdefault("num_prefix_tokens", spec.num_prefix_tokens)

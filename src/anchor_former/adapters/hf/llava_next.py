@@ -46,8 +46,8 @@ from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, Lla
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next.modeling_llava_next import LlavaNextPreTrainedModel
 
+from anchor_former.adapters._anchors import anchor_kwargs
 from anchor_former.adapters.hf.llava import (
-    _anchor_kwargs,
     _build_connector,
     _check_select_source,
     _projector_mlp,
@@ -378,8 +378,8 @@ def attach_llava_next(
                 f"image_budget must be an integer >= {most_views} (the most views an image gets: one anchor each), "
                 f"got {image_budget!r}"
             )
-    kwargs = _anchor_kwargs(connector, num_anchors, side * side, kwargs, has_cls=spec.has_cls, score=score,
-                            full=False)
+    kwargs = anchor_kwargs(connector, num_anchors, side * side, kwargs, has_cls=spec.has_cls, score=score,
+                           stock_cls=False)
     if connector == "select":
         _check_select_source(inner.multi_modal_projector, old, init_projector)
     if processor is not None:

@@ -70,9 +70,9 @@ from transformers import (
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionPreTrainedModel
 
+from anchor_former.adapters._anchors import anchor_kwargs
 from anchor_former.adapters._probed import probed_forward
 from anchor_former.adapters.hf.llava import (
-    _anchor_kwargs,
     _build_connector,
     _check_select_source,
     _projector_mlp,
@@ -551,8 +551,8 @@ def attach_llava_onevision(
         is_int = isinstance(value, int) and not isinstance(value, bool)
         if not is_int or value < low or (limit is not None and value > limit):
             raise ValueError(f"{name} must be an integer {what}, got {value!r}")
-    kwargs = _anchor_kwargs(connector, num_anchors, side * side, kwargs, has_cls=spec.has_cls, score=score,
-                            full=False)
+    kwargs = anchor_kwargs(connector, num_anchors, side * side, kwargs, has_cls=spec.has_cls, score=score,
+                           stock_cls=False)
     if connector == "select":
         _check_select_source(inner.multi_modal_projector, old, init_projector)
     if processor is not None:

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from anchor_former.adapters._anchors import anchor_kwargs
 from anchor_former.adapters._probed import probed_forward
 from anchor_former.checkpoint import Layout, load_connector_weights, save_state_dict
 from anchor_former.probes.base import AttentionProbe, Score, detect_encoder
@@ -309,8 +310,8 @@ def _plan(model: nn.Module, *, num_anchors: int, connector: str, score: Score, i
 
         image_budget = check_anyres(config, connector, kwargs, view_size=int(new_tower.config.image_size))
     spec = detect_encoder(new_tower.vision_tower)
-    kwargs = _anchor_kwargs(connector, num_anchors, new_tower, kwargs, has_cls=spec.has_cls, score=score,
-                            cls_patch=getattr(config, "mm_vision_select_feature", "patch") == "cls_patch")
+    kwargs = anchor_kwargs(connector, num_anchors, new_tower.num_patches, kwargs, has_cls=spec.has_cls,
+                           score=score, stock_cls=getattr(config, "mm_vision_select_feature", "patch") == "cls_patch")
     old_type = getattr(config, "mm_projector_type", "linear")
     if connector == "select" and previous is None:
         _check_select_source(inner.mm_projector, old_type, init_projector)
@@ -444,38 +445,6 @@ def attach_anchor_former(
 
 #: the LLaVA adapter's original name for :func:`attach_anchor_former` (kept; same function)
 enable_anchor_former = attach_anchor_former
-
-
-def _anchor_kwargs(
-    connector: str,
-    num_anchors: int,
-    tower: AnchorVisionTower,
-    kwargs: dict[str, Any],
-    *,
-    has_cls: bool,
-    score: str,
-    cls_patch: bool,
-) -> dict[str, Any]:
-    """The anchor settings of ``connector`` (``num_anchors``, ``include_cls``) added to ``kwargs``, checked.
-
-    ``"acformer"`` queries with [CLS] when the score is the [CLS] row; ``"select"`` keeps [CLS] only where
-    the stock model fed it to its projector (``mm_vision_select_feature="cls_patch"``).
-    """
-    if connector not in ("acformer", "select"):
-        return kwargs
-    if isinstance(num_anchors, bool) or not isinstance(num_anchors, int) or num_anchors < 1:
-        raise ValueError(f"num_anchors must be an integer >= 1, got {num_anchors!r}")
-    patches = tower.num_patches
-    context = kwargs.get("num_context", 0) if connector == "select" else 0
-    budget = num_anchors + (context if isinstance(context, int) and context > 0 else 0)
-    if budget > patches:
-        what = "num_anchors + num_context" if connector == "select" else "num_anchors"
-        raise ValueError(
-            f"{what} must be at most the {patches} patch tokens of the vision tower "
-            f"({tower.num_patches_per_side}x{tower.num_patches_per_side} patches), got {budget}"
-        )
-    include_cls = has_cls and (cls_patch if connector == "select" else score == "cls")
-    return {"num_anchors": num_anchors, "include_cls": include_cls, **kwargs}
 
 
 def _check_select_source(projector: nn.Module, projector_type: Any, init_projector: bool) -> None:
