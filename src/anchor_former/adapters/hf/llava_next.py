@@ -58,7 +58,6 @@ from anchor_former.views import (
     AnyresViews,
     anyres_views,
     arrange_fixed,
-    arrange_selected,
     num_fixed_tokens,
     num_selected_tokens,
     select_view_tokens,
@@ -320,6 +319,39 @@ def check_views_model(
     return spec
 
 
+
+def build_view_connector(
+    inner: nn.Module, config: Any, spec: EncoderSpec, *, connector: str, num_anchors: int, score: str,
+    init_projector: bool, kwargs: dict[str, Any],
+) -> nn.Module:
+    """The connector one view of an anyres model (LLaVA-NeXT, LLaVA-OneVision) runs, with its start weights.
+
+    Anchor settings from :func:`~anchor_former.adapters._anchors.anchor_kwargs` (one view's ``s * s``
+    patches), built on the old projector's device and dtype; its output MLP is the model's ``linear_1`` /
+    ``linear_2`` (``init_projector``; required for ``"select"``). Raises ``ValueError`` before any change.
+    """
+    from anchor_former.checkpoint import load_checked
+    from anchor_former.connectors.registry import build_connector
+
+    vision = config.vision_config
+    side = int(vision.image_size) // int(vision.patch_size)
+    kwargs = anchor_kwargs(connector, num_anchors, side * side, kwargs, has_cls=spec.has_cls, score=score,
+                           stock_cls=False)
+    old_projector = inner.multi_modal_projector
+    if connector == "select":
+        _check_select_source(old_projector, config, init_projector)
+    kwargs.setdefault("num_prefix_tokens", spec.num_prefix_tokens)
+    param = next(iter(old_projector.parameters()))
+    new = build_connector(connector, int(vision.hidden_size), int(config.text_config.hidden_size), **kwargs,
+                          device=param.device, dtype=param.dtype)
+    if init_projector and hasattr(old_projector, "linear_1"):
+        target = getattr(new, "projector", None)
+        if target is None:
+            raise ValueError(f"connector {connector!r} has no output MLP to initialise; pass init_projector=False")
+        load_checked(target, _projector_mlp(old_projector, config), what="the model's multi_modal_projector")
+    return new
+
+
 def attach_llava_next(
     model: nn.Module,
     processor: Any = None,
@@ -355,9 +387,6 @@ def attach_llava_next(
             is not LLaVA's ``mlp2x_gelu`` for ``"select"``; a processor of another model. The model and the
             processor are unchanged then.
     """
-    from anchor_former.checkpoint import load_checked
-    from anchor_former.connectors.registry import available_connectors, build_connector
-
     inner = getattr(model, "model", None)
     if not isinstance(model, LlavaNextForConditionalGeneration) or not isinstance(inner, LlavaNextModel):
         raise ValueError(
@@ -378,22 +407,10 @@ def attach_llava_next(
                 f"image_budget must be an integer >= {most_views} (the most views an image gets: one anchor each), "
                 f"got {image_budget!r}"
             )
-    kwargs = anchor_kwargs(connector, num_anchors, side * side, kwargs, has_cls=spec.has_cls, score=score,
-                           stock_cls=False)
-    if connector == "select":
-        _check_select_source(inner.multi_modal_projector, old, init_projector)
     if processor is not None:
         _check_processor(processor, old, "default" if spec.has_cls else "full")  # the strategy checked above
-    kwargs.setdefault("num_prefix_tokens", spec.num_prefix_tokens)
-    old_projector = inner.multi_modal_projector
-    param = next(iter(old_projector.parameters()))
-    new = build_connector(connector, int(vision.hidden_size), int(old.text_config.hidden_size), **kwargs,
-                          device=param.device, dtype=param.dtype)
-    if init_projector and hasattr(old_projector, "linear_1"):
-        target = getattr(new, "projector", None)
-        if target is None:
-            raise ValueError(f"connector {connector!r} has no output MLP to initialise; pass init_projector=False")
-        load_checked(target, _projector_mlp(old_projector, old), what="the model's multi_modal_projector")
+    new = build_view_connector(inner, old, spec, connector=connector, num_anchors=num_anchors, score=score,
+                               init_projector=init_projector, kwargs=kwargs)
     if connector == "select":
         tokens = {"layout": "selected", "num_anchors": num_anchors, "image_budget": image_budget}
     else:

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from typing import Any
 
 import torch
@@ -70,16 +69,16 @@ from transformers import (
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionPreTrainedModel
 
-from anchor_former.adapters._anchors import anchor_kwargs
 from anchor_former.adapters._probed import probed_forward
-from anchor_former.adapters.hf.llava import (
-    _build_connector,
-    _check_select_source,
-    _projector_mlp,
-    can_return_tuple,
+from anchor_former.adapters.hf.llava import _build_connector, can_return_tuple
+from anchor_former.adapters.hf.llava_next import (
+    _budgets,
+    _views,
+    anyres_token_count,
+    build_view_connector,
+    check_views_model,
 )
-from anchor_former.adapters.hf.llava_next import _budgets, _views, anyres_token_count, check_views_model
-from anchor_former.probes.base import AttentionProbe, Score, detect_encoder
+from anchor_former.probes.base import Score
 from anchor_former.search import anchor_search
 from anchor_former.views import AnyresViews, arrange_fixed, select_view_tokens
 
@@ -518,9 +517,6 @@ def attach_llava_onevision(
             ``mlp2x_gelu`` for ``"select"``; a processor of another model. The model and the processor are
             unchanged then.
     """
-    from anchor_former.checkpoint import load_checked
-    from anchor_former.connectors.registry import available_connectors, build_connector
-
     inner = getattr(model, "model", None)
     if not isinstance(model, LlavaOnevisionForConditionalGeneration) or not isinstance(inner, LlavaOnevisionModel):
         raise ValueError(
@@ -551,22 +547,10 @@ def attach_llava_onevision(
         is_int = isinstance(value, int) and not isinstance(value, bool)
         if not is_int or value < low or (limit is not None and value > limit):
             raise ValueError(f"{name} must be an integer {what}, got {value!r}")
-    kwargs = anchor_kwargs(connector, num_anchors, side * side, kwargs, has_cls=spec.has_cls, score=score,
-                           stock_cls=False)
-    if connector == "select":
-        _check_select_source(inner.multi_modal_projector, old, init_projector)
     if processor is not None:
         _check_processor(processor, old, "default" if spec.has_cls else "full")  # the strategy checked above
-    kwargs.setdefault("num_prefix_tokens", spec.num_prefix_tokens)
-    old_projector = inner.multi_modal_projector
-    param = next(iter(old_projector.parameters()))
-    new = build_connector(connector, int(vision.hidden_size), int(old.text_config.hidden_size), **kwargs,
-                          device=param.device, dtype=param.dtype)
-    if init_projector and hasattr(old_projector, "linear_1"):
-        target = getattr(new, "projector", None)
-        if target is None:
-            raise ValueError(f"connector {connector!r} has no output MLP to initialise; pass init_projector=False")
-        load_checked(target, _projector_mlp(old_projector, old), what="the model's multi_modal_projector")
+    new = build_view_connector(inner, old, spec, connector=connector, num_anchors=num_anchors, score=score,
+                               init_projector=init_projector, kwargs=kwargs)
     if connector == "select":
         tokens = {"layout": "selected", "num_anchors": num_anchors, "image_budget": image_budget}
         per_frame = min(num_anchors, pooled) if frame_anchors is None else frame_anchors
