@@ -193,3 +193,17 @@ def test_bad_budget_and_inputs_name_the_argument() -> None:
         mask = torch.ones(2, 17, dtype=torch.bool)
         mask[0, -1] = False
         conn(features, attention=torch.rand(2, 17), key_padding_mask=mask)
+
+
+def test_merge_context_rejects_bad_input() -> None:
+    from anchor_former.connectors import merge_context
+
+    x = torch.randn(2, 5, D)
+    message = r"num_context must be an integer in \[1, U=5\] for features of shape \(2, 5, 16\)"
+    with pytest.raises(ValueError, match=message):
+        merge_context(x, 6)
+    with pytest.raises(ValueError, match=r"got 0"):
+        merge_context(x, 0)
+    with pytest.raises(ValueError, match=r"features must have shape \(B, U, D\)"):
+        merge_context(x[0], 2)
+    torch.testing.assert_close(merge_context(x, 5), x, rtol=0, atol=1e-6)  # every token its own target

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from anchor_former._validation import check_integer, check_ndim, check_nonnegative_int, shape_str
+from anchor_former._validation import check_floating, check_integer, check_ndim, check_nonnegative_int, shape_str
 from anchor_former.connectors.base import Connector, ConnectorConfig
 from anchor_former.projector import build_projector, projector_flops
 from anchor_former.search import AnchorSearch, cls_scores
@@ -71,8 +71,18 @@ def merge_context(features: torch.Tensor, num_context: int) -> torch.Tensor:
     Returns:
         ``(B, M, D)``: context token ``m`` is the mean of the tokens whose most cosine-similar target is
         target ``m`` (targets evenly spaced through the U tokens; each target belongs to itself).
+
+    Raises:
+        ValueError: ``features`` not a floating ``(B, U, D)`` tensor, ``num_context`` not in ``[1, U]``.
     """
+    check_ndim("features", features, (3,), "(B, U, D)")
+    check_floating("features", features)
     b, u, _ = features.shape
+    if isinstance(num_context, bool) or not isinstance(num_context, int) or not 1 <= num_context <= u:
+        raise ValueError(
+            f"num_context must be an integer in [1, U={u}] for features of shape {shape_str(features)} (B, U, D), "
+            f"got {num_context!r}"
+        )
     targets = _context_targets(u, num_context, features.device)  # (M,)
     # float32 whatever the caller's autocast (meta tensors have no autocast state to change)
     device = features.device.type
