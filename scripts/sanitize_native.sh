@@ -3,14 +3,14 @@
 # UndefinedBehaviorSanitizer into a temporary copy of the package, and run the kernel's tests against it.
 # Any out-of-bounds access, use after free or undefined behaviour aborts the run with a report.
 #
-#   scripts/sanitize_native.sh                  # uses .venv/bin/python, gcc
+#   scripts/sanitize_native.sh                  # uses .venv-test/bin/python (scripts/test.sh builds it), gcc
 #   PYTHON=/path/to/python CC=clang scripts/sanitize_native.sh -k quota   # extra args go to pytest
 #
 # Needs a C compiler with the sanitizer runtimes (gcc: libasan, libubsan). Leak detection is off:
 # CPython and PyTorch keep allocations alive until exit by design.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-.venv/bin/python}"
+PYTHON="${PYTHON:-.venv-test/bin/python}"
 CC="${CC:-gcc}"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT

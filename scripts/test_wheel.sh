@@ -7,11 +7,11 @@
 #   3. the sdist carries every tracked file under tests/, benchmarks/ and docs/, and tests run from it unpacked.
 #
 #   scripts/test_wheel.sh [ENV]     ENV: a virtual environment with torch, transformers, pytest, hypothesis,
-#                                   `build` and setuptools>=77,<85 (builds run without isolation): default .venv,
+#                                   `build` and setuptools>=77,<85 (builds run without isolation): default .venv-test,
 #                                   as scripts/test.sh sets it up; about 30 s of CPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
-py="${1:-.venv}/bin/python"
+py="${1:-.venv-test}/bin/python"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 unset PYTHONPATH

@@ -17,6 +17,8 @@ convention of SDPA's boolean ``attn_mask``; the opposite of :class:`torch.nn.Mul
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -47,7 +49,8 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, *, key_padding_mask: torch
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     # Half-precision scores are normalised in float32; float32/float64 stay as they are.
-    return scores.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
+    weights: torch.Tensor = scores.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32))
+    return weights.to(q.dtype)
 
 
 def cross_attention(
@@ -105,7 +108,7 @@ class CrossAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        dd = {"device": device, "dtype": dtype}
+        dd: dict[str, Any] = {"device": device, "dtype": dtype}
         context_dim = dim if context_dim is None else context_dim
         if kv_include_queries and context_dim != dim:
             raise ValueError(
@@ -158,7 +161,8 @@ class CrossAttention(nn.Module):
         q, k, v = self._qkv(x, context)
         mask = self._kv_mask(key_padding_mask, x.shape[1])
         out = cross_attention(q, k, v, key_padding_mask=mask, fused=self.fused_attn)  # (B, H, K, d)
-        return self.to_out(rearrange(out, "b h k d -> b k (h d)"))
+        projected: torch.Tensor = self.to_out(rearrange(out, "b h k d -> b k (h d)"))  # (B, K, D)
+        return projected
 
     def attention_weights(
         self,

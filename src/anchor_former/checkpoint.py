@@ -400,10 +400,11 @@ def load_connector_weights(
         if converted and all(_MLP_KEY.match(k) for k in converted):
             converted, layout = {f"projector.{k}": v for k, v in converted.items()}, "llava_mlp"
     load_checked(connector, converted, partial=layout == "llava_mlp", what=f"{layout} checkpoint")
-    if layout == "reference_acformer" and connector.search.num_anchors != REFERENCE_NUM_ANCHORS:
+    num_anchors = getattr(connector.search, "num_anchors", None)  # an AnchorFormer's AnchorSearch
+    if layout == "reference_acformer" and num_anchors != REFERENCE_NUM_ANCHORS:
         warnings.warn(
             f"the authors' AcFormer code trains with {REFERENCE_NUM_ANCHORS} anchors (num_count = 256 in its CLIP "
             f"encoder; its num_latents=144 is unused), but this connector has num_anchors="
-            f"{connector.search.num_anchors}: the weights load, but the model differs from the one trained; "
+            f"{num_anchors}: the weights load, but the model differs from the one trained; "
             f"build it with num_anchors={REFERENCE_NUM_ANCHORS} to reproduce it", UserWarning, stacklevel=2)
     return layout

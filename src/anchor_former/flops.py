@@ -99,7 +99,7 @@ class LLMShape:
         """Read the shapes of a HF ``LlamaConfig`` (or any config with the same attribute names)."""
         heads = config.num_attention_heads
         return cls(
-            name=name or getattr(config, "model_type", "llm"),
+            name=name or str(getattr(config, "model_type", "llm")),
             hidden_size=config.hidden_size,
             num_layers=config.num_hidden_layers,
             num_heads=heads,
@@ -164,7 +164,7 @@ class ViTShape:
     def from_hf_config(cls, config: Any, *, name: str | None = None) -> ViTShape:
         """Read the shapes of a HF ``CLIPVisionConfig`` (one [CLS] token)."""
         return cls(
-            name=name or getattr(config, "model_type", "vit"),
+            name=name or str(getattr(config, "model_type", "vit")),
             image_size=config.image_size,
             patch_size=config.patch_size,
             hidden_size=config.hidden_size,
@@ -235,7 +235,7 @@ def llm_layer_flops(shape: LLMShape, num_tokens: int, *, batch: int = 1, attenti
     """
     s = _check_tokens("num_tokens", num_tokens)
     check_positive_int("batch", batch)
-    d, h = shape.hidden_size, shape.head_dim
+    d, h = shape.hidden_size, _head_dim(shape)
     q_dim, kv_dim = shape.num_heads * h, shape.num_kv_heads * h
     projections = _mm(s, d, q_dim + 2 * kv_dim) + _mm(s, q_dim, d)
     scores_values = 2 * _mm(1, h, 1) * _attention_pairs(s, attention) * shape.num_heads
@@ -281,7 +281,12 @@ def kv_cache_bytes(shape: LLMShape, num_tokens: int, *, bytes_per_element: int =
     """
     s = _check_tokens("num_tokens", num_tokens)
     check_positive_int("bytes_per_element", bytes_per_element)
-    return 2 * shape.num_layers * s * shape.num_kv_heads * shape.head_dim * bytes_per_element
+    return 2 * shape.num_layers * s * shape.num_kv_heads * _head_dim(shape) * bytes_per_element
+
+
+def _head_dim(shape: LLMShape) -> int:
+    """``shape.head_dim``, which ``__post_init__`` fills in when it is given as None."""
+    return shape.head_dim if shape.head_dim is not None else shape.hidden_size // shape.num_heads
 
 
 def vit_patch_embed_flops(shape: ViTShape, *, batch: int = 1) -> int:

@@ -7,6 +7,8 @@ between the two connectors (anchor tokens vs learned latents), which is the pape
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -23,7 +25,7 @@ def feed_forward(
 
     State-dict keys ``0.*`` (norm), ``1.weight``, ``3.weight``, as in the reference.
     """
-    dd = {"device": device, "dtype": dtype}
+    dd: dict[str, Any] = {"device": device, "dtype": dtype}
     return nn.Sequential(
         nn.LayerNorm(dim, **dd),
         nn.Linear(dim, dim * mult, bias=False, **dd),
@@ -60,7 +62,7 @@ class ResamplerLayer(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        dd = {"device": device, "dtype": dtype}
+        dd: dict[str, Any] = {"device": device, "dtype": dtype}
         self.attn = CrossAttention(
             dim, heads=heads, dim_head=dim_head, fused_attn=fused_attn, kv_include_queries=kv_include_queries, **dd
         )
@@ -71,7 +73,8 @@ class ResamplerLayer(nn.Module):
     ) -> torch.Tensor:
         """``queries (B, K, D)``, ``context (B, N, D)``, ``key_padding_mask (B, N)`` → ``(B, K, D)``."""
         queries = queries + self.attn(queries, context, key_padding_mask=key_padding_mask)
-        return queries + self.ff(queries)
+        out: torch.Tensor = queries + self.ff(queries)
+        return out
 
 
 def run_layers(

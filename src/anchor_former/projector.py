@@ -14,6 +14,7 @@ So ``projector.load_state_dict({k.removeprefix("model.mm_projector."): v ...})``
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,7 +64,7 @@ def build_projector(
         A module mapping ``(..., D)`` to ``(..., out_dim)`` with LLaVA's state-dict keys.
     """
     _check_name(name, in_dim, out_dim)
-    dd = {"device": device, "dtype": dtype}
+    dd: dict[str, Any] = {"device": device, "dtype": dtype}
     if name == "identity":
         return nn.Identity()
     if name == "linear":

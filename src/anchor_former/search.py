@@ -44,8 +44,10 @@ a value below every key, so the result is ``K`` distinct ascending tokens for ev
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
+from types import ModuleType
 from typing import Literal
 
 import torch
@@ -54,8 +56,9 @@ from torch import nn
 from anchor_former._validation import check_finite as _check_finite
 from anchor_former._validation import check_floating, check_ndim, shape_str
 
+_native: ModuleType | None
 try:  # the compiled CPU kernel (setup.py builds it when a C compiler is present)
-    from anchor_former import _native
+    _native = importlib.import_module("anchor_former._native")
 except ImportError:  # pragma: no cover - exercised only on installs without a compiler
     _native = None
 
@@ -65,6 +68,7 @@ Method = Literal["auto", "native", "triton", "sorted", "masked"]
 Layout = Literal["b h n n", "b n n", "b h n", "b n"]
 _METHODS = ("auto", "native", "triton", "sorted", "masked")
 _LAYOUT_NDIM = {"b h n n": 4, "b n n": 3, "b h n": 3, "b n": 2}
+_DEFAULT_LAYOUT: dict[int, Layout] = {4: "b h n n", 3: "b h n", 2: "b n"}  # square 3-D input is refused first
 _LAYOUTS = (
     "(B, H, N, N) full attention, (B, N, N) one map per image, (B, H, N) [CLS] row per head, "
     "or (B, N) one score per token"
@@ -105,7 +109,7 @@ def _resolve_layout(attention: torch.Tensor, layout: Layout | None) -> Layout:
             "[CLS] rows per head (B, H, N) or one (head-averaged) attention map (B, N, N); pass "
             "layout='b h n' or layout='b n n'"
         )
-    return {4: "b h n n", 3: "b h n", 2: "b n"}[attention.ndim]
+    return _DEFAULT_LAYOUT[attention.ndim]
 
 
 def cls_scores(attention: torch.Tensor, *, num_prefix_tokens: int = 1, layout: Layout | None = None) -> torch.Tensor:
@@ -296,10 +300,12 @@ def _native_search(
     b, h, n = scores.shape
     width = sum(quotas) + int(include_cls)
     out = torch.empty(b, width, dtype=torch.int64)  # (B, K + 1) or (B, K)
-    mask_args = (0, 0, 0)
+    mask_args: tuple[int, ...] = (0, 0, 0)
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.detach().resolve_neg().resolve_conj()
         mask_args = (key_padding_mask.data_ptr(), *key_padding_mask.stride())
+    if _native is None:  # _resolve_method picks "native" only when the kernel loaded
+        raise RuntimeError("the compiled CPU kernel is not available in this install")
     bad = _native.search(
         scores.data_ptr(), b, h, n, *scores.stride(), num_prefix_tokens, quotas,
         out.data_ptr(), out.stride(0), width, include_cls, check_finite, torch.get_num_threads(), *mask_args,
@@ -309,7 +315,7 @@ def _native_search(
     return out
 
 
-def _resolve_method(method: str, scores: torch.Tensor) -> str:
+def _resolve_method(method: Method, scores: torch.Tensor) -> Method:
     """The method that runs on ``scores (B, H, N)``: ``"auto"`` picks by device, dtype, memory and
     tracing; an explicit ``"native"`` or ``"triton"`` is checked against what its kernel can take."""
     on_cpu = scores.device.type == "cpu"

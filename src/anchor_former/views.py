@@ -45,7 +45,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -69,9 +69,9 @@ Merge = Literal["flat", "spatial", "spatial_unpad"]
 MERGES: tuple[str, ...] = ("flat", "spatial", "spatial_unpad")
 
 
-def _check_size(name: str, value: object) -> tuple[int, int]:
+def _check_size(name: str, value: Any) -> tuple[int, int]:
     try:
-        h, w = (int(v) for v in value)  # type: ignore[union-attr]
+        h, w = (int(v) for v in value)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a (height, width) pair of positive ints, got {value!r}") from None
     if h < 1 or w < 1:
@@ -264,8 +264,8 @@ def view_budgets(
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         name = "per_view" if per_image is None else "per_image"
         raise ValueError(f"{name} must be an integer >= 1, got {budget!r}")
-    if per_view is not None:
-        return tuple(min(per_view, c) for c in counts)
+    if per_image is None:  # per_view given
+        return tuple(min(budget, c) for c in counts)
     live = [v for v, c in enumerate(counts) if c > 0]
     total = sum(counts)
     if per_image < len(live):

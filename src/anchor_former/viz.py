@@ -24,7 +24,8 @@ __all__ = ["plot_anchors", "save_anchor_plot"]
 
 
 def _figure_class() -> type[Figure]:
-    return require("matplotlib.figure", extra="viz", feature="anchor_former.viz").Figure
+    figure: type[Figure] = require("matplotlib.figure", extra="viz", feature="anchor_former.viz").Figure
+    return figure
 
 
 def _image_hwc(image: torch.Tensor) -> torch.Tensor:
@@ -137,7 +138,7 @@ def save_anchor_plot(
         raise ValueError(f"index must be in [-{batch}, {batch - 1}] for a batch of {batch}, got {index}")
     fig = plot_anchors(
         result.anchor_idx[index],
-        grid_size=result.grid_size,
+        grid_size=result.grid_size if result.grid_size is not None else result.grid_sizes[index],
         num_prefix_tokens=result.num_prefix_tokens,
         image=image,
         scores=result.scores[index],
