@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,3 +45,104 @@ def test_viz_names_the_viz_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     _hide(monkeypatch, "matplotlib", "matplotlib.figure", "matplotlib.patches")
     with pytest.raises(ImportError, match=r'anchor_former\.viz needs matplotlib.*pip install "anchor-former\[viz\]"'):
         viz.plot_anchors(torch.tensor([0, 1]), grid_size=(2, 2), num_prefix_tokens=1)
+
+
+# Runs in a fresh interpreter: every distribution outside the core install (torch, einops and what torch
+# itself requires) is made unimportable by a meta-path finder, as in an environment where only
+# `pip install anchor-former` ran; then each module of the package is imported.
+_CORE_ONLY = r'''
+import importlib, importlib.metadata as md, json, pathlib, re, sys
+
+def requirements(dist):
+    names = set()
+    for req in md.requires(dist) or []:
+        if "extra ==" in req:
+            continue
+        names.add(re.split(r"[ ;<>=!~\[(]", req, maxsplit=1)[0].lower().replace("_", "-"))
+    return names
+
+core, todo = set(), ["torch", "einops"]
+while todo:
+    dist = todo.pop()
+    if dist in core:
+        continue
+    core.add(dist)
+    try:
+        todo += requirements(dist)
+    except md.PackageNotFoundError:
+        pass
+core |= {"anchor-former", "anchor_former"}
+owners = md.packages_distributions()
+blocked = {top for top, dists in owners.items()
+           if top not in sys.stdlib_module_names
+           and not any(d.lower().replace("_", "-") in core for d in dists)}
+
+class NotInstalled:
+    """Wraps a finder: blocked names are not found (``find_spec`` answers None, as for a missing module)."""
+
+    def __init__(self, finder):
+        self.finder = finder
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in blocked:
+            return None
+        return self.finder.find_spec(name, path, target)
+
+    def __getattr__(self, attr):  # invalidate_caches, find_distributions, ...
+        return getattr(self.finder, attr)
+
+sys.meta_path[:] = [NotInstalled(finder) for finder in sys.meta_path]
+import anchor_former
+root = pathlib.Path(anchor_former.__file__).parent
+modules = sorted(".".join(("anchor_former", *p.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
+                 for p in root.rglob("*.py") if p.name != "__main__.py")
+results = {}
+for name in modules:
+    try:
+        importlib.import_module(name)
+        results[name] = None
+    except Exception as err:
+        results[name] = f"{type(err).__name__}: {err}"
+print(json.dumps({"blocked": sorted(blocked), "results": results}))
+'''
+
+
+def test_every_module_imports_or_names_its_extra_without_the_optional_dependencies(tmp_path):
+    """A core-only install: each module imports, or its ImportError names the extra to install."""
+    import importlib.util
+    import json
+    import os
+    import subprocess
+
+    import anchor_former
+
+    src = str(os.path.dirname(os.path.dirname(anchor_former.__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", _CORE_ONLY], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    for installed in ("transformers", "huggingface_hub", "safetensors", "matplotlib"):  # the blocker bites
+        if importlib.util.find_spec(installed) is not None:
+            assert installed in report["blocked"], installed
+    extras = _declared_extras()
+    failures = {name: error for name, error in report["results"].items() if error is not None}
+    bad = {}
+    for name, error in failures.items():
+        named = re.search(r'pip install "anchor-former\[([\w-]+)\]"', error)
+        if not error.startswith("ImportError: ") or named is None or (extras and named.group(1) not in extras):
+            bad[name] = error
+    assert not bad, f"modules that fail without naming an extra of pyproject.toml: {bad}"
+    assert report["results"]["anchor_former"] is None  # the core itself imports
+
+
+def _declared_extras() -> set[str]:
+    """The extras of pyproject.toml (empty where it is not beside the tests or tomllib is missing)."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        return set()
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if not pyproject.exists():
+        return set()
+    return set(tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"])

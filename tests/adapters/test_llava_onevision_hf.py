@@ -16,6 +16,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 if int(transformers.__version__.split(".")[0]) < 5:
     pytest.skip("the transformers adapter needs transformers >= 5", allow_module_level=True)
+pytest.importorskip("torchvision", reason="the Qwen-VL and OneVision image and video processors need torchvision (extra hf-vision)")
 
 from _hf_llava_onevision import (  # noqa: E402
     LLM_DIM,

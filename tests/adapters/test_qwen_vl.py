@@ -14,6 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 if int(transformers.__version__.split(".")[0]) < 5:
     pytest.skip("the Qwen adapter needs transformers >= 5", allow_module_level=True)
+pytest.importorskip("torchvision", reason="the Qwen-VL and OneVision image and video processors need torchvision (extra hf-vision)")
 
 from _hf_qwen import FAMILIES, IMAGE_SIZES, MERGE, PATCH, PROMPTS, SPECIAL, VIDEO_SHAPE, inputs_for, make_model, make_processor, media  # noqa: E402
 from transformers.vision_utils import get_vision_window_index  # noqa: E402
