@@ -22,10 +22,14 @@ from typing import Any
 import torch
 from torch.utils import benchmark
 
+from anchor_former.connectors import Connector
+
 __all__ = [
     "BASELINE",
     "BENCH_CONNECTORS",
+    "BUDGET_FORMS",
     "BenchConnector",
+    "connector_spec",
     "device_name",
     "device_slug",
     "environment",
@@ -62,7 +66,7 @@ class BenchConnector:
         return {**self.kwargs, **(resampler or {})} if self.is_resampler else dict(self.kwargs)
 
     def build(self, vision_dim: int, llm_dim: int, *, resampler: dict[str, Any] | None = None,
-              **extra: Any) -> torch.nn.Module:
+              **extra: Any) -> Connector:
         """``anchor_former.build_connector(factory, vision_dim, llm_dim, **kwargs, **extra)``."""
         from anchor_former import build_connector
 
@@ -88,22 +92,75 @@ BENCH_CONNECTORS: dict[str, BenchConnector] = {
 }
 BASELINE = "mlp-576"
 
+# Any budget of a family: ``FAMILY-BUDGET`` labels beside the line-up's. The patch grid of the suite's
+# encoder shapes (CLIP ViT-L/14-336 tokens: 24 x 24 patches + [CLS]) sets what avgpool and cabstractor can give.
+_GRID = 24
+_BUDGET = re.compile(r"^(?P<family>[a-z]+)-(?P<k>\d+)(?:\+(?P<m>\d+))?$")
+BUDGET_FORMS = (
+    "acformer-K (K <= 576 anchors + [CLS])",
+    "perceiver-K (K learned queries)",
+    "select-K or select-K+M (K anchors + M merged context tokens, K + M <= 576)",
+    "cabstractor-T (T a square: 144, 64, ...)",
+    f"avgpool-T (T = ceil({_GRID}/pool)^2: 144, 64, 36, ...)",
+    "mlp-576",
+)
+
+
+def _avgpool_pool(tokens: int) -> int | None:
+    """The pool size whose ``ceil(24 / pool) ** 2`` cells equal ``tokens``, or None."""
+    return next((p for p in range(1, _GRID + 1) if math.ceil(_GRID / p) ** 2 == tokens), None)
+
+
+def _parse_budget(label: str) -> BenchConnector | None:
+    """``BenchConnector`` for a ``FAMILY-BUDGET`` label, None when the label has no such form."""
+    match = _BUDGET.match(label)
+    if match is None:
+        return None
+    family, k, m = match["family"], int(match["k"]), match["m"]
+    if k < 1 or (family in ("acformer", "select") and k + int(m or 0) > _GRID * _GRID):
+        return None
+    if m is not None:
+        return BenchConnector(label, "select", {"num_anchors": k, "num_context": int(m)}) if family == "select" else None
+    if family == "acformer":
+        return BenchConnector(label, "acformer", {"num_anchors": k})
+    if family == "perceiver":
+        return BenchConnector(label, "perceiver", {"num_queries": k})
+    if family == "select":
+        return BenchConnector(label, "select", {"num_anchors": k})
+    if family == "cabstractor" and math.isqrt(k) ** 2 == k:
+        return BenchConnector(label, "cabstractor", {"grid": math.isqrt(k)})
+    if family == "avgpool" and _avgpool_pool(k) is not None:
+        return BenchConnector(label, "avgpool", {"pool": _avgpool_pool(k)})
+    if family == "mlp" and k == _GRID * _GRID:
+        return BENCH_CONNECTORS[BASELINE]
+    return None
+
+
+def connector_spec(label: str) -> BenchConnector:
+    """The line-up's entry for ``label``, or one parsed from ``FAMILY-BUDGET`` (``select-96``, ``acformer-100``)."""
+    spec = BENCH_CONNECTORS.get(label) or _parse_budget(label)
+    if spec is None:
+        raise ValueError(f"unknown connector {label!r}; valid: {', '.join(BUDGET_FORMS)}")
+    return spec
+
 
 def resolve_connectors(spec: str | None) -> list[str]:
-    """Labels from a comma-separated ``spec`` (None or ``"all"``: every one), in line-up order.
+    """Labels from a comma-separated ``spec`` (None or ``"all"``: the line-up), the baseline first.
 
-    The baseline is always included, because every ratio is taken against it.
+    A label is one of the line-up's or any budget of a family (:data:`BUDGET_FORMS`, e.g. ``select-96``,
+    ``acformer-100``). The baseline is always included, because every ratio is taken against it; the
+    others keep the order given.
     """
     if spec is None or spec.strip() == "all":
         return list(BENCH_CONNECTORS)
-    wanted = [s.strip().lower() for s in spec.split(",") if s.strip()]
-    unknown = [w for w in wanted if w not in BENCH_CONNECTORS]
+    wanted = list(dict.fromkeys(s.strip().lower() for s in spec.split(",") if s.strip()))
+    unknown = [w for w in wanted if w not in BENCH_CONNECTORS and _parse_budget(w) is None]
     if unknown or not wanted:
         raise ValueError(
-            f"unknown connector(s) {unknown or [spec]}; valid values (comma-separated): "
-            f"{', '.join(BENCH_CONNECTORS)} or 'all'"
+            f"unknown connector(s) {unknown or [spec]}; valid values (comma-separated): the line-up "
+            f"{', '.join(BENCH_CONNECTORS)}, 'all', or any budget: {'; '.join(BUDGET_FORMS)}"
         )
-    return [label for label in BENCH_CONNECTORS if label in wanted or label == BASELINE]
+    return [BASELINE, *(w for w in wanted if w != BASELINE)]
 
 
 def parse_device(spec: str) -> torch.device:

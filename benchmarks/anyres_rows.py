@@ -202,7 +202,7 @@ def measured_anyres(
     timed = measure_interleaved({name: runner(m, b) for name, (m, b) in cases.items()}, dev, rounds=rounds,
                                 min_block_s=min_block_s)
     results = {}
-    for name, (model, batch) in cases.items():
+    for name, (_, batch) in cases.items():
         visual = int((batch["input_ids"] == image_token).sum())
         results[name] = {"visual_tokens": visual, "sequence_tokens": visual + text_tokens, **timed[name]}
     base = results["stock"]["median_ms"]

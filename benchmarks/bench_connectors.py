@@ -25,8 +25,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks._common import (
     BASELINE,
-    BENCH_CONNECTORS,
     connector_benchmark_main,
+    connector_spec,
     format_count,
     format_flops,
     format_ms,
@@ -36,7 +36,7 @@ from benchmarks._common import (
     seeded,
 )
 
-__all__ = ["PRESETS", "run", "to_markdown"]
+__all__ = ["PRESETS", "run", "summarize", "to_markdown"]
 
 # Shapes per preset. ``dtype`` maps device type -> dtype (LLaVA runs fp16 on GPU). ``resampler`` overrides
 # the Perceiver/AcFormer defaults (tiny only, so that the smoke run takes milliseconds). Timing:
@@ -45,6 +45,8 @@ _DTYPE = {"cpu": torch.float32, "cuda": torch.float16}
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"vision_dim": 64, "llm_dim": 128, "tokens": 577, "heads": 16, "batch": 1, "rounds": 2,
              "min_block_s": 0.0, "dtype": _DTYPE, "resampler": {"depth": 1, "heads": 2, "dim_head": 16}},
+    "quick": {"vision_dim": 1024, "llm_dim": 4096, "tokens": 577, "heads": 16, "batch": 1, "rounds": 3,
+              "min_block_s": 0.02, "dtype": _DTYPE, "resampler": {}},
     "default": {"vision_dim": 1024, "llm_dim": 4096, "tokens": 577, "heads": 16, "batch": 1, "rounds": 5,
                 "min_block_s": 0.05, "dtype": _DTYPE, "resampler": {}},
     "llava-1.5-7b": {"vision_dim": 1024, "llm_dim": 4096, "tokens": 577, "heads": 16, "batch": 32, "rounds": 10,
@@ -68,7 +70,7 @@ def random_anchor_idx(batch: int, heads: int, tokens: int, num_anchors: int, *, 
 
 def _build(label: str, cfg: dict[str, Any], device: torch.device) -> torch.nn.Module:
     dtype = cfg["dtype"][device.type]
-    spec = BENCH_CONNECTORS[label]
+    spec = connector_spec(label)
     return spec.build(cfg["vision_dim"], cfg["llm_dim"], resampler=cfg["resampler"], device=device, dtype=dtype).eval()
 
 
@@ -82,7 +84,7 @@ def count_flops(label: str, connector: torch.nn.Module, features: torch.Tensor, 
     """
     fields = _config_fields(connector)
     extra = {key: False for key in ("fused_attn", "check_indices") if key in fields}
-    twin = BENCH_CONNECTORS[label].build(cfg["vision_dim"], cfg["llm_dim"], resampler=cfg["resampler"], device="meta",
+    twin = connector_spec(label).build(cfg["vision_dim"], cfg["llm_dim"], resampler=cfg["resampler"], device="meta",
                                          dtype=features.dtype, **extra).eval()
     meta_idx = None if anchor_idx is None else anchor_idx.to("meta")
     # Grad mode stays on: FlopCounterMode's module tracker asserts on a Parameter passed between modules
@@ -148,8 +150,8 @@ def run(
                                            device=device)
         results[label] = {
             "connector": label,
-            "factory": BENCH_CONNECTORS[label].factory,
-            "kwargs": BENCH_CONNECTORS[label].build_kwargs(cfg["resampler"]),
+            "factory": connector_spec(label).factory,
+            "kwargs": connector_spec(label).build_kwargs(cfg["resampler"]),
             "params": sum(p.numel() for p in connector.parameters()),
             **count_flops(label, connector, features, anchor_idx, cfg=cfg),
         }
@@ -199,6 +201,25 @@ def to_markdown(result: dict[str, Any]) -> str:
             row += f" {r['peak_extra_mib']:.0f} |"
         lines.append(row)
     return "\n".join(lines)
+
+
+def _headline(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The row a summary speaks of: AcFormer-144 if it ran, else the first anchor connector, else any."""
+    others = [r for r in rows if r["connector"] != BASELINE]
+    return next((r for r in others if r["connector"] == "acformer-144"),
+                next((r for r in others if r["factory"] in ("acformer", "select")), others[0] if others else None))
+
+
+def summarize(result: dict[str, Any]) -> list[str]:
+    """One sentence for the run's summary."""
+    row = _headline(result["results"])
+    if row is None:
+        return []
+    s = result["shapes"]
+    return [f"Connector alone, features ({s['batch']}, {s['tokens']}, {s['vision_dim']}) -> {s['llm_dim']}: "
+            f"{row['connector']} gives the LLM {row['visual_tokens']} visual "
+            f"tokens instead of {BASELINE}'s 576 ({100 * row['token_reduction']:.0f} % fewer) for "
+            f"{row['flops_vs_baseline']:.2f}x its FLOPs and {row['latency_vs_baseline']:.2f}x its time."]
 
 
 def main(argv: list[str] | None = None) -> None:

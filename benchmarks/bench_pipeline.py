@@ -24,10 +24,11 @@ from typing import Any
 
 import torch
 
+from anchor_former import flops
 from benchmarks._common import (
     BASELINE,
-    BENCH_CONNECTORS,
     connector_benchmark_main,
+    connector_spec,
     format_flops,
     format_ms,
     measure_interleaved,
@@ -35,9 +36,8 @@ from benchmarks._common import (
     resolve_connectors,
     seeded,
 )
-from anchor_former import flops
 
-__all__ = ["PRESETS", "analytic", "measured", "run", "to_markdown"]
+__all__ = ["PRESETS", "analytic", "measured", "run", "summarize", "to_markdown"]
 
 _VIT_L14_336 = {"image_size": 336, "patch_size": 14, "hidden_size": 1024, "num_hidden_layers": 24,
                 "num_attention_heads": 16, "intermediate_size": 4096}
@@ -55,6 +55,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "intermediate_size": 128, "vocab_size": 1000},
         "resampler": {"depth": 1, "heads": 2, "dim_head": 16},
         "scaled": True, "batch": 1, "text_tokens": 8, "rounds": 2, "min_block_s": 0.0, "stages": True,
+        "dtype": {"cpu": torch.float32, "cuda": torch.float16},
+    },
+    "quick": {  # the default's models, fewer timed rounds, no per-stage timings
+        "vit": {"image_size": 336, "patch_size": 14, "hidden_size": 128, "num_hidden_layers": 4,
+                "num_attention_heads": 4, "intermediate_size": 512},
+        "llm": {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 8,
+                "intermediate_size": 1376, "vocab_size": 32000},
+        "resampler": {"heads": 4, "dim_head": 32},
+        "scaled": True, "batch": 1, "text_tokens": 64, "rounds": 3, "min_block_s": 0.02, "stages": False,
         "dtype": {"cpu": torch.float32, "cuda": torch.float16},
     },
     "default": {
@@ -79,7 +88,7 @@ KV_BYTES_PER_ELEMENT = 2  # fp16 / bf16 cache
 
 def _build_meta(label: str, vision_dim: int, llm_dim: int) -> torch.nn.Module:
     """The connector on the meta device: shapes and ``analytic_flops`` without memory."""
-    return BENCH_CONNECTORS[label].build(vision_dim, llm_dim, device="meta")
+    return connector_spec(label).build(vision_dim, llm_dim, device="meta")
 
 
 def analytic(labels: list[str], *, text_tokens: int = ANALYTIC_TEXT_TOKENS) -> dict[str, Any]:
@@ -169,7 +178,7 @@ def _cases(pipe: _Pipeline, labels: list[str], cfg: dict[str, Any], device: torc
     n = pipe.vit_shape.num_tokens
     for label in labels:
         progress(f"pipeline: building {label}")
-        connector = BENCH_CONNECTORS[label].build(pipe.vit_shape.hidden_size, pipe.llm_shape.hidden_size,
+        connector = connector_spec(label).build(pipe.vit_shape.hidden_size, pipe.llm_shape.hidden_size,
                                                   resampler=cfg.get("resampler"), device=device,
                                                   dtype=pipe.dtype).eval()
         k = connector.config.num_anchors if connector.uses_anchors else None
@@ -179,11 +188,11 @@ def _cases(pipe: _Pipeline, labels: list[str], cfg: dict[str, Any], device: torc
             connector_flops=connector.analytic_flops(n), uses_anchors=connector.uses_anchors, batch=pipe.batch,
         )
         rows.append({"connector": label, "visual_tokens": tokens, "num_anchors": k, "analytic_flops": total.to_dict()})
-        pipelines[label] = (lambda c, k: lambda: pipe.prefill(c(*pipe.vision(k))))(connector, k)
+        pipelines[label] = (lambda c, kk: lambda: pipe.prefill(c(*pipe.vision(kk))))(connector, k)
         if cfg["stages"]:  # each stage alone, on the inputs it gets in the pipeline
             features, anchor_idx = pipe.vision(k)
             visual = connector(features, anchor_idx)
-            stages.setdefault(f"vision/{k}", (lambda k: lambda: pipe.vision(k))(k))
+            stages.setdefault(f"vision/{k}", (lambda kk: lambda: pipe.vision(kk))(k))
             stages[f"connector/{label}"] = (lambda c, f, a: lambda: c(f, a))(connector, features, anchor_idx)
             stages.setdefault(f"llm/{tokens}", (lambda v: lambda: pipe.prefill(v))(visual))
     return rows, pipelines, stages
@@ -237,6 +246,26 @@ def run(*, preset: str = "default", device: torch.device | str = "cpu", connecto
     if measure_pipeline:
         result["measured"] = measured(labels, preset=preset, device=device)
     return result
+
+
+def summarize(result: dict[str, Any]) -> list[str]:
+    """One or two sentences for the run's summary: the analytic 7B pipeline and the measured one."""
+    rows = [r for r in result["analytic"]["results"] if r["llm_shape"] == "llama-7b" and r["connector"] != BASELINE]
+    if not rows:
+        return []
+    row = next((r for r in rows if r["connector"] == "acformer-144"), rows[0])
+    out = [f"Whole pipeline at LLaVA-1.5-7B shapes (analytic): {row['connector']} costs {row['total_vs_baseline']:.2f}x "
+           f"the FLOPs of the {BASELINE} pipeline per sample and leaves {row['kv_cache_vs_baseline']:.2f}x its KV cache."]
+    m = result.get("measured")
+    if m:
+        measured = {r["connector"]: r for r in m["results"]}
+        if row["connector"] in measured:
+            r = measured[row["connector"]]
+            shapes = "scaled-down models" if m["scaled_down"] else "LLaVA-1.5-7B shapes"
+            out.append(f"Measured here ({shapes}, batch {m['batch']}), that pipeline took "
+                       f"{r['latency_vs_baseline']:.2f}x the time of the {BASELINE} one (analytic "
+                       f"{r['analytic_vs_baseline']:.2f}x at those shapes).")
+    return out
 
 
 def _mib(n: float) -> str:

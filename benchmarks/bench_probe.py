@@ -50,7 +50,7 @@ from anchor_former.probes import DEFAULT_BLOCK_SIZE, query_attention_row, site_r
 from benchmarks._common import environment, measure_interleaved, parse_device, progress
 from benchmarks.bench_search import reference_loop
 
-__all__ = ["PRESETS", "run"]
+__all__ = ["PRESETS", "run", "summarize", "to_markdown"]
 
 # CLIP ViT-L/14-336 is LLaVA-1.5's encoder: width 1024, 16 heads, 24 layers, 577 tokens.
 _VIT_L_336 = {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16, "image_size": 336,
@@ -67,6 +67,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                         "patch_size": 8, "num_hidden_layers": 3},
              "families": {"width": 32, "heads": 4, "layers": 2, "image_size": 32, "patch_size": 8, "rounds": 1,
                           "min_block_s": 0.0}},
+    # a first look in seconds: ViT-L/14-336 token count, width and heads with 2 layers, fewer rounds, small
+    # family models
+    "quick": {"vit": {**_VIT_L_336, "num_hidden_layers": 2}, "batch": 1, "anchors": 144, "dtype": "float32",
+              "rounds": 3, "min_block_s": 0.05, "siglip": {**_SO400M_384, "num_hidden_layers": 2},
+              "families": {"width": 192, "heads": 3, "layers": 2, "image_size": 224, "patch_size": 16,
+                           "rounds": 2, "min_block_s": 0.02}},
     # CPU: ViT-L/14-336 token count, width and heads, but 4 of its 24 layers and batch 1, so the whole run
     # fits in ~40 s on 2 idle cores. Fewer layers make the probe's fixed cost look 6x larger, and the
     # reference's stack of attention maps 6x smaller, than at full depth.
@@ -110,6 +116,21 @@ class _PeakTensorMemory(TorchDispatchMode):
             self.peak = max(self.peak, self.live)
             weakref.finalize(storage, self._free, key)  # storages keep their Python object while alive
         return out
+
+
+def _cpu_peaks(results: dict[str, dict[str, Any]], paths: dict[str, Any], label: str | None = None) -> None:
+    """Each path's peak extra tensor memory on the CPU (one more untimed call each) into ``results``."""
+    if label:
+        progress(f"{label}: peak memory of each path (one call each, tracked per op)")
+    for name, fn in paths.items():
+        results[name]["peak_extra_mib"] = _cpu_peak_extra_mib(fn)
+
+
+def _family_paths(model: Any, spec: Any, pixels: torch.Tensor, inputs: dict[str, Any], *, k: int,
+                  score: str) -> dict[str, Any]:
+    """The plain forward and ``extract_anchors`` of one family's model."""
+    return {"sdpa": lambda: spec.run(pixels, **inputs),
+            "probe": lambda: extract_anchors(model, pixels, num_anchors=k, score=score, inputs=inputs).anchor_idx}
 
 
 def _cpu_peak_extra_mib(fn) -> float:
@@ -175,12 +196,10 @@ def _siglip_section(cfg: dict[str, Any], device: torch.device, no_grad) -> dict[
     with torch.no_grad():
         got, want = paths["received"]()[1], paths["eager_received"]()[1]
     same, overlap = torch.equal(got.cpu(), want.cpu()), _overlap(got, want)
-    progress(f"probe: timing SigLIP {', '.join(paths)} (interleaved, {cfg['rounds']} rounds)")
     results = measure_interleaved({n: no_grad(fn) for n, fn in paths.items()}, device, rounds=cfg["rounds"],
-                                  min_block_s=cfg["min_block_s"])
+                                  min_block_s=cfg["min_block_s"], label=f"probe: SigLIP {', '.join(paths)}")
     if device.type == "cpu":
-        for name, fn in paths.items():
-            results[name]["peak_extra_mib"] = _cpu_peak_extra_mib(fn)
+        _cpu_peaks(results, paths, "probe: SigLIP")
     _ratios(results)
     return {
         "shapes": {"batch": cfg["batch"], "layers": vit["num_hidden_layers"], "width": vit["hidden_size"],
@@ -264,20 +283,18 @@ def _families_section(cfg: dict[str, Any], device: torch.device, no_grad) -> dic
             pixels = torch.randn(batch, 3, image, image, generator=torch.Generator().manual_seed(0))
         pixels = pixels.to(device=device, dtype=dtype)
         k = min(cfg["anchors"], (image // patch) ** 2 // 2)
-        paths = {"sdpa": lambda: spec.run(pixels, **inputs),
-                 "probe": lambda: extract_anchors(model, pixels, num_anchors=k, score=score, inputs=inputs).anchor_idx}
+        paths = _family_paths(model, spec, pixels, inputs, k=k, score=score)
         results = measure_interleaved({n: no_grad(fn) for n, fn in paths.items()}, device, rounds=shape["rounds"],
                                       min_block_s=shape["min_block_s"])
         if device.type == "cpu":
-            for path, fn in paths.items():
-                results[path]["peak_extra_mib"] = _cpu_peak_extra_mib(fn)
+            _cpu_peaks(results, paths)
         _ratios(results)
         rows[name] = {"score": score, "tokens": int(spec.num_prefix_tokens + (image // patch) ** 2),
                       "sdpa_ms": results["sdpa"]["median_ms"], "probe_ms": results["probe"]["median_ms"],
                       "time_ratio": results["probe"]["time_ratio"], "peak_ratio": results["probe"]["peak_ratio"],
                       "sdpa_peak_extra_mib": results["sdpa"]["peak_extra_mib"],
                       "probe_peak_extra_mib": results["probe"]["peak_extra_mib"]}
-        del model
+        progress(f"probe: family {name}: probe {rows[name]['time_ratio']:.2f}x the plain forward's time")
     return {"shape": shape, "rows": rows}
 
 
@@ -325,7 +342,7 @@ def run(*, preset: str = "default", device: torch.device | str = "cpu") -> dict[
     same_anchors = torch.equal(idx.cpu(), ref_idx)
     # in half precision the reference's row is rounded to fp16 (ties among ~1/N probabilities) while the
     # probe's is float32, so near-ties may fall differently: report the overlap too
-    overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(idx.cpu(), ref_idx)) / ref_idx.numel()
+    overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(idx.cpu(), ref_idx, strict=True)) / ref_idx.numel()
     max_feat_diff = (feats.float() - ref_feats.float()).abs().max().item()
     with torch.no_grad():
         got, want = paths["received"]()[1], paths["eager_received"]()[1]
@@ -337,12 +354,11 @@ def run(*, preset: str = "default", device: torch.device | str = "cpu") -> dict[
                 return fn()
         return call
 
-    progress(f"probe: timing {', '.join(paths)} (interleaved, {cfg['rounds']} rounds)")
     results = measure_interleaved({name: no_grad(fn) for name, fn in paths.items()}, device, rounds=cfg["rounds"],
-                      min_block_s=cfg["min_block_s"])
+                                  min_block_s=cfg["min_block_s"], label=f"probe: CLIP {', '.join(paths)}")
     if device.type == "cpu":
-        for name, fn in paths.items():
-            results[name]["peak_extra_mib"] = _cpu_peak_extra_mib(fn)
+        _cpu_peaks(results, paths, "probe: CLIP")
+    progress("probe: the probe's parts alone (row, received, search)")
     # the probe's own parts, timed alone: the [CLS] row from normed tokens, and the search
     spec = detect_encoder(model)
     tokens = torch.randn(cfg["batch"], (vit["image_size"] // vit["patch_size"]) ** 2 + 1,
@@ -362,6 +378,7 @@ def run(*, preset: str = "default", device: torch.device | str = "cpu") -> dict[
     _ratios(results)
     base = results["sdpa"]
     siglip = _siglip_section(cfg, device, no_grad)
+    progress(f"probe: one row per encoder family ({cfg['families']['layers']} layers, width {cfg['families']['width']})")
     families = _families_section(cfg, device, no_grad)
     return {
         "benchmark": "probe",
@@ -428,6 +445,19 @@ def to_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {name} | {r['score']} | {r['tokens']} | {r['sdpa_ms']:.1f} | {r['probe_ms']:.1f} | "
                          f"{r['time_ratio']:.3f} | {r['peak_ratio']:.3f} |")
     return "\n".join(lines)
+
+
+def summarize(report: dict[str, Any]) -> list[str]:
+    """One sentence for the run's summary: the [CLS] probe against the plain forward and the reference path."""
+    paths = report["paths"]
+    probe, reference = paths["probe"], paths["reference"]
+    shapes = report["shapes"]
+    return [f"Anchor probe ({shapes['layers']}-layer random-init CLIP, width {shapes['width']}, {shapes['tokens']} "
+            f"tokens, batch {shapes['batch']}): features and anchors "
+            f"from one SDPA forward took {probe['time_ratio']:.2f}x the plain forward's time and "
+            f"{probe['peak_ratio']:.2f}x its peak extra memory, against {reference['time_ratio']:.2f}x and "
+            f"{reference['peak_ratio']:.2f}x for the reference's `output_attentions` path; same anchors as the "
+            f"reference: {'yes' if report['probe_anchors_equal_reference'] else 'no'}."]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,14 +30,19 @@ import torch
 from anchor_former.search import _resolve_method, anchor_search, native_search_available
 from benchmarks._common import device_name, format_ms, measure_interleaved, parse_device, progress
 
-__all__ = ["INPUTS", "PRESETS", "make_scores", "reference_loop", "run", "to_markdown"]
+__all__ = ["INPUTS", "PRESETS", "make_scores", "reference_loop", "run", "summarize", "to_markdown"]
 
 # batch, heads, tokens, anchors; ``clip``: HF CLIPVisionConfig of the random-init model for the ``clip``
 # rows (its image/patch sizes give the same token count); timing: interleaved rounds of blocks >= min_block_s.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"batch": 4, "heads": 4, "tokens": 65, "anchors": [16], "rounds": 2, "min_block_s": 0.0,
+             "compile": False,  # the smoke run; tests/test_search.py compiles the search itself
              "clip": {"image_size": 56, "patch_size": 7, "hidden_size": 32, "intermediate_size": 64,
                       "num_hidden_layers": 2, "num_attention_heads": 4}},
+    "quick": {"batch": 32, "heads": 16, "tokens": 577, "anchors": [144], "rounds": 3, "min_block_s": 0.02,
+              "compile": False,  # torch.compile alone would take most of a quick run
+              "clip": {"image_size": 336, "patch_size": 14, "hidden_size": 64, "intermediate_size": 128,
+                       "num_hidden_layers": 1, "num_attention_heads": 16}},
     "default": {"batch": 32, "heads": 16, "tokens": 577, "anchors": [256, 144], "rounds": 7, "min_block_s": 0.05,
                 "clip": {"image_size": 336, "patch_size": 14, "hidden_size": 256, "intermediate_size": 1024,
                          "num_hidden_layers": 2, "num_attention_heads": 16}},
@@ -166,6 +171,7 @@ def run(*, preset: str = "default", device: torch.device | str = "cpu", compile:
             continue
         rows[kind] = row.to(device)
     results: list[dict[str, Any]] = []
+    compile = compile and cfg.get("compile", True)  # the tiny and quick presets skip torch.compile
     for k in cfg["anchors"]:
         compiled = None
         if compile:
@@ -231,6 +237,20 @@ def to_markdown(result: dict[str, Any]) -> str:
         elif r.get("triton_matches_loop") is False:
             lines += ["", f"`triton` at K = {r['anchors']} ({r['input']}) disagrees with the reference loop (not timed)."]
     return "\n".join(lines)
+
+
+def summarize(result: dict[str, Any]) -> list[str]:
+    """One sentence for the run's summary: the default method's speed-up over the reference loop."""
+    rows = result["results"]
+    if not rows:
+        return []
+    speedups = [r["speedup"]["default"] for r in rows]
+    same = sum(bool(r["matches_loop"]) for r in rows)
+    return [f"Anchor search: the batched search (`method=\"auto\"`, here `{result.get('auto_method', '?')}`) ran "
+            f"{min(speedups):.0f}x to {max(speedups):.0f}x faster than the reference's per-sample loop over "
+            f"{len(rows)} case(s) ({', '.join(sorted({r['input'] for r in rows}))} rows, K = "
+            f"{', '.join(str(k) for k in sorted({r['anchors'] for r in rows}))}) and chose the same anchors in "
+            f"{same} of them."]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -95,9 +95,9 @@ def run(*, rounds: int, budget_s: float, old_kernel: str | None = None, cases=CA
     rows = []
     for b, h, n, k in cases:
         scores = torch.randn(b, h, n, generator=gen)  # (B, H, N); (B, 1, N) is what (B, N) scores become
-        fns = {m: (lambda m=m: anchor_search(scores, k, method=m)) for m in METHODS}
+        fns = {m: (lambda m=m, s=scores, k=k: anchor_search(s, k, method=m)) for m in METHODS}
         if kernel is not None:
-            fns["native-old"] = lambda: _old_native(kernel, scores, k)
+            fns["native-old"] = lambda s=scores, k=k: _old_native(kernel, s, k)
         ref = anchor_search(scores, k, method="masked")
         assert all(torch.equal(fn(), ref) for fn in fns.values()), (b, h, n, k)  # warm-up and a check
         times: dict[str, list[float]] = {m: [] for m in fns}

@@ -94,7 +94,7 @@ def _segments(vision: dict[str, Any], grid: tuple[int, int, int]) -> tuple[list[
     _, cu_windows = get_vision_window_index(torch.tensor([grid]), spatial_merge_size=vision["merge_size"],
                                             window_size=vision["window_size"], patch_size=vision["patch_size"])
     bounds = torch.unique_consecutive(torch.as_tensor(cu_windows)).tolist()
-    return [h * w] * t, [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    return [h * w] * t, [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def tower_flops(vision: dict[str, Any], grid: tuple[int, int, int]) -> int:
@@ -173,9 +173,8 @@ def measured_rows(
     """Measured CPU latency of the scaled-down pipeline (tower + probe + LLM prefill, last-token logits)
     at full budget and at K, and of the tower alone vs the tower with the score probe. Timings on a shared
     machine are indicative only; ratios come from interleaved rounds."""
-    from benchmarks._common import measure_interleaved
-
     from anchor_former.adapters.hf.qwen_vl import kept_per_step
+    from benchmarks._common import measure_interleaved
 
     stock, models, image = _scaled_model(budgets)
     grid = image["image_grid_thw"]

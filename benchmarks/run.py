@@ -1,16 +1,21 @@
 """The anchor-former benchmark suite: what AcFormer's fewer visual tokens buy, measured on this machine.
 
-    python -m benchmarks.run                                   # default preset: CPU, about 2-3 minutes
+    python -m benchmarks.run                                   # default preset: the reference CPU run
+    python -m benchmarks.run --quick                           # a first look, under a minute on a CPU
     python -m benchmarks.run --preset tiny                     # seconds (the smoke test runs this)
     python -m benchmarks.run --preset llava-1.5-7b --device cuda   # LLaVA-1.5-7B shapes, for a GPU
 
-(from the repository root; ``python benchmarks/run.py`` does the same from anywhere).
+(from the repository root; ``python benchmarks/run.py`` does the same from anywhere). How long a run
+takes: the summary at the end of every results.md says it, with the machine and its load; the committed
+runs are ``benchmarks/results/cpu-default/results.md`` and ``benchmarks/results/cpu-quick/results.md``.
 
 One run measures, side by side and as ratios to LLaVA-1.5's MLP-576 connector:
 
 * ``connectors`` (``bench_connectors.py``): visual tokens, parameters, FLOPs (FlopCounterMode, checked
-  against the analytic count), latency and GPU memory of MLP-576, AvgPool-144, C-Abstractor-144,
-  Perceiver-144, AcFormer-144 and AcFormer-256 at LLaVA-1.5 shapes (577×1024 → 4096);
+  against the analytic count), latency and GPU memory of the line-up (MLP-576, AvgPool-144,
+  C-Abstractor-144, Perceiver-144, AcFormer-144/256, training-free select-64/144/192/128+16) or of any
+  budget given with ``--connectors`` (``select-96``, ``acformer-100``, ...) at LLaVA-1.5 shapes
+  (577×1024 → 4096);
 * ``pipeline`` (``bench_pipeline.py``): analytic ViT + probe + connector + LLM-prefill FLOPs at
   LLaMA-7B/13B shapes, KV-cache bytes per sample, and the measured end-to-end pipeline with random-init
   HF models (scaled down on the ``tiny``/``default`` presets, real shapes on ``llava-1.5-7b``);
@@ -23,8 +28,10 @@ on stdout) and, with matplotlib, ``chart.png`` (cost against visual tokens) to `
 new folder ``benchmarks/out/<device>-<preset>-<UTC time>/`` (git-ignored; ``<device>`` = ``cpu`` or
 ``cuda-<gpu name>``), so a run never overwrites the committed reference results under
 ``benchmarks/results/``. The folder is checked for writing before anything runs; both files are rewritten
-and the section printed as each section finishes. Every time is a median with its IQR, and results.md
-flags timings whose IQR exceeds 20 % of the median. Progress goes to stderr. Exit status 1 if a benchmark
+and the section printed as each section finishes; every section reports progress on stderr, and the run
+ends with a one-paragraph summary (each section's headline figure, the run time, the machine and its load
+average). The sections are the ``SECTIONS`` table below: adding one is one line. Every time is a median with its IQR, and results.md
+flags timings whose IQR exceeds 20 % of the median. Exit status 1 if a benchmark
 failed (its error is in the report), 2 for bad arguments or an unwritable ``--output``.
 """
 
@@ -34,10 +41,12 @@ import argparse
 import datetime
 import importlib
 import json
+import os
 import sys
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +65,7 @@ import torch  # noqa: E402
 
 from benchmarks._common import (  # noqa: E402
     BENCH_CONNECTORS,
+    BUDGET_FORMS,
     SPREAD_WARN_RATIO,
     device_slug,
     environment,
@@ -65,15 +75,37 @@ from benchmarks._common import (  # noqa: E402
     spread_warnings,
 )
 
-__all__ = ["BENCHMARKS", "PRESETS", "default_output", "main", "markdown_chart", "markdown_header", "markdown_section",
-           "render_markdown", "run_suite", "write_chart"]
+__all__ = ["BENCHMARKS", "PRESETS", "SECTIONS", "Section", "default_output", "main", "markdown_chart",
+           "markdown_header", "markdown_section", "markdown_summary", "render_markdown", "run_suite", "write_chart"]
 
-PRESETS = ("tiny", "default", "llava-1.5-7b")
-# name -> module of the ``benchmarks`` package; each exposes ``run(*, preset, device) -> dict`` and
-# optionally ``to_markdown``.
-BENCHMARKS = {"connectors": "bench_connectors", "pipeline": "bench_pipeline", "search": "bench_search",
-              "probe": "bench_probe"}
-_TAKES_CONNECTORS = ("connectors", "pipeline")
+# tiny: seconds, the smoke test; quick: under a minute on a CPU, a first look with fewer rounds, shapes and
+# families; default: the reference CPU run; llava-1.5-7b: full shapes, for a GPU.
+PRESETS = ("tiny", "quick", "default", "llava-1.5-7b")
+
+
+@dataclass(frozen=True)
+class Section:
+    """One section of the suite: a module of the ``benchmarks`` package and how the report shows it.
+
+    The module exposes ``run(*, preset, device[, connectors]) -> dict`` and may expose ``PRESETS`` (the
+    presets it knows: one it lacks runs as ``"tiny"``, and the report says so), ``to_markdown(result) -> str``
+    (its tables) and ``summarize(result) -> list[str]`` (sentences for the run's closing summary).
+    """
+
+    name: str  # the --benchmarks value and the key in results.json
+    module: str  # benchmarks/<module>.py
+    title: str  # its heading in results.md
+    takes_connectors: bool = False  # run() takes connectors= (the --connectors line-up)
+
+
+# Run order. Adding a section is adding its line here.
+SECTIONS: tuple[Section, ...] = (
+    Section("connectors", "bench_connectors", "Connectors", takes_connectors=True),
+    Section("pipeline", "bench_pipeline", "Pipeline", takes_connectors=True),
+    Section("search", "bench_search", "Anchor search"),
+    Section("probe", "bench_probe", "Anchor probe"),
+)
+BENCHMARKS: dict[str, Section] = {section.name: section for section in SECTIONS}
 
 
 def _parse_list(spec: str | None, valid: list[str], what: str) -> list[str]:
@@ -94,7 +126,8 @@ def run_suite(*, preset: str, device: torch.device, connectors: str | None = Non
     """Run the chosen benchmarks; a missing module is reported as skipped, a failing one as an error.
 
     ``on_section(report)`` is called after each section with the report so far (the main command writes
-    and prints it then, so an error late in the run loses nothing).
+    and prints it then, so an error late in the run loses nothing). ``report["seconds"]`` is the run's wall
+    time so far.
     """
     report: dict[str, Any] = {
         "suite": "anchor-former",
@@ -102,30 +135,43 @@ def run_suite(*, preset: str, device: torch.device, connectors: str | None = Non
         "environment": environment(device),
         "connectors": resolve_connectors(connectors),
         "benchmarks": {},
+        "seconds": 0.0,
     }
-    for name in benchmarks or list(BENCHMARKS):
-        report["benchmarks"][name] = _run_one(name, preset=preset, device=device, connectors=connectors)
+    if hasattr(os, "getloadavg"):  # how busy the machine was (Unix): the times depend on it
+        report["load_average"] = {"start": os.getloadavg()[0], "end": None, "cpus": os.cpu_count()}
+    names = benchmarks or list(BENCHMARKS)
+    start = time.perf_counter()
+    for i, name in enumerate(names, 1):
+        progress(f"section {i}/{len(names)}: {name} ({time.perf_counter() - start:.0f} s into the run)")
+        report["benchmarks"][name] = _run_one(BENCHMARKS[name], preset=preset, device=device, connectors=connectors)
+        report["seconds"] = round(time.perf_counter() - start, 1)
+        if "load_average" in report:
+            report["load_average"]["end"] = os.getloadavg()[0]
         if on_section is not None:
             on_section(report)
     return report
 
 
-def _run_one(name: str, *, preset: str, device: torch.device, connectors: str | None) -> dict[str, Any]:
-    module_name = BENCHMARKS[name]
-    if not (HERE / f"{module_name}.py").exists():
-        progress(f"{name}: skipped, benchmarks/{module_name}.py not found")
-        return {"skipped": f"benchmarks/{module_name}.py not found"}
-    progress(f"{name}: start ({module_name}.run, preset {preset}, {device})")
+def _run_one(section: Section, *, preset: str, device: torch.device, connectors: str | None) -> dict[str, Any]:
+    if not (HERE / f"{section.module}.py").exists():
+        progress(f"{section.name}: skipped, benchmarks/{section.module}.py not found")
+        return {"skipped": f"benchmarks/{section.module}.py not found"}
     start = time.perf_counter()
     try:
-        module = importlib.import_module(f"benchmarks.{module_name}")
-        kwargs = {"connectors": connectors} if name in _TAKES_CONNECTORS else {}
-        result = module.run(preset=preset, device=device, **kwargs)
+        module = importlib.import_module(f"benchmarks.{section.module}")
+        own = preset if preset in getattr(module, "PRESETS", (preset,)) else "tiny"
+        if own != preset:
+            progress(f"{section.name}: has no preset {preset!r}, runs its 'tiny' preset")
+        progress(f"{section.name}: start ({section.module}.run, preset {own}, {device})")
+        kwargs: dict[str, Any] = {"connectors": connectors} if section.takes_connectors else {}
+        result = module.run(preset=own, device=device, **kwargs)
+        if own != preset:
+            result["preset_run"] = own
     except Exception as err:  # one failing benchmark must not lose the others' numbers
-        progress(f"{name}: FAILED: {type(err).__name__}: {err}")
+        progress(f"{section.name}: FAILED: {type(err).__name__}: {err}")
         result = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
     result["seconds"] = round(time.perf_counter() - start, 1)
-    progress(f"{name}: done in {result['seconds']} s")
+    progress(f"{section.name}: done in {result['seconds']} s")
     return result
 
 
@@ -154,9 +200,6 @@ def _cell(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-_TITLES = {"connectors": "Connectors", "pipeline": "Pipeline", "search": "Anchor search", "probe": "Anchor probe"}
-
-
 def markdown_header(report: dict[str, Any]) -> str:
     """The report's title, environment and how to reproduce it."""
     env = report["environment"]
@@ -175,13 +218,16 @@ def markdown_header(report: dict[str, Any]) -> str:
 
 def markdown_section(name: str, result: dict[str, Any]) -> str:
     """One benchmark's section: its tables, a warning for noisy timings, and its run time."""
-    out = ["", f"## {_TITLES.get(name, name)}", ""]
+    section = BENCHMARKS.get(name)
+    out = ["", f"## {section.title if section else name}", ""]
     if "skipped" in result:
         out.append(f"Skipped: {result['skipped']}.")
     elif "error" in result:
         out.append(f"**Failed:** `{result['error']}` (traceback in results.json).")
     else:
-        module = sys.modules.get(f"benchmarks.{BENCHMARKS.get(name, name)}")
+        if "preset_run" in result:
+            out += [f"(This section has no such preset; it ran its `{result['preset_run']}` preset.)", ""]
+        module = sys.modules.get(f"benchmarks.{section.module}") if section else None
         to_md = getattr(module, "to_markdown", None)
         out.append(to_md(result) if to_md else _generic_markdown(result))
         noisy = spread_warnings(result)
@@ -199,42 +245,85 @@ def markdown_chart(chart: str) -> str:
     return "\n".join(["", "## Chart", "", f"![cost against visual tokens]({chart})"]) + "\n"
 
 
-def render_markdown(report: dict[str, Any], *, chart: str | None = None) -> str:
-    """The whole report as markdown: environment, then one section per benchmark (and the chart)."""
+def markdown_summary(report: dict[str, Any]) -> str:
+    """The closing paragraph: what each section found, in a sentence or two, and how long the run took."""
+    sentences: list[str] = []
+    for name, result in report["benchmarks"].items():
+        section = BENCHMARKS.get(name)
+        module = sys.modules.get(f"benchmarks.{section.module}") if section else None
+        summarize = getattr(module, "summarize", None)
+        if "error" in result:
+            sentences.append(f"The {name} section failed ({result['error']}).")
+        elif summarize is not None and "skipped" not in result:
+            try:
+                sentences += summarize(result)
+            except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:  # a summary must not lose the report
+                sentences.append(f"(The {name} summary could not be written: {type(err).__name__}: {err}.)")
+    env = report["environment"]
+    parts = ", ".join(f"{name} {result.get('seconds', 0):.0f} s" for name, result in report["benchmarks"].items())
+    load = report.get("load_average")
+    busy = (f"; load average {load['start']:.1f} at the start and {load['end']:.1f} at the end on "
+            f"{load['cpus']} CPUs" if load else "")
+    sentences.append(
+        f"The run took {report['seconds']:.0f} s ({parts}) on {env['device']}, preset `{report['preset']}`, "
+        f"{env['date_utc']}{busy}."
+    )
+    return "\n".join(["", "## Summary", "", " ".join(sentences)]) + "\n"
+
+
+def render_markdown(report: dict[str, Any], *, chart: str | None = None, summary: bool = False) -> str:
+    """The whole report as markdown: environment, one section per benchmark, the chart and the summary."""
     parts = [markdown_header(report)]
     parts += [markdown_section(name, result) for name, result in report["benchmarks"].items()]
     if chart:
         parts.append(markdown_chart(chart))
+    if summary:
+        parts.append(markdown_summary(report))
     return "".join(parts)
 
 
-def _annotate_groups(ax, rows: list[dict[str, Any]], x: str, y: str, scale: float = 1.0) -> None:
-    """Label points without overlaps: coincident points share one label, nearby labels are pushed apart."""
-    top = ax.get_ylim()[1]
-    groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
-    for r in rows:  # points within 10 tokens and 2% of the axis are one point on the chart
-        groups.setdefault((round(r[x] / 10), round(r[y] / scale / (0.02 * top))), []).append(r)
-    labels = sorted(
-        ((min(r[x] for r in g), sum(r[y] for r in g) / scale / len(g), " / ".join(r["connector"] for r in g))
-         for g in groups.values()),
-        key=lambda item: (round(item[0] / 10), item[1]),
-    )
-    last: dict[int, float] = {}
-    for px, py, text in labels:
-        column = round(px / 10)
-        ty = max(py, last.get(column, -1e9) + 0.045 * top)
-        last[column] = ty
-        ax.annotate(text, (px, py), xytext=(px + 14, ty), textcoords="data", fontsize=7, va="center",
+def _point_numbers(report: dict[str, Any]) -> dict[str, int]:
+    """One number per connector, in line-up order: the chart labels points with it, the table spells it out."""
+    return {label: i for i, label in enumerate(report["connectors"], 1)}
+
+
+def _label_points(ax: Any, points: list[tuple[float, float, int]]) -> None:
+    """Number every point; points that overlap on the canvas share one label (``3, 4, 5``), and labels are
+    pushed apart vertically so that none covers another. ``points``: (x, y, number) in data coordinates."""
+    ax.figure.canvas.draw()  # fixes the axis limits, so data -> pixel conversion is final
+    to_px = ax.transData.transform
+    groups: list[list[tuple[float, float, int]]] = []
+    for point in sorted(points, key=lambda p: (p[0], p[1])):
+        px = to_px((point[0], point[1]))
+        for group in groups:  # markers within 7 px of a group's first point are drawn on top of each other
+            gx = to_px((group[0][0], group[0][1]))
+            if abs(px[0] - gx[0]) < 7 and abs(px[1] - gx[1]) < 7:
+                group.append(point)
+                break
+        else:
+            groups.append([point])
+    placed: list[tuple[float, float]] = []  # label anchors in pixels
+    for group in sorted(groups, key=lambda g: (g[0][0], g[0][1])):
+        x, y = group[0][0], sum(p[1] for p in group) / len(group)
+        px, py = to_px((x, y))
+        ty = py
+        while any(abs(ty - oy) < 11 and abs(px - ox) < 40 for ox, oy in placed):
+            ty += 11  # one text line up
+        placed.append((px, ty))
+        text = ", ".join(str(p[2]) for p in sorted(group, key=lambda p: p[2]))
+        ax.annotate(text, (x, y), xytext=(8, ty - py), textcoords="offset pixels", fontsize=8, va="center",
+                    fontweight="bold",
                     arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "gray"} if ty != py else None)
 
 
-def _plot_analytic(ax, analytic: dict[str, Any]) -> None:
+def _plot_analytic(ax: Any, analytic: dict[str, Any], numbers: dict[str, int]) -> None:
     """Analytic TFLOPs per sample against visual tokens, one curve and point set per LLM shape."""
     from anchor_former import flops
 
     vit = flops.ViTShape(**analytic["vit"])
     text = analytic["text_tokens"]
-    for llm_dict, marker in zip(analytic["llms"], ("o", "s")):
+    points = []
+    for llm_dict, marker in zip(analytic["llms"], ("o", "s"), strict=False):
         llm = flops.LLMShape(**llm_dict)
         grid = list(range(0, 641, 16))
         curve = [(flops.vit_forward_flops(vit) + flops.llm_prefill_flops(llm, t + text)) / 1e12 for t in grid]
@@ -242,17 +331,16 @@ def _plot_analytic(ax, analytic: dict[str, Any]) -> None:
         rows = [r for r in analytic["results"] if r["llm_shape"] == llm.name]
         ax.scatter([r["visual_tokens"] for r in rows], [r["total_flops"] / 1e12 for r in rows], marker=marker,
                    color=line.get_color(), label=f"{llm.name}: + connector (+ probe)", zorder=3)
+        points += [(r["visual_tokens"], r["total_flops"] / 1e12, numbers[r["connector"]]) for r in rows]
     ax.set(xlabel="visual tokens given to the LLM", ylabel="TFLOPs per sample (analytic)", xlim=(0, 720),
            title=f"CLIP ViT-L/14-336 + connector + LLM prefill, {text} text tokens")
     ax.set_ylim(bottom=0)
-    for llm_dict in analytic["llms"]:
-        rows = [r for r in analytic["results"] if r["llm_shape"] == llm_dict["name"]]
-        _annotate_groups(ax, rows, "visual_tokens", "total_flops", 1e12)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left")
+    _label_points(ax, points)
 
 
-def _plot_measured(ax, measured: dict[str, Any], device_type: str) -> None:
+def _plot_measured(ax: Any, measured: dict[str, Any], device_type: str, numbers: dict[str, int]) -> None:
     """Measured pipeline time (and analytic FLOPs) as a ratio to MLP-576, against visual tokens."""
     rows = measured["results"]
     ax.scatter([r["visual_tokens"] for r in rows], [r["analytic_vs_baseline"] for r in rows], marker="x",
@@ -265,13 +353,38 @@ def _plot_measured(ax, measured: dict[str, Any], device_type: str) -> None:
            title=f"measured pipeline on {device_type} ({shapes}, batch {measured['batch']})")
     ax.set_ylim(0, max(1.1, *(r["latency_vs_baseline"] * 1.05 for r in rows)))
     ax.set_xlim(0, 720)
-    _annotate_groups(ax, rows, "visual_tokens", "latency_vs_baseline")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left")
+    _label_points(ax, [(r["visual_tokens"], r["latency_vs_baseline"], numbers[r["connector"]]) for r in rows])
+
+
+def _chart_table(ax: Any, pipeline: dict[str, Any], numbers: dict[str, int]) -> None:
+    """The numbers of the points spelt out: connector, visual tokens and each plotted value."""
+    analytic = {(r["llm_shape"], r["connector"]): r for r in pipeline["analytic"]["results"]}
+    llms = [llm["name"] for llm in pipeline["analytic"]["llms"]]
+    measured = {r["connector"]: r for r in pipeline.get("measured", {}).get("results", [])}
+    header = ["#", "connector", "tokens", *(f"{name} TFLOPs" for name in llms)] + (["measured x"] if measured else [])
+    cells = []
+    for label, number in numbers.items():
+        row = analytic.get((llms[0], label))
+        if row is None:
+            continue
+        cells.append([str(number), label, str(row["visual_tokens"]),
+                      *(f"{analytic[(name, label)]['total_flops'] / 1e12:.2f}" for name in llms)]
+                     + ([f"{measured[label]['latency_vs_baseline']:.2f}" if label in measured else "-"]
+                        if measured else []))
+    ax.axis("off")
+    table = ax.table(cellText=cells, colLabels=header, loc="upper center", cellLoc="right", colLoc="right")
+    table.auto_set_font_size(False)
+    table.set_fontsize(8)
+    table.auto_set_column_width(list(range(len(header))))
+    table.scale(1, 1.3)
+    ax.set_title("points by number (x: ratio to mlp-576)", fontsize=9)
 
 
 def write_chart(report: dict[str, Any], path: Path) -> bool:
-    """Cost against visual tokens (analytic FLOPs at 7B/13B; measured pipeline time). False without matplotlib."""
+    """Cost against visual tokens (analytic FLOPs at 7B/13B; measured pipeline time), points numbered, with a
+    table of the numbers beside. False without matplotlib or without the pipeline section."""
     pipeline = report["benchmarks"].get("pipeline", {})
     if "analytic" not in pipeline:
         return False
@@ -283,11 +396,15 @@ def write_chart(report: dict[str, Any], path: Path) -> bool:
     except ImportError:
         progress('chart: matplotlib not installed, no PNG (pip install "anchor-former[viz]")')
         return False
+    numbers = _point_numbers(report)
     measured = pipeline.get("measured")
-    fig, axes = plt.subplots(1, 2 if measured else 1, figsize=(13 if measured else 6.5, 5), squeeze=False)
-    _plot_analytic(axes[0][0], pipeline["analytic"])
+    widths = [1.0, 1.0, 0.85] if measured else [1.0, 0.85]
+    fig, axes = plt.subplots(1, len(widths), figsize=(6 * sum(widths) + 1, 5.5), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
+    _plot_analytic(axes[0][0], pipeline["analytic"], numbers)
     if measured:
-        _plot_measured(axes[0][1], measured, report["environment"]["device_type"])
+        _plot_measured(axes[0][1], measured, report["environment"]["device_type"], numbers)
+    _chart_table(axes[0][-1], pipeline, numbers)
     fig.suptitle(f"anchor-former benchmarks, preset {report['preset']}, {report['environment']['device']}",
                  fontsize=9)
     fig.tight_layout()
@@ -300,17 +417,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="anchor-former benchmark suite (connectors, pipeline, anchor search, probe).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"connectors: {', '.join(BENCH_CONNECTORS)}\nbenchmarks: {', '.join(BENCHMARKS)}",
+        epilog=f"connectors: {', '.join(BENCH_CONNECTORS)}, or any budget: {'; '.join(BUDGET_FORMS)}\n"
+               f"benchmarks: {', '.join(BENCHMARKS)}\n"
+               "how long: the summary at the end of benchmarks/results/cpu-default/results.md (and cpu-quick/) "
+               "gives the measured run time and the machine",
     )
     parser.add_argument("--preset", default="default", choices=PRESETS,
-                        help="tiny: seconds; default: CPU, a few minutes; llava-1.5-7b: full shapes, for a GPU")
+                        help="tiny: seconds (the smoke test); quick: a first look, under a minute on a CPU; "
+                             "default: the reference CPU run, minutes; llava-1.5-7b: full shapes, for a GPU")
+    parser.add_argument("--quick", action="store_true", help="the same as --preset quick")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda if available, else cpu)")
     parser.add_argument("--output", type=Path, default=None,
                         help="directory for results.json/.md/chart.png (default: a new, git-ignored "
                              "benchmarks/out/<device>-<preset>-<UTC time>/; the committed reference results are "
                              "written with --output benchmarks/results/<device>-<preset>)")
     parser.add_argument("--connectors", default=None,
-                        help="comma-separated subset (mlp-576 is always added: it is the baseline); default all")
+                        help="comma-separated labels of the line-up or any budget, e.g. select-96,acformer-100 "
+                             "(mlp-576 is always added: it is the baseline); default: the line-up")
     parser.add_argument("--benchmarks", default=None, help="comma-separated subset; default all that exist")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's choice; 1 for the tiny preset, which is a "
@@ -339,6 +462,10 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[arg
                                                                              list[str], int | None, Path]:
     """Validate every argument (and the output folder) up front; parser.error (exit 2) on the first bad one."""
     args = parser.parse_args(argv)
+    if args.quick:
+        if args.preset not in ("default", "quick"):
+            parser.error(f"--quick is --preset quick; it cannot be combined with --preset {args.preset}")
+        args.preset = "quick"
     try:
         device = parse_device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                               "cpu" if args.device == "auto" else args.device)
@@ -365,10 +492,10 @@ def main(argv: list[str] | None = None) -> int:
                  "it is meant for a GPU (--device cuda)")
     printed: list[str] = []
 
-    def save(report: dict[str, Any], chart: str | None = None) -> None:
+    def save(report: dict[str, Any], chart: str | None = None, summary: bool = False) -> None:
         """Rewrite both files with everything so far and print what stdout has not shown yet."""
         (output / "results.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-        (output / "results.md").write_text(render_markdown(report, chart=chart))
+        (output / "results.md").write_text(render_markdown(report, chart=chart, summary=summary))
         if not printed:
             printed.append(markdown_header(report))
             print(printed[-1], end="", flush=True)
@@ -379,9 +506,10 @@ def main(argv: list[str] | None = None) -> int:
     report = run_suite(preset=args.preset, device=device, connectors=args.connectors, benchmarks=benchmarks,
                        on_section=save)
     chart = "chart.png" if write_chart(report, output / "chart.png") else None
-    save(report, chart)
+    save(report, chart, summary=True)
     if chart:
         print(markdown_chart(chart), end="", flush=True)
+    print(markdown_summary(report), end="", flush=True)
     progress(f"wrote {output / 'results.json'}, {output / 'results.md'}" + (f", {output / chart}" if chart else ""))
     failed = [n for n, r in report["benchmarks"].items() if "error" in r]
     return 1 if failed else 0

@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("transformers")
 
 from benchmarks import run as bench_run  # noqa: E402
-from benchmarks._common import spread_warnings  # noqa: E402
+from benchmarks._common import BENCH_CONNECTORS, connector_spec, resolve_connectors, spread_warnings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONNECTORS = ["mlp-576", "avgpool-144", "cabstractor-144", "perceiver-144", "acformer-144", "acformer-256",
@@ -53,6 +53,36 @@ def test_tiny_preset_writes_json_markdown_and_chart(tiny_run):
         assert "![cost against visual tokens](chart.png)" in markdown
     for name, result in report["benchmarks"].items():
         assert "error" not in result, (name, result.get("traceback"))
+
+
+def test_every_section_reports_progress_and_the_run_ends_with_a_summary(tiny_run):
+    proc, out = tiny_run
+    report = json.loads((out / "results.json").read_text())
+    sections = list(report["benchmarks"])
+    assert sections == [s.name for s in bench_run.SECTIONS]
+    for i, name in enumerate(sections, 1):
+        assert f"[bench] section {i}/{len(sections)}: {name} (" in proc.stderr
+        # besides start and done, each section says what it is doing while it runs
+        own = [line for line in proc.stderr.splitlines() if line.startswith(f"[bench] {name}: ")
+               and not line.startswith((f"[bench] {name}: start", f"[bench] {name}: done"))]
+        assert len(own) >= 3, (name, own)
+    assert "[bench] probe: CLIP sdpa" in proc.stderr and "round 2/2 done" in proc.stderr  # timing rounds
+    markdown = (out / "results.md").read_text()
+    summary = markdown.split("## Summary\n\n", 1)[1].strip()
+    assert "\n" not in summary  # one paragraph, the last thing in the report
+    assert f"The run took {report['seconds']:.0f} s (connectors " in summary
+    assert report["environment"]["device"] in summary
+    for start in ("Connector alone", "Whole pipeline", "Anchor search:", "Anchor probe"):
+        assert start in summary, start
+    assert proc.stdout.rstrip().endswith(summary)
+
+
+def test_a_section_is_one_line_of_the_table():
+    assert list(bench_run.BENCHMARKS) == ["connectors", "pipeline", "search", "probe"]
+    for section in bench_run.SECTIONS:
+        module = importlib.import_module(f"benchmarks.{section.module}")
+        assert callable(module.run) and callable(module.summarize) and callable(module.to_markdown)
+        assert {"tiny", "quick", "default", "llava-1.5-7b"} <= set(module.PRESETS), section.name
 
 
 def test_tiny_connector_figures_are_consistent(tiny_run):
@@ -95,7 +125,11 @@ def test_tiny_pipeline_figures_are_consistent(tiny_run):
     ("argv", "messages"),
     [
         (["--preset", "huge"], ["invalid choice: 'huge'", "tiny", "default", "llava-1.5-7b"]),
-        (["--connectors", "mlp-576,qformer-32"], ["unknown connector(s) ['qformer-32']", *CONNECTORS]),
+        (["--connectors", "mlp-576,qformer-32"], ["unknown connector(s) ['qformer-32']", *CONNECTORS,
+                                                  "acformer-K", "select-K+M", "cabstractor-T"]),
+        (["--connectors", "select-0,acformer-600,cabstractor-150,avgpool-100,mlp-144"],
+         ["unknown connector(s) ['select-0', 'acformer-600', 'cabstractor-150', 'avgpool-100', 'mlp-144']"]),
+        (["--quick", "--preset", "tiny"], ["--quick is --preset quick; it cannot be combined with --preset tiny"]),
         (["--benchmarks", "speed"], ["unknown benchmark(s) ['speed']", "connectors", "pipeline", "search", "probe"]),
         (["--device", "tpu"], ["unknown device 'tpu'", "valid values on this machine: cpu"]),
         (["--device", "cpu", "--threads", "0"], ["--threads must be an integer >= 1, got 0"]),
@@ -181,3 +215,73 @@ def test_run_py_also_works_as_a_script(tmp_path: Path):
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
     )
     assert proc.returncode == 2 and "unknown benchmark(s) ['nope']" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_any_budget_is_accepted():
+    assert resolve_connectors("select-96, acformer-100,mlp-576") == ["mlp-576", "select-96", "acformer-100"]
+    assert resolve_connectors(None) == list(BENCH_CONNECTORS)
+    expected = {
+        "select-96": ("select", {"num_anchors": 96}),
+        "select-80+16": ("select", {"num_anchors": 80, "num_context": 16}),
+        "acformer-100": ("acformer", {"num_anchors": 100}),
+        "perceiver-32": ("perceiver", {"num_queries": 32}),
+        "cabstractor-64": ("cabstractor", {"grid": 8}),
+        "avgpool-64": ("avgpool", {"pool": 3}),  # ceil(24 / 3) ** 2
+        "avgpool-144": ("avgpool", {}),  # the line-up's own entry (pool 2 is the default)
+    }
+    for label, (factory, kwargs) in expected.items():
+        spec = connector_spec(label)
+        assert (spec.factory, spec.kwargs) == (factory, kwargs), label
+    with pytest.raises(ValueError, match=r"unknown connector 'select-96x'; valid: acformer-K"):
+        connector_spec("select-96x")
+
+
+def test_budgets_run_through_the_connector_and_pipeline_sections(tmp_path: Path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--preset", "tiny", "--device", "cpu", "--output", str(tmp_path),
+         "--benchmarks", "connectors,pipeline", "--connectors", "select-96,acformer-100,avgpool-64,cabstractor-64"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["connector"]: r for r in report["benchmarks"]["connectors"]["results"]}
+    assert {label: r["visual_tokens"] for label, r in rows.items()} == {
+        "mlp-576": 576, "select-96": 96, "acformer-100": 101, "avgpool-64": 64, "cabstractor-64": 64}
+    measured = report["benchmarks"]["pipeline"]["measured"]["results"]
+    assert [r["visual_tokens"] for r in measured] == [576, 96, 101, 64, 64]
+
+
+def test_chart_labels_never_cover_each_other():
+    """Coincident points share one label; labels of nearby points are moved apart (a leader line joins them)."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    points = [(144, 3.10, 2), (144, 3.11, 3), (144, 3.13, 4), (145, 3.14, 5), (192, 3.7, 9), (170, 3.5, 8),
+              (576, 8.9, 1), (64, 2.0, 7)]
+    ax.scatter([p[0] for p in points], [p[1] for p in points])
+    ax.set(xlim=(0, 720), ylim=(0, 10))
+    bench_run._label_points(ax, points)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    texts = [t for t in ax.texts]
+    labels = sorted(t.get_text() for t in texts)
+    assert labels == ["1", "2, 3, 4, 5", "7", "8", "9"]
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), (a, b)
+    plt.close(fig)
+
+
+def test_a_section_without_the_preset_runs_its_tiny_one(monkeypatch, tmp_path: Path):
+    section = bench_run.Section("extra", "bench_connectors", "Extra", takes_connectors=True)
+    monkeypatch.setitem(bench_run.BENCHMARKS, "extra", section)
+    from benchmarks import bench_connectors
+
+    monkeypatch.delitem(bench_connectors.PRESETS, "quick")
+    torch.set_num_threads(1)
+    result = bench_run._run_one(section, preset="quick", device=torch.device("cpu"), connectors="acformer-144")
+    assert result["preset_run"] == "tiny" and result["preset"] == "tiny"
+    assert "it ran its `tiny` preset" in bench_run.markdown_section("extra", result)
