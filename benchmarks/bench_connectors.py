@@ -45,8 +45,8 @@ _DTYPE = {"cpu": torch.float32, "cuda": torch.float16}
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"vision_dim": 64, "llm_dim": 128, "tokens": 577, "heads": 16, "batch": 1, "rounds": 2,
              "min_block_s": 0.0, "dtype": _DTYPE, "resampler": {"depth": 1, "heads": 2, "dim_head": 16}},
-    "quick": {"vision_dim": 1024, "llm_dim": 4096, "tokens": 577, "heads": 16, "batch": 1, "rounds": 3,
-              "min_block_s": 0.02, "dtype": _DTYPE, "resampler": {}},
+    "quick": {"vision_dim": 1024, "llm_dim": 4096, "tokens": 577, "heads": 16, "batch": 1, "rounds": 2,
+              "min_block_s": 0.0, "dtype": _DTYPE, "resampler": {}},
     "default": {"vision_dim": 1024, "llm_dim": 4096, "tokens": 577, "heads": 16, "batch": 1, "rounds": 5,
                 "min_block_s": 0.05, "dtype": _DTYPE, "resampler": {}},
     "llava-1.5-7b": {"vision_dim": 1024, "llm_dim": 4096, "tokens": 577, "heads": 16, "batch": 32, "rounds": 10,

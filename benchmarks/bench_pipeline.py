@@ -63,7 +63,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "llm": {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 8,
                 "intermediate_size": 1376, "vocab_size": 32000},
         "resampler": {"heads": 4, "dim_head": 32},
-        "scaled": True, "batch": 1, "text_tokens": 64, "rounds": 3, "min_block_s": 0.02, "stages": False,
+        "scaled": True, "batch": 1, "text_tokens": 64, "rounds": 2, "min_block_s": 0.0, "stages": False,
         "dtype": {"cpu": torch.float32, "cuda": torch.float16},
     },
     "default": {

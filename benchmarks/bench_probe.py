@@ -70,9 +70,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # a first look in seconds: ViT-L/14-336 token count, width and heads with 2 layers, fewer rounds, small
     # family models
     "quick": {"vit": {**_VIT_L_336, "num_hidden_layers": 2}, "batch": 1, "anchors": 144, "dtype": "float32",
-              "rounds": 3, "min_block_s": 0.05, "siglip": {**_SO400M_384, "num_hidden_layers": 2},
+              "rounds": 2, "min_block_s": 0.0, "siglip": {**_SO400M_384, "num_hidden_layers": 2},
               "families": {"width": 192, "heads": 3, "layers": 2, "image_size": 224, "patch_size": 16,
-                           "rounds": 2, "min_block_s": 0.02}},
+                           "rounds": 2, "min_block_s": 0.0}},
     # CPU: ViT-L/14-336 token count, width and heads, but 4 of its 24 layers and batch 1, so the whole run
     # fits in ~40 s on 2 idle cores. Fewer layers make the probe's fixed cost look 6x larger, and the
     # reference's stack of attention maps 6x smaller, than at full depth.

@@ -75,12 +75,14 @@ from benchmarks._common import (  # noqa: E402
     spread_warnings,
 )
 
-__all__ = ["BENCHMARKS", "PRESETS", "SECTIONS", "Section", "default_output", "main", "markdown_chart",
+__all__ = ["BENCHMARKS", "PRESETS", "QUICK_CONNECTORS", "SECTIONS", "Section", "default_output", "main", "markdown_chart",
            "markdown_header", "markdown_section", "markdown_summary", "render_markdown", "run_suite", "write_chart"]
 
 # tiny: seconds, the smoke test; quick: under a minute on a CPU, a first look with fewer rounds, shapes and
 # families; default: the reference CPU run; llava-1.5-7b: full shapes, for a GPU.
 PRESETS = ("tiny", "quick", "default", "llava-1.5-7b")
+# --quick's line-up unless --connectors says otherwise: the baseline, a pooling peer, AcFormer, training-free
+QUICK_CONNECTORS = "mlp-576,avgpool-144,acformer-144,select-144"
 
 
 @dataclass(frozen=True)
@@ -503,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
             printed.append(markdown_section(name, result))
             print(printed[-1], end="", flush=True)
 
-    report = run_suite(preset=args.preset, device=device, connectors=args.connectors, benchmarks=benchmarks,
+    connectors = QUICK_CONNECTORS if args.preset == "quick" and args.connectors is None else args.connectors
+    report = run_suite(preset=args.preset, device=device, connectors=connectors, benchmarks=benchmarks,
                        on_section=save)
     chart = "chart.png" if write_chart(report, output / "chart.png") else None
     save(report, chart, summary=True)

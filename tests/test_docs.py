@@ -5,17 +5,21 @@ in HTML comments that do not render:
 
 * ``<!-- docs-test: setup [needs REQ]`` ... ``-->``: code run once before the page's first block (tiny
   models and files in place of hub downloads: a folder named like the hub id loads locally);
-* right above a block, ``<!-- docs-test: skip: REASON -->`` (the block cannot run anywhere; say why),
-  ``<!-- docs-test: needs REQ -->`` (runs only where REQ imports, e.g. ``llava``, or ``transformers>=5``;
-  elsewhere it is skipped, so the llava-torch blocks run in ``.venv-llava``), and
+* right above a block, ``<!-- docs-test: skip: REASON; twin: tests/FILE.py::TEST -->`` (the block cannot
+  run in a test, e.g. it downloads a 7B model: say why, and name the test that runs the same steps on a
+  tiny model, its twin; the twin must exist), ``<!-- docs-test: needs REQ -->`` (runs only where REQ
+  imports, e.g. ``llava``, or ``transformers>=5``; elsewhere it is skipped, so the llava-torch blocks run
+  in the LLaVA test environment), and
   ``<!-- docs-test: replace `OLD` with `NEW` -->`` (a text substitution applied before running, e.g. a
   smaller layer count).
 
-Blocks that are signatures, not code, are fenced as ``text``, not ``python``.
+Blocks that are signatures, not code, are fenced as ``text``, not ``python``. A skip without a reason or a
+twin, a twin that does not exist, or a directive nobody understands fails the suite.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
 import re
 from dataclasses import dataclass, field
@@ -31,9 +35,11 @@ _FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```", re.S | re.M)
 _DIRECTIVE = re.compile(r"<!--\s*docs-test:\s*(.*?)\s*-->", re.S)
 _SETUP = re.compile(r"<!--\s*docs-test:\s*setup\b([^\n]*)\n(.*?)-->", re.S)
 _REPLACE = re.compile(r"^replace\s+`(.+?)`\s+with\s+`(.*?)`$", re.S)
+_SKIP = re.compile(r"^skip:\s*(?P<reason>\S.*?);\s*twin:\s*(?P<twin>tests/\S+\.py::\w+(?:::\w+)?)$", re.S)
 
 # Pages whose owners have not added their markers yet: the same directives, kept here until they move into
-# the page. docs/probes.md's snippets use a model and pixels the reader already has.
+# the page (a pending directive that matches no block fails test_pending_directives_match_their_blocks).
+# docs/probes.md's snippets use a model and pixels the reader already has.
 _PENDING: dict[str, dict[str, object]] = {
     "probes.md": {
         "setup": (
@@ -48,29 +54,36 @@ _PENDING: dict[str, dict[str, object]] = {
         # block (found by a line of its code) -> directives
         "block_directives": {"from anchor_former.viz import save_anchor_plot": ["needs matplotlib"],
                              "class FooFamily(EncoderFamily):": [
-                                 "skip: registers an encoder family for a library that does not exist"],
+                                 "skip: registers an encoder family for a library that does not exist; "
+                                 "twin: tests/probes/test_base.py::test_registering_an_existing_name_needs_replace"],
                              "batch = processor(images=images": [
-                                 "skip: needs a SigLIP2 model and processor; tests/probes/test_siglip2.py runs it"]},
+                                 "skip: needs a SigLIP2 model and processor; "
+                                 "twin: tests/probes/test_siglip2.py::test_extract_anchors_naflex"]},
     },
     "llava-next.md": {
         "block_directives": {
             'LlavaNextForConditionalGeneration.from_pretrained("llava-hf/llava-v1.6-vicuna-7b-hf")': [
-                "skip: downloads LLaVA-NeXT-7B; tests/adapters/test_llava_next_hf.py runs these steps on a tiny model"],
+                "skip: downloads LLaVA-NeXT-7B; "
+                "twin: tests/adapters/test_llava_next_hf.py::test_generate_with_reduced_budget"],
             "from llava.mm_utils import process_images": [
-                "skip: needs a llava-torch LLaVA-NeXT model and images; tests/adapters/test_llava_anyres.py runs them"],
+                "skip: needs a llava-torch LLaVA-NeXT model and images; "
+                "twin: tests/adapters/test_llava_anyres.py::test_generate_with_image_sizes"],
         },
     },
     "qwen-vl.md": {
         "block_directives": {
             'from_pretrained("Qwen/Qwen2.5-VL-7B-Instruct")': [
-                "skip: downloads Qwen2.5-VL-7B; tests/adapters/test_qwen_vl.py runs these steps on a tiny model"],
+                "skip: downloads Qwen2.5-VL-7B; "
+                "twin: tests/adapters/test_qwen_vl.py::test_generate_batched_left_padded_with_reduced_budget"],
             "processor = attach_qwen_processor(AutoProcessor.from_pretrained(d),": [
-                "skip: continues a saved Qwen2.5-VL folder; tests/adapters/test_qwen_vl.py reloads one"],
+                "skip: continues a saved Qwen2.5-VL folder; "
+                "twin: tests/adapters/test_qwen_vl.py::test_save_and_load_round_trip"],
         },
     },
     "training.md": {
         "block_directives": {'.from_pretrained("out/stage2")': [
-            "skip: needs the folder a training run writes; tests/test_train.py reloads one"]},
+            "skip: needs the folder a training run writes; "
+            "twin: tests/test_train.py::test_stage_1_trains_only_the_connector_and_stage_2_the_llm_too"]},
     },
 }
 
@@ -173,8 +186,9 @@ def test_documented_python_block_runs(page: Page, index: int, namespaces: dict,
     block = page.blocks[index]
     code = block.code
     for directive in block.directives:
-        if directive.startswith("skip"):
-            pytest.skip(f"{block.id}: {directive}")
+        skip = _SKIP.match(directive)
+        if skip:
+            pytest.skip(f"{block.id}: {skip['reason']} (its twin: {skip['twin']})")
         if directive.startswith("needs"):
             reason = unmet(directive.removeprefix("needs").strip())
             if reason:
@@ -202,12 +216,66 @@ def test_package_docstring_opens_with_a_usage_example_that_runs():
     assert result.attempted >= 6 and result.failed == 0
 
 
+def _directives(path: Path) -> list[str]:
+    """Every directive of a page: its own comments and the pending ones for its blocks."""
+    own = [match.group(1) for match in _DIRECTIVE.finditer(path.read_text())]
+    pending = _PENDING.get(path.name, {}).get("block_directives", {})
+    return own + [d for directives in dict(pending).values() for d in directives]
+
+
 def test_directives_are_understood():
-    """A typo in a directive must not silently skip or change a block."""
-    known = re.compile(r"^(skip\b.*|needs \S+|replace `.+` with `.*`|setup\b.*)$", re.S)
+    """A typo in a directive must not silently skip or change a block; a skip says why and names its twin."""
+    known = re.compile(r"^(needs \S+|replace `.+` with `.*`|setup\b.*)$", re.S)
     for path in PAGES:
-        for match in _DIRECTIVE.finditer(path.read_text()):
-            assert known.match(match.group(1)), f"{path.name}: unknown docs-test directive {match.group(1)!r}"
+        for directive in _directives(path):
+            if directive.startswith("skip"):
+                assert _SKIP.match(directive), (
+                    f"{path.name}: {directive!r}: a skip needs a reason and the test that runs the same steps: "
+                    "`skip: REASON; twin: tests/FILE.py::TEST`")
+            else:
+                assert known.match(directive), f"{path.name}: unknown docs-test directive {directive!r}"
+
+
+def _defines(path: Path, name: str) -> bool:
+    """Whether ``path`` defines test ``name`` (``test_x`` or ``TestClass::test_x``)."""
+    scope: list[ast.stmt] = ast.parse(path.read_text()).body
+    for part in name.split("::"):
+        found = [node for node in scope if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name == part]
+        if not found:
+            return False
+        scope = getattr(found[0], "body", [])
+    return True
+
+
+def test_every_skipped_block_names_a_twin_that_exists():
+    """The twin of a skipped block is a test of this suite: the file exists and defines it."""
+    for path in PAGES:
+        for directive in _directives(path):
+            skip = _SKIP.match(directive)
+            if skip:
+                file, _, name = skip["twin"].partition("::")
+                assert (ROOT / file).is_file(), f"{path.name}: the twin {skip['twin']} names a missing file"
+                assert _defines(ROOT / file, name), f"{path.name}: {file} defines no test {name} (the twin)"
+
+
+def test_pending_directives_match_their_blocks():
+    """Each pending directive still finds its block; once a page carries its own markers, drop the entry."""
+    for name, pending in _PENDING.items():
+        page = ROOT / "docs" / name
+        assert page.is_file(), f"_PENDING names a page that does not exist: docs/{name}"
+        blocks = [m.group(1) for m in _FENCE.finditer(page.read_text())]
+        for line in dict(pending["block_directives"]):
+            assert any(line in code for code in blocks), (
+                f"docs/{name}: no block contains {line!r}; move its directives into the page or drop them here")
+
+
+def test_a_skip_without_a_twin_is_refused():
+    """The check above bites: the old form (a reason only) and a twin that does not exist both fail."""
+    assert _SKIP.match("skip: downloads a 7B model; twin: tests/test_docs.py::test_directives_are_understood")
+    assert not _SKIP.match("skip: downloads a 7B model")
+    assert not _SKIP.match("skip: ; twin: tests/test_docs.py::test_directives_are_understood")
+    assert _defines(ROOT / "tests" / "test_docs.py", "test_directives_are_understood")
+    assert not _defines(ROOT / "tests" / "test_docs.py", "test_that_does_not_exist")
 
 
 def test_signatures_are_not_fenced_as_python():
