@@ -136,12 +136,15 @@ def save_anchor_plot(
     batch = result.anchor_idx.shape[0]
     if not -batch <= index < batch:
         raise ValueError(f"index must be in [-{batch}, {batch - 1}] for a batch of {batch}, got {index}")
+    # a batch of mixed grids (SigLIP2 NaFlex) has no common grid_size: this image's own grid, and its scores
+    # without the padding that follows its tokens
+    rows, cols = result.grid_size if result.grid_size is not None else result.grid_sizes[index]
     fig = plot_anchors(
         result.anchor_idx[index],
-        grid_size=result.grid_size if result.grid_size is not None else result.grid_sizes[index],
+        grid_size=(rows, cols),
         num_prefix_tokens=result.num_prefix_tokens,
         image=image,
-        scores=result.scores[index],
+        scores=result.scores[index][..., : result.num_prefix_tokens + rows * cols],
         title=title,
     )
     path = Path(path)
