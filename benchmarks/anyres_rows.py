@@ -64,8 +64,9 @@ def analytic_anyres(
         ``connector_flops``, ``llm_flops``, ``total_flops``, ``kv_cache_bytes`` and ratios to ``stock``.
     """
     vit = flops.CLIP_VIT_L14_336
-    views = anyres_views(image_size, grid_pinpoints=LLAVA_NEXT_PINPOINTS, view_size=vit.image_size,
-                         patch_size=vit.patch_size)
+    views = anyres_views(
+        image_size, grid_pinpoints=LLAVA_NEXT_PINPOINTS, view_size=vit.image_size, patch_size=vit.patch_size
+    )
     candidates = views.num_candidates()
     v = views.num_views
     rows = []
@@ -81,8 +82,9 @@ def analytic_anyres(
                 connector_flops = projector_flops("mlp2x_gelu", vit.hidden_size, llm.hidden_size, tokens - newlines)
                 uses_anchors = case["label"] != "stock"
             else:
-                connector = build_connector("acformer", vit.hidden_size, llm.hidden_size,
-                                            num_anchors=case["num_anchors"], device="meta")
+                connector = build_connector(
+                    "acformer", vit.hidden_size, llm.hidden_size, num_anchors=case["num_anchors"], device="meta"
+                )
                 per = connector.num_output_tokens(vit.num_tokens)
                 tokens = num_fixed_tokens(views, per)
                 newlines = tokens - v * per
@@ -90,11 +92,17 @@ def analytic_anyres(
                 uses_anchors = True
             llm_flops = flops.llm_prefill_flops(llm, tokens + text_tokens)
             row = {
-                "llm_shape": llm.name, "case": case["label"], "visual_tokens": tokens, "newline_tokens": newlines,
+                "llm_shape": llm.name,
+                "case": case["label"],
+                "visual_tokens": tokens,
+                "newline_tokens": newlines,
                 "vit_flops": flops.vit_forward_flops(vit, batch=v),  # the ViT and the probe run on every view
                 "probe_flops": flops.cls_probe_flops(vit, batch=v) if uses_anchors else 0,
-                "connector_flops": connector_flops, "llm_flops": llm_flops,
-                "kv_cache_bytes": flops.kv_cache_bytes(llm, tokens + text_tokens, bytes_per_element=KV_BYTES_PER_ELEMENT),
+                "connector_flops": connector_flops,
+                "llm_flops": llm_flops,
+                "kv_cache_bytes": flops.kv_cache_bytes(
+                    llm, tokens + text_tokens, bytes_per_element=KV_BYTES_PER_ELEMENT
+                ),
             }
             row["total_flops"] = row["vit_flops"] + row["probe_flops"] + connector_flops + llm_flops
             rows.append(row)
@@ -108,7 +116,7 @@ def analytic_anyres(
         "grid": list(views.grid),
         "text_tokens": text_tokens,
         "convention": "matmul FLOPs per sample (one image, all its views), 2 per multiply-add, dense attention, "
-                      "LM head on the last token; KV cache in fp16; CLIP ViT-L/14-336 views",
+        "LM head on the last token; KV cache in fp16; CLIP ViT-L/14-336 views",
         "results": rows,
     }
 
@@ -135,18 +143,39 @@ def to_markdown(result: dict[str, Any]) -> str:
 
 #: scaled-down shapes of the measured case: {"vit": CLIPVisionConfig kwargs, "llm": LlamaConfig kwargs}
 MEASURED_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {"vit": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         image_size=28, patch_size=4),
-             "llm": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)},
-    "default": {"vit": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8,
-                            image_size=112, patch_size=14),
-                "llm": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=6, num_attention_heads=8)},
+    "tiny": {
+        "vit": dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=28,
+            patch_size=4,
+        ),
+        "llm": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+    },
+    "default": {
+        "vit": dict(
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=6,
+            num_attention_heads=8,
+            image_size=112,
+            patch_size=14,
+        ),
+        "llm": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=6, num_attention_heads=8),
+    },
 }
 
 
 def measured_anyres(
-    *, preset: str = "default", per_view: int = 16, text_tokens: int = TEXT_TOKENS, device: str = "cpu",
-    rounds: int = 5, min_block_s: float = 0.2,
+    *,
+    preset: str = "default",
+    per_view: int = 16,
+    text_tokens: int = TEXT_TOKENS,
+    device: str = "cpu",
+    rounds: int = 5,
+    min_block_s: float = 0.2,
 ) -> dict[str, Any]:
     """Median forward latency (prefill) of the stock scaled-down LLaVA-NeXT and of ``select`` K per view.
 
@@ -171,13 +200,16 @@ def measured_anyres(
     config = LlavaNextConfig(
         vision_config=CLIPVisionConfig(**shapes["vit"]),
         text_config=LlamaConfig(vocab_size=vocab, max_position_embeddings=8192, **shapes["llm"]),
-        image_token_index=image_token, image_grid_pinpoints=pinpoints, vision_feature_layer=-2,
+        image_token_index=image_token,
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-2,
     )
     stock = LlavaNextForConditionalGeneration(config).eval().to(dev)
     patches = (side // shapes["vit"]["patch_size"]) ** 2
     select = attach_llava_next(copy.deepcopy(stock), connector="select", num_anchors=min(per_view, patches))
-    views = anyres_views((2 * side, 2 * side), grid_pinpoints=pinpoints, view_size=side,
-                         patch_size=shapes["vit"]["patch_size"])
+    views = anyres_views(
+        (2 * side, 2 * side), grid_pinpoints=pinpoints, view_size=side, patch_size=shapes["vit"]["patch_size"]
+    )
     pixel_values = torch.randn(1, views.num_views, 3, side, side, device=dev)
     image_sizes = torch.tensor([[2 * side, 2 * side]], device=dev)
 
@@ -185,8 +217,11 @@ def measured_anyres(
 
     def inputs(model) -> dict[str, torch.Tensor]:
         settings = (getattr(model.config, "anchor_former", None) or {}).get("anyres")
-        tokens = (anyres_count(settings, views) if settings else
-                  num_selected_tokens(views, view_budgets(views.num_candidates(), per_view=patches)))
+        tokens = (
+            anyres_count(settings, views)
+            if settings
+            else num_selected_tokens(views, view_budgets(views.num_candidates(), per_view=patches))
+        )
         ids = torch.randint(0, vocab - 1, (1, tokens + text_tokens), generator=torch.Generator().manual_seed(1))
         ids[0, 1 : 1 + tokens] = image_token
         return {"input_ids": ids.to(dev), "pixel_values": pixel_values, "image_sizes": image_sizes}
@@ -197,10 +232,12 @@ def measured_anyres(
         def fn():
             with torch.no_grad():
                 return model(**batch, logits_to_keep=1)
+
         return fn
 
-    timed = measure_interleaved({name: runner(m, b) for name, (m, b) in cases.items()}, dev, rounds=rounds,
-                                min_block_s=min_block_s)
+    timed = measure_interleaved(
+        {name: runner(m, b) for name, (m, b) in cases.items()}, dev, rounds=rounds, min_block_s=min_block_s
+    )
     results = {}
     for name, (_, batch) in cases.items():
         visual = int((batch["input_ids"] == image_token).sum())
@@ -208,8 +245,15 @@ def measured_anyres(
     base = results["stock"]["median_ms"]
     for row in results.values():
         row["vs_stock"] = row["median_ms"] / base
-    return {"preset": preset, "shapes": shapes, "views": views.num_views, "grid": list(views.grid),
-            "text_tokens": text_tokens, "environment": environment(dev), "results": results}
+    return {
+        "preset": preset,
+        "shapes": shapes,
+        "views": views.num_views,
+        "grid": list(views.grid),
+        "text_tokens": text_tokens,
+        "environment": environment(dev),
+        "results": results,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -43,14 +43,50 @@ __all__ = ["PRESETS", "run", "summarize", "to_markdown"]
 # ``rounds`` interleaved rounds of blocks lasting at least ``min_block_s``.
 _DTYPE = {"cpu": torch.float32, "cuda": torch.float16}
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {"vision_dim": 64, "llm_dim": 128, "tokens": 577, "heads": 16, "batch": 1, "rounds": 2,
-             "min_block_s": 0.0, "dtype": _DTYPE, "resampler": {"depth": 1, "heads": 2, "dim_head": 16}},
-    "quick": {"vision_dim": 1024, "llm_dim": 4096, "tokens": 577, "heads": 16, "batch": 1, "rounds": 2,
-              "min_block_s": 0.0, "dtype": _DTYPE, "resampler": {}},
-    "default": {"vision_dim": 1024, "llm_dim": 4096, "tokens": 577, "heads": 16, "batch": 1, "rounds": 5,
-                "min_block_s": 0.05, "dtype": _DTYPE, "resampler": {}},
-    "llava-1.5-7b": {"vision_dim": 1024, "llm_dim": 4096, "tokens": 577, "heads": 16, "batch": 32, "rounds": 10,
-                     "min_block_s": 0.05, "dtype": _DTYPE, "resampler": {}},
+    "tiny": {
+        "vision_dim": 64,
+        "llm_dim": 128,
+        "tokens": 577,
+        "heads": 16,
+        "batch": 1,
+        "rounds": 2,
+        "min_block_s": 0.0,
+        "dtype": _DTYPE,
+        "resampler": {"depth": 1, "heads": 2, "dim_head": 16},
+    },
+    "quick": {
+        "vision_dim": 1024,
+        "llm_dim": 4096,
+        "tokens": 577,
+        "heads": 16,
+        "batch": 1,
+        "rounds": 2,
+        "min_block_s": 0.0,
+        "dtype": _DTYPE,
+        "resampler": {},
+    },
+    "default": {
+        "vision_dim": 1024,
+        "llm_dim": 4096,
+        "tokens": 577,
+        "heads": 16,
+        "batch": 1,
+        "rounds": 5,
+        "min_block_s": 0.05,
+        "dtype": _DTYPE,
+        "resampler": {},
+    },
+    "llava-1.5-7b": {
+        "vision_dim": 1024,
+        "llm_dim": 4096,
+        "tokens": 577,
+        "heads": 16,
+        "batch": 32,
+        "rounds": 10,
+        "min_block_s": 0.05,
+        "dtype": _DTYPE,
+        "resampler": {},
+    },
 }
 
 
@@ -59,8 +95,9 @@ def _config_fields(module: torch.nn.Module) -> set[str]:
     return set(config.to_dict()) if config is not None else set()
 
 
-def random_anchor_idx(batch: int, heads: int, tokens: int, num_anchors: int, *, generator: torch.Generator,
-                      device: torch.device) -> torch.Tensor:
+def random_anchor_idx(
+    batch: int, heads: int, tokens: int, num_anchors: int, *, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
     """``(B, K + 1)`` anchors ([CLS] first) from a random [CLS] attention row ``(B, H, N)``."""
     from anchor_former import anchor_search
 
@@ -74,8 +111,14 @@ def _build(label: str, cfg: dict[str, Any], device: torch.device) -> torch.nn.Mo
     return spec.build(cfg["vision_dim"], cfg["llm_dim"], resampler=cfg["resampler"], device=device, dtype=dtype).eval()
 
 
-def count_flops(label: str, connector: torch.nn.Module, features: torch.Tensor, anchor_idx: torch.Tensor | None, *,
-                cfg: dict[str, Any]) -> dict[str, Any]:
+def count_flops(
+    label: str,
+    connector: torch.nn.Module,
+    features: torch.Tensor,
+    anchor_idx: torch.Tensor | None,
+    *,
+    cfg: dict[str, Any],
+) -> dict[str, Any]:
     """FLOPs per sample by FlopCounterMode, and the connector's own analytic count.
 
     Counted on a twin on the meta device (shapes only: no memory, no compute) built with the explicit
@@ -84,8 +127,13 @@ def count_flops(label: str, connector: torch.nn.Module, features: torch.Tensor, 
     """
     fields = _config_fields(connector)
     extra = {key: False for key in ("fused_attn", "check_indices") if key in fields}
-    twin = connector_spec(label).build(cfg["vision_dim"], cfg["llm_dim"], resampler=cfg["resampler"], device="meta",
-                                         dtype=features.dtype, **extra).eval()
+    twin = (
+        connector_spec(label)
+        .build(
+            cfg["vision_dim"], cfg["llm_dim"], resampler=cfg["resampler"], device="meta", dtype=features.dtype, **extra
+        )
+        .eval()
+    )
     meta_idx = None if anchor_idx is None else anchor_idx.to("meta")
     # Grad mode stays on: FlopCounterMode's module tracker asserts on a Parameter passed between modules
     # (the Perceiver's learned queries) under no_grad/inference_mode. Only the forward runs.
@@ -103,8 +151,8 @@ def count_flops(label: str, connector: torch.nn.Module, features: torch.Tensor, 
         "flops_measured": measured,
         "flops_analytic": analytic,
         "flops_match": measured == analytic,
-        "flops_counted_on": "meta device, " + ("manual attention (fused_attn=False)" if "fused_attn" in extra else
-                                               "default path"),
+        "flops_counted_on": "meta device, "
+        + ("manual attention (fused_attn=False)" if "fused_attn" in extra else "default path"),
     }
 
 
@@ -119,8 +167,10 @@ def _add_ratios(results: dict[str, dict[str, Any]], timings: dict[str, dict[str,
         r["params_vs_baseline"] = r["params"] / base["params"]
         r["flops_vs_baseline"] = r["flops_measured"] / base["flops_measured"]
         r["latency_vs_baseline"] = r["median_ms"] / base_ms
-        progress(f"connectors: {label}: {r['visual_tokens']} tokens, {format_flops(r['flops_measured'])}FLOPs, "
-                 f"{r['median_ms']:.2f} ms")
+        progress(
+            f"connectors: {label}: {r['visual_tokens']} tokens, {format_flops(r['flops_measured'])}FLOPs, "
+            f"{r['median_ms']:.2f} ms"
+        )
 
 
 def run(
@@ -146,8 +196,9 @@ def run(
         connector = _build(label, cfg, device)
         anchor_idx = None
         if connector.uses_anchors:
-            anchor_idx = random_anchor_idx(b, cfg["heads"], n, connector.config.num_anchors, generator=generator,
-                                           device=device)
+            anchor_idx = random_anchor_idx(
+                b, cfg["heads"], n, connector.config.num_anchors, generator=generator, device=device
+            )
         results[label] = {
             "connector": label,
             "factory": connector_spec(label).factory,
@@ -157,8 +208,9 @@ def run(
         }
         calls[label] = (lambda c, a: lambda: c(features, a))(connector, anchor_idx)
     with torch.inference_mode():
-        timings = measure_interleaved(calls, device, rounds=cfg["rounds"], min_block_s=cfg["min_block_s"],
-                                      label="connectors: timing")
+        timings = measure_interleaved(
+            calls, device, rounds=cfg["rounds"], min_block_s=cfg["min_block_s"], label="connectors: timing"
+        )
     _add_ratios(results, timings)
     return {
         "benchmark": "connectors",
@@ -185,8 +237,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"Target: {result['target']}.",
         "",
         "| connector | visual tokens | reduction | params | FLOPs/sample (x) | analytic = counted "
-        "| latency ms ± IQR (x) |"
-        + (" peak extra MiB |" if mem else ""),
+        "| latency ms ± IQR (x) |" + (" peak extra MiB |" if mem else ""),
         "|---|---|---|---|---|---|---|" + ("---|" if mem else ""),
     ]
     for r in result["results"]:
@@ -206,8 +257,10 @@ def to_markdown(result: dict[str, Any]) -> str:
 def _headline(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The row a summary speaks of: AcFormer-144 if it ran, else the first anchor connector, else any."""
     others = [r for r in rows if r["connector"] != BASELINE]
-    return next((r for r in others if r["connector"] == "acformer-144"),
-                next((r for r in others if r["factory"] in ("acformer", "select")), others[0] if others else None))
+    return next(
+        (r for r in others if r["connector"] == "acformer-144"),
+        next((r for r in others if r["factory"] in ("acformer", "select")), others[0] if others else None),
+    )
 
 
 def summarize(result: dict[str, Any]) -> list[str]:
@@ -216,10 +269,12 @@ def summarize(result: dict[str, Any]) -> list[str]:
     if row is None:
         return []
     s = result["shapes"]
-    return [f"Connector alone, features ({s['batch']}, {s['tokens']}, {s['vision_dim']}) -> {s['llm_dim']}: "
-            f"{row['connector']} gives the LLM {row['visual_tokens']} visual "
-            f"tokens instead of {BASELINE}'s 576 ({100 * row['token_reduction']:.0f} % fewer) for "
-            f"{row['flops_vs_baseline']:.2f}x its FLOPs and {row['latency_vs_baseline']:.2f}x its time."]
+    return [
+        f"Connector alone, features ({s['batch']}, {s['tokens']}, {s['vision_dim']}) -> {s['llm_dim']}: "
+        f"{row['connector']} gives the LLM {row['visual_tokens']} visual "
+        f"tokens instead of {BASELINE}'s 576 ({100 * row['token_reduction']:.0f} % fewer) for "
+        f"{row['flops_vs_baseline']:.2f}x its FLOPs and {row['latency_vs_baseline']:.2f}x its time."
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:

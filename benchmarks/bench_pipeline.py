@@ -39,46 +39,116 @@ from benchmarks._common import (
 
 __all__ = ["PRESETS", "analytic", "measured", "run", "summarize", "to_markdown"]
 
-_VIT_L14_336 = {"image_size": 336, "patch_size": 14, "hidden_size": 1024, "num_hidden_layers": 24,
-                "num_attention_heads": 16, "intermediate_size": 4096}
-_LLAMA_7B = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
-             "intermediate_size": 11008, "vocab_size": 32000}
+_VIT_L14_336 = {
+    "image_size": 336,
+    "patch_size": 14,
+    "hidden_size": 1024,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "intermediate_size": 4096,
+}
+_LLAMA_7B = {
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "intermediate_size": 11008,
+    "vocab_size": 32000,
+}
 
 # ``vit`` / ``llm``: HF config fields of the measured models; ``scaled``: whether they are smaller than
 # LLaVA-1.5-7B (said in the output); ``resampler``: Perceiver/AcFormer overrides (scaled presets). ``dtype``: per
 # device type. Timing: ``rounds`` interleaved rounds of blocks lasting at least ``min_block_s``.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
-        "vit": {"image_size": 336, "patch_size": 14, "hidden_size": 32, "num_hidden_layers": 2,
-                "num_attention_heads": 2, "intermediate_size": 64},
-        "llm": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
-                "intermediate_size": 128, "vocab_size": 1000},
+        "vit": {
+            "image_size": 336,
+            "patch_size": 14,
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+        },
+        "llm": {
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "intermediate_size": 128,
+            "vocab_size": 1000,
+        },
         "resampler": {"depth": 1, "heads": 2, "dim_head": 16},
-        "scaled": True, "batch": 1, "text_tokens": 8, "rounds": 2, "min_block_s": 0.0, "stages": True,
+        "scaled": True,
+        "batch": 1,
+        "text_tokens": 8,
+        "rounds": 2,
+        "min_block_s": 0.0,
+        "stages": True,
         "dtype": {"cpu": torch.float32, "cuda": torch.float16},
     },
     "quick": {  # the default's models, fewer timed rounds, no per-stage timings
-        "vit": {"image_size": 336, "patch_size": 14, "hidden_size": 128, "num_hidden_layers": 4,
-                "num_attention_heads": 4, "intermediate_size": 512},
-        "llm": {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 8,
-                "intermediate_size": 1376, "vocab_size": 32000},
+        "vit": {
+            "image_size": 336,
+            "patch_size": 14,
+            "hidden_size": 128,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "intermediate_size": 512,
+        },
+        "llm": {
+            "hidden_size": 512,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 8,
+            "intermediate_size": 1376,
+            "vocab_size": 32000,
+        },
         "resampler": {"heads": 4, "dim_head": 32},
-        "scaled": True, "batch": 1, "text_tokens": 64, "rounds": 2, "min_block_s": 0.0, "stages": False,
+        "scaled": True,
+        "batch": 1,
+        "text_tokens": 64,
+        "rounds": 2,
+        "min_block_s": 0.0,
+        "stages": False,
         "dtype": {"cpu": torch.float32, "cuda": torch.float16},
     },
     "default": {
         # ~1/8 of the widths, fewer layers; ViT : LLM FLOPs about 1 : 12 (LLaVA-1.5-7B: 1 : 22).
-        "vit": {"image_size": 336, "patch_size": 14, "hidden_size": 128, "num_hidden_layers": 4,
-                "num_attention_heads": 4, "intermediate_size": 512},
-        "llm": {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 8,
-                "intermediate_size": 1376, "vocab_size": 32000},
+        "vit": {
+            "image_size": 336,
+            "patch_size": 14,
+            "hidden_size": 128,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "intermediate_size": 512,
+        },
+        "llm": {
+            "hidden_size": 512,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 8,
+            "intermediate_size": 1376,
+            "vocab_size": 32000,
+        },
         "resampler": {"heads": 4, "dim_head": 32},
-        "scaled": True, "batch": 1, "text_tokens": 64, "rounds": 6, "min_block_s": 0.1, "stages": True,
+        "scaled": True,
+        "batch": 1,
+        "text_tokens": 64,
+        "rounds": 6,
+        "min_block_s": 0.1,
+        "stages": True,
         "dtype": {"cpu": torch.float32, "cuda": torch.float16},
     },
     "llava-1.5-7b": {
-        "vit": _VIT_L14_336, "llm": _LLAMA_7B, "scaled": False, "batch": 16, "text_tokens": 64,
-        "rounds": 10, "min_block_s": 0.05, "stages": True, "dtype": {"cpu": torch.float32, "cuda": torch.float16},
+        "vit": _VIT_L14_336,
+        "llm": _LLAMA_7B,
+        "scaled": False,
+        "batch": 16,
+        "text_tokens": 64,
+        "rounds": 10,
+        "min_block_s": 0.05,
+        "stages": True,
+        "dtype": {"cpu": torch.float32, "cuda": torch.float16},
     },
 }
 ANALYTIC_TEXT_TOKENS = 64
@@ -100,16 +170,24 @@ def analytic(labels: list[str], *, text_tokens: int = ANALYTIC_TEXT_TOKENS) -> d
             connector = _build_meta(label, vit.hidden_size, llm.hidden_size)
             tokens = connector.num_output_tokens(vit.num_tokens)
             total = flops.pipeline_flops(
-                vit=vit, llm=llm, visual_tokens=tokens, text_tokens=text_tokens,
-                connector_flops=connector.analytic_flops(vit.num_tokens), uses_anchors=connector.uses_anchors,
+                vit=vit,
+                llm=llm,
+                visual_tokens=tokens,
+                text_tokens=text_tokens,
+                connector_flops=connector.analytic_flops(vit.num_tokens),
+                uses_anchors=connector.uses_anchors,
             )
-            rows.append({
-                "llm_shape": llm.name, "connector": label, "visual_tokens": tokens,
-                **{f"{stage}_flops": value for stage, value in total.to_dict().items()},
-                "kv_cache_bytes": flops.kv_cache_bytes(
-                    llm, tokens + text_tokens, bytes_per_element=KV_BYTES_PER_ELEMENT
-                ),
-            })
+            rows.append(
+                {
+                    "llm_shape": llm.name,
+                    "connector": label,
+                    "visual_tokens": tokens,
+                    **{f"{stage}_flops": value for stage, value in total.to_dict().items()},
+                    "kv_cache_bytes": flops.kv_cache_bytes(
+                        llm, tokens + text_tokens, bytes_per_element=KV_BYTES_PER_ELEMENT
+                    ),
+                }
+            )
     for row in rows:
         base = next(r for r in rows if r["llm_shape"] == row["llm_shape"] and r["connector"] == BASELINE)
         row["total_vs_baseline"] = row["total_flops"] / base["total_flops"]
@@ -120,7 +198,7 @@ def analytic(labels: list[str], *, text_tokens: int = ANALYTIC_TEXT_TOKENS) -> d
         "llms": [llm.to_dict() for llm in ANALYTIC_LLMS],
         "text_tokens": text_tokens,
         "convention": "matmul FLOPs per sample, 2 per multiply-add, dense attention, LM head on the last token; "
-                      "KV cache in fp16",
+        "KV cache in fp16",
         "results": rows,
     }
 
@@ -149,15 +227,19 @@ class _Pipeline:
         self.dtype = cfg["dtype"][device.type]
         self.batch, self.text = cfg["batch"], cfg["text_tokens"]
         generator = seeded(0)
-        progress(f"pipeline: building ViT {cfg['vit']['hidden_size']}x{cfg['vit']['num_hidden_layers']} and LLM "
-                 f"{cfg['llm']['hidden_size']}x{cfg['llm']['num_hidden_layers']} ({self.dtype}, {device})")
+        progress(
+            f"pipeline: building ViT {cfg['vit']['hidden_size']}x{cfg['vit']['num_hidden_layers']} and LLM "
+            f"{cfg['llm']['hidden_size']}x{cfg['llm']['num_hidden_layers']} ({self.dtype}, {device})"
+        )
         self.vit, self.llm = _models(cfg, device, self.dtype)
         self.vit_shape = flops.ViTShape.from_hf_config(self.vit.config, name="measured-vit")
         self.llm_shape = flops.LLMShape.from_hf_config(self.llm.config, name="measured-llm")
         self._extract_anchors = _extract_anchors()
         size = cfg["vit"]["image_size"]
         self.pixels = torch.randn(self.batch, 3, size, size, generator=generator).to(device=device, dtype=self.dtype)
-        self.text_ids = torch.randint(0, cfg["llm"]["vocab_size"], (self.batch, self.text), generator=generator).to(device)
+        self.text_ids = torch.randint(0, cfg["llm"]["vocab_size"], (self.batch, self.text), generator=generator).to(
+            device
+        )
 
     def vision(self, k: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(B, N, D)`` features of layer -2 and, for ``k`` anchors, ``(B, k + 1)`` anchor indices."""
@@ -178,14 +260,27 @@ def _cases(pipe: _Pipeline, labels: list[str], cfg: dict[str, Any], device: torc
     n = pipe.vit_shape.num_tokens
     for label in labels:
         progress(f"pipeline: building {label}")
-        connector = connector_spec(label).build(pipe.vit_shape.hidden_size, pipe.llm_shape.hidden_size,
-                                                  resampler=cfg.get("resampler"), device=device,
-                                                  dtype=pipe.dtype).eval()
+        connector = (
+            connector_spec(label)
+            .build(
+                pipe.vit_shape.hidden_size,
+                pipe.llm_shape.hidden_size,
+                resampler=cfg.get("resampler"),
+                device=device,
+                dtype=pipe.dtype,
+            )
+            .eval()
+        )
         k = connector.config.num_anchors if connector.uses_anchors else None
         tokens = connector.num_output_tokens(n)
         total = flops.pipeline_flops(
-            vit=pipe.vit_shape, llm=pipe.llm_shape, visual_tokens=tokens, text_tokens=pipe.text,
-            connector_flops=connector.analytic_flops(n), uses_anchors=connector.uses_anchors, batch=pipe.batch,
+            vit=pipe.vit_shape,
+            llm=pipe.llm_shape,
+            visual_tokens=tokens,
+            text_tokens=pipe.text,
+            connector_flops=connector.analytic_flops(n),
+            uses_anchors=connector.uses_anchors,
+            batch=pipe.batch,
         )
         rows.append({"connector": label, "visual_tokens": tokens, "num_anchors": k, "analytic_flops": total.to_dict()})
         pipelines[label] = (lambda c, kk: lambda: pipe.prefill(c(*pipe.vision(kk))))(connector, k)
@@ -205,13 +300,20 @@ def measured(labels: list[str], *, preset: str, device: torch.device) -> dict[st
     timing = {"rounds": cfg["rounds"], "min_block_s": cfg["min_block_s"]}
     with torch.inference_mode():
         rows, pipelines, stages = _cases(pipe, labels, cfg, device)
-        timed = measure_interleaved(pipelines, device, **timing,
-                                    label=f"pipeline: end to end ({pipe.batch} images, visual + {pipe.text} text tokens)")
+        timed = measure_interleaved(
+            pipelines,
+            device,
+            **timing,
+            label=f"pipeline: end to end ({pipe.batch} images, visual + {pipe.text} text tokens)",
+        )
         timed_stages = measure_interleaved(stages, device, **timing, label="pipeline: stages alone") if stages else {}
     for row in rows:
         row.update(timed[row["connector"]])
-        for stage, key in (("vision", f"vision/{row['num_anchors']}"), ("connector", f"connector/{row['connector']}"),
-                           ("llm", f"llm/{row['visual_tokens']}")):
+        for stage, key in (
+            ("vision", f"vision/{row['num_anchors']}"),
+            ("connector", f"connector/{row['connector']}"),
+            ("llm", f"llm/{row['visual_tokens']}"),
+        ):
             if key in timed_stages:
                 row[f"{stage}_ms"] = timed_stages[key]["median_ms"]
                 row[f"{stage}_iqr_ms"] = timed_stages[key]["iqr_ms"]
@@ -233,16 +335,25 @@ def measured(labels: list[str], *, preset: str, device: torch.device) -> dict[st
     }
 
 
-def run(*, preset: str = "default", device: torch.device | str = "cpu", connectors: str | None = None,
-        measure_pipeline: bool = True) -> dict[str, Any]:
+def run(
+    *,
+    preset: str = "default",
+    device: torch.device | str = "cpu",
+    connectors: str | None = None,
+    measure_pipeline: bool = True,
+) -> dict[str, Any]:
     """Analytic pipeline costs at LLaMA-7B/13B shapes and, unless disabled, the measured pipeline."""
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     device = torch.device(device)
     labels = resolve_connectors(connectors)
     progress("pipeline: analytic FLOPs and KV cache at LLaMA-7B/13B shapes")
-    result: dict[str, Any] = {"benchmark": "pipeline", "preset": preset, "device_type": device.type,
-                              "analytic": analytic(labels)}
+    result: dict[str, Any] = {
+        "benchmark": "pipeline",
+        "preset": preset,
+        "device_type": device.type,
+        "analytic": analytic(labels),
+    }
     if measure_pipeline:
         result["measured"] = measured(labels, preset=preset, device=device)
     return result
@@ -254,17 +365,21 @@ def summarize(result: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     row = next((r for r in rows if r["connector"] == "acformer-144"), rows[0])
-    out = [f"Whole pipeline at LLaVA-1.5-7B shapes (analytic): {row['connector']} costs {row['total_vs_baseline']:.2f}x "
-           f"the FLOPs of the {BASELINE} pipeline per sample and leaves {row['kv_cache_vs_baseline']:.2f}x its KV cache."]
+    out = [
+        f"Whole pipeline at LLaVA-1.5-7B shapes (analytic): {row['connector']} costs {row['total_vs_baseline']:.2f}x "
+        f"the FLOPs of the {BASELINE} pipeline per sample and leaves {row['kv_cache_vs_baseline']:.2f}x its KV cache."
+    ]
     m = result.get("measured")
     if m:
         measured = {r["connector"]: r for r in m["results"]}
         if row["connector"] in measured:
             r = measured[row["connector"]]
             shapes = "scaled-down models" if m["scaled_down"] else "LLaVA-1.5-7B shapes"
-            out.append(f"Measured here ({shapes}, batch {m['batch']}), that pipeline took "
-                       f"{r['latency_vs_baseline']:.2f}x the time of the {BASELINE} one (analytic "
-                       f"{r['analytic_vs_baseline']:.2f}x at those shapes).")
+            out.append(
+                f"Measured here ({shapes}, batch {m['batch']}), that pipeline took "
+                f"{r['latency_vs_baseline']:.2f}x the time of the {BASELINE} one (analytic "
+                f"{r['analytic_vs_baseline']:.2f}x at those shapes)."
+            )
     return out
 
 
@@ -300,7 +415,8 @@ def to_markdown(result: dict[str, Any]) -> str:
         )
         scaled = (
             "**Scaled-down models** (token counts as LLaVA-1.5, widths/depths reduced so a CPU finishes): "
-            if m["scaled_down"] else "LLaVA-1.5-7B shapes: "
+            if m["scaled_down"]
+            else "LLaVA-1.5-7B shapes: "
         )
         mem = any(r.get("peak_mem_mib") is not None for r in m["results"])
         lines += [
@@ -311,8 +427,7 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"alone. Target: {m['target']}.",
             "",
             "| connector | visual tokens | pipeline ms ± IQR (x) | analytic FLOPs (x) | vision ms | connector ms "
-            "| LLM prefill ms |"
-            + (" peak MiB |" if mem else ""),
+            "| LLM prefill ms |" + (" peak MiB |" if mem else ""),
             "|---|---|---|---|---|---|---|" + ("---|" if mem else ""),
         ]
         for r in m["results"]:
@@ -320,7 +435,9 @@ def to_markdown(result: dict[str, Any]) -> str:
                 f"| {r['connector']} | {r['visual_tokens']} | {format_ms(r['median_ms'], r['iqr_ms'], 1)} "
                 f"({r['latency_vs_baseline']:.3f}x) "
                 f"| {format_flops(r['analytic_flops']['total'])} ({r['analytic_vs_baseline']:.3f}x) | "
-                + " | ".join(_fmt_ms(r.get(f"{stage}_ms"), r.get(f"{stage}_iqr_ms")) for stage in ("vision", "connector", "llm"))
+                + " | ".join(
+                    _fmt_ms(r.get(f"{stage}_ms"), r.get(f"{stage}_iqr_ms")) for stage in ("vision", "connector", "llm")
+                )
                 + " |"
             )
             if mem:

@@ -35,21 +35,72 @@ __all__ = ["INPUTS", "PRESETS", "make_scores", "reference_loop", "run", "summari
 # batch, heads, tokens, anchors; ``clip``: HF CLIPVisionConfig of the random-init model for the ``clip``
 # rows (its image/patch sizes give the same token count); timing: interleaved rounds of blocks >= min_block_s.
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {"batch": 4, "heads": 4, "tokens": 65, "anchors": [16], "rounds": 2, "min_block_s": 0.0,
-             "compile": False,  # the smoke run; tests/test_search.py compiles the search itself
-             "clip": {"image_size": 56, "patch_size": 7, "hidden_size": 32, "intermediate_size": 64,
-                      "num_hidden_layers": 2, "num_attention_heads": 4}},
-    "quick": {"batch": 32, "heads": 16, "tokens": 577, "anchors": [144], "rounds": 3, "min_block_s": 0.02,
-              "compile": False,  # torch.compile alone would take most of a quick run
-              "clip": {"image_size": 336, "patch_size": 14, "hidden_size": 64, "intermediate_size": 128,
-                       "num_hidden_layers": 1, "num_attention_heads": 16}},
-    "default": {"batch": 32, "heads": 16, "tokens": 577, "anchors": [256, 144], "rounds": 7, "min_block_s": 0.05,
-                "clip": {"image_size": 336, "patch_size": 14, "hidden_size": 256, "intermediate_size": 1024,
-                         "num_hidden_layers": 2, "num_attention_heads": 16}},
-    "llava-1.5-7b": {"batch": 32, "heads": 16, "tokens": 577, "anchors": [256, 144], "rounds": 10,
-                     "min_block_s": 0.1,
-                     "clip": {"image_size": 336, "patch_size": 14, "hidden_size": 1024, "intermediate_size": 4096,
-                              "num_hidden_layers": 4, "num_attention_heads": 16}},
+    "tiny": {
+        "batch": 4,
+        "heads": 4,
+        "tokens": 65,
+        "anchors": [16],
+        "rounds": 2,
+        "min_block_s": 0.0,
+        "compile": False,  # the smoke run; tests/test_search.py compiles the search itself
+        "clip": {
+            "image_size": 56,
+            "patch_size": 7,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+        },
+    },
+    "quick": {
+        "batch": 32,
+        "heads": 16,
+        "tokens": 577,
+        "anchors": [144],
+        "rounds": 3,
+        "min_block_s": 0.02,
+        "compile": False,  # torch.compile alone would take most of a quick run
+        "clip": {
+            "image_size": 336,
+            "patch_size": 14,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 16,
+        },
+    },
+    "default": {
+        "batch": 32,
+        "heads": 16,
+        "tokens": 577,
+        "anchors": [256, 144],
+        "rounds": 7,
+        "min_block_s": 0.05,
+        "clip": {
+            "image_size": 336,
+            "patch_size": 14,
+            "hidden_size": 256,
+            "intermediate_size": 1024,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 16,
+        },
+    },
+    "llava-1.5-7b": {
+        "batch": 32,
+        "heads": 16,
+        "tokens": 577,
+        "anchors": [256, 144],
+        "rounds": 10,
+        "min_block_s": 0.1,
+        "clip": {
+            "image_size": 336,
+            "patch_size": 14,
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 16,
+        },
+    },
 }
 INPUTS = {
     "random": "independent Gaussian logits per head, softmax",
@@ -114,8 +165,9 @@ def make_scores(kind: str, cfg: dict[str, Any]) -> torch.Tensor | None:
     raise ValueError(f"kind must be one of {sorted(INPUTS)}, got {kind!r}")
 
 
-def _methods(row: torch.Tensor, k: int, entry: dict[str, Any], compiled: Callable | None,
-             ref: torch.Tensor) -> dict[str, Callable[[], Any]]:
+def _methods(
+    row: torch.Tensor, k: int, entry: dict[str, Any], compiled: Callable | None, ref: torch.Tensor
+) -> dict[str, Callable[[], Any]]:
     """The timed functions for one case: the reference loop and every batched method available here."""
     fns: dict[str, Callable[[], Any]] = {
         "loop": lambda: reference_loop(row, k),
@@ -144,12 +196,19 @@ def _time_case(kind: str, row: torch.Tensor, k: int, cfg: dict[str, Any], compil
     """One (input kind, K) case: agreement with the loop, then every method timed interleaved."""
     b, h, n = row.shape
     ref = torch.tensor(reference_loop(row, k))
-    entry: dict[str, Any] = {"input": kind, "batch": b, "heads": h, "tokens": n, "anchors": k,
-                             # ties (the loop's argsort is unstable) or K % H != 0 can make them differ
-                             "matches_loop": torch.equal(anchor_search(row, k).cpu(), ref)}
+    entry: dict[str, Any] = {
+        "input": kind,
+        "batch": b,
+        "heads": h,
+        "tokens": n,
+        "anchors": k,
+        # ties (the loop's argsort is unstable) or K % H != 0 can make them differ
+        "matches_loop": torch.equal(anchor_search(row, k).cpu(), ref),
+    }
     fns = _methods(row, k, entry, compiled, ref)
-    times = measure_interleaved(fns, row.device, rounds=cfg["rounds"], min_block_s=cfg["min_block_s"],
-                                label=f"search: {kind} K={k}")
+    times = measure_interleaved(
+        fns, row.device, rounds=cfg["rounds"], min_block_s=cfg["min_block_s"], label=f"search: {kind} K={k}"
+    )
     entry["times"] = {name: {key: t[key] for key in ("median_ms", "iqr_ms", "calls")} for name, t in times.items()}
     loop_ms = times["loop"]["median_ms"]
     entry["speedup"] = {name: loop_ms / t["median_ms"] for name, t in times.items() if name != "loop"}
@@ -177,15 +236,18 @@ def run(*, preset: str = "default", device: torch.device | str = "cpu", compile:
         if compile:
             progress(f"search: compiling anchor_search for K={k}")
             torch._dynamo.reset()
-            compiled = torch.compile(lambda a, k=k: anchor_search(a, k, check_finite=False), fullgraph=True,
-                                     dynamic=False)
+            compiled = torch.compile(
+                lambda a, k=k: anchor_search(a, k, check_finite=False), fullgraph=True, dynamic=False
+            )
         for kind, row in rows.items():
             if compiled is not None:
                 for _ in range(3):  # compile and load the kernels before timing: none of that is timed
                     compiled(row)
             entry = _time_case(kind, row, k, cfg, compiled)
-            progress(f"search: {kind} K={k}: loop {entry['times']['loop']['median_ms']:.1f} ms, default "
-                     f"{entry['times']['default']['median_ms']:.3f} ms ({entry['speedup']['default']:.0f}x)")
+            progress(
+                f"search: {kind} K={k}: loop {entry['times']['loop']['median_ms']:.1f} ms, default "
+                f"{entry['times']['default']['median_ms']:.3f} ms ({entry['speedup']['default']:.0f}x)"
+            )
             results.append(entry)
     any_row = next(iter(rows.values()))
     return {
@@ -214,11 +276,12 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"Anchor search on {result['device']} ({result['device_type']}, torch {result['torch']}); every method "
         "and the reference loop timed in the same interleaved rounds; ms = median ± IQR for the whole batch; "
         f"(x) = loop time / method time, target >= {result['target_speedup']}x. `default` is "
-        f"`method=\"auto\"` (here `{result.get('auto_method', '?')}`) with the finite check; the others skip it. "
+        f'`method="auto"` (here `{result.get("auto_method", "?")}`) with the finite check; the others skip it. '
         "Inputs: " + "; ".join(f"`{k}`: {v}" for k, v in result["inputs"].items()) + ".",
         "",
         "| input | B | H | N | K | same anchors as loop | loop ms | "
-        + " | ".join(f"{c} ms (x)" for c in _COLUMNS) + " |",
+        + " | ".join(f"{c} ms (x)" for c in _COLUMNS)
+        + " |",
         "|---|---|---|---|---|---|---|" + "---|" * len(_COLUMNS),
     ]
     for r in result["results"]:
@@ -226,8 +289,11 @@ def to_markdown(result: dict[str, Any]) -> str:
         cells = [r["input"]] + [str(r[key]) for key in ("batch", "heads", "tokens", "anchors")]
         cells += ["yes" if r["matches_loop"] else "no", format_ms(t["loop"]["median_ms"], t["loop"]["iqr_ms"], 1)]
         for name in _COLUMNS:
-            cells.append(f"{format_ms(t[name]['median_ms'], t[name]['iqr_ms'], 3)} ({r['speedup'][name]:.0f}x)"
-                         if name in t else "-")
+            cells.append(
+                f"{format_ms(t[name]['median_ms'], t[name]['iqr_ms'], 3)} ({r['speedup'][name]:.0f}x)"
+                if name in t
+                else "-"
+            )
         lines.append("| " + " | ".join(cells) + " |")
     for kind, why in result.get("skipped_inputs", {}).items():
         lines += ["", f"`{kind}` rows skipped: {why}."]
@@ -235,7 +301,10 @@ def to_markdown(result: dict[str, Any]) -> str:
         if "triton_error" in r:
             lines += ["", f"`triton` at K = {r['anchors']} ({r['input']}) failed (not timed): {r['triton_error']}"]
         elif r.get("triton_matches_loop") is False:
-            lines += ["", f"`triton` at K = {r['anchors']} ({r['input']}) disagrees with the reference loop (not timed)."]
+            lines += [
+                "",
+                f"`triton` at K = {r['anchors']} ({r['input']}) disagrees with the reference loop (not timed).",
+            ]
     return "\n".join(lines)
 
 
@@ -246,11 +315,13 @@ def summarize(result: dict[str, Any]) -> list[str]:
         return []
     speedups = [r["speedup"]["default"] for r in rows]
     same = sum(bool(r["matches_loop"]) for r in rows)
-    return [f"Anchor search: the batched search (`method=\"auto\"`, here `{result.get('auto_method', '?')}`) ran "
-            f"{min(speedups):.0f}x to {max(speedups):.0f}x faster than the reference's per-sample loop over "
-            f"{len(rows)} case(s) ({', '.join(sorted({r['input'] for r in rows}))} rows, K = "
-            f"{', '.join(str(k) for k in sorted({r['anchors'] for r in rows}))}) and chose the same anchors in "
-            f"{same} of them."]
+    return [
+        f'Anchor search: the batched search (`method="auto"`, here `{result.get("auto_method", "?")}`) ran '
+        f"{min(speedups):.0f}x to {max(speedups):.0f}x faster than the reference's per-sample loop over "
+        f"{len(rows)} case(s) ({', '.join(sorted({r['input'] for r in rows}))} rows, K = "
+        f"{', '.join(str(k) for k in sorted({r['anchors'] for r in rows}))}) and chose the same anchors in "
+        f"{same} of them."
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -42,14 +42,41 @@ from transformers.vision_utils import get_vision_window_index
 from anchor_former.adapters.hf.qwen_vl import kept_per_step
 from anchor_former.flops import LLMShape, kv_cache_bytes, llm_prefill_flops
 
-__all__ = ["QWEN2_5_VL_7B_LLM", "QWEN2_5_VL_7B_VISION", "case_grids", "markdown", "measured_rows", "probe_flops",
-           "qwen_rows", "tower_flops", "tower_rows"]
+__all__ = [
+    "QWEN2_5_VL_7B_LLM",
+    "QWEN2_5_VL_7B_VISION",
+    "case_grids",
+    "markdown",
+    "measured_rows",
+    "probe_flops",
+    "qwen_rows",
+    "tower_flops",
+    "tower_rows",
+]
 
-QWEN2_5_VL_7B_LLM = LLMShape(name="Qwen2.5-VL-7B LLM", hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4,
-                             intermediate_size=18944, vocab_size=152064, head_dim=128)
-QWEN2_5_VL_7B_VISION = {"depth": 32, "hidden_size": 1280, "num_heads": 16, "intermediate_size": 3420,
-                        "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
-                        "fullatt_block_indexes": (7, 15, 23, 31), "out_hidden_size": 3584, "in_channels": 3}
+QWEN2_5_VL_7B_LLM = LLMShape(
+    name="Qwen2.5-VL-7B LLM",
+    hidden_size=3584,
+    num_layers=28,
+    num_heads=28,
+    num_kv_heads=4,
+    intermediate_size=18944,
+    vocab_size=152064,
+    head_dim=128,
+)
+QWEN2_5_VL_7B_VISION = {
+    "depth": 32,
+    "hidden_size": 1280,
+    "num_heads": 16,
+    "intermediate_size": 3420,
+    "patch_size": 14,
+    "merge_size": 2,
+    "temporal_patch_size": 2,
+    "window_size": 112,
+    "fullatt_block_indexes": (7, 15, 23, 31),
+    "out_hidden_size": 3584,
+    "in_channels": 3,
+}
 IMAGE_PIXELS = (56 * 56, 28 * 28 * 1280)  # Qwen2VLImageProcessor defaults (min, max)
 VIDEO_PIXELS = (128 * 28 * 28, 28 * 28 * 768)  # Qwen2VLVideoProcessor defaults per frame (min, max)
 
@@ -64,12 +91,17 @@ def _grid(height: int, width: int, pixels: tuple[int, int], steps: int = 1) -> t
 
 def case_grids(*, height: int = 720, width: int = 1280, frames: int = 32) -> dict[str, tuple[int, int, int]]:
     """The (t, h, w) patch grids of the two cases: one image and one ``frames``-frame video."""
-    return {f"image {width}x{height}": _grid(height, width, IMAGE_PIXELS),
-            f"video {frames}x{width}x{height}": _grid(height, width, VIDEO_PIXELS, frames // 2)}
+    return {
+        f"image {width}x{height}": _grid(height, width, IMAGE_PIXELS),
+        f"video {frames}x{width}x{height}": _grid(height, width, VIDEO_PIXELS, frames // 2),
+    }
 
 
 def qwen_rows(
-    budgets: tuple[int | float | None, ...] = (None, 256, 144, 64), *, text_tokens: int = 64, llm: LLMShape = QWEN2_5_VL_7B_LLM
+    budgets: tuple[int | float | None, ...] = (None, 256, 144, 64),
+    *,
+    text_tokens: int = 64,
+    llm: LLMShape = QWEN2_5_VL_7B_LLM,
 ) -> list[dict[str, Any]]:
     """One row per case and budget (``None`` = full): visual tokens, prefill FLOPs, KV-cache bytes, ratios to full."""
     rows = []
@@ -82,17 +114,31 @@ def qwen_rows(
             flops = llm_prefill_flops(llm, visual + text_tokens)
             cache = kv_cache_bytes(llm, visual + text_tokens)
             full = full or (flops, cache)
-            rows.append({"case": case, "grid_thw": [t, h, w], "budget": "full" if k is None else f"K={k}",
-                         "visual_tokens": visual, "text_tokens": text_tokens, "prefill_flops": flops,
-                         "prefill_ratio": flops / full[0], "kv_cache_bytes_bf16": cache, "kv_ratio": cache / full[1]})
+            rows.append(
+                {
+                    "case": case,
+                    "grid_thw": [t, h, w],
+                    "budget": "full" if k is None else f"K={k}",
+                    "visual_tokens": visual,
+                    "text_tokens": text_tokens,
+                    "prefill_flops": flops,
+                    "prefill_ratio": flops / full[0],
+                    "kv_cache_bytes_bf16": cache,
+                    "kv_ratio": cache / full[1],
+                }
+            )
     return rows
 
 
 def _segments(vision: dict[str, Any], grid: tuple[int, int, int]) -> tuple[list[int], list[int]]:
     """Patch counts of the full-attention segments (one per step) and of the attention windows."""
     t, h, w = grid
-    _, cu_windows = get_vision_window_index(torch.tensor([grid]), spatial_merge_size=vision["merge_size"],
-                                            window_size=vision["window_size"], patch_size=vision["patch_size"])
+    _, cu_windows = get_vision_window_index(
+        torch.tensor([grid]),
+        spatial_merge_size=vision["merge_size"],
+        window_size=vision["window_size"],
+        patch_size=vision["patch_size"],
+    )
     bounds = torch.unique_consecutive(torch.as_tensor(cu_windows)).tolist()
     return [h * w] * t, [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
@@ -106,8 +152,10 @@ def tower_flops(vision: dict[str, Any], grid: tuple[int, int, int]) -> int:
     full_pairs, window_pairs = sum(s * s for s in full_segments), sum(s * s for s in windows)
     patch_in = vision["in_channels"] * vision["temporal_patch_size"] * vision["patch_size"] ** 2
     linear = 2 * n * d * 3 * d + 2 * n * d * d + 3 * 2 * n * d * f  # qkv, proj, SwiGLU per block
-    blocks = sum(linear + 4 * d * (full_pairs if i in vision["fullatt_block_indexes"] else window_pairs)
-                 for i in range(vision["depth"]))
+    blocks = sum(
+        linear + 4 * d * (full_pairs if i in vision["fullatt_block_indexes"] else window_pairs)
+        for i in range(vision["depth"])
+    )
     merged, wide = n // vision["merge_size"] ** 2, d * vision["merge_size"] ** 2
     return 2 * n * patch_in * d + blocks + 2 * merged * wide * wide + 2 * merged * wide * vision["out_hidden_size"]
 
@@ -128,8 +176,15 @@ def tower_rows(vision: dict[str, Any] = QWEN2_5_VL_7B_VISION) -> list[dict[str, 
     rows = []
     for case, grid in case_grids().items():
         tower, probe = tower_flops(vision, grid), probe_flops(vision, grid)
-        rows.append({"case": case, "patches": grid[0] * grid[1] * grid[2], "tower_flops": tower,
-                     "probe_flops": probe, "probe_over_tower": probe / tower})
+        rows.append(
+            {
+                "case": case,
+                "patches": grid[0] * grid[1] * grid[2],
+                "tower_flops": tower,
+                "probe_flops": probe,
+                "probe_over_tower": probe / tower,
+            }
+        )
     return rows
 
 
@@ -142,18 +197,41 @@ def _scaled_model(k_budgets: tuple[int | float | None, ...]) -> tuple[Any, dict[
 
     from anchor_former.adapters.hf.qwen_vl import attach_anchor_former_qwen
 
-    vision = {"depth": 4, "hidden_size": 128, "num_heads": 4, "intermediate_size": 256, "patch_size": 14,
-              "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112, "fullatt_block_indexes": [1, 3],
-              "out_hidden_size": 512}
-    text = {"vocab_size": 1024, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 4,
-            "num_attention_heads": 8, "num_key_value_heads": 2, "max_position_embeddings": 4096,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]}}
+    vision = {
+        "depth": 4,
+        "hidden_size": 128,
+        "num_heads": 4,
+        "intermediate_size": 256,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 112,
+        "fullatt_block_indexes": [1, 3],
+        "out_hidden_size": 512,
+    }
+    text = {
+        "vocab_size": 1024,
+        "hidden_size": 512,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]},
+    }
     torch.manual_seed(0)
-    stock = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
-        vision_config=vision, text_config=text, image_token_id=1000, video_token_id=1001, vision_start_token_id=1002,
-    )).eval()
-    models = {k: stock if k is None else attach_anchor_former_qwen(copy.deepcopy(stock), num_anchors=k)
-              for k in k_budgets}
+    stock = Qwen2_5_VLForConditionalGeneration(
+        Qwen2_5_VLConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_id=1000,
+            video_token_id=1001,
+            vision_start_token_id=1002,
+        )
+    ).eval()
+    models = {
+        k: stock if k is None else attach_anchor_former_qwen(copy.deepcopy(stock), num_anchors=k) for k in k_budgets
+    }
     image = torch.randint(0, 256, (448, 448, 3), dtype=torch.uint8).numpy()
     pixels = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 1280)(images=[image], return_tensors="pt")
     return stock, models, dict(pixels)
@@ -163,8 +241,12 @@ def _inputs(image: dict[str, torch.Tensor], visual: int, text: int = 32) -> dict
     """``text`` tokens, ``visual`` image pad tokens, ``text`` tokens (batch 1)."""
     ids = torch.cat([torch.randint(0, 1000, (text,)), torch.full((visual,), 1000), torch.randint(0, 1000, (text,))])
     types = (ids == 1000).int()
-    return {"input_ids": ids[None], "mm_token_type_ids": types[None], "attention_mask": torch.ones_like(ids)[None],
-            **image}
+    return {
+        "input_ids": ids[None],
+        "mm_token_type_ids": types[None],
+        "attention_mask": torch.ones_like(ids)[None],
+        **image,
+    }
 
 
 def measured_rows(
@@ -204,13 +286,21 @@ def measured_rows(
     fns["tower"], fns["tower + probe"] = tower, tower_probe
     timed = measure_interleaved(fns, torch.device("cpu"), rounds=rounds, min_block_s=min_block_s)
     base = {"pipeline": timed["pipeline full"]["median_ms"], "tower": timed["tower"]["median_ms"]}
-    return [{"what": name, "visual_tokens": tokens.get(name, merged), "median_ms": t["median_ms"],
-             "iqr_ms": t["iqr_ms"], "ratio": t["median_ms"] / base["pipeline" if name.startswith("pipeline") else "tower"]}
-            for name, t in timed.items()]
+    return [
+        {
+            "what": name,
+            "visual_tokens": tokens.get(name, merged),
+            "median_ms": t["median_ms"],
+            "iqr_ms": t["iqr_ms"],
+            "ratio": t["median_ms"] / base["pipeline" if name.startswith("pipeline") else "tower"],
+        }
+        for name, t in timed.items()
+    ]
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     """A markdown table of ``rows`` (large counts in G/T, ratios with 3 decimals)."""
+
     def cell(key: str, value: Any) -> str:
         if isinstance(value, float):
             return f"{value:.3f}"

@@ -265,7 +265,7 @@ def markdown_summary(report: dict[str, Any]) -> str:
     parts = ", ".join(f"{name} {result.get('seconds', 0):.0f} s" for name, result in report["benchmarks"].items())
     load = report.get("load_average")
     busy = (f"; load average {load['start']:.1f} at the start and {load['end']:.1f} at the end on "
-            f"{load['cpus']} CPUs" if load else "")
+            f"{load['cpus']} CPUs" if load else "; the machine's load was not recorded")
     sentences.append(
         f"The run took {report['seconds']:.0f} s ({parts}) on {env['device']}, preset `{report['preset']}`, "
         f"{env['date_utc']}{busy}."
@@ -440,7 +440,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's choice; 1 for the tiny preset, which is a "
                              "smoke run and must stay fast on a busy machine)")
+    parser.add_argument("--render", type=Path, default=None, metavar="DIR",
+                        help="measure nothing: rewrite DIR/results.md and DIR/chart.png from DIR/results.json "
+                             "(after a change to the report's layout; the figures stay those of the run)")
     return parser
+
+
+def render(folder: Path) -> int:
+    """Rewrite ``folder``'s results.md (and chart.png) from its results.json; no benchmark runs."""
+    report = json.loads((folder / "results.json").read_text())
+    for name in report["benchmarks"]:  # their to_markdown and summarize
+        if name in BENCHMARKS and (HERE / f"{BENCHMARKS[name].module}.py").exists():
+            importlib.import_module(f"benchmarks.{BENCHMARKS[name].module}")
+    # reports written before the run time was recorded: the sum of the sections' times
+    report.setdefault("seconds", round(sum(r.get("seconds", 0) for r in report["benchmarks"].values()), 1))
+    report.setdefault("connectors", [r["connector"] for r in
+                                     report["benchmarks"].get("connectors", {}).get("results", [])])
+    chart = "chart.png" if write_chart(report, folder / "chart.png") else None
+    (folder / "results.md").write_text(render_markdown(report, chart=chart, summary=True))
+    progress(f"rewrote {folder / 'results.md'}" + (f" and {folder / chart}" if chart else "") + " from results.json")
+    return 0
 
 
 def default_output(device: torch.device, preset: str) -> Path:
@@ -485,6 +504,11 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[arg
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    if "--render" in (argv if argv is not None else sys.argv[1:]):
+        args = parser.parse_args(argv)
+        if not (args.render / "results.json").is_file():
+            parser.error(f"--render {str(args.render)!r}: no results.json there")
+        return render(args.render)
     args, device, benchmarks, threads, output = _parse(parser, argv)
     if threads is not None:
         torch.set_num_threads(threads)

@@ -88,8 +88,17 @@ def measure(rows: torch.Tensor, num_anchors: int) -> dict[str, Any]:
     """Share of images whose anchors differ between :func:`authors_loop` and ``anchor_search`` on ``rows``."""
     ours = anchor_search(rows, num_anchors).cpu().tolist()
     differ = sum(authors_loop(rows[i], num_anchors) != ours[i] for i in range(rows.shape[0]))
-    tied = [(rows[i, h, 1:].unique().numel() < rows.shape[-1] - 1) for i in range(rows.shape[0]) for h in range(rows.shape[1])]
-    return {"images": rows.shape[0], "differ": differ, "share": differ / rows.shape[0], "rows_with_ties": sum(tied) / len(tied)}
+    tied = [
+        (rows[i, h, 1:].unique().numel() < rows.shape[-1] - 1)
+        for i in range(rows.shape[0])
+        for h in range(rows.shape[1])
+    ]
+    return {
+        "images": rows.shape[0],
+        "differ": differ,
+        "share": differ / rows.shape[0],
+        "rows_with_ties": sum(tied) / len(tied),
+    }
 
 
 def _cpu_name() -> str:

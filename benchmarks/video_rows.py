@@ -34,14 +34,25 @@ from anchor_former import flops
 __all__ = ["QWEN2_7B", "SIGLIP_SO400M_384", "to_markdown", "video_rows"]
 
 QWEN2_7B = flops.LLMShape(
-    name="qwen2-7b", hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4, intermediate_size=18944,
+    name="qwen2-7b",
+    hidden_size=3584,
+    num_layers=28,
+    num_heads=28,
+    num_kv_heads=4,
+    intermediate_size=18944,
     vocab_size=152064,
 )
 """Qwen2-7B, LLaVA-OneVision-7B's LLM (grouped-query attention: 4 key/value heads)."""
 
 SIGLIP_SO400M_384 = flops.ViTShape(
-    name="siglip-so400m-14-384", image_size=378, patch_size=14, hidden_size=1152, num_layers=26, num_heads=16,
-    intermediate_size=4304, num_prefix_tokens=0,
+    name="siglip-so400m-14-384",
+    image_size=378,
+    patch_size=14,
+    hidden_size=1152,
+    num_layers=26,
+    num_heads=16,
+    intermediate_size=4304,
+    num_prefix_tokens=0,
 )
 """SigLIP-so400m/14 at 384 px as LLaVA-OneVision uses it: 27 x 27 = 729 patches, no [CLS], 26 layers
 (``image_size=378``: the 27 * 14 px its stride-14 patch embedding covers; the last 6 px add no patch)."""
@@ -85,7 +96,9 @@ def video_rows(
     pooled = math.ceil(vit.grid_size / 2) ** 2
     for k in frame_budgets:
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= pooled:
-            raise ValueError(f"frame_budgets entries must be integers in [1, {pooled}] (pooled tokens per frame), got {k!r}")
+            raise ValueError(
+                f"frame_budgets entries must be integers in [1, {pooled}] (pooled tokens per frame), got {k!r}"
+            )
     vit_flops = frames * flops.vit_forward_flops(vit)
     d, w = vit.hidden_size, llm.hidden_size
     projector = frames * 2 * vit.num_tokens * (d * w + w * w)
@@ -94,12 +107,23 @@ def video_rows(
         visual = frames * k + 1
         probe = 0 if k == pooled else frames * _received_probe_flops(vit)
         llm_flops = flops.llm_prefill_flops(llm, visual + text_tokens)
-        rows.append({
-            "llm_shape": llm.name, "vit_shape": vit.name, "frames": frames, "tokens_per_frame": k,
-            "visual_tokens": visual, "vit_flops": vit_flops, "probe_flops": probe, "projector_flops": projector,
-            "llm_flops": llm_flops, "total_flops": vit_flops + probe + projector + llm_flops,
-            "kv_cache_bytes": flops.kv_cache_bytes(llm, visual + text_tokens, bytes_per_element=KV_BYTES_PER_ELEMENT),
-        })
+        rows.append(
+            {
+                "llm_shape": llm.name,
+                "vit_shape": vit.name,
+                "frames": frames,
+                "tokens_per_frame": k,
+                "visual_tokens": visual,
+                "vit_flops": vit_flops,
+                "probe_flops": probe,
+                "projector_flops": projector,
+                "llm_flops": llm_flops,
+                "total_flops": vit_flops + probe + projector + llm_flops,
+                "kv_cache_bytes": flops.kv_cache_bytes(
+                    llm, visual + text_tokens, bytes_per_element=KV_BYTES_PER_ELEMENT
+                ),
+            }
+        )
     full = rows[0]
     for row in rows:
         for key in ("llm", "kv_cache", "total"):

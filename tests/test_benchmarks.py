@@ -285,3 +285,16 @@ def test_a_section_without_the_preset_runs_its_tiny_one(monkeypatch, tmp_path: P
     result = bench_run._run_one(section, preset="quick", device=torch.device("cpu"), connectors="acformer-144")
     assert result["preset_run"] == "tiny" and result["preset"] == "tiny"
     assert "it ran its `tiny` preset" in bench_run.markdown_section("extra", result)
+
+
+def test_render_rewrites_the_report_from_its_json(tiny_run, tmp_path: Path):
+    """--render measures nothing: the same results.json gives the same results.md."""
+    _, out = tiny_run
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    (folder / "results.json").write_text((out / "results.json").read_text())
+    assert bench_run.main(["--render", str(folder)]) == 0
+    assert (folder / "results.md").read_text() == (out / "results.md").read_text()
+    with pytest.raises(SystemExit) as exc:
+        bench_run.main(["--render", str(tmp_path / "nothing")])
+    assert exc.value.code == 2

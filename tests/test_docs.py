@@ -52,38 +52,49 @@ _PENDING: dict[str, dict[str, object]] = {
         ),
         "needs": "transformers",
         # block (found by a line of its code) -> directives
-        "block_directives": {"from anchor_former.viz import save_anchor_plot": ["needs matplotlib"],
-                             "class FooFamily(EncoderFamily):": [
-                                 "skip: registers an encoder family for a library that does not exist; "
-                                 "twin: tests/probes/test_base.py::test_registering_an_existing_name_needs_replace"],
-                             "batch = processor(images=images": [
-                                 "skip: needs a SigLIP2 model and processor; "
-                                 "twin: tests/probes/test_siglip2.py::test_extract_anchors_naflex"]},
+        "block_directives": {
+            "from anchor_former.viz import save_anchor_plot": ["needs matplotlib"],
+            "class FooFamily(EncoderFamily):": [
+                "skip: registers an encoder family for a library that does not exist; "
+                "twin: tests/probes/test_base.py::test_registering_an_existing_name_needs_replace"
+            ],
+            "batch = processor(images=images": [
+                "skip: needs a SigLIP2 model and processor; "
+                "twin: tests/probes/test_siglip2.py::test_extract_anchors_naflex"
+            ],
+        },
     },
     "llava-next.md": {
         "block_directives": {
             'LlavaNextForConditionalGeneration.from_pretrained("llava-hf/llava-v1.6-vicuna-7b-hf")': [
                 "skip: downloads LLaVA-NeXT-7B; "
-                "twin: tests/adapters/test_llava_next_hf.py::test_generate_with_reduced_budget"],
+                "twin: tests/adapters/test_llava_next_hf.py::test_generate_with_reduced_budget"
+            ],
             "from llava.mm_utils import process_images": [
                 "skip: needs a llava-torch LLaVA-NeXT model and images; "
-                "twin: tests/adapters/test_llava_anyres.py::test_generate_with_image_sizes"],
+                "twin: tests/adapters/test_llava_anyres.py::test_generate_with_image_sizes"
+            ],
         },
     },
     "qwen-vl.md": {
         "block_directives": {
             'from_pretrained("Qwen/Qwen2.5-VL-7B-Instruct")': [
                 "skip: downloads Qwen2.5-VL-7B; "
-                "twin: tests/adapters/test_qwen_vl.py::test_generate_batched_left_padded_with_reduced_budget"],
+                "twin: tests/adapters/test_qwen_vl.py::test_generate_batched_left_padded_with_reduced_budget"
+            ],
             "processor = attach_qwen_processor(AutoProcessor.from_pretrained(d),": [
                 "skip: continues a saved Qwen2.5-VL folder; "
-                "twin: tests/adapters/test_qwen_vl.py::test_save_and_load_round_trip"],
+                "twin: tests/adapters/test_qwen_vl.py::test_save_and_load_round_trip"
+            ],
         },
     },
     "training.md": {
-        "block_directives": {'.from_pretrained("out/stage2")': [
-            "skip: needs the folder a training run writes; "
-            "twin: tests/test_train.py::test_stage_1_trains_only_the_connector_and_stage_2_the_llm_too"]},
+        "block_directives": {
+            '.from_pretrained("out/stage2")': [
+                "skip: needs the folder a training run writes; "
+                "twin: tests/test_train.py::test_stage_1_trains_only_the_connector_and_stage_2_the_llm_too"
+            ]
+        },
     },
 }
 
@@ -164,8 +175,9 @@ def namespaces() -> dict[str, dict]:
     return {}
 
 
-def _namespace(page: Page, namespaces: dict, tmp_path_factory: pytest.TempPathFactory,
-               monkeypatch: pytest.MonkeyPatch) -> dict:
+def _namespace(
+    page: Page, namespaces: dict, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> dict:
     if page.name not in namespaces:
         workdir = tmp_path_factory.mktemp(page.name.replace(".", "_"))
         namespaces[page.name] = {"__name__": f"docs_{page.name}", "__workdir__": workdir, "torch": torch}
@@ -181,8 +193,9 @@ def _namespace(page: Page, namespaces: dict, tmp_path_factory: pytest.TempPathFa
 
 
 @pytest.mark.parametrize(("page", "index"), _cases())
-def test_documented_python_block_runs(page: Page, index: int, namespaces: dict,
-                                      tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+def test_documented_python_block_runs(
+    page: Page, index: int, namespaces: dict, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+):
     block = page.blocks[index]
     code = block.code
     for directive in block.directives:
@@ -231,7 +244,8 @@ def test_directives_are_understood():
             if directive.startswith("skip"):
                 assert _SKIP.match(directive), (
                     f"{path.name}: {directive!r}: a skip needs a reason and the test that runs the same steps: "
-                    "`skip: REASON; twin: tests/FILE.py::TEST`")
+                    "`skip: REASON; twin: tests/FILE.py::TEST`"
+                )
             else:
                 assert known.match(directive), f"{path.name}: unknown docs-test directive {directive!r}"
 
@@ -266,7 +280,8 @@ def test_pending_directives_match_their_blocks():
         blocks = [m.group(1) for m in _FENCE.finditer(page.read_text())]
         for line in dict(pending["block_directives"]):
             assert any(line in code for code in blocks), (
-                f"docs/{name}: no block contains {line!r}; move its directives into the page or drop them here")
+                f"docs/{name}: no block contains {line!r}; move its directives into the page or drop them here"
+            )
 
 
 def test_a_skip_without_a_twin_is_refused():

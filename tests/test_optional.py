@@ -22,8 +22,11 @@ def _hide(monkeypatch: pytest.MonkeyPatch, *modules: str) -> None:
 def test_require_returns_the_module_or_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     assert require("torch.nn", extra="hf", feature="x") is torch.nn
     _hide(monkeypatch, "safetensors", "safetensors.torch")
-    with pytest.raises(ImportError, match=r'^reading x needs safetensors, which is not installed: '
-                                          r'pip install "anchor-former\[hf\]"$') as info:
+    with pytest.raises(
+        ImportError,
+        match=r"^reading x needs safetensors, which is not installed: "
+        r'pip install "anchor-former\[hf\]"$',
+    ) as info:
         require("safetensors.torch", extra="hf", feature="reading x")
     assert info.value.name == "safetensors"
 
@@ -33,9 +36,9 @@ def test_safetensors_checkpoints_name_the_hf_extra(monkeypatch: pytest.MonkeyPat
     path = tmp_path / "w.safetensors"
     save_state_dict({"w": torch.zeros(2)}, path)
     _hide(monkeypatch, "safetensors", "safetensors.torch")
-    with pytest.raises(ImportError, match=r'reading \.safetensors checkpoints needs safetensors.*anchor-former\[hf\]'):
+    with pytest.raises(ImportError, match=r"reading \.safetensors checkpoints needs safetensors.*anchor-former\[hf\]"):
         load_state_dict(path)
-    with pytest.raises(ImportError, match=r'saving checkpoints \(safetensors\) needs safetensors.*anchor-former\[hf\]'):
+    with pytest.raises(ImportError, match=r"saving checkpoints \(safetensors\) needs safetensors.*anchor-former\[hf\]"):
         save_state_dict({"w": torch.zeros(2)}, tmp_path / "v.safetensors")
 
 
@@ -118,8 +121,9 @@ def test_every_module_imports_or_names_its_extra_without_the_optional_dependenci
 
     src = str(os.path.dirname(os.path.dirname(anchor_former.__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", _CORE_ONLY], capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CORE_ONLY], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     for installed in ("transformers", "huggingface_hub", "safetensors", "matplotlib"):  # the blocker bites
