@@ -37,6 +37,7 @@ __all__ = [
     "format_flops",
     "format_ms",
     "measure_interleaved",
+    "num_anchors",
     "parse_device",
     "progress",
     "resolve_connectors",
@@ -136,6 +137,11 @@ def _parse_budget(label: str) -> BenchConnector | None:
     return None
 
 
+def num_anchors(connector: Connector) -> int | None:
+    """The anchors an anchor connector searches for (its config's ``num_anchors``); None for the others."""
+    return getattr(connector.config, "num_anchors", None) if connector.uses_anchors else None
+
+
 def connector_spec(label: str) -> BenchConnector:
     """The line-up's entry for ``label``, or one parsed from ``FAMILY-BUDGET`` (``select-96``, ``acformer-100``)."""
     spec = BENCH_CONNECTORS.get(label) or _parse_budget(label)
@@ -232,7 +238,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         ).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    env = {
+    env: dict[str, Any] = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name(device),
         "device_type": device.type,
@@ -291,7 +297,8 @@ def measure_interleaved(
     an estimate of the whole measurement after calibration and one progress line per round (stderr).
     """
     threads = torch.get_num_threads()
-    timers, numbers, block_s, out = {}, {}, {}, {}
+    timers, numbers, block_s = {}, {}, {}
+    out: dict[str, dict[str, Any]] = {}
     if device.type == "cuda":
         for fn in fns.values():
             fn()

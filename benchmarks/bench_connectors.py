@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from anchor_former.connectors import Connector
 from benchmarks._common import (
     BASELINE,
     connector_benchmark_main,
@@ -31,6 +32,7 @@ from benchmarks._common import (
     format_flops,
     format_ms,
     measure_interleaved,
+    num_anchors,
     progress,
     resolve_connectors,
     seeded,
@@ -105,7 +107,7 @@ def random_anchor_idx(
     return anchor_search(row, num_anchors).to(device)
 
 
-def _build(label: str, cfg: dict[str, Any], device: torch.device) -> torch.nn.Module:
+def _build(label: str, cfg: dict[str, Any], device: torch.device) -> Connector:
     dtype = cfg["dtype"][device.type]
     spec = connector_spec(label)
     return spec.build(cfg["vision_dim"], cfg["llm_dim"], resampler=cfg["resampler"], device=device, dtype=dtype).eval()
@@ -113,7 +115,7 @@ def _build(label: str, cfg: dict[str, Any], device: torch.device) -> torch.nn.Mo
 
 def count_flops(
     label: str,
-    connector: torch.nn.Module,
+    connector: Connector,
     features: torch.Tensor,
     anchor_idx: torch.Tensor | None,
     *,
@@ -197,7 +199,7 @@ def run(
         anchor_idx = None
         if connector.uses_anchors:
             anchor_idx = random_anchor_idx(
-                b, cfg["heads"], n, connector.config.num_anchors, generator=generator, device=device
+                b, cfg["heads"], n, int(num_anchors(connector) or 0), generator=generator, device=device
             )
         results[label] = {
             "connector": label,

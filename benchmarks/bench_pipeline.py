@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from anchor_former import flops
+from anchor_former.connectors import Connector
 from benchmarks._common import (
     BASELINE,
     connector_benchmark_main,
@@ -32,6 +33,7 @@ from benchmarks._common import (
     format_flops,
     format_ms,
     measure_interleaved,
+    num_anchors,
     progress,
     resolve_connectors,
     seeded,
@@ -156,7 +158,7 @@ ANALYTIC_LLMS = (flops.LLAMA_7B, flops.LLAMA_13B)
 KV_BYTES_PER_ELEMENT = 2  # fp16 / bf16 cache
 
 
-def _build_meta(label: str, vision_dim: int, llm_dim: int) -> torch.nn.Module:
+def _build_meta(label: str, vision_dim: int, llm_dim: int) -> Connector:
     """The connector on the meta device: shapes and ``analytic_flops`` without memory."""
     return connector_spec(label).build(vision_dim, llm_dim, device="meta")
 
@@ -164,7 +166,7 @@ def _build_meta(label: str, vision_dim: int, llm_dim: int) -> torch.nn.Module:
 def analytic(labels: list[str], *, text_tokens: int = ANALYTIC_TEXT_TOKENS) -> dict[str, Any]:
     """Per-sample pipeline FLOPs and KV-cache bytes at CLIP ViT-L/14-336 + LLaMA-7B/13B shapes."""
     vit = flops.CLIP_VIT_L14_336
-    rows = []
+    rows: list[dict[str, Any]] = []
     for llm in ANALYTIC_LLMS:
         for label in labels:
             connector = _build_meta(label, vit.hidden_size, llm.hidden_size)
@@ -215,8 +217,9 @@ def _models(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype):
     from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
     with torch.device(device):
-        vit = CLIPVisionModel._from_config(CLIPVisionConfig(**cfg["vit"], attn_implementation="sdpa"), dtype=dtype)
-        llm = LlamaForCausalLM._from_config(LlamaConfig(**cfg["llm"], attn_implementation="sdpa"), dtype=dtype)
+        # attn_implementation reaches the configs through **kwargs, which their typed signatures do not show
+        vit = CLIPVisionModel._from_config(CLIPVisionConfig(**cfg["vit"], attn_implementation="sdpa"), dtype=dtype)  # type: ignore[call-arg]
+        llm = LlamaForCausalLM._from_config(LlamaConfig(**cfg["llm"], attn_implementation="sdpa"), dtype=dtype)  # type: ignore[call-arg]
     return vit.eval(), llm.eval()
 
 
@@ -256,7 +259,9 @@ class _Pipeline:
 
 def _cases(pipe: _Pipeline, labels: list[str], cfg: dict[str, Any], device: torch.device):
     """Per connector: its result row, its end-to-end function, and (``cfg["stages"]``) each stage alone."""
-    rows, pipelines, stages = [], {}, {}
+    rows: list[dict[str, Any]] = []
+    pipelines: dict[str, Any] = {}
+    stages: dict[str, Any] = {}
     n = pipe.vit_shape.num_tokens
     for label in labels:
         progress(f"pipeline: building {label}")
@@ -271,7 +276,7 @@ def _cases(pipe: _Pipeline, labels: list[str], cfg: dict[str, Any], device: torc
             )
             .eval()
         )
-        k = connector.config.num_anchors if connector.uses_anchors else None
+        k = num_anchors(connector)
         tokens = connector.num_output_tokens(n)
         total = flops.pipeline_flops(
             vit=pipe.vit_shape,

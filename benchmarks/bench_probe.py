@@ -39,7 +39,7 @@ import copy
 import json
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -127,7 +127,7 @@ def _cpu_peaks(results: dict[str, dict[str, Any]], paths: dict[str, Any], label:
 
 
 def _family_paths(model: Any, spec: Any, pixels: torch.Tensor, inputs: dict[str, Any], *, k: int,
-                  score: str) -> dict[str, Any]:
+                  score: Literal["cls", "received"]) -> dict[str, Any]:
     """The plain forward and ``extract_anchors`` of one family's model."""
     return {"sdpa": lambda: spec.run(pixels, **inputs),
             "probe": lambda: extract_anchors(model, pixels, num_anchors=k, score=score, inputs=inputs).anchor_idx}
@@ -145,11 +145,12 @@ def _build(cfg: dict[str, Any], device: torch.device, *, siglip: bool = False):
 
     dtype = getattr(torch, cfg["dtype"])
     if siglip:
-        model = SiglipVisionModel(SiglipVisionConfig(**cfg["siglip"], attn_implementation="sdpa"))
+        # attn_implementation reaches the configs through **kwargs, which their typed signatures do not show
+        model: torch.nn.Module = SiglipVisionModel(SiglipVisionConfig(**cfg["siglip"], attn_implementation="sdpa"))  # type: ignore[call-arg]
     else:
-        model = CLIPVisionModel(CLIPVisionConfig(**cfg["vit"], attn_implementation="sdpa"))
+        model = CLIPVisionModel(CLIPVisionConfig(**cfg["vit"], attn_implementation="sdpa"))  # type: ignore[call-arg]
     model = model.to(device=device, dtype=dtype).eval()
-    eager = copy.deepcopy(model)
+    eager: Any = copy.deepcopy(model)
     eager.set_attn_implementation("eager")
     return model, eager
 
@@ -272,7 +273,7 @@ def _families_section(cfg: dict[str, Any], device: torch.device, no_grad) -> dic
         torch.manual_seed(0)
         model = build().to(device=device, dtype=dtype).eval()
         spec = detect_encoder(model)
-        score = "cls" if spec.has_cls else "received"
+        score: Literal["cls", "received"] = "cls" if spec.has_cls else "received"
         inputs: dict[str, Any] = {}
         if spec.layout is not None:  # SigLIP2 NaFlex: patch rows, all real
             n = (image // patch) ** 2

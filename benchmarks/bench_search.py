@@ -143,7 +143,8 @@ def _clip_rows(cfg: dict[str, Any], generator: torch.Generator) -> torch.Tensor 
     except ImportError:
         return None
     torch.manual_seed(0)
-    model = CLIPVisionModel(CLIPVisionConfig(**cfg["clip"], attn_implementation="eager")).eval()
+    config = CLIPVisionConfig(**cfg["clip"], attn_implementation="eager")  # type: ignore[call-arg]  # a **kwargs field
+    model = CLIPVisionModel(config).eval()
     size = cfg["clip"]["image_size"]
     pixels = torch.randn(cfg["batch"], 3, size, size, generator=generator)
     with torch.no_grad():

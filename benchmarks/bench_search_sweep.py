@@ -45,6 +45,8 @@ METHODS = ("native", "masked", "sorted")
 def _load_old_kernel(path: str):
     loader = importlib.machinery.ExtensionFileLoader("anchor_former._native", path)
     spec = importlib.util.spec_from_loader("anchor_former._native", loader)
+    if spec is None:
+        raise ImportError(f"cannot load a kernel from {path}")
     module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
     return module
@@ -66,7 +68,7 @@ class _OldEntryPoint:
 def _old_native(kernel: _OldEntryPoint, scores: torch.Tensor, k: int) -> torch.Tensor:
     """``anchor_search(..., method="native")`` with the earlier kernel swapped in for this call only."""
     current = search_module._native
-    search_module._native = kernel
+    search_module._native = kernel  # type: ignore[assignment]  # the same entry point
     try:
         return anchor_search(scores, k, method="native")
     finally:
@@ -95,7 +97,7 @@ def run(*, rounds: int, budget_s: float, old_kernel: str | None = None, cases=CA
     rows = []
     for b, h, n, k in cases:
         scores = torch.randn(b, h, n, generator=gen)  # (B, H, N); (B, 1, N) is what (B, N) scores become
-        fns = {m: (lambda m=m, s=scores, k=k: anchor_search(s, k, method=m)) for m in METHODS}
+        fns: dict[str, Any] = {m: (lambda m=m, s=scores, k=k: anchor_search(s, k, method=m)) for m in METHODS}
         if kernel is not None:
             fns["native-old"] = lambda s=scores, k=k: _old_native(kernel, s, k)
         ref = anchor_search(scores, k, method="masked")

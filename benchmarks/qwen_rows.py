@@ -64,7 +64,7 @@ QWEN2_5_VL_7B_LLM = LLMShape(
     vocab_size=152064,
     head_dim=128,
 )
-QWEN2_5_VL_7B_VISION = {
+QWEN2_5_VL_7B_VISION: dict[str, Any] = {
     "depth": 32,
     "hidden_size": 1280,
     "num_heads": 16,
@@ -261,7 +261,8 @@ def measured_rows(
     stock, models, image = _scaled_model(budgets)
     grid = image["image_grid_thw"]
     merged = int(grid[0].prod()) // 4
-    fns, tokens = {}, {}
+    fns: dict[str, Any] = {}
+    tokens = {}
     for k, model in models.items():
         visual = merged if k is None else kept_per_step(k, merged)
         inputs = _inputs(image, visual)

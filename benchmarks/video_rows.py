@@ -102,7 +102,7 @@ def video_rows(
     vit_flops = frames * flops.vit_forward_flops(vit)
     d, w = vit.hidden_size, llm.hidden_size
     projector = frames * 2 * vit.num_tokens * (d * w + w * w)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for k in (pooled, *[k for k in frame_budgets if k != pooled]):
         visual = frames * k + 1
         probe = 0 if k == pooled else frames * _received_probe_flops(vit)
