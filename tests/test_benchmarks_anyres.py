@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from benchmarks.anyres_rows import analytic_anyres, to_markdown
 
 from anchor_former import flops
+from benchmarks.anyres_rows import analytic_anyres, to_markdown
 
 
 def test_672_image_rows_match_hand_counts() -> None:

@@ -12,12 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from anchor_former.former import AnchorFormer
 from anchor_former.checkpoint import (
+    REFERENCE_NUM_ANCHORS,
     CheckpointError,
     detect_layout,
     llava_projector_to_mlp,
-    REFERENCE_NUM_ANCHORS,
     load_checked,
     load_connector_weights,
     load_state_dict,
@@ -26,6 +25,7 @@ from anchor_former.checkpoint import (
     strip_projector_prefix,
     to_anchor_former,
 )
+from anchor_former.former import AnchorFormer
 
 D, LLM, HEADS, DIM_HEAD, DEPTH, K = 16, 24, 2, 8, 2, 5
 

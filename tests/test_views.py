@@ -68,7 +68,7 @@ def test_layout_check_bites_on_a_wrong_view_order() -> None:
     features = torch.randn(views.num_views, SIDE * SIDE, 3)
     patches = [m.nonzero().flatten() for m in views.candidate_mask()]
     swapped = [patches[0], patches[2], patches[1], *patches[3:]]  # crops 0 and 1 exchanged
-    tokens = torch.cat([features[v, p] for v, p in zip([0, 2, 1, *range(3, views.num_views)], swapped)])
+    tokens = torch.cat([features[v, p] for v, p in zip([0, 2, 1, *range(3, views.num_views)], swapped, strict=True)])
     got = arrange_selected(views, patches, tokens, torch.zeros(3))
     assert not torch.equal(got, reference_layout(features, views, torch.zeros(3), (100, 300)))
 
@@ -81,7 +81,7 @@ def test_reduced_layout_is_the_stock_layout_restricted_to_kept_patches(size, k, 
     budgets = view_budgets(views.num_candidates(), per_view=k)
     gen = torch.Generator().manual_seed(sum(size))
     patches = []
-    for m, kv in zip(mask, budgets):
+    for m, kv in zip(mask, budgets, strict=True):
         cand = m.nonzero().flatten()
         patches.append(cand[torch.randperm(cand.numel(), generator=gen)[:kv]].sort().values)
     # tag every token with (view, patch) and the newline with -1: the stock layout filtered to the kept tags
@@ -105,10 +105,10 @@ def test_per_image_budget_is_proportional_and_exact(counts, data) -> None:
     budget = data.draw(st.integers(live, sum(counts) + 5))
     k = view_budgets(counts, per_image=budget)
     assert sum(k) == min(budget, sum(counts))
-    assert all((c == 0 and kv == 0) or 1 <= kv <= c for kv, c in zip(k, counts))
+    assert all((c == 0 and kv == 0) or 1 <= kv <= c for kv, c in zip(k, counts, strict=True))
     if budget < sum(counts):  # largest remainder: within one of 1 + the exact share
         spread, weight = budget - live, sum(counts) - live
-        for kv, c in zip(k, counts):
+        for kv, c in zip(k, counts, strict=True):
             if c:
                 assert abs(kv - (1 + spread * (c - 1) / weight)) < 1
 

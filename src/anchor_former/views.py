@@ -422,7 +422,7 @@ def select_view_tokens(
             continue
         real = torch.cat([mask.new_ones(len(group), prefix), mask[group]], dim=1)  # (G, N), True = candidate
         found = anchor_search(scores[group], k, include_cls=False, num_prefix_tokens=prefix, key_padding_mask=real)
-        for v, row in zip(group, found - prefix):  # (k,) ascending patch indices
+        for v, row in zip(group, found - prefix, strict=True):  # (k,) ascending patch indices
             patches[v] = row
     kept = torch.cat([features[v, prefix + p] for v, p in enumerate(patches)], dim=0)  # (sum k_v, D)
     return arrange_selected(views, patches, projector(kept), newline)
