@@ -67,10 +67,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                         "patch_size": 8, "num_hidden_layers": 3},
              "families": {"width": 32, "heads": 4, "layers": 2, "image_size": 32, "patch_size": 8, "rounds": 1,
                           "min_block_s": 0.0}},
-    # a first look in seconds: ViT-L/14-336 token count, width and heads with 2 layers, fewer rounds, small
-    # family models
-    "quick": {"vit": {**_VIT_L_336, "num_hidden_layers": 2}, "batch": 1, "anchors": 144, "dtype": "float32",
-              "rounds": 2, "min_block_s": 0.0, "siglip": {**_SO400M_384, "num_hidden_layers": 2},
+    # a first look: ViT-L width and heads with 2 layers at 224 px (257 tokens), fewer rounds, small family models
+    "quick": {"vit": {**_VIT_L_336, "num_hidden_layers": 2, "image_size": 224}, "batch": 1, "anchors": 64,
+              "dtype": "float32", "rounds": 2, "min_block_s": 0.0,
+              "siglip": {**_SO400M_384, "num_hidden_layers": 2, "image_size": 224},
               "families": {"width": 192, "heads": 3, "layers": 2, "image_size": 224, "patch_size": 16,
                            "rounds": 2, "min_block_s": 0.0}},
     # CPU: ViT-L/14-336 token count, width and heads, but 4 of its 24 layers and batch 1, so the whole run

@@ -65,7 +65,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "patch_size": 14,
             "hidden_size": 64,
             "intermediate_size": 128,
-            "num_hidden_layers": 1,
+            "num_hidden_layers": 2,  # the rows are layer -2's
             "num_attention_heads": 16,
         },
     },

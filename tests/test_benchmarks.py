@@ -298,3 +298,13 @@ def test_render_rewrites_the_report_from_its_json(tiny_run, tmp_path: Path):
     with pytest.raises(SystemExit) as exc:
         bench_run.main(["--render", str(tmp_path / "nothing")])
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("preset", ["tiny", "quick", "default"])
+def test_search_rows_of_each_cpu_preset(preset: str):
+    """The tiny run does not build the other presets' rows: each preset's random-init CLIP gives layer -2's rows."""
+    from benchmarks.bench_search import PRESETS, make_scores
+
+    cfg = PRESETS[preset]
+    rows = make_scores("clip", cfg)
+    assert rows.shape == (cfg["batch"], cfg["heads"], cfg["tokens"])
