@@ -1,7 +1,7 @@
 """The anchor-former benchmark suite: what AcFormer's fewer visual tokens buy, measured on this machine.
 
     python -m benchmarks.run                                   # default preset: the reference CPU run
-    python -m benchmarks.run --quick                           # a first look, under a minute on a CPU
+    python -m benchmarks.run --quick                           # a shorter first look
     python -m benchmarks.run --preset tiny                     # seconds (the smoke test runs this)
     python -m benchmarks.run --preset llava-1.5-7b --device cuda   # LLaVA-1.5-7B shapes, for a GPU
 
@@ -78,8 +78,9 @@ from benchmarks._common import (  # noqa: E402
 __all__ = ["BENCHMARKS", "PRESETS", "QUICK_CONNECTORS", "SECTIONS", "Section", "default_output", "main", "markdown_chart",
            "markdown_header", "markdown_section", "markdown_summary", "render_markdown", "run_suite", "write_chart"]
 
-# tiny: seconds, the smoke test; quick: under a minute on a CPU, a first look with fewer rounds, shapes and
-# families; default: the reference CPU run; llava-1.5-7b: full shapes, for a GPU.
+# tiny: seconds, the smoke test; quick: a first look with four connectors, fewer rounds and smaller probe
+# towers (sized for about a minute on an idle 2-core CPU); default: the reference CPU run; llava-1.5-7b:
+# full shapes, for a GPU.
 PRESETS = ("tiny", "quick", "default", "llava-1.5-7b")
 # --quick's line-up unless --connectors says otherwise: the baseline, a pooling peer, AcFormer, training-free
 QUICK_CONNECTORS = "mlp-576,avgpool-144,acformer-144,select-144"
@@ -425,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
                "gives the measured run time and the machine",
     )
     parser.add_argument("--preset", default="default", choices=PRESETS,
-                        help="tiny: seconds (the smoke test); quick: a first look, under a minute on a CPU; "
+                        help="tiny: seconds (the smoke test); quick: a shorter first look; "
                              "default: the reference CPU run, minutes; llava-1.5-7b: full shapes, for a GPU")
     parser.add_argument("--quick", action="store_true", help="the same as --preset quick")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda if available, else cpu)")
