@@ -78,11 +78,15 @@ def test_every_section_reports_progress_and_the_run_ends_with_a_summary(tiny_run
 
 
 def test_a_section_is_one_line_of_the_table():
-    assert list(bench_run.BENCHMARKS) == ["connectors", "pipeline", "search", "probe"]
+    """Every section of the table is a module with the suite's interface (a preset it lacks runs as tiny)."""
+    assert list(bench_run.BENCHMARKS)[:4] == ["connectors", "pipeline", "search", "probe"]
     for section in bench_run.SECTIONS:
         module = importlib.import_module(f"benchmarks.{section.module}")
-        assert callable(module.run) and callable(module.summarize) and callable(module.to_markdown)
-        assert {"tiny", "quick", "default", "llava-1.5-7b"} <= set(module.PRESETS), section.name
+        assert callable(module.run) and callable(getattr(module, "to_markdown", None)), section.name
+        assert "tiny" in getattr(module, "PRESETS", ("tiny",)), section.name
+    for name in ("connectors", "pipeline", "search", "probe"):  # these four know every preset and summarize
+        module = importlib.import_module(f"benchmarks.{bench_run.BENCHMARKS[name].module}")
+        assert set(bench_run.PRESETS) <= set(module.PRESETS) and callable(module.summarize), name
 
 
 def test_tiny_connector_figures_are_consistent(tiny_run):
