@@ -275,11 +275,13 @@ def check_connector(info: CheckpointInfo, *, connector: str, num_anchors: int, s
     if connector in ("acformer", "select") and num_anchors + context > info.patches:
         what = "--num_anchors + num_context" if context else "--num_anchors"
         raise ValueError(f"{what} must be at most the patches of one view: {where}; got {num_anchors + context}")
-    built = dict(kwargs)
-    if "num_anchors" in inspect.signature(type(probe).__init__).parameters:
-        built["num_anchors"] = num_anchors
-    if "num_prefix_tokens" in inspect.signature(type(probe).__init__).parameters:
-        built["num_prefix_tokens"] = prefix
+    params = inspect.signature(type(probe).__init__).parameters
+    derived = {"num_anchors": num_anchors, "num_prefix_tokens": prefix,
+               # as the attach derives it: AcFormer queries with [CLS] when the score is the [CLS] row
+               "include_cls": bool(info.has_cls) and score == "cls" and connector == "acformer"}
+    built = {**{k: v for k, v in derived.items() if k in params}, **kwargs, "num_anchors": num_anchors}
+    if "num_anchors" not in params:
+        del built["num_anchors"]
     try:
         build_connector(connector, info.vision_dim, info.llm_dim, **built, device="meta").num_output_tokens(
             info.patches + prefix)

@@ -313,6 +313,20 @@ def _trainer_class() -> type:
                 self.processing_class.save_pretrained(output_dir)
             torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
+        def _issue_warnings_after_load(self, load_result: Any) -> None:
+            """A checkpoint that lacks a weight this run trains is an error, not a warning: resuming would
+            silently restart that weight (a checkpoint in another key layout looks exactly like this)."""
+            trained = {name for name, p in self.model.named_parameters() if p.requires_grad}
+            lost = sorted(trained & set(load_result.missing_keys))
+            if lost:
+                raise ValueError(
+                    f"--resume_from_checkpoint {self.args.resume_from_checkpoint!r} must hold every weight this run "
+                    f"trains, got {len(lost)} missing (e.g. {lost[:3]}) and {len(load_result.unexpected_keys)} keys "
+                    f"the model does not have (e.g. {sorted(load_result.unexpected_keys)[:3]}); was it written in "
+                    "another key layout (transformers' default save_pretrained) or for another model?"
+                )
+            super()._issue_warnings_after_load(load_result)
+
     return ConnectorTrainer
 
 
