@@ -118,7 +118,7 @@ def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> 
 
 
 def test_stage_1_trains_only_the_connector_and_stage_2_the_llm_too(workdir) -> None:
-    base = split(load_file(workdir / "base" / "model.safetensors"))
+    base = split(LlavaForConditionalGeneration.from_pretrained(workdir / "base").state_dict())
     stage1 = train(*parse_args(args(workdir, "stage1", "--stage", "1", "--max_steps", "2",
                                     "--per_device_train_batch_size", "4")))
     saved1 = split(load_file(workdir / "stage1" / "model.safetensors"))
@@ -227,7 +227,7 @@ def test_a_missing_image_stops_before_the_model_loads(workdir, tmp_path, monkeyp
     data[3]["image"] = "gone.png"
     (tmp_path / "data.json").write_text(json.dumps(data))
 
-    def never(model_args):
+    def never(model_args, plan=None):
         raise AssertionError("the model was loaded before the data was checked")
 
     monkeypatch.setattr(train_module, "load_model", never)
@@ -254,7 +254,7 @@ def test_lora_stage_2_saves_merged_weights(workdir) -> None:
     """--lora_r: LoRA on the language model's linear layers and the full connector; the saved folder has
     the plain model's keys (merged), so it reloads without peft."""
     pytest.importorskip("peft")
-    base = split(load_file(workdir / "base" / "model.safetensors"))
+    base = split(LlavaForConditionalGeneration.from_pretrained(workdir / "base").state_dict())
     train(*parse_args(args(workdir, "lora", "--stage", "2", "--lora_r", "4", "--max_steps", "2",
                            "--per_device_train_batch_size", "4")))
     saved = split(load_file(workdir / "lora" / "model.safetensors"))
