@@ -4,8 +4,8 @@
   its state keeps ``DistributedType.MULTI_CPU``, drops the FSDP plugin, and ``prepare`` wraps the model in
   DDP. So ``anchor_former.train --fsdp`` cannot run on CPU, and refuses it (``tests/test_preflight.py``);
   this test pins accelerate's behaviour: when it starts sharding on CPU, it fails, and the refusal can go.
-* torch itself shards on CPU: FSDP2 (``fully_shard`` per decoder / encoder layer, then the root, as
-  ``configs/fsdp.json`` wraps them) on a tiny attached LLaVA-NeXT model, 2 stage-1 SGD steps, ends with
+* torch itself shards on CPU: FSDP2 (``fully_shard`` per unit of the model's ``_no_split_modules``, then
+  the root, as accelerate wraps them with ``configs/fsdp.json``) on a tiny attached LLaVA-NeXT model, 2 stage-1 SGD steps, ends with
   the same connector as DDP on the same per-rank batches (and the probe, which reads the tower's layer
   while FSDP has it unsharded, works).
 """
@@ -95,7 +95,8 @@ def fsdp_worker(rank: int, port: int, out: str) -> None:
         from torch.nn.parallel import DistributedDataParallel
 
         model, batch = _model_and_batch(rank)
-        layers = [m for m in model.modules() if type(m).__name__ in ("LlamaDecoderLayer", "CLIPEncoderLayer")]
+        # the units configs/fsdp.json gives accelerate: the model's _no_split_modules that it instantiates
+        layers = [m for m in model.modules() if type(m).__name__ in model._no_split_modules]
         for layer in layers:
             fully_shard(layer)
         fully_shard(model)
@@ -123,6 +124,6 @@ def test_cpu_fsdp_accelerate_drops_it_torch_fsdp2_ends_with_the_ddp_connector(tm
     # accelerate: MULTI_CPU, FSDP plugin dropped, the model wrapped in DDP (when this fails, lift the refusal)
     assert (kind, kept, wrapper) == ("MULTI_CPU", "False", "DistributedDataParallel")
     print(f"FSDP2 vs DDP connector: max |difference| {worst}, moved by training {moved}")
-    assert int(layers) == 3 + 2 and same_keys == "True"  # 3 CLIP encoder layers + 2 Llama decoder layers sharded
+    assert int(layers) == 1 + 3 + 2 and same_keys == "True"  # CLIP embeddings, 3 CLIP layers, 2 Llama layers
     assert float(moved) > 1e-2  # the connector trained (the comparison is not between untouched weights)
     assert float(worst) <= ATOL, worst

@@ -267,7 +267,7 @@ def test_lora_stage_2_saves_merged_weights(workdir) -> None:
 
 
 def test_shipped_distributed_configs() -> None:
-    """configs/: DeepSpeed ZeRO-2/3 with the Trainer's "auto" values, FSDP2 wrapping the decoder layers."""
+    """configs/: DeepSpeed ZeRO-2/3 with the Trainer's "auto" values, FSDP2 wrapping the model's layers."""
     root = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
     for name, stage in (("zero2.json", 2), ("zero3.json", 3)):
         with open(os.path.join(root, name)) as handle:
@@ -276,4 +276,7 @@ def test_shipped_distributed_configs() -> None:
         assert config["train_micro_batch_size_per_gpu"] == config["gradient_accumulation_steps"] == "auto"
     with open(os.path.join(root, "fsdp.json")) as handle:
         fsdp = json.load(handle)
-    assert fsdp["version"] == 2 and "LlamaDecoderLayer" in fsdp["transformer_layer_cls_to_wrap"]
+    # no class list: accelerate wraps each model's own _no_split_modules (Llama/Qwen2/Mistral decoder layers,
+    # CLIP/SigLIP encoder layers), so one file serves every family
+    assert fsdp["version"] == 2 and fsdp["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert "transformer_layer_cls_to_wrap" not in fsdp

@@ -277,9 +277,11 @@ def _connector(model: nn.Module) -> nn.Module:
 
 def connector_digest(model: nn.Module) -> str:
     """SHA-256 over the connector's state dict (names, dtypes and bytes, in order): equal digests mean
-    bitwise equal weights."""
+    bitwise equal weights. Under FSDP every rank must call it (the shards are gathered)."""
     digest = hashlib.sha256()
     for name, tensor in _connector(model).state_dict().items():
+        if hasattr(tensor, "full_tensor"):  # an FSDP2 shard (DTensor): every rank gathers the whole weight
+            tensor = tensor.full_tensor()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
