@@ -18,9 +18,9 @@ pytest.importorskip("accelerate")
 from safetensors.torch import load_file  # noqa: E402
 
 from anchor_former.train import connector_digest, parse_args, train  # noqa: E402
-from tests._train_helpers import connector_state, run_args, save_data, save_family  # noqa: E402
+from tests._train_helpers import run_args, save_data, save_family, weights  # noqa: E402
 
-STEPS = ("--stage", "1", "--max_steps", "4", "--per_device_train_batch_size", "2", "--save_strategy", "steps",
+STEPS = ("--max_steps", "4", "--per_device_train_batch_size", "2", "--save_strategy", "steps",
          "--save_steps", "2", "--learning_rate", "1e-3")
 
 
@@ -36,22 +36,31 @@ def losses(trainer) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-def test_resumed_run_equals_uninterrupted_run(root) -> None:
+@pytest.mark.parametrize("mode", ["stage1", "lora"])
+def test_resumed_run_equals_uninterrupted_run(root, mode) -> None:
+    """Stage 1 (full weights in the checkpoint) and LoRA stage 2 (peft's adapter files, the connector as a
+    modules_to_save copy): 2 + 2 resumed steps end where 4 uninterrupted steps end, bit for bit."""
+    if mode == "lora":
+        pytest.importorskip("peft")
+    steps = (*STEPS, "--stage", "2", "--lora_r", "4") if mode == "lora" else STEPS
     data = root / "data.json"
-    full = train(*parse_args(run_args(root / "llava", data, root / "full", *STEPS)))
-    checkpoint = root / "full" / "checkpoint-2"
-    # the checkpoint holds the running model's keys: a raw load_state_dict (the Trainer's resume) reads them all
-    assert set(load_file(checkpoint / "model.safetensors")) == set(full.model.state_dict())
+    full = train(*parse_args(run_args(root / "llava", data, root / f"{mode}_full", *steps)))
+    checkpoint = root / f"{mode}_full" / "checkpoint-2"
+    if mode == "stage1":  # the running model's keys: a raw load_state_dict (the Trainer's resume) reads them all
+        assert set(load_file(checkpoint / "model.safetensors")) == set(full.model.state_dict())
+    else:  # peft's checkpoint holds the LoRA weights and the connector copy
+        assert any("multi_modal_projector" in k for k in load_file(checkpoint / "adapter_model.safetensors"))
 
-    resumed = train(*parse_args(run_args(root / "llava", data, root / "resumed", *STEPS,
+    resumed = train(*parse_args(run_args(root / "llava", data, root / f"{mode}_resumed", *steps,
                                          "--resume_from_checkpoint", str(checkpoint))))
     assert resumed.state.global_step == full.state.global_step == 4
     assert losses(resumed)[-2:] == losses(full)[-2:]  # steps 3 and 4, logged by the resumed run
-    one, two = connector_state(root / "full"), connector_state(root / "resumed")
+    one, two = weights(root / f"{mode}_full"), weights(root / f"{mode}_resumed")  # every weight, LLM included
+    assert one.keys() == two.keys()
     for key in one:
         torch.testing.assert_close(two[key], one[key], atol=0, rtol=0, msg=key)
     assert connector_digest(resumed.model) == connector_digest(full.model)
-    state = json.loads((root / "resumed" / "checkpoint-4" / "trainer_state.json").read_text())
+    state = json.loads((root / f"{mode}_resumed" / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4
 
 
@@ -62,7 +71,7 @@ def test_resume_from_a_checkpoint_that_lacks_trained_weights_raises(root) -> Non
     from anchor_former.adapters.transformers import AnchorFormerLlavaForConditionalGeneration
 
     checkpoint = root / "renamed"
-    shutil.copytree(root / "full" / "checkpoint-2", checkpoint)
+    shutil.copytree(root / "stage1_full" / "checkpoint-2", checkpoint)
     loaded = AnchorFormerLlavaForConditionalGeneration.from_pretrained(checkpoint)
     fresh = AnchorFormerLlavaForConditionalGeneration(loaded.config)  # built, not loaded: the default layout
     fresh.load_state_dict(loaded.state_dict())

@@ -26,7 +26,8 @@ and processor class (see ``docs/training.md``).
 
 Stage 1 trains the connector (and, on the anyres families, ``image_newline``) and freezes everything
 else; stage 2 also trains the language model and ``lm_head`` (or, with ``--lora_r > 0`` and ``peft``
-installed, LoRA adapters on the language model's linear layers, merged into the weights before saving).
+installed, LoRA adapters on the language model's linear layers and the connector as a peft
+``modules_to_save`` copy, merged into the weights before saving; ``image_newline`` stays as stage 1 left it).
 The vision tower is always frozen.
 
 Before any weight is read, every argument (:mod:`anchor_former.preflight`: family, connector name, keys and
@@ -259,12 +260,14 @@ def set_trainable(model: nn.Module, model_args: ModelArguments) -> nn.Module:
                 from peft import LoraConfig, get_peft_model
             except ImportError as error:
                 raise ValueError("--lora_r > 0 needs peft (pip install peft)") from error
+            # modules_to_save: peft trains a copy of the connector and writes it into its checkpoints, so a
+            # resumed LoRA run continues the connector too (merge_and_unload puts the trained copy back)
             lora = LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
-                              lora_dropout=model_args.lora_dropout, target_modules=LORA_TARGETS)
-            model = get_peft_model(model, lora)
-        else:
-            model.model.language_model.requires_grad_(True)
-            model.lm_head.requires_grad_(True)
+                              lora_dropout=model_args.lora_dropout, target_modules=LORA_TARGETS,
+                              modules_to_save=["multi_modal_projector"])
+            return get_peft_model(model, lora)
+        model.model.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
     _connector(model).requires_grad_(True)
     for parameter in _companions(model):
         parameter.requires_grad_(True)
