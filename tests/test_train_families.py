@@ -1,6 +1,7 @@
 """``python -m anchor_former.train`` on the anyres families (LLaVA-NeXT, LLaVA-OneVision), tiny models, CPU.
 
-Stage 1 -> stage 2 -> reload through the documented classes -> generate, per family; the per-view token
+Stage 1 -> stage 2 (full on NeXT, LoRA on OneVision) -> reload through the documented classes -> generate,
+per family; the per-view token
 layout of the attached model reaches the data (each image gets the count the attached processor writes);
 ``torchrun --nproc_per_node 2`` on LLaVA-NeXT equals one process with the same global batch.
 """
@@ -30,9 +31,11 @@ from tests._train_helpers import (  # noqa: E402
 )
 
 FAMILIES = {
-    # family: (builder name, reload classes, tokens per view, prompt)
-    "llava_next": ("llava_next", "AnchorFormerLlavaNext", K + 1, "USER: <image> what is in the picture ? ASSISTANT:"),
-    "onevision": ("onevision", "AnchorFormerLlavaOnevision", K, "user <image> what is in the picture ? assistant"),
+    # family: (builder name, reload classes, tokens per view, prompt, stage-2 flags)
+    "llava_next": ("llava_next", "AnchorFormerLlavaNext", K + 1, "USER: <image> what is in the picture ? ASSISTANT:",
+                   ()),
+    "onevision": ("onevision", "AnchorFormerLlavaOnevision", K, "user <image> what is in the picture ? assistant",
+                  ("--lora_r", "4")),  # LoRA on the Qwen2 language model, merged before saving
 }
 
 
@@ -72,7 +75,7 @@ def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_stage_1_then_stage_2_then_reload_and_generate(root, family) -> None:
-    builder, _, per_view, prompt = FAMILIES[family]
+    builder, _, per_view, prompt, stage2 = FAMILIES[family]
     data = root / "data.json"
     stock = transformers.AutoModelForImageTextToText.from_pretrained(root / builder).state_dict()
     base = split({k: v for k, v in stock.items() if "multi_modal_projector" not in k})
@@ -97,12 +100,13 @@ def test_stage_1_then_stage_2_then_reload_and_generate(root, family) -> None:
     assert views > 1 and count >= views * per_view  # several views, K (+1) tokens each, plus row newlines
 
     train(*parse_args(run_args(root / f"{family}_s1", data, root / f"{family}_s2", "--stage", "2", "--max_steps", "2",
-                               "--per_device_train_batch_size", "2")))
+                               "--per_device_train_batch_size", "2", *stage2)))
     model2, processor2 = reload(family, root / f"{family}_s2")
     saved2 = split(model2.state_dict())
     assert not changed(saved1["vision"], saved2["vision"])
     assert changed(saved1["language"], saved2["language"]) and changed(saved1["connector"], saved2["connector"])
     assert model2.config.anchor_former == settings
+    assert not any("lora" in key or "modules_to_save" in key for key in model2.state_dict())  # plain, merged
 
     image = Image.open(root / "images" / "2.png").convert("RGB")  # 30 x 90: a 1 x 3 crop grid
     inputs = processor2(text=prompt, images=image, return_tensors="pt")
