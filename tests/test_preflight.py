@@ -167,3 +167,38 @@ def test_image_check_exists_skips_decoding(root) -> None:
     with pytest.raises(ValueError, match=r"check_images must be 'decode' or 'exists', got 'all'"):
         load_conversations(root / "one.json", image_folder=root / "images", check_images="all")
     assert np.asarray(Image.open(root / "images" / "0.png")).shape == (28, 28, 3)
+
+
+@pytest.fixture(scope="module")
+def attached(root):
+    """The config.json and processor of a folder this module wrote (attached, K = 8), no weight file."""
+    from anchor_former.adapters.transformers import attach_anchor_former
+    from tests.adapters import _hf_llava
+
+    processor = _hf_llava.make_processor()
+    model = attach_anchor_former(_hf_llava.make_model(processor), processor, num_anchors=8, depth=1, heads=2,
+                                 dim_head=8)
+    model.config.save_pretrained(root / "attached")
+    processor.save_pretrained(root / "attached")
+    return root / "attached"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--num_anchors", "16"], r"--num_anchors must match what .*attached.* records \(config.json anchor_former: "
+                                  r"8\), got 16"),
+        (["--connector", "perceiver"], r"--connector must match what .* records .*'acformer'\), got 'perceiver'"),
+        (["--connector_config", '{"depth": 3}'], r"--connector_config key 'depth' must match .*: 1\), got 3"),
+        (["--connector_config", '{"wings": 3}'], r"--connector_config key 'wings' must match .*: nothing\), got 3"),
+    ],
+)
+def test_flags_that_a_written_folder_would_ignore_are_refused(root, attached, extra, message) -> None:
+    argv = run_args(attached, root / "data.json", root / "out", "--max_steps", "1")
+    for flag in ("--num_anchors", "--connector_config"):  # run_args passes both: start from none
+        i = argv.index(flag)
+        del argv[i : i + 2]
+    with pytest.raises(ValueError, match=message):
+        train(*parse_args([*argv, *extra]))
+    plan = check_run(*parse_args([*argv, "--num_anchors", "8", "--connector_config", '{"depth": 1}'])[:2])
+    assert plan.checkpoint.attached and plan.attach == {}  # repeating the recorded values is fine

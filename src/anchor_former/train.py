@@ -18,7 +18,7 @@ its ``config.json``, read before any weight), switched with the public
 :func:`~anchor_former.adapters.transformers.attach_anchor_former` and ``--connector``, ``--num_anchors``,
 ``--score``, ``--connector_config``; or a folder this module wrote (model type ``anchor_former_llava``,
 ``anchor_former_llava_next``, ``anchor_former_llava_onevision``; the connector settings come from its
-config and those flags are ignored). On the anyres families (NeXT, OneVision) the connector runs per view
+config, and a connector flag that contradicts them is refused). On the anyres families (NeXT, OneVision) the connector runs per view
 (AcFormer: K + 1 tokens per view on CLIP, K on SigLIP) in the attached model's layout, and each sample gets
 the number of image tokens the attached processor writes for its image. The output folder holds the whole
 model and its processor and reloads with the family's ``AnchorFormer*ForConditionalGeneration.from_pretrained``
@@ -80,9 +80,10 @@ class ModelArguments:
                                                       "folder this module wrote"})
     stage: int = field(default=1, metadata={"help": "1: connector only; 2: connector + language model",
                                             "choices": [1, 2]})
-    connector: str = field(default="acformer", metadata={"help": "connector name (anchor_former.build_connector)"})
-    num_anchors: int = field(default=144, metadata={"help": "K anchors (acformer) per image or per view; the LLM "
-                                                            "sees K + 1 tokens per view on CLIP"})
+    connector: str | None = field(default=None, metadata={
+        "help": "connector name (anchor_former.build_connector); default acformer"})
+    num_anchors: int | None = field(default=None, metadata={
+        "help": "K anchors (acformer) per image or per view, default 144; the LLM sees K + 1 tokens per view on CLIP"})
     score: str | None = field(default=None, metadata={
         "help": "anchor score; default: cls (LLaVA-1.5, LLaVA-NeXT), received (OneVision's SigLIP)",
         "choices": ["cls", "norm", "map", "received"]})
@@ -159,6 +160,26 @@ def _check_distributed(training_args: Any) -> None:
         )
 
 
+DEFAULT_CONNECTOR, DEFAULT_NUM_ANCHORS = "acformer", 144
+
+
+def _check_recorded(info: CheckpointInfo, model_args: ModelArguments, kwargs: dict[str, Any]) -> None:
+    """A folder this module wrote keeps its connector: connector flags may only repeat what it records."""
+    recorded = info.anchor_former or {}
+    config = recorded.get("connector_config") or {}
+    given = [("--connector", model_args.connector, recorded.get("connector")),
+             ("--score", model_args.score, recorded.get("score")),
+             ("--num_anchors", model_args.num_anchors, config.get("num_anchors", model_args.num_anchors))]
+    given += [(f"--connector_config key {key!r}", value, config.get(key, ...)) for key, value in kwargs.items()]
+    for flag, value, kept in given:
+        if value is not None and value != kept:
+            shown = "nothing" if kept is ... else repr(kept)
+            raise ValueError(
+                f"{flag} must match what {info.path!r} records (config.json anchor_former: {shown}), got {value!r}: "
+                "a folder this module wrote keeps its connector; leave the flag out, or start from the stock checkpoint"
+            )
+
+
 def check_run(model_args: ModelArguments, data_args: DataArguments, training_args: Any = None) -> RunPlan:
     """Check every argument against ``--model_name_or_path``'s ``config.json``; reads no weight.
 
@@ -183,12 +204,15 @@ def check_run(model_args: ModelArguments, data_args: DataArguments, training_arg
         raise ValueError(f"--image_aspect_ratio must be one of {', '.join(family.aspect_ratios)} for {family.name}, "
                          f"got {aspect!r}")
     attach: dict[str, Any] = {}
-    if not info.attached:
+    kwargs = parse_connector_config(model_args.connector_config)
+    if info.attached:
+        _check_recorded(info, model_args, kwargs)
+    else:
+        connector = model_args.connector or DEFAULT_CONNECTOR
+        num_anchors = DEFAULT_NUM_ANCHORS if model_args.num_anchors is None else model_args.num_anchors
         score = model_args.score or family.default_score
-        kwargs = parse_connector_config(model_args.connector_config)
-        check_connector(info, connector=model_args.connector, num_anchors=model_args.num_anchors, score=score,
-                        kwargs=kwargs)
-        attach = {"num_anchors": model_args.num_anchors, "connector": model_args.connector, "score": score, **kwargs}
+        check_connector(info, connector=connector, num_anchors=num_anchors, score=score, kwargs=kwargs)
+        attach = {"num_anchors": num_anchors, "connector": connector, "score": score, **kwargs}
     template = data_args.template or ("plain" if model_args.stage == 1 else "vicuna_v1")
     return RunPlan(checkpoint=info, attach=attach, image_aspect_ratio=aspect, template=template)
 
