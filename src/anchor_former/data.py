@@ -131,20 +131,27 @@ def _image_name(index: int, data_path: str, image: Any) -> str:
     return image
 
 
-def _check_image_file(index: int, data_path: str, path: str, folder: str, check: ImageCheck) -> None:
-    if not os.path.isfile(path):
-        raise _sample_error(index, data_path, f"image file {path} does not exist (image_folder={folder!r})")
-    if check == "exists":
-        return
+def _decode_error(path: str) -> str | None:
+    """None if ``path`` decodes completely, else what PIL said."""
     from PIL import Image
 
     try:
         with Image.open(path) as handle:
             handle.load()
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
-        raise _sample_error(
-            index, data_path, f"image file {path} ('image' field) does not decode: {type(error).__name__}: {error}"
-        ) from error
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def _check_decoding(images: list[tuple[int, str]], data_path: str) -> None:
+    """Decode every ``(sample index, path)`` in a thread pool (PIL releases the GIL while decoding); the
+    lowest failing sample index raises."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
+        for (index, path), error in zip(images, pool.map(_decode_error, [p for _, p in images])):
+            if error is not None:
+                raise _sample_error(index, data_path, f"image file {path} ('image' field) does not decode: {error}")
 
 
 def _read_json(data_path: str) -> Any:
@@ -171,8 +178,9 @@ def load_conversations(
     Args:
         data_path: the JSON file (UTF-8): a list of ``{"image"?: str | [str], "conversations": [...]}`` objects.
         image_folder: folder the ``image`` entries are relative to (absolute entries are kept).
-        check_images: ``"decode"`` (default: every image file is opened and fully decoded, so a truncated or
-            corrupt file stops the run now, not hours in) or ``"exists"`` (only that the file is there).
+        check_images: ``"decode"`` (default: every image file is opened and fully decoded, in a thread pool
+            after the structural checks, so a truncated or corrupt file stops the run now, not hours in) or
+            ``"exists"`` (only that the file is there).
 
     Returns:
         One :class:`ConversationSample` per JSON entry, in file order. A sample whose human turns hold no
@@ -193,7 +201,7 @@ def load_conversations(
     if not isinstance(raw, list):
         raise ValueError(f"data_path {data_path!r} must hold a JSON list of samples, got {type(raw).__name__}")
     folder = os.fspath(image_folder) if image_folder is not None else ""
-    samples = []
+    samples, images = [], []
     for index, entry in enumerate(raw):
         if not isinstance(entry, dict):
             raise _sample_error(index, data_path, f"must be a JSON object, got {type(entry).__name__}")
@@ -208,10 +216,14 @@ def load_conversations(
             if count > 1:
                 raise _sample_error(index, data_path, f"has {count} {IMAGE_PLACEHOLDER} placeholders in its human "
                                                       "turns for 1 image; one image per sample is supported")
-            _check_image_file(index, data_path, image, folder, check_images)
+            if not os.path.isfile(image):
+                raise _sample_error(index, data_path, f"image file {image} does not exist (image_folder={folder!r})")
+            images.append((index, image))
             if count == 0:
                 turns[0] = (turns[0][0], f"{IMAGE_PLACEHOLDER}\n{turns[0][1]}")
         samples.append(ConversationSample(index=index, image=image, turns=tuple(turns)))
+    if check_images == "decode":
+        _check_decoding(images, data_path)
     return samples
 
 
