@@ -202,3 +202,24 @@ def test_flags_that_a_written_folder_would_ignore_are_refused(root, attached, ex
         train(*parse_args([*argv, *extra]))
     plan = check_run(*parse_args([*argv, "--num_anchors", "8", "--connector_config", '{"depth": 1}'])[:2])
     assert plan.checkpoint.attached and plan.attach == {}  # repeating the recorded values is fine
+
+
+def test_torchrun_on_cpu_without_use_cpu_is_refused_before_the_weights_load(root) -> None:
+    """Without CUDA and without --use_cpu, the Trainer sees world_size 1 in every torchrun process: each would
+    train alone on the whole dataset (found by running the documented command on CPU). Refused, named."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    argv = run_args(root / "config_only_llava", root / "data.json", root / "out", "--max_steps", "1")
+    argv.remove("--use_cpu")
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join([os.path.join(repo, "src"), repo, os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "anchor_former.train", *argv], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode != 0
+    assert "ValueError: torchrun started 2 processes (WORLD_SIZE=2) but the Trainer sees world_size=1: without " \
+           "CUDA pass --use_cpu" in result.stderr + result.stdout
+    assert "OSError" not in result.stderr  # the config-only folder was never loaded

@@ -147,8 +147,18 @@ class RunPlan:
 
 
 def _check_distributed(training_args: Any) -> None:
-    """FSDP and DeepSpeed need GPUs: on CPU accelerate drops them without a word (see docs/training.md)."""
-    if training_args is None or not (training_args.fsdp or training_args.deepspeed):
+    """Multi-process runs that would silently not be what the command says (see docs/training.md): FSDP or
+    DeepSpeed on CPU (accelerate drops them), and torchrun on CPU without ``--use_cpu`` (every process
+    then trains alone on the whole dataset: world size 1 in each)."""
+    if training_args is None:
+        return
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and training_args.world_size != launched:
+        raise ValueError(
+            f"torchrun started {launched} processes (WORLD_SIZE={launched}) but the Trainer sees world_size="
+            f"{training_args.world_size}: without CUDA pass --use_cpu, or each process trains alone"
+        )
+    if not (training_args.fsdp or training_args.deepspeed):
         return
     if getattr(training_args, "use_cpu", False) or not torch.cuda.is_available():
         flag = "--fsdp" if training_args.fsdp else "--deepspeed"
