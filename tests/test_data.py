@@ -181,8 +181,9 @@ def test_max_length_cuts_text_but_never_the_image(folder, tokenizer, image_proce
     [
         ({"template": "chatml"}, r"template must be 'plain' or 'vicuna_v1', got 'chatml'"),
         ({"max_length": 0}, r"max_length must be an integer >= 1, got 0"),
-        ({"image_aspect_ratio": "anyres"}, r"image_aspect_ratio must be 'pad' or 'square', got 'anyres'"),
-        ({"image_processor": None}, r"image_processor is required: some samples have an image"),
+        ({"image_aspect_ratio": "stretch"}, r"image_aspect_ratio must be 'pad', 'square' or 'anyres', got 'stretch'"),
+        ({"image_processor": None}, r"image_processor and num_image_tokens \(or processor\) are required: some "
+                                    r"samples have an image"),
     ],
 )
 def test_dataset_rejects_bad_arguments(folder, tokenizer, image_processor, kwargs, message) -> None:
@@ -224,3 +225,31 @@ def test_collator_pads_and_stacks_only_the_images_present(folder, tokenizer, ima
         assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (max(lengths) - n)
     text_only = ConversationCollator(pad_token_id=0)([items[1]])
     assert "pixel_values" not in text_only
+
+
+def test_processor_gives_each_image_its_own_token_count_and_the_collator_pads_views(folder) -> None:
+    """Anyres (LLaVA-NeXT's processor): a 20 x 10 and a 30 x 90 image get different view and token counts,
+    each exactly what the processor writes for that image; the collator zero-pads the views as the
+    processor pads a batch, and stacks ``image_sizes``."""
+    from tests.adapters._hf_llava_next import make_processor
+
+    processor = make_processor()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (90, 30, 3), dtype=np.uint8)).save(folder / "b.png")
+    samples = load_conversations(folder / "data.json", image_folder=folder)
+    data = ConversationDataset(samples, tokenizer=processor.tokenizer, processor=processor,
+                               image_token_id=processor.image_token_id, image_aspect_ratio="anyres")
+    items = [data[0], data[2]]
+    for item, name in zip(items, ("a.png", "b.png")):
+        image = Image.open(folder / name).convert("RGB")
+        reference = processor(text="<image>", images=image, return_tensors="pt")
+        count = int((item["input_ids"] == processor.image_token_id).sum())
+        assert count == int((reference["input_ids"] == processor.image_token_id).sum())
+        torch.testing.assert_close(item["pixel_values"], reference["pixel_values"][0], atol=0, rtol=0)
+        assert item["image_sizes"].tolist() == [image.height, image.width]
+    views = [int(item["pixel_values"].shape[0]) for item in items]
+    assert views[0] != views[1]
+    batch = ConversationCollator(pad_token_id=processor.tokenizer.pad_token_id)(items)
+    assert batch["pixel_values"].shape == (2, max(views), 3, 28, 28)
+    short = views.index(min(views))
+    assert not batch["pixel_values"][short, min(views):].any()  # zero-padded views
+    assert batch["image_sizes"].tolist() == [[10, 20], [90, 30]]

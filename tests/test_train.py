@@ -118,7 +118,7 @@ def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> 
 
 
 def test_stage_1_trains_only_the_connector_and_stage_2_the_llm_too(workdir) -> None:
-    base = split(load_file(workdir / "base" / "model.safetensors"))
+    base = split(LlavaForConditionalGeneration.from_pretrained(workdir / "base").state_dict())
     stage1 = train(*parse_args(args(workdir, "stage1", "--stage", "1", "--max_steps", "2",
                                     "--per_device_train_batch_size", "4")))
     saved1 = split(load_file(workdir / "stage1" / "model.safetensors"))
@@ -227,7 +227,7 @@ def test_a_missing_image_stops_before_the_model_loads(workdir, tmp_path, monkeyp
     data[3]["image"] = "gone.png"
     (tmp_path / "data.json").write_text(json.dumps(data))
 
-    def never(model_args):
+    def never(model_args, plan=None):
         raise AssertionError("the model was loaded before the data was checked")
 
     monkeypatch.setattr(train_module, "load_model", never)
@@ -254,7 +254,7 @@ def test_lora_stage_2_saves_merged_weights(workdir) -> None:
     """--lora_r: LoRA on the language model's linear layers and the full connector; the saved folder has
     the plain model's keys (merged), so it reloads without peft."""
     pytest.importorskip("peft")
-    base = split(load_file(workdir / "base" / "model.safetensors"))
+    base = split(LlavaForConditionalGeneration.from_pretrained(workdir / "base").state_dict())
     train(*parse_args(args(workdir, "lora", "--stage", "2", "--lora_r", "4", "--max_steps", "2",
                            "--per_device_train_batch_size", "4")))
     saved = split(load_file(workdir / "lora" / "model.safetensors"))
@@ -267,7 +267,7 @@ def test_lora_stage_2_saves_merged_weights(workdir) -> None:
 
 
 def test_shipped_distributed_configs() -> None:
-    """configs/: DeepSpeed ZeRO-2/3 with the Trainer's "auto" values, FSDP2 wrapping the decoder layers."""
+    """configs/: DeepSpeed ZeRO-2/3 with the Trainer's "auto" values, FSDP2 wrapping the model's layers."""
     root = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
     for name, stage in (("zero2.json", 2), ("zero3.json", 3)):
         with open(os.path.join(root, name)) as handle:
@@ -276,4 +276,7 @@ def test_shipped_distributed_configs() -> None:
         assert config["train_micro_batch_size_per_gpu"] == config["gradient_accumulation_steps"] == "auto"
     with open(os.path.join(root, "fsdp.json")) as handle:
         fsdp = json.load(handle)
-    assert fsdp["version"] == 2 and "LlamaDecoderLayer" in fsdp["transformer_layer_cls_to_wrap"]
+    # no class list: accelerate wraps each model's own _no_split_modules (Llama/Qwen2/Mistral decoder layers,
+    # CLIP/SigLIP encoder layers), so one file serves every family
+    assert fsdp["version"] == 2 and fsdp["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert "transformer_layer_cls_to_wrap" not in fsdp

@@ -6,16 +6,20 @@ The file format is LLaVA's (``llava_v1_5_mix665k.json``, ``blip_laion_cc_sbu_558
       "conversations": [{"from": "human", "value": "<image>\\nWhat is in the picture?"},
                         {"from": "gpt", "value": "A bus."}, ...]}, ...]
 
-:func:`load_conversations` reads and checks the WHOLE file before anything trains: every sample must
-be an object with a ``conversations`` list of ``{"from": "human"|"gpt", "value": str}`` turns that
-alternate human/gpt starting with human and end with gpt; at most one ``<image>`` placeholder, only in
-a sample with an ``image``; the image file must exist under ``image_folder``. The first violation raises
-``ValueError`` naming the sample index, the JSON file and (for images) the image path.
+:func:`load_conversations` reads and checks the WHOLE file before anything trains (and before any
+model weight is read): the file is UTF-8 JSON holding a list; every sample is an object with a
+``conversations`` list of ``{"from": "human"|"gpt", "value": str}`` turns that alternate human/gpt
+starting with human and end with gpt; ``<image>`` placeholders appear in human turns only, as many as
+the sample has images (one image per sample: ``image`` is a file name, or a list of one); the image
+file exists under ``image_folder`` and decodes. The first violation raises ``ValueError`` naming the
+sample index, the JSON file and the field (``image``, ``conversations[j].value``, ...).
 
-:class:`ConversationDataset` turns a sample into ``input_ids (T,)``, ``labels (T,)`` and
-``pixel_values (C, H_img, W_img)``; the ``<image>`` placeholder becomes ``num_image_tokens`` copies of
-the model's image token (K + 1 for AcFormer), and ``labels`` is ``-100`` everywhere except the answers
-(the gpt turns and the end-of-turn token after each). Templates:
+:class:`ConversationDataset` turns a sample into ``input_ids (T,)``, ``labels (T,)`` and the image's
+model inputs; the ``<image>`` placeholder becomes as many copies of the model's image token as the
+model gives that image (K + 1 for AcFormer on LLaVA-1.5; for the anyres families, LLaVA-NeXT and
+OneVision, a count that depends on the image size, taken from the attached model's processor), and
+``labels`` is ``-100`` everywhere except the answers (the gpt turns and the end-of-turn token after
+each). Templates:
 
 * ``"plain"`` (stage 1, LLaVA's caption pretraining): ``<image>`` tokens, the caption, ``"\\n"``; the
   human turn's text is dropped (as LLaVA's ``plain`` template does); samples must be one human + one gpt
@@ -44,6 +48,7 @@ __all__ = [
     "ConversationCollator",
     "ConversationDataset",
     "ConversationSample",
+    "ImageCheck",
     "Template",
     "VICUNA_SYSTEM",
     "load_conversations",
@@ -60,6 +65,10 @@ VICUNA_SYSTEM = (
 )
 
 Template = Literal["plain", "vicuna_v1"]
+#: how :func:`load_conversations` checks image files: ``"decode"`` (open and decode every pixel) or
+#: ``"exists"`` (the file is there; a broken file then fails when its sample is first used)
+ImageCheck = Literal["decode", "exists"]
+AspectRatio = Literal["pad", "square", "anyres"]
 _ROLES = ("human", "gpt")
 
 
@@ -97,6 +106,12 @@ def _check_turns(index: int, data_path: str, conversations: Any) -> list[tuple[s
                 f"turn {j} must be from {_ROLES[j % 2]!r} (turns alternate human/gpt, starting with human), "
                 f"got {role!r}",
             )
+        if role == "gpt" and IMAGE_PLACEHOLDER in turn["value"]:
+            raise _sample_error(
+                index, data_path,
+                f"conversations[{j}].value (a 'gpt' answer) holds {IMAGE_PLACEHOLDER}; the placeholder belongs in "
+                "a 'human' turn (the model reads the image, it does not write it)",
+            )
         turns.append((role, turn["value"]))
     if turns[-1][0] != "gpt":
         raise _sample_error(index, data_path, f"the last turn must be from 'gpt' (an answer), got {len(turns)} turns "
@@ -104,35 +119,89 @@ def _check_turns(index: int, data_path: str, conversations: Any) -> list[tuple[s
     return turns
 
 
-def load_conversations(data_path: str | os.PathLike[str], *, image_folder: str | os.PathLike[str] | None = None
-                       ) -> list[ConversationSample]:
+def _image_name(index: int, data_path: str, image: Any) -> str:
+    """The one file name of an ``image`` entry (a string, or a list of one string)."""
+    if isinstance(image, list):
+        if len(image) != 1:
+            raise _sample_error(index, data_path, f"'image' lists {len(image)} files; one image per sample is "
+                                                  "supported")
+        image = image[0]
+    if not isinstance(image, str) or not image:
+        raise _sample_error(index, data_path, f"'image' must be a file name, got {image!r:.80}")
+    return image
+
+
+def _decode_error(path: str) -> str | None:
+    """None if ``path`` decodes completely, else what PIL said."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as handle:
+            handle.load()
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def _check_decoding(images: list[tuple[int, str]], data_path: str) -> None:
+    """Decode every ``(sample index, path)`` in a thread pool (PIL releases the GIL while decoding); the
+    lowest failing sample index raises."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
+        for (index, path), error in zip(images, pool.map(_decode_error, [p for _, p in images])):
+            if error is not None:
+                raise _sample_error(index, data_path, f"image file {path} ('image' field) does not decode: {error}")
+
+
+def _read_json(data_path: str) -> Any:
+    try:
+        with open(data_path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"data_path {data_path!r} must be UTF-8 encoded JSON: byte {error.start} is not UTF-8 ({error.reason}); "
+            "convert the file, e.g. iconv -f latin1 -t utf-8"
+        ) from error
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"data_path {data_path!r} must be a readable JSON file: {error}") from error
+
+
+def load_conversations(
+    data_path: str | os.PathLike[str],
+    *,
+    image_folder: str | os.PathLike[str] | None = None,
+    check_images: ImageCheck = "decode",
+) -> list[ConversationSample]:
     """Read and validate a LLaVA-format JSON file (every sample, before any training).
 
     Args:
-        data_path: the JSON file: a list of ``{"image"?: str, "conversations": [...]}`` objects.
+        data_path: the JSON file (UTF-8): a list of ``{"image"?: str | [str], "conversations": [...]}`` objects.
         image_folder: folder the ``image`` entries are relative to (absolute entries are kept).
+        check_images: ``"decode"`` (default: every image file is opened and fully decoded, in a thread pool
+            after the structural checks, so a truncated or corrupt file stops the run now, not hours in) or
+            ``"exists"`` (only that the file is there).
 
     Returns:
         One :class:`ConversationSample` per JSON entry, in file order. A sample whose human turns hold no
-        ``<image>`` but which has an ``image`` gets ``"<image>\\n"`` prepended to its first turn.
+        ``<image>`` but which has an ``image`` gets ``"<image>\\n"`` prepended to its first turn (as LLaVA does).
 
     Raises:
-        ValueError: unreadable JSON or not a list; a sample that is not an object, malformed turns (not
-            alternating human/gpt from human, not ending with gpt, a value that is not a string), more than
-            one ``<image>``, ``<image>`` without an ``image`` entry, an ``image`` that is not a string, an
-            image file that does not exist. The message names the sample index, ``data_path`` and, for
-            images, the missing file.
+        ValueError: a file that is not UTF-8, not JSON, or not a list; a sample that is not an object,
+            malformed turns (not alternating human/gpt from human, not ending with gpt, a value that is not
+            a string), ``<image>`` in a gpt turn, more ``<image>`` placeholders than images, ``<image>``
+            without an ``image`` entry, an ``image`` that is not a file name (or a list of one), an image file
+            that does not exist or does not decode. The message names the sample index, ``data_path`` and the
+            field.
     """
+    if check_images not in ("decode", "exists"):
+        raise ValueError(f"check_images must be 'decode' or 'exists', got {check_images!r}")
     data_path = os.fspath(data_path)
-    try:
-        with open(data_path, encoding="utf-8") as handle:
-            raw = json.load(handle)
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"data_path {data_path!r} must be a readable JSON file: {error}") from error
+    raw = _read_json(data_path)
     if not isinstance(raw, list):
         raise ValueError(f"data_path {data_path!r} must hold a JSON list of samples, got {type(raw).__name__}")
     folder = os.fspath(image_folder) if image_folder is not None else ""
-    samples = []
+    samples, images = [], []
     for index, entry in enumerate(raw):
         if not isinstance(entry, dict):
             raise _sample_error(index, data_path, f"must be a JSON object, got {type(entry).__name__}")
@@ -143,17 +212,18 @@ def load_conversations(data_path: str | os.PathLike[str], *, image_folder: str |
             if count:
                 raise _sample_error(index, data_path, f"has {count} {IMAGE_PLACEHOLDER} placeholder(s) but no 'image'")
         else:
-            if not isinstance(image, str) or not image:
-                raise _sample_error(index, data_path, f"'image' must be a file name, got {image!r:.80}")
-            image = os.path.abspath(os.path.join(folder, image))
+            image = os.path.abspath(os.path.join(folder, _image_name(index, data_path, image)))
+            if count > 1:
+                raise _sample_error(index, data_path, f"has {count} {IMAGE_PLACEHOLDER} placeholders in its human "
+                                                      "turns for 1 image; one image per sample is supported")
             if not os.path.isfile(image):
                 raise _sample_error(index, data_path, f"image file {image} does not exist (image_folder={folder!r})")
-            if count > 1:
-                raise _sample_error(index, data_path, f"has {count} {IMAGE_PLACEHOLDER} placeholders; one image per "
-                                                      "sample is supported")
+            images.append((index, image))
             if count == 0:
                 turns[0] = (turns[0][0], f"{IMAGE_PLACEHOLDER}\n{turns[0][1]}")
         samples.append(ConversationSample(index=index, image=image, turns=tuple(turns)))
+    if check_images == "decode":
+        _check_decoding(images, data_path)
     return samples
 
 
@@ -177,18 +247,26 @@ class ConversationDataset(Dataset):
         samples: from :func:`load_conversations`.
         tokenizer: a Hugging Face tokenizer (``__call__`` with ``add_special_tokens``; ``eos_token_id``;
             ``bos_token_id`` may be None).
-        image_processor: a Hugging Face image processor (``__call__(images=..., return_tensors="pt")``);
-            only needed when some sample has an image.
+        image_processor: a Hugging Face image processor (``__call__(images=..., return_tensors="pt")``) for
+            models with a fixed number of image tokens (``num_image_tokens``); not needed with ``processor``.
         image_token_id: the model's image token id (``config.image_token_id``).
-        num_image_tokens: how many image tokens the model's connector gives per image (K + 1 for AcFormer).
+        num_image_tokens: how many image tokens each image takes (K + 1 for AcFormer on LLaVA-1.5); not
+            used with ``processor``.
+        processor: instead of ``image_processor`` + ``num_image_tokens``, the model's multimodal processor
+            (``LlavaProcessor``, the attached ``AnchorFormerLlavaNextProcessor`` /
+            ``AnchorFormerLlavaOnevisionProcessor``): each image goes through it, and the number of image
+            tokens it writes for that image is the number the sample gets (for anyres models it depends on
+            the image's size).
         template: ``"plain"`` or ``"vicuna_v1"`` (see the module docstring).
         max_length: longest ``input_ids``; longer samples are cut at the end. A cut through the image
             tokens raises ValueError (the model would see a partial image).
-        image_aspect_ratio: ``"pad"`` (LLaVA-1.5: pad to a square with the mean colour) or ``"square"``
-            (the processor's own resize and crop).
+        image_aspect_ratio: ``"pad"`` (LLaVA-1.5: pad to a square with the mean colour, then the
+            processor), ``"square"`` or ``"anyres"`` (the processor's own handling: resize and crop for
+            LLaVA-1.5's, the anyres views for LLaVA-NeXT's and OneVision's).
 
-    ``dataset[i]`` → ``{"input_ids": (T,) long, "labels": (T,) long, "pixel_values": (C, H_img, W_img)}``
-    (``pixel_values`` only for samples with an image).
+    ``dataset[i]`` → ``{"input_ids": (T,) long, "labels": (T,) long}`` plus, for a sample with an image,
+    ``"pixel_values"`` ``(C, H_img, W_img)`` (fixed-size processors) or ``(V, C, H_img, W_img)`` (V anyres
+    views) and, where the processor gives it, ``"image_sizes"`` ``(2,)`` (the image's height and width).
     """
 
     def __init__(
@@ -198,22 +276,29 @@ class ConversationDataset(Dataset):
         tokenizer: Any,
         image_processor: Any = None,
         image_token_id: int,
-        num_image_tokens: int,
+        num_image_tokens: int | None = None,
+        processor: Any = None,
         template: Template = "vicuna_v1",
         max_length: int = 2048,
-        image_aspect_ratio: Literal["pad", "square"] = "pad",
+        image_aspect_ratio: AspectRatio = "pad",
     ) -> None:
         if template not in ("plain", "vicuna_v1"):
             raise ValueError(f"template must be 'plain' or 'vicuna_v1', got {template!r}")
-        if image_aspect_ratio not in ("pad", "square"):
-            raise ValueError(f"image_aspect_ratio must be 'pad' or 'square', got {image_aspect_ratio!r}")
-        for name, value in (("num_image_tokens", num_image_tokens), ("max_length", max_length)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if image_aspect_ratio not in ("pad", "square", "anyres"):
+            raise ValueError(f"image_aspect_ratio must be 'pad', 'square' or 'anyres', got {image_aspect_ratio!r}")
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"max_length must be an integer >= 1, got {max_length!r}")
+        if processor is None and num_image_tokens is not None and (
+            isinstance(num_image_tokens, bool) or not isinstance(num_image_tokens, int) or num_image_tokens < 1
+        ):
+            raise ValueError(f"num_image_tokens must be an integer >= 1, got {num_image_tokens!r}")
         if tokenizer.eos_token_id is None:
             raise ValueError("tokenizer must have an eos_token (it ends every answer), got eos_token_id=None")
-        if image_processor is None and any(s.image is not None for s in samples):
-            raise ValueError("image_processor is required: some samples have an image")
+        if any(s.image is not None for s in samples) and processor is None and (
+            image_processor is None or num_image_tokens is None
+        ):
+            raise ValueError("image_processor and num_image_tokens (or processor) are required: some samples have an "
+                             "image")
         if template == "plain":
             for sample in samples:
                 if sample.image is None or len(sample.turns) != 2:
@@ -223,7 +308,8 @@ class ConversationDataset(Dataset):
                     )
         self.samples = list(samples)
         self.tokenizer = tokenizer
-        self.image_processor = image_processor
+        self.processor = processor
+        self.image_processor = processor.image_processor if processor is not None else image_processor
         self.image_token_id = int(image_token_id)
         self.num_image_tokens = num_image_tokens
         self.template = template
@@ -236,21 +322,26 @@ class ConversationDataset(Dataset):
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
-    def _prompt_ids(self, text: str) -> list[int]:
+    def _prompt_ids(self, text: str, num_image_tokens: int) -> list[int]:
         """Text with at most one ``<image>`` → ids with the image tokens in its place."""
         before, _, after = text.partition(IMAGE_PLACEHOLDER)
         if before == text:
             return self._ids(text)
-        return self._ids(before) + [self.image_token_id] * self.num_image_tokens + self._ids(after)
+        return self._ids(before) + [self.image_token_id] * num_image_tokens + self._ids(after)
 
-    def encode(self, sample: ConversationSample) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(input_ids (T,), labels (T,))`` for one sample; labels are ``-100`` outside the answers."""
+    def encode(self, sample: ConversationSample, num_image_tokens: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids (T,), labels (T,))`` for one sample; labels are ``-100`` outside the answers.
+
+        ``num_image_tokens``: the image's token count (default: the dataset's ``num_image_tokens``).
+        """
+        n = self.num_image_tokens if num_image_tokens is None else num_image_tokens
         pieces: list[tuple[list[int], bool]] = []  # (ids, is_answer)
         bos = self.tokenizer.bos_token_id
         if bos is not None:
             pieces.append(([bos], False))
         if self.template == "plain":
-            pieces.append(([self.image_token_id] * self.num_image_tokens, False))
+            pieces.append(([self.image_token_id] * n, False))
             pieces.append((self._ids(sample.turns[1][1] + "\n"), True))
         else:
             prompt = VICUNA_SYSTEM + " "
@@ -258,7 +349,7 @@ class ConversationDataset(Dataset):
                 if role == "human":
                     prompt += f"USER: {text} ASSISTANT:"
                 else:
-                    pieces.append((self._prompt_ids(prompt), False))
+                    pieces.append((self._prompt_ids(prompt, n), False))
                     pieces.append((self._ids(" " + text) + [self.tokenizer.eos_token_id], True))
                     prompt = ""
         input_ids = [i for ids, _ in pieces for i in ids]
@@ -267,14 +358,13 @@ class ConversationDataset(Dataset):
             cut = input_ids[self.max_length:]
             if self.image_token_id in cut:
                 raise ValueError(
-                    f"sample {sample.index}: max_length={self.max_length} cuts through its {self.num_image_tokens} "
-                    f"image tokens ({len(input_ids)} tokens in all); raise max_length"
+                    f"sample {sample.index}: max_length={self.max_length} cuts through its {n} image tokens "
+                    f"({len(input_ids)} tokens in all); raise max_length"
                 )
             input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
         return torch.tensor(input_ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
 
-    def load_image(self, sample: ConversationSample) -> torch.Tensor:
-        """``(C, H_img, W_img)`` pixel values of the sample's image."""
+    def _read_image(self, sample: ConversationSample) -> Any:
         from PIL import Image
 
         with Image.open(sample.image) as handle:
@@ -282,15 +372,44 @@ class ConversationDataset(Dataset):
         if self.image_aspect_ratio == "pad":
             mean = getattr(self.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
             image = _expand_to_square(image, tuple(int(round(255 * m)) for m in mean))
-        return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        return image
+
+    def load_image(self, sample: ConversationSample) -> torch.Tensor:
+        """Pixel values of the sample's image: ``(C, H_img, W_img)``, or ``(V, C, H_img, W_img)`` views."""
+        return self.image_inputs(sample)[0]["pixel_values"]
+
+    def image_inputs(self, sample: ConversationSample) -> tuple[dict[str, torch.Tensor], int]:
+        """``(model inputs of the sample's image, its number of image tokens)``."""
+        image = self._read_image(sample)
+        if self.processor is None:
+            pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+            return {"pixel_values": pixels}, int(self.num_image_tokens)
+        out = self.processor(text=self.processor.image_token, images=image, return_tensors="pt")
+        inputs = {"pixel_values": out["pixel_values"][0]}
+        if "image_sizes" in out:
+            inputs["image_sizes"] = torch.as_tensor(out["image_sizes"][0])
+        return inputs, int((out["input_ids"] == self.image_token_id).sum())
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         sample = self.samples[i]
-        input_ids, labels = self.encode(sample)
-        item = {"input_ids": input_ids, "labels": labels}
-        if sample.image is not None:
-            item["pixel_values"] = self.load_image(sample)
-        return item
+        if sample.image is None:
+            input_ids, labels = self.encode(sample, 0)
+            return {"input_ids": input_ids, "labels": labels}
+        inputs, count = self.image_inputs(sample)
+        input_ids, labels = self.encode(sample, count)
+        return {"input_ids": input_ids, "labels": labels, **inputs}
+
+
+def _stack_views(images: list[torch.Tensor]) -> torch.Tensor:
+    """``(I, ...)`` stacked pixel values; anyres images with different view counts V_i are zero-padded to
+    ``(I, V_max, C, H_img, W_img)``, as the LLaVA-NeXT / OneVision processors pad a batch."""
+    if all(image.shape == images[0].shape for image in images):
+        return torch.stack(images)
+    most = max(int(image.shape[0]) for image in images)
+    out = images[0].new_zeros((len(images), most, *images[0].shape[1:]))
+    for row, image in enumerate(images):
+        out[row, : image.shape[0]] = image
+    return out
 
 
 @dataclass(frozen=True)
@@ -298,8 +417,9 @@ class ConversationCollator:
     """Pads a list of :class:`ConversationDataset` items into a batch (right padding).
 
     Returns ``input_ids (B, T)`` (``pad_token_id``), ``labels (B, T)`` (``-100``), ``attention_mask
-    (B, T)`` (1 = token) and, when any sample has an image, ``pixel_values (I, C, H_img, W_img)`` for the
-    I samples with one, in batch order (what ``LlavaForConditionalGeneration`` expects).
+    (B, T)`` (1 = token) and, when any sample has an image, for the I samples with one, in batch order:
+    ``pixel_values`` ``(I, C, H_img, W_img)`` (what ``LlavaForConditionalGeneration`` expects) or ``(I, V_max,
+    C, H_img, W_img)`` (anyres views, zero-padded) and ``image_sizes (I, 2)`` where the items have them.
     """
 
     pad_token_id: int
@@ -313,7 +433,9 @@ class ConversationCollator:
             n = int(item["input_ids"].shape[0])
             input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = item["input_ids"], item["labels"], 1
         batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-        images = [item["pixel_values"] for item in items if "pixel_values" in item]
-        if images:
-            batch["pixel_values"] = torch.stack(images)
+        with_image = [item for item in items if "pixel_values" in item]
+        if with_image:
+            batch["pixel_values"] = _stack_views([item["pixel_values"] for item in with_image])
+            if "image_sizes" in with_image[0]:
+                batch["image_sizes"] = torch.stack([item["image_sizes"] for item in with_image])
         return batch

@@ -1,8 +1,8 @@
-"""Train the connector of a transformers Llava model with ``transformers.Trainer``.
+"""Train the connector of a transformers LLaVA-1.5, LLaVA-NeXT or LLaVA-OneVision model with ``transformers.Trainer``.
 
 Command line (every ``TrainingArguments`` flag works: ``--per_device_train_batch_size``,
 ``--gradient_accumulation_steps``, ``--bf16``, ``--fsdp``, ``--deepspeed``, ``--gradient_checkpointing``,
-``--report_to``, ``--logging_steps``, ...)::
+``--report_to``, ``--logging_steps``, ``--resume_from_checkpoint``, ...)::
 
     # stage 1: connector only, caption data, LLaVA's "plain" template
     python -m anchor_former.train --model_name_or_path llava-hf/llava-1.5-7b-hf --stage 1 \\
@@ -12,25 +12,37 @@ Command line (every ``TrainingArguments`` flag works: ``--per_device_train_batch
         --data_path llava_v1_5_mix665k.json --image_folder images/ --output_dir out/stage2
     torchrun --nproc_per_node 8 -m anchor_former.train ...   # DDP / FSDP / DeepSpeed: the Trainer's own
 
-``--model_name_or_path`` is either a ``LlavaForConditionalGeneration`` checkpoint (switched with
+``--model_name_or_path`` is a stock checkpoint of a supported family (``LlavaForConditionalGeneration``,
+``LlavaNextForConditionalGeneration``, ``LlavaOnevisionForConditionalGeneration``; the family comes from
+its ``config.json``, read before any weight), switched with the public
 :func:`~anchor_former.adapters.transformers.attach_anchor_former` and ``--connector``, ``--num_anchors``,
-``--score``, ``--connector_config``) or a folder this module wrote (model type ``anchor_former_llava``;
-the connector settings come from its config and those flags are ignored). The output folder holds the
-whole model and its processor and reloads with
-``AnchorFormerLlavaForConditionalGeneration.from_pretrained`` / ``LlavaProcessor.from_pretrained``.
+``--score``, ``--connector_config``; or a folder this module wrote (model type ``anchor_former_llava``,
+``anchor_former_llava_next``, ``anchor_former_llava_onevision``; the connector settings come from its
+config, and a connector flag that contradicts them is refused). On the anyres families (NeXT, OneVision) the connector runs per view
+(AcFormer: K + 1 tokens per view on CLIP, K on SigLIP) in the attached model's layout, and each sample gets
+the number of image tokens the attached processor writes for its image. The output folder holds the whole
+model and its processor and reloads with the family's ``AnchorFormer*ForConditionalGeneration.from_pretrained``
+and processor class (see ``docs/training.md``).
 
-Stage 1 trains the connector and freezes everything else; stage 2 also trains the language model and
-``lm_head`` (or, with ``--lora_r > 0`` and ``peft`` installed, LoRA adapters on the language model's
-linear layers, merged into the weights before saving). The vision tower is always frozen.
-The dataset is read and checked in full before the model is loaded (:func:`anchor_former.data.load_conversations`).
-At the end every process logs a SHA-256 digest of its connector weights; under DDP all ranks print the same.
+Stage 1 trains the connector (and, on the anyres families, ``image_newline``) and freezes everything
+else; stage 2 also trains the language model and ``lm_head`` (or, with ``--lora_r > 0`` and ``peft``
+installed, LoRA adapters on the language model's linear layers and the connector as a peft
+``modules_to_save`` copy, merged into the weights before saving; ``image_newline`` stays as stage 1 left it).
+The vision tower is always frozen.
+
+Before any weight is read, every argument (:mod:`anchor_former.preflight`: family, connector name, keys and
+types, budget against the patch grid) and every sample (:func:`anchor_former.data.load_conversations`:
+structure, placeholders, image files that decode, encoding) is checked. Checkpoints and the output folder
+are written with the running model's own key names, so ``--resume_from_checkpoint`` restores every weight
+(a resumed run equals an uninterrupted one). At the end every process logs a SHA-256 digest of its
+connector weights; under DDP all ranks print the same.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,9 +51,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from anchor_former.preflight import CheckpointInfo, check_connector, parse_connector_config, read_checkpoint
+
 __all__ = [
     "DataArguments",
     "ModelArguments",
+    "RunPlan",
+    "check_run",
     "connector_digest",
     "load_model",
     "main",
@@ -52,7 +68,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: LLaMA-family linear layers that LoRA adapts (in the language model only)
+#: LLaMA/Qwen2-family linear layers that LoRA adapts (in the language model only)
 LORA_TARGETS = r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
@@ -60,13 +76,17 @@ LORA_TARGETS = r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up
 class ModelArguments:
     """What to train: the model, the connector and the stage."""
 
-    model_name_or_path: str = field(metadata={"help": "a LlavaForConditionalGeneration checkpoint or a folder this "
-                                                      "module wrote (model type anchor_former_llava)"})
+    model_name_or_path: str = field(metadata={"help": "a LLaVA-1.5 / LLaVA-NeXT / LLaVA-OneVision checkpoint or a "
+                                                      "folder this module wrote"})
     stage: int = field(default=1, metadata={"help": "1: connector only; 2: connector + language model",
                                             "choices": [1, 2]})
-    connector: str = field(default="acformer", metadata={"help": "connector name (anchor_former.build_connector)"})
-    num_anchors: int = field(default=144, metadata={"help": "K anchors (acformer); the LLM sees K + 1 tokens"})
-    score: str = field(default="cls", metadata={"help": "anchor score", "choices": ["cls", "norm", "map"]})
+    connector: str | None = field(default=None, metadata={
+        "help": "connector name (anchor_former.build_connector); default acformer"})
+    num_anchors: int | None = field(default=None, metadata={
+        "help": "K anchors (acformer) per image or per view, default 144; the LLM sees K + 1 tokens per view on CLIP"})
+    score: str | None = field(default=None, metadata={
+        "help": "anchor score; default: cls (LLaVA-1.5, LLaVA-NeXT), received (OneVision's SigLIP)",
+        "choices": ["cls", "norm", "map", "received"]})
     connector_config: str | None = field(default=None, metadata={"help": "JSON object of further connector "
                                                                           "arguments, e.g. '{\"depth\": 6}'"})
     torch_dtype: str = field(default="float32", metadata={
@@ -88,8 +108,13 @@ class DataArguments:
         "help": "conversation template; default: plain for stage 1, vicuna_v1 for stage 2",
         "choices": ["plain", "vicuna_v1"]})
     max_length: int = field(default=2048, metadata={"help": "longest token sequence (image tokens included)"})
-    image_aspect_ratio: str = field(default="pad", metadata={"help": "pad (LLaVA-1.5) or square",
-                                                             "choices": ["pad", "square"]})
+    image_aspect_ratio: str | None = field(default=None, metadata={
+        "help": "pad (pad to a square, then the processor), square (LLaVA-1.5's resize and crop) or anyres (the "
+                "NeXT / OneVision views); default: pad for LLaVA-1.5, anyres for NeXT and OneVision",
+        "choices": ["pad", "square", "anyres"]})
+    check_images: str = field(default="decode", metadata={
+        "help": "before loading the model: decode every image file (decode) or only check it exists (exists)",
+        "choices": ["decode", "exists"]})
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[ModelArguments, DataArguments, Any]:
@@ -104,19 +129,76 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ModelArguments, DataA
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-def _connector_kwargs(text: str | None) -> dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"--connector_config must be a JSON object, got {text!r}: {error}") from error
-    if not isinstance(value, dict):
-        raise ValueError(f"--connector_config must be a JSON object, got {text!r}")
-    return value
+@dataclass(frozen=True)
+class RunPlan:
+    """What :func:`check_run` established before any weight is read.
+
+    Attributes:
+        checkpoint: the family and patch grid of ``--model_name_or_path`` (:func:`~anchor_former.preflight.read_checkpoint`).
+        attach: keyword arguments of ``attach_anchor_former`` (empty for a folder this module wrote).
+        image_aspect_ratio: ``--image_aspect_ratio`` or the family's default.
+        template: ``--template`` or the stage's default.
+    """
+
+    checkpoint: CheckpointInfo
+    attach: dict[str, Any]
+    image_aspect_ratio: str
+    template: str
 
 
-def _check_args(model_args: ModelArguments) -> None:
+def _check_distributed(training_args: Any) -> None:
+    """Multi-process runs that would silently not be what the command says (see docs/training.md): FSDP or
+    DeepSpeed on CPU (accelerate drops them), and torchrun on CPU without ``--use_cpu`` (every process
+    then trains alone on the whole dataset: world size 1 in each)."""
+    if training_args is None:
+        return
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and training_args.world_size != launched:
+        raise ValueError(
+            f"torchrun started {launched} processes (WORLD_SIZE={launched}) but the Trainer sees world_size="
+            f"{training_args.world_size}: without CUDA pass --use_cpu, or each process trains alone"
+        )
+    if not (training_args.fsdp or training_args.deepspeed):
+        return
+    if getattr(training_args, "use_cpu", False) or not torch.cuda.is_available():
+        flag = "--fsdp" if training_args.fsdp else "--deepspeed"
+        raise ValueError(
+            f"{flag} needs CUDA devices, got a CPU run (use_cpu={training_args.use_cpu}, "
+            f"torch.cuda.is_available()={torch.cuda.is_available()}): on CPU, accelerate keeps the MULTI_CPU "
+            "distributed type and drops the FSDP / DeepSpeed plugin without a word, so the run would be plain DDP "
+            "with full copies of the model; drop the flag for DDP, or run on GPUs"
+        )
+
+
+DEFAULT_CONNECTOR, DEFAULT_NUM_ANCHORS = "acformer", 144
+
+
+def _check_recorded(info: CheckpointInfo, model_args: ModelArguments, kwargs: dict[str, Any]) -> None:
+    """A folder this module wrote keeps its connector: connector flags may only repeat what it records."""
+    recorded = info.anchor_former or {}
+    config = recorded.get("connector_config") or {}
+    given = [("--connector", model_args.connector, recorded.get("connector")),
+             ("--score", model_args.score, recorded.get("score")),
+             ("--num_anchors", model_args.num_anchors, config.get("num_anchors", model_args.num_anchors))]
+    given += [(f"--connector_config key {key!r}", value, config.get(key, ...)) for key, value in kwargs.items()]
+    for flag, value, kept in given:
+        if value is not None and value != kept:
+            shown = "nothing" if kept is ... else repr(kept)
+            raise ValueError(
+                f"{flag} must match what {info.path!r} records (config.json anchor_former: {shown}), got {value!r}: "
+                "a folder this module wrote keeps its connector; leave the flag out, or start from the stock checkpoint"
+            )
+
+
+def check_run(model_args: ModelArguments, data_args: DataArguments, training_args: Any = None) -> RunPlan:
+    """Check every argument against ``--model_name_or_path``'s ``config.json``; reads no weight.
+
+    Raises:
+        ValueError: a bad stage / LoRA combination, ``--fsdp`` / ``--deepspeed`` on CPU, an unsupported
+            checkpoint family (Qwen-VL included: training-free only), and everything
+            :func:`~anchor_former.preflight.check_connector` refuses; an ``--image_aspect_ratio`` the family
+            does not use.
+    """
     if model_args.stage not in (1, 2):
         raise ValueError(f"--stage must be 1 or 2, got {model_args.stage!r}")
     if model_args.lora_r < 0:
@@ -124,30 +206,83 @@ def _check_args(model_args: ModelArguments) -> None:
     if model_args.lora_r and model_args.stage != 2:
         raise ValueError(f"--lora_r applies to stage 2 (the language model is frozen in stage 1), got --stage "
                          f"{model_args.stage}")
+    _check_distributed(training_args)
+    info = read_checkpoint(model_args.model_name_or_path)
+    family = info.family
+    aspect = data_args.image_aspect_ratio or family.aspect_ratios[0]
+    if aspect not in family.aspect_ratios:
+        raise ValueError(f"--image_aspect_ratio must be one of {', '.join(family.aspect_ratios)} for {family.name}, "
+                         f"got {aspect!r}")
+    attach: dict[str, Any] = {}
+    kwargs = parse_connector_config(model_args.connector_config)
+    if info.attached:
+        _check_recorded(info, model_args, kwargs)
+    else:
+        connector = model_args.connector or DEFAULT_CONNECTOR
+        num_anchors = DEFAULT_NUM_ANCHORS if model_args.num_anchors is None else model_args.num_anchors
+        score = model_args.score or family.default_score
+        check_connector(info, connector=connector, num_anchors=num_anchors, score=score, kwargs=kwargs)
+        attach = {"num_anchors": num_anchors, "connector": connector, "score": score, **kwargs}
+    template = data_args.template or ("plain" if model_args.stage == 1 else "vicuna_v1")
+    return RunPlan(checkpoint=info, attach=attach, image_aspect_ratio=aspect, template=template)
 
 
-def load_model(model_args: ModelArguments) -> tuple[nn.Module, Any]:
-    """``(AnchorFormerLlavaForConditionalGeneration, its processor)`` from ``--model_name_or_path``."""
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+def _classes(info: CheckpointInfo) -> tuple[type, type]:
+    """``(model class, processor class)`` that loads ``info``'s checkpoint (stock or attached)."""
+    import transformers
 
-    from anchor_former.adapters.transformers import (
-        AnchorFormerLlavaConfig,
-        AnchorFormerLlavaForConditionalGeneration,
-        attach_anchor_former,
-        register_auto_classes,
+    name = info.family.model_type
+    if not info.attached:
+        stock = {"llava": "Llava", "llava_next": "LlavaNext", "llava_onevision": "LlavaOnevision"}[name]
+        return getattr(transformers, f"{stock}ForConditionalGeneration"), transformers.AutoProcessor
+    if name == "llava":
+        from anchor_former.adapters.transformers import AnchorFormerLlavaForConditionalGeneration
+
+        return AnchorFormerLlavaForConditionalGeneration, transformers.AutoProcessor
+    if name == "llava_next":
+        from anchor_former.adapters.hf.llava_next import (
+            AnchorFormerLlavaNextForConditionalGeneration,
+            AnchorFormerLlavaNextProcessor,
+        )
+
+        return AnchorFormerLlavaNextForConditionalGeneration, AnchorFormerLlavaNextProcessor
+    from anchor_former.adapters.hf.llava_onevision import (
+        AnchorFormerLlavaOnevisionForConditionalGeneration,
+        AnchorFormerLlavaOnevisionProcessor,
     )
 
-    register_auto_classes()
+    return AnchorFormerLlavaOnevisionForConditionalGeneration, AnchorFormerLlavaOnevisionProcessor
+
+
+def load_model(model_args: ModelArguments, plan: RunPlan | None = None) -> tuple[nn.Module, Any]:
+    """``(attached model, its processor)`` from ``--model_name_or_path`` (checked first when ``plan`` is None).
+
+    A stock checkpoint loads with its family's transformers class and is switched by
+    :func:`anchor_former.adapters.transformers.attach_anchor_former`; a folder this module wrote loads
+    with the family's ``AnchorFormer*ForConditionalGeneration``.
+    """
+    from anchor_former.adapters.transformers import attach_anchor_former
+
+    if plan is None:
+        plan = check_run(model_args, DataArguments(data_path=""))
     path = model_args.model_name_or_path
-    dtype = getattr(torch, model_args.torch_dtype)
-    processor = AutoProcessor.from_pretrained(path)
-    if AutoConfig.from_pretrained(path).model_type == AnchorFormerLlavaConfig.model_type:
-        model = AnchorFormerLlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
-    else:
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
-        attach_anchor_former(model, processor, num_anchors=model_args.num_anchors, connector=model_args.connector,
-                             score=model_args.score, **_connector_kwargs(model_args.connector_config))
+    model_class, processor_class = _classes(plan.checkpoint)
+    processor = processor_class.from_pretrained(path)
+    model = model_class.from_pretrained(path, dtype=getattr(torch, model_args.torch_dtype))
+    if plan.attach:
+        attach_anchor_former(model, processor, **plan.attach)
     return model, processor
+
+
+def _base(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _companions(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters that train with the connector: the anyres families' ``image_newline`` (the LLM token that
+    closes each row of views in the layout the connector's tokens are read in)."""
+    newline = getattr(_base(model).model, "image_newline", None)
+    return [newline] if isinstance(newline, nn.Parameter) else []
 
 
 def set_trainable(model: nn.Module, model_args: ModelArguments) -> nn.Module:
@@ -159,58 +294,108 @@ def set_trainable(model: nn.Module, model_args: ModelArguments) -> nn.Module:
                 from peft import LoraConfig, get_peft_model
             except ImportError as error:
                 raise ValueError("--lora_r > 0 needs peft (pip install peft)") from error
+            # modules_to_save: peft trains a copy of the connector and writes it into its checkpoints, so a
+            # resumed LoRA run continues the connector too (merge_and_unload puts the trained copy back)
             lora = LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
-                              lora_dropout=model_args.lora_dropout, target_modules=LORA_TARGETS)
-            model = get_peft_model(model, lora)
-        else:
-            model.model.language_model.requires_grad_(True)
-            model.lm_head.requires_grad_(True)
+                              lora_dropout=model_args.lora_dropout, target_modules=LORA_TARGETS,
+                              modules_to_save=["multi_modal_projector"])
+            return get_peft_model(model, lora)
+        model.model.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
     _connector(model).requires_grad_(True)
+    for parameter in _companions(model):
+        parameter.requires_grad_(True)
     return model
 
 
 def _connector(model: nn.Module) -> nn.Module:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model.multi_modal_projector
+    return _base(model).model.multi_modal_projector
 
 
 def connector_digest(model: nn.Module) -> str:
     """SHA-256 over the connector's state dict (names, dtypes and bytes, in order): equal digests mean
-    bitwise equal weights."""
+    bitwise equal weights. Under FSDP every rank must call it (the shards are gathered)."""
     digest = hashlib.sha256()
     for name, tensor in _connector(model).state_dict().items():
+        if hasattr(tensor, "full_tensor"):  # an FSDP2 shard (DTensor): every rank gathers the whole weight
+            tensor = tensor.full_tensor()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
+def _trainer_class() -> type:
+    from transformers import PreTrainedModel, Trainer
+    from transformers.trainer import TRAINING_ARGS_NAME
+
+    class ConnectorTrainer(Trainer):
+        """``Trainer`` that writes weights under the running model's own key names.
+
+        ``save_pretrained`` writes LLaVA-1.5 (and any family with registered key conversions) in
+        transformers' older key layout (``language_model.model.*``), which ``from_pretrained`` converts
+        back but ``Trainer``'s resume loads with a raw ``load_state_dict(strict=False)``: every renamed
+        weight was skipped and the run restarted from the stage's initial weights. With
+        ``save_original_format=False`` the checkpoint keys ARE the model's keys, both loaders read them.
+        """
+
+        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+            model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+            if not isinstance(model, PreTrainedModel) or getattr(self, "is_distributed_loading_by_transformers", False):
+                super()._save(output_dir, state_dict)  # peft adapters / sharded loading: the Trainer's own
+                return
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            if not self.args.should_save:
+                return
+            os.makedirs(output_dir, exist_ok=True)
+            model.save_pretrained(output_dir, state_dict=state_dict, save_original_format=False)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+        def _issue_warnings_after_load(self, load_result: Any) -> None:
+            """A checkpoint that lacks a weight this run trains is an error, not a warning: resuming would
+            silently restart that weight (a checkpoint in another key layout looks exactly like this)."""
+            trained = {name for name, p in self.model.named_parameters() if p.requires_grad}
+            lost = sorted(trained & set(load_result.missing_keys))
+            if lost:
+                raise ValueError(
+                    f"--resume_from_checkpoint {self.args.resume_from_checkpoint!r} must hold every weight this run "
+                    f"trains, got {len(lost)} missing (e.g. {lost[:3]}) and {len(load_result.unexpected_keys)} keys "
+                    f"the model does not have (e.g. {sorted(load_result.unexpected_keys)[:3]}); was it written in "
+                    "another key layout (transformers' default save_pretrained) or for another model?"
+                )
+            super()._issue_warnings_after_load(load_result)
+
+    return ConnectorTrainer
+
+
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: Any) -> Any:
-    """Validate the data, load and freeze the model, run ``Trainer.train()`` and save; returns the Trainer.
+    """Check arguments and data, load, attach and freeze the model, run ``Trainer.train()`` and save;
+    returns the Trainer.
 
     Raises:
-        ValueError: bad arguments, or a dataset problem (:func:`~anchor_former.data.load_conversations`),
-            before the model is loaded.
+        ValueError: bad arguments (:func:`check_run`) or a dataset problem
+            (:func:`~anchor_former.data.load_conversations`), before any weight is read.
     """
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
 
     from anchor_former.data import ConversationCollator, ConversationDataset, load_conversations
 
-    _check_args(model_args)
-    samples = load_conversations(data_args.data_path, image_folder=data_args.image_folder)
+    plan = check_run(model_args, data_args, training_args)
+    samples = load_conversations(data_args.data_path, image_folder=data_args.image_folder,
+                                 check_images=data_args.check_images)
     set_seed(training_args.seed)  # the connector's initialisation: same on every rank and in every run
-    model, processor = load_model(model_args)
+    model, processor = load_model(model_args, plan)
     model.config.use_cache = False
     tokenizer = processor.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    template = data_args.template or ("plain" if model_args.stage == 1 else "vicuna_v1")
     dataset = ConversationDataset(
-        samples, tokenizer=tokenizer, image_processor=processor.image_processor,
-        image_token_id=model.config.image_token_id, num_image_tokens=int(model.config.image_seq_length),
-        template=template, max_length=data_args.max_length, image_aspect_ratio=data_args.image_aspect_ratio,
+        samples, tokenizer=tokenizer, processor=processor, image_token_id=model.config.image_token_id,
+        template=plan.template, max_length=data_args.max_length, image_aspect_ratio=plan.image_aspect_ratio,
     )
     model = set_trainable(model, model_args)
-    trainer = Trainer(model=model, args=training_args, train_dataset=dataset,
-                      data_collator=ConversationCollator(pad_token_id=pad), processing_class=processor)
+    trainer = _trainer_class()(model=model, args=training_args, train_dataset=dataset,
+                               data_collator=ConversationCollator(pad_token_id=pad), processing_class=processor)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_state()
     if model_args.lora_r:

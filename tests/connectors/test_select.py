@@ -207,3 +207,56 @@ def test_merge_context_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match=r"features must have shape \(B, U, D\)"):
         merge_context(x[0], 2)
     torch.testing.assert_close(merge_context(x, 5), x, rtol=0, atol=1e-6)  # every token its own target
+
+
+# --- non-finite features in merge_context -------------------------------------------------------------------
+
+
+def test_merge_context_raises_on_a_non_finite_token_by_default() -> None:
+    from anchor_former.connectors import merge_context
+
+    x = torch.randn(2, 9, D)
+    x[1, 4, 3] = float("inf")
+    with pytest.raises(ValueError, match=r"token 4 of sample 1 .* holds inf or NaN"):
+        merge_context(x, 3)
+    x[1, 4, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"token 4 of sample 1"):
+        merge_context(x, 3, nonfinite="raise")
+    with pytest.raises(ValueError, match=r"nonfinite must be 'raise' or 'exclude', got 'skip'"):
+        merge_context(x, 3, nonfinite="skip")
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_merge_context_exclude_equals_merging_without_the_token(bad) -> None:
+    """``"exclude"``: every context token of the sample stays finite and equals the merge of the sample with
+    the bad tokens removed; the other samples are untouched. Left in, one bad token poisons all M."""
+    from anchor_former.connectors import merge_context
+
+    torch.manual_seed(3)
+    x = torch.randn(3, 12, D)
+    x[1, 5, 0], x[1, 9, 7] = bad, bad
+    got = merge_context(x, 4, nonfinite="exclude")
+    assert torch.isfinite(got).all()
+    keep = [i for i in range(12) if i not in (5, 9)]
+    torch.testing.assert_close(got[1], merge_context(x[1:2, keep], 4)[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[[0, 2]], merge_context(x[[0, 2]], 4), rtol=0, atol=0)
+    from anchor_former.connectors.select import _merge  # the merge without the finiteness check
+
+    assert (~torch.isfinite(_merge(x[1:2], 4))).any(-1).all()  # left in: every one of the 4 tokens is non-finite
+    with pytest.raises(ValueError, match=r"leaves 2 finite tokens in sample 0 .* fewer than num_context=3"):
+        y = torch.randn(1, 4, D)
+        y[0, :2] = bad
+        merge_context(y, 3, nonfinite="exclude")
+
+
+def test_select_connector_with_context_refuses_non_finite_features() -> None:
+    conn = make(4, 3)
+    features = torch.randn(2, 17, D)
+    scores = torch.rand(2, 4, 17)
+    with torch.no_grad():
+        anchors = conn(features, attention=scores)  # finite: runs
+        assert torch.isfinite(anchors).all()
+        features[0, 16] = float("nan")  # a patch that no anchor search would pick first (score lowest)
+        scores[0, :, 16] = -1.0
+        with pytest.raises(ValueError, match=r"features must be finite"):
+            conn(features, attention=scores)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -61,19 +62,31 @@ def _context_targets(num_unselected: int, num_context: int, device: torch.device
     return ((2 * m + 1) * num_unselected) // (2 * num_context)
 
 
-def merge_context(features: torch.Tensor, num_context: int) -> torch.Tensor:
+def merge_context(
+    features: torch.Tensor, num_context: int, *, nonfinite: Literal["raise", "exclude"] = "raise"
+) -> torch.Tensor:
     """Merge each sample's tokens into ``num_context`` context tokens (the scheme of the module doc).
 
     Args:
         features: ``(B, U, D)`` the tokens to merge (the unselected patches), in raster order.
         num_context: M, with ``1 <= M <= U``.
+        nonfinite: what a token with an inf or NaN feature does. Left in, it poisons all M context tokens:
+            the member sums are one matrix product, in which the token's zero weight in the other clusters
+            times inf / NaN is NaN (and its own cosine similarities are NaN). ``"raise"`` (default):
+            ``ValueError`` naming the sample and the token, since a non-finite ViT feature is a bug upstream
+            (an fp16 overflow, a broken image) that the model should not silently absorb. ``"exclude"``: the
+            sample is merged as if its non-finite tokens were not in the list (targets are spaced through its
+            U' finite tokens; M must be at most U').
 
     Returns:
         ``(B, M, D)``: context token ``m`` is the mean of the tokens whose most cosine-similar target is
         target ``m`` (targets evenly spaced through the U tokens; each target belongs to itself).
 
     Raises:
-        ValueError: ``features`` not a floating ``(B, U, D)`` tensor, ``num_context`` not in ``[1, U]``.
+        ValueError: ``features`` not a floating ``(B, U, D)`` tensor, ``num_context`` not in ``[1, U]``,
+            ``nonfinite`` not ``"raise"`` / ``"exclude"``; a non-finite token with ``"raise"``, or fewer than M
+            finite tokens in a sample with ``"exclude"``. The finiteness check reads one flag from the device
+            per call; it is skipped while ``torch.compile`` traces (no host reads in a graph) and on ``meta``.
     """
     check_ndim("features", features, (3,), "(B, U, D)")
     check_floating("features", features)
@@ -83,6 +96,35 @@ def merge_context(features: torch.Tensor, num_context: int) -> torch.Tensor:
             f"num_context must be an integer in [1, U={u}] for features of shape {shape_str(features)} (B, U, D), "
             f"got {num_context!r}"
         )
+    if nonfinite not in ("raise", "exclude"):
+        raise ValueError(f"nonfinite must be 'raise' or 'exclude', got {nonfinite!r}")
+    if features.device.type == "meta" or torch.compiler.is_compiling():
+        return _merge(features, num_context)
+    finite = torch.isfinite(features).all(dim=-1)  # (B, U)
+    if bool(finite.all()):  # the only host read on the happy path
+        return _merge(features, num_context)
+    if nonfinite == "raise":
+        sample, token = (int(i) for i in (~finite).nonzero()[0])
+        raise ValueError(
+            f"features must be finite: token {token} of sample {sample} (features of shape {shape_str(features)}, "
+            f"(B, U, D)) holds inf or NaN, which would make every context token of the sample non-finite; pass "
+            "nonfinite='exclude' to merge without such tokens"
+        )
+    rows = []
+    for i in range(b):
+        kept = features[i, finite[i]]  # (U', D)
+        if kept.shape[0] < num_context:
+            raise ValueError(
+                f"nonfinite='exclude' leaves {kept.shape[0]} finite tokens in sample {i} of features of shape "
+                f"{shape_str(features)}, fewer than num_context={num_context}"
+            )
+        rows.append(_merge(kept[None], num_context)[0])
+    return torch.stack(rows)
+
+
+def _merge(features: torch.Tensor, num_context: int) -> torch.Tensor:
+    """:func:`merge_context` on checked ``(B, U, D)`` features: ``(B, M, D)``."""
+    u = features.shape[1]
     targets = _context_targets(u, num_context, features.device)  # (M,)
     # float32 whatever the caller's autocast (meta tensors have no autocast state to change)
     device = features.device.type
