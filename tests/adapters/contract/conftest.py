@@ -1,9 +1,19 @@
-"""The host contract suite: every row runs on every family (see ``test_contract.py``).
+"""The host contract suite: every row of ``test_contract.py`` runs on every family.
 
-Families come from modules that load only where their host does: ``families_hf.py`` (transformers >= 5,
-the main environment) and ``families_llava_torch.py`` (llava-torch, the ``.venv-llava`` environment).
-Each module defines ``FAMILIES``, a list of :class:`family.Family`; adding a family to the suite is adding
-one entry there (or one such module, listed in ``_MODULES``).
+A family is one :class:`family.Family` entry (tiny model and processor builders, one request's inputs, the
+attach arguments of a few situations, the stock and attached classes, which rows it supports). Entries
+live in modules that load only where their host does:
+
+* ``families_hf.py``: transformers >= 5 (the main environment): ``llava``, ``llava_next``, ``onevision``,
+  ``qwen2``, ``qwen2_5``, ``qwen3``;
+* ``families_llava_torch.py``: llava-torch (the ``.venv-llava`` environment), e.g. ``llava_torch`` and
+  ``llava_torch_anyres_{flat,spatial,spatial_unpad}``.
+
+Each module defines ``FAMILIES: list[Family]`` and raises ``ImportError`` at import where its host is
+missing (``import llava`` at the top does that), so the other environment skips it with the reason. A
+family added later gets every row by adding one entry; rows its host cannot take part in are left out of
+``Family.supports`` (with the reason in ``Family.skip``); rows known to fail today go into
+``Family.xfail`` (run as strict xfails, so the fix shows). A new module is listed in ``_MODULES`` below.
 """
 
 from __future__ import annotations

@@ -82,6 +82,7 @@ LLAVA = Family(
     inputs=lambda p, seed: p(text=llava.PROMPTS[:1], images=[_image(seed, (llava.IMAGE + 6, llava.IMAGE + 2))],
                              return_tensors="pt"),
     attach=hf_llava.attach_anchor_former,
+    host=hf_llava.HOST,
     full={"connector": "select", "num_anchors": llava.NUM_PATCHES},
     reduced={"connector": "acformer", "num_anchors": 8, **CONNECTOR},
     reattach={"num_anchors": 4},
@@ -96,6 +97,7 @@ LLAVA = Family(
     attached_class=hf_llava.AnchorFormerLlavaForConditionalGeneration,
     reload=lambda folder: hf_llava.AnchorFormerLlavaForConditionalGeneration.from_pretrained(folder).eval(),
     reload_processor=lambda folder: LlavaProcessor.from_pretrained(folder),  # the stock class: only counts change
+    prompt=llava.PROMPTS[0],
     xfail={**_WEIGHT_PROBE, "bnb": _PROBE},  # the 8-bit weights read as numbers give other anchors
     eager_tokens=_llava_eager_tokens,
 )
@@ -106,6 +108,7 @@ LLAVA_NEXT = Family(
     make_model=llava_next.make_model,
     inputs=lambda p, seed: p(text=llava_next.PROMPTS[:1], images=[_image(seed, (40, 70))], return_tensors="pt"),
     attach=hf_next.attach_anchor_former,
+    host=hf_next.HOST,
     full={"connector": "select", "num_anchors": llava_next.NUM_PATCHES},
     reduced={"connector": "acformer", "num_anchors": 6, **CONNECTOR},
     reattach={"num_anchors": 4},
@@ -121,6 +124,7 @@ LLAVA_NEXT = Family(
     attached_class=hf_next.AnchorFormerLlavaNextForConditionalGeneration,
     reload=lambda folder: hf_next.AnchorFormerLlavaNextForConditionalGeneration.from_pretrained(folder).eval(),
     reload_processor=lambda folder: hf_next.AnchorFormerLlavaNextProcessor.from_pretrained(folder),
+    prompt=llava_next.PROMPTS[0],
     xfail=_WEIGHT_PROBE,
 )
 
@@ -130,6 +134,7 @@ ONEVISION = Family(
     make_model=onevision.make_model,
     inputs=lambda p, seed: p(text=[onevision.IMAGE_PROMPT], images=[_image(seed, (30, 90))], return_tensors="pt"),
     attach=hf_onevision.attach_anchor_former,
+    host=hf_onevision.HOST,
     full={"connector": "select", "num_anchors": onevision.NUM_PATCHES},
     reduced={"connector": "acformer", "num_anchors": 6, **CONNECTOR},
     reattach={"num_anchors": 4},
@@ -145,6 +150,7 @@ ONEVISION = Family(
     attached_class=hf_onevision.AnchorFormerLlavaOnevisionForConditionalGeneration,
     reload=lambda folder: hf_onevision.AnchorFormerLlavaOnevisionForConditionalGeneration.from_pretrained(folder).eval(),
     reload_processor=lambda folder: hf_onevision.AnchorFormerLlavaOnevisionProcessor.from_pretrained(folder),
+    prompt=onevision.IMAGE_PROMPT,
     xfail=_WEIGHT_PROBE,
 )
 
@@ -162,6 +168,7 @@ def _qwen(name: str, family: str) -> Family:
         make_model=lambda p: qwen.make_model(p, family),
         inputs=lambda p, seed: p(text=[qwen.PROMPTS[0]], images=[_image(seed, (48, 64))], return_tensors="pt"),
         attach=hf_qwen.attach_anchor_former,
+        host=hf_qwen.HOST,
         full={"num_anchors": 1.0},
         reduced={"num_anchors": 0.5},
         reattach={"num_anchors": 3},
@@ -175,6 +182,7 @@ def _qwen(name: str, family: str) -> Family:
         attached_class=attached,
         reload=lambda folder: attached.from_pretrained(folder).eval(),
         reload_processor=lambda folder: processor_class.from_pretrained(folder),
+        prompt=qwen.PROMPTS[0],
         skip={"offload_projector": "Qwen-VL builds no connector (the merger is the projector)"},
     )
 

@@ -26,10 +26,12 @@ class Family:
 
     Attributes:
         name: the test id (``"llava"``, ``"qwen2_5"``, ``"llava_torch_anyres_spatial"``, ...).
-        make_processor: ``() -> processor`` (a real one, built offline).
+        make_processor: ``() -> processor`` (a real one, built offline; None for a host without one).
         make_model: ``(processor) -> model``: the stock tiny model, fp32, eval mode, seeded.
         inputs: ``(processor, seed) -> dict`` the processor's output for one request (images differ by seed).
         attach: ``(model, processor, **kwargs) -> model`` the family's ``attach_anchor_former``.
+        host: the family's :class:`~anchor_former.adapters._host.Host` instance (the rollback row breaks its
+            ``install`` on purpose).
         full: attach arguments whose model equals the stock model (full budget).
         reduced: attach arguments of a reduced model (a trained connector where the family has one).
         reattach: arguments of a re-attach of ``reduced`` that keeps the connector (e.g. another K).
@@ -46,6 +48,7 @@ class Family:
         xfail: row -> reason: rows known to fail today (run as ``xfail(strict=True)``, so a fix shows).
         eager_tokens: ``(attached model, inputs) -> (B, T, llm_dim)``: the image tokens with anchors taken from
             the tower's own eager ``output_attentions`` (the slow reference), or None.
+        prompt: one request's text with one image placeholder (the ``pipeline`` row).
         logits: ``(model, inputs) -> logits`` (default ``model(**inputs).logits``).
     """
 
@@ -54,6 +57,7 @@ class Family:
     make_model: Callable[[Any], nn.Module]
     inputs: Callable[[Any, int], dict]
     attach: Callable[..., nn.Module]
+    host: Any
     full: dict[str, Any]
     reduced: dict[str, Any]
     reattach: dict[str, Any]
@@ -71,6 +75,7 @@ class Family:
     skip: dict[str, str] = field(default_factory=dict)
     xfail: dict[str, str] = field(default_factory=dict)
     eager_tokens: Callable[[nn.Module, dict], Any] | None = None
+    prompt: str = ""
     logits: Callable[[nn.Module, dict], Any] | None = None
 
     def __post_init__(self) -> None:
