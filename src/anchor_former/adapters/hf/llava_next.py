@@ -46,13 +46,23 @@ from typing import Any, ClassVar
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextModel, LlavaNextProcessor
+from transformers import (
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextModel,
+    LlavaNextProcessor,
+)
 from transformers.models.llava_next.modeling_llava_next import LlavaNextPreTrainedModel
 from transformers.utils.generic import can_return_tuple
 
 from anchor_former.adapters._host import Plan, attach
 from anchor_former.adapters.hf._base import AnchorImageOutput
-from anchor_former.adapters.hf.llava import LlavaHost, probed_features, recorded_connector, run_connector
+from anchor_former.adapters.hf.llava import (
+    LlavaHost,
+    probed_features,
+    recorded_connector,
+    run_connector,
+)
 from anchor_former.adapters.settings import AnchorSettings
 from anchor_former.probes.base import EncoderSpec, Score
 from anchor_former.views import (

@@ -66,12 +66,17 @@ from transformers import (
     LlavaOnevisionProcessor,
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionPreTrainedModel
+from transformers.models.llava_onevision.modeling_llava_onevision import (
+    LlavaOnevisionPreTrainedModel,
+)
 from transformers.utils.generic import can_return_tuple
 
 from anchor_former.adapters._host import Plan, attach
-from anchor_former.adapters.hf._base import AnchorImageOutput
-from anchor_former.adapters.hf.llava import probed_features, recorded_connector, run_connector
+from anchor_former.adapters.hf.llava import (
+    probed_features,
+    recorded_connector,
+    run_connector,
+)
 from anchor_former.adapters.hf.llava_next import (
     LlavaNextHost,
     anyres_token_count,

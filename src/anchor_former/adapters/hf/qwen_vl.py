@@ -62,10 +62,6 @@ import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import (
-    Qwen3VLConfig,
-    Qwen3VLForConditionalGeneration,
-    Qwen3VLModel,
-    Qwen3VLProcessor,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLModel,
@@ -74,6 +70,10 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
     Qwen2VLModel,
     Qwen2VLProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLModel,
+    Qwen3VLProcessor,
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils.generic import can_return_tuple
@@ -86,17 +86,17 @@ from anchor_former.adapters.settings import AnchorSettings, normalise
 from anchor_former.probes.scores import DEFAULT_BLOCK_SIZE, received_attention
 
 __all__ = [
-    "AnchorFormerQwen3VLConfig",
-    "AnchorFormerQwen3VLForConditionalGeneration",
-    "AnchorFormerQwen3VLModel",
     "AnchorFormerQwen2VLConfig",
     "AnchorFormerQwen2VLForConditionalGeneration",
     "AnchorFormerQwen2VLModel",
+    "AnchorFormerQwen2VLProcessor",
     "AnchorFormerQwen2_5_VLConfig",
     "AnchorFormerQwen2_5_VLForConditionalGeneration",
     "AnchorFormerQwen2_5_VLModel",
     "AnchorFormerQwen2_5_VLProcessor",
-    "AnchorFormerQwen2VLProcessor",
+    "AnchorFormerQwen3VLConfig",
+    "AnchorFormerQwen3VLForConditionalGeneration",
+    "AnchorFormerQwen3VLModel",
     "AnchorFormerQwen3VLProcessor",
     "QwenHost",
     "QwenVisionSelectOutput",
