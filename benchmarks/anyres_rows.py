@@ -184,7 +184,7 @@ def measured_anyres(
     from anchor_former.adapters.hf.llava_next import anyres_token_count as anyres_count
 
     def inputs(model) -> dict[str, torch.Tensor]:
-        settings = (getattr(model.config, "anchor_former", None) or {}).get("anyres")
+        settings = (getattr(model.config, "anchor_former", None) or {}).get("extras", {}).get("anyres")
         tokens = (anyres_count(settings, views) if settings else
                   num_selected_tokens(views, view_budgets(views.num_candidates(), per_view=patches)))
         ids = torch.randint(0, vocab - 1, (1, tokens + text_tokens), generator=torch.Generator().manual_seed(1))
