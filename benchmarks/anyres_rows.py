@@ -216,7 +216,7 @@ def measured_anyres(
     from anchor_former.adapters.hf.llava_next import anyres_token_count as anyres_count
 
     def inputs(model) -> dict[str, torch.Tensor]:
-        settings = (getattr(model.config, "anchor_former", None) or {}).get("anyres")
+        settings = (getattr(model.config, "anchor_former", None) or {}).get("extras", {}).get("anyres")
         tokens = (
             anyres_count(settings, views)
             if settings

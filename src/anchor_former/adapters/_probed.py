@@ -1,5 +1,7 @@
 """One probed forward of a host's vision tower: safe from several threads, and a clear boundary for
-``torch.compile``. Shared by both adapters.
+``torch.compile``. Shared by every host family (transformers LLaVA-1.5 / NeXT / OneVision / Qwen-VL and
+llava-torch): :func:`probed_forward` runs the tower under an :class:`~anchor_former.probes.AttentionProbe`,
+:func:`hooked_forward` under any per-call hooks (Qwen-VL's score hook on one vision block).
 
 An :class:`~anchor_former.probes.AttentionProbe` works through forward hooks on the encoder's modules.
 Hooks belong to the module, not to the call, so:
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -28,7 +30,7 @@ from torch import nn
 
 from anchor_former.probes.base import AttentionProbe, Score
 
-__all__ = ["COMPILE_ADVICE", "probed_forward"]
+__all__ = ["COMPILE_ADVICE", "hooked_forward", "probed_forward"]
 
 #: why the probed forward is not compiled, and what to do instead (shown by dynamo with ``fullgraph=True``)
 COMPILE_ADVICE = (
@@ -73,3 +75,22 @@ def probed_forward(
     with _lock_of(encoder), probe:
         output = run()
     return output, probe
+
+
+@torch.compiler.disable(reason=COMPILE_ADVICE)
+def hooked_forward(
+    encoder: nn.Module, run: Callable[[], Any], *, pre_hooks: Mapping[nn.Module, Callable[..., None]]
+) -> Any:
+    """Run ``run()`` (one forward of ``encoder``) with ``pre_hooks`` registered, holding ``encoder``'s lock.
+
+    Each hook is a forward pre-hook with kwargs (``hook(module, args, kwargs)``) on a submodule of
+    ``encoder``; it is registered for this call only, so it sees this call's forward and no other, and
+    writes only what its closure owns. Returns ``run()``'s value.
+    """
+    with _lock_of(encoder):
+        handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module, hook in pre_hooks.items()]
+        try:
+            return run()
+        finally:
+            for handle in handles:
+                handle.remove()
