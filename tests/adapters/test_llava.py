@@ -111,7 +111,9 @@ def test_enable_swaps_modules_keeps_tower_keys_and_warm_starts_mlp(tower_dir) ->
     for k, v in inner.mm_projector.connector.projector.state_dict().items():
         torch.testing.assert_close(v, old_mlp[k], atol=0, rtol=0)
     assert model.config.mm_projector_type == "acformer"
-    assert model.config.mm_connector_config["num_anchors"] == K and model.config.mm_vision_select_feature == "cls_patch"
+    settings = model.config.anchor_former
+    assert settings["connector_config"]["num_anchors"] == K and settings["extras"]["select_feature"] == "patch"
+    assert model.config.mm_vision_select_feature == "patch"  # the stock value stays
     # the recorded config rebuilds the same connector
     rebuilt = build_vision_projector(model.config)
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in inner.mm_projector.state_dict().items()}
@@ -285,15 +287,14 @@ def test_reference_acformer_checkpoint_loads_into_the_llava_model(tower_dir, tmp
 
 def test_save_pretrained_then_rebuild_and_load(tower_dir, tmp_path) -> None:
     """The documented reload of a whole saved model: LLaVA's own builder does not know 'acformer', so
-    load with the base projector type, re-enable with the recorded settings, then load the weights."""
+    load with the base projector type, attach (the recorded settings), then load the weights."""
     trained = enabled(tower_dir)
     for p in trained.get_model().mm_projector.parameters():
         nn.init.normal_(p, std=0.2)
     trained.save_pretrained(tmp_path)
     model = LlavaLlamaForCausalLM.from_pretrained(tmp_path, mm_projector_type="mlp2x_gelu").eval()
     model.get_vision_tower().load_model()
-    settings = dict(model.config.mm_connector_config)
-    attach_anchor_former(model, **settings)
+    attach_anchor_former(model)
     assert load_projector_weights(model, tmp_path / "model.safetensors") == "anchor_former"
     ids, pixel_values = prompt(2), images(2)
     with torch.no_grad():

@@ -18,7 +18,7 @@ from llava.mm_utils import process_images  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from anchor_former import SelectConnector, anchor_search  # noqa: E402
-from anchor_former.adapters.llava import enable_anchor_former  # noqa: E402
+from anchor_former.adapters.llava import attach_anchor_former  # noqa: E402
 from anchor_former.adapters.llava.anyres import anyres_token_counts  # noqa: E402
 
 TOL = {"atol": 1e-5, "rtol": 0}  # fp32
@@ -57,7 +57,7 @@ def logits(model, ids, images, sizes) -> torch.Tensor:
 @pytest.mark.parametrize("merge", MERGES)
 def test_full_budget_equals_the_stock_model(tower_dir, merge) -> None:
     stock = anyres_model(tower_dir, merge)
-    reduced = enable_anchor_former(copy.deepcopy(stock), connector="select", num_anchors=NUM_PATCHES)
+    reduced = attach_anchor_former(copy.deepcopy(stock), connector="select", num_anchors=NUM_PATCHES)
     assert isinstance(reduced.get_model().mm_projector.connector, SelectConnector)
     assert type(reduced).__name__ == type(stock).__name__ and type(reduced) is not type(stock)
     ids, images = prompt(2), views_of(stock, SIZES)
@@ -83,7 +83,7 @@ def test_full_budget_identity_catches_swapped_crops(tower_dir) -> None:
      {"connector": "acformer", "num_anchors": 4, **CONNECTOR}],
 )
 def test_token_counts_over_the_size_sweep(tower_dir, merge, kwargs) -> None:
-    model = enable_anchor_former(anyres_model(tower_dir, merge), **kwargs)
+    model = attach_anchor_former(anyres_model(tower_dir, merge), **kwargs)
     images = views_of(model, SWEEP)
     ids = prompt(len(SWEEP))
     with torch.no_grad():
@@ -108,7 +108,7 @@ def test_reduced_budget_keeps_only_each_views_anchors(tower_dir) -> None:
     rows, candidates = the unpadded patches), in the stock order, with every grid row's newline."""
     k = 5  # SIZES[0]: 1 x 3 crops; grid rows 2..4 of 7 survive unpadding
     stock = anyres_model(tower_dir, "spatial_unpad")
-    model = enable_anchor_former(copy.deepcopy(stock), connector="select", num_anchors=k)
+    model = attach_anchor_former(copy.deepcopy(stock), connector="select", num_anchors=k)
     ids, images = prompt(1), views_of(stock, SIZES[:1])
     with torch.no_grad():
         *_, full, _ = stock.prepare_inputs_labels_for_multimodal(ids, None, None, None, None, images, SIZES[:1])
@@ -130,7 +130,7 @@ def test_reduced_budget_keeps_only_each_views_anchors(tower_dir) -> None:
 
 
 def test_generate_with_image_sizes(tower_dir) -> None:
-    model = enable_anchor_former(anyres_model(tower_dir, "spatial_unpad"), connector="select", num_anchors=4)
+    model = attach_anchor_former(anyres_model(tower_dir, "spatial_unpad"), connector="select", num_anchors=4)
     ids = prompt(1)
     images = views_of(model, SIZES[:1])
     out = model.generate(ids, images=images, image_sizes=SIZES[:1], max_new_tokens=3, min_new_tokens=3,
@@ -162,7 +162,7 @@ def test_bad_input_changes_nothing(tower_dir, overrides, kwargs, match) -> None:
     modules = (model.get_model().vision_tower, model.get_model().mm_projector, type(model))
     config = model.config.to_dict()
     with pytest.raises(ValueError, match=match):
-        enable_anchor_former(model, **kwargs)
+        attach_anchor_former(model, **kwargs)
     assert (model.get_model().vision_tower, model.get_model().mm_projector, type(model)) == modules
     assert model.config.to_dict() == config
     if not overrides:
