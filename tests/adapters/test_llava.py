@@ -23,6 +23,7 @@ from _llava_torch import (  # noqa: E402
     PATCH,
     VISION_DIM,
     images,
+    llava_config,
     make_model,
     prompt,
     save_tiny_tower,
@@ -312,3 +313,53 @@ def test_baseline_connectors_through_the_same_switch(tower_dir, connector) -> No
     with torch.no_grad():
         logits = model(input_ids=ids, images=images(2)).logits
     assert logits.shape[1] == ids.shape[1] - 1 + projector.num_output_tokens(1 + NUM_PATCHES)
+
+
+def snapshot(model) -> tuple:
+    """Everything a failed attach must leave as it was: class, modules, config, every tensor."""
+    inner = model.get_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return type(model), inner.vision_tower, inner.mm_projector, model.config.to_dict(), state
+
+
+def assert_unchanged(model, before: tuple) -> None:
+    cls, tower, projector, config, state = before
+    inner = model.get_model()
+    assert (type(model), inner.vision_tower, inner.mm_projector) == (cls, tower, projector)
+    assert model.config.to_dict() == config
+    now = model.state_dict()
+    assert sorted(now) == sorted(state)
+    for key, value in state.items():
+        torch.testing.assert_close(now[key], value, atol=0, rtol=0, msg=key)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"num_anchors": K, "depht": 2},
+     r"keyword arguments must be arguments of the 'acformer' connector, got \[.*'depht'.*unexpected keyword argument 'depht'"),
+    ({"num_anchors": K, "image_budget": 10}, r"image_budget needs config\.image_aspect_ratio='anyres', got None"),
+    ({"num_anchors": K, "connector": "select", "init_projector": "yes"}, r"init_projector must be a bool, got 'yes'"),
+    ({"num_anchors": 0}, r"num_anchors must be an integer >= 1, got 0"),
+])
+def test_failed_attach_leaves_model_and_config_bit_identical(tower_dir, kwargs, match) -> None:
+    """Before: an unknown connector argument or image_budget raised TypeError, init_projector='yes' was taken
+    as True, num_anchors=0 was not refused as such."""
+    model = make_model(tower_dir)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        attach_anchor_former(model, **kwargs)
+    assert_unchanged(model, before)
+
+
+def test_failed_attach_leaves_a_delay_loaded_tower_unloaded(tower_dir) -> None:
+    """Planning loads a delay-loaded CLIP tower (as LLaVA does on first use); a failed attach unloads it
+    again. Before: the tower stayed loaded (the state dict gained its weights)."""
+    torch.manual_seed(0)
+    model = LlavaLlamaForCausalLM(llava_config(tower_dir)).eval()  # LLaVA delays loading the CLIP weights
+    assert not model.get_vision_tower().is_loaded
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"num_anchors must be at most the {NUM_PATCHES} patch tokens"):
+        attach_anchor_former(model, num_anchors=NUM_PATCHES + 1)
+    assert not model.get_vision_tower().is_loaded
+    assert_unchanged(model, before)
+    attach_anchor_former(model, num_anchors=K, **CONNECTOR)  # and a good attach then loads it
+    assert model.get_vision_tower().is_loaded

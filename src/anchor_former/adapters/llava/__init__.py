@@ -303,15 +303,18 @@ class _LlavaTorch(Host):
         inner, tower = _llava_parts(model)
         config = model.config
         init_projector = request.pop("init_projector")
+        if not isinstance(init_projector, bool):
+            raise ValueError(f"init_projector must be a bool, got {init_projector!r}")
         attached = isinstance(inner.mm_projector, LlavaConnector)
         if attached and recorded is None:
             raise ValueError(
                 "model.get_model().mm_projector is a LlavaConnector but config.anchor_former records no settings; "
                 "attach to a stock LLaVA model (or one saved after attach_anchor_former) instead"
             )
-        connector = request.pop("connector", None) or (recorded.connector if recorded else "acformer")
-        score = request.pop("score", None) or (recorded.score if recorded else "cls")
-        num_anchors = request.pop("num_anchors", None) or (recorded.num_anchors if recorded else None) or 144
+        defaults = recorded or AnchorSettings(connector="acformer", score="cls", num_anchors=144)
+        connector = request.pop("connector", defaults.connector)
+        score = request.pop("score", defaults.score)
+        num_anchors = request.pop("num_anchors", defaults.num_anchors if defaults.num_anchors is not None else 144)
         if connector not in available_connectors() and not _LLAVA_PROJECTORS.match(str(connector)):
             raise ValueError(f"connector must be one of {', '.join(available_connectors())}, got {connector!r}")
         extras = dict(recorded.extras) if recorded else {}
@@ -366,8 +369,14 @@ class _LlavaTorch(Host):
         old_projector, config = plan.data["inner"].mm_projector, model.config
         param = next(iter(old_projector.parameters()), None)
         param = param if param is not None else next(iter(model.parameters()))
-        new = build_connector(plan.connector, int(config.mm_hidden_size), int(config.hidden_size), **plan.kwargs,
-                              device=param.device, dtype=param.dtype)
+        try:
+            new = build_connector(plan.connector, int(config.mm_hidden_size), int(config.hidden_size), **plan.kwargs,
+                                  device=param.device, dtype=param.dtype)
+        except TypeError as error:  # an argument the connector does not take
+            raise ValueError(
+                f"keyword arguments must be arguments of the {plan.connector!r} connector, got "
+                f"{sorted(plan.kwargs)}: {error}"
+            ) from error
         tower = plan.data["tower"]
         new.num_output_tokens(tower.num_patches + tower.num_prefix_tokens)  # budget checks, before any change
         if plan.previous is None and plan.data["init_projector"]:
