@@ -117,7 +117,7 @@ def test_processor_counts_equal_model_tokens_over_the_size_sweep(kwargs) -> None
     with torch.no_grad():
         out = model(**inputs)
     assert [t.shape[0] for t in out.image_outputs.pooler_output] == counts
-    settings = model.config.anchor_former["anyres"]
+    settings = model.config.anchor_former["extras"]["anyres"]
     views = [anyres_views(s, grid_pinpoints=PINPOINTS, view_size=28, patch_size=4) for s in SIZES]
     assert counts == [anyres_token_count(settings, v) for v in views]
     if kwargs.get("image_budget") is not None:

@@ -100,7 +100,7 @@ def test_full_budget_images_equal_the_stock_model(sizes) -> None:
 def test_full_budget_video_equals_the_stock_model(frames) -> None:
     """A batch of an image and a video; K per frame = every pooled token (the default for num_anchors = s^2)."""
     stock, reduced, processor = stock_and_attached(**FULL)
-    assert reduced.config.anchor_former["video"]["tokens_per_frame"] == POOLED
+    assert reduced.config.anchor_former["extras"]["video"]["tokens_per_frame"] == POOLED
     inputs = mixed_inputs(processor, frames=frames)
     torch.testing.assert_close(inputs["input_ids"], mixed_inputs(make_processor(), frames=frames)["input_ids"],
                                rtol=0, atol=0)
@@ -136,7 +136,7 @@ def test_processor_counts_equal_model_tokens(kwargs) -> None:
     with torch.no_grad():
         out = model(**inputs)
     assert [t.shape[0] for t in out.image_outputs.pooler_output] == counts
-    assert counts == [image_token_count(settings["anyres"], views_of(s), vision_aspect_ratio=MAX_VIEWS,
+    assert counts == [image_token_count(settings["extras"]["anyres"], views_of(s), vision_aspect_ratio=MAX_VIEWS,
                                         multi_image=False) for s in SIZES]
     for frames in (1, 2, 4):
         mixed = mixed_inputs(processor, size=(80, 100), frames=frames)
@@ -146,7 +146,7 @@ def test_processor_counts_equal_model_tokens(kwargs) -> None:
         assert out.image_outputs.pooler_output[0].shape[0] == int((ids[0] == processor.image_token_id).sum())
         n_video = int((ids[1] == processor.video_token_id).sum())
         assert out.video_outputs.pooler_output.shape == (1, n_video, LLM_DIM)
-        assert n_video == video_token_count(settings["video"], frames) == frames * settings["video"]["tokens_per_frame"] + 1
+        assert n_video == video_token_count(settings["extras"]["video"], frames) == frames * settings["extras"]["video"]["tokens_per_frame"] + 1
 
 
 @pytest.mark.parametrize("kwargs,per_image", [(FULL, NUM_PATCHES + 1),
@@ -168,13 +168,17 @@ def test_multi_image_sample_counts_and_full_budget(kwargs, per_image) -> None:
             torch.testing.assert_close(out.logits, stock(**inputs).logits, **TOL)
 
 
-def test_attaching_twice_is_refused() -> None:
+def test_reattach_follows_the_one_rule() -> None:
+    """Re-attaching with the same connector changes the budget; another connector is refused, naming the
+    attached one, and changes nothing."""
     _, model, processor = stock_and_attached(connector="select", num_anchors=5)
     settings = copy.deepcopy(model.config.anchor_former)
-    with pytest.raises(ValueError, match="model must be a stock LlavaOnevisionForConditionalGeneration, got one "
-                                         "already attached"):
-        attach_anchor_former(model, processor, connector="select", num_anchors=7)
-    assert model.config.anchor_former == settings and processor.anyres_tokens == settings["anyres"]
+    with pytest.raises(ValueError, match=r"connector must stay 'select' when re-attaching \(the model is already "
+                                         r"attached: connector='select', num_anchors=5"):
+        attach_anchor_former(model, processor, connector="acformer", num_anchors=7)
+    assert model.config.anchor_former == settings and processor.anyres_tokens == settings["extras"]["anyres"]
+    attach_anchor_former(model, processor, num_anchors=7)
+    assert model.config.anchor_former["num_anchors"] == 7 and processor.anyres_tokens["num_anchors"] == 7
 
 
 def test_reduced_video_tokens_are_anchors_among_pooled_tokens() -> None:
@@ -312,7 +316,7 @@ def test_video_with_zero_frames_is_refused() -> None:
         model.model.get_video_features(empty)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="a video must have at least one frame, got num_frames=0"):
-        video_token_count(model.config.anchor_former["video"], 0)
+        video_token_count(model.config.anchor_former["extras"]["video"], 0)
     frames = video(1)[:0]  # (0, 40, 50, 3)
     assert frames.shape[0] == 0 and isinstance(frames, np.ndarray)
     with pytest.raises(ValueError, match="frame"):

@@ -116,7 +116,7 @@ def reference_scores(model, inputs, layer: int, *, video: bool = False, undo_win
 def test_scores_match_the_dense_reference_and_pick_the_top_k(family) -> None:
     _, reduced, processor = stock_and_attached(family, 3)
     inputs = inputs_for(processor)
-    layer = reduced.config.anchor_former["score_layer"]
+    layer = reduced.config.anchor_former["layer"]
     assert layer == (3 if family == "qwen2_5_vl" else 2)  # the last full-attention block (all are, but 2.5-VL's)
     visual = reduced.model.visual
     captured = []
@@ -201,7 +201,8 @@ def test_kept_tokens_keep_their_stock_positions(family) -> None:
 
 
 def test_a_wrong_position_rule_changes_the_logits() -> None:
-    """The positions matter: renumbering the kept tokens as if they were a smaller grid changes the output."""
+    """The positions matter: renumbering the kept tokens as if they were a smaller grid changes the output;
+    precomputed ``mm_encoder_outputs`` get the true positions too (they carry the kept indices)."""
     _, reduced, processor = stock_and_attached("qwen2_5_vl", 2)
     inputs = inputs_for(processor)
     with torch.no_grad():
@@ -212,12 +213,16 @@ def test_a_wrong_position_rule_changes_the_logits() -> None:
         wrong = reduced(**inputs, position_ids=placeholder).logits  # forward overrides position_ids ...
         torch.testing.assert_close(wrong, right, rtol=0, atol=0)  # ... with the true ones
         embeds = reduced.model(**inputs).image_outputs
-        plain = reduced(**{k: v for k, v in inputs.items() if k not in ("pixel_values", "pixel_values_videos")},
-                        mm_encoder_outputs={"image": embeds,
-                                            "video": reduced.model.get_video_features(
-                                                inputs["pixel_values_videos"], inputs["video_grid_thw"])},
-                        position_ids=placeholder).logits
-    assert (plain - right).abs().max() > 1e-3  # measured 2.3e-3, 200 x the identity tolerance
+        text = {k: v for k, v in inputs.items() if k not in ("pixel_values", "pixel_values_videos")}
+        features = {"image": embeds,
+                    "video": reduced.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])}
+        plain = reduced(**text, mm_encoder_outputs=features, position_ids=placeholder).logits
+        torch.testing.assert_close(plain, right, rtol=0, atol=0)
+        # the stock forward with the placeholder positions: what mm_encoder_outputs used to give
+        stock_forward = type(reduced.model).__mro__[2].forward  # Qwen2_5_VLModel.forward
+        hidden = stock_forward(reduced.model, **text, mm_encoder_outputs=features, position_ids=placeholder)
+        wrong = reduced.lm_head(hidden.last_hidden_state)
+    assert (wrong - right).abs().max() > 1e-3  # measured 2.3e-3, 200 x the identity tolerance
 
 
 # --- batching and generate ------------------------------------------------------------------------------
@@ -336,13 +341,13 @@ def test_unsupported_models_are_refused() -> None:
 
     llava = make_llava(make_llava_processor())
     with pytest.raises(ValueError, match="model must be a transformers Qwen2VLForConditionalGeneration, Qwen2_5_VL"
-                                         "ForConditionalGeneration or Qwen3VLForConditionalGeneration .*got transformers"
+                                         "ForConditionalGeneration or Qwen3VLForConditionalGeneration, got transformers"
                                          ".*LlavaForConditional"):
         attach_anchor_former_qwen(llava, num_anchors=4)
     assert type(llava).__name__ == "LlavaForConditionalGeneration"
     _, reduced, processor = stock_and_attached("qwen2_5_vl", 2)
-    with pytest.raises(ValueError, match="not yet attached"):
-        attach_anchor_former_qwen(reduced, num_anchors=3)
+    attach_anchor_former_qwen(reduced, processor, num_anchors=3)  # re-attach: a new budget
+    assert reduced.config.anchor_former["num_anchors"] == 3 and processor.num_anchors == 3
     with pytest.raises(ValueError, match="processor must be a transformers Qwen2VLProcessor, Qwen2_5_VLProcessor or Qwen3VLProcessor"):
         attach_anchor_former_qwen(make_model(make_processor()), object(), num_anchors=2)
 

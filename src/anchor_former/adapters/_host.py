@@ -94,7 +94,7 @@ class Host:
         """The record of what the attached model will do (the connector's full config included)."""
         raise NotImplementedError
 
-    def switch_processor(self, processor: Any, settings: AnchorSettings, plan: Plan) -> None:
+    def switch_processor(self, processor: Any, settings: AnchorSettings, plan: Plan, connector: nn.Module | None) -> None:
         """Make ``processor`` write the attached model's token counts (may raise; :func:`attach` rolls back)."""
 
     def install(self, model: nn.Module, settings: AnchorSettings, plan: Plan, connector: nn.Module | None) -> None:
@@ -121,7 +121,7 @@ def attach(host: Host, model: nn.Module, processor: Any = None, **request: Any) 
     settings = host.settings(model, plan, connector)
     with restoring(processor), restoring(*host.modules_to_restore(model)):
         if processor is not None:
-            host.switch_processor(processor, settings, plan)
+            host.switch_processor(processor, settings, plan, connector)
         host.install(model, settings, plan, connector)
     return model
 

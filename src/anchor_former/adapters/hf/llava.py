@@ -16,12 +16,18 @@ language model, no copy):
   ``torch.compile`` (:mod:`anchor_former.adapters._probed`), so threads sharing the model and
   ``torch.compile(model)`` work;
 * the config becomes an :class:`AnchorFormerLlavaConfig` (``model_type = "anchor_former_llava"``) whose
-  ``anchor_former`` entry records the connector and its settings, so ``save_pretrained`` /
+  ``anchor_former`` entry is the :class:`~anchor_former.adapters.settings.AnchorSettings` record, so ``save_pretrained`` /
   ``AnchorFormerLlavaForConditionalGeneration.from_pretrained`` (or ``AutoModelForImageTextToText`` after
   :func:`register_auto_classes`) round-trip the model, also in transformers' legacy LLaVA key layout (the
   key conversions of ``llava`` are registered for this model type at import);
 * the processor, if given, expands each ``<image>`` to ``num_anchors + 1`` tokens, so transformers'
-  check that image tokens match image features passes.
+  check that image tokens match image features passes;
+* ``get_image_features`` returns :class:`~anchor_former.adapters.hf._base.AnchorImageOutput`, whose
+  ``kept_indices`` are each image's anchor token indices (what
+  :func:`~anchor_former.adapters.transformers.kept_tokens` returns).
+
+The steps are the shared pipeline of :mod:`anchor_former.adapters._host`; :class:`LlavaHost` holds what this
+family supplies, and the LLaVA-NeXT and OneVision hosts derive from it.
 
 ``vision_feature_select_strategy`` no longer applies: the connector receives all tokens and documents
 which it consumes. Only single-layer ``vision_feature_layer`` (an int) is supported.
@@ -30,30 +36,27 @@ which it consumes. Only single-layer ``vision_feature_layer`` (an int) is suppor
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaModel
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
+from transformers.utils.generic import can_return_tuple
 
 from anchor_former.adapters._anchors import anchor_kwargs
+from anchor_former.adapters._host import Plan, attach, merge_recorded
 from anchor_former.adapters._probed import probed_forward
-from anchor_former.probes.base import AttentionProbe, Score, detect_encoder
-
-try:  # transformers >= 5: ``return_dict=False`` support for get_image_features
-    from transformers.utils.generic import can_return_tuple
-except ImportError:  # pragma: no cover - older transformers are refused by attach_anchor_former
-    def can_return_tuple(func):  # type: ignore[no-redef]
-        return func
+from anchor_former.adapters.hf._base import AnchorImageOutput, TransformersHost
+from anchor_former.adapters.settings import AnchorSettings
+from anchor_former.probes.base import AttentionProbe, EncoderSpec, Score, detect_encoder
 
 __all__ = [
     "AnchorFormerLlavaConfig",
     "AnchorFormerLlavaForConditionalGeneration",
     "AnchorFormerLlavaModel",
+    "LlavaHost",
     "attach_anchor_former",
     "register_auto_classes",
 ]
@@ -61,9 +64,8 @@ __all__ = [
 
 @strict
 class AnchorFormerLlavaConfig(LlavaConfig):
-    """``LlavaConfig`` plus ``anchor_former``: ``{"connector": name, "score": "cls"|"norm"|"map",
-    "connector_config": {...}}`` (the connector's constructor arguments, ``vision_dim``/``llm_dim``
-    excluded: they come from the vision and text configs)."""
+    """``LlavaConfig`` plus ``anchor_former``: the :class:`~anchor_former.adapters.settings.AnchorSettings`
+    record as a dict (the connector, its constructor arguments, score, layer and budget)."""
 
     model_type = "anchor_former_llava"
 
@@ -73,33 +75,59 @@ class AnchorFormerLlavaConfig(LlavaConfig):
 _MLP_NAMES = re.compile(r"^(linear|identity|mlp\d+x_gelu)$")
 
 
-def _constructor_kwargs(connector: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """``settings`` as keyword arguments of ``build_connector(connector, vision_dim, llm_dim, ...)``.
-
-    The widths come from the model's configs; for the MLP connectors (``linear``, ``identity``,
-    ``mlp{N}x_gelu``) the name IS the ``projector`` argument, so a recorded ``projector`` is dropped
-    (folders saved before this rule record it, and passing it twice was a ``TypeError``).
-    """
-    kwargs = {k: v for k, v in settings.items() if k not in ("vision_dim", "llm_dim")}
+def constructor_kwargs(connector: str, config: dict[str, Any]) -> dict[str, Any]:
+    """A connector's recorded config as keyword arguments of ``build_connector(connector, vision_dim,
+    llm_dim, ...)``: the widths come from the model's configs; for the MLP connectors (``linear``,
+    ``identity``, ``mlp{N}x_gelu``) the name IS the ``projector`` argument, so a recorded one is dropped."""
+    kwargs = {k: v for k, v in config.items() if k not in ("vision_dim", "llm_dim")}
     if _MLP_NAMES.match(str(connector)):
         kwargs.pop("projector", None)
     return kwargs
 
 
-def _build_connector(config: AnchorFormerLlavaConfig, **dd: Any) -> nn.Module:
+def recorded_connector(config: Any, **dd: Any) -> nn.Module:
+    """The connector ``config.anchor_former`` records, freshly built (``from_pretrained`` then loads its weights)."""
     from anchor_former.connectors.registry import build_connector
 
-    settings = config.anchor_former or {}
-    if "connector" not in settings:
-        raise ValueError(
-            "config.anchor_former must name the connector ({'connector': 'acformer', 'score': 'cls', "
-            f"'connector_config': {{...}}}}), got {settings!r}; build the model with attach_anchor_former"
-        )
-    name = settings["connector"]
-    kwargs = _constructor_kwargs(name, dict(settings.get("connector_config") or {}))
-    return build_connector(
-        name, int(config.vision_config.hidden_size), int(config.text_config.hidden_size), **kwargs, **dd
-    )
+    settings = AnchorSettings.of(config)
+    if settings is None:
+        raise ValueError("config.anchor_former must hold the attached model's settings; build the model with attach_anchor_former")
+    return build_connector(settings.connector, int(config.vision_config.hidden_size), int(config.text_config.hidden_size),
+                           **constructor_kwargs(settings.connector, settings.connector_config), **dd)
+
+
+def single_layer(layer: Any, name: str = "vision_feature_layer") -> int:
+    if not isinstance(layer, int) or isinstance(layer, bool):
+        raise ValueError(f"{name} must be a single int for AnchorFormer, got {layer!r}")
+    return layer
+
+
+def run_connector(connector: nn.Module, features: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(tokens (B, T, llm_dim), anchor indices (B, K) or None)`` of ``connector`` on one probed forward.
+
+    Connectors with anchors get them explicitly (their own :class:`~anchor_former.AnchorSearch` on the
+    probe's scores), so the indices are returned as data, not read back from the module.
+    """
+    if not getattr(connector, "uses_anchors", False):
+        return connector(features), None
+    from anchor_former.search import cls_scores
+
+    scores = cls_scores(scores if scores.ndim == 3 else scores[:, None], num_prefix_tokens=connector.num_prefix_tokens,
+                        layout="b h n")
+    idx = connector.search(scores, layout="b h n")  # (B, K) or (B, K + 1) with [CLS] first
+    return connector(features, idx), idx
+
+
+def probed_features(self: nn.Module, pixel_values: torch.Tensor, layer: Any, **kwargs: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """One tower forward over ``(M, C, H_img, W_img)`` views: ``(output, features (M, N, D), scores)``."""
+    kwargs.pop("return_dict", None)
+    layer = single_layer(self.config.vision_feature_layer if layer is None else layer)
+    tower = self.vision_tower
+    score = AnchorSettings.of(self.config).score
+    output, probe = probed_forward(tower, lambda: tower(pixel_values, return_dict=True, **kwargs),
+                                   layer=layer, score=score)
+    return output, probe.features, probe.scores
+
 
 
 class AnchorFormerLlavaModel(LlavaModel):
@@ -110,7 +138,9 @@ class AnchorFormerLlavaModel(LlavaModel):
 
     def __init__(self, config: AnchorFormerLlavaConfig) -> None:
         super().__init__(config)
-        self.multi_modal_projector = _build_connector(config)
+        self.multi_modal_projector = recorded_connector(config)
+
+    _probed = probed_features
 
     @can_return_tuple
     def get_image_features(
@@ -120,36 +150,27 @@ class AnchorFormerLlavaModel(LlavaModel):
         vision_feature_select_strategy: str | None = None,
         image_sizes: torch.Tensor | None = None,
         **kwargs: Any,
-    ) -> BaseModelOutputWithPooling:
+    ) -> AnchorImageOutput:
         """Vision tower + probe + connector.
 
         Args:
             pixel_values: ``(B, C, H_img, W_img)`` images.
             vision_feature_layer: ``hidden_states`` index of the layer the connector reads (default:
-                ``config.vision_feature_layer``); the [CLS] attention row of that same layer gives the anchors.
+                ``config.vision_feature_layer``); the anchor scores come from that same layer.
             vision_feature_select_strategy: ignored; the connector receives all tokens.
             image_sizes: accepted for signature compatibility; every image gives the same number of tokens.
 
         Returns:
-            The vision tower's output with ``pooler_output`` = a list of B tensors ``(T, llm_dim)``,
-            T = ``num_anchors + 1`` for AcFormer.
+            :class:`~anchor_former.adapters.hf._base.AnchorImageOutput`: ``pooler_output`` a list of B tensors
+            ``(T, llm_dim)`` (T = ``num_anchors + 1`` for AcFormer); ``kept_indices`` B tensors ``(K,)`` (or
+            ``(K + 1,)`` with [CLS] first): the anchors' indices among the tower's tokens ([CLS] = 0, patch
+            ``(r, c)`` = ``1 + r * side + c``), None for connectors without anchors.
         """
-        kwargs.pop("return_dict", None)
-        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
-        if not isinstance(layer, int) or isinstance(layer, bool):
-            raise ValueError(f"vision_feature_layer must be a single int for AnchorFormer, got {layer!r}")
-        score = (self.config.anchor_former or {}).get("score", "cls")
-        tower = self.vision_tower
-        image_outputs, probe = probed_forward(
-            tower, lambda: tower(pixel_values, return_dict=True, **kwargs), layer=layer, score=score
-        )
-        connector = self.multi_modal_projector
-        if getattr(connector, "uses_anchors", False):
-            tokens = connector(probe.features, attention=probe.scores)  # (B, T, llm_dim)
-        else:
-            tokens = connector(probe.features)
-        image_outputs.pooler_output = list(tokens)
-        return image_outputs
+        output, features, scores = self._probed(pixel_values, vision_feature_layer, **kwargs)
+        tokens, idx = run_connector(self.multi_modal_projector, features, scores)
+        return AnchorImageOutput(last_hidden_state=output.last_hidden_state, hidden_states=output.hidden_states,
+                                 attentions=output.attentions, pooler_output=list(tokens),
+                                 kept_indices=None if idx is None else tuple(idx))
 
 
 class AnchorFormerLlavaForConditionalGeneration(LlavaForConditionalGeneration):
@@ -165,54 +186,7 @@ class AnchorFormerLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self.post_init()
 
 
-def register_auto_classes() -> None:
-    """Register the classes with ``AutoConfig``, ``AutoModel`` and ``AutoModelForImageTextToText``
-    (idempotent), so ``AutoModelForImageTextToText.from_pretrained(saved_dir)`` rebuilds the model."""
-    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
-
-    AutoConfig.register(AnchorFormerLlavaConfig.model_type, AnchorFormerLlavaConfig, exist_ok=True)
-    AutoModel.register(AnchorFormerLlavaConfig, AnchorFormerLlavaModel, exist_ok=True)
-    AutoModelForImageTextToText.register(
-        AnchorFormerLlavaConfig, AnchorFormerLlavaForConditionalGeneration, exist_ok=True
-    )
-
-
-def _register_key_conversions() -> None:
-    """Load legacy-layout LLaVA weights into the package's model type, as transformers does for ``llava``.
-
-    transformers 5 renames the keys of older LLaVA checkpoints at load (``language_model.model.*`` →
-    ``model.language_model.*``, ``language_model.lm_head`` → ``lm_head``, ...), registered per model type
-    (``"llava"``) and class (``"LlavaModel"``), and writes those old names again when a model that was
-    loaded that way is saved. Without the same rules for ``"anchor_former_llava"`` /
-    ``AnchorFormerLlavaModel``, reloading such a folder would leave the language model and ``lm_head``
-    randomly initialised. Registered once, at import of this module (which loading the class implies).
-    """
-    from transformers import conversion_mapping as mapping
-
-    for ours, theirs in ((AnchorFormerLlavaConfig.model_type, "llava"), (AnchorFormerLlavaModel.__name__, "LlavaModel")):
-        rules = mapping.get_checkpoint_conversion_mapping(theirs)
-        if rules is not None:
-            mapping.register_checkpoint_conversion_mapping(ours, rules, overwrite=True)
-
-
-_register_key_conversions()
-
-
-def _llava_model(model: nn.Module) -> LlavaModel:
-    inner = getattr(model, "model", None)
-    if not isinstance(model, LlavaForConditionalGeneration) or not isinstance(inner, LlavaModel):
-        raise ValueError(
-            "model must be a transformers LlavaForConditionalGeneration (transformers >= 5.0, which keeps the "
-            "projector at model.model.multi_modal_projector), got "
-            f"{type(model).__module__}.{type(model).__qualname__}; for the original LLaVA code use "
-            "anchor_former.adapters.llava.attach_anchor_former"
-        )
-    if not hasattr(inner, "multi_modal_projector") or not hasattr(inner, "get_image_features"):
-        raise ValueError("this transformers version's LlavaModel has no multi_modal_projector/get_image_features")
-    return inner
-
-
-def _projector_mlp(projector: nn.Module, config: LlavaConfig) -> dict[str, torch.Tensor]:
+def projector_mlp(projector: nn.Module, config: Any) -> dict[str, torch.Tensor]:
     """transformers' ``LlavaMultiModalProjector`` as LLaVA ``mlp2x_gelu`` keys ``0.*`` / ``2.*``."""
     act = getattr(config, "projector_hidden_act", "gelu")
     if act != "gelu":
@@ -228,7 +202,7 @@ def _projector_mlp(projector: nn.Module, config: LlavaConfig) -> dict[str, torch
     return state
 
 
-def _check_select_source(projector: nn.Module, config: LlavaConfig, init_projector: bool) -> None:
+def check_select_source(projector: nn.Module, config: Any, init_projector: bool) -> None:
     """``connector="select"`` reuses the model's trained projector: it must be LLaVA's ``mlp2x_gelu``."""
     if not init_projector:
         raise ValueError(
@@ -247,7 +221,7 @@ def _check_select_source(projector: nn.Module, config: LlavaConfig, init_project
 
 
 def _expand_processor(processor: Any, num_tokens: int, patch_size: int) -> None:
-    """Make ``processor`` write ``num_tokens`` image tokens per ``<image>``.
+    """Make ``processor`` write ``num_tokens`` image tokens per ``<image>`` (rolled back by the pipeline).
 
     transformers' ``LlavaProcessor`` writes ``(H // patch_size) * (W // patch_size) +
     num_additional_image_tokens - (strategy == "default")`` tokens for a ``(H, W)`` image; for the fixed
@@ -267,124 +241,151 @@ def _expand_processor(processor: Any, num_tokens: int, patch_size: int) -> None:
     if "height" not in crop or "width" not in crop:
         raise ValueError(f"processor.image_processor needs a fixed crop_size {{'height', 'width'}}, got {crop!r}")
     height, width = int(crop["height"]), int(crop["width"])
-    saved = (processor.patch_size, processor.num_additional_image_tokens)
     if processor.patch_size is None:
         processor.patch_size = patch_size
     patches = (height // processor.patch_size) * (width // processor.patch_size)
     default = processor.vision_feature_select_strategy == "default"
     processor.num_additional_image_tokens = num_tokens - patches + int(default)
     blank = np.zeros((height, width, 3), dtype=np.uint8)
-    try:
-        ids = processor(text=processor.image_token, images=blank, return_tensors="pt")["input_ids"]
-        got = int((ids == processor.image_token_id).sum())
-    except Exception:
-        processor.patch_size, processor.num_additional_image_tokens = saved
-        raise
+    ids = processor(text=processor.image_token, images=blank, return_tensors="pt")["input_ids"]
+    got = int((ids == processor.image_token_id).sum())
     if got != num_tokens:
-        processor.patch_size, processor.num_additional_image_tokens = saved
         raise ValueError(
             f"could not make {type(processor).__name__} expand <image> to {num_tokens} tokens (it wrote {got}); "
             "this transformers version's processor counts image tokens differently"
         )
 
 
-@dataclass(frozen=True)
-class _Plan:
-    """What :func:`attach_anchor_former` checked and will build (nothing is changed while planning)."""
+class LlavaHost(TransformersHost):
+    """LLaVA-1.5's steps of the attach pipeline; the LLaVA-NeXT and OneVision hosts derive from it.
 
-    inner: LlavaModel
-    connector: str
-    score: str
-    kwargs: dict[str, Any]  # the connector's constructor arguments (widths excluded)
-    num_input_tokens: int  # tokens of the probed layer per image, prefix tokens included
-    patch_size: int
-    previous: nn.Module | None  # the connector of an already attached model, whose weights carry over
-    init_projector: bool
+    What a derived family overrides: :attr:`classes`, the defaults, :meth:`family_options` (its own
+    keyword arguments), :meth:`check_tower` (its strategy rules), :meth:`check_processor`,
+    :meth:`extras`, :meth:`switch_processor`.
+    """
 
+    name = "LlavaForConditionalGeneration"
+    classes: ClassVar[dict[type, tuple[type, type, type]]] = {
+        LlavaForConditionalGeneration: (AnchorFormerLlavaConfig, AnchorFormerLlavaModel,
+                                        AnchorFormerLlavaForConditionalGeneration),
+    }
+    default_connector: ClassVar[str] = "acformer"
+    default_score: ClassVar[str] = "cls"
 
-def _plan(model: nn.Module, *, num_anchors: int, connector: str, score: str, init_projector: bool,
-          kwargs: dict[str, Any]) -> _Plan:
-    """Validate the arguments against ``model``; raises ``ValueError`` before anything changes."""
-    from anchor_former.connectors.registry import available_connectors
-
-    inner = _llava_model(model)
-    old = model.config
-    layer = old.vision_feature_layer
-    if not isinstance(layer, int) or isinstance(layer, bool):
-        raise ValueError(f"config.vision_feature_layer must be a single int for AnchorFormer, got {layer!r}")
-    if connector not in available_connectors() and not re.match(r"^mlp\d+x_gelu$", str(connector)):
-        raise ValueError(f"connector must be one of {', '.join(available_connectors())}, got {connector!r}")
-    previous = None
-    if isinstance(model, AnchorFormerLlavaForConditionalGeneration):
-        recorded = old.anchor_former or {}
-        if recorded.get("connector") != connector:
+    def check_model(self, model: nn.Module) -> None:
+        if self.stock_of(model) is None:
             raise ValueError(
-                f"connector must stay {recorded.get('connector')!r} when re-attaching (the model is already "
-                f"attached, and its connector's weights carry over), got {connector!r}; to switch connectors, "
-                "attach to a stock LlavaForConditionalGeneration (from_pretrained of the base model) instead"
+                f"model must be a transformers {self.name} (transformers >= 5.0, which keeps the projector at "
+                f"model.model.multi_modal_projector), got {type(model).__module__}.{type(model).__qualname__}; for "
+                "the original LLaVA code use anchor_former.adapters.llava.attach_anchor_former"
             )
-        # keep the recorded include_cls unless the score changes (acformer derives it from the score)
-        recompute = ("num_anchors",) + (("include_cls",) if score != recorded.get("score", score) else ())
-        inherited = {k: v for k, v in (recorded.get("connector_config") or {}).items() if k not in recompute}
-        kwargs = {**_constructor_kwargs(connector, inherited), **kwargs}
-        previous = inner.multi_modal_projector
-    AttentionProbe(inner.vision_tower, layer=layer, score=score)  # unsupported tower, bad layer, CLS-less + "cls"
-    spec = detect_encoder(inner.vision_tower)
-    vision = old.vision_config
-    side = int(vision.image_size) // int(vision.patch_size)
-    strategy = getattr(old, "vision_feature_select_strategy", "default")
-    kwargs = anchor_kwargs(connector, num_anchors, side * side, kwargs, has_cls=spec.has_cls, score=score,
-                           stock_cls=strategy == "full")
-    if connector == "select" and previous is None:
-        _check_select_source(inner.multi_modal_projector, old, init_projector)
-    kwargs.setdefault("num_prefix_tokens", spec.num_prefix_tokens)
-    return _Plan(inner=inner, connector=connector, score=score, kwargs=kwargs,
-                 num_input_tokens=side * side + spec.num_prefix_tokens, patch_size=int(vision.patch_size),
-                 previous=previous, init_projector=init_projector)
 
+    # --- what the derived families override ---------------------------------------------------------
 
-def _build(plan: _Plan, config: LlavaConfig) -> nn.Module:
-    """The new connector on the old projector's device and dtype, with its starting weights: the
-    previous connector's (re-attach), else the model's ``linear_1`` / ``linear_2`` (``init_projector``)."""
-    from anchor_former.checkpoint import CheckpointError, load_checked
-    from anchor_former.connectors.registry import build_connector
+    def family_options(self, model: nn.Module, connector: str, request: dict[str, Any]) -> dict[str, Any]:
+        """Pop and check this family's own arguments from ``request``; they go to ``AnchorSettings.extras``."""
+        return {}
 
-    old_projector = plan.inner.multi_modal_projector
-    param = next(iter(old_projector.parameters()), None)
-    param = param if param is not None else next(iter(plan.inner.parameters()))
-    new = build_connector(plan.connector, int(config.vision_config.hidden_size), int(config.text_config.hidden_size),
-                          **plan.kwargs, device=param.device, dtype=param.dtype)
-    if plan.previous is not None:
-        try:
-            load_checked(new, plan.previous.state_dict(), what="the attached connector")
-        except CheckpointError as error:
+    def check_tower(self, model: nn.Module, spec: EncoderSpec, kwargs: dict[str, Any]) -> bool:
+        """Family rules on the tower / strategy; returns ``stock_cls`` (the stock model fed [CLS] to its
+        projector, so ``"select"`` keeps it at full budget)."""
+        return getattr(model.config, "vision_feature_select_strategy", "default") == "full"
+
+    def check_processor(self, processor: Any, model: nn.Module, spec: EncoderSpec) -> None:
+        """Raise ``ValueError`` if ``processor`` cannot belong to ``model`` (checked before anything changes)."""
+
+    def extras(self, model: nn.Module, plan: Plan, connector: nn.Module) -> dict[str, Any]:
+        """``AnchorSettings.extras`` of the attached model (token layouts, family options)."""
+        return dict(plan.data["options"])
+
+    # --- the pipeline steps --------------------------------------------------------------------------
+
+    def plan(self, model: nn.Module, processor: Any, request: dict[str, Any], recorded: AnchorSettings | None) -> Plan:
+        from anchor_former.connectors.registry import available_connectors
+
+        connector = request.pop("connector", None) or (recorded.connector if recorded else self.default_connector)
+        score = request.pop("score", None) or (recorded.score if recorded else self.default_score)
+        num_anchors = request.pop("num_anchors", 144)
+        init_projector = request.pop("init_projector", True)
+        if connector not in available_connectors() and not re.match(r"^mlp\d+x_gelu$", str(connector)):
+            raise ValueError(f"connector must be one of {', '.join(available_connectors())}, got {connector!r}")
+        options = self.family_options(model, connector, request)
+        inner, config = model.model, model.config
+        layer = single_layer(config.vision_feature_layer, "config.vision_feature_layer")
+        previous = None
+        if recorded is not None:
+            request = merge_recorded(request, recorded, connector=connector, score=score, host=self.name)
+            previous = inner.multi_modal_projector
+        AttentionProbe(inner.vision_tower, layer=layer, score=score)  # unsupported tower, bad layer, CLS-less + "cls"
+        spec = detect_encoder(inner.vision_tower)
+        stock_cls = self.check_tower(model, spec, request)
+        vision = config.vision_config
+        side = int(vision.image_size) // int(vision.patch_size)
+        kwargs = anchor_kwargs(connector, num_anchors, side * side, request, has_cls=spec.has_cls, score=score,
+                               stock_cls=stock_cls)
+        if connector == "select" and previous is None:
+            check_select_source(inner.multi_modal_projector, config, init_projector)
+        kwargs.setdefault("num_prefix_tokens", spec.num_prefix_tokens)
+        if processor is not None:
+            self.check_processor(processor, model, spec)
+        return Plan(connector=connector, score=score, kwargs=kwargs, recorded=recorded, previous=previous,
+                    data={"spec": spec, "layer": layer, "side": side, "patch_size": int(vision.patch_size),
+                          "init_projector": init_projector,
+                          "options": options})
+
+    def build(self, model: nn.Module, plan: Plan) -> nn.Module:
+        """The connector on the old projector's device and dtype; a fresh attach starts its output MLP from the
+        model's ``linear_1`` / ``linear_2`` (``init_projector``)."""
+        from anchor_former.checkpoint import load_checked
+        from anchor_former.connectors.registry import build_connector
+
+        config, old = model.config, model.model.multi_modal_projector
+        param = next(iter(old.parameters()), None)
+        param = param if param is not None else next(iter(model.model.parameters()))
+        if param.device.type == "meta":
             raise ValueError(
-                f"re-attaching keeps the attached connector's weights, so its architecture must stay the same: "
-                f"{error}; to change it, attach to a stock LlavaForConditionalGeneration instead"
-            ) from error
-    elif plan.init_projector and hasattr(old_projector, "linear_1"):
-        target = getattr(new, "projector", None)
-        if target is None:
-            raise ValueError(f"connector {plan.connector!r} has no output MLP to initialise; pass init_projector=False")
-        load_checked(target, _projector_mlp(old_projector, config), what="the model's multi_modal_projector")
-    return new
+                "model.model.multi_modal_projector must hold its weights to attach (they are on the 'meta' device: "
+                "offloaded by accelerate or not loaded); attach before dispatching the model with a device_map, or "
+                "keep the projector on a real device"
+            )
+        new = build_connector(plan.connector, int(config.vision_config.hidden_size), int(config.text_config.hidden_size),
+                              **plan.kwargs, device=param.device, dtype=param.dtype)
+        new.num_output_tokens(plan.data["side"] ** 2 + plan.data["spec"].num_prefix_tokens)  # budget checks
+        if plan.previous is None and plan.data["init_projector"] and hasattr(old, "linear_1"):
+            target = getattr(new, "projector", None)
+            if target is None:
+                raise ValueError(f"connector {plan.connector!r} has no output MLP to initialise; pass init_projector=False")
+            load_checked(target, projector_mlp(old, config), what="the model's multi_modal_projector")
+        return new
+
+    def settings(self, model: nn.Module, plan: Plan, connector: nn.Module) -> AnchorSettings:
+        config = getattr(connector, "config", None)
+        recorded = config.to_dict() if hasattr(config, "to_dict") else dict(plan.kwargs)
+        recorded = constructor_kwargs(plan.connector, recorded)
+        return AnchorSettings(
+            connector=plan.connector, connector_config=recorded, score=plan.score, layer=plan.data["layer"],
+            num_anchors=recorded.get("num_anchors"), num_context=int(recorded.get("num_context", 0) or 0),
+            include_cls=bool(recorded.get("include_cls", False)), extras=self.extras(model, plan, connector),
+        )
+
+    def _num_tokens(self, plan: Plan, connector: nn.Module) -> int:
+        return connector.num_output_tokens(plan.data["side"] ** 2 + plan.data["spec"].num_prefix_tokens)
+
+    def config_updates(self, settings: AnchorSettings, plan: Plan, connector: nn.Module | None) -> dict[str, Any]:
+        return {"image_seq_length": self._num_tokens(plan, connector)}
+
+    def switch_processor(self, processor: Any, settings: AnchorSettings, plan: Plan, connector: nn.Module) -> None:
+        _expand_processor(processor, self._num_tokens(plan, connector), plan.data["patch_size"])
 
 
-def _swap(model: nn.Module, plan: _Plan, new: nn.Module, num_tokens: int) -> None:
-    """Install ``new`` and the :class:`AnchorFormerLlavaConfig` recording it (every check has passed)."""
-    old = model.config
-    settings = new.config.to_dict() if hasattr(getattr(new, "config", None), "to_dict") else dict(plan.kwargs)
-    settings = _constructor_kwargs(plan.connector, settings)
-    data = {k: v for k, v in old.to_dict().items() if k not in ("model_type", "anchor_former")}
-    data["image_seq_length"] = num_tokens
-    config = AnchorFormerLlavaConfig(
-        **data, anchor_former={"connector": plan.connector, "score": plan.score, "connector_config": settings}
-    )
-    config.vision_config, config.text_config = old.vision_config, old.text_config  # the submodules' own objects
-    model.__class__ = AnchorFormerLlavaForConditionalGeneration
-    plan.inner.__class__ = AnchorFormerLlavaModel
-    model.config = plan.inner.config = config
-    plan.inner.multi_modal_projector = new
+HOST = LlavaHost()
+HOST.register_key_conversions()
+
+
+def register_auto_classes() -> None:
+    """Register the classes with ``AutoConfig``, ``AutoModel`` and ``AutoModelForImageTextToText``
+    (idempotent), so ``AutoModelForImageTextToText.from_pretrained(saved_dir)`` rebuilds the model."""
+    LlavaHost.register()
 
 
 def attach_anchor_former(
@@ -392,8 +393,8 @@ def attach_anchor_former(
     processor: Any = None,
     *,
     num_anchors: int = 144,
-    connector: str = "acformer",
-    score: Score = "cls",
+    connector: str | None = None,
+    score: Score | None = None,
     init_projector: bool = True,
     **kwargs: Any,
 ) -> AnchorFormerLlavaForConditionalGeneration:
@@ -406,12 +407,13 @@ def attach_anchor_former(
             (or the connector's token count). Without it, prepare ``input_ids`` with that many image tokens.
         num_anchors: K anchors. ``connector="acformer"``: the LLM sees K + 1 tokens per image ([CLS] first);
             ``"select"``: K anchor patches (plus ``num_context``). Ignored by the other connectors.
-        connector: a :func:`~anchor_former.build_connector` name: ``"acformer"`` (trained AcFormer),
-            ``"select"`` (training-free: the K anchor patches through the model's own projector, no new
-            parameters; pass ``num_context=M`` for M merged context tokens, ``include_cls=True`` to keep
+        connector: a :func:`~anchor_former.build_connector` name: ``"acformer"`` (the default; trained
+            AcFormer), ``"select"`` (training-free: the K anchor patches through the model's own projector, no
+            new parameters; pass ``num_context=M`` for M merged context tokens, ``include_cls=True`` to keep
             [CLS] first, default: only with ``vision_feature_select_strategy="full"``), ``"perceiver"``, ...
-        score: ``"cls"`` ([CLS] attention of ``vision_feature_layer``), ``"norm"`` (token norms, any
-            encoder) or ``"map"`` (SigLIP's pooling head).
+            On re-attach: the attached one.
+        score: ``"cls"`` (the default: [CLS] attention of ``vision_feature_layer``), ``"norm"`` (token norms,
+            any encoder), ``"received"`` or ``"map"`` (SigLIP's pooling head).
         init_projector: copy ``linear_1`` / ``linear_2`` into the connector's output MLP (``mlp2x_gelu``).
         **kwargs: further connector arguments (``depth``, ``heads``, ``dim_head``, ...).
 
@@ -424,15 +426,10 @@ def attach_anchor_former(
         ValueError: not a ``LlavaForConditionalGeneration``; ``vision_feature_layer`` a list; unsupported
             vision tower, or one without [CLS] with ``score="cls"``; ``num_anchors`` (+ ``num_context``)
             larger than the patch count; unknown connector; ``"select"`` on a projector that is not LLaVA's
-            ``mlp2x_gelu``; a processor this version cannot make expand correctly; on re-attach, another
-            connector name or arguments that change the connector's weight shapes. The model and the
-            processor are unchanged then.
+            ``mlp2x_gelu``; a projector offloaded to the meta device; a processor this version cannot make
+            expand correctly; on re-attach, another connector name or arguments that change the connector's
+            weight shapes (the message names what is attached). The model, its config and the processor are
+            unchanged then.
     """
-    plan = _plan(model, num_anchors=num_anchors, connector=connector, score=score, init_projector=init_projector,
-                 kwargs=kwargs)
-    new = _build(plan, model.config)
-    num_tokens = new.num_output_tokens(plan.num_input_tokens)
-    if processor is not None:
-        _expand_processor(processor, num_tokens, plan.patch_size)
-    _swap(model, plan, new, num_tokens)
-    return model
+    return attach(HOST, model, processor, num_anchors=num_anchors, connector=connector, score=score,
+                  init_projector=init_projector, **kwargs)

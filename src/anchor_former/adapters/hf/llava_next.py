@@ -8,7 +8,9 @@ which detects the model class) turns a built ``LlavaNextForConditionalGeneration
 Each image is several ViT views (the base view, then the crops of the chosen grid pinpoint, row-major;
 :mod:`anchor_former.views`). The vision tower runs ONCE over all views of all images, as configured (SDPA
 by default, no ``output_attentions``), inside an :class:`~anchor_former.probes.AttentionProbe` that keeps
-the ``vision_feature_layer`` tokens and, per view, that layer's [CLS] attention row. Then per image:
+the ``vision_feature_layer`` tokens and, per view, that layer's [CLS] attention row; the probe is built per
+call and runs under the tower's lock, eagerly under ``torch.compile`` (:mod:`anchor_former.adapters._probed`),
+so threads sharing the model and ``torch.compile(model)`` work. Then per image:
 
 * ``connector="select"`` (training-free; the model's own ``linear_1``/GELU/``linear_2`` projector): each
   view keeps its own anchors, chosen from its own [CLS] row among its *candidate* patches (the patches
@@ -31,29 +33,28 @@ unpadding (``G = 2 s = 48`` for a square image on a 2 x 2 pinpoint)::
 so an image costs ``sum k_v + G`` tokens (select) or ``(1 + R C)(K + 1) + R`` (acformer); the processor
 writes exactly that many ``<image>`` tokens (it computes them with the same :mod:`anchor_former.views`
 functions).
+
+The attach steps are LLaVA-1.5's (:class:`~anchor_former.adapters.hf.llava.LlavaHost`) with the view rules
+overridden (:class:`LlavaNextHost`); the token rule is recorded as ``AnchorSettings.extras["anyres"]`` and
+``image_budget`` as ``extras["image_budget"]``.
 """
 
 from __future__ import annotations
 
-import copy
-import re
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextModel, LlavaNextProcessor
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next.modeling_llava_next import LlavaNextPreTrainedModel
+from transformers.utils.generic import can_return_tuple
 
-from anchor_former.adapters._anchors import anchor_kwargs
-from anchor_former.adapters.hf.llava import (
-    _build_connector,
-    _check_select_source,
-    _projector_mlp,
-    can_return_tuple,
-)
-from anchor_former.probes.base import AttentionProbe, EncoderSpec, Score, detect_encoder
+from anchor_former.adapters._host import Plan, attach
+from anchor_former.adapters.hf._base import AnchorImageOutput
+from anchor_former.adapters.hf.llava import LlavaHost, probed_features, recorded_connector, run_connector
+from anchor_former.adapters.settings import AnchorSettings
+from anchor_former.probes.base import EncoderSpec, Score
 from anchor_former.views import (
     AnyresViews,
     anyres_views,
@@ -69,30 +70,33 @@ __all__ = [
     "AnchorFormerLlavaNextForConditionalGeneration",
     "AnchorFormerLlavaNextModel",
     "AnchorFormerLlavaNextProcessor",
+    "LlavaNextHost",
     "anyres_token_count",
+    "attach_anchor_former",
     "attach_llava_next",
     "register_auto_classes",
 ]
 
 
 def anyres_token_count(tokens: dict[str, Any], views: AnyresViews) -> int:
-    """LLM tokens of one image under the anyres settings ``tokens`` (``config.anchor_former["anyres"]``).
+    """LLM tokens of one image under the anyres settings ``tokens`` (``AnchorSettings.extras["anyres"]``).
 
     ``tokens``: ``{"layout": "selected", "num_anchors": K, "image_budget": B | None}`` (``connector="select"``)
     or ``{"layout": "fixed", "tokens_per_view": T}`` (the other connectors).
     """
     if tokens["layout"] == "selected":
-        return num_selected_tokens(views, _budgets(tokens, views))
+        return num_selected_tokens(views, budgets_of(tokens, views))
     return num_fixed_tokens(views, int(tokens["tokens_per_view"]))
 
 
-def _budgets(tokens: dict[str, Any], views: AnyresViews) -> tuple[int, ...]:
+def budgets_of(tokens: dict[str, Any], views: AnyresViews) -> tuple[int, ...]:
+    """Each view's anchor budget under the ``"selected"`` layout ``tokens``."""
     if tokens.get("image_budget") is not None:
         return view_budgets(views.num_candidates(), per_image=int(tokens["image_budget"]))
     return view_budgets(views.num_candidates(), per_view=int(tokens["num_anchors"]))
 
 
-def _views(config: LlavaNextConfig, image_size: Any) -> AnyresViews:
+def views_of(config: Any, image_size: Any) -> AnyresViews:
     """The views of one image as this model cuts them (``image_size`` = ``(height, width)``)."""
     vision = config.vision_config
     return anyres_views(
@@ -101,10 +105,24 @@ def _views(config: LlavaNextConfig, image_size: Any) -> AnyresViews:
     )  # fmt: skip
 
 
+def image_sizes_list(image_sizes: Any) -> list[list[int]]:
+    """``image_sizes`` as ``[[height, width], ...]``: a ``(B, 2)`` tensor or a plain list, as the stock model takes."""
+    return [[int(v) for v in size] for size in torch.as_tensor(image_sizes).tolist()]
+
+
+def concat_views(pixel_values: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """``(B, V_max, C, H, W)`` padded views (or ``(sum V_i, C, H, W)``) -> ``(sum V_i, C, H, W)``."""
+    if pixel_values.dim() == 5:
+        return torch.cat([pix[:n] for pix, n in zip(pixel_values, counts)], dim=0)
+    if pixel_values.dim() != 4:
+        raise ValueError(f"pixel_values must have 4 or 5 dims, got shape {tuple(pixel_values.shape)}")
+    return pixel_values
+
+
 @strict
 class AnchorFormerLlavaNextConfig(LlavaNextConfig):
-    """``LlavaNextConfig`` plus ``anchor_former``: ``{"connector": name, "score": ..., "connector_config": {...},
-    "anyres": {...}}`` (``"anyres"``: the per-image token rule, see :func:`anyres_token_count`)."""
+    """``LlavaNextConfig`` plus ``anchor_former`` (the :class:`~anchor_former.adapters.settings.AnchorSettings`
+    record; ``extras["anyres"]``: the per-image token rule, see :func:`anyres_token_count`)."""
 
     model_type = "anchor_former_llava_next"
 
@@ -119,7 +137,9 @@ class AnchorFormerLlavaNextModel(LlavaNextModel):
 
     def __init__(self, config: AnchorFormerLlavaNextConfig) -> None:
         super().__init__(config)
-        self.multi_modal_projector = _build_connector(config)
+        self.multi_modal_projector = recorded_connector(config)
+
+    _probed = probed_features
 
     @can_return_tuple
     def get_image_features(
@@ -129,50 +149,41 @@ class AnchorFormerLlavaNextModel(LlavaNextModel):
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
         **kwargs: Any,
-    ) -> BaseModelOutputWithPooling:
-        """Vision tower over all views (one forward) + probe + connector per view, laid out per image.
+    ) -> AnchorImageOutput:
+        """Vision tower over all views (one probed forward) + connector per view, laid out per image.
 
         Args:
             pixel_values: ``(B, V_max, C, H_img, W_img)`` views per image (zero-padded to the most views), or
                 ``(sum V_i, C, H_img, W_img)`` already concatenated.
-            image_sizes: ``(B, 2)`` original ``(height, width)`` of each image.
+            image_sizes: ``(B, 2)`` original ``(height, width)`` of each image (a tensor or a list).
             vision_feature_layer: ``hidden_states`` index the connector reads (default: the config's).
             vision_feature_select_strategy: ignored (checked at attach time).
 
         Returns:
-            The vision tower's output with ``pooler_output`` = a list of B tensors ``(T_i, llm_dim)``, T_i
-            from :func:`anyres_token_count`.
+            :class:`~anchor_former.adapters.hf._base.AnchorImageOutput` with ``pooler_output`` = a list of B
+            tensors ``(T_i, llm_dim)``, T_i from :func:`anyres_token_count`; ``kept_indices`` for the trained
+            anchor connectors: per image ``(V_i, K)`` anchor token indices of each view (else None).
         """
-        kwargs.pop("return_dict", None)
-        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
-        if not isinstance(layer, int) or isinstance(layer, bool):
-            raise ValueError(f"vision_feature_layer must be a single int for AnchorFormer, got {layer!r}")
-        settings = self.config.anchor_former or {}
-        views = [_views(self.config, size) for size in torch.as_tensor(image_sizes).tolist()]  # (B, 2) (h, w)
+        settings = AnchorSettings.of(self.config)
+        views = [views_of(self.config, size) for size in image_sizes_list(image_sizes)]
         counts = [v.num_views for v in views]
-        if pixel_values.dim() == 5:
-            pixel_values = torch.cat([pix[:n] for pix, n in zip(pixel_values, counts)], dim=0)
-        elif pixel_values.dim() != 4:
-            raise ValueError(f"pixel_values must have 4 or 5 dims, got shape {tuple(pixel_values.shape)}")
-        probe = AttentionProbe(self.vision_tower, layer=layer, score=settings.get("score", "cls"))
-        with probe:
-            image_outputs = self.vision_tower(pixel_values, return_dict=True, **kwargs)
-        features, scores = probe.features, probe.scores  # (sum V_i, N, D), (sum V_i, H, N) or (sum V_i, N)
-        tokens, connector = settings["anyres"], self.multi_modal_projector
-        images, start = [], 0
+        output, features, scores = self._probed(concat_views(pixel_values, counts), vision_feature_layer, **kwargs)
+        tokens, connector = settings.extras["anyres"], self.multi_modal_projector
+        images, kept, start = [], [], 0
         for image_views, n in zip(views, counts):
             f, sc = features[start : start + n], scores[start : start + n]  # this image's V views
             start += n
             if tokens["layout"] == "selected":
                 images.append(select_view_tokens(
-                    image_views, _budgets(tokens, image_views), f, sc, num_prefix_tokens=connector.num_prefix_tokens,
+                    image_views, budgets_of(tokens, image_views), f, sc, num_prefix_tokens=connector.num_prefix_tokens,
                     projector=connector.projector, newline=self.image_newline,
                 ))  # fmt: skip
             else:
-                out = connector(f, attention=sc) if getattr(connector, "uses_anchors", False) else connector(f)
-                images.append(arrange_fixed(image_views, out, self.image_newline))  # out: (V, T, llm_dim)
-        image_outputs.pooler_output = images
-        return image_outputs
+                out, idx = run_connector(connector, f, sc)  # out: (V, T, llm_dim)
+                images.append(arrange_fixed(image_views, out, self.image_newline))
+                kept.append(idx)
+        return AnchorImageOutput(last_hidden_state=output.last_hidden_state, pooler_output=images,
+                                 kept_indices=tuple(kept) if kept and kept[0] is not None else None)
 
 
 class AnchorFormerLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
@@ -191,8 +202,8 @@ class AnchorFormerLlavaNextForConditionalGeneration(LlavaNextForConditionalGener
 class AnchorFormerLlavaNextProcessor(LlavaNextProcessor):
     """``LlavaNextProcessor`` that writes the attached model's number of ``<image>`` tokens per image.
 
-    ``anyres_tokens``: the model's ``config.anchor_former["anyres"]`` (saved in ``processor_config.json``,
-    so ``AnchorFormerLlavaNextProcessor.from_pretrained`` restores it); None = the stock count.
+    ``anyres_tokens``: the model's ``AnchorSettings.extras["anyres"]`` (saved in ``processor_config.json``,
+    so ``AnchorFormerLlavaNextProcessor.from_pretrained`` / ``AutoProcessor`` restore it); None = the stock count.
     """
 
     def __init__(
@@ -222,143 +233,137 @@ class AnchorFormerLlavaNextProcessor(LlavaNextProcessor):
         return anyres_token_count(self.anyres_tokens, views) + int(self.vision_feature_select_strategy == "default")
 
 
-def register_auto_classes() -> None:
-    """Register the LLaVA-NeXT classes with ``AutoConfig``, ``AutoModel``, ``AutoModelForImageTextToText``
-    and ``AutoProcessor`` (idempotent)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
-
-    AutoConfig.register(AnchorFormerLlavaNextConfig.model_type, AnchorFormerLlavaNextConfig, exist_ok=True)
-    AutoModel.register(AnchorFormerLlavaNextConfig, AnchorFormerLlavaNextModel, exist_ok=True)
-    AutoModelForImageTextToText.register(
-        AnchorFormerLlavaNextConfig, AnchorFormerLlavaNextForConditionalGeneration, exist_ok=True
-    )
-    AutoProcessor.register(AnchorFormerLlavaNextConfig, AnchorFormerLlavaNextProcessor, exist_ok=True)
-
-
-def _check_processor(processor: Any, config: LlavaNextConfig, strategy: str) -> None:
-    """The processor must be a LlavaNextProcessor cutting views the way this model does."""
-    if not isinstance(processor, LlavaNextProcessor):
-        raise ValueError(f"processor must be a transformers LlavaNextProcessor, got {type(processor).__name__}")
-    vision = config.vision_config
-    images = processor.image_processor
-    crop = dict(getattr(images, "crop_size", None) or {})
-    checks = [
-        ("image_processor.image_grid_pinpoints", [list(p) for p in getattr(images, "image_grid_pinpoints", []) or []],
-         [list(p) for p in config.image_grid_pinpoints]),
-        ("image_processor.crop_size", (crop.get("height"), crop.get("width")), (vision.image_size, vision.image_size)),
-        ("patch_size", processor.patch_size, vision.patch_size),
-        ("image_token_id", processor.image_token_id, config.image_token_id),
-        ("vision_feature_select_strategy", processor.vision_feature_select_strategy, strategy),
-    ]
+def check_processor_fields(processor: Any, checks: list[tuple[str, Any, Any]]) -> None:
     for name, got, want in checks:
         if got != want:
             raise ValueError(f"processor does not belong to this model: processor.{name} must be {want!r}, got {got!r}")
 
 
-def _expand(processor: Any, tokens: dict[str, Any], config: LlavaNextConfig) -> None:
-    """Switch ``processor`` to :class:`AnchorFormerLlavaNextProcessor` writing ``tokens``' counts; checked on
-    two blank images (square, and 1:2 with unpadding), restored on any failure."""
-    import numpy as np
+class LlavaNextHost(LlavaHost):
+    """LLaVA-NeXT: LLaVA-1.5's steps with anyres views (per-view anchors, ``image_budget``, its processor)."""
 
-    saved = (processor.__class__, getattr(processor, "anyres_tokens", None), "anyres_tokens" in processor.__dict__)
-    processor.__class__ = AnchorFormerLlavaNextProcessor
-    processor.anyres_tokens = dict(tokens)
-    side = int(config.vision_config.image_size)
-    try:
+    name = "LlavaNextForConditionalGeneration"
+    classes: ClassVar[dict[type, tuple[type, type, type]]] = {
+        LlavaNextForConditionalGeneration: (AnchorFormerLlavaNextConfig, AnchorFormerLlavaNextModel,
+                                            AnchorFormerLlavaNextForConditionalGeneration),
+    }
+    family = "LLaVA-NeXT"
+    processor_class: ClassVar[type] = LlavaNextProcessor
+    attached_processor: ClassVar[type] = AnchorFormerLlavaNextProcessor
+
+    def most_views(self, model: nn.Module) -> int:
+        config = model.config
+        view = int(config.vision_config.image_size)
+        return 1 + max((int(h) // view) * (int(w) // view) for h, w in config.image_grid_pinpoints)
+
+    def family_options(self, model: nn.Module, connector: str, request: dict[str, Any]) -> dict[str, Any]:
+        budget = request.pop("image_budget", None)
+        if budget is not None:
+            if connector != "select":
+                raise ValueError(f"image_budget is a connector='select' option, got connector={connector!r}")
+            most = self.most_views(model)
+            if isinstance(budget, bool) or not isinstance(budget, int) or budget < most:
+                raise ValueError(
+                    f"image_budget must be an integer >= {most} (the most views an image gets: one anchor each), "
+                    f"got {budget!r}"
+                )
+        return {"image_budget": budget}
+
+    def expected_strategy(self, spec: EncoderSpec) -> str:
+        return "default" if spec.has_cls else "full"
+
+    def check_tower(self, model: nn.Module, spec: EncoderSpec, kwargs: dict[str, Any]) -> bool:
+        strategy = getattr(model.config, "vision_feature_select_strategy", "default")
+        expected = self.expected_strategy(spec)
+        if strategy != expected:
+            raise ValueError(
+                f"config.vision_feature_select_strategy must be {expected!r} for {self.family} on this tower (each "
+                f"view gives exactly its patch grid to the stock layout), got {strategy!r}"
+            )
+        if kwargs.get("num_context"):
+            raise ValueError(
+                f"num_context (context tokens) is not supported with {self.family} views, got {kwargs['num_context']!r}"
+            )
+        kwargs.pop("num_context", None)
+        return False
+
+    def processor_checks(self, processor: Any, model: nn.Module, spec: EncoderSpec) -> list[tuple[str, Any, Any]]:
+        config, vision = model.config, model.config.vision_config
+        images = processor.image_processor
+        crop = dict(getattr(images, "crop_size", None) or {})
+        return [
+            ("image_processor.image_grid_pinpoints",
+             [list(p) for p in getattr(images, "image_grid_pinpoints", []) or []],
+             [list(p) for p in config.image_grid_pinpoints]),
+            ("image_processor.crop_size", (crop.get("height"), crop.get("width")), (vision.image_size, vision.image_size)),
+            ("patch_size", processor.patch_size, vision.patch_size),
+            ("image_token_id", processor.image_token_id, config.image_token_id),
+            ("vision_feature_select_strategy", processor.vision_feature_select_strategy, self.expected_strategy(spec)),
+        ]
+
+    def check_processor(self, processor: Any, model: nn.Module, spec: EncoderSpec) -> None:
+        if not isinstance(processor, self.processor_class):
+            raise ValueError(
+                f"processor must be a transformers {self.processor_class.__name__}, got {type(processor).__name__}"
+            )
+        check_processor_fields(processor, self.processor_checks(processor, model, spec))
+
+    def tokens(self, plan: Plan, connector: nn.Module) -> dict[str, Any]:
+        """The per-image token rule (``extras["anyres"]``)."""
+        if plan.connector == "select":
+            return {"layout": "selected", "num_anchors": plan.kwargs["num_anchors"],
+                    "image_budget": plan.data["options"].get("image_budget")}
+        return {"layout": "fixed", "tokens_per_view": self._num_tokens(plan, connector)}
+
+    def extras(self, model: nn.Module, plan: Plan, connector: nn.Module) -> dict[str, Any]:
+        return {**plan.data["options"], "anyres": self.tokens(plan, connector)}
+
+    def config_updates(self, settings: AnchorSettings, plan: Plan, connector: nn.Module | None) -> dict[str, Any]:
+        return {}
+
+    def switch_processor(self, processor: Any, settings: AnchorSettings, plan: Plan, connector: nn.Module) -> None:
+        """Switch to :class:`AnchorFormerLlavaNextProcessor`, checked on two blank images (square, and 1:2
+        with unpadding); the pipeline rolls it back on failure."""
+        import numpy as np
+
+        tokens = settings.extras["anyres"]
+        name = type(processor).__name__
+        processor.__class__ = self.attached_processor
+        processor.anyres_tokens = dict(tokens)
+        side = int(plan.data["side"] * plan.data["patch_size"])
         for shape in ((side, side), (side, 2 * side + 3)):
             ids = processor(text=processor.image_token, images=np.zeros((*shape, 3), dtype=np.uint8),
                             return_tensors="pt")["input_ids"]
-            got, want = int((ids == processor.image_token_id).sum()), anyres_token_count(tokens, _views(config, shape))
+            got, want = int((ids == processor.image_token_id).sum()), anyres_token_count(tokens, views_of(plan.data["config"], shape))
             if got != want:
                 raise ValueError(
-                    f"could not make {saved[0].__name__} write {want} image tokens for a {shape} image (it wrote "
-                    f"{got}); this transformers version's processor counts image tokens differently"
+                    f"could not make {name} write {want} image tokens for a {shape} image (it wrote {got}); this "
+                    "transformers version's processor counts image tokens differently"
                 )
-    except Exception:
-        processor.__class__ = saved[0]
-        if saved[2]:
-            processor.anyres_tokens = saved[1]
-        else:
-            del processor.anyres_tokens
-        raise
+
+    def plan(self, model: nn.Module, processor: Any, request: dict[str, Any], recorded: AnchorSettings | None) -> Plan:
+        plan = super().plan(model, processor, request, recorded)
+        plan.data["config"] = model.config
+        return plan
 
 
-
-def check_views_model(
-    inner: nn.Module, config: Any, *, connector: str, score: str, kwargs: dict[str, Any], family: str,
-    default_strategy: str,
-) -> EncoderSpec:
-    """The checks every anyres-view model (LLaVA-NeXT, LLaVA-OneVision) shares, before anything changes.
-
-    ``vision_feature_layer`` a single int; a known connector; a tower and score the probe supports; the
-    ``vision_feature_select_strategy`` that gives each view's patch grid unchanged (``"default"`` on towers
-    with [CLS], ``"full"`` without); no ``num_context`` (popped from ``kwargs``). Returns the tower's
-    :class:`~anchor_former.probes.EncoderSpec`; raises ``ValueError``.
-    """
-    from anchor_former.connectors.registry import available_connectors
-
-    layer = config.vision_feature_layer
-    if not isinstance(layer, int) or isinstance(layer, bool):
-        raise ValueError(f"config.vision_feature_layer must be a single int for AnchorFormer, got {layer!r}")
-    if connector not in available_connectors() and not re.match(r"^mlp\d+x_gelu$", str(connector)):
-        raise ValueError(f"connector must be one of {', '.join(available_connectors())}, got {connector!r}")
-    AttentionProbe(inner.vision_tower, layer=layer, score=score)  # unsupported tower, bad layer, CLS-less + "cls"
-    spec = detect_encoder(inner.vision_tower)
-    strategy = getattr(config, "vision_feature_select_strategy", default_strategy)
-    expected = "default" if spec.has_cls else "full"
-    if strategy != expected:
-        raise ValueError(
-            f"config.vision_feature_select_strategy must be {expected!r} for {family} on this tower (each view "
-            f"gives exactly its patch grid to the stock layout), got {strategy!r}"
-        )
-    if kwargs.get("num_context"):
-        raise ValueError(
-            f"num_context (context tokens) is not supported with {family} views, got {kwargs['num_context']!r}"
-        )
-    kwargs.pop("num_context", None)
-    return spec
+HOST = LlavaNextHost()
+HOST.register_key_conversions()
 
 
-
-def build_view_connector(
-    inner: nn.Module, config: Any, spec: EncoderSpec, *, connector: str, num_anchors: int, score: str,
-    init_projector: bool, kwargs: dict[str, Any],
-) -> nn.Module:
-    """The connector one view of an anyres model (LLaVA-NeXT, LLaVA-OneVision) runs, with its start weights.
-
-    Anchor settings from :func:`~anchor_former.adapters._anchors.anchor_kwargs` (one view's ``s * s``
-    patches), built on the old projector's device and dtype; its output MLP is the model's ``linear_1`` /
-    ``linear_2`` (``init_projector``; required for ``"select"``). Raises ``ValueError`` before any change.
-    """
-    from anchor_former.checkpoint import load_checked
-    from anchor_former.connectors.registry import build_connector
-
-    vision = config.vision_config
-    side = int(vision.image_size) // int(vision.patch_size)
-    kwargs = anchor_kwargs(connector, num_anchors, side * side, kwargs, has_cls=spec.has_cls, score=score,
-                           stock_cls=False)
-    old_projector = inner.multi_modal_projector
-    if connector == "select":
-        _check_select_source(old_projector, config, init_projector)
-    kwargs.setdefault("num_prefix_tokens", spec.num_prefix_tokens)
-    param = next(iter(old_projector.parameters()))
-    new = build_connector(connector, int(vision.hidden_size), int(config.text_config.hidden_size), **kwargs,
-                          device=param.device, dtype=param.dtype)
-    if init_projector and hasattr(old_projector, "linear_1"):
-        target = getattr(new, "projector", None)
-        if target is None:
-            raise ValueError(f"connector {connector!r} has no output MLP to initialise; pass init_projector=False")
-        load_checked(target, _projector_mlp(old_projector, config), what="the model's multi_modal_projector")
-    return new
+def register_auto_classes() -> None:
+    """Register the LLaVA-NeXT classes with ``AutoConfig``, ``AutoModel``, ``AutoModelForImageTextToText``
+    and ``AutoProcessor`` (idempotent)."""
+    LlavaNextHost.register({LlavaNextForConditionalGeneration: AnchorFormerLlavaNextProcessor})
 
 
-def attach_llava_next(
+def attach_anchor_former(
     model: nn.Module,
     processor: Any = None,
     *,
     num_anchors: int = 144,
-    connector: str = "acformer",
-    score: Score = "cls",
+    connector: str | None = None,
+    score: Score | None = None,
     init_projector: bool = True,
     image_budget: int | None = None,
     **kwargs: Any,
@@ -366,13 +371,15 @@ def attach_llava_next(
     """Switch a ``LlavaNextForConditionalGeneration`` (and its processor) to anchors per view, in place.
 
     Args:
-        model: a built ``LlavaNextForConditionalGeneration`` (e.g. ``llava-hf/llava-v1.6-mistral-7b-hf``).
+        model: a built ``LlavaNextForConditionalGeneration`` (e.g. ``llava-hf/llava-v1.6-mistral-7b-hf``), or
+            one already attached (re-attach: the rule of :mod:`anchor_former.adapters._host`).
         processor: its ``LlavaNextProcessor``; becomes an :class:`AnchorFormerLlavaNextProcessor` that writes
             the new number of ``<image>`` tokens for every image size.
         num_anchors: K anchors per view (``"select"``: at most the view's candidates; ``"acformer"``: K + 1
             tokens per view).
-        connector: ``"select"`` (training-free, the model's projector), ``"acformer"``, ``"perceiver"``, ...
-        score: ``"cls"`` ([CLS] attention of ``vision_feature_layer``) or ``"norm"`` (token norms).
+        connector: ``"acformer"`` (the default), ``"select"`` (training-free, the model's projector),
+            ``"perceiver"``, ...; on re-attach, the attached one.
+        score: ``"cls"`` (the default: [CLS] attention of ``vision_feature_layer``) or ``"norm"`` (token norms).
         init_projector: copy ``linear_1``/``linear_2`` into the connector's output MLP.
         image_budget: ``"select"`` only: one budget per image, spread over its views in proportion to their
             candidate patches (:func:`~anchor_former.views.view_budgets`); replaces ``num_anchors`` per view.
@@ -384,49 +391,12 @@ def attach_llava_next(
             ``vision_feature_select_strategy`` other than ``"default"`` ([CLS] towers) / ``"full"``
             (towers without [CLS]); ``num_anchors`` above the ``s * s`` patches of a view; ``image_budget``
             below the number of views, or given for another connector; ``num_context``; a projector that
-            is not LLaVA's ``mlp2x_gelu`` for ``"select"``; a processor of another model. The model and the
-            processor are unchanged then.
+            is not LLaVA's ``mlp2x_gelu`` for ``"select"``; a processor of another model; a re-attach that
+            would discard the connector's weights. The model, its config and the processor are unchanged then.
     """
-    inner = getattr(model, "model", None)
-    if not isinstance(model, LlavaNextForConditionalGeneration) or not isinstance(inner, LlavaNextModel):
-        raise ValueError(
-            f"model must be a transformers LlavaNextForConditionalGeneration, got {type(model).__qualname__}"
-        )
-    old = model.config
-    spec = check_views_model(inner, old, connector=connector, score=score, kwargs=kwargs, family="LLaVA-NeXT",
-                      default_strategy="default")
-    vision = old.vision_config
-    side = int(vision.image_size) // int(vision.patch_size)
-    most_views = 1 + max((int(h) // int(vision.image_size)) * (int(w) // int(vision.image_size))
-                         for h, w in old.image_grid_pinpoints)
-    if image_budget is not None:
-        if connector != "select":
-            raise ValueError(f"image_budget is a connector='select' option, got connector={connector!r}")
-        if isinstance(image_budget, bool) or not isinstance(image_budget, int) or image_budget < most_views:
-            raise ValueError(
-                f"image_budget must be an integer >= {most_views} (the most views an image gets: one anchor each), "
-                f"got {image_budget!r}"
-            )
-    if processor is not None:
-        _check_processor(processor, old, "default" if spec.has_cls else "full")  # the strategy checked above
-    new = build_view_connector(inner, old, spec, connector=connector, num_anchors=num_anchors, score=score,
-                               init_projector=init_projector, kwargs=kwargs)
-    if connector == "select":
-        tokens = {"layout": "selected", "num_anchors": num_anchors, "image_budget": image_budget}
-    else:
-        tokens = {"layout": "fixed", "tokens_per_view": new.num_output_tokens(side * side + spec.num_prefix_tokens)}
-    if processor is not None:
-        _expand(processor, tokens, old)
+    return attach(HOST, model, processor, num_anchors=num_anchors, connector=connector, score=score,
+                  init_projector=init_projector, image_budget=image_budget, **kwargs)
 
-    settings = new.config.to_dict() if hasattr(getattr(new, "config", None), "to_dict") else dict(kwargs)
-    settings.pop("vision_dim", None)
-    settings.pop("llm_dim", None)
-    data = {k: v for k, v in old.to_dict().items() if k not in ("model_type", "anchor_former")}
-    anchor = {"connector": connector, "score": score, "connector_config": settings, "anyres": copy.deepcopy(tokens)}
-    config = AnchorFormerLlavaNextConfig(**data, anchor_former=anchor)
-    config.vision_config, config.text_config = old.vision_config, old.text_config  # the submodules' own objects
-    model.__class__ = AnchorFormerLlavaNextForConditionalGeneration
-    inner.__class__ = AnchorFormerLlavaNextModel
-    model.config = inner.config = config
-    inner.multi_modal_projector = new
-    return model
+
+#: the family's earlier name for :func:`attach_anchor_former`
+attach_llava_next = attach_anchor_former

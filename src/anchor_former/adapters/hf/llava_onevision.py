@@ -53,9 +53,8 @@ The processor writes exactly these counts (it calls :func:`image_token_count` / 
 
 from __future__ import annotations
 
-import copy
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from huggingface_hub.dataclasses import strict
@@ -68,17 +67,21 @@ from transformers import (
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionPreTrainedModel
+from transformers.utils.generic import can_return_tuple
 
-from anchor_former.adapters._probed import probed_forward
-from anchor_former.adapters.hf.llava import _build_connector, can_return_tuple
+from anchor_former.adapters._host import Plan, attach
+from anchor_former.adapters.hf._base import AnchorImageOutput
+from anchor_former.adapters.hf.llava import probed_features, recorded_connector, run_connector
 from anchor_former.adapters.hf.llava_next import (
-    _budgets,
-    _views,
+    LlavaNextHost,
     anyres_token_count,
-    build_view_connector,
-    check_views_model,
+    concat_views,
+    image_sizes_list,
+    views_of,
 )
-from anchor_former.probes.base import Score
+from anchor_former.adapters.hf.llava_next import budgets_of as _budgets
+from anchor_former.adapters.settings import AnchorSettings
+from anchor_former.probes.base import EncoderSpec, Score
 from anchor_former.search import anchor_search
 from anchor_former.views import AnyresViews, arrange_fixed, select_view_tokens
 
@@ -87,6 +90,8 @@ __all__ = [
     "AnchorFormerLlavaOnevisionForConditionalGeneration",
     "AnchorFormerLlavaOnevisionModel",
     "AnchorFormerLlavaOnevisionProcessor",
+    "LlavaOnevisionHost",
+    "attach_anchor_former",
     "attach_llava_onevision",
     "image_token_count",
     "register_auto_classes",
@@ -127,7 +132,7 @@ def _base_budget(tokens: dict[str, Any], views: AnyresViews) -> int:
 def image_token_count(
     tokens: dict[str, Any], views: AnyresViews, *, vision_aspect_ratio: str, multi_image: bool
 ) -> int:
-    """LLM tokens of one image under ``tokens`` (``config.anchor_former["anyres"]``, see the module doc).
+    """LLM tokens of one image under ``tokens`` (``AnchorSettings.extras["anyres"]``, see the module doc).
 
     ``multi_image``: the image belongs to a sample with several images (base view only, then a newline).
     """
@@ -144,7 +149,7 @@ def image_token_count(
 
 
 def video_token_count(video: dict[str, Any], num_frames: int) -> int:
-    """LLM tokens of a video of ``num_frames`` frames under ``video`` (``config.anchor_former["video"]``):
+    """LLM tokens of a video of ``num_frames`` frames under ``video`` (``AnchorSettings.extras["video"]``):
     ``F * K + 1`` (``select``) or ``F * T + 1``; raises ``ValueError`` for ``num_frames < 1``."""
     if num_frames < 1:
         raise ValueError(f"a video must have at least one frame, got num_frames={num_frames}")
@@ -213,19 +218,9 @@ class AnchorFormerLlavaOnevisionModel(LlavaOnevisionModel):
 
     def __init__(self, config: AnchorFormerLlavaOnevisionConfig) -> None:
         super().__init__(config)
-        self.multi_modal_projector = _build_connector(config)
+        self.multi_modal_projector = recorded_connector(config)
 
-    def _probed(self, pixel_values: torch.Tensor, layer: Any, **kwargs: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:
-        """One tower forward over ``(M, C, H_img, W_img)`` views: ``(output, features (M, N, D), scores)``."""
-        kwargs.pop("return_dict", None)
-        layer = self.config.vision_feature_layer if layer is None else layer
-        if not isinstance(layer, int) or isinstance(layer, bool):
-            raise ValueError(f"vision_feature_layer must be a single int for AnchorFormer, got {layer!r}")
-        tower = self.vision_tower
-        score = (self.config.anchor_former or {}).get("score", "received")
-        output, probe = probed_forward(tower, lambda: tower(pixel_values, return_dict=True, **kwargs),
-                                       layer=layer, score=score)
-        return output, probe.features, probe.scores
+    _probed = probed_features
 
     @can_return_tuple
     def get_image_features(
@@ -255,18 +250,14 @@ class AnchorFormerLlavaOnevisionModel(LlavaOnevisionModel):
             :func:`image_token_count`.
         """
         aspect = vision_aspect_ratio or self.config.vision_aspect_ratio
-        views = [_views(self.config, size) for size in image_sizes.tolist()]
+        views = [views_of(self.config, size) for size in image_sizes_list(image_sizes)]
         if batch_num_images is None:
             multi = [False] * len(views)
         else:
             multi = [int(n) != 1 for n in batch_num_images for _ in range(int(n))]
         counts = [1 if m else v.num_views for v, m in zip(views, multi)]
-        if pixel_values.dim() == 5:
-            pixel_values = torch.cat([pix[:n] for pix, n in zip(pixel_values, counts)], dim=0)
-        elif pixel_values.dim() != 4:
-            raise ValueError(f"pixel_values must have 4 or 5 dims, got shape {tuple(pixel_values.shape)}")
-        output, features, scores = self._probed(pixel_values, vision_feature_layer, **kwargs)
-        tokens, connector = self.config.anchor_former["anyres"], self.multi_modal_projector
+        output, features, scores = self._probed(concat_views(pixel_values, counts), vision_feature_layer, **kwargs)
+        tokens, connector = AnchorSettings.of(self.config).extras["anyres"], self.multi_modal_projector
         prefix = int(connector.num_prefix_tokens) if hasattr(connector, "num_prefix_tokens") else 0
         newline = self.image_newline
         images, start = [], 0
@@ -274,7 +265,7 @@ class AnchorFormerLlavaOnevisionModel(LlavaOnevisionModel):
             f, sc = features[start : start + n], scores[start : start + n]  # (V, N, D), (V, H, N) or (V, N)
             start += n
             if tokens["layout"] != "selected":
-                out = connector(f, attention=sc) if getattr(connector, "uses_anchors", False) else connector(f)
+                out, _ = run_connector(connector, f, sc)
                 images.append(arrange_fixed(image_views, out, newline) if alone else torch.cat([out[0], newline[None]]))
                 continue
             if not alone:  # a multi-image sample: the base view takes the whole budget
@@ -323,7 +314,7 @@ class AnchorFormerLlavaOnevisionModel(LlavaOnevisionModel):
             )
         b, frames = pixel_values_videos.shape[:2]
         output, features, scores = self._probed(pixel_values_videos.flatten(0, 1), vision_feature_layer, **kwargs)
-        connector, video = self.multi_modal_projector, self.config.anchor_former["video"]
+        connector, video = self.multi_modal_projector, AnchorSettings.of(self.config).extras["video"]
         if video["layout"] == "selected":
             prefix = int(connector.num_prefix_tokens)
             pooled = self.apply_pooling(connector.projector(features[:, prefix:]))  # (B F, n', L), the stock pooling
@@ -331,8 +322,7 @@ class AnchorFormerLlavaOnevisionModel(LlavaOnevisionModel):
             kept = _search(pooled_scores, int(video["tokens_per_frame"]))  # (B F, K) ascending
             out = pooled.gather(1, kept[..., None].expand(-1, -1, pooled.shape[-1]))  # (B F, K, L)
         else:
-            uses_anchors = getattr(connector, "uses_anchors", False)
-            out = connector(features, attention=scores) if uses_anchors else connector(features)  # (B F, T, L)
+            out, _ = run_connector(connector, features, scores)  # (B F, T, L)
         out = out.reshape(b, frames * out.shape[1], -1)  # (B, F T, L)
         newline = self.image_newline[None, None, :].expand(b, 1, -1).to(out.device, out.dtype)
         output.pooler_output = torch.cat([out, newline], dim=1)
@@ -355,7 +345,7 @@ class AnchorFormerLlavaOnevisionForConditionalGeneration(LlavaOnevisionForCondit
 class AnchorFormerLlavaOnevisionProcessor(LlavaOnevisionProcessor):
     """``LlavaOnevisionProcessor`` writing the attached model's ``<image>`` / ``<video>`` token counts.
 
-    ``anyres_tokens`` / ``video_tokens``: the model's ``config.anchor_former["anyres"]`` / ``["video"]``
+    ``anyres_tokens`` / ``video_tokens``: the model's ``AnchorSettings.extras["anyres"]`` / ``["video"]``
     (saved in ``processor_config.json``); None = the stock counts.
     """
 
@@ -412,80 +402,103 @@ def _anyres(size: Any, pinpoints: Any, view_size: int, num_image_tokens: int) ->
                         patch_size=view_size // side)
 
 
-def register_auto_classes() -> None:
-    """Register the LLaVA-OneVision classes with ``AutoConfig``, ``AutoModel``, ``AutoModelForImageTextToText``
-    and ``AutoProcessor`` (idempotent)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+class LlavaOnevisionHost(LlavaNextHost):
+    """LLaVA-OneVision: the LLaVA-NeXT host with SigLIP defaults (``"select"``, ``"received"``), the video
+    rule (``frame_anchors``) and its processor."""
 
-    config = AnchorFormerLlavaOnevisionConfig
-    AutoConfig.register(config.model_type, config, exist_ok=True)
-    AutoModel.register(config, AnchorFormerLlavaOnevisionModel, exist_ok=True)
-    AutoModelForImageTextToText.register(config, AnchorFormerLlavaOnevisionForConditionalGeneration, exist_ok=True)
-    AutoProcessor.register(config, AnchorFormerLlavaOnevisionProcessor, exist_ok=True)
+    name = "LlavaOnevisionForConditionalGeneration"
+    classes: ClassVar[dict[type, tuple[type, type, type]]] = {
+        LlavaOnevisionForConditionalGeneration: (AnchorFormerLlavaOnevisionConfig, AnchorFormerLlavaOnevisionModel,
+                                                 AnchorFormerLlavaOnevisionForConditionalGeneration),
+    }
+    family = "LLaVA-OneVision"
+    default_connector = "select"
+    default_score = "received"
+    processor_class: ClassVar[type] = LlavaOnevisionProcessor
 
+    def family_options(self, model: nn.Module, connector: str, request: dict[str, Any]) -> dict[str, Any]:
+        options = super().family_options(model, connector, request)
+        frames = request.pop("frame_anchors", None)
+        side = int(model.config.vision_config.image_size) // int(model.config.vision_config.patch_size)
+        pooled = math.ceil(side / 2) ** 2
+        if frames is not None:
+            if connector != "select":
+                raise ValueError(f"frame_anchors is a connector='select' option, got connector={connector!r}")
+            if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= pooled:
+                raise ValueError(
+                    f"frame_anchors must be an integer in [1, {pooled}] (the tokens of a video frame after the "
+                    f"model's 2x2 pooling), got {frames!r}"
+                )
+        return {**options, "frame_anchors": frames, "pooled": pooled}
 
-def _check_processor(processor: Any, config: LlavaOnevisionConfig, strategy: str) -> None:
-    """The processor must be a LlavaOnevisionProcessor cutting views and counting tokens as this model does."""
-    if not isinstance(processor, LlavaOnevisionProcessor):
-        raise ValueError(f"processor must be a transformers LlavaOnevisionProcessor, got {type(processor).__name__}")
-    vision = config.vision_config
-    side = int(vision.image_size) // int(vision.patch_size)
-    images = processor.image_processor
-    checks = [
-        ("image_processor.image_grid_pinpoints", [list(p) for p in getattr(images, "image_grid_pinpoints", []) or []],
-         [list(p) for p in config.image_grid_pinpoints]),
-        ("num_image_tokens", processor.num_image_tokens, side * side),
-        ("vision_aspect_ratio", processor.vision_aspect_ratio, config.vision_aspect_ratio),
-        ("image_token_id", processor.image_token_id, config.image_token_id),
-        ("video_token_id", processor.video_token_id, config.video_token_id),
-        ("vision_feature_select_strategy", processor.vision_feature_select_strategy, strategy),
-    ]
-    for name, got, want in checks:
-        if got != want:
-            raise ValueError(f"processor does not belong to this model: processor.{name} must be {want!r}, got {got!r}")
+    def processor_checks(self, processor: Any, model: nn.Module, spec: EncoderSpec) -> list[tuple[str, Any, Any]]:
+        config = model.config
+        side = int(config.vision_config.image_size) // int(config.vision_config.patch_size)
+        images = processor.image_processor
+        return [
+            ("image_processor.image_grid_pinpoints",
+             [list(p) for p in getattr(images, "image_grid_pinpoints", []) or []],
+             [list(p) for p in config.image_grid_pinpoints]),
+            ("num_image_tokens", processor.num_image_tokens, side * side),
+            ("vision_aspect_ratio", processor.vision_aspect_ratio, config.vision_aspect_ratio),
+            ("image_token_id", processor.image_token_id, config.image_token_id),
+            ("video_token_id", processor.video_token_id, config.video_token_id),
+            ("vision_feature_select_strategy", processor.vision_feature_select_strategy, self.expected_strategy(spec)),
+        ]
 
+    def extras(self, model: nn.Module, plan: Plan, connector: nn.Module) -> dict[str, Any]:
+        options = dict(plan.data["options"])
+        pooled = options.pop("pooled")
+        tokens = self.tokens(plan, connector)
+        if plan.connector == "select":
+            frames = options["frame_anchors"]
+            video = {"layout": "selected", "tokens_per_frame": min(plan.kwargs["num_anchors"], pooled) if frames is None else frames}
+        else:
+            video = {"layout": "fixed", "tokens_per_frame": tokens["tokens_per_view"]}
+        return {**options, "anyres": tokens, "video": video}
 
-def _expand(processor: Any, tokens: dict[str, Any], video: dict[str, Any], config: LlavaOnevisionConfig) -> None:
-    """Switch ``processor`` to :class:`AnchorFormerLlavaOnevisionProcessor` writing the new counts; checked on a
-    blank 1:3 image and a 2-frame video, restored on any failure."""
-    import numpy as np
+    def switch_processor(self, processor: Any, settings: AnchorSettings, plan: Plan, connector: nn.Module) -> None:
+        """Switch to :class:`AnchorFormerLlavaOnevisionProcessor`, checked on a blank 1:3 image and a 2-frame
+        video; the pipeline rolls it back on failure."""
+        import numpy as np
 
-    names = ("anyres_tokens", "video_tokens")
-    saved = processor.__class__, {n: processor.__dict__[n] for n in names if n in processor.__dict__}
-    processor.__class__ = AnchorFormerLlavaOnevisionProcessor
-    processor.anyres_tokens, processor.video_tokens = dict(tokens), dict(video)
-    side = int(config.vision_config.image_size)
-    shape = (side, 3 * side + 2)
-    try:
+        tokens, video = settings.extras["anyres"], settings.extras["video"]
+        name, config = type(processor).__name__, plan.data["config"]
+        processor.__class__ = AnchorFormerLlavaOnevisionProcessor
+        processor.anyres_tokens, processor.video_tokens = dict(tokens), dict(video)
+        side = int(config.vision_config.image_size)
+        shape = (side, 3 * side + 2)
         out = processor(text=f"{processor.image_token} {processor.video_token}",
                         images=np.zeros((*shape, 3), dtype=np.uint8),
                         videos=[np.zeros((2, side, side, 3), dtype=np.uint8)], return_tensors="pt")
         ids = out["input_ids"]
         got = int((ids == processor.image_token_id).sum()), int((ids == processor.video_token_id).sum())
-        want = (image_token_count(tokens, _views(config, shape), vision_aspect_ratio=config.vision_aspect_ratio,
+        want = (image_token_count(tokens, views_of(config, shape), vision_aspect_ratio=config.vision_aspect_ratio,
                                   multi_image=False), video_token_count(video, 2))
         if got != want:
             raise ValueError(
-                f"could not make {saved[0].__name__} write {want} (image, video) tokens (it wrote {got}); this "
+                f"could not make {name} write {want} (image, video) tokens (it wrote {got}); this "
                 "transformers version's processor counts tokens differently"
             )
-    except Exception:
-        processor.__class__ = saved[0]
-        for n in names:
-            if n in saved[1]:
-                setattr(processor, n, saved[1][n])
-            else:
-                processor.__dict__.pop(n, None)
-        raise
 
 
-def attach_llava_onevision(
+HOST = LlavaOnevisionHost()
+HOST.register_key_conversions()
+
+
+def register_auto_classes() -> None:
+    """Register the LLaVA-OneVision classes with ``AutoConfig``, ``AutoModel``, ``AutoModelForImageTextToText``
+    and ``AutoProcessor`` (idempotent)."""
+    LlavaOnevisionHost.register({LlavaOnevisionForConditionalGeneration: AnchorFormerLlavaOnevisionProcessor})
+
+
+def attach_anchor_former(
     model: nn.Module,
     processor: Any = None,
     *,
     num_anchors: int = 144,
-    connector: str = "select",
-    score: Score = "received",
+    connector: str | None = None,
+    score: Score | None = None,
     init_projector: bool = True,
     image_budget: int | None = None,
     frame_anchors: int | None = None,
@@ -494,13 +507,15 @@ def attach_llava_onevision(
     """Switch a ``LlavaOnevisionForConditionalGeneration`` (and its processor) to anchors, in place.
 
     Args:
-        model: a built ``LlavaOnevisionForConditionalGeneration`` (e.g. ``llava-hf/llava-onevision-qwen2-7b-ov-hf``).
+        model: a built ``LlavaOnevisionForConditionalGeneration`` (e.g. ``llava-hf/llava-onevision-qwen2-7b-ov-hf``),
+            or one already attached (re-attach: the rule of :mod:`anchor_former.adapters._host`).
         processor: its ``LlavaOnevisionProcessor``; becomes an :class:`AnchorFormerLlavaOnevisionProcessor`.
         num_anchors: K anchors per image view (``"select"``: at most the ``s * s`` patches of a view;
             ``"acformer"``: K tokens per view and per video frame, K + 1 with a [CLS] score).
-        connector: ``"select"`` (training-free, the model's projector), ``"acformer"``, ``"perceiver"``, ...
-        score: ``"received"`` (attention each token receives in ``vision_feature_layer``), ``"norm"``
-            (token norms); ``"cls"`` only on a tower with [CLS].
+        connector: ``"select"`` (the default: training-free, the model's projector), ``"acformer"``,
+            ``"perceiver"``, ...; on re-attach, the attached one.
+        score: ``"received"`` (the default: attention each token receives in ``vision_feature_layer``),
+            ``"norm"`` (token norms); ``"cls"`` only on a tower with [CLS].
         init_projector: copy ``linear_1``/``linear_2`` into the connector's output MLP.
         image_budget: ``"select"`` only: one budget per image spread over its views
             (:func:`~anchor_former.views.view_budgets`); at least the most views any pinpoint gives.
@@ -514,64 +529,12 @@ def attach_llava_onevision(
             other than ``"full"`` (no [CLS]) / ``"default"`` ([CLS] towers); ``num_anchors`` above a view's
             patches; ``frame_anchors`` above a frame's pooled tokens or below 1, or given for another
             connector; a bad ``image_budget``; ``num_context``; a projector that is not LLaVA's
-            ``mlp2x_gelu`` for ``"select"``; a processor of another model. The model and the processor are
-            unchanged then.
+            ``mlp2x_gelu`` for ``"select"``; a processor of another model; a re-attach that would discard the
+            connector's weights. The model, its config and the processor are unchanged then.
     """
-    inner = getattr(model, "model", None)
-    if not isinstance(model, LlavaOnevisionForConditionalGeneration) or not isinstance(inner, LlavaOnevisionModel):
-        raise ValueError(
-            f"model must be a transformers LlavaOnevisionForConditionalGeneration, got {type(model).__qualname__}"
-        )
-    if isinstance(model, AnchorFormerLlavaOnevisionForConditionalGeneration):
-        raise ValueError(
-            "model must be a stock LlavaOnevisionForConditionalGeneration, got one already attached "
-            f"({type(model).__qualname__}); load the base model again to attach other settings"
-        )
-    old = model.config
-    spec = check_views_model(inner, old, connector=connector, score=score, kwargs=kwargs, family="LLaVA-OneVision",
-                      default_strategy="full")
-    vision = old.vision_config
-    side = int(vision.image_size) // int(vision.patch_size)
-    pooled = math.ceil(side / 2) ** 2
-    most_views = 1 + max((int(h) // int(vision.image_size)) * (int(w) // int(vision.image_size))
-                         for h, w in old.image_grid_pinpoints)
-    for name, value, limit, what in (("image_budget", image_budget, None, f">= {most_views} (the most views an image "
-                                      "gets: one anchor each)"),
-                                     ("frame_anchors", frame_anchors, pooled, f"in [1, {pooled}] (the tokens of a "
-                                      "video frame after the model's 2x2 pooling)")):
-        if value is None:
-            continue
-        if connector != "select":
-            raise ValueError(f"{name} is a connector='select' option, got connector={connector!r}")
-        low = most_views if limit is None else 1
-        is_int = isinstance(value, int) and not isinstance(value, bool)
-        if not is_int or value < low or (limit is not None and value > limit):
-            raise ValueError(f"{name} must be an integer {what}, got {value!r}")
-    if processor is not None:
-        _check_processor(processor, old, "default" if spec.has_cls else "full")  # the strategy checked above
-    new = build_view_connector(inner, old, spec, connector=connector, num_anchors=num_anchors, score=score,
-                               init_projector=init_projector, kwargs=kwargs)
-    if connector == "select":
-        tokens = {"layout": "selected", "num_anchors": num_anchors, "image_budget": image_budget}
-        per_frame = min(num_anchors, pooled) if frame_anchors is None else frame_anchors
-        video = {"layout": "selected", "tokens_per_frame": per_frame}
-    else:
-        per_view = new.num_output_tokens(side * side + spec.num_prefix_tokens)
-        tokens = {"layout": "fixed", "tokens_per_view": per_view}
-        video = {"layout": "fixed", "tokens_per_frame": per_view}
-    if processor is not None:
-        _expand(processor, tokens, video, old)
+    return attach(HOST, model, processor, num_anchors=num_anchors, connector=connector, score=score,
+                  init_projector=init_projector, image_budget=image_budget, frame_anchors=frame_anchors, **kwargs)
 
-    settings = new.config.to_dict() if hasattr(getattr(new, "config", None), "to_dict") else dict(kwargs)
-    settings.pop("vision_dim", None)
-    settings.pop("llm_dim", None)
-    data = {k: v for k, v in old.to_dict().items() if k not in ("model_type", "anchor_former")}
-    anchor = {"connector": connector, "score": score, "connector_config": settings,
-              "anyres": copy.deepcopy(tokens), "video": dict(video)}
-    config = AnchorFormerLlavaOnevisionConfig(**data, anchor_former=anchor)
-    config.vision_config, config.text_config = old.vision_config, old.text_config  # the submodules' own objects
-    model.__class__ = AnchorFormerLlavaOnevisionForConditionalGeneration
-    inner.__class__ = AnchorFormerLlavaOnevisionModel
-    model.config = inner.config = config
-    inner.multi_modal_projector = new
-    return model
+
+#: the family's earlier name for :func:`attach_anchor_former`
+attach_llava_onevision = attach_anchor_former

@@ -8,7 +8,9 @@ temporal step of a video, instead of all of them. No parameter is added or chang
 still runs once, with its configured attention (SDPA, flash or eager), and the merger (the checkpoint's
 trained projector) maps every patch as before; the reduction drops merged tokens after it.
 
-Scores. A forward pre-hook on the attention of ONE full-attention vision block (``score_layer``; by
+Scores. A forward pre-hook, registered for one call only and under the tower's lock
+(:func:`~anchor_former.adapters._probed.hooked_forward`, eager under ``torch.compile``), on the attention of
+ONE full-attention vision block (``score_layer``; by
 default the last full-attention block: block ``fullatt_block_indexes[-1]`` of Qwen2.5-VL, the last
 block of Qwen2-VL and Qwen3-VL, where every block attends over the whole image) recomputes that block's
 queries and keys exactly as the module does (``qkv`` linear, 2-D vision rotary embedding) and calls
@@ -32,9 +34,15 @@ generated tokens. The reduced sequence is the stock sequence with the dropped vi
 nothing is renumbered.
 
 The processor, switched in place, writes the kept count of ``<|image_pad|>`` / ``<|video_pad|>`` per
-image and video; a processor loaded from disk is switched again with :func:`attach_qwen_processor`.
-``save_pretrained`` / ``from_pretrained`` of the model round-trip through the ``AnchorFormerQwen*``
-classes (config key ``anchor_former``).
+image and video, and saves its budget (``num_anchors`` in ``processor_config.json``), so
+``AutoProcessor.from_pretrained(folder)`` (after :func:`register_auto_classes`) returns the switched
+processor. ``save_pretrained`` / ``from_pretrained`` of the model round-trip through the ``AnchorFormerQwen*``
+classes (config key ``anchor_former``: the :class:`~anchor_former.adapters.settings.AnchorSettings` record,
+``layer`` = the score block, ``extras["block_size"]``), also from a folder in the hub checkpoints' key layout.
+
+Precomputed features: ``model(..., mm_encoder_outputs={"image": model.model.get_image_features(...)})``
+gives the kept tokens their true positions (the outputs carry ``kept_indices``); outputs without them
+(e.g. the stock model's) are refused with a ``ValueError``.
 
 Qwen3-VL works the same way, with two additions: the features its "deepstack" mergers take from
 intermediate vision blocks (added to the first LLM layers at the visual positions) are kept at the same
@@ -48,7 +56,7 @@ import itertools
 import math
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from huggingface_hub.dataclasses import strict
@@ -71,6 +79,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils.generic import can_return_tuple
 from transformers.vision_utils import get_vision_window_index
 
+from anchor_former.adapters._host import Plan, attach
+from anchor_former.adapters._probed import hooked_forward
+from anchor_former.adapters.hf._base import TransformersHost
+from anchor_former.adapters.settings import AnchorSettings
 from anchor_former.probes.scores import DEFAULT_BLOCK_SIZE, received_attention
 
 __all__ = [
@@ -86,11 +98,14 @@ __all__ = [
     "AnchorFormerQwen2_5_VLProcessor",
     "AnchorFormerQwen2VLProcessor",
     "AnchorFormerQwen3VLProcessor",
+    "QwenHost",
     "QwenVisionSelectOutput",
+    "attach_anchor_former",
     "attach_anchor_former_qwen",
     "attach_qwen_processor",
     "kept_per_step",
     "merged_token_scores",
+    "register_auto_classes",
     "register_qwen_auto_classes",
 ]
 
@@ -193,6 +208,8 @@ class QwenVisionSelectOutput(BaseModelOutputWithPooling):
     the item's full merged sequence (``t * (h/2) * (w/2)``, raster order per step, steps in time order)."""
 
     kept_indices: tuple[torch.Tensor, ...] | None = None
+    #: ``(I, 3)`` the items' (t, h, w) patch grids (what ``generate`` no longer passes once it has encoded them)
+    grid_thw: torch.Tensor | None = None
     #: Qwen3-VL only: per deepstack layer, a tuple of ``(T_i, llm_dim)`` features at the same kept indices.
     deepstack_features: list[tuple[torch.Tensor, ...]] | None = None
 
@@ -208,12 +225,12 @@ class _QwenSelectMixin:
     #: Qwen3-VL writes each video step as its own run (timestamp text between steps).
     _splits_video_steps = False
 
-    def _settings(self) -> dict[str, Any]:
-        settings = self.config.anchor_former or {}
-        if "num_anchors" not in settings:
+    def _settings(self) -> AnchorSettings:
+        settings = AnchorSettings.of(self.config)
+        if settings is None or settings.num_anchors is None or settings.layer is None:
             raise ValueError(
-                f"config.anchor_former must hold num_anchors and score_layer, got {settings!r}; build the model "
-                "with attach_anchor_former_qwen"
+                f"config.anchor_former must hold num_anchors and the score layer, got {settings!r}; build the model "
+                "with attach_anchor_former"
             )
         return settings
 
@@ -222,22 +239,21 @@ class _QwenSelectMixin:
         settings = self._settings()
         visual = self.visual
         merge = visual.spatial_merge_size
-        budget = settings["num_anchors"]
+        budget = settings.num_anchors
         counts = [_kept_count(budget, g, merge, f"{what} {i}") for i, g in enumerate(grid_thw)]  # checked first
-        captured: list[torch.Tensor] = []
+        captured: list[torch.Tensor] = []  # this call's only: the hook exists for this forward alone
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             hidden = args[0] if args else kwargs["hidden_states"]
             captured.append(merged_token_scores(
                 module, hidden, kwargs["cu_seqlens"], kwargs["position_embeddings"],
-                merge_unit=merge * merge, block_size=int(settings.get("block_size", DEFAULT_BLOCK_SIZE)),
+                merge_unit=merge * merge, block_size=int(settings.extras.get("block_size", DEFAULT_BLOCK_SIZE)),
             ))
 
-        handle = visual.blocks[int(settings["score_layer"])].attn.register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            out = visual(pixel_values.type(visual.dtype), grid_thw=grid_thw)
-        finally:
-            handle.remove()
+        out = hooked_forward(visual, lambda: visual(pixel_values.type(visual.dtype), grid_thw=grid_thw),
+                             pre_hooks={visual.blocks[int(settings.layer)].attn: hook})
+        if len(captured) != 1:
+            raise ValueError(f"the score block ran {len(captured)} times in one vision forward, expected once")
         scores = captured[0]  # (sum n_i,) in the tower's internal order
         if getattr(visual, "fullatt_block_indexes", None) is not None:  # Qwen2.5-VL: undo the window order
             window_index, _ = get_vision_window_index(
@@ -259,7 +275,7 @@ class _QwenSelectMixin:
 
         deepstack = getattr(out, "deepstack_features", None)
         return QwenVisionSelectOutput(
-            last_hidden_state=out.last_hidden_state, pooler_output=pick(merged), kept_indices=tuple(kept),
+            last_hidden_state=out.last_hidden_state, pooler_output=pick(merged), kept_indices=tuple(kept), grid_thw=grid_thw,
             deepstack_features=None if deepstack is None else [pick(f) for f in deepstack],
         )
 
@@ -357,7 +373,7 @@ class _QwenSelectMixin:
                 if idx.numel() != length or length > full.shape[1]:
                     raise ValueError(
                         f"input_ids must hold the {idx.numel()} kept {name} tokens of grid {tuple(int(v) for v in grid)} "
-                        f"(num_anchors={self._settings()['num_anchors']}), got a run of {length}; "
+                        f"(num_anchors={self._settings().num_anchors}), got a run of {length}; "
                         "prepare inputs with the processor passed to attach_anchor_former_qwen / attach_qwen_processor"
                     )
                 pieces.append(full[:, idx])
@@ -395,15 +411,30 @@ class _QwenSelectMixin:
         model does. Shapes as the stock ``forward``; ``input_ids`` ``(B, S)`` holds T_i pad tokens per item.
         """
         if mm_encoder_outputs is None and (pixel_values is not None or pixel_values_videos is not None):
-            mm_encoder_outputs, kept = {}, {}
+            mm_encoder_outputs = {}
             if pixel_values is not None:
                 mm_encoder_outputs["image"] = self.get_image_features(pixel_values, image_grid_thw, return_dict=True)
-                kept["image"] = mm_encoder_outputs["image"].kept_indices
             if pixel_values_videos is not None:
                 mm_encoder_outputs["video"] = self.get_video_features(
                     pixel_values_videos, video_grid_thw, return_dict=True
                 )
-                kept["video"] = mm_encoder_outputs["video"].kept_indices
+            pixel_values = pixel_values_videos = None
+        if mm_encoder_outputs:
+            kept = {}
+            for name, item in mm_encoder_outputs.items():
+                if item is None:
+                    continue
+                if getattr(item, "kept_indices", None) is None:
+                    raise ValueError(
+                        f"mm_encoder_outputs[{name!r}] must come from this model's get_{name}_features (a "
+                        f"QwenVisionSelectOutput with kept_indices, so the kept tokens get their true positions), "
+                        f"got {type(item).__name__} without kept_indices"
+                    )
+                kept[name] = item.kept_indices
+            if image_grid_thw is None and mm_encoder_outputs.get("image") is not None:
+                image_grid_thw = mm_encoder_outputs["image"].grid_thw
+            if video_grid_thw is None and mm_encoder_outputs.get("video") is not None:
+                video_grid_thw = mm_encoder_outputs["video"].grid_thw
             if input_ids is not None and mm_token_type_ids is not None:
                 rope, self.rope_deltas = self.get_rope_index(
                     input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, kwargs.get("second_per_grid_ts"),
@@ -414,7 +445,8 @@ class _QwenSelectMixin:
                 )
         return super().forward(  # type: ignore[misc]
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-            inputs_embeds=inputs_embeds, use_cache=use_cache, image_grid_thw=image_grid_thw,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, pixel_values=pixel_values,
+            pixel_values_videos=pixel_values_videos, image_grid_thw=image_grid_thw,
             video_grid_thw=video_grid_thw, mm_token_type_ids=mm_token_type_ids, mm_encoder_outputs=mm_encoder_outputs,
             **kwargs,
         )
@@ -501,41 +533,32 @@ class AnchorFormerQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneratio
         self.post_init()
 
 
-# stock class -> (config class, model class, outer class)
-_FAMILIES: dict[type, tuple[type, type, type]] = {
-    Qwen2VLForConditionalGeneration: (AnchorFormerQwen2VLConfig, AnchorFormerQwen2VLModel,
-                                      AnchorFormerQwen2VLForConditionalGeneration),
-    Qwen2_5_VLForConditionalGeneration: (AnchorFormerQwen2_5_VLConfig, AnchorFormerQwen2_5_VLModel,
-                                         AnchorFormerQwen2_5_VLForConditionalGeneration),
-    Qwen3VLForConditionalGeneration: (AnchorFormerQwen3VLConfig, AnchorFormerQwen3VLModel,
-                                      AnchorFormerQwen3VLForConditionalGeneration),
-}
-
-
-def register_qwen_auto_classes() -> None:
-    """Register the classes with ``AutoConfig`` / ``AutoModel`` / ``AutoModelForImageTextToText`` (idempotent)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
-
-    for config_class, model_class, outer_class in _FAMILIES.values():
-        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-        AutoModel.register(config_class, model_class, exist_ok=True)
-        AutoModelForImageTextToText.register(config_class, outer_class, exist_ok=True)
-
-
 # --- processor ------------------------------------------------------------------------------------------
 
 
 class _SelectProcessorMixin:
-    """Writes the kept count of pad tokens per image / video (``self.num_anchors`` is the budget)."""
+    """Writes the kept count of pad tokens per image / video (``self.num_anchors`` is the budget; saved in
+    ``processor_config.json`` because ``__init__`` takes it, so ``from_pretrained`` restores it)."""
 
-    num_anchors: Budget
+    num_anchors: Budget | None
+
+    def __init__(
+        self, image_processor: Any = None, tokenizer: Any = None, video_processor: Any = None,
+        chat_template: str | None = None, num_anchors: Budget | None = None, **kwargs: Any,
+    ) -> None:  # the stock parameters spelt out: transformers derives the saved attributes from this signature
+        super().__init__(image_processor, tokenizer, video_processor, chat_template=chat_template, **kwargs)  # type: ignore[call-arg]
+        self.num_anchors = num_anchors
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+        if self.num_anchors is None:
+            return super().replace_image_token(image_inputs, image_idx, **kwargs)  # type: ignore[misc]
         grid = image_inputs["image_grid_thw"][image_idx]
         return self.image_token * _kept_count(self.num_anchors, grid, self.image_processor.merge_size,
                                               f"image {image_idx}")
 
     def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs: Any) -> str:
+        if self.num_anchors is None:
+            return super().replace_video_token(video_inputs, video_idx, **kwargs)  # type: ignore[misc]
         grid = video_inputs["video_grid_thw"][video_idx]
         return self.video_token * _kept_count(self.num_anchors, grid, self.video_processor.merge_size,
                                               f"video {video_idx}")
@@ -554,10 +577,12 @@ class AnchorFormerQwen3VLProcessor(_SelectProcessorMixin, Qwen3VLProcessor):
 
     def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs: Any) -> str:
         # the stock text is "<t seconds><|vision_start|>" + n pads + "<|vision_end|>" per step: shorten each run
+        text = Qwen3VLProcessor.replace_video_token(self, video_inputs, video_idx, **kwargs)
+        if self.num_anchors is None:
+            return text
         grid = video_inputs["video_grid_thw"][video_idx]
         merged = int(grid[1]) * int(grid[2]) // self.video_processor.merge_size**2
         kept = kept_per_step(self.num_anchors, merged, what=f"video {video_idx}")
-        text = Qwen3VLProcessor.replace_video_token(self, video_inputs, video_idx, **kwargs)
         return text.replace(self.video_token * merged, self.video_token * kept)
 
 
@@ -578,11 +603,7 @@ def _processor_class(processor: Any) -> type:
 
 def attach_qwen_processor(processor: Any, *, num_anchors: Budget) -> Any:
     """Switch a ``Qwen2VLProcessor`` / ``Qwen2_5_VLProcessor`` / ``Qwen3VLProcessor`` in place to write the
-    kept pad-token counts.
-
-    Use it on a processor loaded from disk (``save_pretrained`` stores the stock processor) with the
-    model's ``config.anchor_former["num_anchors"]``. Returns the processor.
-    """
+    kept pad-token counts (``attach_anchor_former`` does this to the processor it is given). Returns it."""
     target = _processor_class(processor)
     budget = _check_budget(num_anchors)
     processor.__class__ = target
@@ -613,69 +634,116 @@ def _score_layer(vision_config: Any, score_layer: Any) -> int:
     return index
 
 
-def attach_anchor_former_qwen(
+class QwenHost(TransformersHost):
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL: no connector module (the merger is the projector); the settings and
+    the processor's budget are all that change."""
+
+    name = "Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration or Qwen3VLForConditionalGeneration"
+    classes: ClassVar[dict[type, tuple[type, type, type]]] = {
+        Qwen2VLForConditionalGeneration: (AnchorFormerQwen2VLConfig, AnchorFormerQwen2VLModel,
+                                          AnchorFormerQwen2VLForConditionalGeneration),
+        Qwen2_5_VLForConditionalGeneration: (AnchorFormerQwen2_5_VLConfig, AnchorFormerQwen2_5_VLModel,
+                                             AnchorFormerQwen2_5_VLForConditionalGeneration),
+        Qwen3VLForConditionalGeneration: (AnchorFormerQwen3VLConfig, AnchorFormerQwen3VLModel,
+                                          AnchorFormerQwen3VLForConditionalGeneration),
+    }
+    connector_slot = None
+
+    def check_model(self, model: nn.Module) -> None:
+        if self.stock_of(model) is None:
+            raise ValueError(
+                "model must be a transformers Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration or "
+                f"Qwen3VLForConditionalGeneration, got {type(model).__module__}.{type(model).__qualname__}"
+            )
+
+    def plan(self, model: nn.Module, processor: Any, request: dict[str, Any], recorded: AnchorSettings | None) -> Plan:
+        connector = request.pop("connector", None) or "select"
+        score = request.pop("score", None) or "received"
+        if connector != "select":
+            raise ValueError(f"connector must be 'select' for Qwen-VL (its merger is the projector), got {connector!r}")
+        if score != "received":
+            raise ValueError(f"score must be 'received' for Qwen-VL (its tower has no [CLS]), got {score!r}")
+        if request.get("num_anchors") is None:
+            raise ValueError("num_anchors must be given for Qwen-VL: an int K >= 1 or a float in (0, 1], got None")
+        budget = _check_budget(request.pop("num_anchors"))
+        block_size = request.pop("block_size", None)
+        block_size = (recorded.extras.get("block_size") if recorded else None) if block_size is None else block_size
+        block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+        layer = request.pop("score_layer", None)
+        layer = _score_layer(model.config.vision_config, recorded.layer if layer is None and recorded else layer)
+        if request:
+            raise ValueError(f"unknown arguments for Qwen-VL: {sorted(request)} (it takes num_anchors, score_layer, "
+                             "block_size)")
+        if processor is not None:
+            _processor_class(processor)
+        return Plan(connector=connector, score=score, recorded=recorded,
+                    data={"num_anchors": budget, "layer": layer, "block_size": block_size})
+
+    def settings(self, model: nn.Module, plan: Plan, connector: nn.Module | None) -> AnchorSettings:
+        return AnchorSettings(connector="select", score="received", layer=plan.data["layer"],
+                              num_anchors=plan.data["num_anchors"], extras={"block_size": plan.data["block_size"]})
+
+    def switch_processor(self, processor: Any, settings: AnchorSettings, plan: Plan, connector: nn.Module | None) -> None:
+        attach_qwen_processor(processor, num_anchors=settings.num_anchors)
+
+
+HOST = QwenHost()
+HOST.register_key_conversions()
+
+
+def register_auto_classes() -> None:
+    """Register the classes with ``AutoConfig`` / ``AutoModel`` / ``AutoModelForImageTextToText`` /
+    ``AutoProcessor`` (idempotent), so ``AutoModelForImageTextToText.from_pretrained(folder)``,
+    ``AutoProcessor.from_pretrained(folder)`` and ``pipeline(model=folder)`` rebuild the attached model."""
+    QwenHost.register({Qwen2VLForConditionalGeneration: AnchorFormerQwen2VLProcessor,
+                       Qwen2_5_VLForConditionalGeneration: AnchorFormerQwen2_5_VLProcessor,
+                       Qwen3VLForConditionalGeneration: AnchorFormerQwen3VLProcessor})
+
+
+#: the family's earlier name for :func:`register_auto_classes`
+register_qwen_auto_classes = register_auto_classes
+
+
+def attach_anchor_former(
     model: nn.Module,
     processor: Any = None,
     *,
-    num_anchors: Budget,
+    num_anchors: Budget | None = None,
     connector: str = "select",
     score: str = "received",
     score_layer: int | None = None,
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    block_size: int | None = None,
 ) -> nn.Module:
     """Switch a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model (and its processor) to the training-free reduction in place.
 
     Args:
         model: a built ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` or
-            ``Qwen3VLForConditionalGeneration``.
+            ``Qwen3VLForConditionalGeneration``, or one already attached (re-attach: a new budget; the score
+            layer and block size keep their recorded values unless given).
         processor: its ``Qwen2VLProcessor`` / ``Qwen2_5_VLProcessor`` / ``Qwen3VLProcessor``; switched to
             write the kept number of pad tokens. Without it, prepare ``input_ids`` with that many (see
             :func:`kept_per_step`).
         num_anchors: K merged tokens kept per image and per video step (int), or the fraction kept (float
-            in (0, 1]; ``1.0`` keeps all: the stock model).
+            in (0, 1]; ``1.0`` keeps all: the stock model). Required.
         connector: ``"select"`` (the only mode: the model's own merger is the projector).
         score: ``"received"`` (the only score: the Qwen tower has no [CLS]).
         score_layer: the vision block whose attention scores the tokens; must be a full-attention block
             (Qwen2.5-VL: one of ``fullatt_block_indexes``). Default: the last full-attention block.
-        block_size: query rows per step of the score computation (memory only).
+        block_size: query rows per step of the score computation (memory only; default 1024).
 
     Returns:
         ``model``, now an ``AnchorFormerQwen2VLForConditionalGeneration`` /
         ``AnchorFormerQwen2_5_VLForConditionalGeneration`` / ``AnchorFormerQwen3VLForConditionalGeneration``.
 
     Raises:
-        ValueError: another model class (or an already attached one), a bad budget, a windowed ``score_layer``,
-            another connector or score, a processor of another kind. Nothing is changed then.
+        ValueError: another model class, a bad budget, a windowed ``score_layer``, another connector or score,
+            a processor of another kind. The model, its config and the processor are unchanged then.
     """
-    family = _FAMILIES.get(type(model))
-    if family is None:
-        raise ValueError(
-            "model must be a transformers Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration or "
-            f"Qwen3VLForConditionalGeneration (not yet attached), got "
-            f"{type(model).__module__}.{type(model).__qualname__}"
-        )
-    if connector != "select":
-        raise ValueError(f"connector must be 'select' for Qwen-VL (its merger is the projector), got {connector!r}")
-    if score != "received":
-        raise ValueError(f"score must be 'received' for Qwen-VL (its tower has no [CLS]), got {score!r}")
-    budget = _check_budget(num_anchors)
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
-    old = model.config
-    layer = _score_layer(old.vision_config, score_layer)
-    if processor is not None:
-        _processor_class(processor)  # validate before changing anything
+    return attach(HOST, model, processor, num_anchors=num_anchors, connector=connector, score=score,
+                  score_layer=score_layer, block_size=block_size)
 
-    config_class, model_class, outer_class = family
-    data = {k: v for k, v in old.to_dict().items() if k not in ("model_type", "anchor_former")}
-    settings = {"connector": "select", "score": "received", "num_anchors": budget, "score_layer": layer,
-                "block_size": block_size}
-    config = config_class(**data, anchor_former=settings)
-    config.vision_config, config.text_config = old.vision_config, old.text_config  # the submodules' own objects
-    inner = model.model
-    model.__class__ = outer_class
-    inner.__class__ = model_class
-    model.config = inner.config = config
-    if processor is not None:
-        attach_qwen_processor(processor, num_anchors=budget)
-    return model
+
+#: the family's earlier name for :func:`attach_anchor_former`
+attach_anchor_former_qwen = attach_anchor_former
