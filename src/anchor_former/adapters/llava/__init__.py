@@ -42,7 +42,7 @@ from anchor_former.adapters._host import Host, Plan, attach, merge_recorded, res
 from anchor_former.adapters._probed import probed_forward
 from anchor_former.adapters.settings import CONFIG_KEY, AnchorSettings
 from anchor_former.checkpoint import Layout, load_connector_weights, save_state_dict
-from anchor_former.probes.base import AttentionProbe, Score, detect_encoder
+from anchor_former.probes import AttentionProbe, Score, detect_encoder
 
 __all__ = [
     "AnchorVisionTower",

@@ -53,7 +53,7 @@ from anchor_former.adapters.llava import (
 )
 from anchor_former.adapters.llava.anyres import AnyresImageTokens, anyres_inputs, is_anchored_anyres
 from anchor_former.adapters.settings import CONFIG_KEY, AnchorSettings
-from anchor_former.probes.base import AttentionProbe, Score, detect_encoder
+from anchor_former.probes import AttentionProbe, Score, detect_encoder
 
 __all__ = ["DeferredAnchorVisionTower", "connector_settings", "register_with_llava", "unregister_from_llava"]
 
