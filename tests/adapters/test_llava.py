@@ -84,8 +84,11 @@ def test_build_vision_projector_matches_llava_modules_and_keys(projector_type) -
 
 
 def test_build_vision_projector_acformer_from_config_keys() -> None:
+    from anchor_former.adapters.settings import AnchorSettings
+
+    settings = AnchorSettings(connector="acformer", connector_config={"num_anchors": K, **CONNECTOR}, num_anchors=K)
     config = types.SimpleNamespace(mm_projector_type="acformer", mm_hidden_size=VISION_DIM, hidden_size=LLM_DIM,
-                                   mm_connector_config={"num_anchors": K, **CONNECTOR})
+                                   anchor_former=settings.to_dict())
     projector = build_vision_projector(config)
     assert isinstance(projector, LlavaConnector) and isinstance(projector.connector, AnchorFormer)
     assert projector.connector.config.num_anchors == K and projector.connector.config.depth == 2

@@ -101,7 +101,7 @@ def build_vision_projector(config: Any, delay_load: bool = False, **kwargs: Any)
     Args:
         config: a LLaVA config (or any object with those attributes).
         delay_load: accepted for signature compatibility with LLaVA; unused.
-        **kwargs: override entries of ``mm_connector_config``.
+        **kwargs: override entries of the recorded ``connector_config``.
 
     Raises:
         ValueError: unknown ``mm_projector_type`` (the message lists the known ones).

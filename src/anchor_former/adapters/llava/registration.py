@@ -6,7 +6,7 @@ process (explicitly, when called; never on import):
 * ``llava.model.llava_arch.build_vision_projector`` → :func:`~anchor_former.adapters.llava.build_vision_projector`,
   a superset of LLaVA's (its ``linear`` / ``mlp{N}x_gelu`` / ``identity`` are unchanged), so
   ``mm_projector_type = "acformer"`` (or ``"select"``, ``"perceiver"``, ...) builds a
-  :class:`~anchor_former.adapters.llava.LlavaConnector` from ``config.mm_connector_config``;
+  :class:`~anchor_former.adapters.llava.LlavaConnector` from the settings recorded in ``config.anchor_former``;
 * ``llava.model.llava_arch.build_vision_tower``: for those types, LLaVA's CLIP tower wrapped as an
   :class:`~anchor_former.adapters.llava.AnchorVisionTower` (a :class:`DeferredAnchorVisionTower` while
   LLaVA delays loading the CLIP weights);
