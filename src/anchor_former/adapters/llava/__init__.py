@@ -57,6 +57,8 @@ __all__ = [
 ]
 
 _LLAVA_PROJECTORS = re.compile(r"^(linear|identity|mlp\d+x_gelu)$")
+#: LLaVA's projector types with weights (what ``select`` reuses and AcFormer's output MLP copies)
+_LLAVA_MLPS = re.compile(r"^(linear|mlp\d+x_gelu)$")
 #: config key of an earlier release holding the connector's arguments (read for folders saved then)
 CONNECTOR_CONFIG_KEY = "mm_connector_config"
 
@@ -298,8 +300,6 @@ class _LlavaTorch(Host):
         return recorded_settings(model.config)
 
     def plan(self, model: nn.Module, processor: Any, request: dict[str, Any], recorded: AnchorSettings | None) -> Plan:
-        from anchor_former.connectors.registry import available_connectors
-
         inner, tower = _llava_parts(model)
         config = model.config
         init_projector = request.pop("init_projector")
@@ -311,17 +311,8 @@ class _LlavaTorch(Host):
                 "model.get_model().mm_projector is a LlavaConnector but config.anchor_former records no settings; "
                 "attach to a stock LLaVA model (or one saved after attach_anchor_former) instead"
             )
-        defaults = recorded or AnchorSettings(connector="acformer", score="cls", num_anchors=144)
-        connector = request.pop("connector", defaults.connector)
-        score = request.pop("score", defaults.score)
-        num_anchors = request.pop("num_anchors", defaults.num_anchors if defaults.num_anchors is not None else 144)
-        if connector not in available_connectors() and not _LLAVA_PROJECTORS.match(str(connector)):
-            raise ValueError(f"connector must be one of {', '.join(available_connectors())}, got {connector!r}")
-        extras = dict(recorded.extras) if recorded else {}
-        if recorded is not None:  # re-attach, or a by-hand reload: the recorded arguments are the defaults
-            if "image_budget" not in request and extras.get("image_budget") is not None:
-                request["image_budget"] = extras["image_budget"]
-            request = merge_recorded(request, recorded, connector=connector, score=score, host=self.name)
+        connector, score, num_anchors, request = _requested(request, recorded, self.name)
+        extras = dict(recorded.extras) if recorded else {}  # the stock model's strategy, kept from the first attach
         stock = {"select_feature": extras.get("select_feature", getattr(config, "mm_vision_select_feature", "patch")),
                  "projector_type": extras.get("projector_type", getattr(config, "mm_projector_type", "linear"))}
         anyres = getattr(config, "image_aspect_ratio", None) == "anyres"  # LLaVA-NeXT views: see .anyres
@@ -334,28 +325,18 @@ class _LlavaTorch(Host):
         if not getattr(tower, "is_loaded", True):
             tower.load_model()  # as LLaVA itself would on first use; undone if the attach fails
         new_tower = AnchorVisionTower(tower, score=score)  # raises for CLS-less + "cls", bad layer
-        image_budget = None
         if anyres:
             from anchor_former.adapters.llava.anyres import check_anyres
 
-            image_budget = check_anyres(config, connector, request, view_size=int(new_tower.config.image_size),
-                                        select_feature=stock["select_feature"])
+            stock["image_budget"] = check_anyres(config, connector, request, select_feature=stock["select_feature"],
+                                                 view_size=int(new_tower.config.image_size))
         elif "image_budget" in request:
             raise ValueError(f"image_budget needs config.image_aspect_ratio='anyres', got "
                              f"{getattr(config, 'image_aspect_ratio', None)!r}")
-        spec = detect_encoder(new_tower.vision_tower)
-        kwargs = anchor_kwargs(connector, num_anchors, new_tower.num_patches, request, has_cls=spec.has_cls,
-                               score=score, stock_cls=stock["select_feature"] == "cls_patch")
-        current = getattr(config, "mm_projector_type", "linear")
         if connector == "select" and not attached:
-            _check_select_source(inner.mm_projector, current, init_projector)
-        if _LLAVA_PROJECTORS.match(str(connector)):
-            kwargs.pop("projector", None)  # the name is the projector
-        elif "projector" not in kwargs and isinstance(current, str) and re.match(r"^(linear|mlp\d+x_gelu)$", current):
-            kwargs["projector"] = current  # same output MLP as the model had, so its weights carry over
-        kwargs.setdefault("num_prefix_tokens", spec.num_prefix_tokens)
-        if anyres:
-            stock["image_budget"] = image_budget
+            _check_select_source(inner.mm_projector, getattr(config, "mm_projector_type", "linear"), init_projector)
+        kwargs = _connector_kwargs(connector, num_anchors, score, request, new_tower, stock,
+                                   getattr(config, "mm_projector_type", "linear"))
         return Plan(connector=connector, score=score, kwargs=kwargs, recorded=recorded,
                     previous=inner.mm_projector.connector if attached else None,
                     data={"inner": inner, "tower": new_tower, "init_projector": init_projector, "anyres": anyres,
@@ -425,6 +406,43 @@ class _LlavaTorch(Host):
 
 
 _HOST = _LlavaTorch()
+
+
+def _requested(
+    request: dict[str, Any], recorded: AnchorSettings | None, host: str
+) -> tuple[str, Score, int, dict[str, Any]]:
+    """``(connector, score, num_anchors, further arguments)``: the caller's, else the recorded (re-attach,
+    by-hand reload; :func:`~anchor_former.adapters._host.merge_recorded`), else the defaults."""
+    from anchor_former.connectors.registry import available_connectors
+
+    defaults = recorded or AnchorSettings(connector="acformer", score="cls", num_anchors=144)
+    connector = request.pop("connector", defaults.connector)
+    score = request.pop("score", defaults.score)
+    num_anchors = request.pop("num_anchors", 144 if defaults.num_anchors is None else defaults.num_anchors)
+    if connector not in available_connectors() and not _LLAVA_PROJECTORS.match(str(connector)):
+        raise ValueError(f"connector must be one of {', '.join(available_connectors())}, got {connector!r}")
+    if recorded is not None:
+        if "image_budget" not in request and recorded.extras.get("image_budget") is not None:
+            request["image_budget"] = recorded.extras["image_budget"]
+        request = merge_recorded(request, recorded, connector=connector, score=score, host=host)
+    return connector, score, num_anchors, request
+
+
+def _connector_kwargs(
+    connector: str, num_anchors: int, score: Score, request: dict[str, Any], tower: AnchorVisionTower,
+    stock: dict[str, Any], projector_type: Any,
+) -> dict[str, Any]:
+    """The connector's constructor arguments: the anchor settings (checked against the tower), the output
+    MLP of the model's current projector type (so its weights carry over), the tower's prefix tokens."""
+    spec = detect_encoder(tower.vision_tower)
+    kwargs = anchor_kwargs(connector, num_anchors, tower.num_patches, request, has_cls=spec.has_cls, score=score,
+                           stock_cls=stock["select_feature"] == "cls_patch")
+    if _LLAVA_PROJECTORS.match(str(connector)):
+        kwargs.pop("projector", None)  # the name is the projector
+    elif "projector" not in kwargs and isinstance(projector_type, str) and _LLAVA_MLPS.match(projector_type):
+        kwargs["projector"] = projector_type
+    kwargs.setdefault("num_prefix_tokens", spec.num_prefix_tokens)
+    return kwargs
 #: config keys of an earlier release, replaced by ``config.anchor_former``
 _LEGACY_KEYS = (CONNECTOR_CONFIG_KEY, "mm_anchor_score", "mm_anyres_image_budget")
 
@@ -500,7 +518,7 @@ def _check_select_source(projector: nn.Module, projector_type: Any, init_project
             "connector='select' maps the kept tokens with the model's own trained projector; init_projector=False "
             "would leave it random"
         )
-    known = isinstance(projector_type, str) and re.match(r"^(linear|mlp\d+x_gelu)$", projector_type)
+    known = isinstance(projector_type, str) and _LLAVA_MLPS.match(projector_type)
     if not known or isinstance(projector, LlavaConnector):
         raise ValueError(
             "connector='select' needs the model's projector to be LLaVA's 'linear' or 'mlp{N}x_gelu' "
