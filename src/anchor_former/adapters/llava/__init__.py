@@ -311,6 +311,11 @@ class _LlavaTorch(Host):
                 "model.get_model().mm_projector is a LlavaConnector but config.anchor_former records no settings; "
                 "attach to a stock LLaVA model (or one saved after attach_anchor_former) instead"
             )
+        if any(p.device.type == "meta" for p in inner.mm_projector.parameters()):
+            raise ValueError(
+                "model.get_model().mm_projector must hold its weights to attach (they are on the 'meta' device: "
+                "offloaded or not loaded), got parameters on 'meta'; attach before offloading the projector"
+            )
         connector, score, num_anchors, request = _requested(request, recorded, self.name)
         extras = dict(recorded.extras) if recorded else {}  # the stock model's strategy, kept from the first attach
         stock = {"select_feature": extras.get("select_feature", getattr(config, "mm_vision_select_feature", "patch")),
