@@ -224,7 +224,15 @@ class AnchorVisionTower(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.vision_tower.device
+        """Where the CLIP model computes: accelerate's execution device when it is offloaded (its parameters
+        then sit on ``meta``), else its parameters' device."""
+        device = self.vision_tower.device
+        if device.type == "meta":  # accelerate hooks the offloaded submodules, each with its execution device
+            for module in self.vision_tower.modules():
+                execution = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+                if execution is not None:
+                    return torch.device(execution)
+        return device
 
     @property
     def config(self) -> Any:
