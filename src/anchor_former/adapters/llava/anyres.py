@@ -45,6 +45,7 @@ from anchor_former.views import (
 
 __all__ = [
     "AnyresImageTokens", "anyres_class", "anyres_image_tokens", "anyres_inputs", "anyres_token_counts", "check_anyres",
+    "is_anchored_anyres",
 ]
 
 _MERGES = ("flat", "spatial", "spatial_unpad")
