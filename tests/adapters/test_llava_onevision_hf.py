@@ -321,3 +321,12 @@ def test_video_with_zero_frames_is_refused() -> None:
     assert frames.shape[0] == 0 and isinstance(frames, np.ndarray)
     with pytest.raises(ValueError, match="frame"):
         processor(text=["user <video> what"], videos=[frames], return_tensors="pt")
+
+
+def test_plain_list_image_sizes_are_accepted_like_the_stock_model() -> None:
+    stock, model, processor = stock_and_attached(**FULL)
+    inputs = image_inputs(processor, ((30, 90),))
+    listed = {**inputs, "image_sizes": inputs["image_sizes"].tolist()}
+    with torch.no_grad():
+        torch.testing.assert_close(model(**listed).logits, stock(**listed).logits, **TOL)
+        torch.testing.assert_close(model(**listed).logits, model(**inputs).logits, atol=0, rtol=0)

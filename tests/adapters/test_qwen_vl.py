@@ -362,3 +362,19 @@ def test_qwen3_deepstack_features_are_taken_at_the_kept_tokens() -> None:
     for layer_out, layer_full in zip(out.deepstack_features, full.deepstack_features):
         for kept, idx, everything in zip(layer_out, out.kept_indices, layer_full):
             torch.testing.assert_close(kept, everything[idx], rtol=0, atol=0)
+
+
+def test_kept_tokens_of_a_call() -> None:
+    """``kept_tokens(model, **inputs)``: per image, the kept merged tokens (top-K scores, ascending), the same
+    indices the call's forward used."""
+    from anchor_former.adapters.transformers import kept_tokens
+
+    _, reduced, processor = stock_and_attached("qwen2_vl", 2)
+    inputs = inputs_for(processor)
+    kept = kept_tokens(reduced, **inputs)
+    assert [k.numel() for k in kept] == [2, 2]
+    with torch.no_grad():
+        out = reduced(**inputs)
+    for got, used in zip(kept, out.image_outputs.kept_indices):
+        torch.testing.assert_close(got, used, atol=0, rtol=0)
+        assert bool((got[1:] > got[:-1]).all())

@@ -209,3 +209,30 @@ def test_bfloat16_model() -> None:
     with torch.no_grad():
         logits = model(**inputs).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+# --- the kept tokens of a call ----------------------------------------------------------------------------
+
+
+def test_kept_tokens_are_the_anchors_of_the_call_and_plot(attached) -> None:
+    """``kept_tokens(model, **inputs)``: the anchors of the tower's own eager [CLS] attention, per image, as
+    data of this call; ``plot_anchors`` draws them."""
+    from anchor_former.adapters.transformers import kept_tokens
+
+    model, processor, _ = attached
+    inputs = inputs_for(processor)
+    kept = kept_tokens(model, **inputs)
+    tower = copy.deepcopy(model.model.vision_tower)
+    tower.set_attn_implementation("eager")
+    with torch.no_grad():
+        reference = anchor_search(tower(inputs["pixel_values"], output_attentions=True).attentions[-2][:, :, 0], K)
+    assert len(kept) == 2
+    torch.testing.assert_close(torch.stack(kept), reference, atol=0, rtol=0)
+    pytest.importorskip("matplotlib", reason="plot_anchors needs matplotlib")
+    from anchor_former.viz import plot_anchors
+
+    side = IMAGE // PATCH
+    figure = plot_anchors(kept[0], grid_size=(side, side), image=inputs["pixel_values"][0])
+    assert len(figure.axes) >= 1
+    with pytest.raises(ValueError, match="model must be attached with attach_anchor_former"):
+        kept_tokens(make_model(make_processor()), **inputs)

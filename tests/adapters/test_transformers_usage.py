@@ -174,7 +174,7 @@ def test_reattach_carries_the_connector_weights_over() -> None:
 
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"connector": "perceiver", "num_queries": 6}, r"connector must stay 'acformer' when re-attaching.*got 'perceiver'"),
-    ({"num_anchors": 4, "depth": 3}, r"architecture must stay the same: .*missing keys \['layers\.2\."),
+    ({"num_anchors": 4, "depth": 3}, r"architecture must stay the same \(attached now: connector='acformer', num_anchors=8.*\): .*missing keys \['layers\.2\."),
 ])
 def test_reattach_that_would_discard_weights_is_refused(kwargs, match) -> None:
     processor = make_processor()

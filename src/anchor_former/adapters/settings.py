@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CONFIG_KEY", "SETTINGS_VERSION", "AnchorSettings"]
+__all__ = ["CONFIG_KEY", "SETTINGS_VERSION", "AnchorSettings", "normalise"]
 
 #: the config attribute (and ``config.json`` key) holding :meth:`AnchorSettings.to_dict`
 CONFIG_KEY = "anchor_former"
@@ -99,6 +99,8 @@ class AnchorSettings:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"unknown {CONFIG_KEY} settings keys {unknown} for version {version}; known: {sorted(names)}")
+        if data.get("connector") is None:
+            raise ValueError(f"{CONFIG_KEY} settings must name the connector, got {data!r}")
         return cls(**data)
 
     def replace(self, **changes: Any) -> AnchorSettings:
@@ -110,6 +112,22 @@ class AnchorSettings:
         """The settings recorded in ``config`` (a transformers or LLaVA config), or None if it has none."""
         data = getattr(config, CONFIG_KEY, None)
         return None if data is None else cls.from_dict(data)
+
+
+def normalise(config: Any) -> dict[str, Any]:
+    """Rewrite ``config.anchor_former`` as the current version's dict (checked; a version-0 record is
+    converted) and return it. Models call this once when they are built, so their forward reads plain dict
+    entries (which ``torch.compile`` traces) instead of parsing the record per call.
+
+    Raises:
+        ValueError: the config has no settings, or :meth:`AnchorSettings.from_dict` refuses them.
+    """
+    settings = AnchorSettings.of(config)
+    if settings is None:
+        raise ValueError(f"config.{CONFIG_KEY} must hold the attached model's settings; build the model with "
+                         "attach_anchor_former")
+    setattr(config, CONFIG_KEY, settings.to_dict())
+    return getattr(config, CONFIG_KEY)
 
 
 def _from_version_0(data: dict[str, Any]) -> dict[str, Any]:

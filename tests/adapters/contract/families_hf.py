@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
-import torch
-from transformers import AutoProcessor, LlavaProcessor
-
 import _hf_llava as llava
 import _hf_llava_next as llava_next
 import _hf_llava_onevision as onevision
 import _hf_qwen as qwen
+import numpy as np
+import torch
+from family import Family
+from transformers import AutoProcessor, LlavaProcessor
+
 from anchor_former.adapters.hf import llava as hf_llava
 from anchor_former.adapters.hf import llava_next as hf_next
 from anchor_former.adapters.hf import llava_onevision as hf_onevision
 from anchor_former.adapters.hf import qwen_vl as hf_qwen
-from family import Family
 
 CONNECTOR = {"depth": 1, "heads": 2, "dim_head": 8}
 

@@ -83,7 +83,12 @@ class TransformersHost(Host):
     def register(cls, processors: dict[type, type] | None = None) -> None:
         """Register the attached classes with the Auto classes (``AutoConfig``, ``AutoModel``,
         ``AutoModelForImageTextToText``, ``AutoProcessor`` with ``processors[stock]``); idempotent."""
-        from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+        from transformers import (
+            AutoConfig,
+            AutoModel,
+            AutoModelForImageTextToText,
+            AutoProcessor,
+        )
 
         for stock, (config_class, inner_class, outer_class) in cls.classes.items():
             AutoConfig.register(config_class.model_type, config_class, exist_ok=True)

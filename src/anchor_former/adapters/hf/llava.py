@@ -49,7 +49,7 @@ from anchor_former.adapters._anchors import anchor_kwargs
 from anchor_former.adapters._host import Plan, attach, merge_recorded
 from anchor_former.adapters._probed import probed_forward
 from anchor_former.adapters.hf._base import AnchorImageOutput, TransformersHost
-from anchor_former.adapters.settings import AnchorSettings
+from anchor_former.adapters.settings import AnchorSettings, normalise
 from anchor_former.probes.base import AttentionProbe, EncoderSpec, Score, detect_encoder
 
 __all__ = [
@@ -86,12 +86,11 @@ def constructor_kwargs(connector: str, config: dict[str, Any]) -> dict[str, Any]
 
 
 def recorded_connector(config: Any, **dd: Any) -> nn.Module:
-    """The connector ``config.anchor_former`` records, freshly built (``from_pretrained`` then loads its weights)."""
+    """The connector ``config.anchor_former`` records, freshly built (``from_pretrained`` then loads its weights);
+    the record is normalised to the current version on the way."""
     from anchor_former.connectors.registry import build_connector
 
-    settings = AnchorSettings.of(config)
-    if settings is None:
-        raise ValueError("config.anchor_former must hold the attached model's settings; build the model with attach_anchor_former")
+    settings = AnchorSettings.from_dict(normalise(config))
     return build_connector(settings.connector, int(config.vision_config.hidden_size), int(config.text_config.hidden_size),
                            **constructor_kwargs(settings.connector, settings.connector_config), **dd)
 
@@ -123,7 +122,7 @@ def probed_features(self: nn.Module, pixel_values: torch.Tensor, layer: Any, **k
     kwargs.pop("return_dict", None)
     layer = single_layer(self.config.vision_feature_layer if layer is None else layer)
     tower = self.vision_tower
-    score = AnchorSettings.of(self.config).score
+    score = self.config.anchor_former["score"]  # a plain dict read (normalised at build): traceable
     output, probe = probed_forward(tower, lambda: tower(pixel_values, return_dict=True, **kwargs),
                                    layer=layer, score=score)
     return output, probe.features, probe.scores

@@ -46,13 +46,23 @@ from typing import Any, ClassVar
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextModel, LlavaNextProcessor
+from transformers import (
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextModel,
+    LlavaNextProcessor,
+)
 from transformers.models.llava_next.modeling_llava_next import LlavaNextPreTrainedModel
 from transformers.utils.generic import can_return_tuple
 
 from anchor_former.adapters._host import Plan, attach
 from anchor_former.adapters.hf._base import AnchorImageOutput
-from anchor_former.adapters.hf.llava import LlavaHost, probed_features, recorded_connector, run_connector
+from anchor_former.adapters.hf.llava import (
+    LlavaHost,
+    probed_features,
+    recorded_connector,
+    run_connector,
+)
 from anchor_former.adapters.settings import AnchorSettings
 from anchor_former.probes.base import EncoderSpec, Score
 from anchor_former.views import (
@@ -164,11 +174,11 @@ class AnchorFormerLlavaNextModel(LlavaNextModel):
             tensors ``(T_i, llm_dim)``, T_i from :func:`anyres_token_count`; ``kept_indices`` for the trained
             anchor connectors: per image ``(V_i, K)`` anchor token indices of each view (else None).
         """
-        settings = AnchorSettings.of(self.config)
+        settings = self.config.anchor_former  # a plain dict (normalised at build): traceable
         views = [views_of(self.config, size) for size in image_sizes_list(image_sizes)]
         counts = [v.num_views for v in views]
         output, features, scores = self._probed(concat_views(pixel_values, counts), vision_feature_layer, **kwargs)
-        tokens, connector = settings.extras["anyres"], self.multi_modal_projector
+        tokens, connector = settings["extras"]["anyres"], self.multi_modal_projector
         images, kept, start = [], [], 0
         for image_views, n in zip(views, counts):
             f, sc = features[start : start + n], scores[start : start + n]  # this image's V views

@@ -66,12 +66,17 @@ from transformers import (
     LlavaOnevisionProcessor,
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionPreTrainedModel
+from transformers.models.llava_onevision.modeling_llava_onevision import (
+    LlavaOnevisionPreTrainedModel,
+)
 from transformers.utils.generic import can_return_tuple
 
 from anchor_former.adapters._host import Plan, attach
-from anchor_former.adapters.hf._base import AnchorImageOutput
-from anchor_former.adapters.hf.llava import probed_features, recorded_connector, run_connector
+from anchor_former.adapters.hf.llava import (
+    probed_features,
+    recorded_connector,
+    run_connector,
+)
 from anchor_former.adapters.hf.llava_next import (
     LlavaNextHost,
     anyres_token_count,
@@ -257,7 +262,7 @@ class AnchorFormerLlavaOnevisionModel(LlavaOnevisionModel):
             multi = [int(n) != 1 for n in batch_num_images for _ in range(int(n))]
         counts = [1 if m else v.num_views for v, m in zip(views, multi)]
         output, features, scores = self._probed(concat_views(pixel_values, counts), vision_feature_layer, **kwargs)
-        tokens, connector = AnchorSettings.of(self.config).extras["anyres"], self.multi_modal_projector
+        tokens, connector = self.config.anchor_former["extras"]["anyres"], self.multi_modal_projector
         prefix = int(connector.num_prefix_tokens) if hasattr(connector, "num_prefix_tokens") else 0
         newline = self.image_newline
         images, start = [], 0
@@ -314,7 +319,7 @@ class AnchorFormerLlavaOnevisionModel(LlavaOnevisionModel):
             )
         b, frames = pixel_values_videos.shape[:2]
         output, features, scores = self._probed(pixel_values_videos.flatten(0, 1), vision_feature_layer, **kwargs)
-        connector, video = self.multi_modal_projector, AnchorSettings.of(self.config).extras["video"]
+        connector, video = self.multi_modal_projector, self.config.anchor_former["extras"]["video"]
         if video["layout"] == "selected":
             prefix = int(connector.num_prefix_tokens)
             pooled = self.apply_pooling(connector.projector(features[:, prefix:]))  # (B F, n', L), the stock pooling

@@ -62,10 +62,6 @@ import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import (
-    Qwen3VLConfig,
-    Qwen3VLForConditionalGeneration,
-    Qwen3VLModel,
-    Qwen3VLProcessor,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLModel,
@@ -74,6 +70,10 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
     Qwen2VLModel,
     Qwen2VLProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLModel,
+    Qwen3VLProcessor,
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils.generic import can_return_tuple
@@ -82,21 +82,21 @@ from transformers.vision_utils import get_vision_window_index
 from anchor_former.adapters._host import Plan, attach
 from anchor_former.adapters._probed import hooked_forward
 from anchor_former.adapters.hf._base import TransformersHost
-from anchor_former.adapters.settings import AnchorSettings
+from anchor_former.adapters.settings import AnchorSettings, normalise
 from anchor_former.probes.scores import DEFAULT_BLOCK_SIZE, received_attention
 
 __all__ = [
-    "AnchorFormerQwen3VLConfig",
-    "AnchorFormerQwen3VLForConditionalGeneration",
-    "AnchorFormerQwen3VLModel",
     "AnchorFormerQwen2VLConfig",
     "AnchorFormerQwen2VLForConditionalGeneration",
     "AnchorFormerQwen2VLModel",
+    "AnchorFormerQwen2VLProcessor",
     "AnchorFormerQwen2_5_VLConfig",
     "AnchorFormerQwen2_5_VLForConditionalGeneration",
     "AnchorFormerQwen2_5_VLModel",
     "AnchorFormerQwen2_5_VLProcessor",
-    "AnchorFormerQwen2VLProcessor",
+    "AnchorFormerQwen3VLConfig",
+    "AnchorFormerQwen3VLForConditionalGeneration",
+    "AnchorFormerQwen3VLModel",
     "AnchorFormerQwen3VLProcessor",
     "QwenHost",
     "QwenVisionSelectOutput",
@@ -225,21 +225,23 @@ class _QwenSelectMixin:
     #: Qwen3-VL writes each video step as its own run (timestamp text between steps).
     _splits_video_steps = False
 
-    def _settings(self) -> AnchorSettings:
-        settings = AnchorSettings.of(self.config)
-        if settings is None or settings.num_anchors is None or settings.layer is None:
-            raise ValueError(
-                f"config.anchor_former must hold num_anchors and the score layer, got {settings!r}; build the model "
-                "with attach_anchor_former"
-            )
-        return settings
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)  # type: ignore[call-arg]
+        settings = normalise(config)
+        if settings["num_anchors"] is None or settings["layer"] is None:
+            raise ValueError(f"config.anchor_former must hold num_anchors and the score layer, got {settings!r}; "
+                             "build the model with attach_anchor_former")
+
+    def _settings(self) -> dict[str, Any]:
+        """The settings record as a plain dict (normalised at build, so ``torch.compile`` traces the reads)."""
+        return self.config.anchor_former
 
     def _select(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, what: str) -> QwenVisionSelectOutput:
         """One tower forward with the score hook, then the kept merged tokens of each item."""
         settings = self._settings()
         visual = self.visual
         merge = visual.spatial_merge_size
-        budget = settings.num_anchors
+        budget = settings["num_anchors"]
         counts = [_kept_count(budget, g, merge, f"{what} {i}") for i, g in enumerate(grid_thw)]  # checked first
         captured: list[torch.Tensor] = []  # this call's only: the hook exists for this forward alone
 
@@ -247,11 +249,11 @@ class _QwenSelectMixin:
             hidden = args[0] if args else kwargs["hidden_states"]
             captured.append(merged_token_scores(
                 module, hidden, kwargs["cu_seqlens"], kwargs["position_embeddings"],
-                merge_unit=merge * merge, block_size=int(settings.extras.get("block_size", DEFAULT_BLOCK_SIZE)),
+                merge_unit=merge * merge, block_size=int(settings["extras"].get("block_size", DEFAULT_BLOCK_SIZE)),
             ))
 
         out = hooked_forward(visual, lambda: visual(pixel_values.type(visual.dtype), grid_thw=grid_thw),
-                             pre_hooks={visual.blocks[int(settings.layer)].attn: hook})
+                             pre_hooks={visual.blocks[int(settings["layer"])].attn: hook})
         if len(captured) != 1:
             raise ValueError(f"the score block ran {len(captured)} times in one vision forward, expected once")
         scores = captured[0]  # (sum n_i,) in the tower's internal order
@@ -373,7 +375,7 @@ class _QwenSelectMixin:
                 if idx.numel() != length or length > full.shape[1]:
                     raise ValueError(
                         f"input_ids must hold the {idx.numel()} kept {name} tokens of grid {tuple(int(v) for v in grid)} "
-                        f"(num_anchors={self._settings().num_anchors}), got a run of {length}; "
+                        f"(num_anchors={self._settings()['num_anchors']}), got a run of {length}; "
                         "prepare inputs with the processor passed to attach_anchor_former_qwen / attach_qwen_processor"
                     )
                 pieces.append(full[:, idx])
