@@ -49,7 +49,7 @@ echo "== LLaVA test environment ($LLAVA_VENV)" >&2
 [ -x "$LLAVA_VENV/bin/python" ] || "$PYTHON" -m venv "$LLAVA_VENV"
 pip_q "$LLAVA_VENV/bin/pip" install -q $LLAVA_TORCH
 pip_q "$LLAVA_VENV/bin/pip" install -q "transformers==4.37.2" "tokenizers<0.19" einops pillow "pytest>=7" "hypothesis>=6.80" safetensors \
-    "accelerate==0.34.2" sentencepiece
+    "accelerate==0.34.2" sentencepiece "peft==0.11.1"  # peft: the last release that imports on transformers 4.37
 # LLaVA's trainer imports deepspeed when it saves (maybe_zero_3); pure-Python install, no CUDA ops built
 # (about 40 s, 21 MB; imports on CPU). accelerate < 1.0: transformers 4.37's Trainer passes arguments 1.0 removed.
 DS_BUILD_OPS=0 pip_q "$LLAVA_VENV/bin/pip" install -q "deepspeed==0.19.8"

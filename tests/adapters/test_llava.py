@@ -23,6 +23,7 @@ from _llava_torch import (  # noqa: E402
     PATCH,
     VISION_DIM,
     images,
+    llava_config,
     make_model,
     prompt,
     save_tiny_tower,
@@ -83,8 +84,11 @@ def test_build_vision_projector_matches_llava_modules_and_keys(projector_type) -
 
 
 def test_build_vision_projector_acformer_from_config_keys() -> None:
+    from anchor_former.adapters.settings import AnchorSettings
+
+    settings = AnchorSettings(connector="acformer", connector_config={"num_anchors": K, **CONNECTOR}, num_anchors=K)
     config = types.SimpleNamespace(mm_projector_type="acformer", mm_hidden_size=VISION_DIM, hidden_size=LLM_DIM,
-                                   mm_connector_config={"num_anchors": K, **CONNECTOR})
+                                   anchor_former=settings.to_dict())
     projector = build_vision_projector(config)
     assert isinstance(projector, LlavaConnector) and isinstance(projector.connector, AnchorFormer)
     assert projector.connector.config.num_anchors == K and projector.connector.config.depth == 2
@@ -111,7 +115,9 @@ def test_enable_swaps_modules_keeps_tower_keys_and_warm_starts_mlp(tower_dir) ->
     for k, v in inner.mm_projector.connector.projector.state_dict().items():
         torch.testing.assert_close(v, old_mlp[k], atol=0, rtol=0)
     assert model.config.mm_projector_type == "acformer"
-    assert model.config.mm_connector_config["num_anchors"] == K and model.config.mm_vision_select_feature == "cls_patch"
+    settings = model.config.anchor_former
+    assert settings["connector_config"]["num_anchors"] == K and settings["extras"]["select_feature"] == "patch"
+    assert model.config.mm_vision_select_feature == "patch"  # the stock value stays
     # the recorded config rebuilds the same connector
     rebuilt = build_vision_projector(model.config)
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in inner.mm_projector.state_dict().items()}
@@ -285,15 +291,14 @@ def test_reference_acformer_checkpoint_loads_into_the_llava_model(tower_dir, tmp
 
 def test_save_pretrained_then_rebuild_and_load(tower_dir, tmp_path) -> None:
     """The documented reload of a whole saved model: LLaVA's own builder does not know 'acformer', so
-    load with the base projector type, re-enable with the recorded settings, then load the weights."""
+    load with the base projector type, attach (the recorded settings), then load the weights."""
     trained = enabled(tower_dir)
     for p in trained.get_model().mm_projector.parameters():
         nn.init.normal_(p, std=0.2)
     trained.save_pretrained(tmp_path)
     model = LlavaLlamaForCausalLM.from_pretrained(tmp_path, mm_projector_type="mlp2x_gelu").eval()
     model.get_vision_tower().load_model()
-    settings = dict(model.config.mm_connector_config)
-    attach_anchor_former(model, **settings)
+    attach_anchor_former(model)
     assert load_projector_weights(model, tmp_path / "model.safetensors") == "anchor_former"
     ids, pixel_values = prompt(2), images(2)
     with torch.no_grad():
@@ -311,3 +316,53 @@ def test_baseline_connectors_through_the_same_switch(tower_dir, connector) -> No
     with torch.no_grad():
         logits = model(input_ids=ids, images=images(2)).logits
     assert logits.shape[1] == ids.shape[1] - 1 + projector.num_output_tokens(1 + NUM_PATCHES)
+
+
+def snapshot(model) -> tuple:
+    """Everything a failed attach must leave as it was: class, modules, config, every tensor."""
+    inner = model.get_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return type(model), inner.vision_tower, inner.mm_projector, model.config.to_dict(), state
+
+
+def assert_unchanged(model, before: tuple) -> None:
+    cls, tower, projector, config, state = before
+    inner = model.get_model()
+    assert (type(model), inner.vision_tower, inner.mm_projector) == (cls, tower, projector)
+    assert model.config.to_dict() == config
+    now = model.state_dict()
+    assert sorted(now) == sorted(state)
+    for key, value in state.items():
+        torch.testing.assert_close(now[key], value, atol=0, rtol=0, msg=key)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"num_anchors": K, "depht": 2},
+     r"keyword arguments must be arguments of the 'acformer' connector, got \[.*'depht'.*unexpected keyword argument 'depht'"),
+    ({"num_anchors": K, "image_budget": 10}, r"image_budget needs config\.image_aspect_ratio='anyres', got None"),
+    ({"num_anchors": K, "connector": "select", "init_projector": "yes"}, r"init_projector must be a bool, got 'yes'"),
+    ({"num_anchors": 0}, r"num_anchors must be an integer >= 1, got 0"),
+])
+def test_failed_attach_leaves_model_and_config_bit_identical(tower_dir, kwargs, match) -> None:
+    """Before: an unknown connector argument or image_budget raised TypeError, init_projector='yes' was taken
+    as True, num_anchors=0 was not refused as such."""
+    model = make_model(tower_dir)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        attach_anchor_former(model, **kwargs)
+    assert_unchanged(model, before)
+
+
+def test_failed_attach_leaves_a_delay_loaded_tower_unloaded(tower_dir) -> None:
+    """Planning loads a delay-loaded CLIP tower (as LLaVA does on first use); a failed attach unloads it
+    again. Before: the tower stayed loaded (the state dict gained its weights)."""
+    torch.manual_seed(0)
+    model = LlavaLlamaForCausalLM(llava_config(tower_dir)).eval()  # LLaVA delays loading the CLIP weights
+    assert not model.get_vision_tower().is_loaded
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"num_anchors must be at most the {NUM_PATCHES} patch tokens"):
+        attach_anchor_former(model, num_anchors=NUM_PATCHES + 1)
+    assert not model.get_vision_tower().is_loaded
+    assert_unchanged(model, before)
+    attach_anchor_former(model, num_anchors=K, **CONNECTOR)  # and a good attach then loads it
+    assert model.get_vision_tower().is_loaded

@@ -17,9 +17,12 @@ from _llava_torch import CONNECTOR, LLM_DIM, NUM_PATCHES, make_model, prompt, sa
 from llava.mm_utils import process_images  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM  # noqa: E402
+
 from anchor_former import SelectConnector, anchor_search  # noqa: E402
-from anchor_former.adapters.llava import enable_anchor_former  # noqa: E402
+from anchor_former.adapters.llava import attach_anchor_former, load_projector_weights  # noqa: E402
 from anchor_former.adapters.llava.anyres import anyres_token_counts  # noqa: E402
+from anchor_former.adapters.llava.registration import register_with_llava, unregister_from_llava  # noqa: E402
 
 TOL = {"atol": 1e-5, "rtol": 0}  # fp32
 # LLaVA-NeXT's five pinpoints scaled to 28-px views, as LLaVA writes them: [width, height]
@@ -57,7 +60,7 @@ def logits(model, ids, images, sizes) -> torch.Tensor:
 @pytest.mark.parametrize("merge", MERGES)
 def test_full_budget_equals_the_stock_model(tower_dir, merge) -> None:
     stock = anyres_model(tower_dir, merge)
-    reduced = enable_anchor_former(copy.deepcopy(stock), connector="select", num_anchors=NUM_PATCHES)
+    reduced = attach_anchor_former(copy.deepcopy(stock), connector="select", num_anchors=NUM_PATCHES)
     assert isinstance(reduced.get_model().mm_projector.connector, SelectConnector)
     assert type(reduced).__name__ == type(stock).__name__ and type(reduced) is not type(stock)
     ids, images = prompt(2), views_of(stock, SIZES)
@@ -83,7 +86,7 @@ def test_full_budget_identity_catches_swapped_crops(tower_dir) -> None:
      {"connector": "acformer", "num_anchors": 4, **CONNECTOR}],
 )
 def test_token_counts_over_the_size_sweep(tower_dir, merge, kwargs) -> None:
-    model = enable_anchor_former(anyres_model(tower_dir, merge), **kwargs)
+    model = attach_anchor_former(anyres_model(tower_dir, merge), **kwargs)
     images = views_of(model, SWEEP)
     ids = prompt(len(SWEEP))
     with torch.no_grad():
@@ -108,7 +111,7 @@ def test_reduced_budget_keeps_only_each_views_anchors(tower_dir) -> None:
     rows, candidates = the unpadded patches), in the stock order, with every grid row's newline."""
     k = 5  # SIZES[0]: 1 x 3 crops; grid rows 2..4 of 7 survive unpadding
     stock = anyres_model(tower_dir, "spatial_unpad")
-    model = enable_anchor_former(copy.deepcopy(stock), connector="select", num_anchors=k)
+    model = attach_anchor_former(copy.deepcopy(stock), connector="select", num_anchors=k)
     ids, images = prompt(1), views_of(stock, SIZES[:1])
     with torch.no_grad():
         *_, full, _ = stock.prepare_inputs_labels_for_multimodal(ids, None, None, None, None, images, SIZES[:1])
@@ -130,7 +133,7 @@ def test_reduced_budget_keeps_only_each_views_anchors(tower_dir) -> None:
 
 
 def test_generate_with_image_sizes(tower_dir) -> None:
-    model = enable_anchor_former(anyres_model(tower_dir, "spatial_unpad"), connector="select", num_anchors=4)
+    model = attach_anchor_former(anyres_model(tower_dir, "spatial_unpad"), connector="select", num_anchors=4)
     ids = prompt(1)
     images = views_of(model, SIZES[:1])
     out = model.generate(ids, images=images, image_sizes=SIZES[:1], max_new_tokens=3, min_new_tokens=3,
@@ -162,8 +165,77 @@ def test_bad_input_changes_nothing(tower_dir, overrides, kwargs, match) -> None:
     modules = (model.get_model().vision_tower, model.get_model().mm_projector, type(model))
     config = model.config.to_dict()
     with pytest.raises(ValueError, match=match):
-        enable_anchor_former(model, **kwargs)
+        attach_anchor_former(model, **kwargs)
     assert (model.get_model().vision_tower, model.get_model().mm_projector, type(model)) == modules
     assert model.config.to_dict() == config
     if not overrides:
         assert torch.isfinite(logits(model, ids, images, SIZES)).all()
+
+
+# --- save -> reload, by hand, re-attach ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def registered():
+    register_with_llava()
+    yield
+    unregister_from_llava()
+
+
+def perturb(module: torch.nn.Module) -> None:
+    """Values no initialisation would give, so a reload that re-initialises shows."""
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+
+
+RELOADS = [
+    ("spatial", {"connector": "select", "num_anchors": 6}),
+    ("spatial_unpad", {"connector": "select", "num_anchors": 6}),
+    ("flat", {"connector": "select", "num_anchors": 6, "image_budget": 11}),
+    ("spatial_unpad", {"connector": "acformer", "num_anchors": 4, **CONNECTOR}),
+]
+
+
+@pytest.mark.parametrize(("merge", "kwargs"), RELOADS)
+def test_saved_folder_reloads_with_its_settings(tower_dir, tmp_path, registered, merge, kwargs) -> None:
+    """``from_pretrained`` after ``register_with_llava()`` gives the saved model: same settings, same logits.
+    Before: ``spatial`` / ``spatial_unpad`` raised a bare AssertionError in LLaVA's merge, and ``flat``
+    dropped ``image_budget`` (36 image tokens instead of 17)."""
+    model = attach_anchor_former(anyres_model(tower_dir, merge), **kwargs)
+    perturb(model.get_model().mm_projector)
+    model.save_pretrained(tmp_path)
+    loaded = LlavaLlamaForCausalLM.from_pretrained(tmp_path).eval()
+    loaded.get_vision_tower().load_model()
+    assert loaded.config.anchor_former == model.config.anchor_former
+    assert loaded.config.mm_vision_select_feature == "patch"
+    ids, images = prompt(2), views_of(model, SIZES)
+    want = logits(model, ids, images, SIZES)
+    assert want.shape[1] == ids.shape[1] - 1 + max(anyres_token_counts(model, SIZES))
+    torch.testing.assert_close(logits(loaded, ids, images, SIZES), want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("merge", MERGES)
+def test_by_hand_reload_and_reattach_keep_the_settings(tower_dir, tmp_path, merge) -> None:
+    """Plain llava-torch: ``from_pretrained(dir, mm_projector_type=...)``, ``attach_anchor_former(model)``
+    (the recorded settings), ``load_projector_weights``; then a re-attach keeps ``image_budget`` unless
+    given. Before: both attaches were refused (the first attach had written
+    ``mm_vision_select_feature='cls_patch'`` into the config)."""
+    model = attach_anchor_former(anyres_model(tower_dir, merge), connector="select", num_anchors=6, image_budget=11)
+    assert model.config.mm_vision_select_feature == "patch"
+    model.save_pretrained(tmp_path)
+    loaded = LlavaLlamaForCausalLM.from_pretrained(tmp_path, mm_projector_type="mlp2x_gelu").eval()
+    loaded.get_vision_tower().load_model()
+    attach_anchor_former(loaded)
+    load_projector_weights(loaded, tmp_path / "model.safetensors")
+    assert loaded.config.anchor_former == model.config.anchor_former
+    ids, images = prompt(2), views_of(model, SIZES)
+    torch.testing.assert_close(logits(loaded, ids, images, SIZES), logits(model, ids, images, SIZES), atol=0, rtol=0)
+
+    attach_anchor_former(loaded, num_anchors=4)
+    assert loaded.config.anchor_former["extras"]["image_budget"] == 11 and loaded.config.anchor_former["num_anchors"] == 4
+    attach_anchor_former(loaded, image_budget=None)  # per view again, K = 4 kept
+    fresh = attach_anchor_former(anyres_model(tower_dir, merge), connector="select", num_anchors=4)
+    assert anyres_token_counts(loaded, SWEEP) == anyres_token_counts(fresh, SWEEP)
+    torch.testing.assert_close(logits(loaded, ids, images, SIZES), logits(fresh, ids, images, SIZES), atol=0, rtol=0)

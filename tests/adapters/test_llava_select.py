@@ -19,7 +19,7 @@ from anchor_former import SelectConnector, anchor_search  # noqa: E402
 from anchor_former.adapters.llava import (  # noqa: E402
     LlavaConnector,
     build_vision_projector,
-    enable_anchor_former,
+    attach_anchor_former,
     load_projector_weights,
 )
 
@@ -41,7 +41,7 @@ def logits(model, ids, pixel_values, as_list: bool) -> torch.Tensor:
 @pytest.mark.parametrize("as_list", [False, True])
 def test_full_budget_equals_the_stock_model(tower_dir, as_list, select_feature) -> None:
     stock = make_model(tower_dir, mm_vision_select_feature=select_feature)
-    reduced = enable_anchor_former(copy.deepcopy(stock), connector="select", num_anchors=NUM_PATCHES)
+    reduced = attach_anchor_former(copy.deepcopy(stock), connector="select", num_anchors=NUM_PATCHES)
     connector = reduced.get_model().mm_projector.connector
     assert isinstance(connector, SelectConnector) and connector.config.include_cls == (select_feature == "cls_patch")
     ids, pixel_values = prompt(2), images(2)
@@ -53,7 +53,7 @@ def test_full_budget_equals_the_stock_model(tower_dir, as_list, select_feature) 
 def test_full_budget_identity_catches_a_dropped_token(tower_dir) -> None:
     """The tolerance bites: one patch fewer (and a context token in its place) changes the logits."""
     stock = make_model(tower_dir)
-    off = enable_anchor_former(copy.deepcopy(stock), connector="select", num_anchors=NUM_PATCHES - 1, num_context=1)
+    off = attach_anchor_former(copy.deepcopy(stock), connector="select", num_anchors=NUM_PATCHES - 1, num_context=1)
     ids, pixel_values = prompt(2), images(2)
     got, want = logits(off, ids, pixel_values, False), logits(stock, ids, pixel_values, False)
     assert got.shape == want.shape and (got - want).abs().max() > 1e-3
@@ -62,7 +62,7 @@ def test_full_budget_identity_catches_a_dropped_token(tower_dir) -> None:
 @pytest.mark.parametrize("as_list", [False, True])
 def test_reduced_budget_tokens_are_the_anchor_patches(tower_dir, as_list) -> None:
     k, m = 8, 3
-    model = enable_anchor_former(make_model(tower_dir), connector="select", num_anchors=k, num_context=m)
+    model = attach_anchor_former(make_model(tower_dir), connector="select", num_anchors=k, num_context=m)
     ids, pixel_values = prompt(2), images(2)
     with torch.no_grad():
         batch = list(pixel_values) if as_list else pixel_values
@@ -74,12 +74,13 @@ def test_reduced_budget_tokens_are_the_anchor_patches(tower_dir, as_list) -> Non
     assert embeds.shape == (2, ids.shape[1] - 1 + k + m, LLM_DIM)
     torch.testing.assert_close(embeds[:, 2 : 2 + k + m], expected, **TOL)
     assert model.config.mm_projector_type == "select"
-    assert model.config.mm_connector_config["num_anchors"] == k and model.config.mm_connector_config["num_context"] == m
+    settings = model.config.anchor_former
+    assert settings["num_anchors"] == k and settings["num_context"] == m and settings["connector_config"]["num_context"] == m
 
 
 def test_generate_and_no_new_parameters(tower_dir) -> None:
     stock = make_model(tower_dir)
-    model = enable_anchor_former(copy.deepcopy(stock), connector="select", num_anchors=6, num_context=2)
+    model = attach_anchor_former(copy.deepcopy(stock), connector="select", num_anchors=6, num_context=2)
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in stock.parameters())
     ids = prompt(1)
     out = model.generate(ids, images=images(1), max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
@@ -88,7 +89,7 @@ def test_generate_and_no_new_parameters(tower_dir) -> None:
 
 
 def test_norm_score(tower_dir) -> None:
-    model = enable_anchor_former(make_model(tower_dir), connector="select", num_anchors=5, score="norm")
+    model = attach_anchor_former(make_model(tower_dir), connector="select", num_anchors=5, score="norm")
     ids, pixel_values = prompt(2), images(2)
     with torch.no_grad():
         clip = model.get_model().vision_tower.vision_tower
@@ -106,14 +107,14 @@ def test_llava_mm_projector_file_loads_into_the_select_connector(tower_dir, tmp_
     torch.save({f"model.mm_projector.{k}": v for k, v in stock.get_model().mm_projector.state_dict().items()}, path)
     model = make_model(tower_dir)
     torch.nn.init.zeros_(model.get_model().mm_projector[0].weight)
-    enable_anchor_former(model, connector="select", num_anchors=NUM_PATCHES)
+    attach_anchor_former(model, connector="select", num_anchors=NUM_PATCHES)
     assert load_projector_weights(model, path) == "llava_mlp"
     ids, pixel_values = prompt(2), images(2)
     torch.testing.assert_close(logits(model, ids, pixel_values, False), logits(stock, ids, pixel_values, False), **TOL)
 
 
 def test_recorded_config_rebuilds_the_connector(tower_dir) -> None:
-    model = enable_anchor_former(make_model(tower_dir), connector="select", num_anchors=7, num_context=2)
+    model = attach_anchor_former(make_model(tower_dir), connector="select", num_anchors=7, num_context=2)
     rebuilt = build_vision_projector(model.config)
     assert isinstance(rebuilt, LlavaConnector) and rebuilt.connector.config == model.get_model().mm_projector.connector.config
 
@@ -137,7 +138,7 @@ def test_bad_input_changes_nothing(tower_dir, kwargs, match) -> None:
     modules = (model.get_model().vision_tower, model.get_model().mm_projector)
     config = model.config.to_dict()
     with pytest.raises(ValueError, match=match):
-        enable_anchor_former(model, connector="select", **kwargs)
+        attach_anchor_former(model, connector="select", **kwargs)
     assert (model.get_model().vision_tower, model.get_model().mm_projector) == modules
     assert model.config.to_dict() == config
     torch.testing.assert_close(logits(model, ids, pixel_values, False), before, rtol=0, atol=0)
@@ -148,14 +149,14 @@ def test_projector_the_package_does_not_know_is_refused(tower_dir) -> None:
     model.config.mm_projector_type = "qformer_custom"
     with pytest.raises(ValueError, match=r"connector='select' needs the model's projector to be LLaVA's 'linear' or "
                                          r"'mlp\{N\}x_gelu'.*got mm_projector_type='qformer_custom'"):
-        enable_anchor_former(model, connector="select", num_anchors=8)
-    model = enable_anchor_former(make_model(tower_dir), num_anchors=8, depth=1, heads=2, dim_head=8)
+        attach_anchor_former(model, connector="select", num_anchors=8)
+    model = attach_anchor_former(make_model(tower_dir), num_anchors=8, depth=1, heads=2, dim_head=8)
     with pytest.raises(ValueError, match="connector must stay 'acformer' when re-attaching.*got 'select'"):
-        enable_anchor_former(model, connector="select", num_anchors=8)
+        attach_anchor_former(model, connector="select", num_anchors=8)
 
 
 def test_padded_batch_equals_each_sample_alone(tower_dir) -> None:
-    model = enable_anchor_former(make_model(tower_dir), connector="select", num_anchors=6, num_context=2)
+    model = attach_anchor_former(make_model(tower_dir), connector="select", num_anchors=6, num_context=2)
     ids = prompt(2)
     ids[1, 5:] = 0  # sample 1 is 5 tokens long, right-padded with pad_token_id 0
     mask = ids != 0

@@ -120,7 +120,8 @@ def test_stage_1_stage_2_then_load_pretrained_model_generates(workdir, registere
     adapter = torch.load(workdir / "stage1" / "mm_projector.bin", weights_only=True)
     assert adapter and all(key.startswith("model.mm_projector.connector.") for key in adapter)
     config = json.loads((workdir / "stage1" / "config.json").read_text())
-    assert config["mm_projector_type"] == "acformer" and config["mm_connector_config"]["num_anchors"] == K
+    assert config["mm_projector_type"] == "acformer" and config["anchor_former"]["num_anchors"] == K
+    assert config["mm_vision_select_feature"] == "patch"  # LLaVA's own value: the tower reads every token itself
 
     run_llava_train(workdir, "tiny-llava-stage2", "--version", "v1",
                     "--pretrain_mm_mlp_adapter", str(workdir / "stage1" / "mm_projector.bin"))
@@ -161,7 +162,7 @@ def test_stage_2_loads_a_stage_1_adapter_that_llava_alone_rejects(workdir, regis
     model.get_model().initialize_vision_modules(model_args=arguments, fsdp=[])
     inner = model.get_model()
     assert isinstance(inner.vision_tower, AnchorVisionTower)
-    assert model.config.mm_vision_select_feature == "cls_patch" and model.config.mm_anchor_score == "cls"
+    assert model.config.mm_vision_select_feature == "patch" and model.config.anchor_former["score"] == "cls"
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(inner.mm_projector.connector.state_dict()[key], value, atol=0, rtol=0, msg=key)
 

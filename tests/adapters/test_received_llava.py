@@ -104,7 +104,7 @@ def test_llava_torch_uses_the_received_anchors(tower_dir, connector) -> None:
 
     extra = CONNECTOR if connector == "acformer" else {}
     model = attach_anchor_former(make_model(tower_dir), num_anchors=K, connector=connector, score="received", **extra)
-    assert model.config.mm_anchor_score == "received"
+    assert model.config.anchor_former["score"] == "received"
     pixel_values = images(2)
     clip = model.get_model().vision_tower.vision_tower
     features, received, cls_row = eager_scores(clip, pixel_values)

@@ -1,8 +1,7 @@
 """Drop-in adapters for host frameworks, one module per host.
 
 * :mod:`anchor_former.adapters.llava`: the original LLaVA code (``llava-torch``):
-  :func:`~anchor_former.adapters.llava.attach_anchor_former` (``enable_anchor_former`` is an alias),
-  ``build_vision_projector``.
+  :func:`~anchor_former.adapters.llava.attach_anchor_former`, ``build_vision_projector``.
 * :mod:`anchor_former.adapters.transformers`: transformers' LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision and
   Qwen2/2.5/3-VL: :func:`~anchor_former.adapters.transformers.attach_anchor_former`,
   :func:`~anchor_former.adapters.transformers.kept_tokens`.

@@ -14,10 +14,12 @@ keeps that code untouched and swaps the two modules:
   anchors, and the LLM sees ``num_anchors + 1`` tokens per image (AcFormer) or ``num_anchors +
   num_context`` (the training-free ``connector="select"``, which reuses the model's trained projector).
 
-:func:`attach_anchor_former` does the swap (``enable_anchor_former`` is the same function under its
-earlier name). Each tower forward builds its own probe and runs under a lock of the CLIP model, and
-eagerly under ``torch.compile`` (:mod:`anchor_former.adapters._probed`), so threads sharing one model and
-``torch.compile(model)`` work.
+:func:`attach_anchor_former` does the swap through the attach pipeline every host family shares
+(:mod:`anchor_former.adapters._host`: plan, build or carry over, record one
+:class:`~anchor_former.adapters.settings.AnchorSettings` in ``config.anchor_former``, install; a failed
+attach leaves model and config as they were). Each tower forward builds its own probe and runs under a
+lock of the CLIP model, and eagerly under ``torch.compile`` (:mod:`anchor_former.adapters._probed`), so
+threads sharing one model and ``torch.compile(model)`` work.
 
 The vision tower keeps LLaVA's attribute names (``vision_tower``, ``image_processor``, ``select_layer``,
 ``is_loaded``, ``config``, ...) so state-dict keys (``model.vision_tower.vision_tower.*``) and LLaVA's
@@ -36,9 +38,11 @@ import torch
 from torch import nn
 
 from anchor_former.adapters._anchors import anchor_kwargs
+from anchor_former.adapters._host import Host, Plan, attach, merge_recorded, restoring
 from anchor_former.adapters._probed import probed_forward
+from anchor_former.adapters.settings import CONFIG_KEY, AnchorSettings
 from anchor_former.checkpoint import Layout, load_connector_weights, save_state_dict
-from anchor_former.probes.base import AttentionProbe, Score, detect_encoder
+from anchor_former.probes import AttentionProbe, Score, detect_encoder
 
 __all__ = [
     "AnchorVisionTower",
@@ -46,14 +50,16 @@ __all__ = [
     "LlavaConnector",
     "attach_anchor_former",
     "build_vision_projector",
-    "enable_anchor_former",
     "load_projector_weights",
+    "recorded_settings",
     "register_with_llava",
     "save_projector_weights",
 ]
 
 _LLAVA_PROJECTORS = re.compile(r"^(linear|identity|mlp\d+x_gelu)$")
-#: config key holding the connector's constructor arguments (a JSON-serialisable dict)
+#: LLaVA's projector types with weights (what ``select`` reuses and AcFormer's output MLP copies)
+_LLAVA_MLPS = re.compile(r"^(linear|mlp\d+x_gelu)$")
+#: config key of an earlier release holding the connector's arguments (read for folders saved then)
 CONNECTOR_CONFIG_KEY = "mm_connector_config"
 
 
@@ -87,18 +93,17 @@ def build_vision_projector(config: Any, delay_load: bool = False, **kwargs: Any)
     * ``"linear"``, ``"mlp{N}x_gelu"``, ``"identity"``: exactly LLaVA's modules and state-dict keys
       (``nn.Linear``; ``nn.Sequential`` with linears at ``0, 2, ...``; no parameters), fed by LLaVA's own
       vision tower.
-    * ``"acformer"``, ``"avgpool"``, ``"cabstractor"``, ``"perceiver"``: a :class:`LlavaConnector`
-      around ``build_connector(mm_projector_type, mm_hidden_size, hidden_size, **mm_connector_config,
-      **kwargs)``. ``config.mm_connector_config`` (a dict, saved in ``config.json``) holds that
-      connector's own arguments, e.g. ``{"num_anchors": 144, "depth": 6, "heads": 8, "dim_head": 64,
-      "projector": "mlp2x_gelu"}`` for ``"acformer"`` (its ``connector`` / ``score`` entries, recorded
-      for :func:`attach_anchor_former`, are not constructor arguments and are skipped). These connectors need an
-      :class:`AnchorVisionTower` (see :func:`attach_anchor_former`).
+    * ``"acformer"``, ``"select"``, ``"avgpool"``, ``"cabstractor"``, ``"perceiver"``: a
+      :class:`LlavaConnector` around ``build_connector(mm_projector_type, mm_hidden_size, hidden_size,
+      **connector_config, **kwargs)``, where ``connector_config`` is the recorded settings' (``config.anchor_former``,
+      see :func:`recorded_settings`), e.g. ``{"num_anchors": 144, "depth": 6, "heads": 8, "dim_head": 64,
+      "projector": "mlp2x_gelu"}`` for ``"acformer"``. These connectors need an :class:`AnchorVisionTower`
+      (see :func:`attach_anchor_former`).
 
     Args:
         config: a LLaVA config (or any object with those attributes).
         delay_load: accepted for signature compatibility with LLaVA; unused.
-        **kwargs: override entries of ``mm_connector_config``.
+        **kwargs: override entries of the recorded ``connector_config``.
 
     Raises:
         ValueError: unknown ``mm_projector_type`` (the message lists the known ones).
@@ -116,11 +121,13 @@ def build_vision_projector(config: Any, delay_load: bool = False, **kwargs: Any)
         raise ValueError(
             f"config.mm_projector_type must be one of {_llava_projector_names()}, got {projector_type!r}"
         )
-    connector_kwargs = _constructor_kwargs({**dict(getattr(config, CONNECTOR_CONFIG_KEY, None) or {}), **kwargs})
+    settings = recorded_settings(config)
+    recorded = settings.connector_config if settings is not None else getattr(config, CONNECTOR_CONFIG_KEY, None)
+    connector_kwargs = {**_constructor_kwargs(recorded or {}), **kwargs}
     return LlavaConnector(build_connector(projector_type, vision_dim, llm_dim, **connector_kwargs))
 
 
-#: entries of ``mm_connector_config`` that are :func:`attach_anchor_former` arguments, not the connector's
+#: entries of an earlier release's ``mm_connector_config`` that were attach arguments, not the connector's
 _ATTACH_KEYS = ("connector", "score")
 
 
@@ -217,7 +224,15 @@ class AnchorVisionTower(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.vision_tower.device
+        """Where the CLIP model computes: accelerate's execution device when it is offloaded (its parameters
+        then sit on ``meta``), else its parameters' device."""
+        device = self.vision_tower.device
+        if device.type == "meta":  # accelerate hooks the offloaded submodules, each with its execution device
+            for module in self.vision_tower.modules():
+                execution = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+                if execution is not None:
+                    return torch.device(execution)
+        return device
 
     @property
     def config(self) -> Any:
@@ -253,198 +268,260 @@ def _llava_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return inner, tower
 
 
-@dataclass(frozen=True)
-class _Plan:
-    """What :func:`attach_anchor_former` checked and will build (nothing is changed while planning)."""
+def recorded_settings(config: Any) -> AnchorSettings | None:
+    """The :class:`~anchor_former.adapters.settings.AnchorSettings` a LLaVA config records, or None.
 
-    inner: nn.Module
-    tower: AnchorVisionTower
-    connector: str
-    score: Score
-    kwargs: dict[str, Any]  # the connector's constructor arguments (widths excluded)
-    previous: nn.Module | None  # the connector of an already switched model, whose weights carry over
-    init_projector: bool
-    anyres: bool = False  # LLaVA-NeXT views (image_aspect_ratio="anyres"): see .anyres
-    image_budget: int | None = None  # anyres + select: one budget per image, spread over its views
+    Reads ``config.anchor_former``; a folder saved by an earlier release (``mm_connector_config`` with
+    ``connector`` / ``score`` entries, ``mm_anchor_score``, ``mm_anyres_image_budget``) is read as the same
+    record. llava-torch's ``extras``: ``select_feature`` and ``projector_type`` (the stock model's
+    ``mm_vision_select_feature`` / ``mm_projector_type``) and ``image_budget`` (anyres ``select``).
+    """
+    settings = AnchorSettings.of(config)
+    legacy = getattr(config, CONNECTOR_CONFIG_KEY, None)
+    if settings is not None or not isinstance(legacy, Mapping) or "connector" not in legacy:
+        return settings
+    kwargs = _constructor_kwargs(legacy)
+    anyres = getattr(config, "image_aspect_ratio", None) == "anyres"
+    # earlier releases overwrote mm_vision_select_feature with "cls_patch"; only "select" kept the stock [CLS]
+    stock_cls = not anyres and legacy["connector"] == "select" and bool(kwargs.get("include_cls"))
+    extras = {"select_feature": "cls_patch" if stock_cls else "patch",
+              "projector_type": kwargs.get("projector", "linear")}
+    if anyres:
+        extras["image_budget"] = getattr(config, "mm_anyres_image_budget", None)
+    return AnchorSettings(
+        connector=legacy["connector"], connector_config=kwargs, score=legacy.get("score") or "cls",
+        layer=getattr(config, "mm_vision_select_layer", None), num_anchors=kwargs.get("num_anchors"),
+        num_context=int(kwargs.get("num_context", 0) or 0), include_cls=bool(kwargs.get("include_cls")),
+        extras=extras,
+    )
 
 
-def _plan(model: nn.Module, *, num_anchors: int, connector: str, score: Score, init_projector: bool,
-          kwargs: dict[str, Any]) -> _Plan:
-    """Validate the arguments against ``model``; raises ``ValueError`` before anything changes (a
-    delay-loaded CLIP tower is loaded, as LLaVA itself would on first use)."""
+class _LlavaTorch(Host):
+    """The llava-torch family of :func:`~anchor_former.adapters._host.attach` (LLaVA-1.5 and anyres)."""
+
+    name = "LLaVA (llava-torch)"
+
+    def check_model(self, model: nn.Module) -> None:
+        _llava_parts(model)
+
+    def recorded(self, model: nn.Module) -> AnchorSettings | None:
+        return recorded_settings(model.config)
+
+    def plan(self, model: nn.Module, processor: Any, request: dict[str, Any], recorded: AnchorSettings | None) -> Plan:
+        inner, tower = _llava_parts(model)
+        config = model.config
+        init_projector = request.pop("init_projector")
+        if not isinstance(init_projector, bool):
+            raise ValueError(f"init_projector must be a bool, got {init_projector!r}")
+        attached = isinstance(inner.mm_projector, LlavaConnector)
+        if attached and recorded is None:
+            raise ValueError(
+                "model.get_model().mm_projector is a LlavaConnector but config.anchor_former records no settings; "
+                "attach to a stock LLaVA model (or one saved after attach_anchor_former) instead"
+            )
+        if any(p.device.type == "meta" for p in inner.mm_projector.parameters()):
+            raise ValueError(
+                "model.get_model().mm_projector must hold its weights to attach (they are on the 'meta' device: "
+                "offloaded or not loaded), got parameters on 'meta'; attach before offloading the projector"
+            )
+        connector, score, num_anchors, request = _requested(request, recorded, self.name)
+        extras = dict(recorded.extras) if recorded else {}  # the stock model's strategy, kept from the first attach
+        stock = {"select_feature": extras.get("select_feature", getattr(config, "mm_vision_select_feature", "patch")),
+                 "projector_type": extras.get("projector_type", getattr(config, "mm_projector_type", "linear"))}
+        anyres = getattr(config, "image_aspect_ratio", None) == "anyres"  # LLaVA-NeXT views: see .anyres
+        merge = getattr(config, "mm_patch_merge_type", "flat") or "flat"
+        if merge != "flat" and not anyres:
+            raise ValueError(
+                f"config.mm_patch_merge_type must be 'flat' for attach_anchor_former (the connector's tokens are "
+                f"not a patch grid that LLaVA's spatial merge could tile), got {merge!r}"
+            )
+        if not getattr(tower, "is_loaded", True):
+            tower.load_model()  # as LLaVA itself would on first use; undone if the attach fails
+        new_tower = AnchorVisionTower(tower, score=score)  # raises for CLS-less + "cls", bad layer
+        if anyres:
+            from anchor_former.adapters.llava.anyres import check_anyres
+
+            stock["image_budget"] = check_anyres(config, connector, request, select_feature=stock["select_feature"],
+                                                 view_size=int(new_tower.config.image_size))
+        elif "image_budget" in request:
+            raise ValueError(f"image_budget needs config.image_aspect_ratio='anyres', got "
+                             f"{getattr(config, 'image_aspect_ratio', None)!r}")
+        if connector == "select" and not attached:
+            _check_select_source(inner.mm_projector, getattr(config, "mm_projector_type", "linear"), init_projector)
+        kwargs = _connector_kwargs(connector, num_anchors, score, request, new_tower, stock,
+                                   getattr(config, "mm_projector_type", "linear"))
+        return Plan(connector=connector, score=score, kwargs=kwargs, recorded=recorded,
+                    previous=inner.mm_projector.connector if attached else None,
+                    data={"inner": inner, "tower": new_tower, "init_projector": init_projector, "anyres": anyres,
+                          "extras": stock})
+
+    def build(self, model: nn.Module, plan: Plan) -> nn.Module:
+        """The new connector on the old projector's device and dtype; warm-started from the model's LLaVA
+        projector (``init_projector``) unless a re-attach carries the attached connector's weights over."""
+        from anchor_former.connectors.registry import build_connector
+
+        old_projector, config = plan.data["inner"].mm_projector, model.config
+        param = next(iter(old_projector.parameters()), None)
+        param = param if param is not None else next(iter(model.parameters()))
+        try:
+            new = build_connector(plan.connector, int(config.mm_hidden_size), int(config.hidden_size), **plan.kwargs,
+                                  device=param.device, dtype=param.dtype)
+        except TypeError as error:  # an argument the connector does not take
+            raise ValueError(
+                f"keyword arguments must be arguments of the {plan.connector!r} connector, got "
+                f"{sorted(plan.kwargs)}: {error}"
+            ) from error
+        tower = plan.data["tower"]
+        new.num_output_tokens(tower.num_patches + tower.num_prefix_tokens)  # budget checks, before any change
+        if plan.previous is None and plan.data["init_projector"]:
+            target = getattr(new, "projector", None)
+            if target is not None and _shapes(target) == _shapes(old_projector):
+                target.load_state_dict(old_projector.state_dict())
+            elif plan.connector == "select":
+                raise ValueError(
+                    f"connector='select' needs the model's {config.mm_projector_type} projector to fit a "
+                    f"{plan.kwargs['projector']} of width {config.mm_hidden_size} -> {config.hidden_size}; its "
+                    "parameters have other shapes"
+                )
+        return new
+
+    def settings(self, model: nn.Module, plan: Plan, connector: nn.Module | None) -> AnchorSettings:
+        conn_config = getattr(connector, "config", None)
+        kwargs = _constructor_kwargs(conn_config.to_dict() if hasattr(conn_config, "to_dict") else plan.kwargs)
+        if _LLAVA_PROJECTORS.match(plan.connector):
+            kwargs.pop("projector", None)
+        return AnchorSettings(
+            connector=plan.connector, connector_config=kwargs, score=plan.score,
+            layer=int(plan.data["tower"].select_layer), num_anchors=kwargs.get("num_anchors"),
+            num_context=int(kwargs.get("num_context", 0) or 0), include_cls=bool(kwargs.get("include_cls", False)),
+            extras=plan.data["extras"],
+        )
+
+    def install(self, model: nn.Module, settings: AnchorSettings, plan: Plan, connector: nn.Module | None) -> None:
+        inner, tower, config = plan.data["inner"], plan.data["tower"], model.config
+        if not getattr(connector, "uses_anchors", False):
+            tower.score = None  # the connector ignores anchors: skip the probe's attention row
+        inner.vision_tower = [tower] if isinstance(getattr(inner, "vision_tower", None), list) else tower  # FSDP: a list
+        inner.mm_projector = LlavaConnector(connector)
+        config.mm_projector_type = settings.connector  # LLaVA's builder (after register_with_llava) rebuilds it
+        setattr(config, CONFIG_KEY, settings.to_dict())
+        config.mm_vision_select_feature = settings.extras["select_feature"]  # the stock value, for the stock code
+        for key in _LEGACY_KEYS:  # one record: an earlier release's keys go
+            config.__dict__.pop(key, None)
+        if plan.data["anyres"]:
+            from anchor_former.adapters.llava.anyres import anyres_class
+
+            model.__class__ = anyres_class(type(model))
+
+    def modules_to_restore(self, model: nn.Module) -> tuple[Any, ...]:
+        inner, _ = _llava_parts(model)
+        return (model, inner, model.config)
+
+
+_HOST = _LlavaTorch()
+
+
+def _requested(
+    request: dict[str, Any], recorded: AnchorSettings | None, host: str
+) -> tuple[str, Score, int, dict[str, Any]]:
+    """``(connector, score, num_anchors, further arguments)``: the caller's, else the recorded (re-attach,
+    by-hand reload; :func:`~anchor_former.adapters._host.merge_recorded`), else the defaults."""
     from anchor_former.connectors.registry import available_connectors
 
-    inner, tower = _llava_parts(model)
-    config = model.config
-    merge = getattr(config, "mm_patch_merge_type", "flat") or "flat"
-    anyres = getattr(config, "image_aspect_ratio", None) == "anyres"  # LLaVA-NeXT views: see .anyres
-    if merge != "flat" and not anyres:
-        raise ValueError(
-            f"config.mm_patch_merge_type must be 'flat' for attach_anchor_former (the connector's tokens are not a "
-            f"patch grid that LLaVA's spatial merge could tile), got {merge!r}"
-        )
-    if connector not in available_connectors() and not re.match(r"^mlp\d+x_gelu$", str(connector)):
+    defaults = recorded or AnchorSettings(connector="acformer", score="cls", num_anchors=144)
+    connector = request.pop("connector", defaults.connector)
+    score = request.pop("score", defaults.score)
+    num_anchors = request.pop("num_anchors", 144 if defaults.num_anchors is None else defaults.num_anchors)
+    if connector not in available_connectors() and not _LLAVA_PROJECTORS.match(str(connector)):
         raise ValueError(f"connector must be one of {', '.join(available_connectors())}, got {connector!r}")
-    previous = None
-    if isinstance(inner.mm_projector, LlavaConnector):
-        recorded = getattr(config, "mm_projector_type", None)
-        if recorded != connector:
-            raise ValueError(
-                f"connector must stay {recorded!r} when re-attaching (the model is already switched, and its "
-                f"connector's weights carry over), got {connector!r}; to switch connectors, attach to a freshly "
-                "loaded stock LLaVA model instead"
-            )
-        # keep the recorded include_cls unless the score changes (acformer derives it from the score; select
-        # from mm_vision_select_feature, which the first attach set to "cls_patch")
-        recompute = ("num_anchors",) + (("include_cls",) if score != getattr(config, "mm_anchor_score", score) else ())
-        inherited = {k: v for k, v in dict(getattr(config, CONNECTOR_CONFIG_KEY, None) or {}).items()
-                     if k not in recompute}
-        kwargs = {**_constructor_kwargs(inherited), **kwargs}
-        previous = inner.mm_projector.connector
-    if not getattr(tower, "is_loaded", True):
-        tower.load_model()
-    new_tower = AnchorVisionTower(tower, score=score)  # raises for CLS-less + "cls", bad layer
-    image_budget = None
-    if anyres:
-        from anchor_former.adapters.llava.anyres import check_anyres
+    if recorded is not None:
+        if "image_budget" not in request and recorded.extras.get("image_budget") is not None:
+            request["image_budget"] = recorded.extras["image_budget"]
+        request = merge_recorded(request, recorded, connector=connector, score=score, host=host)
+    return connector, score, num_anchors, request
 
-        image_budget = check_anyres(config, connector, kwargs, view_size=int(new_tower.config.image_size))
-    spec = detect_encoder(new_tower.vision_tower)
-    kwargs = anchor_kwargs(connector, num_anchors, new_tower.num_patches, kwargs, has_cls=spec.has_cls,
-                           score=score, stock_cls=getattr(config, "mm_vision_select_feature", "patch") == "cls_patch")
-    old_type = getattr(config, "mm_projector_type", "linear")
-    if connector == "select" and previous is None:
-        _check_select_source(inner.mm_projector, old_type, init_projector)
+
+def _connector_kwargs(
+    connector: str, num_anchors: int, score: Score, request: dict[str, Any], tower: AnchorVisionTower,
+    stock: dict[str, Any], projector_type: Any,
+) -> dict[str, Any]:
+    """The connector's constructor arguments: the anchor settings (checked against the tower), the output
+    MLP of the model's current projector type (so its weights carry over), the tower's prefix tokens."""
+    spec = detect_encoder(tower.vision_tower)
+    kwargs = anchor_kwargs(connector, num_anchors, tower.num_patches, request, has_cls=spec.has_cls, score=score,
+                           stock_cls=stock["select_feature"] == "cls_patch")
     if _LLAVA_PROJECTORS.match(str(connector)):
         kwargs.pop("projector", None)  # the name is the projector
-    elif "projector" not in kwargs and isinstance(old_type, str) and re.match(r"^(linear|mlp\d+x_gelu)$", old_type):
-        kwargs["projector"] = old_type  # same output MLP as the model had, so its weights carry over
+    elif "projector" not in kwargs and isinstance(projector_type, str) and _LLAVA_MLPS.match(projector_type):
+        kwargs["projector"] = projector_type
     kwargs.setdefault("num_prefix_tokens", spec.num_prefix_tokens)
-    return _Plan(inner=inner, tower=new_tower, connector=connector, score=score, kwargs=kwargs, previous=previous,
-                 init_projector=init_projector, anyres=anyres, image_budget=image_budget)
-
-
-def _build(plan: _Plan, config: Any, model: nn.Module) -> nn.Module:
-    """The new connector on the old projector's device and dtype, with its starting weights: the
-    previous connector's (re-attach), else the model's LLaVA projector (``init_projector``)."""
-    from anchor_former.checkpoint import CheckpointError, load_checked
-    from anchor_former.connectors.registry import build_connector
-
-    old_projector = plan.inner.mm_projector
-    param = next(iter(old_projector.parameters()), None)
-    param = param if param is not None else next(iter(model.parameters()))
-    new = build_connector(plan.connector, int(config.mm_hidden_size), int(config.hidden_size), **plan.kwargs,
-                          device=param.device, dtype=param.dtype)
-    new.num_output_tokens(plan.tower.num_patches + plan.tower.num_prefix_tokens)  # budget checks, before any change
-    if plan.previous is not None:
-        try:
-            load_checked(new, plan.previous.state_dict(), what="the attached connector")
-        except CheckpointError as error:
-            raise ValueError(
-                f"re-attaching keeps the attached connector's weights, so its architecture must stay the same: "
-                f"{error}; to change it, attach to a freshly loaded stock LLaVA model instead"
-            ) from error
-    elif plan.init_projector:
-        target = getattr(new, "projector", None)
-        if target is not None and _shapes(target) == _shapes(old_projector):
-            target.load_state_dict(old_projector.state_dict())
-        elif plan.connector == "select":
-            raise ValueError(
-                f"connector='select' needs the model's {config.mm_projector_type} projector to fit a "
-                f"{plan.kwargs['projector']} of width {config.mm_hidden_size} -> {config.hidden_size}; its "
-                "parameters have other shapes"
-            )
-    return new
+    return kwargs
+#: config keys of an earlier release, replaced by ``config.anchor_former``
+_LEGACY_KEYS = (CONNECTOR_CONFIG_KEY, "mm_anchor_score", "mm_anyres_image_budget")
 
 
 def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
-def _swap(model: nn.Module, plan: _Plan, new: nn.Module) -> None:
-    """Install the tower and ``new``, and record the settings in ``model.config`` (every check has passed)."""
-    if not getattr(new, "uses_anchors", False):
-        plan.tower.score = None  # the connector ignores anchors: skip the probe's attention row
-    inner, config = plan.inner, model.config
-    if isinstance(getattr(inner, "vision_tower", None), list):  # LLaVA keeps it in a list under FSDP
-        inner.vision_tower = [plan.tower]
-    else:
-        inner.vision_tower = plan.tower
-    inner.mm_projector = LlavaConnector(new)
-    conn_config = getattr(new, "config", None)
-    settings = conn_config.to_dict() if hasattr(conn_config, "to_dict") else dict(plan.kwargs)
-    settings = _constructor_kwargs(settings)
-    if _LLAVA_PROJECTORS.match(plan.connector):
-        settings.pop("projector", None)
-    # connector and score too, so attach_anchor_former(model, **config.mm_connector_config) rebuilds it
-    settings.update(connector=plan.connector, score=plan.score)
-    config.mm_projector_type = plan.connector
-    setattr(config, CONNECTOR_CONFIG_KEY, settings)
-    config.mm_vision_select_feature = "cls_patch"
-    config.mm_anchor_score = plan.score
-
-
 def attach_anchor_former(
     model: nn.Module,
     *,
-    num_anchors: int = 144,
-    connector: str = "acformer",
-    score: Score = "cls",
+    num_anchors: int | None = None,
+    connector: str | None = None,
+    score: Score | None = None,
     init_projector: bool = True,
     **kwargs: Any,
 ) -> nn.Module:
     """Switch a built LLaVA model to AcFormer (or another connector) in place; returns ``model``.
 
     Replaces ``model.get_model().vision_tower`` by an :class:`AnchorVisionTower` (same CLIP model, no
-    copy) and ``model.get_model().mm_projector`` by a :class:`LlavaConnector`, and records the settings
-    in ``model.config`` (``mm_projector_type``, ``mm_connector_config`` (the connector's arguments plus
-    ``connector`` and ``score``, so ``attach_anchor_former(model, **model.config.mm_connector_config)``
-    rebuilds it), ``mm_vision_select_feature = "cls_patch"``, ``mm_anchor_score``). The LLM then sees
-    ``num_anchors + 1`` visual tokens per image. :func:`enable_anchor_former` is the same function.
+    copy) and ``model.get_model().mm_projector`` by a :class:`LlavaConnector`, sets
+    ``config.mm_projector_type`` to the connector's name (as LLaVA's training does) and records an
+    :class:`~anchor_former.adapters.settings.AnchorSettings` in ``config.anchor_former`` (the connector's
+    arguments, the score, and the stock model's ``mm_vision_select_feature`` / ``mm_projector_type``; the
+    config's other fields keep the stock values). The LLM then sees ``num_anchors + 1`` visual tokens per
+    image (AcFormer).
 
     Args:
         model: ``LlavaLlamaForCausalLM`` or a sibling (``LlavaMistralForCausalLM``, ...). A delay-loaded
-            vision tower is loaded. A model already switched is re-attached (below).
-        num_anchors: K anchors. ``"acformer"``: [CLS] is added as query K + 1; ``"select"``: the LLM sees
-            the K anchor patches (plus ``num_context``). Ignored by the other connectors.
-        connector: a :func:`~anchor_former.build_connector` name: ``"acformer"`` (trained AcFormer),
-            ``"select"`` (training-free: the K anchor patches through the model's own projector, no new
-            parameters; ``num_context=M`` adds M merged context tokens; [CLS] is kept first only where the
-            model's ``mm_vision_select_feature`` is ``"cls_patch"``), ``"perceiver"``, ``"avgpool"``,
-            ``"cabstractor"``, ...
-        score: anchor score read by the probe at ``mm_vision_select_layer``: ``"cls"`` ([CLS] attention,
-            as the paper), ``"norm"`` (token norms; encoders without [CLS]).
+            vision tower is loaded. A model whose config records settings is re-attached (below).
+        num_anchors: K anchors (default 144, or the recorded K). ``"acformer"``: [CLS] is added as query
+            K + 1; ``"select"``: the LLM sees the K anchor patches (plus ``num_context``). Ignored by the
+            other connectors.
+        connector: a :func:`~anchor_former.build_connector` name (default ``"acformer"``, or the recorded
+            one): ``"acformer"`` (trained AcFormer), ``"select"`` (training-free: the K anchor patches
+            through the model's own projector, no new parameters; ``num_context=M`` adds M merged context
+            tokens; [CLS] is kept first only where the model's ``mm_vision_select_feature`` is
+            ``"cls_patch"``), ``"perceiver"``, ``"avgpool"``, ``"cabstractor"``, ...
+        score: anchor score read by the probe at ``mm_vision_select_layer`` (default ``"cls"``, or the
+            recorded one): ``"cls"`` ([CLS] attention, as the paper), ``"norm"`` (token norms; encoders
+            without [CLS]), ``"received"``.
         init_projector: copy the model's current ``linear`` / ``mlpNx_gelu`` projector weights into the
             connector's output MLP (which by default gets the same type), i.e. warm start from LLaVA-1.5.
-        **kwargs: further connector arguments (``depth``, ``heads``, ``dim_head``, ``ff_mult``, ...).
+        **kwargs: further connector arguments (``depth``, ``heads``, ``dim_head``, ``ff_mult``, ...);
+            ``image_budget=B`` with ``image_aspect_ratio="anyres"`` and ``"select"``
+            (:mod:`anchor_former.adapters.llava.anyres`).
 
-    Re-attaching (the model is already switched, e.g. to change ``num_anchors``) keeps the connector: the
-    same ``connector`` name is required, every weight of the attached connector carries over unchanged
-    (none depends on K), connector arguments not passed keep their recorded values, and
-    ``init_projector`` does not apply.
+    Re-attaching (the config records settings) follows the rule of every family: the same ``connector``
+    is required, arguments not passed keep their recorded values (``image_budget`` included), and when
+    the model is attached now every weight of its connector carries over unchanged (none depends on K;
+    ``init_projector`` does not apply). A model loaded by hand from a saved folder (stock modules, recorded
+    settings; see docs/llava.md) is attached with the recorded settings by ``attach_anchor_former(model)``.
 
     Raises:
         ValueError: not a LLaVA model; ``mm_patch_merge_type`` other than ``"flat"`` (AcFormer's tokens
-            are not a patch grid) unless ``image_aspect_ratio="anyres"`` (LLaVA-NeXT views, anchors per view,
-            ``image_budget=B`` for one budget per image: :mod:`anchor_former.adapters.llava.anyres`); unknown
-            connector; ``score="cls"`` on a tower without [CLS];
-            ``num_anchors`` (+ ``num_context``) larger than the tower's patch count; ``"select"`` on a
-            projector that is not LLaVA's ``linear`` / ``mlp{N}x_gelu``; on re-attach, another connector
-            name or arguments that change the connector's weight shapes. The model is unchanged then.
+            are not a patch grid) unless ``image_aspect_ratio="anyres"``; unknown connector; ``score="cls"``
+            on a tower without [CLS]; ``num_anchors`` (+ ``num_context``) larger than the tower's patch
+            count; ``"select"`` on a projector that is not LLaVA's ``linear`` / ``mlp{N}x_gelu``; on
+            re-attach, another connector or arguments that change the connector's weight shapes (the
+            message names what is attached). The model and its config are unchanged then.
     """
-    plan = _plan(model, num_anchors=num_anchors, connector=connector, score=score, init_projector=init_projector,
-                 kwargs=kwargs)
-    new = _build(plan, model.config, model)
-    _swap(model, plan, new)
-    if plan.anyres:
-        from anchor_former.adapters.llava.anyres import enable_anyres
-
-        enable_anyres(model, plan.image_budget)
-    return model
-
-
-#: the LLaVA adapter's original name for :func:`attach_anchor_former` (kept; same function)
-enable_anchor_former = attach_anchor_former
+    request = {"num_anchors": num_anchors, "connector": connector, "score": score}
+    request = {k: v for k, v in request.items() if v is not None}
+    _, tower = _llava_parts(model)
+    with restoring(tower):  # planning loads a delay-loaded tower: unloaded again if any step fails
+        return attach(_HOST, model, None, init_projector=init_projector, **request, **kwargs)
 
 
 def _check_select_source(projector: nn.Module, projector_type: Any, init_projector: bool) -> None:
@@ -454,7 +531,7 @@ def _check_select_source(projector: nn.Module, projector_type: Any, init_project
             "connector='select' maps the kept tokens with the model's own trained projector; init_projector=False "
             "would leave it random"
         )
-    known = isinstance(projector_type, str) and re.match(r"^(linear|mlp\d+x_gelu)$", projector_type)
+    known = isinstance(projector_type, str) and _LLAVA_MLPS.match(projector_type)
     if not known or isinstance(projector, LlavaConnector):
         raise ValueError(
             "connector='select' needs the model's projector to be LLaVA's 'linear' or 'mlp{N}x_gelu' "

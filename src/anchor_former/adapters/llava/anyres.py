@@ -5,10 +5,13 @@ then the crops of the chosen grid pinpoint, row-major) and ``prepare_inputs_labe
 encodes them, then merges each image's views by ``config.mm_patch_merge_type``: ``"flat"`` (views one
 after another), ``"spatial"`` (base view, then the high-resolution grid row by row) or ``"spatial_unpad"``
 (as ``"spatial"``, minus the rows/columns that only show padding, each grid row closed by
-``model.image_newline``). That merge needs full patch grids, so :func:`enable_anchor_former` switches
-the model to a subclass of its own class (same name, same state dict) whose
+``model.image_newline``). That merge needs full patch grids, so :func:`~anchor_former.adapters.llava.attach_anchor_former`
+switches the model to a subclass of its own class (same name, same state dict) whose
 ``prepare_inputs_labels_for_multimodal`` computes each image's tokens with :mod:`anchor_former.views`
-(the same rules as the transformers LLaVA-NeXT adapter) and hands them to LLaVA's unchanged splicing code:
+(the same rules as the transformers LLaVA-NeXT adapter) and hands them to LLaVA's unchanged splicing code
+(after :func:`~anchor_former.adapters.llava.register_with_llava`, LLaVA's own class does the same for a
+model whose config records the settings, so ``from_pretrained`` / ``load_pretrained_model`` of a saved
+folder need no class switch):
 
 * ``connector="select"``: per view, the anchors of its own [CLS] row among its candidate patches (those
   the merge keeps), ``num_anchors`` per view or ``image_budget`` per image; the stock merge's layout
@@ -40,10 +43,11 @@ from anchor_former.views import (
     view_budgets,
 )
 
-__all__ = ["AnyresImageTokens", "anyres_image_tokens", "anyres_token_counts", "check_anyres", "enable_anyres"]
+__all__ = [
+    "AnyresImageTokens", "anyres_class", "anyres_image_tokens", "anyres_inputs", "anyres_token_counts", "check_anyres",
+    "is_anchored_anyres",
+]
 
-#: config key holding the per-image anchor budget of ``connector="select"`` (None: ``num_anchors`` per view)
-IMAGE_BUDGET_KEY = "mm_anyres_image_budget"
 _MERGES = ("flat", "spatial", "spatial_unpad")
 
 
@@ -81,7 +85,10 @@ def _views(config: Any, tower_config: Any, image_size: Any) -> AnyresViews:
 
 
 def _budgets(config: Any, connector: nn.Module, views: AnyresViews) -> tuple[int, ...]:
-    budget = getattr(config, IMAGE_BUDGET_KEY, None)
+    from anchor_former.adapters.llava import recorded_settings
+
+    settings = recorded_settings(config)
+    budget = None if settings is None else settings.extras.get("image_budget")
     if budget is not None:
         return view_budgets(views.num_candidates(), per_image=int(budget))
     return view_budgets(views.num_candidates(), per_view=int(connector.num_anchors))
@@ -109,7 +116,7 @@ def anyres_image_tokens(
     """Each image's LLM tokens ``(T_i, llm_dim)`` from its views.
 
     Args:
-        model: a model switched by :func:`enable_anchor_former` with ``image_aspect_ratio="anyres"``.
+        model: a model switched by ``attach_anchor_former`` with ``image_aspect_ratio="anyres"``.
         images: ``(B, V, C, H_img, W_img)`` or a list of ``(V_i, C, H_img, W_img)`` views (``process_images``).
         image_sizes: B original sizes ``(width, height)``.
 
@@ -149,15 +156,32 @@ def anyres_image_tokens(
     return out
 
 
+def is_anchored_anyres(model: nn.Module) -> bool:
+    """Whether ``model`` is an attached llava-torch model with ``image_aspect_ratio="anyres"``."""
+    from anchor_former.adapters.llava import LlavaConnector
+
+    inner = model.get_model()
+    return getattr(model.config, "image_aspect_ratio", None) == "anyres" and isinstance(
+        getattr(inner, "mm_projector", None), LlavaConnector)
+
+
+def anyres_inputs(model: nn.Module, input_ids: torch.Tensor, images: Any, image_sizes: Any) -> Any:
+    """``images`` as LLaVA's ``prepare_inputs_labels_for_multimodal`` should receive them: the finished
+    tokens (:class:`AnyresImageTokens`) for multi-view input to a prompt, else ``images`` unchanged
+    (LLaVA skips images while decoding, ``input_ids`` of length 1)."""
+    multi_view = images is not None and (isinstance(images, (list, tuple)) or getattr(images, "ndim", 0) == 5)
+    if multi_view and input_ids.shape[1] != 1:
+        return AnyresImageTokens(anyres_image_tokens(model, images, image_sizes))
+    return images
+
+
 class _AnyresMixin:
     """Computes anyres images' tokens itself and lets LLaVA splice them (see :class:`AnyresImageTokens`)."""
 
     def prepare_inputs_labels_for_multimodal(
         self, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes=None
     ):
-        multi_view = images is not None and (isinstance(images, (list, tuple)) or getattr(images, "ndim", 0) == 5)
-        if multi_view and input_ids.shape[1] != 1:
-            images = AnyresImageTokens(anyres_image_tokens(self, images, image_sizes))
+        images = anyres_inputs(self, input_ids, images, image_sizes)
         return super().prepare_inputs_labels_for_multimodal(  # type: ignore[misc]
             input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes
         )
@@ -171,8 +195,8 @@ class _AnyresMixin:
 _CLASSES: dict[type, type] = {}
 
 
-def _anyres_class(cls: type) -> type:
-    """``cls`` with :class:`_AnyresMixin` first; same name, so ``save_pretrained`` records ``cls``'s architecture."""
+def anyres_class(cls: type) -> type:
+    """``cls`` with the anyres token path first; same name, so ``save_pretrained`` records ``cls``'s architecture."""
     if issubclass(cls, _AnyresMixin):
         return cls
     if cls not in _CLASSES:
@@ -181,21 +205,26 @@ def _anyres_class(cls: type) -> type:
     return _CLASSES[cls]
 
 
-def check_anyres(config: Any, connector: str, kwargs: dict[str, Any], *, view_size: int) -> int | None:
+def check_anyres(
+    config: Any, connector: str, kwargs: dict[str, Any], *, view_size: int, select_feature: str
+) -> int | None:
     """Check an anyres model's settings before anything changes; pop and return ``image_budget`` from ``kwargs``.
 
+    ``select_feature`` is the stock model's ``mm_vision_select_feature`` (the config's, or the one
+    recorded at the first attach).
+
     Raises:
-        ValueError: unknown ``mm_patch_merge_type``; ``mm_vision_select_feature`` other than ``"patch"``;
+        ValueError: unknown ``mm_patch_merge_type``; ``select_feature`` other than ``"patch"``;
             missing pinpoints; ``num_context``; ``image_budget`` for a connector other than ``"select"`` or
             below the most views an image gets (each view needs an anchor).
     """
     merge = getattr(config, "mm_patch_merge_type", "flat") or "flat"
     if merge not in _MERGES:
         raise ValueError(f"config.mm_patch_merge_type must be one of {', '.join(_MERGES)} for anyres, got {merge!r}")
-    feature = getattr(config, "mm_vision_select_feature", "patch")
-    if feature != "patch":
+    if select_feature != "patch":
         raise ValueError(
-            f"config.mm_vision_select_feature must be 'patch' for anyres (each view is a patch grid), got {feature!r}"
+            f"config.mm_vision_select_feature must be 'patch' for anyres (each view is a patch grid), got "
+            f"{select_feature!r}"
         )
     if not getattr(config, "image_grid_pinpoints", None):
         raise ValueError("config.image_grid_pinpoints must list the anyres resolutions, got none")
@@ -215,9 +244,3 @@ def check_anyres(config: Any, connector: str, kwargs: dict[str, Any], *, view_si
             f"image_budget must be an integer >= {most} (the most views an image gets: one anchor each), got {budget!r}"
         )
     return budget
-
-
-def enable_anyres(model: nn.Module, image_budget: int | None) -> None:
-    """Record ``image_budget`` and switch ``model`` to its anyres subclass (after every check passed)."""
-    setattr(model.config, IMAGE_BUDGET_KEY, image_budget)
-    model.__class__ = _anyres_class(type(model))

@@ -1,18 +1,19 @@
 """Teach the original LLaVA code (``llava-torch`` 1.2.2.post1) this package's connectors, without editing it.
 
-:func:`register_with_llava` replaces four functions of the installed ``llava`` package for the running
+:func:`register_with_llava` replaces six functions of the installed ``llava`` package for the running
 process (explicitly, when called; never on import):
 
 * ``llava.model.llava_arch.build_vision_projector`` → :func:`~anchor_former.adapters.llava.build_vision_projector`,
   a superset of LLaVA's (its ``linear`` / ``mlp{N}x_gelu`` / ``identity`` are unchanged), so
   ``mm_projector_type = "acformer"`` (or ``"select"``, ``"perceiver"``, ...) builds a
-  :class:`~anchor_former.adapters.llava.LlavaConnector` from ``config.mm_connector_config``;
+  :class:`~anchor_former.adapters.llava.LlavaConnector` from the settings recorded in ``config.anchor_former``;
 * ``llava.model.llava_arch.build_vision_tower``: for those types, LLaVA's CLIP tower wrapped as an
   :class:`~anchor_former.adapters.llava.AnchorVisionTower` (a :class:`DeferredAnchorVisionTower` while
   LLaVA delays loading the CLIP weights);
 * ``LlavaMetaModel.initialize_vision_modules`` (what LLaVA's ``train.py`` calls): records the connector
   settings (``num_anchors``, ``anchor_score``, ``connector_config`` of the model arguments) in the config
-  before LLaVA builds the projector (replacing a LLaVA projector the model already has, e.g. when
+  (``config.anchor_former``, an :class:`~anchor_former.adapters.settings.AnchorSettings`) before LLaVA builds
+  the projector (replacing a LLaVA projector the model already has, e.g. when
   fine-tuning LLaVA-1.5, whose weights then initialise the connector's output MLP), and loads
   ``--pretrain_mm_mlp_adapter`` with
   :func:`~anchor_former.adapters.llava.load_projector_weights` (safe loading; the layouts it knows: a
@@ -22,8 +23,12 @@ process (explicitly, when called; never on import):
 * ``llava.model.builder.load_pretrained_model``: unchanged for every folder (an AcFormer folder reloads
   through the two builders above), plus an optional ``anchor_former={"connector": "select",
   "num_anchors": 144, ...}`` argument that switches the loaded model with
-  :func:`~anchor_former.adapters.llava.enable_anchor_former` (the training-free path: a stock LLaVA-1.5
-  checkpoint, no connector weights).
+  :func:`~anchor_former.adapters.llava.attach_anchor_former` (the training-free path: a stock LLaVA-1.5
+  checkpoint, no connector weights);
+* ``LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal`` and ``encode_images``: unchanged, except
+  for an attached ``image_aspect_ratio="anyres"`` model, whose images get the anchored views' tokens
+  (:func:`~anchor_former.adapters.llava.anyres.anyres_inputs`), so a saved anyres folder reloads by
+  ``from_pretrained`` / ``load_pretrained_model`` with every ``mm_patch_merge_type`` and its ``image_budget``.
 
 Calling it again is a no-op; :func:`unregister_from_llava` restores LLaVA's functions.
 """
@@ -39,19 +44,19 @@ from torch import nn
 
 from anchor_former.adapters.llava import (
     _LLAVA_PROJECTORS,
-    CONNECTOR_CONFIG_KEY,
     AnchorVisionTower,
     LlavaConnector,
+    attach_anchor_former,
     build_vision_projector,
-    enable_anchor_former,
     load_projector_weights,
+    recorded_settings,
 )
-from anchor_former.probes.base import AttentionProbe, Score, detect_encoder
+from anchor_former.adapters.llava.anyres import AnyresImageTokens, anyres_inputs, is_anchored_anyres
+from anchor_former.adapters.settings import CONFIG_KEY, AnchorSettings
+from anchor_former.probes import AttentionProbe, Score, detect_encoder
 
 __all__ = ["DeferredAnchorVisionTower", "connector_settings", "register_with_llava", "unregister_from_llava"]
 
-#: config key for the anchor score the tower computes
-SCORE_KEY = "mm_anchor_score"
 #: LLaVA's functions, saved by register_with_llava: {(module, name): original}
 _ORIGINALS: dict[tuple[Any, str], Callable[..., Any]] = {}
 
@@ -101,7 +106,8 @@ class DeferredAnchorVisionTower(AnchorVisionTower):
 
 
 def _score_of(config: Any) -> Score | None:
-    return getattr(config, SCORE_KEY, getattr(config, "anchor_score", "cls"))
+    settings = recorded_settings(config)
+    return settings.score if settings is not None else getattr(config, "anchor_score", "cls")
 
 
 def _build_vision_tower(vision_tower_cfg: Any, **kwargs: Any) -> nn.Module:
@@ -116,7 +122,7 @@ def _build_vision_tower(vision_tower_cfg: Any, **kwargs: Any) -> nn.Module:
 
 
 def connector_settings(tower: AnchorVisionTower, model_args: Any) -> dict[str, Any]:
-    """The ``mm_connector_config`` for ``model_args.mm_projector_type`` on ``tower``.
+    """The connector arguments (``AnchorSettings.connector_config``) for ``model_args.mm_projector_type`` on ``tower``.
 
     Reads ``model_args.num_anchors`` (default 144; ``acformer`` and ``select``), ``model_args.anchor_score``
     (default ``"cls"``) and ``model_args.connector_config`` (a JSON object or dict of further connector
@@ -167,8 +173,12 @@ def _initialize_vision_modules(self: nn.Module, model_args: Any, fsdp: Any = Non
     else:
         tower.load_model()
     self.vision_tower = [tower] if fsdp else tower  # LLaVA's own branch then only calls load_model (no-op)
-    setattr(self.config, CONNECTOR_CONFIG_KEY, connector_settings(tower, model_args))
-    self.config.mm_anchor_score = score
+    stock = {"select_feature": getattr(model_args, "mm_vision_select_feature", "patch"),
+             "projector_type": getattr(self.config, "mm_projector_type", None) or "linear"}
+    connector_name = model_args.mm_projector_type
+    settings = AnchorSettings(connector=connector_name, connector_config=connector_settings(tower, model_args),
+                              score=score, layer=int(tower.select_layer), extras=stock)
+    setattr(self.config, CONFIG_KEY, settings.to_dict())  # what LLaVA's builder (ours) reads below
     previous = getattr(self, "mm_projector", None)
     if previous is not None and not isinstance(previous, LlavaConnector):
         self.mm_projector = None  # e.g. LLaVA-1.5's mlp2x_gelu: LLaVA builds a projector only where there is none
@@ -178,23 +188,21 @@ def _initialize_vision_modules(self: nn.Module, model_args: Any, fsdp: Any = Non
     connector = self.mm_projector.connector
     if previous is not None and not isinstance(previous, LlavaConnector):
         _warm_start(connector, previous)
-    settings = connector.config.to_dict() if hasattr(getattr(connector, "config", None), "to_dict") else {}
-    settings = {k: v for k, v in settings.items() if k not in ("vision_dim", "llm_dim")} or dict(
-        getattr(self.config, CONNECTOR_CONFIG_KEY))
-    # as attach_anchor_former records it: attach_anchor_former(model, **config.mm_connector_config) rebuilds it
-    settings.update(connector=model_args.mm_projector_type, score=score)
-    setattr(self.config, CONNECTOR_CONFIG_KEY, settings)
-    self.config.mm_vision_select_feature = "cls_patch"
+    config = connector.config.to_dict() if hasattr(getattr(connector, "config", None), "to_dict") else {}
+    config = {k: v for k, v in config.items() if k not in ("vision_dim", "llm_dim")} or settings.connector_config
+    settings = settings.replace(connector_config=config, num_anchors=config.get("num_anchors"),
+                                num_context=int(config.get("num_context", 0) or 0),
+                                include_cls=bool(config.get("include_cls", False)))
+    setattr(self.config, CONFIG_KEY, settings.to_dict())
     if not getattr(connector, "uses_anchors", False):
         tower.score = None  # the connector ignores anchors: skip the probe's attention row
-        self.config.mm_anchor_score = None
     if model_args.pretrain_mm_mlp_adapter is not None:
         load_projector_weights(self.mm_projector, model_args.pretrain_mm_mlp_adapter)
 
 
 def _warm_start(connector: nn.Module, projector: nn.Module) -> None:
     """Copy a replaced LLaVA projector into the connector's output MLP when their shapes agree (as
-    ``enable_anchor_former(init_projector=True)``): fine-tuning LLaVA-1.5 starts from its trained MLP."""
+    ``attach_anchor_former(init_projector=True)``): fine-tuning LLaVA-1.5 starts from its trained MLP."""
     target = getattr(connector, "projector", None)
     shapes = {k: tuple(v.shape) for k, v in projector.state_dict().items()}
     if target is not None and shapes and shapes == {k: tuple(v.shape) for k, v in target.state_dict().items()}:
@@ -203,15 +211,32 @@ def _warm_start(connector: nn.Module, projector: nn.Module) -> None:
 
 def _load_pretrained_model(*args: Any, anchor_former: dict[str, Any] | None = None, **kwargs: Any) -> Any:
     """``llava.model.builder.load_pretrained_model`` plus ``anchor_former={...}``: keyword arguments of
-    :func:`~anchor_former.adapters.llava.enable_anchor_former` applied to the loaded model."""
+    :func:`~anchor_former.adapters.llava.attach_anchor_former` applied to the loaded model."""
     import llava.model.builder as builder
 
     tokenizer, model, image_processor, context_len = _ORIGINALS[(builder, "load_pretrained_model")](*args, **kwargs)
     if anchor_former is not None:
         if not isinstance(anchor_former, dict):
-            raise ValueError(f"anchor_former must be a dict of enable_anchor_former arguments, got {anchor_former!r}")
-        enable_anchor_former(model, **anchor_former)
+            raise ValueError(f"anchor_former must be a dict of attach_anchor_former arguments, got {anchor_former!r}")
+        attach_anchor_former(model, **anchor_former)
     return tokenizer, model, image_processor, context_len
+
+
+def _prepare_inputs_labels_for_multimodal(
+    self, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes=None
+):
+    """LLaVA's, with an attached anyres model's views turned into their tokens first (see the module doc)."""
+    if is_anchored_anyres(self):
+        images = anyres_inputs(self, input_ids, images, image_sizes)
+    original = _ORIGINALS[(_arch().LlavaMetaForCausalLM, "prepare_inputs_labels_for_multimodal")]
+    return original(self, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes)
+
+
+def _encode_images(self, images):
+    """LLaVA's, passing :class:`~anchor_former.adapters.llava.anyres.AnyresImageTokens` through."""
+    if isinstance(images, AnyresImageTokens):
+        return images.tokens
+    return _ORIGINALS[(_arch().LlavaMetaForCausalLM, "encode_images")](self, images)
 
 
 def _arch() -> Any:
@@ -229,15 +254,18 @@ def _replacements() -> list[tuple[Any, str, Callable[..., Any]]]:
         (arch, "build_vision_tower", _build_vision_tower),
         (arch.LlavaMetaModel, "initialize_vision_modules", _initialize_vision_modules),
         (builder, "load_pretrained_model", _load_pretrained_model),
+        (arch.LlavaMetaForCausalLM, "prepare_inputs_labels_for_multimodal", _prepare_inputs_labels_for_multimodal),
+        (arch.LlavaMetaForCausalLM, "encode_images", _encode_images),
     ]
 
 
 def register_with_llava() -> None:
     """Make the installed ``llava`` package build, train, save and reload this package's connectors.
 
-    Replaces ``build_vision_projector``, ``build_vision_tower`` and ``LlavaMetaModel.initialize_vision_modules``
-    in ``llava.model.llava_arch`` and ``load_pretrained_model`` in ``llava.model.builder`` (see the
-    module docstring). Code that imported ``load_pretrained_model`` by name before this call keeps LLaVA's
+    Replaces ``build_vision_projector``, ``build_vision_tower``, ``LlavaMetaModel.initialize_vision_modules``
+    and ``LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal`` / ``encode_images`` in
+    ``llava.model.llava_arch`` and ``load_pretrained_model`` in ``llava.model.builder`` (see the module
+    docstring). Code that imported ``load_pretrained_model`` by name before this call keeps LLaVA's
     (it still reloads AcFormer folders, through the builders). Idempotent.
 
     Raises:
