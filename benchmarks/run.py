@@ -3,6 +3,7 @@
     python -m benchmarks.run                                   # default preset: CPU, about 2-3 minutes
     python -m benchmarks.run --preset tiny                     # seconds (the smoke test runs this)
     python -m benchmarks.run --preset llava-1.5-7b --device cuda   # LLaVA-1.5-7B shapes, for a GPU
+    python -m benchmarks.run --section quality                 # answer accuracy of the toy VLM, a few minutes
 
 (from the repository root; ``python benchmarks/run.py`` does the same from anywhere).
 
@@ -16,7 +17,9 @@ One run measures, side by side and as ratios to LLaVA-1.5's MLP-576 connector:
   HF models (scaled down on the ``tiny``/``default`` presets, real shapes on ``llava-1.5-7b``);
 * ``search`` (``bench_search.py``): the batched anchor search against the reference's per-sample loop, on
   independent-head, head-correlated and (random-init) CLIP attention rows;
-* ``probe`` (``bench_probe.py``): anchors from the [CLS] probe against ``output_attentions``.
+* ``probe`` (``bench_probe.py``): anchors from the [CLS] probe against ``output_attentions``;
+* ``quality`` (``quality/bench.py``, only when named: ``--section quality``): answer accuracy of a trained
+  toy LLaVA against the visual-token budget, for the package's ``select`` / AcFormer and peer rules.
 
 Writes ``results.json`` (device, versions, preset, date, every figure), ``results.md`` (the tables printed
 on stdout) and, with matplotlib, ``chart.png`` (cost against visual tokens) to ``--output``, by default a
@@ -65,20 +68,22 @@ from benchmarks._common import (  # noqa: E402
     spread_warnings,
 )
 
-__all__ = ["BENCHMARKS", "PRESETS", "default_output", "main", "markdown_chart", "markdown_header", "markdown_section",
+__all__ = ["BENCHMARKS", "OPT_IN", "PRESETS", "default_output", "main", "markdown_chart", "markdown_header", "markdown_section",
            "render_markdown", "run_suite", "write_chart"]
 
 PRESETS = ("tiny", "default", "llava-1.5-7b")
 # name -> module of the ``benchmarks`` package; each exposes ``run(*, preset, device) -> dict`` and
 # optionally ``to_markdown``.
 BENCHMARKS = {"connectors": "bench_connectors", "pipeline": "bench_pipeline", "search": "bench_search",
-              "probe": "bench_probe"}
+              "probe": "bench_probe", "quality": "quality.bench"}
+# sections that run only when named (``--section quality``), not in the default "all"
+OPT_IN = ("quality",)
 _TAKES_CONNECTORS = ("connectors", "pipeline")
 
 
 def _parse_list(spec: str | None, valid: list[str], what: str) -> list[str]:
     if spec is None or spec.strip() == "all":
-        return list(valid)
+        return [v for v in valid if v not in OPT_IN]
     wanted = [s.strip() for s in spec.split(",") if s.strip()]
     unknown = [w for w in wanted if w not in valid]
     if unknown or not wanted:
@@ -112,9 +117,10 @@ def run_suite(*, preset: str, device: torch.device, connectors: str | None = Non
 
 def _run_one(name: str, *, preset: str, device: torch.device, connectors: str | None) -> dict[str, Any]:
     module_name = BENCHMARKS[name]
-    if not (HERE / f"{module_name}.py").exists():
-        progress(f"{name}: skipped, benchmarks/{module_name}.py not found")
-        return {"skipped": f"benchmarks/{module_name}.py not found"}
+    path = module_name.replace(".", "/") + ".py"
+    if not (HERE / path).exists():
+        progress(f"{name}: skipped, benchmarks/{path} not found")
+        return {"skipped": f"benchmarks/{path} not found"}
     progress(f"{name}: start ({module_name}.run, preset {preset}, {device})")
     start = time.perf_counter()
     try:
@@ -154,7 +160,8 @@ def _cell(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-_TITLES = {"connectors": "Connectors", "pipeline": "Pipeline", "search": "Anchor search", "probe": "Anchor probe"}
+_TITLES = {"connectors": "Connectors", "pipeline": "Pipeline", "search": "Anchor search", "probe": "Anchor probe",
+           "quality": "Answer quality (trained toy VLM)"}
 
 
 def markdown_header(report: dict[str, Any]) -> str:
@@ -194,9 +201,16 @@ def markdown_section(name: str, result: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def markdown_chart(chart: str) -> str:
+def markdown_chart(chart: str, alt: str = "cost against visual tokens") -> str:
     """The chart's section (a link to the PNG beside results.md)."""
-    return "\n".join(["", "## Chart", "", f"![cost against visual tokens]({chart})"]) + "\n"
+    return "\n".join(["", "## Chart", "", f"![{alt}]({chart})"]) + "\n"
+
+
+def _chart_alt(report: dict[str, Any]) -> str:
+    """What the chart shows: cost (pipeline section) or, in a quality-only run, accuracy."""
+    sections = report["benchmarks"]
+    return ("answer accuracy against visual tokens" if "quality" in sections and "pipeline" not in sections
+            else "cost against visual tokens")
 
 
 def render_markdown(report: dict[str, Any], *, chart: str | None = None) -> str:
@@ -204,7 +218,7 @@ def render_markdown(report: dict[str, Any], *, chart: str | None = None) -> str:
     parts = [markdown_header(report)]
     parts += [markdown_section(name, result) for name, result in report["benchmarks"].items()]
     if chart:
-        parts.append(markdown_chart(chart))
+        parts.append(markdown_chart(chart, _chart_alt(report)))
     return "".join(parts)
 
 
@@ -273,6 +287,11 @@ def _plot_measured(ax, measured: dict[str, Any], device_type: str) -> None:
 def write_chart(report: dict[str, Any], path: Path) -> bool:
     """Cost against visual tokens (analytic FLOPs at 7B/13B; measured pipeline time). False without matplotlib."""
     pipeline = report["benchmarks"].get("pipeline", {})
+    quality = report["benchmarks"].get("quality", {})
+    if "analytic" not in pipeline and "rows" in quality:  # a quality-only run: accuracy against budget
+        from benchmarks.quality.bench import write_chart as write_quality_chart
+
+        return write_quality_chart(quality, path)
     if "analytic" not in pipeline:
         return False
     try:
@@ -311,7 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "written with --output benchmarks/results/<device>-<preset>)")
     parser.add_argument("--connectors", default=None,
                         help="comma-separated subset (mlp-576 is always added: it is the baseline); default all")
-    parser.add_argument("--benchmarks", default=None, help="comma-separated subset; default all that exist")
+    parser.add_argument("--benchmarks", "--section", dest="benchmarks", default=None,
+                        help="comma-separated subset; default all that exist except " + ", ".join(OPT_IN)
+                             + " (run only when named)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's choice; 1 for the tiny preset, which is a "
                              "smoke run and must stay fast on a busy machine)")
@@ -381,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     chart = "chart.png" if write_chart(report, output / "chart.png") else None
     save(report, chart)
     if chart:
-        print(markdown_chart(chart), end="", flush=True)
+        print(markdown_chart(chart, _chart_alt(report)), end="", flush=True)
     progress(f"wrote {output / 'results.json'}, {output / 'results.md'}" + (f", {output / chart}" if chart else ""))
     failed = [n for n, r in report["benchmarks"].items() if "error" in r]
     return 1 if failed else 0
