@@ -49,7 +49,7 @@ class Recipe:
     seed = 0
     tower_steps, tower_batch, tower_lr = 300, 64, 2e-3
     llava_steps, llava_batch, llava_questions, llava_lr = 1500, 32, 8, 2e-3
-    acformer_steps, acformer_batch, acformer_lr = 250, 32, 1e-3
+    acformer_steps, acformer_batch, acformer_lr = 100, 32, 2e-3
 
 
 def data_rng(phase: str, seed: int, *extra: int) -> np.random.Generator:
