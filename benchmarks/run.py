@@ -174,7 +174,8 @@ def markdown_header(report: dict[str, Any]) -> str:
         f"{env['transformers']} · python {env['python']} · {env['threads']} threads · commit {env['git_commit']}",
         "",
         "Reproduce: `python -m benchmarks.run --preset " + report["preset"]
-        + ("" if env["device_type"] == "cpu" else " --device cuda") + "`. Every ratio (x) is to the MLP-576 "
+        + ("" if env["device_type"] == "cpu" else " --device cuda")
+        + "".join(f" --section {name}" for name in report["benchmarks"] if name in OPT_IN) + "`. Every ratio (x) is to the MLP-576 "
         "(LLaVA-1.5) connector in the same run. Times are medians over interleaved rounds on this device, "
         "with their interquartile range (± IQR).",
     ]) + "\n"

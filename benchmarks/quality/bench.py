@@ -188,12 +188,13 @@ def write_chart(result: dict[str, Any], path: Path) -> bool:
     budgets = result["budgets"]
     fig, ax = plt.subplots(figsize=(10.5, 5.5))
     styles = {"package": ("-", "o", 1.8), "peer": ("--", "s", 1.2), "wrong": (":", "x", 1.0)}
+    colours = iter(plt.cm.tab20.colors)
     for method, (group, _) in METHODS.items():
         rows = [_row(result, method, b) for b in budgets]
         ls, marker, lw = styles[group]
         ax.errorbar(budgets, [100 * r["accuracy"] for r in rows], yerr=[100 * r["accuracy_std"] for r in rows],
                     ls=ls, marker=marker, lw=lw, ms=4, capsize=2, label=method,
-                    color="gray" if group == "wrong" else None, alpha=0.6 if group == "wrong" else 1.0)
+                    color="gray" if group == "wrong" else next(colours), alpha=0.6 if group == "wrong" else 1.0)
     full, blind = _row(result, "full", NUM_PATCHES), _row(result, "no image", 0)
     ax.axhline(100 * full["accuracy"], color="black", lw=0.8, label=f"full ({NUM_PATCHES} tokens)")
     ax.axhline(100 * blind["accuracy"], color="black", lw=0.8, ls="-.", label="no image tokens")
