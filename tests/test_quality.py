@@ -153,3 +153,18 @@ def test_quality_section_runs_only_when_named(tmp_path):
     parser = run.build_parser()
     assert run._parse(parser, ["--output", str(tmp_path)])[2] == ["connectors", "pipeline", "search", "probe"]
     assert run._parse(parser, ["--section", "quality", "--output", str(tmp_path)])[2] == ["quality"]
+
+
+@pytest.mark.slow
+def test_tiny_quality_section_has_every_row(tmp_path):
+    """The benchmark section (tiny preset: one seed, 64 questions; one budget) writes its table and chart."""
+    from benchmarks.quality import bench
+
+    result = bench.run(preset="tiny", budgets=(16,))
+    rows = {(r["method"], r["budget"]) for r in result["rows"]}
+    assert rows == {("full", 64), ("no image", 0)} | {(m, b) for m in bench.METHODS for b in result["budgets"]}
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in result["rows"])
+    markdown = bench.to_markdown(result)
+    assert "`select cls`" in markdown and "divprune" in markdown
+    pytest.importorskip("matplotlib")
+    assert bench.write_chart(result, tmp_path / "chart.png") and (tmp_path / "chart.png").stat().st_size > 0

@@ -90,8 +90,14 @@ def _summary(scores: list[Score], full: list[Score]) -> dict[str, Any]:
     }
 
 
-def run(*, preset: str = "default", device: torch.device | None = None, weights: Path = WEIGHTS) -> dict[str, Any]:
-    """The quality table as a dict (``rows``: one per method and budget, plus ``full`` and ``no image``)."""
+def run(*, preset: str = "default", device: torch.device | None = None, weights: Path = WEIGHTS,
+        budgets: tuple[int, ...] = BUDGETS) -> dict[str, Any]:
+    """The quality table as a dict (``rows``: one per method and budget, plus ``full`` and ``no image``).
+
+    ``budgets``: a subset of :data:`~benchmarks.quality.train.BUDGETS` (the budgets AcFormer was trained at).
+    """
+    if not set(budgets) <= set(BUDGETS) or not budgets:
+        raise ValueError(f"budgets must be a non-empty subset of {BUDGETS}, got {budgets!r}")
     if device is not None and torch.device(device).type != "cpu":
         _progress(f"the toy model is evaluated on the CPU (asked for {device})")
     settings = PRESETS[preset]
@@ -104,7 +110,7 @@ def run(*, preset: str = "default", device: torch.device | None = None, weights:
     blind = [rule_accuracy(model, d, None, 0) for d in sets]
     rows = [{"method": "full", "group": "reference", "budget": NUM_PATCHES, **_summary(full, full)},
             {"method": "no image", "group": "reference", "budget": 0, **_summary(blind, full)}]
-    for budget in BUDGETS:
+    for budget in budgets:
         for method, (group, _) in METHODS.items():
             if group == "package":
                 scorer = _package_scorer(model, acformer, method, budget)
@@ -117,7 +123,7 @@ def run(*, preset: str = "default", device: torch.device | None = None, weights:
         "model": {"weights": str(weights.relative_to(Path.cwd()) if weights.is_relative_to(Path.cwd()) else weights),
                   "patches": NUM_PATCHES, "parameters": sum(p.numel() for p in model.parameters())},
         "eval_seeds": list(settings["seeds"]), "questions_per_seed": settings["questions"],
-        "budgets": list(BUDGETS), "methods": {k: v[1] for k, v in METHODS.items()}, "rows": rows,
+        "budgets": list(budgets), "methods": {k: v[1] for k, v in METHODS.items()}, "rows": rows,
     }
 
 
@@ -167,7 +173,7 @@ def to_markdown(result: dict[str, Any]) -> str:
                 behind.append(f"- {b} tokens: `{method}` {_pct(r['accuracy'])} < {peer['method']} "
                               f"{_pct(peer['accuracy'])} ({_pct(r['accuracy'] - peer['accuracy'])})")
     out += behind or ["- nowhere: every `select` variant is at or above every peer rule at every budget."]
-    b25 = budgets[1]
+    b25 = budgets[min(1, len(budgets) - 1)]  # 25 % in the full table
     out += ["", f"Accuracy by question type at {b25} tokens (%; chance: colour 16.7, shape 25, exists 50, above 50):",
             "", "| method | " + " | ".join(QUESTION_TYPES) + " |", "|---|" + "---|" * len(QUESTION_TYPES)]
     for method, budget in [("full", NUM_PATCHES), ("no image", 0)] + [(m, b25) for m in METHODS]:
