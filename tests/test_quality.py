@@ -26,8 +26,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from benchmarks.quality import rules  # noqa: E402
-from benchmarks.quality.evaluate import (  # noqa: E402
+from benchmarks.quality import rules
+from benchmarks.quality.evaluate import (
     Score,
     eval_set,
     language_logits,
@@ -36,9 +36,9 @@ from benchmarks.quality.evaluate import (  # noqa: E402
     select_model,
     tower_output,
 )
-from benchmarks.quality.model import WEIGHTS, load_llava  # noqa: E402
-from benchmarks.quality.task import make_batch  # noqa: E402
-from benchmarks.quality.train import answer_logits, data_rng  # noqa: E402
+from benchmarks.quality.model import WEIGHTS, load_llava
+from benchmarks.quality.task import make_batch
+from benchmarks.quality.train import answer_logits, data_rng
 
 BUDGET = 16  # 25 % of the 64 patches
 MIN_FULL_ACCURACY = 0.70  # measured 76.0 %; the benchmark aims at 90 %, which this recipe does not reach

@@ -26,8 +26,16 @@ from typing import Any
 import torch
 
 from benchmarks.quality import rules
-from benchmarks.quality.evaluate import (EvalSet, Score, acformer_model, eval_set, package_accuracy, rule_accuracy,
-                                         select_model, tower_output)
+from benchmarks.quality.evaluate import (
+    EvalSet,
+    Score,
+    acformer_model,
+    eval_set,
+    package_accuracy,
+    rule_accuracy,
+    select_model,
+    tower_output,
+)
 from benchmarks.quality.model import NUM_PATCHES, WEIGHTS, load_acformer, load_llava
 from benchmarks.quality.rules import visionzip_split
 from benchmarks.quality.task import QUESTION_TYPES
@@ -141,11 +149,11 @@ def to_markdown(result: dict[str, Any]) -> str:
     full, blind = _row(result, "full", NUM_PATCHES), _row(result, "no image", 0)
     head = " | ".join(f"{b} ({100 * b / NUM_PATCHES:.1f} %)" for b in budgets)
     out = [
-        f"Toy LLaVA ({result['model']['parameters'] / 1e6:.2f} M parameters, shipped weights), "
-        f"{result['questions_per_seed']} questions per evaluation seed, seeds {seeds}; accuracy in % as mean ± "
-        f"standard deviation over the seeds, (retention = accuracy / full-budget accuracy, in %). "
-        f"Full budget ({NUM_PATCHES} tokens): **{_pct(full['accuracy'])} ± {_pct(full['accuracy_std'])}**; "
-        f"no image tokens: {_pct(blind['accuracy'])} ± {_pct(blind['accuracy_std'])}.",
+        (f"Toy LLaVA ({result['model']['parameters'] / 1e6:.2f} M parameters, shipped weights), "
+         f"{result['questions_per_seed']} questions per evaluation seed, seeds {seeds}; accuracy in % as mean ± "
+         f"standard deviation over the seeds, (retention = accuracy / full-budget accuracy, in %). "
+         f"Full budget ({NUM_PATCHES} tokens): **{_pct(full['accuracy'])} ± {_pct(full['accuracy_std'])}**; "
+         f"no image tokens: {_pct(blind['accuracy'])} ± {_pct(blind['accuracy_std'])}."),
         "",
         f"| method (tokens →) | {head} |",
         "|---|" + "---|" * len(budgets),
@@ -160,8 +168,8 @@ def to_markdown(result: dict[str, Any]) -> str:
             cells.append(f"**{cell}**" if r is best_peer[b] else cell)
         label = {"package": f"`{method}`", "peer": method, "wrong": f"*{method}*"}[group]
         out.append(f"| {label} | " + " | ".join(cells) + " |")
-    out += ["", "Bold: the best peer rule at that budget. *wrong:* rows are deliberately broken variants of "
-            "`select cls` (what the tests must reject)."]
+    out += ["", ("Bold: the best peer rule at that budget. *wrong:* rows are deliberately broken variants of "
+                 "`select cls` (what the tests must reject).")]
     out += ["", "Where the package's selection trails the best peer rule (difference in points, mean over seeds):", ""]
     behind = []
     for b in budgets:

@@ -122,7 +122,7 @@ _POOL_GRID = {32: (8, 4), 16: (4, 4), 8: (4, 2), 4: (2, 2)}
 
 def avg_pool(out: TowerOutput, budget: int, seed: int = 0) -> torch.Tensor:
     b, n, d = out.features.shape
-    side = int(round((n - 1) ** 0.5))
+    side = round((n - 1) ** 0.5)
     grid = out.features[:, 1:].transpose(1, 2).reshape(b, d, side, side)  # (B, D, 8, 8)
     pooled = F.adaptive_avg_pool2d(grid, _POOL_GRID[budget])  # (B, D, rows, cols)
     return out.projector(pooled.flatten(2).transpose(1, 2))  # (B, T, D) raster order -> (B, T, llm_dim)

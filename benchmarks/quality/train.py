@@ -33,8 +33,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.quality.model import (ACFORMER_KWARGS, NUM_PATCHES, WEIGHTS, build_llava, build_tower, load_llava,
-                                      save_acformer)
+from benchmarks.quality.model import (
+    ACFORMER_KWARGS,
+    NUM_PATCHES,
+    WEIGHTS,
+    build_llava,
+    build_tower,
+    load_llava,
+    save_acformer,
+)
 from benchmarks.quality.task import COLOURS, IMAGE_ID, SHAPES, Batch, make_batch
 
 __all__ = ["BUDGETS", "Recipe", "answer_logits", "data_rng", "main", "train_acformer", "train_llava", "train_tower"]
