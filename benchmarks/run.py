@@ -4,6 +4,7 @@
     python -m benchmarks.run --quick                           # a shorter first look
     python -m benchmarks.run --preset tiny                     # seconds (the smoke test runs this)
     python -m benchmarks.run --preset llava-1.5-7b --device cuda   # LLaVA-1.5-7B shapes, for a GPU
+    python -m benchmarks.run --section quality                 # answer accuracy of the toy VLM, a few minutes
 
 (from the repository root; ``python benchmarks/run.py`` does the same from anywhere). How long a run
 takes: the summary at the end of every results.md says it, with the machine and its load; the committed
@@ -21,7 +22,9 @@ One run measures, side by side and as ratios to LLaVA-1.5's MLP-576 connector:
   HF models (scaled down on the ``tiny``/``default`` presets, real shapes on ``llava-1.5-7b``);
 * ``search`` (``bench_search.py``): the batched anchor search against the reference's per-sample loop, on
   independent-head, head-correlated and (random-init) CLIP attention rows;
-* ``probe`` (``bench_probe.py``): anchors from the [CLS] probe against ``output_attentions``.
+* ``probe`` (``bench_probe.py``): anchors from the [CLS] probe against ``output_attentions``;
+* ``quality`` (``quality/bench.py``, only when named: ``--section quality``): answer accuracy of a trained
+  toy LLaVA against the visual-token budget, for the package's ``select`` / AcFormer and peer rules.
 
 Writes ``results.json`` (device, versions, preset, date, every figure), ``results.md`` (the tables printed
 on stdout) and, with matplotlib, ``chart.png`` (cost against visual tokens) to ``--output``, by default a
@@ -75,7 +78,7 @@ from benchmarks._common import (  # noqa: E402
     spread_warnings,
 )
 
-__all__ = ["BENCHMARKS", "PRESETS", "QUICK_CONNECTORS", "SECTIONS", "Section", "default_output", "main", "markdown_chart",
+__all__ = ["BENCHMARKS", "OPT_IN", "PRESETS", "QUICK_CONNECTORS", "SECTIONS", "Section", "default_output", "main", "markdown_chart",
            "markdown_header", "markdown_section", "markdown_summary", "render_markdown", "run_suite", "write_chart"]
 
 # tiny: seconds, the smoke test; quick: a first look with four connectors, fewer rounds and smaller probe
@@ -99,6 +102,7 @@ class Section:
     module: str  # benchmarks/<module>.py
     title: str  # its heading in results.md
     takes_connectors: bool = False  # run() takes connectors= (the --connectors line-up)
+    opt_in: bool = False  # runs only when named (--section NAME), not in the default "all"
 
 
 # Run order. Adding a section is adding its line here.
@@ -107,13 +111,16 @@ SECTIONS: tuple[Section, ...] = (
     Section("pipeline", "bench_pipeline", "Pipeline", takes_connectors=True),
     Section("search", "bench_search", "Anchor search"),
     Section("probe", "bench_probe", "Anchor probe"),
+    Section("quality", "quality.bench", "Answer quality (trained toy VLM)", opt_in=True),
 )
 BENCHMARKS: dict[str, Section] = {section.name: section for section in SECTIONS}
+# sections that run only when named (``--section quality``), not in the default "all"
+OPT_IN = tuple(section.name for section in SECTIONS if section.opt_in)
 
 
 def _parse_list(spec: str | None, valid: list[str], what: str) -> list[str]:
     if spec is None or spec.strip() == "all":
-        return list(valid)
+        return [v for v in valid if v not in OPT_IN]
     wanted = [s.strip() for s in spec.split(",") if s.strip()]
     unknown = [w for w in wanted if w not in valid]
     if unknown or not wanted:
@@ -156,9 +163,10 @@ def run_suite(*, preset: str, device: torch.device, connectors: str | None = Non
 
 
 def _run_one(section: Section, *, preset: str, device: torch.device, connectors: str | None) -> dict[str, Any]:
-    if not (HERE / f"{section.module}.py").exists():
-        progress(f"{section.name}: skipped, benchmarks/{section.module}.py not found")
-        return {"skipped": f"benchmarks/{section.module}.py not found"}
+    path = section.module.replace(".", "/") + ".py"
+    if not (HERE / path).exists():
+        progress(f"{section.name}: skipped, benchmarks/{path} not found")
+        return {"skipped": f"benchmarks/{path} not found"}
     start = time.perf_counter()
     try:
         module = importlib.import_module(f"benchmarks.{section.module}")
@@ -213,7 +221,8 @@ def markdown_header(report: dict[str, Any]) -> str:
         f"{env['transformers']} · python {env['python']} · {env['threads']} threads · commit {env['git_commit']}",
         "",
         "Reproduce: `python -m benchmarks.run --preset " + report["preset"]
-        + ("" if env["device_type"] == "cpu" else " --device cuda") + "`. Every ratio (x) is to the MLP-576 "
+        + ("" if env["device_type"] == "cpu" else " --device cuda")
+        + "".join(f" --section {name}" for name in report["benchmarks"] if name in OPT_IN) + "`. Every ratio (x) is to the MLP-576 "
         "(LLaVA-1.5) connector in the same run. Times are medians over interleaved rounds on this device, "
         "with their interquartile range (± IQR).",
     ]) + "\n"
@@ -243,9 +252,16 @@ def markdown_section(name: str, result: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def markdown_chart(chart: str) -> str:
+def markdown_chart(chart: str, alt: str = "cost against visual tokens") -> str:
     """The chart's section (a link to the PNG beside results.md)."""
-    return "\n".join(["", "## Chart", "", f"![cost against visual tokens]({chart})"]) + "\n"
+    return "\n".join(["", "## Chart", "", f"![{alt}]({chart})"]) + "\n"
+
+
+def _chart_alt(report: dict[str, Any]) -> str:
+    """What the chart shows: cost (pipeline section) or, in a quality-only run, accuracy."""
+    sections = report["benchmarks"]
+    return ("answer accuracy against visual tokens" if "quality" in sections and "pipeline" not in sections
+            else "cost against visual tokens")
 
 
 def markdown_summary(report: dict[str, Any]) -> str:
@@ -279,7 +295,7 @@ def render_markdown(report: dict[str, Any], *, chart: str | None = None, summary
     parts = [markdown_header(report)]
     parts += [markdown_section(name, result) for name, result in report["benchmarks"].items()]
     if chart:
-        parts.append(markdown_chart(chart))
+        parts.append(markdown_chart(chart, _chart_alt(report)))
     if summary:
         parts.append(markdown_summary(report))
     return "".join(parts)
@@ -389,6 +405,11 @@ def write_chart(report: dict[str, Any], path: Path) -> bool:
     """Cost against visual tokens (analytic FLOPs at 7B/13B; measured pipeline time), points numbered, with a
     table of the numbers beside. False without matplotlib or without the pipeline section."""
     pipeline = report["benchmarks"].get("pipeline", {})
+    quality = report["benchmarks"].get("quality", {})
+    if "analytic" not in pipeline and "rows" in quality:  # a quality-only run: accuracy against budget
+        from benchmarks.quality.bench import write_chart as write_quality_chart
+
+        return write_quality_chart(quality, path)
     if "analytic" not in pipeline:
         return False
     try:
@@ -437,7 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--connectors", default=None,
                         help="comma-separated labels of the line-up or any budget, e.g. select-96,acformer-100 "
                              "(mlp-576 is always added: it is the baseline); default: the line-up")
-    parser.add_argument("--benchmarks", default=None, help="comma-separated subset; default all that exist")
+    parser.add_argument("--benchmarks", "--section", dest="benchmarks", default=None,
+                        help="comma-separated subset; default all that exist except " + ", ".join(OPT_IN)
+                             + " (run only when named)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's choice; 1 for the tiny preset, which is a "
                              "smoke run and must stay fast on a busy machine)")
@@ -451,7 +474,7 @@ def render(folder: Path) -> int:
     """Rewrite ``folder``'s results.md (and chart.png) from its results.json; no benchmark runs."""
     report = json.loads((folder / "results.json").read_text())
     for name in report["benchmarks"]:  # their to_markdown and summarize
-        if name in BENCHMARKS and (HERE / f"{BENCHMARKS[name].module}.py").exists():
+        if name in BENCHMARKS and (HERE / (BENCHMARKS[name].module.replace(".", "/") + ".py")).exists():
             importlib.import_module(f"benchmarks.{BENCHMARKS[name].module}")
     # reports written before the run time was recorded: the sum of the sections' times
     report.setdefault("seconds", round(sum(r.get("seconds", 0) for r in report["benchmarks"].values()), 1))
@@ -536,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     chart = "chart.png" if write_chart(report, output / "chart.png") else None
     save(report, chart, summary=True)
     if chart:
-        print(markdown_chart(chart), end="", flush=True)
+        print(markdown_chart(chart, _chart_alt(report)), end="", flush=True)
     print(markdown_summary(report), end="", flush=True)
     progress(f"wrote {output / 'results.json'}, {output / 'results.md'}" + (f", {output / chart}" if chart else ""))
     failed = [n for n, r in report["benchmarks"].items() if "error" in r]

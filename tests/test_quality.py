@@ -1,0 +1,170 @@
+"""Answer quality of reduced visual-token paths, on the shipped trained toy LLaVA (benchmarks/quality).
+
+The model is loaded from the committed safetensors; nothing is trained here. The central check,
+:func:`keeps_quality`, is what a correct reduced path must pass at 25 % of the patches (16 of 64 tokens):
+it keeps at least ``MIN_RETENTION`` of the full model's accuracy and beats random-K by at least
+``MIN_MARGIN_OVER_RANDOM`` points. The package's ``select`` passes it; the lowest-scored anchors fail it.
+
+Order: the shipped model answers the ``colour`` / ``shape`` questions (~99 %) but did not learn the
+order-dependent ``above`` questions (at chance even with every token), so the right anchors in reverse or
+shuffled order keep its accuracy and pass the quality check (asserted, strictly, as an expected failure:
+a better-trained model that makes them fail will turn these into errors to update). Order mistakes are
+caught instead by the exactness check: the package's ``select`` gives the reference path's logits, and
+the reversed / shuffled variants do not.
+
+Measured on the shipped model with this test's 400 questions (evaluation seed 100): full budget 76.0 %,
+``select`` cls at 16 tokens 76.25 % (retention 100 %), received 76.25 %, random-K 44.0 %, lowest-K
+58.25 % (retention 77 %, 14 points over random), reversed 77.25 %, shuffled 75.25 %. The thresholds
+(93 % retention, 20 points over random) leave ~7 and ~12 points of margin for ``select``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from benchmarks.quality import rules
+from benchmarks.quality.evaluate import (
+    Score,
+    eval_set,
+    language_logits,
+    package_accuracy,
+    rule_accuracy,
+    select_model,
+    tower_output,
+)
+from benchmarks.quality.model import WEIGHTS, load_llava
+from benchmarks.quality.task import make_batch
+from benchmarks.quality.train import answer_logits, data_rng
+
+BUDGET = 16  # 25 % of the 64 patches
+MIN_FULL_ACCURACY = 0.70  # measured 76.0 %; the benchmark aims at 90 %, which this recipe does not reach
+MIN_RETENTION = 0.93
+MIN_MARGIN_OVER_RANDOM = 0.20
+# evaluation seed 100 is not one of the benchmark's (0-4); 400 questions keep the test fast
+TEST_SEED, TEST_QUESTIONS = 100, 400
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(2)
+    return load_llava(WEIGHTS)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return eval_set(TEST_SEED, TEST_QUESTIONS)
+
+
+@pytest.fixture(scope="module")
+def tower(model, data):
+    return tower_output(model, data.batch.pixel_values)
+
+
+@pytest.fixture(scope="module")
+def full(model, data) -> Score:
+    return package_accuracy(model, data)
+
+
+@pytest.fixture(scope="module")
+def random_k(model, data, tower) -> Score:
+    return rule_accuracy(model, data, rules.random_k, BUDGET, tower)
+
+
+def keeps_quality(candidate: Score, full: Score, random_k: Score) -> bool:
+    """The check a correct reduced path passes at 25 %."""
+    return (candidate.accuracy >= MIN_RETENTION * full.accuracy
+            and candidate.accuracy >= random_k.accuracy + MIN_MARGIN_OVER_RANDOM)
+
+
+def test_task_is_a_function_of_the_seed():
+    a, b = make_batch(data_rng("eval", 7), 8), make_batch(data_rng("eval", 7), 8)
+    c = make_batch(data_rng("eval", 8), 8)
+    torch.testing.assert_close(a.pixel_values, b.pixel_values, rtol=0, atol=0)
+    assert torch.equal(a.input_ids, b.input_ids) and a.kinds == b.kinds
+    assert not torch.equal(a.pixel_values, c.pixel_values)
+
+
+def test_weights_are_small():
+    sizes = {p.name: p.stat().st_size for p in WEIGHTS.glob("*.safetensors")}
+    assert set(sizes) == {"model.safetensors", "acformer.safetensors"}, sizes
+    assert sum(sizes.values()) < 8 * 2**20, sizes
+
+
+def test_full_budget_answers(full):
+    assert full.accuracy >= MIN_FULL_ACCURACY, full
+
+
+def test_rule_path_is_the_llava_forward(model, data, tower):
+    """The rules' path (tower output -> projector -> language model) is the LLaVA forward: equal logits at
+    full budget, and the package's ``select`` equals :func:`rules.select_cls` on it at 25 %."""
+    batch = data.batch
+    stock = answer_logits(model, batch)
+    ours = language_logits(model, tower.projector(tower.features[:, 1:]), batch)
+    torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        package = answer_logits(select_model(model, num_anchors=BUDGET, score="cls"), batch, BUDGET)
+    reference = language_logits(model, rules.select_cls(tower, BUDGET), batch)
+    torch.testing.assert_close(package, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("score", ["cls", "received"])
+def test_select_keeps_quality(model, data, full, random_k, score):
+    selected = package_accuracy(select_model(model, num_anchors=BUDGET, score=score), data, BUDGET)
+    assert keeps_quality(selected, full, random_k), (selected, full, random_k)
+
+
+_ORDER_UNLEARNED = pytest.mark.xfail(
+    strict=True, reason="the shipped model did not learn the order-dependent 'above' questions, so a wrong "
+                        "order keeps its accuracy; test_wrong_order_changes_the_logits catches it")
+
+
+@pytest.mark.parametrize("variant", [
+    "lowest",
+    pytest.param("reversed", marks=_ORDER_UNLEARNED),
+    pytest.param("shuffled", marks=_ORDER_UNLEARNED),
+])
+def test_wrong_variant_fails_the_check(model, data, tower, full, random_k, variant):
+    broken = rule_accuracy(model, data, rules.WRONG_VARIANTS[variant], BUDGET, tower)
+    assert not keeps_quality(broken, full, random_k), (variant, broken, full, random_k)
+
+
+@pytest.mark.parametrize("variant", ["reversed", "shuffled", "lowest"])
+def test_wrong_order_changes_the_logits(model, data, tower, variant):
+    """Each wrong variant fails the exactness check the package's ``select`` passes
+    (test_rule_path_is_the_llava_forward): its logits are not the reference path's."""
+    reference = language_logits(model, rules.select_cls(tower, BUDGET), data.batch)
+    broken = language_logits(model, rules.WRONG_VARIANTS[variant](tower, BUDGET, data.seed), data.batch)
+    assert not torch.allclose(broken, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_no_image_is_far_below(model, data, full):
+    blind = rule_accuracy(model, data, None, 0)
+    assert blind.accuracy < full.accuracy - 0.3, (blind, full)
+    assert np.isfinite(blind.accuracy)
+
+
+def test_quality_section_runs_only_when_named(tmp_path):
+    from benchmarks import run
+
+    parser = run.build_parser()
+    assert run._parse(parser, ["--output", str(tmp_path)])[2] == ["connectors", "pipeline", "search", "probe"]
+    assert run._parse(parser, ["--section", "quality", "--output", str(tmp_path)])[2] == ["quality"]
+
+
+@pytest.mark.slow
+def test_tiny_quality_section_has_every_row(tmp_path):
+    """The benchmark section (tiny preset: one seed, 64 questions; one budget) writes its table and chart."""
+    from benchmarks.quality import bench
+
+    result = bench.run(preset="tiny", budgets=(16,))
+    rows = {(r["method"], r["budget"]) for r in result["rows"]}
+    assert rows == {("full", 64), ("no image", 0)} | {(m, b) for m in bench.METHODS for b in result["budgets"]}
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in result["rows"])
+    markdown = bench.to_markdown(result)
+    assert "`select cls`" in markdown and "divprune" in markdown
+    pytest.importorskip("matplotlib")
+    assert bench.write_chart(result, tmp_path / "chart.png") and (tmp_path / "chart.png").stat().st_size > 0
