@@ -42,7 +42,7 @@ from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
 
 from anchor_former.adapters._anchors import anchor_kwargs
 from anchor_former.adapters._probed import probed_forward
-from anchor_former.probes.base import AttentionProbe, Score, detect_encoder
+from anchor_former.probes import AttentionProbe, Score, detect_encoder
 
 try:  # transformers >= 5: ``return_dict=False`` support for get_image_features
     from transformers.utils.generic import can_return_tuple

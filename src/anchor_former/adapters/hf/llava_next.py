@@ -53,7 +53,7 @@ from anchor_former.adapters.hf.llava import (
     _projector_mlp,
     can_return_tuple,
 )
-from anchor_former.probes.base import AttentionProbe, EncoderSpec, Score, detect_encoder
+from anchor_former.probes import AttentionProbe, EncoderSpec, Score, detect_encoder
 from anchor_former.views import (
     AnyresViews,
     anyres_views,

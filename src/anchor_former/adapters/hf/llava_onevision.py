@@ -78,7 +78,7 @@ from anchor_former.adapters.hf.llava_next import (
     build_view_connector,
     check_views_model,
 )
-from anchor_former.probes.base import Score
+from anchor_former.probes import Score
 from anchor_former.search import anchor_search
 from anchor_former.views import AnyresViews, arrange_fixed, select_view_tokens
 

@@ -38,7 +38,7 @@ from torch import nn
 from anchor_former.adapters._anchors import anchor_kwargs
 from anchor_former.adapters._probed import probed_forward
 from anchor_former.checkpoint import Layout, load_connector_weights, save_state_dict
-from anchor_former.probes.base import AttentionProbe, Score, detect_encoder
+from anchor_former.probes import AttentionProbe, Score, detect_encoder
 
 __all__ = [
     "AnchorVisionTower",

@@ -46,7 +46,7 @@ from anchor_former.adapters.llava import (
     enable_anchor_former,
     load_projector_weights,
 )
-from anchor_former.probes.base import AttentionProbe, Score, detect_encoder
+from anchor_former.probes import AttentionProbe, Score, detect_encoder
 
 __all__ = ["DeferredAnchorVisionTower", "connector_settings", "register_with_llava", "unregister_from_llava"]
 
