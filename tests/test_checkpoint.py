@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from anchor_former.former import AnchorFormer
+from anchor_former.connectors.acformer import AnchorFormer
 from anchor_former.checkpoint import (
     CheckpointError,
     detect_layout,

@@ -30,7 +30,7 @@ from anchor_former.connectors import (
     SelectConnector,
 )
 from anchor_former.connectors.registry import available_connectors, build_connector
-from anchor_former.former import AnchorFormer, AnchorFormerConfig
+from anchor_former.connectors.acformer import AnchorFormer, AnchorFormerConfig
 from anchor_former.projector import build_projector
 from anchor_former.probes import (
     AnchorExtraction,
