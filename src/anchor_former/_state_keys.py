@@ -29,7 +29,7 @@ StateDict = dict[str, torch.Tensor]
 
 _PROJECTOR_MARK = "mm_projector."
 _HF_PROJECTOR = re.compile(r"^(?:.*\.)?multi_modal_projector\.linear_(\d+)\.(weight|bias)$")
-_MLP_KEY = re.compile(r"^(\d+)\.(weight|bias)$")
+_MLP_KEY = re.compile(r"^(?:\d+\.)?(weight|bias)$")  # mlpNx_gelu: {j}.weight; linear (a bare nn.Linear): weight
 
 
 class CheckpointError(ValueError):
@@ -39,7 +39,8 @@ class CheckpointError(ValueError):
 
 
 def is_mlp_key(key: str) -> bool:
-    """Whether ``key`` is a LLaVA projector key relative to the projector (``0.weight``, ``2.bias``, ...)."""
+    """Whether ``key`` is a LLaVA projector key relative to the projector (``0.weight``, ``2.bias``, ... of
+    ``mlpNx_gelu``; ``weight`` / ``bias`` of ``linear``, a bare ``nn.Linear``)."""
     return _MLP_KEY.match(key) is not None
 
 
@@ -61,7 +62,8 @@ def strip_projector_prefix(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
 
 def llava_projector_to_mlp(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     """LLaVA ``mm_projector`` weights → the keys of an ``mlpNx_gelu`` / ``linear`` projector
-    (``0.weight``, ``0.bias``, ``2.weight``, ...), e.g. for ``AnchorFormer.projector``.
+    (``0.weight``, ``0.bias``, ``2.weight``, ...; ``weight``, ``bias`` for ``linear``), e.g. for
+    ``AnchorFormer.projector``.
 
     Accepts ``model.mm_projector.{j}.*``, any other prefix ending in ``mm_projector.``, bare ``{j}.*`` keys,
     and transformers' ``multi_modal_projector.linear_{n}.*``.
