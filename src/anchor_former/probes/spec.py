@@ -221,8 +221,10 @@ class QueryKeySite(AttentionSite):
             )
         if q.shape[0] == 1 and k.shape[0] > 1:  # a learned query shared by the batch
             q = q.expand(k.shape[0], -1, -1, -1)
+        q, k = q.detach(), k.detach()  # the score never has a graph; the model's own tensors keep theirs
         if self.rotary is not None:
-            q, k = self.rotary(q, k, call.args, call.kwargs)
+            with torch.no_grad():
+                q, k = self.rotary(q, k, call.args, call.kwargs)
         return q, k
 
     def row(self, call: SiteCall) -> torch.Tensor:
