@@ -20,8 +20,8 @@ LAYERS, HEADS, TOKENS = 3, 4, 17
 
 def tiny_clip() -> CLIPVisionModel:
     config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
-                              num_attention_heads=HEADS, image_size=32, patch_size=8, attn_implementation="sdpa")
-    return randomize(CLIPVisionModel(config).eval())
+                              num_attention_heads=HEADS, image_size=32, patch_size=8)
+    return randomize(CLIPVisionModel(config).eval())  # SDPA where transformers has it (5.x), else eager
 
 
 def probed(model: torch.nn.Module, pixels: torch.Tensor, score: str, *, grad: bool = False) -> AttentionProbe:
