@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from types import TracebackType
 from typing import Any, Literal
 
@@ -201,7 +202,7 @@ class AttentionProbe:
         try:
             self._handles.append(self._block.register_forward_hook(self._on_block_output))
             if self._site is not None:
-                self._handles.extend(watch_site(self._site, self._on_site_call))
+                self._handles.extend(watch_site(self._site, partial(self._on_site_call, self._site)))
         except BaseException:
             self.detach()
             raise
@@ -226,11 +227,11 @@ class AttentionProbe:
         # transformers 4.x blocks return a tuple (hidden_states, [attn_weights]); 5.x and timm a tensor
         self._features.append(output[0] if isinstance(output, (tuple, list)) else output)
 
-    def _on_site_call(self, call: SiteCall) -> None:
+    def _on_site_call(self, site: AttentionSite, call: SiteCall) -> None:
         if self.score == "received":
-            self._attention.append(self._site.received(call, block_size=self.block_size))
+            self._attention.append(site.received(call, block_size=self.block_size))
         else:
-            self._attention.append(self._site.row(call))
+            self._attention.append(site.row(call))
 
     @property
     def captures(self) -> list[ProbeCapture]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -337,7 +337,7 @@ class PackedProjectionSite(AttentionSite):
             )
 
     def _states(self, call: SiteCall) -> tuple[torch.Tensor, torch.Tensor]:
-        mha = self.module
+        mha = cast(nn.MultiheadAttention, self.module)  # validate() refused anything else
         x = call.args[0] if call.args else call.kwargs["query"]  # (B, N, D)
         dim, heads = mha.embed_dim, mha.num_heads
         w, b = mha.in_proj_weight, mha.in_proj_bias
