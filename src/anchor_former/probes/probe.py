@@ -53,6 +53,7 @@ class _SiteWatch:
         self._site = site
         self._on_call = on_call
         self._call: SiteCall | None = None
+        self._done = False  # the current call's score is computed
 
     def attach(self) -> list[RemovableHandle]:
         handles = [self._site.module.register_forward_pre_hook(self._before, with_kwargs=True)]
@@ -67,7 +68,7 @@ class _SiteWatch:
         return handles
 
     def _before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):
-        self._call = None
+        self._call, self._done = None, False
         if _in_backward():
             return None
         rewritten = self._site.rewrite_call(args, kwargs)
@@ -86,10 +87,14 @@ class _SiteWatch:
                 f"cannot tell which output is the attention's queries/keys"
             )
         call.outputs[id(module)] = self._site.capture(module, output)
+        if not self._site.reads_output and not self._done and len(call.outputs) == len(self._site.sources()):
+            # everything is here: score now, before the attention allocates the rest of its work (lower peak)
+            self._done = True
+            self._on_call(call)
 
     def _after(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         call, self._call = self._call, None
-        if call is None:
+        if call is None or self._done:
             return
         call.output = output
         self._on_call(call)

@@ -21,7 +21,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -137,10 +137,14 @@ class AttentionSite(ABC):
 
     The probe registers a forward pre-hook on ``module`` (which may rewrite the call, see
     :meth:`rewrite_call`), forward hooks on :meth:`sources`, and a forward hook on ``module`` that turns
-    the finished :class:`SiteCall` into a score with :meth:`row` or :meth:`received`.
+    the finished :class:`SiteCall` into a score with :meth:`row` or :meth:`received` — or, for a site that
+    does not read the attention's output (``reads_output = False``), does so as soon as every source has
+    run (the attention's own buffers do not exist yet then, which keeps the peak memory down).
     """
 
     module: nn.Module
+    #: whether :meth:`row` / :meth:`received` read :attr:`SiteCall.output` (the attention's return)
+    reads_output: bool = True
 
     def sources(self) -> tuple[nn.Module, ...]:
         """Submodules whose outputs :meth:`row` / :meth:`received` read (hooked for each call)."""
@@ -200,6 +204,7 @@ class QueryKeySite(AttentionSite):
     scale: float
     rotary: Rotary | None = None
     padding_mask: PaddingMask | None = None
+    reads_output: ClassVar[bool] = False
 
     def sources(self) -> tuple[nn.Module, ...]:
         if self.query.module is self.key.module:
