@@ -4,9 +4,10 @@ An :class:`AttentionProbe` attaches forward hooks to an unmodified vision encode
 
 * on the selected layer's attention *site* (:mod:`anchor_former.probes.spec`): a pre-hook that opens a
   record of the call, hooks on the modules whose OUTPUTS are that attention's queries and keys
-  (``q_proj`` / ``k_proj``, a fused ``qkv``, the q/k norms after them), and a hook on the attention's
-  return that computes the score from those outputs, with the attention's own rotary embedding and
-  padding mask applied, in float32 and without autograd: the [CLS] query's probabilities over all keys
+  (``q_proj`` / ``k_proj``, a fused ``qkv``, the q/k norms after them); as soon as those have run (for a
+  pooling ``nn.MultiheadAttention``: when it returns its probabilities) the score is computed from those
+  outputs, with the attention's own rotary embedding and padding mask applied, in float32 and without
+  autograd: the [CLS] query's probabilities over all keys
   per head (``B * H * N * E`` multiply-adds) or, for ``score="received"``, the attention each token
   receives averaged over all queries (:func:`~anchor_former.probes.received_attention`, in query
   blocks: nothing ``(N, N)`` is kept; one more ``B * H * N * N * E`` matmul). No weight tensor is read, so
