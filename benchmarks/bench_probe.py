@@ -46,7 +46,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from anchor_former import AttentionProbe, anchor_search, detect_encoder, extract_anchors
-from anchor_former.probes import DEFAULT_BLOCK_SIZE, query_attention_row, site_received_attention
+from anchor_former.probes import DEFAULT_BLOCK_SIZE
+from anchor_former.probes.probe import watch_site
 from benchmarks._common import environment, measure_interleaved, parse_device, progress
 from benchmarks.bench_search import reference_loop
 
@@ -360,21 +361,29 @@ def run(*, preset: str = "default", device: torch.device | str = "cpu") -> dict[
     if device.type == "cpu":
         _cpu_peaks(results, paths, "probe: CLIP")
     progress("probe: the probe's parts alone (row, received, search)")
-    # the probe's own parts, timed alone: the [CLS] row from normed tokens, and the search
+    # the probe's own parts, timed alone on one recorded call of layer -2's attention (its hooked queries and
+    # keys): the [CLS] row, the received score, and the search
     spec = detect_encoder(model)
-    tokens = torch.randn(cfg["batch"], (vit["image_size"] // vit["patch_size"]) ** 2 + 1,
-                         vit["hidden_size"], generator=torch.Generator().manual_seed(1)).to(pixels)
-    row = query_attention_row(tokens, spec.sites[-2])
+    site, calls = spec.sites[-2], []
+    handles = watch_site(site, calls.append)
+    try:
+        with torch.no_grad():
+            model(pixel_values=pixels)
+    finally:
+        for handle in handles:
+            handle.remove()
+    call = calls[0]
+    row = site.row(call)
     parts = measure_interleaved(
-        {"row": lambda: query_attention_row(tokens, spec.sites[-2]),
-         "received": lambda: site_received_attention(tokens, spec.sites[-2]),
+        {"row": lambda: site.row(call),
+         "received": lambda: site.received(call, block_size=DEFAULT_BLOCK_SIZE),
          "search": lambda: anchor_search(row, k, num_prefix_tokens=spec.num_prefix_tokens)},
         device, rounds=cfg["rounds"], min_block_s=cfg["min_block_s"] / 10,
     )
     if device.type == "cpu":
-        received_peak = _cpu_peak_extra_mib(lambda: site_received_attention(tokens, spec.sites[-2]))
+        received_peak = _cpu_peak_extra_mib(lambda: site.received(call, block_size=DEFAULT_BLOCK_SIZE))
     else:
-        received_peak = measure_interleaved({"received": lambda: site_received_attention(tokens, spec.sites[-2])},
+        received_peak = measure_interleaved({"received": lambda: site.received(call, block_size=DEFAULT_BLOCK_SIZE)},
                                             device, rounds=1, min_block_s=0.0)["received"]["peak_extra_mib"]
     _ratios(results)
     base = results["sdpa"]

@@ -69,7 +69,7 @@ section environment 60 bash "$0" --step environment
 section install 90 bash "$0" --step install
 # the CUDA tests: every test marked cuda or skipped without a GPU lives in these files
 section tests_cuda 150 "$PYTHON" -m pytest -q -rs -p no:cacheprovider \
-    tests/test_search.py tests/test_triton_search.py tests/test_attention.py tests/test_former.py \
+    tests/test_search.py tests/test_triton_search.py tests/test_attention.py tests/connectors/test_acformer.py \
     tests/test_benchmarks.py --junitxml "$OUT/tests_cuda.xml"
 # search and probe first: they carry the headline targets and are the quickest
 section benchmarks 300 "$PYTHON" -m benchmarks.run --preset "$PRESET" --device "$DEVICE" \

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from anchor_former.connectors.acformer import AnchorFormer
 from anchor_former.checkpoint import (
     REFERENCE_NUM_ANCHORS,
     CheckpointError,
@@ -25,7 +26,6 @@ from anchor_former.checkpoint import (
     strip_projector_prefix,
     to_anchor_former,
 )
-from anchor_former.former import AnchorFormer
 
 D, LLM, HEADS, DIM_HEAD, DEPTH, K = 16, 24, 2, 8, 2, 5
 

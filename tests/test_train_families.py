@@ -88,7 +88,7 @@ def test_stage_1_then_stage_2_then_reload_and_generate(root, family) -> None:
     assert not changed(base["vision"], saved1["vision"]) and not changed(base["language"], saved1["language"])
     assert connector_digest(model1) == connector_digest(stage1.model)
     settings = model1.config.anchor_former
-    assert settings["connector"] == "acformer" and settings["anyres"] == {"layout": "fixed", "tokens_per_view": per_view}
+    assert settings["connector"] == "acformer" and settings["extras"]["anyres"] == {"layout": "fixed", "tokens_per_view": per_view}
 
     # the data used the attached layout: a 40 x 70 image's tokens as the processor writes them
     sample = stage1.train_dataset[0]

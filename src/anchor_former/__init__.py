@@ -30,13 +30,12 @@ from anchor_former.connectors import (
     SelectConnector,
 )
 from anchor_former.connectors.registry import available_connectors, build_connector
-from anchor_former.former import AnchorFormer, AnchorFormerConfig
+from anchor_former.connectors.acformer import AnchorFormer, AnchorFormerConfig
 from anchor_former.projector import build_projector
 from anchor_former.probes import (
     AnchorExtraction,
     AttentionProbe,
     EncoderSpec,
-    cls_attention_probe,
     detect_encoder,
     extract_anchors,
     received_attention,
@@ -71,7 +70,6 @@ __all__ = [
     "AnchorExtraction",
     "AttentionProbe",
     "EncoderSpec",
-    "cls_attention_probe",
     "detect_encoder",
     "extract_anchors",
     "received_attention",

@@ -20,6 +20,11 @@ Layouts understood (keys as they appear under LLaVA's ``model.mm_projector.``):
 
 Key prefixes up to and including ``mm_projector.`` (``model.``, ``base_model.model.model.`` of a PEFT
 wrapper, ...) are stripped before the layout is read.
+
+Each connector converts the layouts it comes from itself (:meth:`anchor_former.Connector.convert_checkpoint`;
+the reference AcFormer converter lives with :class:`~anchor_former.AnchorFormer` in
+:mod:`anchor_former.connectors.acformer`); this module reads files, tells layouts apart and loads the
+converted keys with every check (:func:`load_connector_weights`).
 """
 
 from __future__ import annotations
@@ -28,16 +33,30 @@ import os
 import pickle
 import re
 import struct
-import warnings
 import zipfile
 from collections.abc import Mapping
-from typing import Literal
 
 import torch
 from torch import nn
 
 from anchor_former._optional import require
+from anchor_former._state_keys import (
+    CheckpointError,
+    Layout,
+    StateDict,
+    is_mlp_key,
+    llava_projector_to_mlp,
+    own_or_llava_keys,
+    strip_projector_prefix,
+)
 from anchor_former._validation import shape_str
+from anchor_former.connectors.acformer import (
+    REFERENCE_NUM_ANCHORS,
+    AnchorFormer,
+    is_reference_acformer,
+    reference_acformer_to_anchor_former,
+)
+from anchor_former.connectors.base import Connector
 
 __all__ = [
     "CheckpointError",
@@ -53,17 +72,6 @@ __all__ = [
     "strip_projector_prefix",
     "to_anchor_former",
 ]
-
-Layout = Literal["llava_mlp", "reference_acformer", "anchor_former"]
-# Anchors the authors' published code selects (a constant in its CLIP encoder); their checkpoints saw 257 queries.
-REFERENCE_NUM_ANCHORS = 256
-
-StateDict = dict[str, torch.Tensor]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded safely or does not fit the module it is loaded into."""
-
 
 # --- reading and writing -------------------------------------------------------------------------------
 
@@ -183,30 +191,6 @@ def save_state_dict(
 
 # --- layouts ---------------------------------------------------------------------------------------------
 
-_PROJECTOR_MARK = "mm_projector."
-_HF_PROJECTOR = re.compile(r"^(?:.*\.)?multi_modal_projector\.linear_(\d+)\.(weight|bias)$")
-_MLP_KEY = re.compile(r"^(\d+)\.(weight|bias)$")
-_REF_LAYER = re.compile(r"^0\.layers\.(\d+)\.([01])\.(.+)$")
-_REF_ATTN = {"norm_media.weight", "norm_media.bias", "norm_latents.weight", "norm_latents.bias",
-             "to_q.weight", "to_kv.weight", "to_out.weight"}
-_REF_FF = {"0.weight", "0.bias", "1.weight", "3.weight"}
-
-
-def strip_projector_prefix(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
-    """Drop everything up to and including ``mm_projector.`` from each key; keep only those keys if any
-    key has that mark, else return the keys unchanged. transformers' ``multi_modal_projector.linear_{n}``
-    keys become LLaVA's ``{2(n-1)}.*``."""
-    hf = {}
-    for key, value in state_dict.items():
-        match = _HF_PROJECTOR.match(key)
-        if match:
-            hf[f"{2 * (int(match.group(1)) - 1)}.{match.group(2)}"] = value
-    if hf:
-        return hf
-    if any(_PROJECTOR_MARK in k for k in state_dict):
-        return {k.split(_PROJECTOR_MARK, 1)[1]: v for k, v in state_dict.items() if _PROJECTOR_MARK in k}
-    return dict(state_dict)
-
 
 def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> Layout:
     """Which layout a projector state dict has (after :func:`strip_projector_prefix`).
@@ -215,9 +199,9 @@ def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> Layout:
         CheckpointError: no known layout; the message lists a few of the keys.
     """
     keys = set(strip_projector_prefix(state_dict))
-    if keys and all(_MLP_KEY.match(k) for k in keys):
+    if keys and all(is_mlp_key(k) for k in keys):
         return "llava_mlp"
-    if any(_REF_LAYER.match(k) for k in keys) or "0.latents" in keys:
+    if is_reference_acformer(state_dict):
         return "reference_acformer"
     inner = {k.split("connector.", 1)[-1] for k in keys}
     if any(k.startswith("layers.") for k in inner) and any(k.startswith("projector.") for k in inner):
@@ -230,58 +214,6 @@ def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> Layout:
     )
 
 
-def llava_projector_to_mlp(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
-    """LLaVA ``mm_projector`` weights → the keys of an ``mlpNx_gelu`` / ``linear`` projector
-    (``0.weight``, ``0.bias``, ``2.weight``, ...), e.g. for ``AnchorFormer.projector``.
-
-    Accepts ``model.mm_projector.{j}.*``, any other prefix ending in ``mm_projector.``, bare ``{j}.*`` keys,
-    and transformers' ``multi_modal_projector.linear_{n}.*``.
-    """
-    stripped = strip_projector_prefix(state_dict)
-    bad = sorted(k for k in stripped if not _MLP_KEY.match(k))
-    if bad:
-        raise CheckpointError(
-            f"not a LLaVA linear/mlpNx_gelu projector checkpoint: unexpected keys {bad[:8]} "
-            "(expected only mm_projector.{j}.weight / .bias)"
-        )
-    if not stripped:
-        raise CheckpointError("no mm_projector.* (or multi_modal_projector.*) keys in the checkpoint")
-    return stripped
-
-
-def reference_acformer_to_anchor_former(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
-    """The reference AcFormer patch's ``mm_projector`` → an :class:`~anchor_former.AnchorFormer` state dict.
-
-    ``0.layers.{i}.0.X → layers.{i}.attn.X``, ``0.layers.{i}.1.j.* → layers.{i}.ff.j.*``,
-    ``0.norm.* → norm.*``, ``1.* → projector.0.*``, ``3.* → projector.2.*``; the unused ``0.latents`` is
-    dropped. Any other key raises :class:`CheckpointError` naming it.
-    """
-    out: StateDict = {}
-    unexpected: list[str] = []
-    for key, value in strip_projector_prefix(state_dict).items():
-        layer = _REF_LAYER.match(key)
-        if key == "0.latents":
-            continue  # never used by the reference's forward
-        if layer and layer.group(2) == "0" and layer.group(3) in _REF_ATTN:
-            out[f"layers.{layer.group(1)}.attn.{layer.group(3)}"] = value
-        elif layer and layer.group(2) == "1" and layer.group(3) in _REF_FF:
-            out[f"layers.{layer.group(1)}.ff.{layer.group(3)}"] = value
-        elif key in ("0.norm.weight", "0.norm.bias"):
-            out[key[2:]] = value
-        elif _MLP_KEY.match(key) and key.split(".")[0] in ("1", "3"):
-            index, kind = key.split(".")
-            out[f"projector.{0 if index == '1' else 2}.{kind}"] = value
-        else:
-            unexpected.append(key)
-    if unexpected:
-        raise CheckpointError(
-            f"unexpected keys in a reference AcFormer checkpoint: {sorted(unexpected)[:8]}"
-            + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else "")
-            + " (expected mm_projector.0.layers.{i}.{0,1}.*, 0.norm.*, 0.latents, 1.*, 3.*)"
-        )
-    return out
-
-
 def to_anchor_former(state_dict: Mapping[str, torch.Tensor]) -> tuple[StateDict, Layout]:
     """Convert any known layout to AnchorFormer keys; returns ``(state_dict, layout)``.
 
@@ -289,12 +221,9 @@ def to_anchor_former(state_dict: Mapping[str, torch.Tensor]) -> tuple[StateDict,
     ``strict=False`` semantics, i.e. :func:`load_checked` ``(..., partial=True)``.
     """
     layout = detect_layout(state_dict)
-    if layout == "llava_mlp":
-        return {f"projector.{k}": v for k, v in llava_projector_to_mlp(state_dict).items()}, layout
     if layout == "reference_acformer":
         return reference_acformer_to_anchor_former(state_dict), layout
-    stripped = strip_projector_prefix(state_dict)
-    return {k.split("connector.", 1)[-1] if k.startswith("connector.") else k: v for k, v in stripped.items()}, layout
+    return own_or_llava_keys(state_dict)
 
 
 def _kind_problem(value: object, target: torch.Tensor) -> str | None:
@@ -384,27 +313,16 @@ def load_connector_weights(
         CheckpointError: unsafe file, unknown layout, or keys/shapes that do not fit (named); the connector
             is unchanged then.
     """
-    from anchor_former.former import AnchorFormer
-
     state = dict(checkpoint) if isinstance(checkpoint, Mapping) else load_state_dict(checkpoint)
-    if isinstance(connector, AnchorFormer):
-        converted, layout = to_anchor_former(state)
+    if isinstance(connector, Connector):
+        if isinstance(connector, AnchorFormer):
+            detect_layout(state)  # an AcFormer reads only known layouts (names the keys otherwise)
+        converted, layout = connector.convert_checkpoint(state)
     elif not hasattr(connector, "projector"):  # a bare LLaVA projector (nn.Linear / nn.Sequential)
         converted, layout = llava_projector_to_mlp(state), "llava_mlp"
         load_checked(connector, converted, what="LLaVA projector checkpoint")
         return layout
-    else:
-        stripped = strip_projector_prefix(state)
-        converted = {k.removeprefix("connector."): v for k, v in stripped.items()}
-        layout = "anchor_former"
-        if converted and all(_MLP_KEY.match(k) for k in converted):
-            converted, layout = {f"projector.{k}": v for k, v in converted.items()}, "llava_mlp"
+    else:  # another module with an output projector at .projector
+        converted, layout = own_or_llava_keys(state)
     load_checked(connector, converted, partial=layout == "llava_mlp", what=f"{layout} checkpoint")
-    num_anchors = getattr(connector.search, "num_anchors", None)  # an AnchorFormer's AnchorSearch
-    if layout == "reference_acformer" and num_anchors != REFERENCE_NUM_ANCHORS:
-        warnings.warn(
-            f"the authors' AcFormer code trains with {REFERENCE_NUM_ANCHORS} anchors (num_count = 256 in its CLIP "
-            f"encoder; its num_latents=144 is unused), but this connector has num_anchors="
-            f"{num_anchors}: the weights load, but the model differs from the one trained; "
-            f"build it with num_anchors={REFERENCE_NUM_ANCHORS} to reproduce it", UserWarning, stacklevel=2)
     return layout

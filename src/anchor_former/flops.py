@@ -317,21 +317,16 @@ def vit_forward_flops(shape: ViTShape, *, batch: int = 1, num_layers: int | None
     return vit_patch_embed_flops(shape, batch=batch) + layers * vit_layer_flops(shape, batch=batch)
 
 
-def cls_probe_flops(shape: ViTShape, *, batch: int = 1, key_norm: bool = False) -> int:
-    """FLOPs of the [CLS]-row probe on one layer, as :func:`anchor_former.probes.query_attention_row` runs it.
+def cls_probe_flops(shape: ViTShape, *, batch: int = 1) -> int:
+    """FLOPs of the [CLS]-row probe on one layer, as :class:`anchor_former.probes.AttentionProbe` runs it.
 
-    Without a key norm (CLIP, SigLIP, DINOv2, most timm ViTs) the probe never projects the keys: it folds
-    ``W_k`` into the query, ``q · (W_k x) = (W_k^T q) · x``, so per sample it costs the query projection
-    ``2·D²``, the fold ``2·D²`` (``H`` heads × ``h`` × ``D``, ``H·h = D``) and one score per head and token
-    ``2·H·N·D``: ``B · (4·D² + 2·H·N·D)`` (23.1 MFLOPs at CLIP ViT-L/14-336 shapes). With
-    ``key_norm=True`` (encoders that normalise keys per head, where the fold does not apply) it projects
-    every key: ``B · (2·D² + 2·N·D² + 2·N·D)``. The anchor search after it is a selection and counts 0.
+    The probe reads the queries and keys the layer's own projections output (the model computes them
+    anyway), so its only matmul is the [CLS] query against every key, per head: ``H · N · h = N · D``
+    multiply-adds per sample, ``B · 2·N·D`` FLOPs (1.2 MFLOPs per image at CLIP ViT-L/14-336 shapes). The
+    anchor search after it is a selection and counts 0.
     """
     check_positive_int("batch", batch)
-    n, d, h = shape.num_tokens, shape.hidden_size, shape.num_heads
-    if key_norm:
-        return batch * (_mm(1, d, d) + _mm(n, d, d) + _mm(1, d, n))
-    return batch * (_mm(1, d, d) + _mm(1, d, d) + h * _mm(1, d, n))
+    return batch * _mm(1, shape.hidden_size, shape.num_tokens)
 
 
 @dataclass(frozen=True)

@@ -175,11 +175,14 @@ DEFAULT_CONNECTOR, DEFAULT_NUM_ANCHORS = "acformer", 144
 
 def _check_recorded(info: CheckpointInfo, model_args: ModelArguments, kwargs: dict[str, Any]) -> None:
     """A folder this module wrote keeps its connector: connector flags may only repeat what it records."""
-    recorded = info.anchor_former or {}
-    config = recorded.get("connector_config") or {}
-    given = [("--connector", model_args.connector, recorded.get("connector")),
-             ("--score", model_args.score, recorded.get("score")),
-             ("--num_anchors", model_args.num_anchors, config.get("num_anchors", model_args.num_anchors))]
+    from anchor_former.adapters.settings import AnchorSettings
+
+    recorded = AnchorSettings.from_dict(info.anchor_former or {})
+    config = {**recorded.connector_config, "num_anchors": recorded.num_anchors}
+    given = [("--connector", model_args.connector, recorded.connector),
+             ("--score", model_args.score, recorded.score),
+             ("--num_anchors", model_args.num_anchors,
+              model_args.num_anchors if recorded.num_anchors is None else recorded.num_anchors)]
     given += [(f"--connector_config key {key!r}", value, config.get(key, ...)) for key, value in kwargs.items()]
     for flag, value, kept in given:
         if value is not None and value != kept:

@@ -10,7 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from anchor_former.probes import QueryKeySite, query_attention_row, site_received_attention
+from anchor_former.probes import DEFAULT_BLOCK_SIZE
+from anchor_former.probes.probe import watch_site
+from anchor_former.probes.registry import AttentionSite, QueryKeySite, SiteCall
 
 
 def eager_copy(model: nn.Module) -> nn.Module:
@@ -39,39 +41,37 @@ def column_mean(attentions: torch.Tensor, padding: torch.Tensor | None = None) -
     return ((probs * keep).sum(2) / keep.sum(2)).float()
 
 
-def site_call(model: nn.Module, run: Callable[[], Any], site: QueryKeySite) -> tuple[tuple, dict]:
-    """The ``(args, kwargs)`` of the first call of ``site.module`` while ``run()`` runs."""
-    seen = []
-    handle = site.module.register_forward_pre_hook(lambda m, a, kw: seen.append((a, kw)), with_kwargs=True)
+def site_call(model: nn.Module, run: Callable[[], Any], site: AttentionSite) -> SiteCall:
+    """The first finished call of ``site``'s attention while ``run()`` runs, as the probe's hooks record it."""
+    seen: list[SiteCall] = []
+    handles = watch_site(site, seen.append)
     try:
         with torch.no_grad():
             run()
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return seen[0]
 
 
-def mutants(site: QueryKeySite, call: tuple[tuple, dict], score: str) -> dict[str, torch.Tensor]:
+def mutants(site: AttentionSite, call: SiteCall, score: str) -> dict[str, torch.Tensor]:
     """Deliberately broken scores for ``site``'s call: the tolerance of an exactness test must reject each."""
-    args, kwargs = call
-    tokens = site.tokens(args, kwargs)
 
-    def compute(s: QueryKeySite) -> torch.Tensor:
-        if score == "received":
-            return site_received_attention(tokens, s, args=args, kwargs=kwargs)
-        return query_attention_row(tokens, s, args=args, kwargs=kwargs)
+    def compute(s: AttentionSite) -> torch.Tensor:
+        return s.received(call, block_size=DEFAULT_BLOCK_SIZE) if score == "received" else s.row(call)
 
     good = compute(site)
     broken = {
         "uniform": torch.full_like(good, 1.0 / good.shape[-1]),
-        "scale without 1/sqrt(E)": compute(replace(site, scale=site.scale * site.head_dim**0.5)),
+        "heads averaged": good.mean(1, keepdim=True).expand_as(good),
     }
-    if site.rotary is not None:
-        broken["keys without rotary"] = compute(replace(site, rotary=None))
-    if site.k_norm is not None:
-        broken["keys without k_norm"] = compute(replace(site, k_norm=None))
-    if site.padding_mask is not None and site.padding_mask(args, kwargs) is not None:
-        broken["padding ignored"] = compute(replace(site, padding_mask=None))
+    if isinstance(site, QueryKeySite):
+        width = call.output_of(site.key.module)["key"].shape[-1]
+        broken["scale without 1/sqrt(E)"] = compute(replace(site, scale=site.scale * width**0.5))
+        if site.rotary is not None:
+            broken["keys without rotary"] = compute(replace(site, rotary=None))
+        if site.padding_mask is not None and site.padding_mask(call.args, call.kwargs) is not None:
+            broken["padding ignored"] = compute(replace(site, padding_mask=None))
     return broken
 
 

@@ -16,7 +16,7 @@ from _probe_helpers import (
 from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
 from anchor_former import anchor_search
-from anchor_former.probes import AttentionProbe, cls_attention_probe, detect_encoder, extract_anchors
+from anchor_former.probes import AttentionProbe, detect_encoder, extract_anchors
 
 LAYERS = 3
 HEADS = 4
@@ -58,7 +58,7 @@ def _build(layout: str) -> torch.nn.Module:
 @pytest.mark.parametrize("layer", [-2, -1, 1, 2])
 def test_row_and_features_match_eager(layout: str, layer: int, pixels: torch.Tensor) -> None:
     model = _build(layout)
-    with torch.no_grad(), cls_attention_probe(model, layer=layer) as probe:
+    with torch.no_grad(), AttentionProbe(model, layer=layer) as probe:
         out = model(pixel_values=pixels, output_hidden_states=True)
     ref = eager_copy(model)(pixel_values=pixels, output_attentions=True)
     row = ref.attentions[reference_block(layer, LAYERS)][:, :, 0]  # (B, H, N)
@@ -121,7 +121,7 @@ def test_hooks_removed_after_use_and_after_exception(model: CLIPVisionModel, pix
     model(pixel_values=pixels, output_hidden_states=True)  # let transformers install its own hooks first
     before = hook_count(model)
     with AttentionProbe(model) as probe:
-        assert hook_count(model) == before + 2 and probe.attached
+        assert hook_count(model) == before + 5 and probe.attached  # layer; attention before/after; q_proj, k_proj
         model(pixel_values=pixels)
     assert hook_count(model) == before and not probe.attached
     with pytest.raises((ValueError, RuntimeError)), AttentionProbe(model):
@@ -144,23 +144,22 @@ def test_grad_flows_through_features_not_attention(model: CLIPVisionModel, pixel
     torch.testing.assert_close(probe.attention, ref.attentions[-2][:, :, 0], atol=1e-5, rtol=0)
 
 
-def test_bf16_row_is_fp32_from_the_normed_input(model: CLIPVisionModel, pixels: torch.Tensor) -> None:
+def test_bf16_row_is_fp32_from_the_bf16_projections(model: CLIPVisionModel, pixels: torch.Tensor) -> None:
+    """In bf16 the row is the float32 softmax of the bf16 queries and keys the attention itself used."""
     model = model.to(torch.bfloat16)
     spec = detect_encoder(model)
-    block = spec.blocks[-2]
-    seen = []
-    handle = block.layer_norm1.register_forward_hook(lambda m, a, o: seen.append(o))
+    attn = spec.blocks[-2].self_attn
+    seen = {}
+    handles = [attn.q_proj.register_forward_hook(lambda m, a, o: seen.setdefault("q", o)),
+               attn.k_proj.register_forward_hook(lambda m, a, o: seen.setdefault("k", o))]
     try:
         with torch.no_grad(), AttentionProbe(model, layer=-2) as probe:
             model(pixel_values=pixels.to(torch.bfloat16))
     finally:
-        handle.remove()
-    x = seen[0].double()  # (B, N, D) the layer's normed input, as the model computed it in bf16
-    attn = block.self_attn
-    q = torch.nn.functional.linear(x[:, :1], attn.q_proj.weight.double(), attn.q_proj.bias.double())
-    k = torch.nn.functional.linear(x, attn.k_proj.weight.double(), attn.k_proj.bias.double())
-    q = q.view(3, 1, HEADS, -1).transpose(1, 2)  # (B, H, 1, E)
-    k = k.view(3, 17, HEADS, -1).transpose(1, 2)  # (B, H, N, E)
+        for handle in handles:
+            handle.remove()
+    q = seen["q"].double()[:, :1].view(3, 1, HEADS, -1).transpose(1, 2)  # (B, H, 1, E)
+    k = seen["k"].double().view(3, 17, HEADS, -1).transpose(1, 2)  # (B, H, N, E)
     expected = ((q @ k.transpose(-1, -2)) * attn.scale).softmax(-1)[:, :, 0]  # (B, H, N)
     assert probe.attention.dtype == torch.float32 and probe.features.dtype == torch.bfloat16
     torch.testing.assert_close(probe.attention, expected.float(), atol=1e-5, rtol=0)

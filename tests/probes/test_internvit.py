@@ -9,10 +9,13 @@ transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "InternVLVisionModel"):
     pytest.skip("this transformers has no InternVLVisionModel", allow_module_level=True)
 
-from _probe_helpers import check_exact_family, randomize  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+from _probe_helpers import check_exact_family, eager_copy, randomize, site_call  # noqa: E402
 
 from anchor_former import anchor_search  # noqa: E402
 from anchor_former.probes import detect_encoder, extract_anchors  # noqa: E402
+from anchor_former.probes.registry import Projection, split_heads  # noqa: E402
 
 LAYERS = 3
 
@@ -43,4 +46,20 @@ def test_spec() -> None:
     spec = detect_encoder(build(True))
     assert (spec.family, spec.num_layers, spec.num_prefix_tokens, spec.has_cls, spec.patch_size) == (
         "internvit", LAYERS, 1, True, 8)
-    assert spec.sites[0].norm_over_heads and spec.sites[0].k_norm is not None
+    attn = spec.blocks[0].attention
+    assert spec.sites[0].sources() == (attn.q_norm, attn.k_norm)  # the final queries and keys
+
+
+def test_keys_before_the_norm_fail_the_tolerance() -> None:
+    """Reading k_proj instead of k_norm (the norm over all heads left out) is off by far more than 1e-5."""
+    model = build(True)
+    pixels = torch.randn(2, 3, 32, 32)
+    spec = detect_encoder(model)
+    site = spec.sites[-2]
+    attn = spec.blocks[-2].attention
+    unnormed = replace(site, key=Projection(attn.k_proj, split_heads(attn.num_heads)))
+    with torch.no_grad():
+        expected = eager_copy(model)(pixel_values=pixels, output_attentions=True).attentions[-2][:, :, 0]
+    run = lambda: model(pixel_values=pixels)  # noqa: E731
+    torch.testing.assert_close(site.row(site_call(model, run, site)), expected, atol=1e-5, rtol=0)
+    assert (unnormed.row(site_call(model, run, unnormed)) - expected).abs().max() > 1e-3

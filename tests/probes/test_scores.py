@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from anchor_former.probes import received_attention
+from anchor_former.probes import attention_row, received_attention
 
 # float32 blocked sums against a float64 reference: measured max error 6e-8 on these sizes
 ATOL = 1e-6
@@ -100,3 +100,40 @@ def test_errors() -> None:
         received_attention(q, q, scale=1.0, key_padding_mask=torch.zeros(2, 5))
     with pytest.raises(ValueError, match=r"got torch.bool of shape \(2, 4\)"):
         received_attention(q, q, scale=1.0, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
+
+
+def reference_row(q0, k, scale, padding=None):
+    """softmax(scale * q0 . k_j) over j, in float64, the obvious way: one (b, h) at a time."""
+    batch, heads, num, _ = k.shape
+    out = torch.zeros(batch, heads, num, dtype=torch.float64)
+    for b in range(batch):
+        real = torch.ones(num, dtype=torch.bool) if padding is None else padding[b]
+        for h in range(heads):
+            if not real.any():
+                continue
+            logits = (k[b, h, real].double() @ q0[b, h].double()) * scale
+            out[b, h, real] = logits.softmax(-1)
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(1, 3), tokens=st.integers(1, 20), heads=st.integers(1, 4), head_dim=st.integers(1, 8),
+    padded=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_row_equals_explicit_attention(batch, tokens, heads, head_dim, padded, seed) -> None:
+    g = torch.Generator().manual_seed(seed)
+    q0 = torch.randn(batch, heads, head_dim, generator=g)
+    k = torch.randn(batch, heads, tokens, head_dim, generator=g)
+    real = torch.rand(batch, tokens, generator=g) > 0.3 if padded else None
+    row = attention_row(q0, k, scale=head_dim**-0.5, key_padding_mask=real)
+    assert row.shape == (batch, heads, tokens) and row.dtype == torch.float32
+    torch.testing.assert_close(row, reference_row(q0, k, head_dim**-0.5, real).float(), atol=1e-6, rtol=1e-5)
+
+
+def test_row_refuses_bad_shapes() -> None:
+    k = torch.randn(2, 4, 5, 8)
+    with pytest.raises(ValueError, match=r"query must have shape \(2, 4, 8\) \(B, H, E\).*got shape \(2, 8\)"):
+        attention_row(torch.randn(2, 8), k, scale=1.0)
+    with pytest.raises(ValueError, match=r"key_padding_mask must be a bool tensor of shape \(2, 5\)"):
+        attention_row(torch.randn(2, 4, 8), k, scale=1.0, key_padding_mask=torch.ones(2, 5))

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from anchor_former.probes.base import AttentionProbe, Score
+from anchor_former.probes import AttentionProbe, Score
 
 __all__ = ["COMPILE_ADVICE", "hooked_forward", "probed_forward"]
 

@@ -1,21 +1,26 @@
-"""Vision-language connectors behind one interface (:class:`Connector`).
+"""Vision-language connectors behind one interface (:class:`Connector`): AcFormer (``acformer``), LLaVA's
+MLP, average pooling, C-Abstractor, the Perceiver resampler and the training-free selection.
 
-:func:`~anchor_former.connectors.registry.build_connector` (also exported at the package top level)
-builds any of them by name; it lives in ``registry`` and is not imported here because it depends on
-:mod:`anchor_former.former`, which itself imports :mod:`anchor_former.connectors.base`.
+:func:`build_connector` (also exported at the package top level) builds any of them by name; each one
+round-trips through its config (``type(c).from_config(c.config)``) and converts the checkpoint layouts
+it comes from (``c.convert_checkpoint(state_dict)``).
 """
 
 from __future__ import annotations
 
+from anchor_former.connectors.acformer import AnchorFormer, AnchorFormerConfig
 from anchor_former.connectors.base import Connector, ConnectorConfig, grid_side
 from anchor_former.connectors.cabstractor import CAbstractor, CAbstractorConfig
 from anchor_former.connectors.mlp import MLPConnector, MLPConnectorConfig
 from anchor_former.connectors.perceiver import PerceiverResampler, PerceiverResamplerConfig
 from anchor_former.connectors.pooling import AvgPoolConnector, AvgPoolConnectorConfig
+from anchor_former.connectors.registry import available_connectors, build_connector
 from anchor_former.connectors.resampler import ResamplerConnector
 from anchor_former.connectors.select import SelectConnector, SelectConnectorConfig, merge_context
 
 __all__ = [
+    "AnchorFormer",
+    "AnchorFormerConfig",
     "AvgPoolConnector",
     "AvgPoolConnectorConfig",
     "CAbstractor",
@@ -29,6 +34,8 @@ __all__ = [
     "ResamplerConnector",
     "SelectConnector",
     "SelectConnectorConfig",
+    "available_connectors",
+    "build_connector",
     "grid_side",
     "merge_context",
 ]

@@ -15,6 +15,12 @@ Every connector also gives ``num_output_tokens(N) -> T`` and ``analytic_flops(N)
 sample, 2 per multiply-add, counting matrix products and convolutions (attention matmuls included) but
 not norms, activations, softmax or pooling; the convention of
 :class:`torch.utils.flop_counter.FlopCounterMode`, which agrees exactly on the explicit attention path.
+
+And every connector is rebuilt from its configuration the same way, and reads the checkpoint layouts it
+comes from::
+
+    clone = type(connector).from_config(connector.config, device=None, dtype=None)  # same architecture
+    state, layout = connector.convert_checkpoint(state_dict)  # a known layout -> this connector's keys
 """
 
 from __future__ import annotations
@@ -22,11 +28,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
+from anchor_former._state_keys import Layout, StateDict, own_or_llava_keys
 from anchor_former._validation import (
     check_floating,
     check_ndim,
@@ -38,6 +46,7 @@ from anchor_former._validation import (
 __all__ = ["Connector", "ConnectorConfig", "grid_side"]
 
 C = TypeVar("C", bound="ConnectorConfig")
+M = TypeVar("M", bound="Connector")
 
 
 class ConnectorConfig:
@@ -48,8 +57,14 @@ class ConnectorConfig:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
     @classmethod
-    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
-        """Build from :meth:`to_dict`'s output; unknown keys raise ``ValueError``."""
+    def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
+        """Build from :meth:`to_dict`'s output; missing keys take their defaults.
+
+        Raises:
+            ValueError: ``data`` is not a mapping, or has keys that are not fields (named, with the known ones).
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"data must be a mapping of {cls.__name__} fields, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - names)
         if unknown:
@@ -80,15 +95,61 @@ class Connector(nn.Module):
 
     Attributes:
         uses_anchors: whether ``anchor_idx`` / ``attention`` change the output.
+        config_class: the connector's config dataclass (what :attr:`config` returns and
+            :meth:`from_config` takes); its fields are the constructor's keyword arguments.
         vision_dim: width of the features.
         llm_dim: width of the output tokens.
         num_prefix_tokens: leading non-patch tokens of ``features`` ([CLS] + registers).
     """
 
     uses_anchors: ClassVar[bool] = False
+    config_class: ClassVar[type[ConnectorConfig]]
     vision_dim: int
     llm_dim: int
     num_prefix_tokens: int
+    _config: ConnectorConfig
+
+    @property
+    def config(self) -> ConnectorConfig:
+        """The configuration (an instance of :attr:`config_class`): ``from_config(config)`` builds the same
+        architecture, with fresh parameters. Runtime switches (``fused_attn``, ...) at their current values."""
+        return self._config
+
+    @classmethod
+    def from_config(
+        cls: type[M],
+        config: ConnectorConfig | Mapping[str, Any],
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> M:
+        """Build from a :attr:`config_class` instance or its dict (:meth:`ConnectorConfig.to_dict`).
+
+        Raises:
+            ValueError: ``config`` is a config of another connector or not a config/mapping, a dict with
+                unknown keys (named), or a value the constructor refuses (named by the constructor).
+        """
+        if isinstance(config, Mapping):
+            config = cls.config_class.from_dict(config)
+        elif type(config) is not cls.config_class:
+            raise ValueError(
+                f"config must be a {cls.config_class.__name__} (or its dict) for {cls.__name__}, got "
+                f"{type(config).__name__}"
+            )
+        return cls(**config.to_dict(), device=device, dtype=dtype)
+
+    def convert_checkpoint(self, state_dict: Mapping[str, torch.Tensor]) -> tuple[StateDict, Layout]:
+        """A checkpoint in a layout this connector knows -> ``(state dict with this connector's keys, layout)``.
+
+        Known to every connector with an output projector at ``.projector``: LLaVA's projector weights
+        (``mm_projector.{j}.*`` / transformers' ``multi_modal_projector.linear_{n}.*`` -> ``projector.{j}.*``,
+        layout ``"llava_mlp"``, a warm start of the projector only) and this package's own state dict
+        (under any prefix up to ``mm_projector.`` and ``connector.``; layout ``"anchor_former"``). A
+        connector trained elsewhere in another layout overrides this (:class:`~anchor_former.AnchorFormer`
+        reads the reference AcFormer patch). :func:`anchor_former.checkpoint.load_connector_weights` loads
+        the result, checking every key and shape.
+        """
+        return own_or_llava_keys(state_dict)
 
     def forward(
         self,

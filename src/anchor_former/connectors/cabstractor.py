@@ -127,6 +127,8 @@ class CAbstractor(Connector):
     """
 
     uses_anchors = False
+    config_class = CAbstractorConfig
+    _config: CAbstractorConfig
 
     def __init__(
         self,
@@ -151,7 +153,7 @@ class CAbstractor(Connector):
             grid_side(num_patches, connector="cabstractor")
         dd = {"device": device, "dtype": dtype}
         hidden = vision_dim if hidden_dim is None else hidden_dim
-        self.config = CAbstractorConfig(
+        self._config = CAbstractorConfig(
             vision_dim, llm_dim, hidden_dim, depth, grid, se_ratio, num_patches, projector, num_prefix_tokens
         )
         self.hidden_dim = hidden
@@ -173,10 +175,6 @@ class CAbstractor(Connector):
         )
         self.projector = build_projector(projector, hidden, llm_dim, **dd)
 
-    @classmethod
-    def from_config(cls, config: CAbstractorConfig, **kwargs: object) -> CAbstractor:
-        return cls(**config.to_dict(), **kwargs)  # type: ignore[arg-type]
-
     def _side(self, num_patches: int) -> int:
         side = grid_side(num_patches, connector="cabstractor")
         if self.pos_emb is not None and num_patches != self.pos_emb.shape[1]:
@@ -191,7 +189,7 @@ class CAbstractor(Connector):
         return self.grid**2
 
     def analytic_flops(self, num_input_tokens: int) -> int:
-        c = self.config
+        c = self._config
         side = self._side(self._num_patches(num_input_tokens))
         flops = sum(
             _block_flops(self.vision_dim if i == 0 else self.hidden_dim, self.hidden_dim, side * side, c.se_ratio)

@@ -45,6 +45,8 @@ class MLPConnector(Connector):
     """
 
     uses_anchors = False
+    config_class = MLPConnectorConfig
+    _config: MLPConnectorConfig
 
     def __init__(
         self,
@@ -58,19 +60,15 @@ class MLPConnector(Connector):
     ) -> None:
         super().__init__()
         self._set_widths(vision_dim, llm_dim, num_prefix_tokens)
-        self.config = MLPConnectorConfig(vision_dim, llm_dim, projector, num_prefix_tokens)
+        self._config = MLPConnectorConfig(vision_dim, llm_dim, projector, num_prefix_tokens)
         self.projector = build_projector(projector, vision_dim, llm_dim, device=device, dtype=dtype)
-
-    @classmethod
-    def from_config(cls, config: MLPConnectorConfig, **kwargs: object) -> MLPConnector:
-        return cls(**config.to_dict(), **kwargs)  # type: ignore[arg-type]
 
     def num_output_tokens(self, num_input_tokens: int) -> int:
         return self._num_patches(num_input_tokens)
 
     def analytic_flops(self, num_input_tokens: int) -> int:
         t = self.num_output_tokens(num_input_tokens)
-        return projector_flops(self.config.projector, self.vision_dim, self.llm_dim, t)
+        return projector_flops(self._config.projector, self.vision_dim, self.llm_dim, t)
 
     def forward(
         self,

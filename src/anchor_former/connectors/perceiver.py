@@ -7,6 +7,7 @@ tokens. State-dict keys equal :class:`~anchor_former.AnchorFormer`'s plus ``late
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,8 @@ class PerceiverResampler(ResamplerConnector):
     """
 
     uses_anchors = False
+    config_class = PerceiverResamplerConfig
+    _config: PerceiverResamplerConfig
 
     def __init__(
         self,
@@ -80,7 +83,7 @@ class PerceiverResampler(ResamplerConnector):
             kv_include_queries=kv_include_queries, fused_attn=fused_attn,
             gradient_checkpointing=gradient_checkpointing, device=device, dtype=dtype,
         )
-        self._arch = PerceiverResamplerConfig(
+        self._config = PerceiverResamplerConfig(
             vision_dim=vision_dim, llm_dim=llm_dim, num_queries=num_queries, depth=depth, heads=heads,
             dim_head=dim_head, ff_mult=ff_mult, projector=projector, num_prefix_tokens=num_prefix_tokens,
             kv_include_queries=kv_include_queries,
@@ -88,19 +91,15 @@ class PerceiverResampler(ResamplerConnector):
         self.latents = nn.Parameter(torch.empty(num_queries, vision_dim, device=device, dtype=dtype))
         nn.init.normal_(self.latents, std=0.02)
 
-    @classmethod
-    def from_config(cls, config: PerceiverResamplerConfig, **kwargs: object) -> PerceiverResampler:
-        return cls(**config.to_dict(), **kwargs)  # type: ignore[arg-type]
-
     @property
     def config(self) -> PerceiverResamplerConfig:
         """The current configuration, runtime switches included."""
         switches = {"fused_attn": self.fused_attn, "gradient_checkpointing": self.gradient_checkpointing}
-        return PerceiverResamplerConfig.from_dict({**self._arch.to_dict(), **switches})
+        return dataclasses.replace(self._config, **switches)
 
     def num_output_tokens(self, num_input_tokens: int) -> int:
         self._num_patches(num_input_tokens)
-        return self._arch.num_queries
+        return self._config.num_queries
 
     def analytic_flops(self, num_input_tokens: int) -> int:
         return self._resampler_flops(self.num_output_tokens(num_input_tokens), num_input_tokens)

@@ -47,6 +47,8 @@ class AvgPoolConnector(Connector):
     """
 
     uses_anchors = False
+    config_class = AvgPoolConnectorConfig
+    _config: AvgPoolConnectorConfig
 
     def __init__(
         self,
@@ -63,12 +65,8 @@ class AvgPoolConnector(Connector):
         self._set_widths(vision_dim, llm_dim, num_prefix_tokens)
         check_positive_int("pool", pool)
         self.pool = pool
-        self.config = AvgPoolConnectorConfig(vision_dim, llm_dim, pool, projector, num_prefix_tokens)
+        self._config = AvgPoolConnectorConfig(vision_dim, llm_dim, pool, projector, num_prefix_tokens)
         self.projector = build_projector(projector, vision_dim, llm_dim, device=device, dtype=dtype)
-
-    @classmethod
-    def from_config(cls, config: AvgPoolConnectorConfig, **kwargs: object) -> AvgPoolConnector:
-        return cls(**config.to_dict(), **kwargs)  # type: ignore[arg-type]
 
     def num_output_tokens(self, num_input_tokens: int) -> int:
         side = grid_side(self._num_patches(num_input_tokens), connector="avgpool")
@@ -76,7 +74,7 @@ class AvgPoolConnector(Connector):
 
     def analytic_flops(self, num_input_tokens: int) -> int:
         t = self.num_output_tokens(num_input_tokens)
-        return projector_flops(self.config.projector, self.vision_dim, self.llm_dim, t)
+        return projector_flops(self._config.projector, self.vision_dim, self.llm_dim, t)
 
     def forward(
         self,

@@ -163,6 +163,8 @@ class SelectConnector(Connector):
     """
 
     uses_anchors = True
+    config_class = SelectConnectorConfig
+    _config: SelectConnectorConfig
 
     def __init__(
         self,
@@ -186,25 +188,18 @@ class SelectConnector(Connector):
             raise ValueError("include_cls=True needs a [CLS] token at index 0, but num_prefix_tokens=0")
         # the search validates num_anchors; it never returns prefix tokens
         self.search = AnchorSearch(num_anchors, include_cls=False, num_prefix_tokens=num_prefix_tokens)
-        self.config = SelectConnectorConfig(
+        self._config = SelectConnectorConfig(
             vision_dim, llm_dim, num_anchors, num_context, bool(include_cls), projector, num_prefix_tokens
         )
         self.projector: nn.Module = build_projector(projector, vision_dim, llm_dim, device=device, dtype=dtype)
 
-    @classmethod
-    def from_config(cls, config: SelectConnectorConfig | dict, **kwargs: object) -> SelectConnector:
-        """Build from a :class:`SelectConnectorConfig` (or its dict); ``kwargs``: ``device``, ``dtype``."""
-        if isinstance(config, dict):
-            config = SelectConnectorConfig.from_dict(config)
-        return cls(**config.to_dict(), **kwargs)  # type: ignore[arg-type]
-
     @property
     def num_anchors(self) -> int:
-        return self.config.num_anchors
+        return self._config.num_anchors
 
     @property
     def num_context(self) -> int:
-        return self.config.num_context
+        return self._config.num_context
 
     def _check_budget(self, num_input_tokens: int) -> int:
         """P, the patch count, after checking that K + M fit in it."""
@@ -221,7 +216,7 @@ class SelectConnector(Connector):
     def num_output_tokens(self, num_input_tokens: int) -> int:
         """``include_cls + num_anchors + num_context``, independent of N (which must hold K + M patches)."""
         self._check_budget(num_input_tokens)
-        return int(self.config.include_cls) + self.num_anchors + self.num_context
+        return int(self._config.include_cls) + self.num_anchors + self.num_context
 
     def analytic_flops(self, num_input_tokens: int) -> int:
         """The projector on the output tokens, plus the context merge's two ``(U, M, D)`` products (the
@@ -229,7 +224,7 @@ class SelectConnector(Connector):
         t = self.num_output_tokens(num_input_tokens)
         unselected = self._num_patches(num_input_tokens) - self.num_anchors
         merge = 2 * 2 * unselected * self.num_context * self.vision_dim
-        return projector_flops(self.config.projector, self.vision_dim, self.llm_dim, t) + merge
+        return projector_flops(self._config.projector, self.vision_dim, self.llm_dim, t) + merge
 
     def select(
         self, features: torch.Tensor, anchor_idx: torch.Tensor | None = None, *, attention: torch.Tensor | None = None
@@ -239,7 +234,7 @@ class SelectConnector(Connector):
         patches = self._check_budget(features.shape[1])
         anchors = self._anchor_positions(features, anchor_idx, attention)  # (B, K) ascending token indices
         width = features.shape[-1]
-        parts = [features[:, :1]] if self.config.include_cls else []
+        parts = [features[:, :1]] if self._config.include_cls else []
         parts.append(features.gather(1, anchors.unsqueeze(-1).expand(-1, -1, width)))  # (B, K, D)
         if self.num_context:
             parts.append(merge_context(self._unselected(features, anchors, patches), self.num_context))
@@ -336,7 +331,7 @@ class SelectConnector(Connector):
         return features[:, prefix:].gather(1, rest.unsqueeze(-1).expand(-1, -1, width))  # (B, P - K, D)
 
     def extra_repr(self) -> str:
-        c = self.config
+        c = self._config
         return (
             f"num_anchors={c.num_anchors}, num_context={c.num_context}, include_cls={c.include_cls}, "
             f"num_prefix_tokens={c.num_prefix_tokens}"

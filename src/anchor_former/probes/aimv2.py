@@ -4,7 +4,8 @@ Pre-norm layers (``Aimv2EncoderLayer``: ``rms_norm1`` -> ``attention`` with ``q_
 [CLS] token and no registers (``num_prefix_tokens = 0``), so the scores are ``"received"``, ``"norm"`` and,
 with the pooling head (``config.use_head``), ``"map"``: the head's learned ``cls_token`` is its query
 as is (no query projection), over the ``k_proj`` keys of the final (``rms_norm``-ed) tokens, at SDPA's
-default scale ``E ** -0.5``.
+default scale ``E ** -0.5``. The head's keys are read from its ``k_proj`` output; its query, a
+parameter with no projection, is read inside that module's hook, while the head runs.
 """
 
 from __future__ import annotations
@@ -12,15 +13,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from anchor_former.probes.base import (
+from anchor_former.probes.registry import (
     EncoderFamily,
     EncoderSpec,
+    Projection,
     QueryKeySite,
     hf_linear_site,
     loaded_classes,
     modules_of_type,
-    positional_or_keyword,
     register_encoder_family,
+    split_heads,
+    submodule,
 )
 
 __all__ = ["Aimv2Family"]
@@ -29,16 +32,15 @@ _MODULE = "transformers.models.aimv2.modeling_aimv2"
 
 
 def _head_site(head: nn.Module) -> QueryKeySite:
-    k = head.k_proj
-    width = head.hidden_size // head.num_heads
+    k_proj = submodule(head, "k_proj")
+    heads = head.num_heads
+    width = head.hidden_size // heads
 
-    def projections():
-        eye = torch.eye(head.hidden_size, device=k.weight.device, dtype=k.weight.dtype)  # the query is used as is
-        return eye, None, k.weight, k.bias
+    def learned_query(output: torch.Tensor) -> torch.Tensor:
+        return head.cls_token.reshape(1, 1, heads, width).transpose(1, 2)  # (1, H, 1, E), as the head reshapes it
 
-    return QueryKeySite(module=head, tokens=positional_or_keyword("hidden_states"), projections=projections,
-                        num_heads=head.num_heads, head_dim=width, scale=width**-0.5,
-                        query=lambda: head.cls_token.reshape(-1))
+    return QueryKeySite(module=head, query=Projection(k_proj, learned_query), key=Projection(k_proj, split_heads(heads)),
+                        scale=width**-0.5)
 
 
 class Aimv2Family(EncoderFamily):
@@ -56,11 +58,8 @@ class Aimv2Family(EncoderFamily):
         return EncoderSpec(
             family=self.name,
             blocks=blocks,
-            sites=tuple(
-                hf_linear_site(b.attention, b.attention.q_proj, b.attention.k_proj, num_heads=b.attention.num_heads,
-                               scale=b.attention.scale)
-                for b in blocks
-            ),
+            sites=tuple(hf_linear_site(b.attention, num_heads=b.attention.num_heads, scale=b.attention.scale)
+                        for b in blocks),
             num_prefix_tokens=0,
             has_cls=False,
             patch_size=int(config.patch_size),

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 from torch import nn
 
-from anchor_former.probes.base import (
+from anchor_former.probes.registry import (
     EncoderFamily,
     EncoderSpec,
+    Projection,
     QueryKeySite,
+    fused_heads,
     loaded_classes,
     modules_of_type,
-    positional_or_keyword,
     register_encoder_family,
+    submodule,
 )
 
 __all__ = ["Blip2Family"]
@@ -24,15 +26,9 @@ _MODULE = "transformers.models.blip_2.modeling_blip_2"
 
 
 def _site(attn: nn.Module) -> QueryKeySite:
-    width = attn.embed_dim
-
-    def projections():
-        w, b = attn.qkv.weight, attn.qkv.bias
-        b_q, b_k = (None, None) if b is None else (b[:width], b[width : 2 * width])
-        return w[:width], b_q, w[width : 2 * width], b_k
-
-    return QueryKeySite(module=attn, tokens=positional_or_keyword("hidden_states"), projections=projections,
-                        num_heads=attn.num_heads, head_dim=attn.head_dim, scale=float(attn.scale))
+    qkv = submodule(attn, "qkv")  # output (B, N, 3 * H * E): q, k, v
+    return QueryKeySite(module=attn, query=Projection(qkv, fused_heads(0, attn.num_heads)),
+                        key=Projection(qkv, fused_heads(1, attn.num_heads)), scale=float(attn.scale))
 
 
 class Blip2Family(EncoderFamily):

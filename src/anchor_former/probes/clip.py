@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from anchor_former.probes.base import (
+from anchor_former.probes.registry import (
     EncoderFamily,
     EncoderSpec,
     hf_linear_site,
@@ -33,11 +33,8 @@ class CLIPFamily(EncoderFamily):
 
     def describe(self, model: nn.Module) -> EncoderSpec:
         blocks = modules_of_type(model, loaded_classes(_MODULE, ("CLIPEncoderLayer",)))
-        sites = tuple(
-            hf_linear_site(b.self_attn, b.self_attn.q_proj, b.self_attn.k_proj, num_heads=b.self_attn.num_heads,
-                           scale=b.self_attn.scale)
-            for b in blocks
-        )
+        sites = tuple(hf_linear_site(b.self_attn, num_heads=b.self_attn.num_heads, scale=b.self_attn.scale)
+                      for b in blocks)
         config = model.config
         return EncoderSpec(
             family=self.name,

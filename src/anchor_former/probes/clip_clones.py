@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from anchor_former.probes.base import (
+from anchor_former.probes.registry import (
     EncoderFamily,
     EncoderSpec,
     hf_linear_site,
@@ -45,11 +45,8 @@ class CLIPCloneFamily(EncoderFamily):
         return EncoderSpec(
             family=self.name,
             blocks=blocks,
-            sites=tuple(
-                hf_linear_site(b.self_attn, b.self_attn.q_proj, b.self_attn.k_proj, num_heads=b.self_attn.num_heads,
-                               scale=b.self_attn.scale)
-                for b in blocks
-            ),
+            sites=tuple(hf_linear_site(b.self_attn, num_heads=b.self_attn.num_heads, scale=b.self_attn.scale)
+                        for b in blocks),
             num_prefix_tokens=1,
             has_cls=True,
             patch_size=int(patch if isinstance(patch, int) else patch[0]),

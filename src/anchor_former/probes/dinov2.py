@@ -4,8 +4,8 @@ Token 0 is [CLS]; with registers the next ``config.num_register_tokens`` tokens 
 ``num_prefix_tokens = 1 + num_register_tokens`` (never anchors). The attention module differs between
 transformers versions and is read by attributes: 5.x ``layer.attention.{q_proj, k_proj}`` with
 ``scaling``; 4.x ``layer.attention.attention.{query, key}`` (eager or SDPA subclass) scaled by
-``attention_head_size ** -0.5``. The hooked module is ``layer.attention`` in both, whose input is the
-``norm1`` output.
+``attention_head_size ** -0.5``. The site is ``layer.attention`` in both; its queries and keys are
+the outputs of those projection modules.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import replace
 
 from torch import nn
 
-from anchor_former.probes.base import (
+from anchor_former.probes.registry import (
     EncoderFamily,
     EncoderSpec,
     QueryKeySite,
@@ -33,13 +33,11 @@ _REGISTERS = "transformers.models.dinov2_with_registers.modeling_dinov2_with_reg
 def _site(layer: nn.Module) -> QueryKeySite:
     attn = layer.attention
     if hasattr(attn, "q_proj"):  # transformers 5.x
-        return hf_linear_site(attn, attn.q_proj, attn.k_proj, num_heads=attn.num_attention_heads, scale=attn.scaling)
+        return hf_linear_site(attn, num_heads=attn.num_attention_heads, scale=attn.scaling)
     inner = attn.attention  # transformers 4.x: Dinov2SelfAttention / Dinov2SdpaSelfAttention
-    site = hf_linear_site(
-        inner, inner.query, inner.key, num_heads=inner.num_attention_heads, scale=inner.attention_head_size**-0.5
-    )
-    # hook the outer module: it receives the norm1 output positionally in every 4.x release
-    return replace(site, module=attn)
+    site = hf_linear_site(inner, query="query", key="key", num_heads=inner.num_attention_heads,
+                          scale=inner.attention_head_size**-0.5)
+    return replace(site, module=attn)  # the projections run inside the outer module's call
 
 
 class Dinov2Family(EncoderFamily):

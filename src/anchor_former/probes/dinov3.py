@@ -2,8 +2,8 @@
 
 Pre-norm blocks (``DINOv3ViTLayer``: ``norm1`` -> ``attention``). The attention rotates queries and keys
 of the PATCH tokens with the ``position_embeddings=(cos, sin)`` it is called with ([CLS] and registers
-are not rotated); the probe applies the module's own ``apply_rotary_pos_emb`` to its explicitly
-computed keys, so a rotated key can never be folded into the query. Token 0 is [CLS], then
+are not rotated); the probe applies the module's own ``apply_rotary_pos_emb`` to the ``q_proj`` /
+``k_proj`` outputs it reads, with the same ``(cos, sin)``. Token 0 is [CLS], then
 ``config.num_register_tokens`` registers (never anchors).
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from anchor_former.probes.base import (
+from anchor_former.probes.registry import (
     EncoderFamily,
     EncoderSpec,
     QueryKeySite,
@@ -33,12 +33,12 @@ _MODULE = "transformers.models.dinov3_vit.modeling_dinov3_vit"
 
 def _rotary(q: torch.Tensor, k: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]):
     cos, sin = kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[2]
-    return sys.modules[_MODULE].apply_rotary_pos_emb(q, k, cos.float(), sin.float())
+    return sys.modules[_MODULE].apply_rotary_pos_emb(q, k, cos, sin)  # the function the module itself calls
 
 
 def _site(layer: nn.Module) -> QueryKeySite:
     attn = layer.attention
-    site = hf_linear_site(attn, attn.q_proj, attn.k_proj, num_heads=attn.num_heads, scale=attn.scaling)
+    site = hf_linear_site(attn, num_heads=attn.num_heads, scale=attn.scaling)
     return replace(site, rotary=_rotary)
 
 

@@ -4,8 +4,9 @@
 The attention rotates the queries and keys of the patch tokens (not the ``num_prefix_tokens`` [CLS] /
 register tokens) with the ``rope=`` tensor each block is called with, using timm's
 ``apply_rot_embed_cat`` (interleaved or ``rotate_half`` layout, as the module is configured); the probe
-does the same to its explicitly computed keys. Fused ``qkv`` (with EVA's separate ``q_bias`` /
-``k_bias``) and separate ``q_proj`` / ``k_proj`` are both read; per-head ``qk_norm`` is applied.
+does the same to the outputs of ``q_norm`` / ``k_norm`` it reads (the final queries and keys before the
+rotation, whether fused ``qkv`` with EVA's separate ``q_bias`` / ``k_bias`` or separate ``q_proj`` /
+``k_proj`` made them).
 ``score="map"`` uses an ``AttentionPoolLatent`` head (``global_pool="map"``, Perception Encoder).
 
 Not read: an ``attn_mask`` passed to the forward (the scores ignore it), ``AttentionRope`` blocks
@@ -15,20 +16,20 @@ Not read: an ``attn_mask`` passed to the forward (the scores ignore it), ``Atten
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from anchor_former.probes.base import (
+from anchor_former.probes.registry import (
     EncoderFamily,
     EncoderSpec,
     QueryKeySite,
     loaded_classes,
-    positional_or_keyword,
     register_encoder_family,
 )
-from anchor_former.probes.timm_vit import latent_pool_site
+from anchor_former.probes.timm_vit import latent_pool_site, normed_query_key_site
 
 __all__ = ["EvaFamily"]
 
@@ -36,41 +37,18 @@ _MODULE = "timm.models.eva"
 _POOL = "timm.layers.attention_pool"
 
 
-def _norm_or_none(m: nn.Module) -> nn.Module | None:
-    return None if isinstance(m, nn.Identity) else m
-
-
 def _site(attn: nn.Module) -> QueryKeySite:
-    width = attn.num_heads * attn.head_dim
-
-    def projections():
-        if attn.qkv is None:
-            return attn.q_proj.weight, attn.q_proj.bias, attn.k_proj.weight, attn.k_proj.bias
-        w = attn.qkv.weight
-        return w[:width], attn.q_bias, w[width : 2 * width], attn.k_bias  # biases None without qkv_bias
-
     def rotary(q: torch.Tensor, k: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]):
         rope = kwargs.get("rope", args[1] if len(args) > 1 else None)
         if rope is None:
             return q, k
         rotate = sys.modules[_MODULE].apply_rot_embed_cat  # the function the module itself calls
         npt, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
-        rope = rope.float()
-        return tuple(
-            torch.cat([t[:, :, :npt], rotate(t[:, :, npt:], rope, half=half)], dim=2) for t in (q, k)
-        )
+        # as EvaAttention.forward: prefix tokens unrotated, back to the tokens' dtype
+        q, k = (torch.cat([t[:, :, :npt], rotate(t[:, :, npt:], rope, half=half)], dim=2).type_as(t) for t in (q, k))
+        return q, k
 
-    return QueryKeySite(
-        module=attn,
-        tokens=positional_or_keyword("x"),
-        projections=projections,
-        num_heads=attn.num_heads,
-        head_dim=attn.head_dim,
-        scale=float(attn.scale),
-        q_norm=_norm_or_none(attn.q_norm),
-        k_norm=_norm_or_none(attn.k_norm),
-        rotary=rotary,
-    )
+    return replace(normed_query_key_site(attn), rotary=rotary)
 
 
 class EvaFamily(EncoderFamily):

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from anchor_former._validation import check_floating, check_ndim, shape_str
-from anchor_former.probes.base import AttentionProbe, EncoderSpec, InputLayout, Score
+from anchor_former.probes.probe import AttentionProbe, Score
+from anchor_former.probes.spec import EncoderSpec, InputLayout
 from anchor_former.search import Method, anchor_search
 
 __all__ = ["AnchorExtraction", "extract_anchors"]
@@ -90,9 +91,9 @@ def extract_anchors(
     """Run ``vision_model`` once (its own attention kernels untouched) and find its visual anchors.
 
     The selected layer's output is kept by a hook (no ``output_hidden_states``), and its score (the
-    [CLS] query's attention row, or the attention each token receives) is recomputed beside the forward
-    from that layer's own normed input and projections (no ``output_attentions``, nothing ``(N, N)``
-    kept). See ``docs/probes.md``.
+    [CLS] query's attention row, or the attention each token receives) is computed beside the forward
+    from the queries and keys that layer's projection modules output (no ``output_attentions``, nothing
+    ``(N, N)`` kept). See ``docs/probes.md``.
 
     Args:
         vision_model: a supported encoder (:func:`anchor_former.probes.detect_encoder`; the families are

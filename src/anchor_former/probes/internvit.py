@@ -3,23 +3,24 @@
 Pre-norm blocks (``InternVLVisionLayer``: ``layernorm_before`` -> ``attention``) with layer scale; token 0
 is [CLS], no registers. The attention has separate ``q_proj`` / ``k_proj`` and, with
 ``config.use_qk_norm`` (InternViT-6B), RMS norms over ALL heads' features together (``(B, N, H * E)``),
-applied before the heads are split — the probe computes its keys explicitly then.
+applied before the heads are split (an ``nn.Identity`` without qk-norm): the probe reads the outputs of
+``q_norm`` / ``k_norm``, which is where the queries and keys are final in both cases.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from torch import nn
 
-from anchor_former.probes.base import (
+from anchor_former.probes.registry import (
     EncoderFamily,
     EncoderSpec,
+    Projection,
     QueryKeySite,
-    hf_linear_site,
     loaded_classes,
     modules_of_type,
     register_encoder_family,
+    split_heads,
+    submodule,
 )
 
 __all__ = ["InternViTFamily"]
@@ -27,14 +28,11 @@ __all__ = ["InternViTFamily"]
 _MODULE = "transformers.models.internvl.modeling_internvl"
 
 
-def _norm_or_none(m: nn.Module) -> nn.Module | None:
-    return None if isinstance(m, nn.Identity) else m
-
-
 def _site(layer: nn.Module) -> QueryKeySite:
     attn = layer.attention
-    site = hf_linear_site(attn, attn.q_proj, attn.k_proj, num_heads=attn.num_heads, scale=attn.scale)
-    return replace(site, q_norm=_norm_or_none(attn.q_norm), k_norm=_norm_or_none(attn.k_norm), norm_over_heads=True)
+    heads = split_heads(attn.num_heads)  # the norms see (B, N, H * E)
+    return QueryKeySite(module=attn, query=Projection(submodule(attn, "q_norm"), heads),
+                        key=Projection(submodule(attn, "k_norm"), heads), scale=float(attn.scale))
 
 
 def _square(value, name: str) -> int:

@@ -4,7 +4,10 @@
 ``VisionTransformer``: blocks are ``transformer.resblocks`` of ``ResidualAttentionBlock`` (pre-norm
 ``ln_1`` -> ``torch.nn.MultiheadAttention`` with packed ``in_proj``, batch-first); token 0 is [CLS]
 (``class_embedding``, always present). The probe hooks the ``nn.MultiheadAttention``, whose query input
-is the ``ln_1`` output. ``CustomResidualAttentionBlock`` (scaled-cosine / head-scale attention) is
+is the ``ln_1`` output. ``nn.MultiheadAttention`` keeps its in-projection in a parameter applied inside
+one fused call (no module outputs q or k), so these blocks use a
+:class:`~anchor_former.probes.registry.PackedProjectionSite`, which reads that parameter and refuses an
+offloaded or wrapped one. ``CustomResidualAttentionBlock`` (scaled-cosine / head-scale attention) is
 refused. ``TimmModel``: the probe describes ``model.trunk`` (any supported timm family) and runs the
 wrapper, so the head runs as usual.
 """
@@ -12,14 +15,13 @@ wrapper, so the head runs as usual.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
 
 from torch import nn
 
-from anchor_former.probes.base import (
+from anchor_former.probes.registry import (
     EncoderFamily,
     EncoderSpec,
-    QueryKeySite,
+    PackedProjectionSite,
     detect_encoder,
     loaded_classes,
     register_encoder_family,
@@ -29,20 +31,6 @@ __all__ = ["OpenClipTimmFamily", "OpenClipViTFamily"]
 
 _TRANSFORMER = "open_clip.transformer"
 _TIMM = "open_clip.timm_model"
-
-
-def _site(mha: nn.MultiheadAttention) -> QueryKeySite:
-    dim = mha.embed_dim
-
-    def tokens(args: tuple[Any, ...], kwargs: dict[str, Any]):
-        return args[0] if args else kwargs["query"]
-
-    def projections():
-        w, b = mha.in_proj_weight, mha.in_proj_bias
-        return w[:dim], None if b is None else b[:dim], w[dim : 2 * dim], None if b is None else b[dim : 2 * dim]
-
-    return QueryKeySite(module=mha, tokens=tokens, projections=projections, num_heads=mha.num_heads,
-                        head_dim=mha.head_dim, scale=mha.head_dim**-0.5)
 
 
 class OpenClipViTFamily(EncoderFamily):
@@ -68,7 +56,7 @@ class OpenClipViTFamily(EncoderFamily):
         return EncoderSpec(
             family=self.name,
             blocks=blocks,
-            sites=tuple(_site(b.attn) for b in blocks),
+            sites=tuple(PackedProjectionSite(module=b.attn) for b in blocks),
             num_prefix_tokens=1,
             has_cls=True,
             patch_size=int(model.patch_size[0]),

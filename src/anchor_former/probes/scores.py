@@ -1,9 +1,10 @@
-"""Anchor scores computed from tensors alone (no model, no hooks): received attention and token norms.
+"""Anchor scores computed from tensors alone (no model, no hooks): one query's attention row, received
+attention and token norms.
 
-Both are float32 and detached; they are what :func:`anchor_former.anchor_search` ranks. The probe
-(:class:`anchor_former.probes.AttentionProbe`) calls them from its hooks; adapters that compute a layer's
-queries and keys themselves (e.g. with their own rotary embedding, per image of a packed sequence) call
-:func:`received_attention` directly.
+All are float32 and detached; they are what :func:`anchor_former.anchor_search` ranks. The probe
+(:class:`anchor_former.probes.AttentionProbe`) calls them on the queries and keys its hooks read from the
+attention's own projections; adapters that compute a layer's queries and keys themselves (e.g. with their
+own rotary embedding, per image of a packed sequence) call :func:`received_attention` directly.
 """
 
 from __future__ import annotations
@@ -12,11 +13,63 @@ import torch
 
 from anchor_former._validation import check_floating, check_ndim, check_positive_int, shape_str
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "received_attention", "token_norm_scores"]
+__all__ = ["DEFAULT_BLOCK_SIZE", "attention_row", "received_attention", "token_norm_scores"]
 
 #: query rows whose attention logits are held at once by :func:`received_attention`: 4096 rows of N
 #: float32 logits, 9 MiB at N = 577 (ViT-L/14-336), 60 MiB at N = 3840 (a 32-frame video of 120 tokens).
 DEFAULT_BLOCK_SIZE = 4096
+
+
+def _check_padding(key_padding_mask: torch.Tensor | None, batch: int, num: int) -> None:
+    if key_padding_mask is not None and (
+        key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, num)
+    ):
+        raise ValueError(
+            f"key_padding_mask must be a bool tensor of shape ({batch}, {num}) (B, N), got "
+            f"{key_padding_mask.dtype} of shape {shape_str(key_padding_mask)}"
+        )
+
+
+def attention_row(
+    query: torch.Tensor, k: torch.Tensor, *, scale: float, key_padding_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One query's attention probabilities over all keys, per head: ``softmax_j(scale * query[b, h] . k[b, h, j])``.
+
+    Float32 with autocast off and without autograd; the work is ``B * H * N * E`` multiply-adds and nothing
+    ``(N, N)`` exists.
+
+    Args:
+        query: ``(B, H, E)`` the query of each image and head (the [CLS] token's, or a pooling head's
+            learned probe) after every transform the layer applies, before the scale.
+        k: ``(B, H, N, E)`` the layer's keys, likewise.
+        scale: the logit scale the layer uses (usually ``E ** -0.5``).
+        key_padding_mask: ``(B, N)`` bool, True = real token (as in :func:`received_attention`); padding
+            keys get probability 0, and an image with only padding gets all zeros.
+
+    Returns:
+        ``(B, H, N)`` float32, each ``(b, h)`` row summing to 1 over its real tokens.
+
+    Raises:
+        ValueError: ``query`` / ``k`` not floating tensors of shapes ``(B, H, E)`` / ``(B, H, N, E)``,
+            ``key_padding_mask`` not a bool ``(B, N)`` tensor.
+    """
+    check_ndim("k", k, (4,), "(B, H, N, E)")
+    check_floating("k", k)
+    check_floating("query", query)
+    batch, heads, num, width = k.shape
+    if tuple(query.shape) != (batch, heads, width):
+        raise ValueError(
+            f"query must have shape ({batch}, {heads}, {width}) (B, H, E) to match k of shape {shape_str(k)}, "
+            f"got shape {shape_str(query)}"
+        )
+    _check_padding(key_padding_mask, batch, num)
+    with torch.no_grad(), torch.autocast(device_type=k.device.type, enabled=False):
+        logits = torch.einsum("bhe,bhne->bhn", query.detach().float(), k.detach().float()) * scale  # (B, H, N)
+        if key_padding_mask is None:
+            return torch.softmax(logits, dim=-1)
+        padding = ~key_padding_mask.to(logits.device).unsqueeze(1)  # (B, 1, N) True = padding
+        probs = torch.softmax(logits.masked_fill(padding & ~padding.all(-1, keepdim=True), float("-inf")), dim=-1)
+        return probs.masked_fill(padding, 0.0)  # an image with only padding: all zeros
 
 
 def received_attention(
@@ -62,13 +115,7 @@ def received_attention(
         raise ValueError(f"k must have the shape of q {shape_str(q)} (B, H, N, E), got shape {shape_str(k)}")
     check_positive_int("block_size", block_size)
     batch, heads, num, width = q.shape
-    if key_padding_mask is not None and (
-        key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, num)
-    ):
-        raise ValueError(
-            f"key_padding_mask must be a bool tensor of shape ({batch}, {num}) (B, N), got "
-            f"{key_padding_mask.dtype} of shape {shape_str(key_padding_mask)}"
-        )
+    _check_padding(key_padding_mask, batch, num)
     with torch.no_grad(), torch.autocast(device_type=q.device.type, enabled=False):
         qf = q.detach().float().reshape(batch * heads, num, width)  # (B*H, N, E)
         kt = k.detach().float().reshape(batch * heads, num, width).transpose(1, 2)  # (B*H, E, N)

@@ -6,21 +6,25 @@ SigLIP has no [CLS] token (``num_prefix_tokens = 0``), so ``score="cls"`` is ref
   the final tokens (after ``post_layernorm``), per head — the closest analogue of [CLS] attention,
   available when the model has the head (``vision_use_head``, the default);
 * ``score="norm"``: per-token L2 norms of the selected layer (:func:`token_norm_scores`), any model.
+
+The head's ``torch.nn.MultiheadAttention`` is called with a separate query and returns its own
+probabilities; the probe asks for them per head and reads the probe query's row (the layers' sites read
+their ``q_proj`` / ``k_proj`` outputs).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from anchor_former.probes.base import (
+from anchor_former.probes.registry import (
     EncoderFamily,
     EncoderSpec,
-    QueryKeySite,
+    MultiheadWeightsSite,
     hf_linear_site,
     loaded_classes,
     modules_of_type,
-    positional_or_keyword,
     register_encoder_family,
+    submodule,
 )
 
 __all__ = ["SiglipFamily", "pooling_head_site"]
@@ -28,25 +32,10 @@ __all__ = ["SiglipFamily", "pooling_head_site"]
 _MODULE = "transformers.models.siglip.modeling_siglip"
 
 
-def pooling_head_site(head: nn.Module) -> QueryKeySite:
-    """The site of a SigLIP-style pooling head: its learned ``probe`` query over the tokens it is called with,
-    through its ``attention`` (``torch.nn.MultiheadAttention``, packed ``in_proj``)."""
-    mha = head.attention  # torch.nn.MultiheadAttention(batch_first=True), packed in_proj
-    dim = mha.embed_dim
-
-    def projections():
-        w, b = mha.in_proj_weight, mha.in_proj_bias
-        return w[:dim], None if b is None else b[:dim], w[dim : 2 * dim], None if b is None else b[dim : 2 * dim]
-
-    return QueryKeySite(
-        module=head,
-        tokens=positional_or_keyword("hidden_state"),
-        projections=projections,
-        num_heads=mha.num_heads,
-        head_dim=mha.head_dim,
-        scale=mha.head_dim**-0.5,
-        query=lambda: head.probe.reshape(-1),  # (D,)
-    )
+def pooling_head_site(head: nn.Module) -> MultiheadWeightsSite:
+    """The site of a SigLIP-style pooling head: the probabilities its ``attention``
+    (``torch.nn.MultiheadAttention``) returns for its learned ``probe`` query."""
+    return MultiheadWeightsSite(module=submodule(head, "attention"))
 
 
 class SiglipFamily(EncoderFamily):
@@ -64,11 +53,8 @@ class SiglipFamily(EncoderFamily):
         return EncoderSpec(
             family=self.name,
             blocks=blocks,
-            sites=tuple(
-                hf_linear_site(b.self_attn, b.self_attn.q_proj, b.self_attn.k_proj,
-                               num_heads=b.self_attn.num_heads, scale=b.self_attn.scale)
-                for b in blocks
-            ),
+            sites=tuple(hf_linear_site(b.self_attn, num_heads=b.self_attn.num_heads, scale=b.self_attn.scale)
+                        for b in blocks),
             num_prefix_tokens=0,
             has_cls=False,
             patch_size=int(config.patch_size),

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from anchor_former._validation import check_floating, check_ndim, shape_str
-from anchor_former.probes.base import (
+from anchor_former.probes.registry import (
     EncoderFamily,
     EncoderSpec,
     InputLayout,
@@ -57,11 +57,6 @@ def padding_from_attention_mask(mask: torch.Tensor | None) -> torch.Tensor | Non
 def _layer_padding(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
     return padding_from_attention_mask(mask)
-
-
-def _head_padding(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
-    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)  # the (B, N) pixel_attention_mask
-    return None if mask is None else mask == 0
 
 
 def _layout(num_channels: int, patch: int):
@@ -114,12 +109,11 @@ class Siglip2Family(EncoderFamily):
         heads = modules_of_type(model, loaded_classes(_MODULE, ("Siglip2MultiheadAttentionPoolingHead",)))
         config = model.config
         sites = tuple(
-            replace(hf_linear_site(b.self_attn, b.self_attn.q_proj, b.self_attn.k_proj,
-                                   num_heads=b.self_attn.num_heads, scale=b.self_attn.scale),
+            replace(hf_linear_site(b.self_attn, num_heads=b.self_attn.num_heads, scale=b.self_attn.scale),
                     padding_mask=_layer_padding)
             for b in blocks
         )
-        pool_site = replace(pooling_head_site(heads[0]), padding_mask=_head_padding) if heads else None
+        pool_site = pooling_head_site(heads[0]) if heads else None
 
         def run(pixel_values: torch.Tensor, **inputs: Any) -> Any:
             return model(pixel_values=pixel_values, **inputs)

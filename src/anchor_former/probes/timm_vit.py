@@ -6,88 +6,44 @@ Prefix tokens come from the model: ``num_prefix_tokens`` = [CLS] (``class_token`
 ``score="map"`` uses the latent query of an ``AttentionPoolLatent`` head (``global_pool="map"``, e.g.
 timm's SigLIP ViTs; the first latent when there are several). The forward run is ``model(pixel_values)``
 (features and pooling head; the classifier, if any, is one linear layer).
+
+Queries and keys are read from the outputs of the attention's ``q_norm`` / ``k_norm`` (``(B, H, N, E)``;
+an ``nn.Identity`` without qk-norm, still called): the final queries and keys, however ``qkv`` computed
+them (fused or separate, quantized or LoRA-wrapped).
 """
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from anchor_former.probes.base import (
+from anchor_former.probes.registry import (
     EncoderFamily,
     EncoderSpec,
+    Projection,
     QueryKeySite,
     loaded_classes,
-    positional_or_keyword,
     register_encoder_family,
+    submodule,
 )
 
-__all__ = ["TimmViTFamily", "latent_pool_site"]
+__all__ = ["TimmViTFamily", "latent_pool_site", "normed_query_key_site"]
 
 _MODULE = "timm.models.vision_transformer"
 _ATTENTION = "timm.layers.attention"
 _POOL = "timm.layers.attention_pool"
 
 
-def _norm_or_none(m: nn.Module) -> nn.Module | None:
-    return None if isinstance(m, nn.Identity) else m
-
-
-def _site(block: nn.Module) -> QueryKeySite:
-    attn = block.attn
-    qkv = attn.qkv
-    width = attn.num_heads * attn.head_dim
-
-    def projections():
-        bias = qkv.bias
-        return (
-            qkv.weight[:width],
-            None if bias is None else bias[:width],
-            qkv.weight[width : 2 * width],
-            None if bias is None else bias[width : 2 * width],
-        )
-
-    return QueryKeySite(
-        module=attn,
-        tokens=positional_or_keyword("x"),
-        projections=projections,
-        num_heads=attn.num_heads,
-        head_dim=attn.head_dim,
-        scale=float(attn.scale),
-        q_norm=_norm_or_none(attn.q_norm),
-        k_norm=_norm_or_none(attn.k_norm),
-    )
+def normed_query_key_site(attn: nn.Module) -> QueryKeySite:
+    """A timm attention (``Attention``, ``EvaAttention``, ``AttentionPoolLatent``) read at the outputs of its
+    ``q_norm`` / ``k_norm``, ``(B, H, N, E)`` (``(B, H, L, E)`` latent queries for the pool: row 0 is the
+    first latent)."""
+    return QueryKeySite(module=attn, query=Projection(submodule(attn, "q_norm")),
+                        key=Projection(submodule(attn, "k_norm")), scale=float(attn.scale))
 
 
 def latent_pool_site(pool: nn.Module) -> QueryKeySite:
     """The site of timm's ``AttentionPoolLatent``: its first latent query over the tokens it pools."""
-    kv = pool.kv
-    width = pool.num_heads * pool.head_dim
-
-    def tokens(args, kwargs):
-        x = positional_or_keyword("x")(args, kwargs)
-        return x if pool.pos_embed is None else x + pool.pos_embed.unsqueeze(0).to(x.dtype)  # as the pool does
-
-    def projections():
-        if isinstance(pool.q, nn.Identity):  # the latent is the query itself
-            w_q = torch.eye(width, device=kv.weight.device, dtype=kv.weight.dtype)
-            b_q = None
-        else:
-            w_q, b_q = pool.q.weight, pool.q.bias
-        bias = kv.bias
-        return w_q, b_q, kv.weight[:width], None if bias is None else bias[:width]
-
-    return QueryKeySite(
-        module=pool,
-        tokens=tokens,
-        projections=projections,
-        num_heads=pool.num_heads,
-        head_dim=pool.head_dim,
-        scale=float(pool.scale),
-        query=lambda: pool.latent[0, 0],  # (latent_dim,)
-        q_norm=_norm_or_none(pool.q_norm),
-        k_norm=_norm_or_none(pool.k_norm),
-    )
+    return normed_query_key_site(pool)
 
 
 class TimmViTFamily(EncoderFamily):
@@ -115,7 +71,7 @@ class TimmViTFamily(EncoderFamily):
         return EncoderSpec(
             family=self.name,
             blocks=blocks,
-            sites=tuple(_site(b) for b in blocks),
+            sites=tuple(normed_query_key_site(b.attn) for b in blocks),
             num_prefix_tokens=int(model.num_prefix_tokens),
             has_cls=model.cls_token is not None,
             patch_size=int(patch_embed.patch_size[0]),

@@ -50,7 +50,7 @@ from anchor_former.adapters._host import Plan, attach, merge_recorded
 from anchor_former.adapters._probed import probed_forward
 from anchor_former.adapters.hf._base import AnchorImageOutput, TransformersHost
 from anchor_former.adapters.settings import AnchorSettings, normalise
-from anchor_former.probes.base import AttentionProbe, EncoderSpec, Score, detect_encoder
+from anchor_former.probes import AttentionProbe, EncoderSpec, Score, detect_encoder
 
 __all__ = [
     "AnchorFormerLlavaConfig",

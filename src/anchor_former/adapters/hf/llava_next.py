@@ -64,7 +64,7 @@ from anchor_former.adapters.hf.llava import (
     run_connector,
 )
 from anchor_former.adapters.settings import AnchorSettings
-from anchor_former.probes.base import EncoderSpec, Score
+from anchor_former.probes import EncoderSpec, Score
 from anchor_former.views import (
     AnyresViews,
     anyres_views,

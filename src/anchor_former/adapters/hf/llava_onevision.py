@@ -86,7 +86,7 @@ from anchor_former.adapters.hf.llava_next import (
 )
 from anchor_former.adapters.hf.llava_next import budgets_of as _budgets
 from anchor_former.adapters.settings import AnchorSettings
-from anchor_former.probes.base import EncoderSpec, Score
+from anchor_former.probes import EncoderSpec, Score
 from anchor_former.search import anchor_search
 from anchor_former.views import AnyresViews, arrange_fixed, select_view_tokens
 

@@ -26,7 +26,8 @@ State-dict layout (``depth`` layers, ``i`` in ``0..depth-1``)::
     norm.{weight,bias}                           final LayerNorm(vision_dim)
     projector.0.{weight,bias}, projector.2.*     LLaVA mlp2x_gelu (LLaVA-1.5 mm_projector.0/.2 load by key)
 
-From the reference's ``mm_projector.*`` keys: ``0.layers.{i}.0.X -> layers.{i}.attn.X``,
+From the reference's ``mm_projector.*`` keys (:func:`reference_acformer_to_anchor_former`, used by
+:meth:`AnchorFormer.convert_checkpoint`): ``0.layers.{i}.0.X -> layers.{i}.attn.X``,
 ``0.layers.{i}.1.j -> layers.{i}.ff.j``, ``0.norm -> norm``, ``1.* -> projector.0.*``,
 ``3.* -> projector.2.*``, and ``0.latents`` is dropped.
 """
@@ -34,16 +35,73 @@ From the reference's ``mm_projector.*`` keys: ``0.layers.{i}.0.X -> layers.{i}.a
 from __future__ import annotations
 
 import dataclasses
+import re
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
+from anchor_former._state_keys import CheckpointError, Layout, StateDict, is_mlp_key, strip_projector_prefix
 from anchor_former._validation import check_floating, check_integer, check_ndim, shape_str
 from anchor_former.connectors.base import ConnectorConfig
 from anchor_former.connectors.resampler import ResamplerConnector
 from anchor_former.search import AnchorSearch, cls_scores
 
-__all__ = ["AnchorFormer", "AnchorFormerConfig"]
+__all__ = [
+    "REFERENCE_NUM_ANCHORS",
+    "AnchorFormer",
+    "AnchorFormerConfig",
+    "is_reference_acformer",
+    "reference_acformer_to_anchor_former",
+]
+
+# Anchors the authors' published code selects (a constant in its CLIP encoder); their checkpoints saw 257 queries.
+REFERENCE_NUM_ANCHORS = 256
+
+_REF_LAYER = re.compile(r"^0\.layers\.(\d+)\.([01])\.(.+)$")
+_REF_ATTN = {"norm_media.weight", "norm_media.bias", "norm_latents.weight", "norm_latents.bias",
+             "to_q.weight", "to_kv.weight", "to_out.weight"}
+_REF_FF = {"0.weight", "0.bias", "1.weight", "3.weight"}
+
+
+def is_reference_acformer(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a projector state dict is the reference AcFormer patch's (after the ``mm_projector.`` prefix)."""
+    keys = strip_projector_prefix(state_dict)
+    return any(_REF_LAYER.match(k) for k in keys) or "0.latents" in keys
+
+
+def reference_acformer_to_anchor_former(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """The reference AcFormer patch's ``mm_projector`` → an :class:`AnchorFormer` state dict.
+
+    ``0.layers.{i}.0.X → layers.{i}.attn.X``, ``0.layers.{i}.1.j.* → layers.{i}.ff.j.*``,
+    ``0.norm.* → norm.*``, ``1.* → projector.0.*``, ``3.* → projector.2.*``; the unused ``0.latents`` is
+    dropped. Any other key raises :class:`~anchor_former.checkpoint.CheckpointError` naming it.
+    """
+    out: StateDict = {}
+    unexpected: list[str] = []
+    for key, value in strip_projector_prefix(state_dict).items():
+        layer = _REF_LAYER.match(key)
+        if key == "0.latents":
+            continue  # never used by the reference's forward
+        if layer and layer.group(2) == "0" and layer.group(3) in _REF_ATTN:
+            out[f"layers.{layer.group(1)}.attn.{layer.group(3)}"] = value
+        elif layer and layer.group(2) == "1" and layer.group(3) in _REF_FF:
+            out[f"layers.{layer.group(1)}.ff.{layer.group(3)}"] = value
+        elif key in ("0.norm.weight", "0.norm.bias"):
+            out[key[2:]] = value
+        elif is_mlp_key(key) and key.split(".")[0] in ("1", "3"):
+            index, kind = key.split(".")
+            out[f"projector.{0 if index == '1' else 2}.{kind}"] = value
+        else:
+            unexpected.append(key)
+    if unexpected:
+        raise CheckpointError(
+            f"unexpected keys in a reference AcFormer checkpoint: {sorted(unexpected)[:8]}"
+            + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else "")
+            + " (expected mm_projector.0.layers.{i}.{0,1}.*, 0.norm.*, 0.latents, 1.*, 3.*)"
+        )
+    return out
 
 
 @dataclass(frozen=True)
@@ -97,6 +155,8 @@ class AnchorFormer(ResamplerConnector):
     """
 
     uses_anchors = True
+    config_class = AnchorFormerConfig
+    _config: AnchorFormerConfig
 
     def __init__(
         self,
@@ -128,34 +188,36 @@ class AnchorFormer(ResamplerConnector):
         # The search validates num_anchors and include_cls.
         self.search = AnchorSearch(num_anchors, include_cls=include_cls, num_prefix_tokens=num_prefix_tokens)
         self.check_indices = check_indices
-        self._arch = AnchorFormerConfig(
+        self._config = AnchorFormerConfig(
             vision_dim=vision_dim, llm_dim=llm_dim, num_anchors=num_anchors, depth=depth, heads=heads,
             dim_head=dim_head, ff_mult=ff_mult, projector=projector, num_prefix_tokens=num_prefix_tokens,
             include_cls=include_cls, kv_include_queries=kv_include_queries,
         )
 
-    @classmethod
-    def from_config(
-        cls,
-        config: AnchorFormerConfig | dict,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> AnchorFormer:
-        """Build from an :class:`AnchorFormerConfig` (or its dict)."""
-        if isinstance(config, dict):
-            config = AnchorFormerConfig.from_dict(config)
-        return cls(**dataclasses.asdict(config), device=device, dtype=dtype)
-
     @property
     def config(self) -> AnchorFormerConfig:
         """The current configuration, runtime switches included."""
         return dataclasses.replace(
-            self._arch,
+            self._config,
             fused_attn=self.fused_attn,
             gradient_checkpointing=self.gradient_checkpointing,
             check_indices=self.check_indices,
         )
+
+    def convert_checkpoint(self, state_dict: Mapping[str, torch.Tensor]) -> tuple[StateDict, Layout]:
+        """Also reads the reference AcFormer patch's ``mm_projector`` (layout ``"reference_acformer"``,
+        :func:`reference_acformer_to_anchor_former`); warns when this connector's ``num_anchors`` differs from
+        the :data:`REFERENCE_NUM_ANCHORS` its checkpoints were trained with. Otherwise as
+        :meth:`Connector.convert_checkpoint <anchor_former.Connector.convert_checkpoint>`."""
+        if not is_reference_acformer(state_dict):
+            return super().convert_checkpoint(state_dict)
+        if self.search.num_anchors != REFERENCE_NUM_ANCHORS:
+            warnings.warn(
+                f"the authors' AcFormer code trains with {REFERENCE_NUM_ANCHORS} anchors (num_count = 256 in its CLIP "
+                f"encoder; its num_latents=144 is unused), but this connector has num_anchors="
+                f"{self.search.num_anchors}: the weights load, but the model differs from the one trained; "
+                f"build it with num_anchors={REFERENCE_NUM_ANCHORS} to reproduce it", UserWarning, stacklevel=3)
+        return reference_acformer_to_anchor_former(state_dict), "reference_acformer"
 
     @property
     def num_queries(self) -> int:
@@ -261,7 +323,7 @@ class AnchorFormer(ResamplerConnector):
         return self.search(scores, layout="b h n", key_padding_mask=key_padding_mask)
 
     def extra_repr(self) -> str:
-        a = self._arch
+        a = self._config
         return (
             f"vision_dim={a.vision_dim}, llm_dim={a.llm_dim}, num_anchors={a.num_anchors}, "
             f"include_cls={a.include_cls}, num_prefix_tokens={a.num_prefix_tokens}"
