@@ -44,6 +44,8 @@ pip_q "$TEST_VENV/bin/pip" install -q "setuptools>=77,<85" build
 # dependencies (torchvision, timm, regex, huggingface_hub, safetensors, tqdm) are already here
 pip_q "$TEST_VENV/bin/pip" install -q ftfy
 pip_q "$TEST_VENV/bin/pip" install -q --no-deps "open_clip_torch>=3.0"
+# bitsandbytes: the 8-bit tower rows of the probe and contract tests (its CPU backend; they skip without it)
+pip_q "$TEST_VENV/bin/pip" install -q "bitsandbytes==0.50.2"
 
 echo "== LLaVA test environment ($LLAVA_VENV)" >&2
 [ -x "$LLAVA_VENV/bin/python" ] || "$PYTHON" -m venv "$LLAVA_VENV"

@@ -57,10 +57,6 @@ def _auto_processor(folder):
 
 
 _LLAVA_TOWER = r".*vision_tower.*\.(q_proj|k_proj)"
-#: the probe recomputes q/k from the projections' weight tensors: LoRA adapters are ignored and offloaded
-#: (meta) weights cannot be read; reading the projections' outputs fixes both
-_PROBE = "needs probe hooks on projection outputs"
-_WEIGHT_PROBE = {"lora": _PROBE, "offload": _PROBE}
 
 
 def _llava_eager_tokens(model, inputs):
@@ -98,7 +94,6 @@ LLAVA = Family(
     reload=lambda folder: hf_llava.AnchorFormerLlavaForConditionalGeneration.from_pretrained(folder).eval(),
     reload_processor=lambda folder: LlavaProcessor.from_pretrained(folder),  # the stock class: only counts change
     prompt=llava.PROMPTS[0],
-    xfail={**_WEIGHT_PROBE, "bnb": _PROBE},  # the 8-bit weights read as numbers give other anchors
     eager_tokens=_llava_eager_tokens,
 )
 
@@ -125,7 +120,6 @@ LLAVA_NEXT = Family(
     reload=lambda folder: hf_next.AnchorFormerLlavaNextForConditionalGeneration.from_pretrained(folder).eval(),
     reload_processor=lambda folder: hf_next.AnchorFormerLlavaNextProcessor.from_pretrained(folder),
     prompt=llava_next.PROMPTS[0],
-    xfail=_WEIGHT_PROBE,
 )
 
 ONEVISION = Family(
@@ -151,7 +145,6 @@ ONEVISION = Family(
     reload=lambda folder: hf_onevision.AnchorFormerLlavaOnevisionForConditionalGeneration.from_pretrained(folder).eval(),
     reload_processor=lambda folder: hf_onevision.AnchorFormerLlavaOnevisionProcessor.from_pretrained(folder),
     prompt=onevision.IMAGE_PROMPT,
-    xfail=_WEIGHT_PROBE,
 )
 
 

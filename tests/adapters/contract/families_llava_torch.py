@@ -38,7 +38,6 @@ PINPOINTS = [[28, 56], [56, 28], [56, 56], [28, 84], [84, 28]]
 # (width, height) of every anyres request: 1 x 3 crops, two grid rows of each unpadded (one size, so that the
 # suite's requests have one shape; tests/adapters/test_llava_anyres.py sweeps sizes)
 ANYRES_SIZE = (120, 17)
-_PROBE = "needs probe hooks on projection outputs"  # the probe reads q/k weight tensors: LoRA adapters missed
 
 
 @functools.cache
@@ -130,7 +129,6 @@ def _family(name: str, overrides: dict[str, Any], bad: tuple[dict[str, Any], str
             "mm_encoder_outputs": "a transformers 5 argument of Qwen-VL",
             "kept_tokens": "a transformers-adapter helper",
         },
-        xfail={"lora": _PROBE},
         logits=_logits,
     )
 
