@@ -19,6 +19,7 @@ repository (``docs/api.md`` lists every public name, the same as ``__all__`` her
 """
 
 from anchor_former import adapters, checkpoint, flops, views
+from anchor_former.adapters.dispatch import attach_anchor_former, kept_tokens
 from anchor_former.search import AnchorSearch, anchor_quotas, anchor_search, cls_scores, native_search_available
 from anchor_former.attention import CrossAttention
 from anchor_former.connectors import (
@@ -46,6 +47,8 @@ from anchor_former.viz import plot_anchors, save_anchor_plot
 __version__ = "0.1.0"
 
 __all__ = [
+    "attach_anchor_former",
+    "kept_tokens",
     "AnchorFormer",
     "AnchorFormerConfig",
     "AnchorSearch",
