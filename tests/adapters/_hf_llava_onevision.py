@@ -47,8 +47,9 @@ def make_processor(vision_aspect_ratio: str = MAX_VIEWS) -> LlavaOnevisionProces
 
 def make_model(processor: LlavaOnevisionProcessor, **overrides) -> LlavaOnevisionForConditionalGeneration:
     torch.manual_seed(0)
+    # no pooling head, as every OneVision checkpoint (LlavaOnevisionConfig's SigLIP: vision_use_head=False)
     vision = SiglipVisionConfig(hidden_size=VISION_DIM, intermediate_size=64, num_hidden_layers=3,
-                                num_attention_heads=4, image_size=IMAGE, patch_size=PATCH)
+                                num_attention_heads=4, image_size=IMAGE, patch_size=PATCH, vision_use_head=False)
     text = Qwen2Config(vocab_size=len(processor.tokenizer), hidden_size=LLM_DIM, intermediate_size=96,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                        pad_token_id=1, bos_token_id=2, eos_token_id=3)
