@@ -136,6 +136,7 @@ class _AnchorModel:
     ) -> None:
         args = AnchorArgs(num_anchors=num_anchors, num_context=num_context, score=score, image_budget=image_budget)
         self._check_host_args(kwargs)
+        self._check_placement(kwargs)
         config = _config_dict(pretrained, kwargs.get("revision"))
         model_type = str(config.get("model_type", ""))
         saved = model_type.startswith(_PREFIX)
@@ -184,6 +185,9 @@ class _AnchorModel:
                     f"lmms-eval's {', '.join(sorted(named))}; got {name}={kwargs[name]!r}"
                 )
 
+    def _check_placement(self, kwargs: dict[str, Any]) -> None:
+        """Arguments the lmms-eval class accepts but cannot load with (nothing to check by default)."""
+
     @property
     def anchor_former(self) -> dict[str, Any]:
         """What the evaluated model does: its ``config.anchor_former`` record (connector, score, budget)."""
@@ -210,6 +214,18 @@ class _AnchorLlava(_AnchorModel):
         "llava_onevision": ("num_anchors", "score", "image_budget"),
     }
     _processor_attr = "_image_processor"
+
+    def _check_placement(self, kwargs: dict[str, Any]) -> None:
+        """lmms-eval's ``LlavaHf`` passes its default ``device_map=""`` to ``from_pretrained`` in a single
+        process (several processes replace it with each one's GPU), which transformers 5 refuses."""
+        from accelerate import PartialState
+
+        if not kwargs.get("device_map") and PartialState().num_processes == 1:
+            raise ValueError(
+                "device_map must be given for a single-process run (e.g. device_map=cuda:0, or device_map=cpu), "
+                f"got {kwargs.get('device_map', '')!r}: lmms-eval's llava_hf passes it to from_pretrained, which "
+                "refuses an empty one"
+            )
 
     def _register_saved_types(self, saved: bool) -> None:
         """lmms-eval's ``LlavaHf`` picks the class from its ``model_map`` by ``config.model_type``; a saved
