@@ -22,21 +22,23 @@ attached model (``save_pretrained`` after :func:`~anchor_former.adapters.transfo
 e.g. a trained AcFormer) is evaluated as saved: give ``pretrained`` only.
 
 The entry point (group ``lmms_eval.models``) is :func:`anchor_former.eval.manifests`; this module, with its
-lmms-eval and transformers imports, is loaded only when one of these models is asked for.
+lmms-eval and transformers imports, is loaded only when one of these models is asked for. The vLLM
+backend (``anchor_vllm``) is :mod:`anchor_former.eval.lmms_vllm`.
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from typing import Any, ClassVar
 
 from lmms_eval.models.chat.llava_hf import LlavaHf as _LlavaHfChat
 from lmms_eval.models.chat.qwen2_5_vl import Qwen2_5_VL as _Qwen2_5_VLChat
 from lmms_eval.models.simple.llava_hf import LlavaHf as _LlavaHfSimple
 from lmms_eval.models.simple.qwen2_5_vl import Qwen2_5_VL as _Qwen2_5_VLSimple
-from lmms_eval.utils import simple_parse_args_string
 from loguru import logger as eval_logger
+
+from anchor_former.eval._args import AnchorArgs, _CommandLineArgs, _resolve
 
 __all__ = [
     "AnchorArgs",
@@ -46,57 +48,7 @@ __all__ = [
     "AnchorQwen2_5_VLChat",
 ]
 
-_PREFIX = "anchor_former_"  # model_type of a saved attached checkpoint: "anchor_former_" + the stock type
-_SCORES = ("cls", "norm", "map", "received")
-
-
-@dataclass(frozen=True, kw_only=True)
-class AnchorArgs:
-    """The anchor settings of ``--model_args`` (``None``: not given, the adapter's default applies).
-
-    Attributes:
-        num_anchors: K kept visual tokens per image (LLaVA-1.5), per view (LLaVA-NeXT / OneVision), or per
-            image as a count or a fraction in (0, 1] (Qwen2.5-VL). Required for a stock checkpoint.
-        num_context: LLaVA-1.5 only: M merged context tokens added to the K anchors (0: none).
-        score: how tokens are ranked: ``"cls"`` ([CLS] attention; LLaVA-1.5 / NeXT default), ``"norm"``,
-            ``"map"``, ``"received"`` (attention received; OneVision and Qwen2.5-VL default).
-        image_budget: LLaVA-NeXT / OneVision only: one budget per image spread over its views (replaces K per view).
-    """
-
-    num_anchors: int | float | None = None
-    num_context: int | None = None
-    score: str | None = None
-    image_budget: int | None = None
-
-    def __post_init__(self) -> None:
-        k = self.num_anchors
-        is_int = isinstance(k, int) and not isinstance(k, bool)
-        if k is not None and not ((is_int and k >= 1) or (isinstance(k, float) and 0.0 < k <= 1.0)):
-            raise ValueError(
-                f"num_anchors must be an integer >= 1 (tokens kept per image or view) or, for Qwen2.5-VL, a "
-                f"fraction in (0, 1], got {k!r}"
-            )
-        for name, low in (("num_context", 0), ("image_budget", 1)):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if self.score is not None and self.score not in _SCORES:
-            raise ValueError(f"score must be one of {', '.join(_SCORES)}, got {self.score!r}")
-
-    def given(self) -> dict[str, Any]:
-        """The settings that were given, as keyword arguments of ``attach_anchor_former``."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
-
-
-def _config_dict(pretrained: str, revision: str | None) -> dict[str, Any]:
-    """The checkpoint's ``config.json`` as a dict (no model class resolved, so saved attached types read too)."""
-    from transformers import PretrainedConfig
-
-    kwargs = {} if revision is None else {"revision": revision}
-    return PretrainedConfig.get_config_dict(pretrained, **kwargs)[0]
-
-
-class _AnchorModel:
+class _AnchorModel(_CommandLineArgs):
     """Mixin before an lmms-eval model class: parses the anchor settings, lets the class load, then attaches.
 
     Subclasses set ``_options`` (stock ``model_type`` -> the :class:`AnchorArgs` fields that family takes) and
@@ -105,24 +57,6 @@ class _AnchorModel:
 
     _options: ClassVar[dict[str, tuple[str, ...]]]
     _processor_attr: ClassVar[str]
-
-    @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: dict[str, Any] | None = None) -> Any:
-        """lmms-eval's constructor from ``--model_args`` plus the command line's ``--device`` / ``--batch_size``.
-
-        lmms-eval passes both as keywords, so an argument in both was a ``TypeError``; equal values now
-        merge, different ones are a ``ValueError`` naming the argument.
-        """
-        args = simple_parse_args_string(arg_string)
-        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
-        for name in sorted(args.keys() & extra.keys()):
-            if args[name] != extra[name]:
-                raise ValueError(
-                    f"{name} is given twice, as model_args {name}={args[name]!r} and as the command line's "
-                    f"--{name} {extra[name]!r}; give it once (the device with --device, the placement with "
-                    "model_args device_map=...)"
-                )
-        return cls(**{**extra, **args})
 
     def __init__(
         self,
@@ -137,35 +71,7 @@ class _AnchorModel:
         args = AnchorArgs(num_anchors=num_anchors, num_context=num_context, score=score, image_budget=image_budget)
         self._check_host_args(kwargs)
         self._check_placement(kwargs)
-        config = _config_dict(pretrained, kwargs.get("revision"))
-        model_type = str(config.get("model_type", ""))
-        saved = model_type.startswith(_PREFIX)
-        family = model_type.removeprefix(_PREFIX)
-        if family not in self._options:
-            raise ValueError(
-                f"pretrained must be a checkpoint of {', '.join(self._options)} (config.json model_type, or "
-                f"{_PREFIX}<type> when saved attached) for {type(self).__name__}, got model_type "
-                f"{model_type!r} at {pretrained!r}"
-            )
-        if saved and args.given():
-            raise ValueError(
-                f"{', '.join(args.given())} must not be given for a checkpoint saved attached ({pretrained!r} records "
-                f"{config.get('anchor_former')!r}); it is evaluated as saved, pass pretrained only"
-            )
-        if not saved:
-            if args.num_anchors is None:
-                raise ValueError(
-                    f"num_anchors must be given for the stock checkpoint {pretrained!r} (model_type {model_type!r}), "
-                    "e.g. num_anchors=144; got none"
-                )
-            for name in args.given():
-                if name not in self._options[family]:
-                    raise ValueError(
-                        f"{name} is not a setting of {family} (it takes {', '.join(self._options[family])}), got "
-                        f"{name}={getattr(args, name)!r}"
-                    )
-            if not family.startswith("qwen") and isinstance(args.num_anchors, float):
-                raise ValueError(f"num_anchors must be an integer >= 1 for {family}, got {args.num_anchors!r}")
+        _, saved = _resolve(type(self).__name__, pretrained, kwargs.get("revision"), args, self._options)
         self._register_saved_types(saved)
         super().__init__(pretrained=pretrained, **kwargs)
         self._attach(args, saved)
