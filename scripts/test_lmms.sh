@@ -22,7 +22,8 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1  # everything the tests load is bu
 
 # pip's resolver lists every lmms-eval dependency left out on purpose after each install: drop that noise
 pip_q() {
-    "$@" 2> >(grep -v -e "^WARNING: Location" -e "^lmms-eval .* requires " -e "dependency resolver does not currently" >&2)
+    "$@" 2> >(grep -v -e "^WARNING: Location" -e "^lmms-eval .* requires " -e "^qwen-vl-utils .* requires av" \
+                  -e "dependency resolver does not currently" >&2)
 }
 
 start=$SECONDS

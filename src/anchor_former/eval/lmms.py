@@ -48,6 +48,7 @@ __all__ = [
     "AnchorQwen2_5_VLChat",
 ]
 
+
 class _AnchorModel(_CommandLineArgs):
     """Mixin before an lmms-eval model class: parses the anchor settings, lets the class load, then attaches.
 
@@ -79,8 +80,8 @@ class _AnchorModel(_CommandLineArgs):
         eval_logger.info(f"anchor-former: {type(self.model).__name__} {self.model.config.anchor_former}")
 
     def _check_host_args(self, kwargs: dict[str, Any]) -> None:
-        """Arguments neither anchor settings nor the lmms-eval class's own are a ``ValueError`` (the lmms-eval
-        classes assert on them after nothing, or fail deep in loading)."""
+        """An argument that is neither an anchor setting nor one of the lmms-eval class's is a ``ValueError``
+        naming it (the lmms-eval classes ``assert kwargs == {}``, an ``AssertionError``, after other checks)."""
         host = inspect.signature(super().__init__).parameters
         named = {n for n, p in host.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
         for name in kwargs:
@@ -146,7 +147,7 @@ class _AnchorLlava(_AnchorModel):
         for family, cls in ((llava, llava.AnchorFormerLlavaForConditionalGeneration),
                             (llava_next, llava_next.AnchorFormerLlavaNextForConditionalGeneration),
                             (llava_onevision, llava_onevision.AnchorFormerLlavaOnevisionForConditionalGeneration)):
-            family.register_auto_classes()
+            family.register_auto_classes()  # AutoConfig (lmms-eval reads the type), AutoProcessor (NeXT / OneVision)
             host.model_map.setdefault(cls.config_class.model_type, cls)
 
 
@@ -175,7 +176,7 @@ class _AnchorQwen(_AnchorModel):
 
         from anchor_former.adapters.hf import qwen_vl
 
-        qwen_vl.register_qwen_auto_classes()
+        (getattr(qwen_vl, "register_auto_classes", None) or qwen_vl.register_qwen_auto_classes)()
         for config_class, processor_class in (
             (qwen_vl.AnchorFormerQwen2VLConfig, qwen_vl.AnchorFormerQwen2VLProcessor),
             (qwen_vl.AnchorFormerQwen2_5_VLConfig, qwen_vl.AnchorFormerQwen2_5_VLProcessor),
@@ -190,8 +191,10 @@ class _AnchorQwen(_AnchorModel):
         from anchor_former.adapters.transformers import attach_anchor_former
 
         recorded = dict(self.model.config.anchor_former)
+        extras = recorded.get("extras") or {}  # the versioned record keeps family settings there
         attach_anchor_former(self.model, self.processor, num_anchors=recorded["num_anchors"],
-                             score_layer=recorded["score_layer"], block_size=recorded["block_size"])
+                             score_layer=recorded.get("score_layer", recorded.get("layer")),
+                             block_size=recorded.get("block_size", extras.get("block_size")))
 
 
 class AnchorQwen2_5_VL(_AnchorQwen, _Qwen2_5_VLSimple):
