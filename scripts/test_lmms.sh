@@ -2,10 +2,10 @@
 # The lmms-eval integration tests (tests/eval) in their own environment, .venv-lmms, built from the package
 # registries (idempotent: a second run only checks the installs); extra arguments go to pytest.
 #
-#   torch         torch 2.14.1 + torchvision 0.29.1 (override with LMMS_TORCH): transformers' Qwen2-VL /
-#                 Qwen2.5-VL processors need torchvision, and torchvision needs the torch it was built
-#                 against, a CUDA build (~5.5 GB installed). LMMS_TORCH="torch==2.13.0" (the CPU build, much
-#                 smaller) runs the LLaVA tests and skips Qwen2.5-VL.
+#   torch         torch 2.14.1 + torchvision 0.29.1 (override with LMMS_TORCH): transformers' Qwen2.5-VL and
+#                 LLaVA-OneVision processors need torchvision (their video processors), and torchvision needs
+#                 the torch it was built against, a CUDA build (~5.5 GB installed). LMMS_TORCH="torch==2.13.0"
+#                 (the CPU build, much smaller) runs the LLaVA-1.5 / NeXT tests and skips the other two.
 #   lmms-eval     0.7.3 without its dependencies, which pull wandb, sentence-transformers, openai, spacy, ...
 #                 that no offline run imports; then what its evaluator, command line and the llava_hf /
 #                 qwen2_5_vl models do import: decord (imported at the top of both model modules),

@@ -130,8 +130,8 @@ class Workspace:
 
     def checkpoint(self, family: str) -> Path:
         if family not in self._checkpoints:
-            if family == "qwen2_5_vl":
-                pytest.importorskip("torchvision", reason="transformers' Qwen2-VL video processor needs torchvision")
+            if family in ("qwen2_5_vl", "llava_onevision"):
+                pytest.importorskip("torchvision", reason=f"transformers' {family} video processor needs torchvision")
             self._checkpoints[family] = getattr(_tiny, FAMILIES[family].save)(self.root / family)
         return self._checkpoints[family]
 
