@@ -112,3 +112,36 @@ def assert_same_as_hf(output, reference, *, atol: float, top: int = 5) -> float:
             worst = max(worst, abs(step[token].logprob - value))
     assert worst <= atol, f"log-probs differ by {worst:.3g} > {atol}"
     return worst
+
+
+# LLaVA-NeXT's five pinpoints scaled to 28-px views
+PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]
+
+
+def llava_next_processor():
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+    images = LlavaNextImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE},
+                                     image_grid_pinpoints=PINPOINTS)
+    return LlavaNextProcessor(image_processor=images, tokenizer=make_tokenizer(["<image>"]), patch_size=PATCH,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                              chat_template=CHAT_TEMPLATE)
+
+
+def llava_next_model(processor):
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=VISION_DIM, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=IMAGE, patch_size=PATCH, projection_dim=16)
+    config = LlavaNextConfig(vision_config=vision, text_config=text_config(len(processor.tokenizer)),
+                             image_token_index=processor.tokenizer.convert_tokens_to_ids("<image>"),
+                             vision_feature_layer=-2, vision_feature_select_strategy="default",
+                             image_grid_pinpoints=PINPOINTS)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.mul_(4.0)
+        model.model.image_newline.normal_()
+    return model
