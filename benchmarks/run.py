@@ -73,6 +73,8 @@ PRESETS = ("tiny", "default", "llava-1.5-7b")
 # optionally ``to_markdown``.
 BENCHMARKS = {"connectors": "bench_connectors", "pipeline": "bench_pipeline", "search": "bench_search",
               "probe": "bench_probe"}
+# vLLM serving throughput and time to first token; runs only where vLLM is importable (else reported skipped)
+BENCHMARKS["serving"] = "bench_serving"
 _TAKES_CONNECTORS = ("connectors", "pipeline")
 
 
