@@ -111,6 +111,7 @@ def assert_same_as_hf(output, reference, *, atol: float, top: int = 5) -> float:
             assert token in step, f"top-{top} token {token} missing from vLLM's log-probs {sorted(step)}"
             worst = max(worst, abs(step[token].logprob - value))
     assert worst <= atol, f"log-probs differ by {worst:.3g} > {atol}"
+    print(f"max |dlogprob| vs transformers: {worst:.2e}")  # shown with pytest -s: the measured error
     return worst
 
 
