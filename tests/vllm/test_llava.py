@@ -137,11 +137,11 @@ def test_hf_overrides() -> None:
     assert overrides == {"architectures": ["AnchorFormerLlavaForConditionalGeneration"],
                          "anchor_former": {"connector": "select", "score": "cls",
                                            "connector_config": {"num_anchors": 144, "num_context": 16}}}
-    assert afv.hf_overrides(num_anchors=0.25, family="qwen2_5_vl")["anchor_former"]["num_anchors"] == 0.25
+    assert afv.hf_overrides(num_anchors=6, family="llava_next")["anchor_former"]["anyres"]["num_anchors"] == 6
     with pytest.raises(ValueError, match="num_anchors must be an integer >= 1, got 0"):
         afv.hf_overrides(num_anchors=0)
-    with pytest.raises(ValueError, match="family must be one of"):
-        afv.hf_overrides(family="llama")
+    with pytest.raises(ValueError, match="family must be one of 'llava', 'llava_next' .*got 'qwen2_5_vl'"):
+        afv.hf_overrides(family="qwen2_5_vl")
     with pytest.raises(ValueError, match="num_context .* family='llava' only"):
         afv.hf_overrides(num_context=2, family="llava_next")
 

@@ -23,7 +23,6 @@ __all__ = ["BUDGET_KEYS", "FAMILIES", "anchor_record", "hf_overrides", "request_
 FAMILIES = {
     "llava": "AnchorFormerLlavaForConditionalGeneration",
     "llava_next": "AnchorFormerLlavaNextForConditionalGeneration",
-    "qwen2_5_vl": "AnchorFormerQwen2_5_VLForConditionalGeneration",
 }
 
 #: the ``mm_processor_kwargs`` a request may set (its budget)
@@ -38,7 +37,7 @@ def _positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
 
 def hf_overrides(
     *,
-    num_anchors: int | float = 144,
+    num_anchors: int = 144,
     num_context: int = 0,
     family: str = "llava",
     max_budget: int | None = None,
@@ -50,11 +49,10 @@ def hf_overrides(
     The checkpoint's weights are used as they are; nothing is copied.
 
     Args:
-        num_anchors: K, the default budget: anchor patches kept per image (LLaVA-1.5), per view
-            (LLaVA-NeXT), or merged tokens kept per image (Qwen2.5-VL: an int, or a float in (0, 1] for the
-            fraction kept). A request overrides it with ``mm_processor_kwargs={"num_anchors": k}``.
+        num_anchors: K, the default budget: anchor patches kept per image (LLaVA-1.5) or per view
+            (LLaVA-NeXT). A request overrides it with ``mm_processor_kwargs={"num_anchors": k}``.
         num_context: M context tokens merged from the other patches (LLaVA-1.5 only; 0 = none).
-        family: the checkpoint's ``model_type``: ``"llava"`` (LLaVA-1.5), ``"llava_next"``, ``"qwen2_5_vl"``.
+        family: the checkpoint's ``model_type``: ``"llava"`` (LLaVA-1.5) or ``"llava_next"``.
         max_budget: LLaVA-1.5: the largest ``num_anchors + num_context`` a request may ask for; the engine
             reserves encoder cache and profiles for it. None = every patch (what the stock model needs).
 
@@ -62,8 +60,8 @@ def hf_overrides(
         A JSON-serialisable dict: ``{"architectures": [...], "anchor_former": {...}}``.
 
     Raises:
-        ValueError: an unknown ``family``, a budget that is not a positive int (or a fraction for Qwen),
-            ``num_context`` for a family without context tokens.
+        ValueError: an unknown ``family``, a budget that is not a positive int, ``num_context`` for a
+            family without context tokens.
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {', '.join(map(repr, FAMILIES))} (the model_type), got {family!r}")
@@ -72,20 +70,12 @@ def hf_overrides(
         raise ValueError(f"num_context (context tokens) is supported for family='llava' only, got {num_context}")
     if max_budget is not None:
         _positive_int("max_budget", max_budget)
-    if family == "qwen2_5_vl":
-        if isinstance(num_anchors, float):
-            if not 0.0 < num_anchors <= 1.0:
-                raise ValueError(f"num_anchors as a fraction must lie in (0, 1], got {num_anchors}")
-        else:
-            _positive_int("num_anchors", num_anchors)
-        record = {"connector": "select", "score": "received", "num_anchors": num_anchors, "score_layer": None}
-    else:
-        _positive_int("num_anchors", num_anchors)
-        config = {"num_anchors": num_anchors, "num_context": num_context}
-        record = {"connector": "select", "score": "cls", "connector_config": config}
-        if family == "llava_next":
-            config.pop("num_context")
-            record["anyres"] = {"layout": "selected", "num_anchors": num_anchors, "image_budget": None}
+    _positive_int("num_anchors", num_anchors)
+    config = {"num_anchors": num_anchors, "num_context": num_context}
+    record = {"connector": "select", "score": "cls", "connector_config": config}
+    if family == "llava_next":
+        config.pop("num_context")
+        record["anyres"] = {"layout": "selected", "num_anchors": num_anchors, "image_budget": None}
     if max_budget is not None:
         record["max_budget"] = max_budget
     return {"architectures": [FAMILIES[family]], "anchor_former": record}
@@ -131,6 +121,5 @@ def saved_config_classes() -> tuple[type, ...]:
     """The transformers config classes of folders saved by the package's adapters."""
     from anchor_former.adapters.hf.llava import AnchorFormerLlavaConfig
     from anchor_former.adapters.hf.llava_next import AnchorFormerLlavaNextConfig
-    from anchor_former.adapters.hf.qwen_vl import AnchorFormerQwen2_5_VLConfig
 
-    return AnchorFormerLlavaConfig, AnchorFormerLlavaNextConfig, AnchorFormerQwen2_5_VLConfig
+    return AnchorFormerLlavaConfig, AnchorFormerLlavaNextConfig
