@@ -23,8 +23,8 @@ import _vllm_models as M  # noqa: E402
 
 K = 8
 STEPS = 4
-# float32 on both sides; measured differences up to ~2e-6 (different kernels, same math)
-ATOL = 2e-5
+# float32 on both sides; measured log-prob differences up to 1.2e-6 (different kernels, same math)
+ATOL = 5e-6
 ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=4, limit_mm_per_prompt={"image": 2},
               seed=0)
 

@@ -17,7 +17,7 @@ from anchor_former.adapters.transformers import attach_anchor_former  # noqa: E4
 import _vllm_models as M  # noqa: E402
 
 K = 6
-ATOL = 2e-5  # float32 on both sides
+ATOL = 5e-6  # float32 on both sides; measured up to 1.2e-6
 # (height, width): rows unpadded (wide), columns unpadded (tall), and an image between pinpoints
 SIZES = [(30, 90), (90, 30), (40, 70)]
 

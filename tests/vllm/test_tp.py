@@ -20,7 +20,7 @@ from anchor_former.adapters.transformers import attach_anchor_former  # noqa: E4
 
 import _vllm_models as M  # noqa: E402
 
-ATOL = 2e-5  # float32; the all-reduces change the summation order only
+ATOL = 5e-6  # float32; the all-reduces change the summation order only (measured up to 1.2e-6)
 
 
 def _vision_heads(model) -> tuple[int, int]:

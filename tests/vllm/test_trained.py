@@ -16,7 +16,7 @@ from anchor_former.adapters.transformers import attach_anchor_former  # noqa: E4
 import _vllm_models as M  # noqa: E402
 
 K = 6
-ATOL = 2e-5  # float32 on both sides (see test_llava.py)
+ATOL = 5e-6  # float32 on both sides; measured up to 1.2e-6 (see test_llava.py)
 
 
 @pytest.fixture(scope="module")
