@@ -101,9 +101,9 @@ def assert_same_as_hf(output, reference, *, atol: float, top: int = 5) -> float:
     """vLLM's ``RequestOutput`` gives the reference's prompt ids, greedy tokens and top-``top`` log-probs;
     returns the largest log-prob difference."""
     prompt_ids, generated, logprobs = reference
-    assert list(output.prompt_token_ids) == prompt_ids
+    assert list(output.prompt_token_ids) == prompt_ids, f"prompt ids {list(output.prompt_token_ids)} != {prompt_ids}"
     completion = output.outputs[0]
-    assert list(completion.token_ids) == generated
+    assert list(completion.token_ids) == generated, f"greedy tokens {list(completion.token_ids)} != {generated}"
     worst = 0.0
     for step, expected in zip(completion.logprobs, logprobs):
         best = torch.topk(expected, top)
