@@ -66,8 +66,9 @@ class BenchConnector:
         """The factory's keyword arguments, with ``resampler`` overrides (depth, heads, ...) if it is one."""
         return {**self.kwargs, **(resampler or {})} if self.is_resampler else dict(self.kwargs)
 
-    def build(self, vision_dim: int, llm_dim: int, *, resampler: dict[str, Any] | None = None,
-              **extra: Any) -> Connector:
+    def build(
+        self, vision_dim: int, llm_dim: int, *, resampler: dict[str, Any] | None = None, **extra: Any
+    ) -> Connector:
         """``anchor_former.build_connector(factory, vision_dim, llm_dim, **kwargs, **extra)``."""
         from anchor_former import build_connector
 
@@ -121,7 +122,9 @@ def _parse_budget(label: str) -> BenchConnector | None:
     if k < 1 or (family in ("acformer", "select") and k + int(m or 0) > _GRID * _GRID):
         return None
     if m is not None:
-        return BenchConnector(label, "select", {"num_anchors": k, "num_context": int(m)}) if family == "select" else None
+        return (
+            BenchConnector(label, "select", {"num_anchors": k, "num_context": int(m)}) if family == "select" else None
+        )
     if family == "acformer":
         return BenchConnector(label, "acformer", {"num_anchors": k})
     if family == "perceiver":
@@ -232,10 +235,16 @@ def environment(device: torch.device) -> dict[str, Any]:
     except ImportError:
         transformers_version = None
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-        ).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                cwd=os.path.dirname(os.path.abspath(__file__)),
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         commit = None
     env: dict[str, Any] = {
@@ -281,7 +290,11 @@ def _peak_memory(fn: Callable[[], Any], device: torch.device) -> dict[str, float
 
 
 def measure_interleaved(
-    fns: dict[str, Callable[[], Any]], device: torch.device, *, rounds: int, min_block_s: float,
+    fns: dict[str, Callable[[], Any]],
+    device: torch.device,
+    *,
+    rounds: int,
+    min_block_s: float,
     label: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Median latency of each ``fn()``, timed in interleaved rounds, and peak memory on CUDA.
@@ -319,12 +332,12 @@ def measure_interleaved(
             times[name].append(timers[name].timeit(numbers[name]).median)
         if label:
             elapsed = time.perf_counter() - start
-            progress(f"{label}: round {r + 1}/{rounds} done, {elapsed:.1f} s, "
-                     f"~{elapsed / (r + 1) * (rounds - r - 1):.0f} s left")
+            progress(
+                f"{label}: round {r + 1}/{rounds} done, {elapsed:.1f} s, "
+                f"~{elapsed / (r + 1) * (rounds - r - 1):.0f} s left"
+            )
     for name, samples in times.items():
-        q1, median, q3 = (
-            statistics.quantiles(samples, n=4, method="inclusive") if len(samples) > 1 else samples * 3
-        )
+        q1, median, q3 = statistics.quantiles(samples, n=4, method="inclusive") if len(samples) > 1 else samples * 3
         out[name].update(median_ms=median * 1e3, iqr_ms=(q3 - q1) * 1e3, calls=rounds * numbers[name])
     return out
 
@@ -363,7 +376,12 @@ def spread_warnings(result: Any, *, ratio: float = SPREAD_WARN_RATIO) -> list[st
         if isinstance(node, dict):
             own = label(node)
             median, iqr = node.get("median_ms"), node.get("iqr_ms")
-            if isinstance(median, (int, float)) and isinstance(iqr, (int, float)) and median > 0 and iqr > ratio * median:
+            if (
+                isinstance(median, (int, float))
+                and isinstance(iqr, (int, float))
+                and median > 0
+                and iqr > ratio * median
+            ):
                 name = own or " ".join(part for part in (context, key) if part)
                 found.append(f"`{name}`: IQR {iqr:.3g} ms is {100 * iqr / median:.0f} % of the median {median:.3g} ms")
             for child_key, value in node.items():

@@ -54,38 +54,116 @@ from benchmarks.bench_search import reference_loop
 __all__ = ["PRESETS", "run", "summarize", "to_markdown"]
 
 # CLIP ViT-L/14-336 is LLaVA-1.5's encoder: width 1024, 16 heads, 24 layers, 577 tokens.
-_VIT_L_336 = {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16, "image_size": 336,
-              "patch_size": 14, "num_hidden_layers": 24}
+_VIT_L_336 = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_attention_heads": 16,
+    "image_size": 336,
+    "patch_size": 14,
+    "num_hidden_layers": 24,
+}
 # SigLIP-so400m/14-384 (LLaVA-OneVision's encoder): width 1152, 16 heads, 27 layers, 729 tokens, no [CLS].
-_SO400M_384 = {"hidden_size": 1152, "intermediate_size": 4304, "num_attention_heads": 16, "image_size": 384,
-               "patch_size": 14, "num_hidden_layers": 27}
+_SO400M_384 = {
+    "hidden_size": 1152,
+    "intermediate_size": 4304,
+    "num_attention_heads": 16,
+    "image_size": 384,
+    "patch_size": 14,
+    "num_hidden_layers": 27,
+}
 PRESETS: dict[str, dict[str, Any]] = {
     # seconds, for the smoke test
-    "tiny": {"vit": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "image_size": 32,
-                     "patch_size": 8, "num_hidden_layers": 3},
-             "batch": 2, "anchors": 8, "dtype": "float32", "rounds": 2, "min_block_s": 0.01,
-             "siglip": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "image_size": 32,
-                        "patch_size": 8, "num_hidden_layers": 3},
-             "families": {"width": 32, "heads": 4, "layers": 2, "image_size": 32, "patch_size": 8, "rounds": 1,
-                          "min_block_s": 0.0}},
+    "tiny": {
+        "vit": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_attention_heads": 4,
+            "image_size": 32,
+            "patch_size": 8,
+            "num_hidden_layers": 3,
+        },
+        "batch": 2,
+        "anchors": 8,
+        "dtype": "float32",
+        "rounds": 2,
+        "min_block_s": 0.01,
+        "siglip": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_attention_heads": 4,
+            "image_size": 32,
+            "patch_size": 8,
+            "num_hidden_layers": 3,
+        },
+        "families": {
+            "width": 32,
+            "heads": 4,
+            "layers": 2,
+            "image_size": 32,
+            "patch_size": 8,
+            "rounds": 1,
+            "min_block_s": 0.0,
+        },
+    },
     # a first look: ViT-L width and heads with 2 layers at 224 px (257 tokens), fewer rounds, small family models
-    "quick": {"vit": {**_VIT_L_336, "num_hidden_layers": 2, "image_size": 224}, "batch": 1, "anchors": 64,
-              "dtype": "float32", "rounds": 2, "min_block_s": 0.0,
-              "siglip": {**_SO400M_384, "num_hidden_layers": 2, "image_size": 224},
-              "families": {"width": 192, "heads": 3, "layers": 2, "image_size": 224, "patch_size": 16,
-                           "rounds": 2, "min_block_s": 0.0}},
+    "quick": {
+        "vit": {**_VIT_L_336, "num_hidden_layers": 2, "image_size": 224},
+        "batch": 1,
+        "anchors": 64,
+        "dtype": "float32",
+        "rounds": 2,
+        "min_block_s": 0.0,
+        "siglip": {**_SO400M_384, "num_hidden_layers": 2, "image_size": 224},
+        "families": {
+            "width": 192,
+            "heads": 3,
+            "layers": 2,
+            "image_size": 224,
+            "patch_size": 16,
+            "rounds": 2,
+            "min_block_s": 0.0,
+        },
+    },
     # CPU: ViT-L/14-336 token count, width and heads, but 4 of its 24 layers and batch 1, so the whole run
     # fits in ~40 s on 2 idle cores. Fewer layers make the probe's fixed cost look 6x larger, and the
     # reference's stack of attention maps 6x smaller, than at full depth.
-    "default": {"vit": {**_VIT_L_336, "num_hidden_layers": 4}, "batch": 1, "anchors": 144, "dtype": "float32",
-                "rounds": 5, "min_block_s": 0.3, "siglip": {**_SO400M_384, "num_hidden_layers": 4},
-                "families": {"width": 384, "heads": 6, "layers": 4, "image_size": 224, "patch_size": 16,
-                             "rounds": 3, "min_block_s": 0.1}},
+    "default": {
+        "vit": {**_VIT_L_336, "num_hidden_layers": 4},
+        "batch": 1,
+        "anchors": 144,
+        "dtype": "float32",
+        "rounds": 5,
+        "min_block_s": 0.3,
+        "siglip": {**_SO400M_384, "num_hidden_layers": 4},
+        "families": {
+            "width": 384,
+            "heads": 6,
+            "layers": 4,
+            "image_size": 224,
+            "patch_size": 16,
+            "rounds": 3,
+            "min_block_s": 0.1,
+        },
+    },
     # GPU: LLaVA-1.5-7B's vision tower as it runs there: full ViT-L/14-336, fp16, batch 32.
-    "llava-1.5-7b": {"vit": _VIT_L_336, "batch": 32, "anchors": 144, "dtype": "float16", "rounds": 7, "min_block_s": 0.5,
-                     "siglip": _SO400M_384,
-                     "families": {"width": 1024, "heads": 16, "layers": 24, "image_size": 336, "patch_size": 14,
-                                  "rounds": 5, "min_block_s": 0.3}},
+    "llava-1.5-7b": {
+        "vit": _VIT_L_336,
+        "batch": 32,
+        "anchors": 144,
+        "dtype": "float16",
+        "rounds": 7,
+        "min_block_s": 0.5,
+        "siglip": _SO400M_384,
+        "families": {
+            "width": 1024,
+            "heads": 16,
+            "layers": 24,
+            "image_size": 336,
+            "patch_size": 14,
+            "rounds": 5,
+            "min_block_s": 0.3,
+        },
+    },
 }
 
 
@@ -127,11 +205,14 @@ def _cpu_peaks(results: dict[str, dict[str, Any]], paths: dict[str, Any], label:
         results[name]["peak_extra_mib"] = _cpu_peak_extra_mib(fn)
 
 
-def _family_paths(model: Any, spec: Any, pixels: torch.Tensor, inputs: dict[str, Any], *, k: int,
-                  score: Literal["cls", "received"]) -> dict[str, Any]:
+def _family_paths(
+    model: Any, spec: Any, pixels: torch.Tensor, inputs: dict[str, Any], *, k: int, score: Literal["cls", "received"]
+) -> dict[str, Any]:
     """The plain forward and ``extract_anchors`` of one family's model."""
-    return {"sdpa": lambda: spec.run(pixels, **inputs),
-            "probe": lambda: extract_anchors(model, pixels, num_anchors=k, score=score, inputs=inputs).anchor_idx}
+    return {
+        "sdpa": lambda: spec.run(pixels, **inputs),
+        "probe": lambda: extract_anchors(model, pixels, num_anchors=k, score=score, inputs=inputs).anchor_idx,
+    }
 
 
 def _cpu_peak_extra_mib(fn) -> float:
@@ -193,20 +274,34 @@ def _siglip_section(cfg: dict[str, Any], device: torch.device, no_grad) -> dict[
     pixels = pixels.to(device=device, dtype=getattr(torch, cfg["dtype"]))
     tokens = (vit["image_size"] // vit["patch_size"]) ** 2
     k = min(cfg["anchors"], tokens // 2)
-    paths = {"sdpa": lambda: model(pixel_values=pixels).last_hidden_state,
-             **_received_paths(model, eager, pixels, k, has_cls=False)}
+    paths = {
+        "sdpa": lambda: model(pixel_values=pixels).last_hidden_state,
+        **_received_paths(model, eager, pixels, k, has_cls=False),
+    }
     with torch.no_grad():
         got, want = paths["received"]()[1], paths["eager_received"]()[1]
     same, overlap = torch.equal(got.cpu(), want.cpu()), _overlap(got, want)
-    results = measure_interleaved({n: no_grad(fn) for n, fn in paths.items()}, device, rounds=cfg["rounds"],
-                                  min_block_s=cfg["min_block_s"], label=f"probe: SigLIP {', '.join(paths)}")
+    results = measure_interleaved(
+        {n: no_grad(fn) for n, fn in paths.items()},
+        device,
+        rounds=cfg["rounds"],
+        min_block_s=cfg["min_block_s"],
+        label=f"probe: SigLIP {', '.join(paths)}",
+    )
     if device.type == "cpu":
         _cpu_peaks(results, paths, "probe: SigLIP")
     _ratios(results)
     return {
-        "shapes": {"batch": cfg["batch"], "layers": vit["num_hidden_layers"], "width": vit["hidden_size"],
-                   "heads": vit["num_attention_heads"], "tokens": tokens, "anchors": k, "dtype": cfg["dtype"],
-                   "layer": -2},
+        "shapes": {
+            "batch": cfg["batch"],
+            "layers": vit["num_hidden_layers"],
+            "width": vit["hidden_size"],
+            "heads": vit["num_attention_heads"],
+            "tokens": tokens,
+            "anchors": k,
+            "dtype": cfg["dtype"],
+            "layer": -2,
+        },
         "received_anchors_equal_eager": same,
         "received_anchor_overlap_with_eager": overlap,
         "paths": results,
@@ -218,8 +313,14 @@ def _family_models(shape: dict[str, Any]) -> dict[str, Any]:
     import importlib
 
     width, heads, layers, image, patch = (shape[k] for k in ("width", "heads", "layers", "image_size", "patch_size"))
-    hf = {"hidden_size": width, "intermediate_size": 4 * width, "num_hidden_layers": layers,
-          "num_attention_heads": heads, "image_size": image, "patch_size": patch}
+    hf = {
+        "hidden_size": width,
+        "intermediate_size": 4 * width,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "image_size": image,
+        "patch_size": patch,
+    }
     grid = image // patch
     builders: dict[str, Any] = {}
 
@@ -244,20 +345,30 @@ def _family_models(shape: dict[str, Any]) -> dict[str, Any]:
         hf_s2 = {k: v for k, v in hf.items() if k != "image_size"}
         tf = importlib.import_module("transformers")
         builders["siglip2"] = lambda: tf.Siglip2VisionModel(tf.Siglip2VisionConfig(**hf_s2, num_patches=grid * grid))
-        builders["idefics"] = lambda: importlib.import_module("transformers.models.idefics.vision").IdeficsVisionTransformer(
-            tf.IdeficsVisionConfig(embed_dim=width, **{k: v for k, v in hf.items() if k != "hidden_size"}))
+        builders["idefics"] = lambda: importlib.import_module(
+            "transformers.models.idefics.vision"
+        ).IdeficsVisionTransformer(
+            tf.IdeficsVisionConfig(embed_dim=width, **{k: v for k, v in hf.items() if k != "hidden_size"})
+        )
     try:
         timm = importlib.import_module("timm.models")
-        timm_kw = {"img_size": image, "patch_size": patch, "embed_dim": width, "depth": layers, "num_heads": heads,
-                   "num_classes": 0}
+        timm_kw = {
+            "img_size": image,
+            "patch_size": patch,
+            "embed_dim": width,
+            "depth": layers,
+            "num_heads": heads,
+            "num_classes": 0,
+        }
         builders["timm_vit"] = lambda: timm.vision_transformer.VisionTransformer(**timm_kw)
         builders["timm_eva"] = lambda: timm.eva.Eva(**timm_kw, use_rot_pos_emb=True, ref_feat_shape=grid)
     except ImportError:
         pass
     try:
         oc = importlib.import_module("open_clip.transformer")
-        builders["open_clip"] = lambda: oc.VisionTransformer(image_size=image, patch_size=patch, width=width,
-                                                             layers=layers, heads=heads, mlp_ratio=4.0, output_dim=width)
+        builders["open_clip"] = lambda: oc.VisionTransformer(
+            image_size=image, patch_size=patch, width=width, layers=layers, heads=heads, mlp_ratio=4.0, output_dim=width
+        )
     except ImportError:
         pass
     return builders
@@ -279,23 +390,34 @@ def _families_section(cfg: dict[str, Any], device: torch.device, no_grad) -> dic
         if spec.layout is not None:  # SigLIP2 NaFlex: patch rows, all real
             n = (image // patch) ** 2
             pixels = torch.randn(batch, n, 3 * patch * patch, generator=torch.Generator().manual_seed(0))
-            inputs = {"pixel_attention_mask": torch.ones(batch, n, dtype=torch.long, device=device),
-                      "spatial_shapes": torch.tensor([[image // patch] * 2] * batch, device=device)}
+            inputs = {
+                "pixel_attention_mask": torch.ones(batch, n, dtype=torch.long, device=device),
+                "spatial_shapes": torch.tensor([[image // patch] * 2] * batch, device=device),
+            }
         else:
             pixels = torch.randn(batch, 3, image, image, generator=torch.Generator().manual_seed(0))
         pixels = pixels.to(device=device, dtype=dtype)
         k = min(cfg["anchors"], (image // patch) ** 2 // 2)
         paths = _family_paths(model, spec, pixels, inputs, k=k, score=score)
-        results = measure_interleaved({n: no_grad(fn) for n, fn in paths.items()}, device, rounds=shape["rounds"],
-                                      min_block_s=shape["min_block_s"])
+        results = measure_interleaved(
+            {n: no_grad(fn) for n, fn in paths.items()},
+            device,
+            rounds=shape["rounds"],
+            min_block_s=shape["min_block_s"],
+        )
         if device.type == "cpu":
             _cpu_peaks(results, paths)
         _ratios(results)
-        rows[name] = {"score": score, "tokens": int(spec.num_prefix_tokens + (image // patch) ** 2),
-                      "sdpa_ms": results["sdpa"]["median_ms"], "probe_ms": results["probe"]["median_ms"],
-                      "time_ratio": results["probe"]["time_ratio"], "peak_ratio": results["probe"]["peak_ratio"],
-                      "sdpa_peak_extra_mib": results["sdpa"]["peak_extra_mib"],
-                      "probe_peak_extra_mib": results["probe"]["peak_extra_mib"]}
+        rows[name] = {
+            "score": score,
+            "tokens": int(spec.num_prefix_tokens + (image // patch) ** 2),
+            "sdpa_ms": results["sdpa"]["median_ms"],
+            "probe_ms": results["probe"]["median_ms"],
+            "time_ratio": results["probe"]["time_ratio"],
+            "peak_ratio": results["probe"]["peak_ratio"],
+            "sdpa_peak_extra_mib": results["sdpa"]["peak_extra_mib"],
+            "probe_peak_extra_mib": results["probe"]["peak_extra_mib"],
+        }
         progress(f"probe: family {name}: probe {rows[name]['time_ratio']:.2f}x the plain forward's time")
     return {"shape": shape, "rows": rows}
 
@@ -310,7 +432,9 @@ def run(*, preset: str = "default", device: torch.device | str = "cpu") -> dict[
     progress(f"probe: building {cfg['vit']['num_hidden_layers']}-layer CLIP ViT ({preset}) on {device}")
     model, eager = _build(cfg, device)
     vit = cfg["vit"]
-    pixels = torch.randn(cfg["batch"], 3, vit["image_size"], vit["image_size"], generator=torch.Generator().manual_seed(0))
+    pixels = torch.randn(
+        cfg["batch"], 3, vit["image_size"], vit["image_size"], generator=torch.Generator().manual_seed(0)
+    )
     pixels = pixels.to(device=device, dtype=getattr(torch, cfg["dtype"]))
     k = cfg["anchors"]
 
@@ -333,9 +457,14 @@ def run(*, preset: str = "default", device: torch.device | str = "cpu") -> dict[
         out = eager(pixel_values=pixels, output_hidden_states=True, output_attentions=True)
         return out.hidden_states[-2], reference_loop(out.attentions[-2][:, :, 0], k)
 
-    paths = {"sdpa": sdpa, "sdpa+hidden_states": sdpa_hidden, "probe": probe,
-             "probe+hidden_states": probe_hidden, "reference": reference,
-             **_received_paths(model, eager, pixels, k, has_cls=True)}
+    paths = {
+        "sdpa": sdpa,
+        "sdpa+hidden_states": sdpa_hidden,
+        "probe": probe,
+        "probe+hidden_states": probe_hidden,
+        "reference": reference,
+        **_received_paths(model, eager, pixels, k, has_cls=True),
+    }
 
     with torch.no_grad():  # the anchors must agree before anything is timed
         feats, idx = probe()
@@ -344,7 +473,9 @@ def run(*, preset: str = "default", device: torch.device | str = "cpu") -> dict[
     same_anchors = torch.equal(idx.cpu(), ref_idx)
     # in half precision the reference's row is rounded to fp16 (ties among ~1/N probabilities) while the
     # probe's is float32, so near-ties may fall differently: report the overlap too
-    overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(idx.cpu(), ref_idx, strict=True)) / ref_idx.numel()
+    overlap = (
+        sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(idx.cpu(), ref_idx, strict=True)) / ref_idx.numel()
+    )
     max_feat_diff = (feats.float() - ref_feats.float()).abs().max().item()
     with torch.no_grad():
         got, want = paths["received"]()[1], paths["eager_received"]()[1]
@@ -354,10 +485,16 @@ def run(*, preset: str = "default", device: torch.device | str = "cpu") -> dict[
         def call():
             with torch.no_grad():
                 return fn()
+
         return call
 
-    results = measure_interleaved({name: no_grad(fn) for name, fn in paths.items()}, device, rounds=cfg["rounds"],
-                                  min_block_s=cfg["min_block_s"], label=f"probe: CLIP {', '.join(paths)}")
+    results = measure_interleaved(
+        {name: no_grad(fn) for name, fn in paths.items()},
+        device,
+        rounds=cfg["rounds"],
+        min_block_s=cfg["min_block_s"],
+        label=f"probe: CLIP {', '.join(paths)}",
+    )
     if device.type == "cpu":
         _cpu_peaks(results, paths, "probe: CLIP")
     progress("probe: the probe's parts alone (row, received, search)")
@@ -375,28 +512,42 @@ def run(*, preset: str = "default", device: torch.device | str = "cpu") -> dict[
     call = calls[0]
     row = site.row(call)
     parts = measure_interleaved(
-        {"row": lambda: site.row(call),
-         "received": lambda: site.received(call, block_size=DEFAULT_BLOCK_SIZE),
-         "search": lambda: anchor_search(row, k, num_prefix_tokens=spec.num_prefix_tokens)},
-        device, rounds=cfg["rounds"], min_block_s=cfg["min_block_s"] / 10,
+        {
+            "row": lambda: site.row(call),
+            "received": lambda: site.received(call, block_size=DEFAULT_BLOCK_SIZE),
+            "search": lambda: anchor_search(row, k, num_prefix_tokens=spec.num_prefix_tokens),
+        },
+        device,
+        rounds=cfg["rounds"],
+        min_block_s=cfg["min_block_s"] / 10,
     )
     if device.type == "cpu":
         received_peak = _cpu_peak_extra_mib(lambda: site.received(call, block_size=DEFAULT_BLOCK_SIZE))
     else:
-        received_peak = measure_interleaved({"received": lambda: site.received(call, block_size=DEFAULT_BLOCK_SIZE)},
-                                            device, rounds=1, min_block_s=0.0)["received"]["peak_extra_mib"]
+        received_peak = measure_interleaved(
+            {"received": lambda: site.received(call, block_size=DEFAULT_BLOCK_SIZE)}, device, rounds=1, min_block_s=0.0
+        )["received"]["peak_extra_mib"]
     _ratios(results)
     base = results["sdpa"]
     siglip = _siglip_section(cfg, device, no_grad)
-    progress(f"probe: one row per encoder family ({cfg['families']['layers']} layers, width {cfg['families']['width']})")
+    progress(
+        f"probe: one row per encoder family ({cfg['families']['layers']} layers, width {cfg['families']['width']})"
+    )
     families = _families_section(cfg, device, no_grad)
     return {
         "benchmark": "probe",
         "preset": preset,
         "environment": environment(device),
-        "shapes": {"batch": cfg["batch"], "layers": vit["num_hidden_layers"], "width": vit["hidden_size"],
-                   "heads": vit["num_attention_heads"], "tokens": (vit["image_size"] // vit["patch_size"]) ** 2 + 1,
-                   "anchors": k, "dtype": cfg["dtype"], "layer": -2},
+        "shapes": {
+            "batch": cfg["batch"],
+            "layers": vit["num_hidden_layers"],
+            "width": vit["hidden_size"],
+            "heads": vit["num_attention_heads"],
+            "tokens": (vit["image_size"] // vit["patch_size"]) ** 2 + 1,
+            "anchors": k,
+            "dtype": cfg["dtype"],
+            "layer": -2,
+        },
         "memory_source": "cuda allocator" if device.type == "cuda" else "dispatch-level tensor tracker",
         "probe_anchors_equal_reference": same_anchors,
         "probe_anchor_overlap_with_reference": overlap,
@@ -427,8 +578,10 @@ def to_markdown(report: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for name, e in report["paths"].items():
-        lines.append(f"| {name} | {e['median_ms']:.1f} | {e['time_ratio']:.3f} | {e['peak_extra_mib']:.1f} | "
-                     f"{e['peak_ratio']:.3f} |")
+        lines.append(
+            f"| {name} | {e['median_ms']:.1f} | {e['time_ratio']:.3f} | {e['peak_extra_mib']:.1f} | "
+            f"{e['peak_ratio']:.3f} |"
+        )
     siglip = report.get("siglip")
     if siglip:
         lines += [
@@ -440,8 +593,10 @@ def to_markdown(report: dict[str, Any]) -> str:
             "|---|---:|---:|---:|---:|",
         ]
         for name, e in siglip["paths"].items():
-            lines.append(f"| {name} | {e['median_ms']:.1f} | {e['time_ratio']:.3f} | {e['peak_extra_mib']:.1f} | "
-                         f"{e['peak_ratio']:.3f} |")
+            lines.append(
+                f"| {name} | {e['median_ms']:.1f} | {e['time_ratio']:.3f} | {e['peak_extra_mib']:.1f} | "
+                f"{e['peak_ratio']:.3f} |"
+            )
     families = report.get("families")
     if families:
         lines += [
@@ -452,8 +607,10 @@ def to_markdown(report: dict[str, Any]) -> str:
             "|---|---|---:|---:|---:|---:|---:|",
         ]
         for name, r in families["rows"].items():
-            lines.append(f"| {name} | {r['score']} | {r['tokens']} | {r['sdpa_ms']:.1f} | {r['probe_ms']:.1f} | "
-                         f"{r['time_ratio']:.3f} | {r['peak_ratio']:.3f} |")
+            lines.append(
+                f"| {name} | {r['score']} | {r['tokens']} | {r['sdpa_ms']:.1f} | {r['probe_ms']:.1f} | "
+                f"{r['time_ratio']:.3f} | {r['peak_ratio']:.3f} |"
+            )
     return "\n".join(lines)
 
 
@@ -462,12 +619,14 @@ def summarize(report: dict[str, Any]) -> list[str]:
     paths = report["paths"]
     probe, reference = paths["probe"], paths["reference"]
     shapes = report["shapes"]
-    return [f"Anchor probe ({shapes['layers']}-layer random-init CLIP, width {shapes['width']}, {shapes['tokens']} "
-            f"tokens, batch {shapes['batch']}): features and anchors "
-            f"from one SDPA forward took {probe['time_ratio']:.2f}x the plain forward's time and "
-            f"{probe['peak_ratio']:.2f}x its peak extra memory, against {reference['time_ratio']:.2f}x and "
-            f"{reference['peak_ratio']:.2f}x for the reference's `output_attentions` path; same anchors as the "
-            f"reference: {'yes' if report['probe_anchors_equal_reference'] else 'no'}."]
+    return [
+        f"Anchor probe ({shapes['layers']}-layer random-init CLIP, width {shapes['width']}, {shapes['tokens']} "
+        f"tokens, batch {shapes['batch']}): features and anchors "
+        f"from one SDPA forward took {probe['time_ratio']:.2f}x the plain forward's time and "
+        f"{probe['peak_ratio']:.2f}x its peak extra memory, against {reference['time_ratio']:.2f}x and "
+        f"{reference['peak_ratio']:.2f}x for the reference's `output_attentions` path; same anchors as the "
+        f"reference: {'yes' if report['probe_anchors_equal_reference'] else 'no'}."
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:

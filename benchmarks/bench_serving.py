@@ -74,19 +74,47 @@ def _save_model(folder: Path, preset: str) -> None:
     vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "<s>", "</s>", "<image>", *words])}
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                        eos_token="</s>", additional_special_tokens=["<image>"])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        additional_special_tokens=["<image>"],
+    )
     images = CLIPImageProcessor(size={"shortest_edge": _IMAGE}, crop_size={"height": _IMAGE, "width": _IMAGE})
-    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=_PATCH,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    processor = LlavaProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=_PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
     torch.manual_seed(0)
-    vision = CLIPVisionConfig(hidden_size=vd, intermediate_size=4 * vd, num_hidden_layers=vl, num_attention_heads=vh,
-                              image_size=_IMAGE, patch_size=_PATCH)
-    text = LlamaConfig(vocab_size=32064 if preset == "llava-1.5-7b" else 1024, hidden_size=ld,
-                       intermediate_size=ld * 11 // 4, num_hidden_layers=ll, num_attention_heads=lh,
-                       num_key_value_heads=lh, max_position_embeddings=4096)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=vocab["<image>"],
-                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+    vision = CLIPVisionConfig(
+        hidden_size=vd,
+        intermediate_size=4 * vd,
+        num_hidden_layers=vl,
+        num_attention_heads=vh,
+        image_size=_IMAGE,
+        patch_size=_PATCH,
+    )
+    text = LlamaConfig(
+        vocab_size=32064 if preset == "llava-1.5-7b" else 1024,
+        hidden_size=ld,
+        intermediate_size=ld * 11 // 4,
+        num_hidden_layers=ll,
+        num_attention_heads=lh,
+        num_key_value_heads=lh,
+        max_position_embeddings=4096,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=vocab["<image>"],
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
     LlavaForConditionalGeneration(config).save_pretrained(folder)
     processor.save_pretrained(folder)
 
@@ -118,21 +146,32 @@ def run(*, preset: str = "default", device: Any = None) -> dict[str, Any]:
         folder = Path(tmp)
         _save_model(folder, preset)
         dtype = "bfloat16" if preset == "llava-1.5-7b" else "float32"
-        settings = dict(dtype=dtype, enforce_eager=True, max_model_len=2048, max_num_seqs=batch, kv_cache_memory_bytes=1 << 30,
-                        enable_prefix_caching=False, mm_processor_cache_gb=0, limit_mm_per_prompt={"image": 1}, seed=0)
+        settings = dict(
+            dtype=dtype,
+            enforce_eager=True,
+            max_model_len=2048,
+            max_num_seqs=batch,
+            kv_cache_memory_bytes=1 << 30,
+            enable_prefix_caching=False,
+            mm_processor_cache_gb=0,
+            limit_mm_per_prompt={"image": 1},
+            seed=0,
+        )
         llm = LLM(model=str(folder), hf_overrides=afv.hf_overrides(num_anchors=144), **settings)
         params = SamplingParams(temperature=0.0, max_tokens=1)
         configs = {"stock": patches, **{f"K={k}": k for k in BUDGETS}}
         seed = iter(range(10**6))
 
         def requests(k: int, count: int) -> list[dict]:
-            return [{"prompt": _PROMPT, "multi_modal_data": {"image": im}, "mm_processor_kwargs": {"num_anchors": k}}
-                    for im in _images(count, next(seed))]
+            return [
+                {"prompt": _PROMPT, "multi_modal_data": {"image": im}, "mm_processor_kwargs": {"num_anchors": k}}
+                for im in _images(count, next(seed))
+            ]
 
         def timed(k: int, count: int) -> tuple[float, int]:
             reqs = requests(k, count)
             start = time.perf_counter()
-            outs = llm.generate(reqs, params, use_tqdm=False)
+            outs = llm.generate(reqs, params, use_tqdm=False)  # noqa: F821 (the engine, deleted after the rounds)
             return time.perf_counter() - start, sum(len(o.prompt_token_ids) for o in outs)
 
         for k in configs.values():  # warm-up: every budget once
@@ -151,16 +190,29 @@ def run(*, preset: str = "default", device: Any = None) -> dict[str, Any]:
     for name in configs:
         tok_s, ttft = samples[name]["tok_s"], samples[name]["ttft_ms"]
         stock_tok, stock_ttft = samples["stock"]["tok_s"], samples["stock"]["ttft_ms"]
-        rows.append({
-            "config": name, "prompt_tokens": tokens[name], "prompt_tok_per_s": _spread(tok_s),
-            "ttft_ms": _spread(ttft),
-            "throughput_x": _spread([a / b for a, b in zip(tok_s, stock_tok)]),  # same round
-            "ttft_x": _spread([a / b for a, b in zip(ttft, stock_ttft)]),
-            "requests_per_s_x": _spread([(a / tokens[name]) / (b / tokens["stock"]) for a, b in zip(tok_s, stock_tok)]),
-        })
-    return {"vllm": vllm.__version__, "preset": preset, "dtype": dtype, "batch": batch, "rounds": rounds,
-            "patches": patches, "engine": {k: v for k, v in settings.items() if k != "limit_mm_per_prompt"},
-            "rows": rows}
+        rows.append(
+            {
+                "config": name,
+                "prompt_tokens": tokens[name],
+                "prompt_tok_per_s": _spread(tok_s),
+                "ttft_ms": _spread(ttft),
+                "throughput_x": _spread([a / b for a, b in zip(tok_s, stock_tok)]),  # same round
+                "ttft_x": _spread([a / b for a, b in zip(ttft, stock_ttft)]),
+                "requests_per_s_x": _spread(
+                    [(a / tokens[name]) / (b / tokens["stock"]) for a, b in zip(tok_s, stock_tok)]
+                ),
+            }
+        )
+    return {
+        "vllm": vllm.__version__,
+        "preset": preset,
+        "dtype": dtype,
+        "batch": batch,
+        "rounds": rounds,
+        "patches": patches,
+        "engine": {k: v for k, v in settings.items() if k != "limit_mm_per_prompt"},
+        "rows": rows,
+    }
 
 
 def _fmt(spread: dict[str, float], digits: int = 2) -> str:

@@ -78,8 +78,23 @@ from benchmarks._common import (  # noqa: E402
     spread_warnings,
 )
 
-__all__ = ["BENCHMARKS", "OPT_IN", "PRESETS", "QUICK_CONNECTORS", "SECTIONS", "Section", "default_output", "main", "markdown_chart",
-           "markdown_header", "markdown_section", "markdown_summary", "render_markdown", "run_suite", "write_chart"]
+__all__ = [
+    "BENCHMARKS",
+    "OPT_IN",
+    "PRESETS",
+    "QUICK_CONNECTORS",
+    "SECTIONS",
+    "Section",
+    "default_output",
+    "main",
+    "markdown_chart",
+    "markdown_header",
+    "markdown_section",
+    "markdown_summary",
+    "render_markdown",
+    "run_suite",
+    "write_chart",
+]
 
 # tiny: seconds, the smoke test; quick: a first look with four connectors, fewer rounds and smaller probe
 # towers (sized for about a minute on an idle 2-core CPU); default: the reference CPU run; llava-1.5-7b:
@@ -132,9 +147,14 @@ def _parse_list(spec: str | None, valid: list[str], what: str) -> list[str]:
     return [v for v in valid if v in wanted]
 
 
-def run_suite(*, preset: str, device: torch.device, connectors: str | None = None,
-              benchmarks: list[str] | None = None,
-              on_section: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def run_suite(
+    *,
+    preset: str,
+    device: torch.device,
+    connectors: str | None = None,
+    benchmarks: list[str] | None = None,
+    on_section: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Run the chosen benchmarks; a missing module is reported as skipped, a failing one as an error.
 
     ``on_section(report)`` is called after each section with the report so far (the main command writes
@@ -216,18 +236,25 @@ def _cell(value: Any) -> str:
 def markdown_header(report: dict[str, Any]) -> str:
     """The report's title, environment and how to reproduce it."""
     env = report["environment"]
-    return "\n".join([
-        f"# anchor-former benchmarks: preset `{report['preset']}` on {env['device']}",
-        "",
-        f"{env['date_utc']} · device type {env['device_type']} · torch {env['torch']} · transformers "
-        f"{env['transformers']} · python {env['python']} · {env['threads']} threads · commit {env['git_commit']}",
-        "",
-        "Reproduce: `python -m benchmarks.run --preset " + report["preset"]
-        + ("" if env["device_type"] == "cpu" else " --device cuda")
-        + "".join(f" --section {name}" for name in report["benchmarks"] if name in OPT_IN) + "`. Every ratio (x) is to the MLP-576 "
-        "(LLaVA-1.5) connector in the same run. Times are medians over interleaved rounds on this device, "
-        "with their interquartile range (± IQR).",
-    ]) + "\n"
+    return (
+        "\n".join(
+            [
+                f"# anchor-former benchmarks: preset `{report['preset']}` on {env['device']}",
+                "",
+                f"{env['date_utc']} · device type {env['device_type']} · torch {env['torch']} · transformers "
+                f"{env['transformers']} · python {env['python']} · {env['threads']} threads · commit {env['git_commit']}",
+                "",
+                "Reproduce: `python -m benchmarks.run --preset "
+                + report["preset"]
+                + ("" if env["device_type"] == "cpu" else " --device cuda")
+                + "".join(f" --section {name}" for name in report["benchmarks"] if name in OPT_IN)
+                + "`. Every ratio (x) is to the MLP-576 "
+                "(LLaVA-1.5) connector in the same run. Times are medians over interleaved rounds on this device, "
+                "with their interquartile range (± IQR).",
+            ]
+        )
+        + "\n"
+    )
 
 
 def markdown_section(name: str, result: dict[str, Any]) -> str:
@@ -246,10 +273,15 @@ def markdown_section(name: str, result: dict[str, Any]) -> str:
         out.append(to_md(result) if to_md else _generic_markdown(result))
         noisy = spread_warnings(result)
         if noisy:
-            out += ["", f"**Warning: noisy timings.** {len(noisy)} timing(s) have an IQR above "
-                        f"{100 * SPREAD_WARN_RATIO:.0f} % of their median, so the machine was busy during this "
-                        "section and its ratios are unreliable; rerun on a quiet machine. "
-                        + "; ".join(noisy[:8]) + ("; ..." if len(noisy) > 8 else "") + "."]
+            out += [
+                "",
+                f"**Warning: noisy timings.** {len(noisy)} timing(s) have an IQR above "
+                f"{100 * SPREAD_WARN_RATIO:.0f} % of their median, so the machine was busy during this "
+                "section and its ratios are unreliable; rerun on a quiet machine. "
+                + "; ".join(noisy[:8])
+                + ("; ..." if len(noisy) > 8 else "")
+                + ".",
+            ]
         out.append(f"\n({result['seconds']} s)")
     return "\n".join(out) + "\n"
 
@@ -262,8 +294,11 @@ def markdown_chart(chart: str, alt: str = "cost against visual tokens") -> str:
 def _chart_alt(report: dict[str, Any]) -> str:
     """What the chart shows: cost (pipeline section) or, in a quality-only run, accuracy."""
     sections = report["benchmarks"]
-    return ("answer accuracy against visual tokens" if "quality" in sections and "pipeline" not in sections
-            else "cost against visual tokens")
+    return (
+        "answer accuracy against visual tokens"
+        if "quality" in sections and "pipeline" not in sections
+        else "cost against visual tokens"
+    )
 
 
 def markdown_summary(report: dict[str, Any]) -> str:
@@ -283,8 +318,11 @@ def markdown_summary(report: dict[str, Any]) -> str:
     env = report["environment"]
     parts = ", ".join(f"{name} {result.get('seconds', 0):.0f} s" for name, result in report["benchmarks"].items())
     load = report.get("load_average")
-    busy = (f"; load average {load['start']:.1f} at the start and {load['end']:.1f} at the end on "
-            f"{load['cpus']} CPUs" if load else "; the machine's load was not recorded")
+    busy = (
+        f"; load average {load['start']:.1f} at the start and {load['end']:.1f} at the end on {load['cpus']} CPUs"
+        if load
+        else "; the machine's load was not recorded"
+    )
     sentences.append(
         f"The run took {report['seconds']:.0f} s ({parts}) on {env['device']}, preset `{report['preset']}`, "
         f"{env['date_utc']}{busy}."
@@ -332,9 +370,16 @@ def _label_points(ax: Any, points: list[tuple[float, float, int]]) -> None:
             ty += 11  # one text line up
         placed.append((px, ty))
         text = ", ".join(str(p[2]) for p in sorted(group, key=lambda p: p[2]))
-        ax.annotate(text, (x, y), xytext=(8, ty - py), textcoords="offset pixels", fontsize=8, va="center",
-                    fontweight="bold",
-                    arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "gray"} if ty != py else None)
+        ax.annotate(
+            text,
+            (x, y),
+            xytext=(8, ty - py),
+            textcoords="offset pixels",
+            fontsize=8,
+            va="center",
+            fontweight="bold",
+            arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "gray"} if ty != py else None,
+        )
 
 
 def _plot_analytic(ax: Any, analytic: dict[str, Any], numbers: dict[str, int]) -> None:
@@ -350,11 +395,21 @@ def _plot_analytic(ax: Any, analytic: dict[str, Any], numbers: dict[str, int]) -
         curve = [(flops.vit_forward_flops(vit) + flops.llm_prefill_flops(llm, t + text)) / 1e12 for t in grid]
         line = ax.plot(grid, curve, "--", lw=0.8, alpha=0.6, label=f"{llm.name}: ViT + LLM prefill")[0]
         rows = [r for r in analytic["results"] if r["llm_shape"] == llm.name]
-        ax.scatter([r["visual_tokens"] for r in rows], [r["total_flops"] / 1e12 for r in rows], marker=marker,
-                   color=line.get_color(), label=f"{llm.name}: + connector (+ probe)", zorder=3)
+        ax.scatter(
+            [r["visual_tokens"] for r in rows],
+            [r["total_flops"] / 1e12 for r in rows],
+            marker=marker,
+            color=line.get_color(),
+            label=f"{llm.name}: + connector (+ probe)",
+            zorder=3,
+        )
         points += [(r["visual_tokens"], r["total_flops"] / 1e12, numbers[r["connector"]]) for r in rows]
-    ax.set(xlabel="visual tokens given to the LLM", ylabel="TFLOPs per sample (analytic)", xlim=(0, 720),
-           title=f"CLIP ViT-L/14-336 + connector + LLM prefill, {text} text tokens")
+    ax.set(
+        xlabel="visual tokens given to the LLM",
+        ylabel="TFLOPs per sample (analytic)",
+        xlim=(0, 720),
+        title=f"CLIP ViT-L/14-336 + connector + LLM prefill, {text} text tokens",
+    )
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left")
@@ -364,14 +419,26 @@ def _plot_analytic(ax: Any, analytic: dict[str, Any], numbers: dict[str, int]) -
 def _plot_measured(ax: Any, measured: dict[str, Any], device_type: str, numbers: dict[str, int]) -> None:
     """Measured pipeline time (and analytic FLOPs) as a ratio to MLP-576, against visual tokens."""
     rows = measured["results"]
-    ax.scatter([r["visual_tokens"] for r in rows], [r["analytic_vs_baseline"] for r in rows], marker="x",
-               color="gray", label="analytic FLOPs, same shapes")
-    ax.scatter([r["visual_tokens"] for r in rows], [r["latency_vs_baseline"] for r in rows], zorder=3,
-               label="measured time (median)")
+    ax.scatter(
+        [r["visual_tokens"] for r in rows],
+        [r["analytic_vs_baseline"] for r in rows],
+        marker="x",
+        color="gray",
+        label="analytic FLOPs, same shapes",
+    )
+    ax.scatter(
+        [r["visual_tokens"] for r in rows],
+        [r["latency_vs_baseline"] for r in rows],
+        zorder=3,
+        label="measured time (median)",
+    )
     ax.axhline(0.40, color="red", lw=0.8, ls=":", label="target for AcFormer-144 (GPU, 7B): 0.40x")
     shapes = "scaled-down models" if measured["scaled_down"] else "LLaVA-1.5-7B shapes"
-    ax.set(xlabel="visual tokens given to the LLM", ylabel="pipeline cost / MLP-576 pipeline",
-           title=f"measured pipeline on {device_type} ({shapes}, batch {measured['batch']})")
+    ax.set(
+        xlabel="visual tokens given to the LLM",
+        ylabel="pipeline cost / MLP-576 pipeline",
+        title=f"measured pipeline on {device_type} ({shapes}, batch {measured['batch']})",
+    )
     ax.set_ylim(0, max(1.1, *(r["latency_vs_baseline"] * 1.05 for r in rows)))
     ax.set_xlim(0, 720)
     ax.grid(alpha=0.3)
@@ -390,10 +457,15 @@ def _chart_table(ax: Any, pipeline: dict[str, Any], numbers: dict[str, int]) -> 
         row = analytic.get((llms[0], label))
         if row is None:
             continue
-        cells.append([str(number), label, str(row["visual_tokens"]),
-                      *(f"{analytic[(name, label)]['total_flops'] / 1e12:.2f}" for name in llms)]
-                     + ([f"{measured[label]['latency_vs_baseline']:.2f}" if label in measured else "-"]
-                        if measured else []))
+        cells.append(
+            [
+                str(number),
+                label,
+                str(row["visual_tokens"]),
+                *(f"{analytic[(name, label)]['total_flops'] / 1e12:.2f}" for name in llms),
+            ]
+            + ([f"{measured[label]['latency_vs_baseline']:.2f}" if label in measured else "-"] if measured else [])
+        )
     ax.axis("off")
     table = ax.table(cellText=cells, colLabels=header, loc="upper center", cellLoc="right", colLoc="right")
     table.auto_set_font_size(False)
@@ -425,14 +497,14 @@ def write_chart(report: dict[str, Any], path: Path) -> bool:
     numbers = _point_numbers(report)
     measured = pipeline.get("measured")
     widths = [1.0, 1.0, 0.85] if measured else [1.0, 0.85]
-    fig, axes = plt.subplots(1, len(widths), figsize=(6 * sum(widths) + 1, 5.5), squeeze=False,
-                             gridspec_kw={"width_ratios": widths})
+    fig, axes = plt.subplots(
+        1, len(widths), figsize=(6 * sum(widths) + 1, 5.5), squeeze=False, gridspec_kw={"width_ratios": widths}
+    )
     _plot_analytic(axes[0][0], pipeline["analytic"], numbers)
     if measured:
         _plot_measured(axes[0][1], measured, report["environment"]["device_type"], numbers)
     _chart_table(axes[0][-1], pipeline, numbers)
-    fig.suptitle(f"anchor-former benchmarks, preset {report['preset']}, {report['environment']['device']}",
-                 fontsize=9)
+    fig.suptitle(f"anchor-former benchmarks, preset {report['preset']}, {report['environment']['device']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -444,31 +516,55 @@ def build_parser() -> argparse.ArgumentParser:
         description="anchor-former benchmark suite (connectors, pipeline, anchor search, probe).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"connectors: {', '.join(BENCH_CONNECTORS)}, or any budget: {'; '.join(BUDGET_FORMS)}\n"
-               f"benchmarks: {', '.join(BENCHMARKS)}\n"
-               "how long: the summary at the end of benchmarks/results/cpu-default/results.md (and cpu-quick/) "
-               "gives the measured run time and the machine",
+        f"benchmarks: {', '.join(BENCHMARKS)}\n"
+        "how long: the summary at the end of benchmarks/results/cpu-default/results.md (and cpu-quick/) "
+        "gives the measured run time and the machine",
     )
-    parser.add_argument("--preset", default="default", choices=PRESETS,
-                        help="tiny: seconds (the smoke test); quick: a shorter first look; "
-                             "default: the reference CPU run, minutes; llava-1.5-7b: full shapes, for a GPU")
+    parser.add_argument(
+        "--preset",
+        default="default",
+        choices=PRESETS,
+        help="tiny: seconds (the smoke test); quick: a shorter first look; "
+        "default: the reference CPU run, minutes; llava-1.5-7b: full shapes, for a GPU",
+    )
     parser.add_argument("--quick", action="store_true", help="the same as --preset quick")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda if available, else cpu)")
-    parser.add_argument("--output", type=Path, default=None,
-                        help="directory for results.json/.md/chart.png (default: a new, git-ignored "
-                             "benchmarks/out/<device>-<preset>-<UTC time>/; the committed reference results are "
-                             "written with --output benchmarks/results/<device>-<preset>)")
-    parser.add_argument("--connectors", default=None,
-                        help="comma-separated labels of the line-up or any budget, e.g. select-96,acformer-100 "
-                             "(mlp-576 is always added: it is the baseline); default: the line-up")
-    parser.add_argument("--benchmarks", "--section", dest="benchmarks", default=None,
-                        help="comma-separated subset; default all that exist except " + ", ".join(OPT_IN)
-                             + " (run only when named)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's choice; 1 for the tiny preset, which is a "
-                             "smoke run and must stay fast on a busy machine)")
-    parser.add_argument("--render", type=Path, default=None, metavar="DIR",
-                        help="measure nothing: rewrite DIR/results.md and DIR/chart.png from DIR/results.json "
-                             "(after a change to the report's layout; the figures stay those of the run)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="directory for results.json/.md/chart.png (default: a new, git-ignored "
+        "benchmarks/out/<device>-<preset>-<UTC time>/; the committed reference results are "
+        "written with --output benchmarks/results/<device>-<preset>)",
+    )
+    parser.add_argument(
+        "--connectors",
+        default=None,
+        help="comma-separated labels of the line-up or any budget, e.g. select-96,acformer-100 "
+        "(mlp-576 is always added: it is the baseline); default: the line-up",
+    )
+    parser.add_argument(
+        "--benchmarks",
+        "--section",
+        dest="benchmarks",
+        default=None,
+        help="comma-separated subset; default all that exist except " + ", ".join(OPT_IN) + " (run only when named)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice; 1 for the tiny preset, which is a "
+        "smoke run and must stay fast on a busy machine)",
+    )
+    parser.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="measure nothing: rewrite DIR/results.md and DIR/chart.png from DIR/results.json "
+        "(after a change to the report's layout; the figures stay those of the run)",
+    )
     return parser
 
 
@@ -480,8 +576,9 @@ def render(folder: Path) -> int:
             importlib.import_module(f"benchmarks.{BENCHMARKS[name].module}")
     # reports written before the run time was recorded: the sum of the sections' times
     report.setdefault("seconds", round(sum(r.get("seconds", 0) for r in report["benchmarks"].values()), 1))
-    report.setdefault("connectors", [r["connector"] for r in
-                                     report["benchmarks"].get("connectors", {}).get("results", [])])
+    report.setdefault(
+        "connectors", [r["connector"] for r in report["benchmarks"].get("connectors", {}).get("results", [])]
+    )
     chart = "chart.png" if write_chart(report, folder / "chart.png") else None
     (folder / "results.md").write_text(render_markdown(report, chart=chart, summary=True))
     progress(f"rewrote {folder / 'results.md'}" + (f" and {folder / chart}" if chart else "") + " from results.json")
@@ -505,8 +602,9 @@ def _prepare_output(output: Path) -> None:
         raise ValueError(f"--output {str(output)!r} is not a writable directory: {err.strerror or err}") from None
 
 
-def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, torch.device,
-                                                                             list[str], int | None, Path]:
+def _parse(
+    parser: argparse.ArgumentParser, argv: list[str] | None
+) -> tuple[argparse.Namespace, torch.device, list[str], int | None, Path]:
     """Validate every argument (and the output folder) up front; parser.error (exit 2) on the first bad one."""
     args = parser.parse_args(argv)
     if args.quick:
@@ -514,8 +612,13 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[arg
             parser.error(f"--quick is --preset quick; it cannot be combined with --preset {args.preset}")
         args.preset = "quick"
     try:
-        device = parse_device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                              "cpu" if args.device == "auto" else args.device)
+        device = parse_device(
+            "cuda"
+            if args.device == "auto" and torch.cuda.is_available()
+            else "cpu"
+            if args.device == "auto"
+            else args.device
+        )
         resolve_connectors(args.connectors)
         benchmarks = _parse_list(args.benchmarks, list(BENCHMARKS), "benchmark(s)")
         threads = args.threads if args.threads is not None else (1 if args.preset == "tiny" else None)
@@ -540,8 +643,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)
     progress(f"preset {args.preset} on {device}; results to {output}")
     if args.preset == "llava-1.5-7b" and device.type == "cpu":
-        progress("warning: llava-1.5-7b on the CPU builds a 7B LLM in fp32 (~27 GB of RAM) and takes very long; "
-                 "it is meant for a GPU (--device cuda)")
+        progress(
+            "warning: llava-1.5-7b on the CPU builds a 7B LLM in fp32 (~27 GB of RAM) and takes very long; "
+            "it is meant for a GPU (--device cuda)"
+        )
     printed: list[str] = []
 
     def save(report: dict[str, Any], chart: str | None = None, summary: bool = False) -> None:
@@ -551,13 +656,12 @@ def main(argv: list[str] | None = None) -> int:
         if not printed:
             printed.append(markdown_header(report))
             print(printed[-1], end="", flush=True)
-        for name, result in list(report["benchmarks"].items())[len(printed) - 1:]:
+        for name, result in list(report["benchmarks"].items())[len(printed) - 1 :]:
             printed.append(markdown_section(name, result))
             print(printed[-1], end="", flush=True)
 
     connectors = QUICK_CONNECTORS if args.preset == "quick" and args.connectors is None else args.connectors
-    report = run_suite(preset=args.preset, device=device, connectors=connectors, benchmarks=benchmarks,
-                       on_section=save)
+    report = run_suite(preset=args.preset, device=device, connectors=connectors, benchmarks=benchmarks, on_section=save)
     chart = "chart.png" if write_chart(report, output / "chart.png") else None
     save(report, chart, summary=True)
     if chart:

@@ -46,16 +46,25 @@ def save_config_only(root: Path, family: str, name: str = "config_only", **overr
     return folder
 
 
-def save_data(root: Path, sizes=((40, 70), (70, 40), (30, 90), (56, 56)), prompt: str = "what is in the picture ?"
-              ) -> Path:
+def save_data(
+    root: Path, sizes=((40, 70), (70, 40), (30, 90), (56, 56)), prompt: str = "what is in the picture ?"
+) -> Path:
     """``root/data.json`` + ``root/images``: one random image of each (height, width), answered by one word."""
     (root / "images").mkdir(exist_ok=True)
     data = []
     rng = np.random.default_rng(0)
     for i, (h, w) in enumerate(sizes):
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
-        data.append({"id": str(i), "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": ANSWERS[i % len(ANSWERS)]}]})
+        data.append(
+            {
+                "id": str(i),
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": f"<image>\n{prompt}"},
+                    {"from": "gpt", "value": ANSWERS[i % len(ANSWERS)]},
+                ],
+            }
+        )
     path = root / "data.json"
     path.write_text(json.dumps(data))
     return path
@@ -63,11 +72,36 @@ def save_data(root: Path, sizes=((40, 70), (70, 40), (30, 90), (56, 56)), prompt
 
 def run_args(model: Path, data: Path, output: Path, *extra: str) -> list[str]:
     return [
-        "--model_name_or_path", str(model), "--num_anchors", str(K), "--connector_config", CONNECTOR,
-        "--data_path", str(data), "--image_folder", str(data.parent / "images"), "--output_dir", str(output),
-        "--learning_rate", "1e-2", "--lr_scheduler_type", "constant", "--report_to", "none", "--logging_steps", "1",
-        "--save_strategy", "no", "--use_cpu", "--disable_tqdm", "true", "--seed", "0",
-        "--dataloader_num_workers", "0", *extra,
+        "--model_name_or_path",
+        str(model),
+        "--num_anchors",
+        str(K),
+        "--connector_config",
+        CONNECTOR,
+        "--data_path",
+        str(data),
+        "--image_folder",
+        str(data.parent / "images"),
+        "--output_dir",
+        str(output),
+        "--learning_rate",
+        "1e-2",
+        "--lr_scheduler_type",
+        "constant",
+        "--report_to",
+        "none",
+        "--logging_steps",
+        "1",
+        "--save_strategy",
+        "no",
+        "--use_cpu",
+        "--disable_tqdm",
+        "true",
+        "--seed",
+        "0",
+        "--dataloader_num_workers",
+        "0",
+        *extra,
     ]
 
 
@@ -84,8 +118,17 @@ def torchrun(argv: list[str], nproc: int = 2) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([os.path.join(root, "src"), root, env.get("PYTHONPATH", "")])
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               "-m", "anchor_former.train", *argv]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "anchor_former.train",
+        *argv,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout

@@ -83,9 +83,13 @@ def test_module_shapes_and_bias_free_layout() -> None:
     attn = CrossAttention(12, context_dim=20, heads=3, dim_head=4)
     shapes = {k: tuple(v.shape) for k, v in attn.state_dict().items()}
     assert shapes == {
-        "norm_media.weight": (20,), "norm_media.bias": (20,),
-        "norm_latents.weight": (12,), "norm_latents.bias": (12,),
-        "to_q.weight": (12, 12), "to_kv.weight": (24, 20), "to_out.weight": (12, 12),
+        "norm_media.weight": (20,),
+        "norm_media.bias": (20,),
+        "norm_latents.weight": (12,),
+        "norm_latents.bias": (12,),
+        "to_q.weight": (12, 12),
+        "to_kv.weight": (24, 20),
+        "to_out.weight": (12, 12),
     }
     assert attn(torch.randn(2, 5, 12), torch.randn(2, 9, 20)).shape == (2, 5, 12)
 

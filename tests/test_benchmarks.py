@@ -21,8 +21,18 @@ from benchmarks import run as bench_run  # noqa: E402
 from benchmarks._common import BENCH_CONNECTORS, connector_spec, resolve_connectors, spread_warnings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CONNECTORS = ["mlp-576", "avgpool-144", "cabstractor-144", "perceiver-144", "acformer-144", "acformer-256",
-              "select-64", "select-144", "select-192", "select-128+16"]
+CONNECTORS = [
+    "mlp-576",
+    "avgpool-144",
+    "cabstractor-144",
+    "perceiver-144",
+    "acformer-144",
+    "acformer-256",
+    "select-64",
+    "select-144",
+    "select-192",
+    "select-128+16",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +40,10 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Compl
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--preset", "tiny", "--device", "cpu", "--output", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
     )
     return proc, out
 
@@ -63,8 +76,12 @@ def test_every_section_reports_progress_and_the_run_ends_with_a_summary(tiny_run
     for i, name in enumerate(sections, 1):
         assert f"[bench] section {i}/{len(sections)}: {name} (" in proc.stderr
         # besides start and done, each section says what it is doing while it runs
-        own = [line for line in proc.stderr.splitlines() if line.startswith(f"[bench] {name}: ")
-               and not line.startswith((f"[bench] {name}: start", f"[bench] {name}: done"))]
+        own = [
+            line
+            for line in proc.stderr.splitlines()
+            if line.startswith(f"[bench] {name}: ")
+            and not line.startswith((f"[bench] {name}: start", f"[bench] {name}: done"))
+        ]
         assert len(own) >= 3, (name, own)
     assert "[bench] probe: CLIP sdpa" in proc.stderr and "round 2/2 done" in proc.stderr  # timing rounds
     markdown = (out / "results.md").read_text()
@@ -97,8 +114,16 @@ def test_tiny_connector_figures_are_consistent(tiny_run):
     # FlopCounterMode on the manual attention path agrees with every connector's analytic count.
     assert all(r["flops_measured"] == r["flops_analytic"] > 0 for r in rows.values())
     assert {label: r["visual_tokens"] for label, r in rows.items()} == {
-        "mlp-576": 576, "avgpool-144": 144, "cabstractor-144": 144, "perceiver-144": 144, "acformer-144": 145,
-        "acformer-256": 257, "select-64": 64, "select-144": 144, "select-192": 192, "select-128+16": 144,
+        "mlp-576": 576,
+        "avgpool-144": 144,
+        "cabstractor-144": 144,
+        "perceiver-144": 144,
+        "acformer-144": 145,
+        "acformer-256": 257,
+        "select-64": 64,
+        "select-144": 144,
+        "select-192": 192,
+        "select-128+16": 144,
     }
     base = rows["mlp-576"]
     for r in rows.values():
@@ -129,10 +154,14 @@ def test_tiny_pipeline_figures_are_consistent(tiny_run):
     ("argv", "messages"),
     [
         (["--preset", "huge"], ["invalid choice: 'huge'", "tiny", "default", "llava-1.5-7b"]),
-        (["--connectors", "mlp-576,qformer-32"], ["unknown connector(s) ['qformer-32']", *CONNECTORS,
-                                                  "acformer-K", "select-K+M", "cabstractor-T"]),
-        (["--connectors", "select-0,acformer-600,cabstractor-150,avgpool-100,mlp-144"],
-         ["unknown connector(s) ['select-0', 'acformer-600', 'cabstractor-150', 'avgpool-100', 'mlp-144']"]),
+        (
+            ["--connectors", "mlp-576,qformer-32"],
+            ["unknown connector(s) ['qformer-32']", *CONNECTORS, "acformer-K", "select-K+M", "cabstractor-T"],
+        ),
+        (
+            ["--connectors", "select-0,acformer-600,cabstractor-150,avgpool-100,mlp-144"],
+            ["unknown connector(s) ['select-0', 'acformer-600', 'cabstractor-150', 'avgpool-100', 'mlp-144']"],
+        ),
         (["--quick", "--preset", "tiny"], ["--quick is --preset quick; it cannot be combined with --preset tiny"]),
         (["--benchmarks", "speed"], ["unknown benchmark(s) ['speed']", "connectors", "pipeline", "search", "probe"]),
         (["--device", "tpu"], ["unknown device 'tpu'", "valid values on this machine: cpu"]),
@@ -162,9 +191,23 @@ def test_cuda_without_gpu_is_a_clear_error(device: str, capsys, tmp_path: Path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_tiny_preset_on_cuda_reports_gpu_and_memory(tmp_path: Path):
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--preset", "tiny", "--device", "cuda", "--output", str(tmp_path),
-         "--benchmarks", "connectors,pipeline"],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.run",
+            "--preset",
+            "tiny",
+            "--device",
+            "cuda",
+            "--output",
+            str(tmp_path),
+            "--benchmarks",
+            "connectors,pipeline",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "results.json").read_text())
@@ -188,11 +231,17 @@ def test_tiny_search_rows_cover_every_input_and_show_spread(tiny_run):
 
 def test_noisy_timings_are_flagged_in_the_markdown():
     quiet = {"results": [{"connector": "a", "median_ms": 10.0, "iqr_ms": 2.0}]}
-    noisy = {"results": [{"connector": "b", "median_ms": 10.0, "iqr_ms": 2.5},
-                         {"input": "clip", "anchors": 16, "times": {"loop": {"median_ms": 4.0, "iqr_ms": 1.0}}}]}
+    noisy = {
+        "results": [
+            {"connector": "b", "median_ms": 10.0, "iqr_ms": 2.5},
+            {"input": "clip", "anchors": 16, "times": {"loop": {"median_ms": 4.0, "iqr_ms": 1.0}}},
+        ]
+    }
     assert spread_warnings(quiet) == []  # 20 % exactly is not flagged
-    assert spread_warnings(noisy) == ["`b`: IQR 2.5 ms is 25 % of the median 10 ms",
-                                      "`clip K=16 loop`: IQR 1 ms is 25 % of the median 4 ms"]
+    assert spread_warnings(noisy) == [
+        "`b`: IQR 2.5 ms is 25 % of the median 10 ms",
+        "`clip K=16 loop`: IQR 1 ms is 25 % of the median 4 ms",
+    ]
     section = bench_run.markdown_section("extra", {**noisy, "seconds": 1.0})
     assert "**Warning: noisy timings.** 2 timing(s) have an IQR above 20 % of their median" in section
     assert "Warning" not in bench_run.markdown_section("extra", {**quiet, "seconds": 1.0})
@@ -216,7 +265,10 @@ def test_default_output_is_a_new_ignored_folder_and_bad_output_fails_before_runn
 def test_run_py_also_works_as_a_script(tmp_path: Path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--benchmarks", "nope", "--output", str(tmp_path)],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert proc.returncode == 2 and "unknown benchmark(s) ['nope']" in proc.stderr, proc.stderr[-2000:]
 
@@ -242,15 +294,36 @@ def test_any_budget_is_accepted():
 
 def test_budgets_run_through_the_connector_and_pipeline_sections(tmp_path: Path):
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--preset", "tiny", "--device", "cpu", "--output", str(tmp_path),
-         "--benchmarks", "connectors,pipeline", "--connectors", "select-96,acformer-100,avgpool-64,cabstractor-64"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.run",
+            "--preset",
+            "tiny",
+            "--device",
+            "cpu",
+            "--output",
+            str(tmp_path),
+            "--benchmarks",
+            "connectors,pipeline",
+            "--connectors",
+            "select-96,acformer-100,avgpool-64,cabstractor-64",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "results.json").read_text())
     rows = {r["connector"]: r for r in report["benchmarks"]["connectors"]["results"]}
     assert {label: r["visual_tokens"] for label, r in rows.items()} == {
-        "mlp-576": 576, "select-96": 96, "acformer-100": 101, "avgpool-64": 64, "cabstractor-64": 64}
+        "mlp-576": 576,
+        "select-96": 96,
+        "acformer-100": 101,
+        "avgpool-64": 64,
+        "cabstractor-64": 64,
+    }
     measured = report["benchmarks"]["pipeline"]["measured"]["results"]
     assert [r["visual_tokens"] for r in measured] == [576, 96, 101, 64, 64]
 
@@ -262,8 +335,16 @@ def test_chart_labels_never_cover_each_other():
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 4))
-    points = [(144, 3.10, 2), (144, 3.11, 3), (144, 3.13, 4), (145, 3.14, 5), (192, 3.7, 9), (170, 3.5, 8),
-              (576, 8.9, 1), (64, 2.0, 7)]
+    points = [
+        (144, 3.10, 2),
+        (144, 3.11, 3),
+        (144, 3.13, 4),
+        (145, 3.14, 5),
+        (192, 3.7, 9),
+        (170, 3.5, 8),
+        (576, 8.9, 1),
+        (64, 2.0, 7),
+    ]
     ax.scatter([p[0] for p in points], [p[1] for p in points])
     ax.set(xlim=(0, 720), ylim=(0, 10))
     bench_run._label_points(ax, points)
@@ -274,7 +355,7 @@ def test_chart_labels_never_cover_each_other():
     assert labels == ["1", "2, 3, 4, 5", "7", "8", "9"]
     boxes = [t.get_window_extent(renderer) for t in texts]
     for i, a in enumerate(boxes):
-        for b in boxes[i + 1:]:
+        for b in boxes[i + 1 :]:
             assert not a.overlaps(b), (a, b)
     plt.close(fig)
 

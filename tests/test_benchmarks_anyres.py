@@ -14,8 +14,13 @@ def test_672_image_rows_match_hand_counts() -> None:
     rows = {(r["llm_shape"], r["case"]): r for r in result["results"]}
     # stock: 576 base + a 48 x 48 grid + one newline per grid row; select K/view: 5 K + 48 newlines;
     # acformer: 5 (K + 1) + one newline per row of crops
-    expected = {"stock": 576 + 48 * 48 + 48, "select-144/view": 5 * 144 + 48, "select-64/view": 5 * 64 + 48,
-                "select-576/image": 576 + 48, "acformer-144/view": 5 * 145 + 2}
+    expected = {
+        "stock": 576 + 48 * 48 + 48,
+        "select-144/view": 5 * 144 + 48,
+        "select-64/view": 5 * 64 + 48,
+        "select-576/image": 576 + 48,
+        "acformer-144/view": 5 * 145 + 2,
+    }
     for case, tokens in expected.items():
         row = rows[("llama-7b", case)]
         assert row["visual_tokens"] == tokens

@@ -12,7 +12,6 @@ import pytest
 import torch
 from torch import nn
 
-from anchor_former.connectors.acformer import AnchorFormer
 from anchor_former.checkpoint import (
     REFERENCE_NUM_ANCHORS,
     CheckpointError,
@@ -26,6 +25,7 @@ from anchor_former.checkpoint import (
     strip_projector_prefix,
     to_anchor_former,
 )
+from anchor_former.connectors.acformer import AnchorFormer
 
 D, LLM, HEADS, DIM_HEAD, DEPTH, K = 16, 24, 2, 8, 2, 5
 
@@ -68,11 +68,17 @@ class RefResampler(nn.Module):
         super().__init__()
         self.latents = nn.Parameter(torch.randn(num_latents, dim))  # never used, as in the reference
         self.layers = nn.ModuleList(
-            nn.ModuleList([
-                RefAttention(dim, dim_head, heads),
-                nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim, bias=False), nn.GELU(),
-                              nn.Linear(4 * dim, dim, bias=False)),
-            ])
+            nn.ModuleList(
+                [
+                    RefAttention(dim, dim_head, heads),
+                    nn.Sequential(
+                        nn.LayerNorm(dim),
+                        nn.Linear(dim, 4 * dim, bias=False),
+                        nn.GELU(),
+                        nn.Linear(4 * dim, dim, bias=False),
+                    ),
+                ]
+            )
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
@@ -242,8 +248,12 @@ def test_llava_mlp_warm_starts_the_output_mlp(prefix) -> None:
     module = anchor_former()
     before = {k: v.clone() for k, v in module.state_dict().items()}
     converted, layout = to_anchor_former(sd)
-    assert layout == "llava_mlp" and set(converted) == {"projector.0.weight", "projector.0.bias",
-                                                        "projector.2.weight", "projector.2.bias"}
+    assert layout == "llava_mlp" and set(converted) == {
+        "projector.0.weight",
+        "projector.0.bias",
+        "projector.2.weight",
+        "projector.2.bias",
+    }
     load_checked(module, converted, partial=True)
     for k, v in module.state_dict().items():
         if k.startswith("projector."):
@@ -254,9 +264,13 @@ def test_llava_mlp_warm_starts_the_output_mlp(prefix) -> None:
 
 def test_hf_projector_names_map_to_llava_indices() -> None:
     lin1, lin2 = nn.Linear(D, LLM), nn.Linear(LLM, LLM)
-    sd = {"model.multi_modal_projector.linear_1.weight": lin1.weight, "model.multi_modal_projector.linear_1.bias": lin1.bias,
-          "model.multi_modal_projector.linear_2.weight": lin2.weight, "model.multi_modal_projector.linear_2.bias": lin2.bias,
-          "model.language_model.embed_tokens.weight": torch.zeros(3, LLM)}
+    sd = {
+        "model.multi_modal_projector.linear_1.weight": lin1.weight,
+        "model.multi_modal_projector.linear_1.bias": lin1.bias,
+        "model.multi_modal_projector.linear_2.weight": lin2.weight,
+        "model.multi_modal_projector.linear_2.bias": lin2.bias,
+        "model.language_model.embed_tokens.weight": torch.zeros(3, LLM),
+    }
     mlp = llava_projector_to_mlp(sd)
     assert mlp["0.weight"] is lin1.weight and mlp["2.bias"] is lin2.bias and len(mlp) == 4
 
@@ -274,7 +288,9 @@ def test_reference_acformer_checkpoint_gives_the_reference_outputs(tmp_path) -> 
     load_checked(module, converted)  # strict: every parameter is covered
 
     x = torch.randn(3, 1 + 16, D)
-    idx = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), torch.randperm(16)[:K].sort().values + 1]) for _ in range(3)])
+    idx = torch.stack(
+        [torch.cat([torch.zeros(1, dtype=torch.long), torch.randperm(16)[:K].sort().values + 1]) for _ in range(3)]
+    )
     with torch.no_grad():
         expected = ref[1:](ref[0](x, idx))
         module.fused_attn = False
@@ -336,7 +352,9 @@ def test_reference_checkpoint_of_other_depth_names_the_keys() -> None:
 def test_unknown_layout_and_unexpected_reference_keys() -> None:
     with pytest.raises(CheckpointError, match="unrecognised projector checkpoint layout.*got keys such as: foo.weight"):
         detect_layout({"foo.weight": torch.zeros(1)})
-    with pytest.raises(CheckpointError, match=r"unexpected keys in a reference AcFormer checkpoint: \['0\.layers\.0\.0\.bogus'\]"):
+    with pytest.raises(
+        CheckpointError, match=r"unexpected keys in a reference AcFormer checkpoint: \['0\.layers\.0\.0\.bogus'\]"
+    ):
         reference_acformer_to_anchor_former({"0.layers.0.0.bogus": torch.zeros(1)})
     with pytest.raises(CheckpointError, match="not a LLaVA linear/mlpNx_gelu projector checkpoint"):
         llava_projector_to_mlp({"mm_projector.0.layers.0.0.to_q.weight": torch.zeros(1)})

@@ -34,8 +34,14 @@ def tokenizer() -> PreTrainedTokenizerFast:
     vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "<s>", "</s>", "<image>", *WORDS])}
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", additional_special_tokens=["<image>"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        additional_special_tokens=["<image>"],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +60,10 @@ def folder(tmp_path):
         pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
         Image.fromarray(pixels).save(tmp_path / name)
     data = [
-        {"image": "a.png", "conversations": conversation("<image>\nwhat is this ?", "a red square",
-                                                          "and now ?", "a blue circle")},
+        {
+            "image": "a.png",
+            "conversations": conversation("<image>\nwhat is this ?", "a red square", "and now ?", "a blue circle"),
+        },
         {"conversations": conversation("what is this ?", "a square")},
         {"image": "b.png", "conversations": conversation("what is this ?", "a circle")},
     ]
@@ -70,9 +78,14 @@ def write(folder, data) -> str:
 
 
 def dataset(samples, tokenizer, image_processor, **kwargs) -> ConversationDataset:
-    return ConversationDataset(samples, tokenizer=tokenizer, image_processor=image_processor,
-                               image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                               num_image_tokens=NUM_IMAGE_TOKENS, **kwargs)
+    return ConversationDataset(
+        samples,
+        tokenizer=tokenizer,
+        image_processor=image_processor,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        num_image_tokens=NUM_IMAGE_TOKENS,
+        **kwargs,
+    )
 
 
 # --- validation ----------------------------------------------------------------------------------------
@@ -89,19 +102,33 @@ def test_load_conversations_reads_every_sample(folder) -> None:
 @pytest.mark.parametrize(
     ("entry", "message"),
     [
-        ({"image": "missing.png", "conversations": conversation("<image> q", "a")},
-         r"sample 1 of .*bad\.json: image file .*missing\.png does not exist"),
+        (
+            {"image": "missing.png", "conversations": conversation("<image> q", "a")},
+            r"sample 1 of .*bad\.json: image file .*missing\.png does not exist",
+        ),
         ({"conversations": conversation("q", "a", "q2")}, r"sample 1 of .*bad\.json: the last turn must be from 'gpt'"),
         ({"conversations": [{"from": "gpt", "value": "a"}]}, r"sample 1 of .*bad\.json: turn 0 must be from 'human'"),
-        ({"conversations": [{"from": "human", "value": "q"}, {"from": "human", "value": "a"}]},
-         r"sample 1 of .*bad\.json: turn 1 must be from 'gpt'"),
-        ({"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "a"}]},
-         r"sample 1 of .*bad\.json: turn 0 must be \{'from'"),
+        (
+            {"conversations": [{"from": "human", "value": "q"}, {"from": "human", "value": "a"}]},
+            r"sample 1 of .*bad\.json: turn 1 must be from 'gpt'",
+        ),
+        (
+            {"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "a"}]},
+            r"sample 1 of .*bad\.json: turn 0 must be \{'from'",
+        ),
         ({"conversations": []}, r"sample 1 of .*bad\.json: 'conversations' must be a non-empty list"),
-        ({"conversations": conversation("<image> q", "a")}, r"sample 1 of .*bad\.json: has 1 <image> .* but no 'image'"),
-        ({"image": "a.png", "conversations": conversation("<image> q <image>", "a")},
-         r"sample 1 of .*bad\.json: has 2 <image> placeholders"),
-        ({"image": 7, "conversations": conversation("q", "a")}, r"sample 1 of .*bad\.json: 'image' must be a file name"),
+        (
+            {"conversations": conversation("<image> q", "a")},
+            r"sample 1 of .*bad\.json: has 1 <image> .* but no 'image'",
+        ),
+        (
+            {"image": "a.png", "conversations": conversation("<image> q <image>", "a")},
+            r"sample 1 of .*bad\.json: has 2 <image> placeholders",
+        ),
+        (
+            {"image": 7, "conversations": conversation("q", "a")},
+            r"sample 1 of .*bad\.json: 'image' must be a file name",
+        ),
         ("text", r"sample 1 of .*bad\.json: must be a JSON object, got str"),
     ],
 )
@@ -150,8 +177,14 @@ def test_vicuna_labels_cover_only_the_answers(folder, tokenizer, image_processor
     assert input_ids.tolist() == expected_ids
     assert labels.tolist() == expected_labels
     answers = [tokenizer.convert_ids_to_tokens(i) for i in labels.tolist() if i != IGNORE_INDEX]
-    assert answers == {0: ["a", "red", "square", "</s>", "a", "blue", "circle", "</s>"], 1: ["a", "square", "</s>"],
-                       2: ["a", "circle", "</s>"]}[index]
+    assert (
+        answers
+        == {
+            0: ["a", "red", "square", "</s>", "a", "blue", "circle", "</s>"],
+            1: ["a", "square", "</s>"],
+            2: ["a", "circle", "</s>"],
+        }[index]
+    )
 
 
 def test_plain_template_is_image_then_caption(folder, tokenizer, image_processor) -> None:
@@ -182,8 +215,11 @@ def test_max_length_cuts_text_but_never_the_image(folder, tokenizer, image_proce
         ({"template": "chatml"}, r"template must be 'plain' or 'vicuna_v1', got 'chatml'"),
         ({"max_length": 0}, r"max_length must be an integer >= 1, got 0"),
         ({"image_aspect_ratio": "stretch"}, r"image_aspect_ratio must be 'pad', 'square' or 'anyres', got 'stretch'"),
-        ({"image_processor": None}, r"image_processor and num_image_tokens \(or processor\) are required: some "
-                                    r"samples have an image"),
+        (
+            {"image_processor": None},
+            r"image_processor and num_image_tokens \(or processor\) are required: some "
+            r"samples have an image",
+        ),
     ],
 )
 def test_dataset_rejects_bad_arguments(folder, tokenizer, image_processor, kwargs, message) -> None:
@@ -236,8 +272,13 @@ def test_processor_gives_each_image_its_own_token_count_and_the_collator_pads_vi
     processor = make_processor()
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (90, 30, 3), dtype=np.uint8)).save(folder / "b.png")
     samples = load_conversations(folder / "data.json", image_folder=folder)
-    data = ConversationDataset(samples, tokenizer=processor.tokenizer, processor=processor,
-                               image_token_id=processor.image_token_id, image_aspect_ratio="anyres")
+    data = ConversationDataset(
+        samples,
+        tokenizer=processor.tokenizer,
+        processor=processor,
+        image_token_id=processor.image_token_id,
+        image_aspect_ratio="anyres",
+    )
     items = [data[0], data[2]]
     for item, name in zip(items, ("a.png", "b.png")):
         image = Image.open(folder / name).convert("RGB")
@@ -251,5 +292,5 @@ def test_processor_gives_each_image_its_own_token_count_and_the_collator_pads_vi
     batch = ConversationCollator(pad_token_id=processor.tokenizer.pad_token_id)(items)
     assert batch["pixel_values"].shape == (2, max(views), 3, 28, 28)
     short = views.index(min(views))
-    assert not batch["pixel_values"][short, min(views):].any()  # zero-padded views
+    assert not batch["pixel_values"][short, min(views) :].any()  # zero-padded views
     assert batch["image_sizes"].tolist() == [[10, 20], [90, 30]]

@@ -32,8 +32,14 @@ ATOL = 0.0
 
 
 def _init(rank: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(WORLD),
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
 
@@ -72,8 +78,7 @@ def _model_and_batch(rank: int):
     model = set_trainable(model, ModelArguments(model_name_or_path="", stage=1))
     size = ((40, 70), (30, 90))[rank]  # 3 and 4 views: the ranks' towers see different batch shapes
     image = np.random.default_rng(rank).integers(0, 256, (*size, 3), dtype=np.uint8)
-    batch = processor(text="USER: <image> what is in the picture ? ASSISTANT: a cat", images=image,
-                      return_tensors="pt")
+    batch = processor(text="USER: <image> what is in the picture ? ASSISTANT: a cat", images=image, return_tensors="pt")
     batch["labels"] = batch["input_ids"].clone()
     return model, dict(batch)
 
@@ -109,8 +114,10 @@ def fsdp_worker(rank: int, port: int, out: str) -> None:
         plain = reference.model.multi_modal_projector.state_dict()
         if rank == 0:
             worst = max((sharded[k] - plain[k]).abs().max().item() for k in plain)
-            moved = max((plain[k] - v).abs().max().item()
-                        for k, v in _model_and_batch(0)[0].model.multi_modal_projector.state_dict().items())
+            moved = max(
+                (plain[k] - v).abs().max().item()
+                for k, v in _model_and_batch(0)[0].model.multi_modal_projector.state_dict().items()
+            )
             Path(out).write_text(f"{accelerate_state} {len(layers)} {sorted(sharded) == sorted(plain)} {worst} {moved}")
     finally:
         dist.destroy_process_group()

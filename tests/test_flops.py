@@ -29,16 +29,26 @@ def _seed() -> None:
 
 def _tiny_llama(num_kv_heads: int) -> transformers.LlamaForCausalLM:
     config = transformers.LlamaConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=num_kv_heads,
-        intermediate_size=96, vocab_size=128, attn_implementation="eager",
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=num_kv_heads,
+        intermediate_size=96,
+        vocab_size=128,
+        attn_implementation="eager",
     )
     return transformers.LlamaForCausalLM(config).eval()
 
 
 def _tiny_clip() -> transformers.CLIPVisionModel:
     config = transformers.CLIPVisionConfig(
-        hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=28,
-        patch_size=7, attn_implementation="eager",
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=28,
+        patch_size=7,
+        attn_implementation="eager",
     )
     return transformers.CLIPVisionModel(config).eval()
 
@@ -78,8 +88,9 @@ def test_llm_lm_head_none_leaves_out_head():
 
 
 def test_causal_attention_counts_kept_pairs():
-    shape = LLMShape(name="t", hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=4, intermediate_size=96,
-                     vocab_size=10)
+    shape = LLMShape(
+        name="t", hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=4, intermediate_size=96, vocab_size=10
+    )
     seq = 13
     kept = int(torch.tril(torch.ones(seq, seq)).sum())  # query-key pairs a causal mask keeps
     dense = flops.llm_layer_flops(shape, seq, attention="dense")
@@ -134,8 +145,13 @@ def test_cls_probe_formula_counts_the_shipped_probe():
 def test_presets_match_full_size_hf_models_on_meta():
     """Full LLaMA-7B and CLIP ViT-L/14-336 shapes, counted on the meta device (no memory, no compute)."""
     llama = transformers.LlamaConfig(
-        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-        intermediate_size=11008, vocab_size=32000, attn_implementation="eager",
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        intermediate_size=11008,
+        vocab_size=32000,
+        attn_implementation="eager",
     )
     assert dataclasses.replace(LLMShape.from_hf_config(llama), name=LLAMA_7B.name) == LLAMA_7B
     with torch.device("meta"):
@@ -149,8 +165,13 @@ def test_presets_match_full_size_hf_models_on_meta():
     assert per_token == 2 * decoder_params
 
     clip = transformers.CLIPVisionConfig(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336,
-        patch_size=14, attn_implementation="eager",
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        attn_implementation="eager",
     )
     assert dataclasses.replace(ViTShape.from_hf_config(clip), name=CLIP_VIT_L14_336.name) == CLIP_VIT_L14_336
     assert CLIP_VIT_L14_336.num_tokens == 577
@@ -173,14 +194,23 @@ def test_shapes_round_trip_through_dict():
 
 @settings(max_examples=25, deadline=None)
 @given(
-    visual=st.integers(0, 1000), text=st.integers(0, 200), batch=st.integers(1, 8), connector=st.integers(0, 10**12),
+    visual=st.integers(0, 1000),
+    text=st.integers(0, 200),
+    batch=st.integers(1, 8),
+    connector=st.integers(0, 10**12),
     anchors=st.booleans(),
 )
-def test_pipeline_is_sum_of_stages_and_linear_in_batch(visual: int, text: int, batch: int, connector: int,
-                                                        anchors: bool):
+def test_pipeline_is_sum_of_stages_and_linear_in_batch(
+    visual: int, text: int, batch: int, connector: int, anchors: bool
+):
     total = flops.pipeline_flops(
-        vit=CLIP_VIT_L14_336, llm=LLAMA_7B, visual_tokens=visual, text_tokens=text, connector_flops=connector,
-        uses_anchors=anchors, batch=batch,
+        vit=CLIP_VIT_L14_336,
+        llm=LLAMA_7B,
+        visual_tokens=visual,
+        text_tokens=text,
+        connector_flops=connector,
+        uses_anchors=anchors,
+        batch=batch,
     )
     assert total.vit == flops.vit_forward_flops(CLIP_VIT_L14_336, batch=batch)
     assert total.probe == (flops.cls_probe_flops(CLIP_VIT_L14_336, batch=batch) if anchors else 0)
@@ -201,13 +231,19 @@ def test_fewer_visual_tokens_cut_llm_cost_by_about_two_thirds():
     [
         (lambda: flops.llm_prefill_flops(LLAMA_7B, -1), "num_tokens must be an integer >= 0, got -1"),
         (lambda: flops.llm_prefill_flops(LLAMA_7B, 10, batch=0), "batch must be an integer >= 1, got 0"),
-        (lambda: flops.llm_prefill_flops(LLAMA_7B, 10, attention="flash"),
-         "attention must be one of 'dense', 'causal'"),
-        (lambda: flops.llm_prefill_flops(LLAMA_7B, 10, lm_head="first"),
-         "lm_head must be one of 'last', 'all', 'none'"),
+        (
+            lambda: flops.llm_prefill_flops(LLAMA_7B, 10, attention="flash"),
+            "attention must be one of 'dense', 'causal'",
+        ),
+        (
+            lambda: flops.llm_prefill_flops(LLAMA_7B, 10, lm_head="first"),
+            "lm_head must be one of 'last', 'all', 'none'",
+        ),
         (lambda: flops.kv_cache_bytes(LLAMA_7B, 10, bytes_per_element=0), "bytes_per_element must be"),
-        (lambda: flops.vit_forward_flops(CLIP_VIT_L14_336, num_layers=25),
-         r"num_layers must be an integer in \[0, 24\]"),
+        (
+            lambda: flops.vit_forward_flops(CLIP_VIT_L14_336, num_layers=25),
+            r"num_layers must be an integer in \[0, 24\]",
+        ),
         (lambda: dataclasses.replace(LLAMA_7B, num_kv_heads=5), "num_heads must be a multiple of num_kv_heads"),
         (lambda: dataclasses.replace(CLIP_VIT_L14_336, image_size=300), "image_size must be a multiple of patch_size"),
         (lambda: dataclasses.replace(CLIP_VIT_L14_336, num_prefix_tokens=-1), "num_prefix_tokens must be"),

@@ -76,8 +76,10 @@ def random_k(model, data, tower) -> Score:
 
 def keeps_quality(candidate: Score, full: Score, random_k: Score) -> bool:
     """The check a correct reduced path passes at 25 %."""
-    return (candidate.accuracy >= MIN_RETENTION * full.accuracy
-            and candidate.accuracy >= random_k.accuracy + MIN_MARGIN_OVER_RANDOM)
+    return (
+        candidate.accuracy >= MIN_RETENTION * full.accuracy
+        and candidate.accuracy >= random_k.accuracy + MIN_MARGIN_OVER_RANDOM
+    )
 
 
 def test_task_is_a_function_of_the_seed():
@@ -118,15 +120,20 @@ def test_select_keeps_quality(model, data, full, random_k, score):
 
 
 _ORDER_UNLEARNED = pytest.mark.xfail(
-    strict=True, reason="the shipped model did not learn the order-dependent 'above' questions, so a wrong "
-                        "order keeps its accuracy; test_wrong_order_changes_the_logits catches it")
+    strict=True,
+    reason="the shipped model did not learn the order-dependent 'above' questions, so a wrong "
+    "order keeps its accuracy; test_wrong_order_changes_the_logits catches it",
+)
 
 
-@pytest.mark.parametrize("variant", [
-    "lowest",
-    pytest.param("reversed", marks=_ORDER_UNLEARNED),
-    pytest.param("shuffled", marks=_ORDER_UNLEARNED),
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "lowest",
+        pytest.param("reversed", marks=_ORDER_UNLEARNED),
+        pytest.param("shuffled", marks=_ORDER_UNLEARNED),
+    ],
+)
 def test_wrong_variant_fails_the_check(model, data, tower, full, random_k, variant):
     broken = rule_accuracy(model, data, rules.WRONG_VARIANTS[variant], BUDGET, tower)
     assert not keeps_quality(broken, full, random_k), (variant, broken, full, random_k)

@@ -7,7 +7,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 if int(transformers.__version__.split(".")[0]) < 5:
-    pytest.skip("Qwen2.5-VL needs transformers >= 5 (the benchmark's shapes come from its processor)", allow_module_level=True)
+    pytest.skip(
+        "Qwen2.5-VL needs transformers >= 5 (the benchmark's shapes come from its processor)", allow_module_level=True
+    )
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
@@ -30,13 +32,31 @@ def test_rows_count_the_kept_tokens() -> None:
 
 def test_tower_and_probe_formulas_match_the_flop_counter() -> None:
     """The formulas at a tiny Qwen2.5-VL tower's shapes against FlopCounterMode on the real module."""
-    vision = {"depth": 4, "hidden_size": 32, "num_heads": 4, "intermediate_size": 48, "patch_size": 8,
-              "merge_size": 2, "temporal_patch_size": 2, "window_size": 32, "fullatt_block_indexes": (1, 3),
-              "out_hidden_size": 48, "in_channels": 3}
-    config = Qwen2_5_VLConfig(vision_config={k: list(v) if isinstance(v, tuple) else v for k, v in vision.items()
-                                             if k not in ("merge_size",)} | {"spatial_merge_size": 2},
-                              text_config={"vocab_size": 16, "hidden_size": 48, "num_hidden_layers": 1,
-                                           "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 32})
+    vision = {
+        "depth": 4,
+        "hidden_size": 32,
+        "num_heads": 4,
+        "intermediate_size": 48,
+        "patch_size": 8,
+        "merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 32,
+        "fullatt_block_indexes": (1, 3),
+        "out_hidden_size": 48,
+        "in_channels": 3,
+    }
+    config = Qwen2_5_VLConfig(
+        vision_config={k: list(v) if isinstance(v, tuple) else v for k, v in vision.items() if k not in ("merge_size",)}
+        | {"spatial_merge_size": 2},
+        text_config={
+            "vocab_size": 16,
+            "hidden_size": 48,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "intermediate_size": 32,
+        },
+    )
     tower = Qwen2_5_VLForConditionalGeneration(config).model.visual.eval()
     tower.set_attn_implementation("eager")  # every attention product is a counted matmul
     grid = (2, 6, 8)
@@ -47,7 +67,8 @@ def test_tower_and_probe_formulas_match_the_flop_counter() -> None:
     captured = {}
     block = vision["fullatt_block_indexes"][-1]
     handle = tower.blocks[block].attn.register_forward_pre_hook(
-        lambda m, a, kw: captured.update(x=a[0], cu=kw["cu_seqlens"], pe=kw["position_embeddings"]), with_kwargs=True)
+        lambda m, a, kw: captured.update(x=a[0], cu=kw["cu_seqlens"], pe=kw["position_embeddings"]), with_kwargs=True
+    )
     with torch.no_grad():
         tower(pixels, grid_thw=torch.tensor([grid]))
     handle.remove()

@@ -370,7 +370,9 @@ def test_properties(case, method):
         assert bool((got[:, 0] == 0).all())
     assert bool((anchors >= prefix).all()) and bool((anchors < n).all())  # prefix tokens never chosen
     assert bool((anchors[:, 1:] > anchors[:, :-1]).all())  # strictly ascending: sorted and unique
-    assert torch.equal(got, torch.tensor(restated_rule_search(row, k, include_cls=include_cls, num_prefix_tokens=prefix)))
+    assert torch.equal(
+        got, torch.tensor(restated_rule_search(row, k, include_cls=include_cls, num_prefix_tokens=prefix))
+    )
 
 
 @settings(max_examples=40, deadline=None)
@@ -675,7 +677,9 @@ def test_padding_is_excluded_by_construction(generator, method):
         assert torch.equal(got[i], real[alone[0]])
     strided = mask.t().contiguous().t()  # token-major memory: read through its strides
     assert torch.equal(anchor_search(row, 11, method=method, key_padding_mask=strided, check_finite=False), got)
-    with pytest.raises(ValueError, match=r"key_padding_mask leaves samples \[0, 1\] with fewer real candidate tokens \(\[11, 11\]\)"):
+    with pytest.raises(
+        ValueError, match=r"key_padding_mask leaves samples \[0, 1\] with fewer real candidate tokens \(\[11, 11\]\)"
+    ):
         anchor_search(row, 12, method=method, key_padding_mask=mask, check_finite=False)
     with pytest.raises(ValueError, match=r"key_padding_mask must be \(B, N\) = \(2, 20\) bool.*on cpu.*device meta"):
         anchor_search(row, 3, method=method, key_padding_mask=mask.to("meta"))

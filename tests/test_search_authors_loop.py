@@ -36,7 +36,9 @@ def tie_free(b: int, h: int, n: int, generator: torch.Generator) -> torch.Tensor
     return (perms.float() + 1.0) / n
 
 
-@pytest.mark.parametrize(("h", "n", "k"), [(16, 577, 144), (16, 577, 256), (4, 50, 12), (3, 10, 9), (1, 40, 7), (8, 65, 64)])
+@pytest.mark.parametrize(
+    ("h", "n", "k"), [(16, 577, 144), (16, 577, 256), (4, 50, 12), (3, 10, 9), (1, 40, 7), (8, 65, 64)]
+)
 @pytest.mark.parametrize("method", METHODS)
 def test_equal_on_tie_free_rows_with_k_divisible_by_h(h, n, k, method):
     gen = torch.Generator().manual_seed(h * 1000 + k)

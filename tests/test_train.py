@@ -56,23 +56,56 @@ def workdir(tmp_path_factory):
     vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "<s>", "</s>", "<image>", *WORDS])}
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                        eos_token="</s>", additional_special_tokens=["<image>"])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        additional_special_tokens=["<image>"],
+    )
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE}),
-        tokenizer=tokenizer, patch_size=PATCH, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        tokenizer=tokenizer,
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
     )
     torch.manual_seed(0)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=IMAGE, patch_size=PATCH, projection_dim=16)
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=IMAGE,
+        patch_size=PATCH,
+        projection_dim=16,
+    )
     # initializer_range 0.3: a random LLM with the default 0.02 has logits bounded near +-1 (RMSNorm times
     # tiny lm_head rows), so no input could make it confident; a trained LLM is not like that
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, pad_token_id=1,
-                       bos_token_id=2, eos_token_id=3, initializer_range=0.3)
-    model = LlavaForConditionalGeneration(LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=processor.image_token_id, vision_feature_layer=-2,
-        vision_feature_select_strategy="default", image_seq_length=49))
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=3,
+        initializer_range=0.3,
+    )
+    model = LlavaForConditionalGeneration(
+        LlavaConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_index=processor.image_token_id,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+            image_seq_length=49,
+        )
+    )
     model.save_pretrained(root / "base")
     processor.save_pretrained(root / "base")
     (root / "images").mkdir()
@@ -81,19 +114,52 @@ def workdir(tmp_path_factory):
         pixels = np.zeros((32, 32, 3), np.uint8)
         pixels[8:24, 8:24] = rgb
         Image.fromarray(pixels).save(root / "images" / f"{i}.png")
-        data.append({"id": str(i), "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nwhat is this ?"}, {"from": "gpt", "value": name}]})
+        data.append(
+            {
+                "id": str(i),
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nwhat is this ?"},
+                    {"from": "gpt", "value": name},
+                ],
+            }
+        )
     (root / "data.json").write_text(json.dumps(data))
     return root
 
 
 def args(workdir, output: str, *extra: str, model: str = "base") -> list[str]:
     return [
-        "--model_name_or_path", str(workdir / model), "--num_anchors", str(K), "--connector_config", CONNECTOR,
-        "--data_path", str(workdir / "data.json"), "--image_folder", str(workdir / "images"),
-        "--output_dir", str(workdir / output), "--learning_rate", "1e-2", "--lr_scheduler_type", "constant",
-        "--report_to", "none", "--logging_steps", "1", "--save_strategy", "no", "--use_cpu", "--disable_tqdm", "true",
-        "--seed", "0", "--dataloader_num_workers", "0", *extra,
+        "--model_name_or_path",
+        str(workdir / model),
+        "--num_anchors",
+        str(K),
+        "--connector_config",
+        CONNECTOR,
+        "--data_path",
+        str(workdir / "data.json"),
+        "--image_folder",
+        str(workdir / "images"),
+        "--output_dir",
+        str(workdir / output),
+        "--learning_rate",
+        "1e-2",
+        "--lr_scheduler_type",
+        "constant",
+        "--report_to",
+        "none",
+        "--logging_steps",
+        "1",
+        "--save_strategy",
+        "no",
+        "--use_cpu",
+        "--disable_tqdm",
+        "true",
+        "--seed",
+        "0",
+        "--dataloader_num_workers",
+        "0",
+        *extra,
     ]
 
 
@@ -119,8 +185,9 @@ def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> 
 
 def test_stage_1_trains_only_the_connector_and_stage_2_the_llm_too(workdir) -> None:
     base = split(LlavaForConditionalGeneration.from_pretrained(workdir / "base").state_dict())
-    stage1 = train(*parse_args(args(workdir, "stage1", "--stage", "1", "--max_steps", "2",
-                                    "--per_device_train_batch_size", "4")))
+    stage1 = train(
+        *parse_args(args(workdir, "stage1", "--stage", "1", "--max_steps", "2", "--per_device_train_batch_size", "4"))
+    )
     saved1 = split(load_file(workdir / "stage1" / "model.safetensors"))
     assert not changed(base["vision"], saved1["vision"]) and not changed(base["language"], saved1["language"])
     assert len(saved1["connector"]) > 0 and not (base["connector"].keys() & saved1["connector"].keys())  # new module
@@ -139,13 +206,27 @@ def test_stage_1_trains_only_the_connector_and_stage_2_the_llm_too(workdir) -> N
     out = reloaded.eval().generate(**inputs, max_new_tokens=2, do_sample=False)
     assert inputs["input_ids"].shape[1] < out.shape[1] <= inputs["input_ids"].shape[1] + 2
 
-    train(*parse_args(args(workdir, "stage2", "--stage", "2", "--max_steps", "2", "--per_device_train_batch_size", "4",
-                           model="stage1")))
+    train(
+        *parse_args(
+            args(
+                workdir,
+                "stage2",
+                "--stage",
+                "2",
+                "--max_steps",
+                "2",
+                "--per_device_train_batch_size",
+                "4",
+                model="stage1",
+            )
+        )
+    )
     saved2 = split(load_file(workdir / "stage2" / "model.safetensors"))
     assert not changed(saved1["vision"], saved2["vision"])
     assert changed(saved1["language"], saved2["language"]) and changed(saved1["connector"], saved2["connector"])
     assert AnchorFormerLlavaForConditionalGeneration.from_pretrained(workdir / "stage2").config.anchor_former == (
-        reloaded.config.anchor_former)
+        reloaded.config.anchor_former
+    )
 
 
 # --- overfitting --------------------------------------------------------------------------------------------
@@ -154,8 +235,20 @@ OVERFIT_STEPS, OVERFIT_RATIO = 12, 0.1  # measured: 0.8 % of the initial loss af
 
 
 def test_overfits_four_samples(workdir) -> None:
-    trainer = train(*parse_args(args(workdir, "overfit", "--stage", "1", "--max_steps", str(OVERFIT_STEPS),
-                                     "--per_device_train_batch_size", "4")))
+    trainer = train(
+        *parse_args(
+            args(
+                workdir,
+                "overfit",
+                "--stage",
+                "1",
+                "--max_steps",
+                str(OVERFIT_STEPS),
+                "--per_device_train_batch_size",
+                "4",
+            )
+        )
+    )
     history = losses(trainer)
     assert len(history) == OVERFIT_STEPS
     assert history[-1] < OVERFIT_RATIO * history[0], history
@@ -172,8 +265,20 @@ def test_overfitting_fails_when_no_gradient_reaches_the_connector(workdir, monke
         return model
 
     monkeypatch.setattr(train_module, "set_trainable", cut)
-    trainer = train(*parse_args(args(workdir, "overfit_cut", "--stage", "1", "--max_steps", str(OVERFIT_STEPS),
-                                     "--per_device_train_batch_size", "4")))
+    trainer = train(
+        *parse_args(
+            args(
+                workdir,
+                "overfit_cut",
+                "--stage",
+                "1",
+                "--max_steps",
+                str(OVERFIT_STEPS),
+                "--per_device_train_batch_size",
+                "4",
+            )
+        )
+    )
     history = losses(trainer)
     assert history[-1] > OVERFIT_RATIO * history[0], history
     torch.testing.assert_close(history[-1], history[0], atol=1e-4, rtol=0)  # nothing moved
@@ -190,8 +295,17 @@ SGD = ("--optim", "sgd", "--stage", "1", "--max_steps", "2")
 
 def torchrun(workdir, output: str, *extra: str) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "anchor_former.train", *args(workdir, output, *extra)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "anchor_former.train",
+        *args(workdir, output, *extra),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
@@ -255,13 +369,28 @@ def test_lora_stage_2_saves_merged_weights(workdir) -> None:
     the plain model's keys (merged), so it reloads without peft."""
     pytest.importorskip("peft")
     base = split(LlavaForConditionalGeneration.from_pretrained(workdir / "base").state_dict())
-    train(*parse_args(args(workdir, "lora", "--stage", "2", "--lora_r", "4", "--max_steps", "2",
-                           "--per_device_train_batch_size", "4")))
+    train(
+        *parse_args(
+            args(
+                workdir,
+                "lora",
+                "--stage",
+                "2",
+                "--lora_r",
+                "4",
+                "--max_steps",
+                "2",
+                "--per_device_train_batch_size",
+                "4",
+            )
+        )
+    )
     saved = split(load_file(workdir / "lora" / "model.safetensors"))
     assert not changed(base["vision"], saved["vision"])
     linear = re.compile(r".*layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
     assert {k for k in base["language"] if not torch.equal(base["language"][k], saved["language"][k])} == {
-        k for k in base["language"] if linear.match(k)}  # the adapted linears moved, embeddings and norms did not
+        k for k in base["language"] if linear.match(k)
+    }  # the adapted linears moved, embeddings and norms did not
     reloaded = AnchorFormerLlavaForConditionalGeneration.from_pretrained(workdir / "lora")
     assert not any("lora" in key for key in reloaded.state_dict())
 

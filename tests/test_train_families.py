@@ -32,10 +32,20 @@ from tests._train_helpers import (  # noqa: E402
 
 FAMILIES = {
     # family: (builder name, reload classes, tokens per view, prompt, stage-2 flags)
-    "llava_next": ("llava_next", "AnchorFormerLlavaNext", K + 1, "USER: <image> what is in the picture ? ASSISTANT:",
-                   ()),
-    "onevision": ("onevision", "AnchorFormerLlavaOnevision", K, "user <image> what is in the picture ? assistant",
-                  ("--lora_r", "4")),  # LoRA on the Qwen2 language model, merged before saving
+    "llava_next": (
+        "llava_next",
+        "AnchorFormerLlavaNext",
+        K + 1,
+        "USER: <image> what is in the picture ? ASSISTANT:",
+        (),
+    ),
+    "onevision": (
+        "onevision",
+        "AnchorFormerLlavaOnevision",
+        K,
+        "user <image> what is in the picture ? assistant",
+        ("--lora_r", "4"),
+    ),  # LoRA on the Qwen2 language model, merged before saving
 }
 
 
@@ -62,8 +72,13 @@ def reload(family: str, folder):
 def split(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     parts: dict[str, dict[str, torch.Tensor]] = {"connector": {}, "vision": {}, "language": {}}
     for key, value in state.items():
-        part = ("connector" if "multi_modal_projector" in key or "image_newline" in key
-                else "vision" if "vision_tower" in key else "language")
+        part = (
+            "connector"
+            if "multi_modal_projector" in key or "image_newline" in key
+            else "vision"
+            if "vision_tower" in key
+            else "language"
+        )
         parts[part][key] = value
     return parts
 
@@ -80,27 +95,58 @@ def test_stage_1_then_stage_2_then_reload_and_generate(root, family) -> None:
     stock = transformers.AutoModelForImageTextToText.from_pretrained(root / builder).state_dict()
     base = split({k: v for k, v in stock.items() if "multi_modal_projector" not in k})
 
-    stage1 = train(*parse_args(run_args(root / builder, data, root / f"{family}_s1", "--stage", "1", "--max_steps", "2",
-                                        "--per_device_train_batch_size", "2")))
+    stage1 = train(
+        *parse_args(
+            run_args(
+                root / builder,
+                data,
+                root / f"{family}_s1",
+                "--stage",
+                "1",
+                "--max_steps",
+                "2",
+                "--per_device_train_batch_size",
+                "2",
+            )
+        )
+    )
     model1, processor = reload(family, root / f"{family}_s1")
     saved1 = split(model1.state_dict())
     # stage 1: the tower and the language model are the stock weights, bit for bit; the connector is new
     assert not changed(base["vision"], saved1["vision"]) and not changed(base["language"], saved1["language"])
     assert connector_digest(model1) == connector_digest(stage1.model)
     settings = model1.config.anchor_former
-    assert settings["connector"] == "acformer" and settings["extras"]["anyres"] == {"layout": "fixed", "tokens_per_view": per_view}
+    assert settings["connector"] == "acformer" and settings["extras"]["anyres"] == {
+        "layout": "fixed",
+        "tokens_per_view": per_view,
+    }
 
     # the data used the attached layout: a 40 x 70 image's tokens as the processor writes them
     sample = stage1.train_dataset[0]
-    written = processor(text=processor.image_token, images=Image.open(root / "images" / "0.png").convert("RGB"),
-                        return_tensors="pt")["input_ids"]
+    written = processor(
+        text=processor.image_token, images=Image.open(root / "images" / "0.png").convert("RGB"), return_tensors="pt"
+    )["input_ids"]
     count = int((sample["input_ids"] == model1.config.image_token_id).sum())
     assert count == int((written == model1.config.image_token_id).sum())
     views = sample["pixel_values"].shape[0]
     assert views > 1 and count >= views * per_view  # several views, K (+1) tokens each, plus row newlines
 
-    train(*parse_args(run_args(root / f"{family}_s1", data, root / f"{family}_s2", "--stage", "2", "--max_steps", "2",
-                               "--per_device_train_batch_size", "2", *stage2)))
+    train(
+        *parse_args(
+            run_args(
+                root / f"{family}_s1",
+                data,
+                root / f"{family}_s2",
+                "--stage",
+                "2",
+                "--max_steps",
+                "2",
+                "--per_device_train_batch_size",
+                "2",
+                *stage2,
+            )
+        )
+    )
     model2, processor2 = reload(family, root / f"{family}_s2")
     saved2 = split(model2.state_dict())
     assert not changed(saved1["vision"], saved2["vision"])
@@ -123,17 +169,22 @@ SGD = ("--optim", "sgd", "--stage", "1", "--max_steps", "2")
 
 def test_torchrun_two_processes_on_llava_next_equal_one_process(root) -> None:
     data = root / "data.json"
-    stdout = torchrun(run_args(root / "llava_next", data, root / "next_ddp", *SGD, "--per_device_train_batch_size", "1"))
+    stdout = torchrun(
+        run_args(root / "llava_next", data, root / "next_ddp", *SGD, "--per_device_train_batch_size", "1")
+    )
     digests = dict(re.findall(r"\[rank (\d)/2\] connector sha256 ([0-9a-f]{64})", stdout))
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], stdout
 
-    train(*parse_args(run_args(root / "llava_next", data, root / "next_one", *SGD, "--per_device_train_batch_size", "2")))
+    train(
+        *parse_args(run_args(root / "llava_next", data, root / "next_one", *SGD, "--per_device_train_batch_size", "2"))
+    )
     ddp, one = connector_state(root / "next_ddp"), connector_state(root / "next_one")
     assert ddp.keys() == one.keys()
     for key in one:
         torch.testing.assert_close(ddp[key], one[key], atol=DDP_ATOL, rtol=0, msg=key)
     # the tolerance bites: one process with half the global batch ends outside it
-    train(*parse_args(run_args(root / "llava_next", data, root / "next_half", *SGD,
-                               "--per_device_train_batch_size", "1")))
+    train(
+        *parse_args(run_args(root / "llava_next", data, root / "next_half", *SGD, "--per_device_train_batch_size", "1"))
+    )
     half = connector_state(root / "next_half")
     assert max((half[k] - one[k]).abs().max().item() for k in one) > 100 * DDP_ATOL

@@ -20,8 +20,18 @@ from safetensors.torch import load_file  # noqa: E402
 from anchor_former.train import connector_digest, parse_args, train  # noqa: E402
 from tests._train_helpers import run_args, save_data, save_family, weights  # noqa: E402
 
-STEPS = ("--max_steps", "4", "--per_device_train_batch_size", "2", "--save_strategy", "steps",
-         "--save_steps", "2", "--learning_rate", "1e-3")
+STEPS = (
+    "--max_steps",
+    "4",
+    "--per_device_train_batch_size",
+    "2",
+    "--save_strategy",
+    "steps",
+    "--save_steps",
+    "2",
+    "--learning_rate",
+    "1e-3",
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +61,13 @@ def test_resumed_run_equals_uninterrupted_run(root, mode) -> None:
     else:  # peft's checkpoint holds the LoRA weights and the connector copy
         assert any("multi_modal_projector" in k for k in load_file(checkpoint / "adapter_model.safetensors"))
 
-    resumed = train(*parse_args(run_args(root / "llava", data, root / f"{mode}_resumed", *steps,
-                                         "--resume_from_checkpoint", str(checkpoint))))
+    resumed = train(
+        *parse_args(
+            run_args(
+                root / "llava", data, root / f"{mode}_resumed", *steps, "--resume_from_checkpoint", str(checkpoint)
+            )
+        )
+    )
     assert resumed.state.global_step == full.state.global_step == 4
     assert losses(resumed)[-2:] == losses(full)[-2:]  # steps 3 and 4, logged by the resumed run
     one, two = weights(root / f"{mode}_full"), weights(root / f"{mode}_resumed")  # every weight, LLM included
@@ -78,7 +93,20 @@ def test_resume_from_a_checkpoint_that_lacks_trained_weights_raises(root) -> Non
     fresh.save_pretrained(checkpoint)
     on_disk = set(load_file(checkpoint / "model.safetensors"))
     assert on_disk != set(loaded.state_dict()) and any(k.startswith("multi_modal_projector.") for k in on_disk)
-    with pytest.raises(ValueError, match=r"--resume_from_checkpoint .*renamed.* must hold every weight this run "
-                                         r"trains, got \d+ missing \(e\.g\. \['model\.multi_modal_projector"):
-        train(*parse_args(run_args(root / "llava", root / "data.json", root / "resumed_renamed", *STEPS,
-                                   "--resume_from_checkpoint", str(checkpoint))))
+    with pytest.raises(
+        ValueError,
+        match=r"--resume_from_checkpoint .*renamed.* must hold every weight this run "
+        r"trains, got \d+ missing \(e\.g\. \['model\.multi_modal_projector",
+    ):
+        train(
+            *parse_args(
+                run_args(
+                    root / "llava",
+                    root / "data.json",
+                    root / "resumed_renamed",
+                    *STEPS,
+                    "--resume_from_checkpoint",
+                    str(checkpoint),
+                )
+            )
+        )

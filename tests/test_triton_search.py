@@ -97,18 +97,14 @@ LARGE_STRIDES = textwrap.dedent(
 
 def test_kernel_matches_masked_path_in_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run(
-        [sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=600
-    )
+    result = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
 def test_kernel_offsets_do_not_wrap_at_2_to_the_31_elements():
     """Offsets are 64-bit: the third head's row lies 2**31 + 128 elements in (the old kernel crashed)."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run(
-        [sys.executable, "-c", LARGE_STRIDES], env=env, capture_output=True, text=True, timeout=600
-    )
+    result = subprocess.run([sys.executable, "-c", LARGE_STRIDES], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), (result.returncode, result.stderr[-3000:])
 
 

@@ -29,9 +29,17 @@ def test_rows_for_32_frames() -> None:
     assert "| 196 | 6273 |" in to_markdown(rows)
 
 
-@pytest.mark.parametrize("kwargs,match", [({"frames": 0}, "frames must be an integer >= 1, got 0"),
-                                          ({"frame_budgets": (197,)}, r"frame_budgets entries must be integers in "
-                                                                      r"\[1, 196\].*got 197")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"frames": 0}, "frames must be an integer >= 1, got 0"),
+        (
+            {"frame_budgets": (197,)},
+            r"frame_budgets entries must be integers in "
+            r"\[1, 196\].*got 197",
+        ),
+    ],
+)
 def test_bad_input(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         video_rows(**kwargs)

@@ -85,7 +85,9 @@ def test_reduced_layout_is_the_stock_layout_restricted_to_kept_patches(size, k, 
         cand = m.nonzero().flatten()
         patches.append(cand[torch.randperm(cand.numel(), generator=gen)[:kv]].sort().values)
     # tag every token with (view, patch) and the newline with -1: the stock layout filtered to the kept tags
-    tags = torch.stack(torch.meshgrid(torch.arange(views.num_views), torch.arange(SIDE * SIDE), indexing="ij"), -1).float()
+    tags = torch.stack(
+        torch.meshgrid(torch.arange(views.num_views), torch.arange(SIDE * SIDE), indexing="ij"), -1
+    ).float()
     newline = torch.tensor([-1.0, -1.0])
     tokens = torch.cat([tags[v, p] for v, p in enumerate(patches)])
     got = arrange_selected(views, patches, tokens, newline)
@@ -151,12 +153,18 @@ def test_agrees_with_transformers_resolution_and_unpadding(size) -> None:
 @pytest.mark.parametrize(
     "call,match",
     [
-        (lambda: anyres_views((10, 10), grid_pinpoints=PINPOINTS, view_size=8, patch_size=2, merge="grid"),
-         "merge .*must be one of flat, spatial, spatial_unpad, got 'grid'"),
-        (lambda: anyres_views((0, 10), grid_pinpoints=PINPOINTS, view_size=8, patch_size=2),
-         r"image_size must be a \(height, width\) pair of positive ints, got \(0, 10\)"),
-        (lambda: anyres_views((10, 10), grid_pinpoints=[[12, 8]], view_size=8, patch_size=2),
-         r"multiples of view_size=8, got the chosen pinpoint \[12, 8\]"),
+        (
+            lambda: anyres_views((10, 10), grid_pinpoints=PINPOINTS, view_size=8, patch_size=2, merge="grid"),
+            "merge .*must be one of flat, spatial, spatial_unpad, got 'grid'",
+        ),
+        (
+            lambda: anyres_views((0, 10), grid_pinpoints=PINPOINTS, view_size=8, patch_size=2),
+            r"image_size must be a \(height, width\) pair of positive ints, got \(0, 10\)",
+        ),
+        (
+            lambda: anyres_views((10, 10), grid_pinpoints=[[12, 8]], view_size=8, patch_size=2),
+            r"multiples of view_size=8, got the chosen pinpoint \[12, 8\]",
+        ),
         (lambda: view_budgets([4, 4, 4], per_image=2), r"at least the number of views with candidates \(3.*got 2"),
         (lambda: view_budgets([4, 4], per_view=0), "per_view must be an integer >= 1, got 0"),
         (lambda: view_budgets([4, 4], per_view=1, per_image=3), "exactly one of per_view and per_image"),
@@ -183,8 +191,9 @@ def test_select_view_tokens_searches_each_view_among_its_candidates() -> None:
         return x * 2
 
     newline = torch.full((5,), -1.0)
-    got = select_view_tokens(views, budgets, features, scores, num_prefix_tokens=1, projector=projector,
-                             newline=newline)
+    got = select_view_tokens(
+        views, budgets, features, scores, num_prefix_tokens=1, projector=projector, newline=newline
+    )
     patches = []  # reference: one search per view, padded patches excluded
     for v in range(views.num_views):
         real = torch.cat([torch.ones(1, dtype=torch.bool), mask[v]])[None]
@@ -192,10 +201,12 @@ def test_select_view_tokens_searches_each_view_among_its_candidates() -> None:
     assert all(bool(mask[v, p].all()) for v, p in enumerate(patches))
     tokens = torch.cat([features[v, 1 + p] for v, p in enumerate(patches)]) * 2
     torch.testing.assert_close(got, arrange_selected(views, patches, tokens, newline), rtol=0, atol=0)
-    full = select_view_tokens(views, views.num_candidates(), features, scores, num_prefix_tokens=1,
-                              projector=projector, newline=newline)
+    full = select_view_tokens(
+        views, views.num_candidates(), features, scores, num_prefix_tokens=1, projector=projector, newline=newline
+    )
     want = reference_layout(features[:, 1:] * 2, views, newline, (60, 300))
     torch.testing.assert_close(full, want, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"budgets\[1\] must be at most the view's 8 candidates, got 9"):
-        select_view_tokens(views, (3, 9, 3, 3), features, scores, num_prefix_tokens=1, projector=projector,
-                           newline=newline)
+        select_view_tokens(
+            views, (3, 9, 3, 3), features, scores, num_prefix_tokens=1, projector=projector, newline=newline
+        )

@@ -18,8 +18,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def test_save_anchor_plot_writes_png(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=32, patch_size=8)
+    config = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+    )
     model = CLIPVisionModel(config).eval()
     pixels = torch.randn(2, 3, 32, 32)
     result = extract_anchors(model, pixels, num_anchors=4)
@@ -34,11 +35,16 @@ def test_save_anchor_plot_takes_each_images_grid_in_a_mixed_batch(tmp_path: Path
     from dataclasses import replace
 
     torch.manual_seed(0)
-    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=32, patch_size=8)
+    config = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+    )
     result = extract_anchors(CLIPVisionModel(config).eval(), torch.randn(2, 3, 32, 32), num_anchors=4)
-    mixed = replace(result, grid_size=None, grid_sizes=((4, 4), (2, 3)),
-                    anchor_idx=torch.tensor([[0, 1, 5, 9, 16], [0, 1, 2, 4, 6]]))
+    mixed = replace(
+        result,
+        grid_size=None,
+        grid_sizes=((4, 4), (2, 3)),
+        anchor_idx=torch.tensor([[0, 1, 5, 9, 16], [0, 1, 2, 4, 6]]),
+    )
     assert save_anchor_plot(tmp_path / "a.png", mixed, index=1).read_bytes()[:8] == PNG_MAGIC
     assert save_anchor_plot(tmp_path / "b.png", mixed, index=0).read_bytes()[:8] == PNG_MAGIC
     with pytest.raises(ValueError, match="anchor_idx must index the 7 tokens of a 2x3 grid"):
@@ -46,8 +52,13 @@ def test_save_anchor_plot_takes_each_images_grid_in_a_mixed_batch(tmp_path: Path
 
 
 def test_plot_anchors_draws_one_box_per_anchor() -> None:
-    fig = plot_anchors(torch.tensor([0, 1, 6, 16]), grid_size=(4, 4), num_prefix_tokens=1,
-                       image=torch.rand(32, 32, 3), scores=torch.rand(4, 17))
+    fig = plot_anchors(
+        torch.tensor([0, 1, 6, 16]),
+        grid_size=(4, 4),
+        num_prefix_tokens=1,
+        image=torch.rand(32, 32, 3),
+        scores=torch.rand(4, 17),
+    )
     boxes = fig.axes[0].patches
     assert len(boxes) == 3  # [CLS] is not drawn
     corners = sorted((b.get_x(), b.get_y()) for b in boxes)

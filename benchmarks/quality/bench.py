@@ -43,8 +43,11 @@ from benchmarks.quality.train import BUDGETS
 
 __all__ = ["METHODS", "PRESETS", "run", "to_markdown", "write_chart"]
 
-PRESETS = {"tiny": {"seeds": (0,), "questions": 64}, "default": {"seeds": (0, 1, 2), "questions": 500},
-           "llava-1.5-7b": {"seeds": (0, 1, 2), "questions": 500}}
+PRESETS = {
+    "tiny": {"seeds": (0,), "questions": 64},
+    "default": {"seeds": (0, 1, 2), "questions": 500},
+    "llava-1.5-7b": {"seeds": (0, 1, 2), "questions": 500},
+}
 
 # label -> (group, description); the order is the table's
 METHODS = {
@@ -64,17 +67,25 @@ METHODS = {
     "wrong: shuffled": ("wrong", "select cls anchors in random order"),
     "wrong: lowest": ("wrong", "the K lowest-scored patches"),
 }
-_RULES = {"visionzip": rules.visionzip, "divprune": rules.divprune, "random": rules.random_k,
-          "first": rules.first_k, "avgpool": rules.avg_pool, "wrong: reversed": rules.select_reversed,
-          "wrong: shuffled": rules.select_shuffled, "wrong: lowest": rules.select_lowest}
+_RULES = {
+    "visionzip": rules.visionzip,
+    "divprune": rules.divprune,
+    "random": rules.random_k,
+    "first": rules.first_k,
+    "avgpool": rules.avg_pool,
+    "wrong: reversed": rules.select_reversed,
+    "wrong: shuffled": rules.select_shuffled,
+    "wrong: lowest": rules.select_lowest,
+}
 
 
 def _progress(message: str) -> None:
     print(f"[quality] {message}", file=sys.stderr, flush=True)
 
 
-def _package_scorer(model: torch.nn.Module, acformer: dict[int, dict], method: str,
-                    budget: int) -> Callable[[EvalSet], Score]:
+def _package_scorer(
+    model: torch.nn.Module, acformer: dict[int, dict], method: str, budget: int
+) -> Callable[[EvalSet], Score]:
     """The method's model for ``budget`` (built once) and how to score an evaluation set with it."""
     if method == "acformer":
         reduced = acformer_model(model, acformer[budget], budget)
@@ -89,17 +100,26 @@ def _summary(scores: list[Score], full: list[Score]) -> dict[str, Any]:
     acc = [s.accuracy for s in scores]
     retention = [s.accuracy / f.accuracy for s, f in zip(scores, full)]
     return {
-        "accuracy": statistics.fmean(acc), "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+        "accuracy": statistics.fmean(acc),
+        "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
         "accuracy_per_seed": acc,
         "retention": statistics.fmean(retention),
         "retention_std": statistics.stdev(retention) if len(retention) > 1 else 0.0,
-        "by_type": {k: statistics.fmean(s.by_type[k] for s in scores) for k in QUESTION_TYPES
-                    if all(k in s.by_type for s in scores)},
+        "by_type": {
+            k: statistics.fmean(s.by_type[k] for s in scores)
+            for k in QUESTION_TYPES
+            if all(k in s.by_type for s in scores)
+        },
     }
 
 
-def run(*, preset: str = "default", device: torch.device | None = None, weights: Path = WEIGHTS,
-        budgets: tuple[int, ...] = BUDGETS) -> dict[str, Any]:
+def run(
+    *,
+    preset: str = "default",
+    device: torch.device | None = None,
+    weights: Path = WEIGHTS,
+    budgets: tuple[int, ...] = BUDGETS,
+) -> dict[str, Any]:
     """The quality table as a dict (``rows``: one per method and budget, plus ``full`` and ``no image``).
 
     ``budgets``: a subset of :data:`~benchmarks.quality.train.BUDGETS` (the budgets AcFormer was trained at).
@@ -116,8 +136,10 @@ def run(*, preset: str = "default", device: torch.device | None = None, weights:
     outputs = [tower_output(model, d.batch.pixel_values) for d in sets]
     full = [package_accuracy(model, d) for d in sets]
     blind = [rule_accuracy(model, d, None, 0) for d in sets]
-    rows = [{"method": "full", "group": "reference", "budget": NUM_PATCHES, **_summary(full, full)},
-            {"method": "no image", "group": "reference", "budget": 0, **_summary(blind, full)}]
+    rows = [
+        {"method": "full", "group": "reference", "budget": NUM_PATCHES, **_summary(full, full)},
+        {"method": "no image", "group": "reference", "budget": 0, **_summary(blind, full)},
+    ]
     for budget in budgets:
         for method, (group, _) in METHODS.items():
             if group == "package":
@@ -128,10 +150,16 @@ def run(*, preset: str = "default", device: torch.device | None = None, weights:
             rows.append({"method": method, "group": group, "budget": budget, **_summary(scores, full)})
         _progress(f"budget {budget} done ({time.perf_counter() - start:.0f} s)")
     return {
-        "model": {"weights": str(weights.relative_to(Path.cwd()) if weights.is_relative_to(Path.cwd()) else weights),
-                  "patches": NUM_PATCHES, "parameters": sum(p.numel() for p in model.parameters())},
-        "eval_seeds": list(settings["seeds"]), "questions_per_seed": settings["questions"],
-        "budgets": list(budgets), "methods": {k: v[1] for k, v in METHODS.items()}, "rows": rows,
+        "model": {
+            "weights": str(weights.relative_to(Path.cwd()) if weights.is_relative_to(Path.cwd()) else weights),
+            "patches": NUM_PATCHES,
+            "parameters": sum(p.numel() for p in model.parameters()),
+        },
+        "eval_seeds": list(settings["seeds"]),
+        "questions_per_seed": settings["questions"],
+        "budgets": list(budgets),
+        "methods": {k: v[1] for k, v in METHODS.items()},
+        "rows": rows,
     }
 
 
@@ -149,17 +177,21 @@ def to_markdown(result: dict[str, Any]) -> str:
     full, blind = _row(result, "full", NUM_PATCHES), _row(result, "no image", 0)
     head = " | ".join(f"{b} ({100 * b / NUM_PATCHES:.1f} %)" for b in budgets)
     out = [
-        (f"Toy LLaVA ({result['model']['parameters'] / 1e6:.2f} M parameters, shipped weights), "
-         f"{result['questions_per_seed']} questions per evaluation seed, seeds {seeds}; accuracy in % as mean ± "
-         f"standard deviation over the seeds, (retention = accuracy / full-budget accuracy, in %). "
-         f"Full budget ({NUM_PATCHES} tokens): **{_pct(full['accuracy'])} ± {_pct(full['accuracy_std'])}**; "
-         f"no image tokens: {_pct(blind['accuracy'])} ± {_pct(blind['accuracy_std'])}."),
+        (
+            f"Toy LLaVA ({result['model']['parameters'] / 1e6:.2f} M parameters, shipped weights), "
+            f"{result['questions_per_seed']} questions per evaluation seed, seeds {seeds}; accuracy in % as mean ± "
+            f"standard deviation over the seeds, (retention = accuracy / full-budget accuracy, in %). "
+            f"Full budget ({NUM_PATCHES} tokens): **{_pct(full['accuracy'])} ± {_pct(full['accuracy_std'])}**; "
+            f"no image tokens: {_pct(blind['accuracy'])} ± {_pct(blind['accuracy_std'])}."
+        ),
         "",
         f"| method (tokens →) | {head} |",
         "|---|" + "---|" * len(budgets),
     ]
-    best_peer = {b: max((r for r in result["rows"] if r["budget"] == b and r["group"] == "peer"),
-                        key=lambda r: r["accuracy"]) for b in budgets}
+    best_peer = {
+        b: max((r for r in result["rows"] if r["budget"] == b and r["group"] == "peer"), key=lambda r: r["accuracy"])
+        for b in budgets
+    }
     for method, (group, _) in METHODS.items():
         cells = []
         for b in budgets:
@@ -168,25 +200,45 @@ def to_markdown(result: dict[str, Any]) -> str:
             cells.append(f"**{cell}**" if r is best_peer[b] else cell)
         label = {"package": f"`{method}`", "peer": method, "wrong": f"*{method}*"}[group]
         out.append(f"| {label} | " + " | ".join(cells) + " |")
-    out += ["", ("Bold: the best peer rule at that budget. *wrong:* rows are deliberately broken variants of "
-                 "`select cls` (what the tests must reject).")]
+    out += [
+        "",
+        (
+            "Bold: the best peer rule at that budget. *wrong:* rows are deliberately broken variants of "
+            "`select cls` (what the tests must reject)."
+        ),
+    ]
     out += ["", "Where the package's selection trails the best peer rule (difference in points, mean over seeds):", ""]
     behind = []
     for b in budgets:
         peer = best_peer[b]
-        for method in ("select cls", "select cls + ctx", "select received", "select received + ctx",
-                       "select norm", "select norm + ctx"):
+        for method in (
+            "select cls",
+            "select cls + ctx",
+            "select received",
+            "select received + ctx",
+            "select norm",
+            "select norm + ctx",
+        ):
             r = _row(result, method, b)
             if r["accuracy"] < peer["accuracy"]:
-                behind.append(f"- {b} tokens: `{method}` {_pct(r['accuracy'])} < {peer['method']} "
-                              f"{_pct(peer['accuracy'])} ({_pct(r['accuracy'] - peer['accuracy'])})")
+                behind.append(
+                    f"- {b} tokens: `{method}` {_pct(r['accuracy'])} < {peer['method']} "
+                    f"{_pct(peer['accuracy'])} ({_pct(r['accuracy'] - peer['accuracy'])})"
+                )
     out += behind or ["- nowhere: every `select` variant is at or above every peer rule at every budget."]
     b25 = budgets[min(1, len(budgets) - 1)]  # 25 % in the full table
-    out += ["", f"Accuracy by question type at {b25} tokens (%; chance: colour 16.7, shape 25, exists 50, above 50):",
-            "", "| method | " + " | ".join(QUESTION_TYPES) + " |", "|---|" + "---|" * len(QUESTION_TYPES)]
+    out += [
+        "",
+        f"Accuracy by question type at {b25} tokens (%; chance: colour 16.7, shape 25, exists 50, above 50):",
+        "",
+        "| method | " + " | ".join(QUESTION_TYPES) + " |",
+        "|---|" + "---|" * len(QUESTION_TYPES),
+    ]
     for method, budget in [("full", NUM_PATCHES), ("no image", 0)] + [(m, b25) for m in METHODS]:
         r = _row(result, method, budget)
-        out.append(f"| {method} | " + " | ".join(_pct(r["by_type"].get(k, float("nan"))) for k in QUESTION_TYPES) + " |")
+        out.append(
+            f"| {method} | " + " | ".join(_pct(r["by_type"].get(k, float("nan"))) for k in QUESTION_TYPES) + " |"
+        )
     return "\n".join(out)
 
 
@@ -206,17 +258,30 @@ def write_chart(result: dict[str, Any], path: Path) -> bool:
     for method, (group, _) in METHODS.items():
         rows = [_row(result, method, b) for b in budgets]
         ls, marker, lw = styles[group]
-        ax.errorbar(budgets, [100 * r["accuracy"] for r in rows], yerr=[100 * r["accuracy_std"] for r in rows],
-                    ls=ls, marker=marker, lw=lw, ms=4, capsize=2, label=method,
-                    color="gray" if group == "wrong" else next(colours), alpha=0.6 if group == "wrong" else 1.0)
+        ax.errorbar(
+            budgets,
+            [100 * r["accuracy"] for r in rows],
+            yerr=[100 * r["accuracy_std"] for r in rows],
+            ls=ls,
+            marker=marker,
+            lw=lw,
+            ms=4,
+            capsize=2,
+            label=method,
+            color="gray" if group == "wrong" else next(colours),
+            alpha=0.6 if group == "wrong" else 1.0,
+        )
     full, blind = _row(result, "full", NUM_PATCHES), _row(result, "no image", 0)
     ax.axhline(100 * full["accuracy"], color="black", lw=0.8, label=f"full ({NUM_PATCHES} tokens)")
     ax.axhline(100 * blind["accuracy"], color="black", lw=0.8, ls="-.", label="no image tokens")
     ax.set_xscale("log", base=2)
     ax.set_xticks(budgets, [f"{b}\n({100 * b / NUM_PATCHES:.1f} %)" for b in budgets])
-    ax.set(xlabel="visual tokens given to the LLM (share of the 64 patches)", ylabel="answer accuracy (%)",
-           title=f"toy LLaVA: accuracy vs visual-token budget (mean ± std over {len(result['eval_seeds'])} "
-                 "evaluation seeds)")
+    ax.set(
+        xlabel="visual tokens given to the LLM (share of the 64 patches)",
+        ylabel="answer accuracy (%)",
+        title=f"toy LLaVA: accuracy vs visual-token budget (mean ± std over {len(result['eval_seeds'])} "
+        "evaluation seeds)",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()

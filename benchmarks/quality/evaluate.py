@@ -25,8 +25,17 @@ from benchmarks.quality.rules import Rule, TowerOutput
 from benchmarks.quality.task import QUESTION_TYPES, Batch, make_batch
 from benchmarks.quality.train import answer_logits, data_rng
 
-__all__ = ["EvalSet", "Score", "acformer_model", "eval_set", "language_logits", "package_accuracy", "rule_accuracy", "select_model",
-           "tower_output"]
+__all__ = [
+    "EvalSet",
+    "Score",
+    "acformer_model",
+    "eval_set",
+    "language_logits",
+    "package_accuracy",
+    "rule_accuracy",
+    "select_model",
+    "tower_output",
+]
 
 
 @dataclass
@@ -82,8 +91,12 @@ def tower_output(model: torch.nn.Module, pixel_values: torch.Tensor) -> TowerOut
     heads = attention_module.num_heads
     b, n, d = captured["keys"].shape
     keys = captured["keys"].view(b, n, heads, d // heads).mean(dim=2)  # (B, N, E)
-    return TowerOutput(features=out.hidden_states[layer], cls_attention=out.attentions[layer][:, :, 0],
-                       keys=keys, projector=model.model.multi_modal_projector)
+    return TowerOutput(
+        features=out.hidden_states[layer],
+        cls_attention=out.attentions[layer][:, :, 0],
+        keys=keys,
+        projector=model.model.multi_modal_projector,
+    )
 
 
 @torch.no_grad()
@@ -92,12 +105,13 @@ def language_logits(model: torch.nn.Module, visual: torch.Tensor, batch: Batch) 
     image tokens followed by ``batch.input_ids`` (the sequence the LLaVA forward builds)."""
     text = model.get_input_embeddings()(batch.input_ids)  # (B, L, llm_dim)
     hidden = model.model.language_model(inputs_embeds=torch.cat([visual, text], dim=1)).last_hidden_state
-    logits = model.lm_head(hidden[:, visual.shape[1]:])  # (B, L, V)
+    logits = model.lm_head(hidden[:, visual.shape[1] :])  # (B, L, V)
     return logits[batch.labels != -100]
 
 
-def rule_accuracy(model: torch.nn.Module, data: EvalSet, rule: Rule | None, budget: int,
-                  out: TowerOutput | None = None) -> Score:
+def rule_accuracy(
+    model: torch.nn.Module, data: EvalSet, rule: Rule | None, budget: int, out: TowerOutput | None = None
+) -> Score:
     """Accuracy of ``rule`` at ``budget`` tokens (``rule=None``: no image tokens at all)."""
     batch = data.batch
     if rule is None:
@@ -109,13 +123,16 @@ def rule_accuracy(model: torch.nn.Module, data: EvalSet, rule: Rule | None, budg
     return Score.of(language_logits(model, visual, batch).argmax(-1), batch)
 
 
-def select_model(model: torch.nn.Module, *, num_anchors: int, num_context: int = 0, score: str = "cls") -> torch.nn.Module:
+def select_model(
+    model: torch.nn.Module, *, num_anchors: int, num_context: int = 0, score: str = "cls"
+) -> torch.nn.Module:
     """A copy of ``model`` switched to the package's ``select`` connector."""
     from anchor_former.adapters.transformers import attach_anchor_former
 
     reduced = copy.deepcopy(model)
-    return attach_anchor_former(reduced, None, connector="select", num_anchors=num_anchors,
-                                num_context=num_context, score=score).eval()
+    return attach_anchor_former(
+        reduced, None, connector="select", num_anchors=num_anchors, num_context=num_context, score=score
+    ).eval()
 
 
 def acformer_model(model: torch.nn.Module, state: dict[str, torch.Tensor], budget: int) -> torch.nn.Module:

@@ -24,8 +24,16 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlavaCo
 
 from benchmarks.quality.task import GRID, IMAGE_ID, IMAGE_SIZE, PAD_ID, PATCH, VOCAB
 
-__all__ = ["ACFORMER_KWARGS", "WEIGHTS", "build_llava", "build_tower", "load_acformer", "load_llava",
-           "save_acformer", "tower_config"]
+__all__ = [
+    "ACFORMER_KWARGS",
+    "WEIGHTS",
+    "build_llava",
+    "build_tower",
+    "load_acformer",
+    "load_llava",
+    "save_acformer",
+    "tower_config",
+]
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 NUM_PATCHES = GRID * GRID
@@ -34,8 +42,16 @@ ACFORMER_KWARGS = {"depth": 2, "heads": 4, "dim_head": 16}
 
 
 def tower_config() -> CLIPVisionConfig:
-    return CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                            image_size=IMAGE_SIZE, patch_size=PATCH, num_channels=3, projection_dim=64)
+    return CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH,
+        num_channels=3,
+        projection_dim=64,
+    )
 
 
 def build_tower(seed: int) -> CLIPVisionModel:
@@ -50,12 +66,28 @@ def build_tower(seed: int) -> CLIPVisionModel:
 
 
 def llava_config() -> LlavaConfig:
-    text = LlamaConfig(vocab_size=len(VOCAB), hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                       pad_token_id=PAD_ID, bos_token_id=None, eos_token_id=None, tie_word_embeddings=False)
-    return LlavaConfig(vision_config=tower_config(), text_config=text, image_token_id=IMAGE_ID,
-                       vision_feature_layer=-2, vision_feature_select_strategy="default",
-                       projector_hidden_act="gelu", image_seq_length=NUM_PATCHES)
+    text = LlamaConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        pad_token_id=PAD_ID,
+        bos_token_id=None,
+        eos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    return LlavaConfig(
+        vision_config=tower_config(),
+        text_config=text,
+        image_token_id=IMAGE_ID,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        image_seq_length=NUM_PATCHES,
+    )
 
 
 def build_llava(tower: CLIPVisionModel, seed: int) -> LlavaForConditionalGeneration:
@@ -76,7 +108,9 @@ def save_acformer(connectors: dict[int, torch.nn.Module], path: Path = WEIGHTS) 
     """One trained AcFormer connector per ``num_anchors``, as ``acformer.safetensors`` + ``acformer.json``."""
     from safetensors.torch import save_file
 
-    state = {f"{k}.{name}": t.detach().contiguous() for k, c in connectors.items() for name, t in c.state_dict().items()}
+    state = {
+        f"{k}.{name}": t.detach().contiguous() for k, c in connectors.items() for name, t in c.state_dict().items()
+    }
     save_file(state, str(path / "acformer.safetensors"))
     (path / "acformer.json").write_text(json.dumps({"num_anchors": sorted(connectors), **ACFORMER_KWARGS}) + "\n")
 

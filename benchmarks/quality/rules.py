@@ -34,9 +34,23 @@ import torch.nn.functional as F
 
 from anchor_former.search import anchor_search
 
-__all__ = ["PEER_RULES", "WRONG_VARIANTS", "Rule", "TowerOutput", "avg_pool", "divprune", "first_k", "gather",
-           "random_k", "select_cls", "select_lowest", "select_reversed", "select_shuffled", "visionzip",
-           "visionzip_split"]
+__all__ = [
+    "PEER_RULES",
+    "WRONG_VARIANTS",
+    "Rule",
+    "TowerOutput",
+    "avg_pool",
+    "divprune",
+    "first_k",
+    "gather",
+    "random_k",
+    "select_cls",
+    "select_lowest",
+    "select_reversed",
+    "select_shuffled",
+    "visionzip",
+    "visionzip_split",
+]
 
 
 @dataclass
@@ -114,7 +128,7 @@ def random_k(out: TowerOutput, budget: int, seed: int = 0) -> torch.Tensor:
 
 
 def first_k(out: TowerOutput, budget: int, seed: int = 0) -> torch.Tensor:
-    return out.projector(out.features[:, 1:budget + 1])
+    return out.projector(out.features[:, 1 : budget + 1])
 
 
 _POOL_GRID = {32: (8, 4), 16: (4, 4), 8: (4, 2), 4: (2, 2)}
@@ -154,8 +168,14 @@ def select_lowest(out: TowerOutput, budget: int, seed: int = 0) -> torch.Tensor:
 
 
 PEER_RULES: dict[str, Rule] = {
-    "visionzip": visionzip, "divprune": divprune, "random": random_k, "first": first_k, "avgpool": avg_pool,
+    "visionzip": visionzip,
+    "divprune": divprune,
+    "random": random_k,
+    "first": first_k,
+    "avgpool": avg_pool,
 }
 WRONG_VARIANTS: dict[str, Rule] = {
-    "reversed": select_reversed, "shuffled": select_shuffled, "lowest": select_lowest,
+    "reversed": select_reversed,
+    "shuffled": select_shuffled,
+    "lowest": select_lowest,
 }

@@ -51,8 +51,10 @@ GRID = IMAGE_SIZE // PATCH  # 8 x 8 = 64 patches
 SHAPE_SIZE = 6
 
 COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan")
-_RGB = np.array([[1.0, 0.1, 0.1], [0.1, 0.85, 0.1], [0.15, 0.3, 1.0], [1.0, 0.95, 0.1], [0.95, 0.1, 0.95],
-                 [0.1, 0.95, 0.95]], dtype=np.float32)
+_RGB = np.array(
+    [[1.0, 0.1, 0.1], [0.1, 0.85, 0.1], [0.15, 0.3, 1.0], [1.0, 0.95, 0.1], [0.95, 0.1, 0.95], [0.1, 0.95, 0.95]],
+    dtype=np.float32,
+)
 
 
 def _masks() -> dict[str, np.ndarray]:
@@ -122,7 +124,7 @@ def render(scene: Scene) -> np.ndarray:
     for (row, col, shape, rgb), (dy, dx) in zip(items, scene.offsets):
         y, x = row * PATCH + dy, col * PATCH + dx
         mask = _MASKS[SHAPES[shape]]
-        patch = image[:, y:y + SHAPE_SIZE, x:x + SHAPE_SIZE]
+        patch = image[:, y : y + SHAPE_SIZE, x : x + SHAPE_SIZE]
         patch[:, mask] = rgb[:, None]
     return np.clip(image, 0.0, 1.0)
 
@@ -153,8 +155,12 @@ def _question(scene: Scene, kind: str, rng: np.random.Generator) -> tuple[list[s
             c, s = list(present)[int(rng.integers(len(present)))]
             answer = "yes"
         else:
-            near = [(c, s) for c in range(len(COLOURS)) for s in range(len(SHAPES))
-                    if (c, s) not in present and (c in colours or s in shapes)]
+            near = [
+                (c, s)
+                for c in range(len(COLOURS))
+                for s in range(len(SHAPES))
+                if (c, s) not in present and (c in colours or s in shapes)
+            ]
             if not near:
                 return None
             c, s = near[int(rng.integers(len(near)))]
@@ -166,7 +172,9 @@ def _question(scene: Scene, kind: str, rng: np.random.Generator) -> tuple[list[s
         if not pairs:
             return None
         i, j = pairs[int(rng.integers(len(pairs)))]
-        return ["above", COLOURS[colours[i]], COLOURS[colours[j]]], "yes" if scene.cells[i][0] < scene.cells[j][0] else "no"
+        return ["above", COLOURS[colours[i]], COLOURS[colours[j]]], "yes" if scene.cells[i][0] < scene.cells[j][
+            0
+        ] else "no"
     raise ValueError(f"kind must be one of {QUESTION_TYPES}, got {kind!r}")
 
 
@@ -248,5 +256,13 @@ def make_batch(rng: np.random.Generator, batch_size: int, *, questions: int = 1)
         labels[b, : len(lab)] = torch.tensor(lab)
     pixels = (torch.from_numpy(np.stack(images)) - MEAN) / STD
     answer_ids = torch.tensor(answers)
-    return Batch(pixels, input_ids, labels, kinds, answer_ids.squeeze(1) if questions == 1 else answer_ids,
-                 colour, shape, cls_targets)
+    return Batch(
+        pixels,
+        input_ids,
+        labels,
+        kinds,
+        answer_ids.squeeze(1) if questions == 1 else answer_ids,
+        colour,
+        shape,
+        cls_targets,
+    )

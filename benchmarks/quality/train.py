@@ -71,10 +71,12 @@ def _log(message: str) -> None:
 
 def _schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int = 50) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then cosine decay to 10 % of the peak."""
+
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -83,12 +85,14 @@ def train_tower(recipe: type[Recipe] = Recipe, log: list | None = None) -> torch
     tower = build_tower(recipe.seed)
     width = tower.config.hidden_size
     torch.manual_seed(recipe.seed + 1)
-    heads = torch.nn.ModuleDict({
-        "colour": torch.nn.Linear(width, len(COLOURS) + 1),
-        "shape": torch.nn.Linear(width, len(SHAPES) + 1),
-        "cls": torch.nn.Linear(width, len(COLOURS) * len(SHAPES)),
-        "pooled": torch.nn.Linear(width, len(COLOURS) * len(SHAPES)),
-    })
+    heads = torch.nn.ModuleDict(
+        {
+            "colour": torch.nn.Linear(width, len(COLOURS) + 1),
+            "shape": torch.nn.Linear(width, len(SHAPES) + 1),
+            "cls": torch.nn.Linear(width, len(COLOURS) * len(SHAPES)),
+            "pooled": torch.nn.Linear(width, len(COLOURS) * len(SHAPES)),
+        }
+    )
     params = [p for p in tower.parameters() if p.requires_grad] + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=recipe.tower_lr, weight_decay=0.01)
     scheduler = _schedule(optimizer, recipe.tower_steps)
@@ -111,9 +115,15 @@ def train_tower(recipe: type[Recipe] = Recipe, log: list | None = None) -> torch
         optimizer.step()
         scheduler.step()
         if step % 50 == 0 or step == recipe.tower_steps - 1:
-            entry = {"phase": "tower", "step": step, "seconds": round(time.perf_counter() - start, 1),
-                     "loss_colour": loss_colour.item(), "loss_shape": loss_shape.item(),
-                     "loss_cls": loss_cls.item(), "loss_pooled": loss_pooled.item()}
+            entry = {
+                "phase": "tower",
+                "step": step,
+                "seconds": round(time.perf_counter() - start, 1),
+                "loss_colour": loss_colour.item(),
+                "loss_shape": loss_shape.item(),
+                "loss_cls": loss_cls.item(),
+                "loss_pooled": loss_pooled.item(),
+            }
             _log(json.dumps(entry))
             if log is not None:
                 log.append(entry)
@@ -132,9 +142,19 @@ def answer_logits(model: torch.nn.Module, batch: Batch, num_image_tokens: int = 
     return logits[:, num_image_tokens:][batch.labels != -100]  # (Q, V)
 
 
-def _train_answers(model: torch.nn.Module, params: list[torch.nn.Parameter], *, steps: int, batch_size: int,
-                   questions: int, lr: float, rng: np.random.Generator, num_image_tokens: int, phase: str,
-                   log: list | None) -> None:
+def _train_answers(
+    model: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    *,
+    steps: int,
+    batch_size: int,
+    questions: int,
+    lr: float,
+    rng: np.random.Generator,
+    num_image_tokens: int,
+    phase: str,
+    log: list | None,
+) -> None:
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     scheduler = _schedule(optimizer, steps)
     start = time.perf_counter()
@@ -151,8 +171,13 @@ def _train_answers(model: torch.nn.Module, params: list[torch.nn.Parameter], *, 
         scheduler.step()
         if step % 50 == 0 or step == steps - 1:
             accuracy = (logits.argmax(-1) == targets).float().mean().item()
-            entry = {"phase": phase, "step": step, "seconds": round(time.perf_counter() - start, 1),
-                     "loss": loss.item(), "train_accuracy": accuracy}
+            entry = {
+                "phase": phase,
+                "step": step,
+                "seconds": round(time.perf_counter() - start, 1),
+                "loss": loss.item(),
+                "train_accuracy": accuracy,
+            }
             _log(json.dumps(entry))
             if log is not None:
                 log.append(entry)
@@ -163,14 +188,24 @@ def train_llava(tower: torch.nn.Module, recipe: type[Recipe] = Recipe, log: list
     """Phase 2: the LLaVA (a ``LlavaForConditionalGeneration``; tower frozen)."""
     model = build_llava(tower, recipe.seed + 2)
     params = [p for p in model.parameters() if p.requires_grad]
-    _train_answers(model, params, steps=recipe.llava_steps, batch_size=recipe.llava_batch,
-                   questions=recipe.llava_questions, lr=recipe.llava_lr, rng=data_rng("llava", recipe.seed),
-                   num_image_tokens=NUM_PATCHES, phase="llava", log=log)
+    _train_answers(
+        model,
+        params,
+        steps=recipe.llava_steps,
+        batch_size=recipe.llava_batch,
+        questions=recipe.llava_questions,
+        lr=recipe.llava_lr,
+        rng=data_rng("llava", recipe.seed),
+        num_image_tokens=NUM_PATCHES,
+        phase="llava",
+        log=log,
+    )
     return model
 
 
-def train_acformer(llava: torch.nn.Module, budget: int, recipe: type[Recipe] = Recipe,
-                   log: list | None = None) -> torch.nn.Module:
+def train_acformer(
+    llava: torch.nn.Module, budget: int, recipe: type[Recipe] = Recipe, log: list | None = None
+) -> torch.nn.Module:
     """Phase 3: the AcFormer connector of ``budget`` tokens ([CLS] + ``budget - 1`` anchors) for ``llava``."""
     from anchor_former.adapters.transformers import attach_anchor_former
 
@@ -180,18 +215,30 @@ def train_acformer(llava: torch.nn.Module, budget: int, recipe: type[Recipe] = R
     model.requires_grad_(False)
     connector = model.model.multi_modal_projector
     connector.requires_grad_(True)
-    _train_answers(model, list(connector.parameters()), steps=recipe.acformer_steps, batch_size=recipe.acformer_batch,
-                   questions=recipe.llava_questions, lr=recipe.acformer_lr,
-                   rng=data_rng("acformer", recipe.seed, budget), num_image_tokens=budget,
-                   phase=f"acformer-{budget}", log=log)
+    _train_answers(
+        model,
+        list(connector.parameters()),
+        steps=recipe.acformer_steps,
+        batch_size=recipe.acformer_batch,
+        questions=recipe.llava_questions,
+        lr=recipe.acformer_lr,
+        rng=data_rng("acformer", recipe.seed, budget),
+        num_image_tokens=budget,
+        phase=f"acformer-{budget}",
+        log=log,
+    )
     return connector
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--phase", choices=("all", "llava", "acformer"), default="all",
-                        help="all: tower, LLaVA and AcFormer; llava: tower and LLaVA; acformer: only the "
-                             "connectors, for the LLaVA already in --output")
+    parser.add_argument(
+        "--phase",
+        choices=("all", "llava", "acformer"),
+        default="all",
+        help="all: tower, LLaVA and AcFormer; llava: tower and LLaVA; acformer: only the "
+        "connectors, for the LLaVA already in --output",
+    )
     parser.add_argument("--output", type=Path, default=WEIGHTS)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -216,8 +263,13 @@ def main(argv: list[str] | None = None) -> int:
             connectors[budget] = train_acformer(llava, budget, log=log)
             times[f"acformer-{budget}"] = time.perf_counter() - start
         save_acformer(connectors, args.output)
-    log.append({"phase_seconds": {k: round(v, 1) for k, v in times.items()}, "threads": args.threads,
-                "torch": torch.__version__})
+    log.append(
+        {
+            "phase_seconds": {k: round(v, 1) for k, v in times.items()},
+            "threads": args.threads,
+            "torch": torch.__version__,
+        }
+    )
     log_path.write_text(json.dumps(log, indent=0) + "\n")
     _log(f"phase seconds: {times}")
     return 0

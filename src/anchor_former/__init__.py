@@ -20,7 +20,6 @@ repository (``docs/api.md`` lists every public name, the same as ``__all__`` her
 
 from anchor_former import adapters, checkpoint, flops, views
 from anchor_former.adapters.dispatch import attach_anchor_former, kept_tokens
-from anchor_former.search import AnchorSearch, anchor_quotas, anchor_search, cls_scores, native_search_available
 from anchor_former.attention import CrossAttention
 from anchor_former.connectors import (
     AvgPoolConnector,
@@ -30,9 +29,8 @@ from anchor_former.connectors import (
     PerceiverResampler,
     SelectConnector,
 )
-from anchor_former.connectors.registry import available_connectors, build_connector
 from anchor_former.connectors.acformer import AnchorFormer, AnchorFormerConfig
-from anchor_former.projector import build_projector
+from anchor_former.connectors.registry import available_connectors, build_connector
 from anchor_former.probes import (
     AnchorExtraction,
     AttentionProbe,
@@ -42,6 +40,8 @@ from anchor_former.probes import (
     received_attention,
     token_norm_scores,
 )
+from anchor_former.projector import build_projector
+from anchor_former.search import AnchorSearch, anchor_quotas, anchor_search, cls_scores, native_search_available
 from anchor_former.viz import plot_anchors, save_anchor_plot
 
 __version__ = "0.1.0"

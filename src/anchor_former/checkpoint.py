@@ -171,7 +171,11 @@ def load_state_dict(path: str | os.PathLike[str], *, map_location: str | torch.d
     obj = _read_pickle(path, map_location)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"checkpoint {path!r} must hold a dict of tensors, got {type(obj).__name__}")
-    bad = [f"{k!r} ({type(v).__name__})" for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    bad = [
+        f"{k!r} ({type(v).__name__})"
+        for k, v in obj.items()
+        if not (isinstance(k, str) and isinstance(v, torch.Tensor))
+    ]
     if bad:
         raise CheckpointError(
             f"checkpoint {path!r} must be a flat dict of name -> tensor; these entries are not: {', '.join(bad[:8])}"
@@ -245,8 +249,9 @@ def _family(t: torch.Tensor) -> str:
     return "complex" if t.is_complex() else "floating" if t.is_floating_point() else "integer/bool"
 
 
-def load_checked(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, partial: bool = False,
-                 what: str = "checkpoint") -> None:
+def load_checked(
+    module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, partial: bool = False, what: str = "checkpoint"
+) -> None:
     """``module.load_state_dict`` that checks everything first and changes nothing on failure.
 
     Every value is checked (a dense, non-quantized tensor with values, of the target's dtype family: a
@@ -276,7 +281,9 @@ def load_checked(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, p
     ]
     problems = []
     if unexpected:
-        problems.append(f"unexpected keys {unexpected[:8]}" + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else ""))
+        problems.append(
+            f"unexpected keys {unexpected[:8]}" + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else "")
+        )
     if missing:
         problems.append(f"missing keys {missing[:8]}" + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
     if mismatched:

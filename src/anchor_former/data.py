@@ -102,20 +102,25 @@ def _check_turns(index: int, data_path: str, conversations: Any) -> list[tuple[s
         role = turn.get("from")
         if role != _ROLES[j % 2]:
             raise _sample_error(
-                index, data_path,
+                index,
+                data_path,
                 f"turn {j} must be from {_ROLES[j % 2]!r} (turns alternate human/gpt, starting with human), "
                 f"got {role!r}",
             )
         if role == "gpt" and IMAGE_PLACEHOLDER in turn["value"]:
             raise _sample_error(
-                index, data_path,
+                index,
+                data_path,
                 f"conversations[{j}].value (a 'gpt' answer) holds {IMAGE_PLACEHOLDER}; the placeholder belongs in "
                 "a 'human' turn (the model reads the image, it does not write it)",
             )
         turns.append((role, turn["value"]))
     if turns[-1][0] != "gpt":
-        raise _sample_error(index, data_path, f"the last turn must be from 'gpt' (an answer), got {len(turns)} turns "
-                                              "ending with 'human'")
+        raise _sample_error(
+            index,
+            data_path,
+            f"the last turn must be from 'gpt' (an answer), got {len(turns)} turns ending with 'human'",
+        )
     return turns
 
 
@@ -123,8 +128,9 @@ def _image_name(index: int, data_path: str, image: Any) -> str:
     """The one file name of an ``image`` entry (a string, or a list of one string)."""
     if isinstance(image, list):
         if len(image) != 1:
-            raise _sample_error(index, data_path, f"'image' lists {len(image)} files; one image per sample is "
-                                                  "supported")
+            raise _sample_error(
+                index, data_path, f"'image' lists {len(image)} files; one image per sample is supported"
+            )
         image = image[0]
     if not isinstance(image, str) or not image:
         raise _sample_error(index, data_path, f"'image' must be a file name, got {image!r:.80}")
@@ -214,8 +220,12 @@ def load_conversations(
         else:
             image = os.path.abspath(os.path.join(folder, _image_name(index, data_path, image)))
             if count > 1:
-                raise _sample_error(index, data_path, f"has {count} {IMAGE_PLACEHOLDER} placeholders in its human "
-                                                      "turns for 1 image; one image per sample is supported")
+                raise _sample_error(
+                    index,
+                    data_path,
+                    f"has {count} {IMAGE_PLACEHOLDER} placeholders in its human "
+                    "turns for 1 image; one image per sample is supported",
+                )
             if not os.path.isfile(image):
                 raise _sample_error(index, data_path, f"image file {image} does not exist (image_folder={folder!r})")
             images.append((index, image))
@@ -288,17 +298,22 @@ class ConversationDataset(Dataset):
             raise ValueError(f"image_aspect_ratio must be 'pad', 'square' or 'anyres', got {image_aspect_ratio!r}")
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"max_length must be an integer >= 1, got {max_length!r}")
-        if processor is None and num_image_tokens is not None and (
-            isinstance(num_image_tokens, bool) or not isinstance(num_image_tokens, int) or num_image_tokens < 1
+        if (
+            processor is None
+            and num_image_tokens is not None
+            and (isinstance(num_image_tokens, bool) or not isinstance(num_image_tokens, int) or num_image_tokens < 1)
         ):
             raise ValueError(f"num_image_tokens must be an integer >= 1, got {num_image_tokens!r}")
         if tokenizer.eos_token_id is None:
             raise ValueError("tokenizer must have an eos_token (it ends every answer), got eos_token_id=None")
-        if any(s.image is not None for s in samples) and processor is None and (
-            image_processor is None or num_image_tokens is None
+        if (
+            any(s.image is not None for s in samples)
+            and processor is None
+            and (image_processor is None or num_image_tokens is None)
         ):
-            raise ValueError("image_processor and num_image_tokens (or processor) are required: some samples have an "
-                             "image")
+            raise ValueError(
+                "image_processor and num_image_tokens (or processor) are required: some samples have an image"
+            )
         if template == "plain":
             for sample in samples:
                 if sample.image is None or len(sample.turns) != 2:
@@ -329,8 +344,9 @@ class ConversationDataset(Dataset):
             return self._ids(text)
         return self._ids(before) + [self.image_token_id] * num_image_tokens + self._ids(after)
 
-    def encode(self, sample: ConversationSample, num_image_tokens: int | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(
+        self, sample: ConversationSample, num_image_tokens: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids (T,), labels (T,))`` for one sample; labels are ``-100`` outside the answers.
 
         ``num_image_tokens``: the image's token count (default: the dataset's ``num_image_tokens``).
@@ -355,7 +371,7 @@ class ConversationDataset(Dataset):
         input_ids = [i for ids, _ in pieces for i in ids]
         labels = [i if answer else IGNORE_INDEX for ids, answer in pieces for i in ids]
         if len(input_ids) > self.max_length:
-            cut = input_ids[self.max_length:]
+            cut = input_ids[self.max_length :]
             if self.image_token_id in cut:
                 raise ValueError(
                     f"sample {sample.index}: max_length={self.max_length} cuts through its {n} image tokens "

@@ -132,16 +132,25 @@ class ViTShape:
     num_prefix_tokens: int = 1
 
     def __post_init__(self) -> None:
-        for field in ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                      "num_channels"):
+        for field in (
+            "image_size",
+            "patch_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "intermediate_size",
+            "num_channels",
+        ):
             check_positive_int(field, getattr(self, field))
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size must be a multiple of patch_size, got image_size={self.image_size}, "
                 f"patch_size={self.patch_size}"
             )
-        if isinstance(self.num_prefix_tokens, bool) or not isinstance(self.num_prefix_tokens, int) or (
-            self.num_prefix_tokens < 0
+        if (
+            isinstance(self.num_prefix_tokens, bool)
+            or not isinstance(self.num_prefix_tokens, int)
+            or (self.num_prefix_tokens < 0)
         ):
             raise ValueError(f"num_prefix_tokens must be an integer >= 0, got {self.num_prefix_tokens!r}")
 
@@ -181,19 +190,34 @@ class ViTShape:
 
 
 LLAMA_7B = LLMShape(
-    name="llama-7b", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32, intermediate_size=11008,
+    name="llama-7b",
+    hidden_size=4096,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=32,
+    intermediate_size=11008,
     vocab_size=32000,
 )
 """LLaMA-7B / LLaMA-2-7B / Vicuna-7B v1.5 (LLaVA-1.5-7B's LLM)."""
 
 LLAMA_13B = LLMShape(
-    name="llama-13b", hidden_size=5120, num_layers=40, num_heads=40, num_kv_heads=40, intermediate_size=13824,
+    name="llama-13b",
+    hidden_size=5120,
+    num_layers=40,
+    num_heads=40,
+    num_kv_heads=40,
+    intermediate_size=13824,
     vocab_size=32000,
 )
 """LLaMA-13B / LLaMA-2-13B / Vicuna-13B v1.5 (LLaVA-1.5-13B's LLM)."""
 
 CLIP_VIT_L14_336 = ViTShape(
-    name="clip-vit-l14-336", image_size=336, patch_size=14, hidden_size=1024, num_layers=24, num_heads=16,
+    name="clip-vit-l14-336",
+    image_size=336,
+    patch_size=14,
+    hidden_size=1024,
+    num_layers=24,
+    num_heads=16,
     intermediate_size=4096,
 )
 """CLIP ViT-L/14 at 336 px (LLaVA-1.5's encoder): 1 [CLS] + 24×24 patches = 577 tokens."""

@@ -100,7 +100,14 @@ def run_layers(
 
 
 def resampler_flops(
-    *, num_queries: int, num_tokens: int, dim: int, depth: int, heads: int, dim_head: int, ff_mult: int,
+    *,
+    num_queries: int,
+    num_tokens: int,
+    dim: int,
+    depth: int,
+    heads: int,
+    dim_head: int,
+    ff_mult: int,
     kv_include_queries: bool = False,
 ) -> int:
     """Forward FLOPs per sample of ``depth`` :class:`ResamplerLayer` s (2 per multiply-add; matmuls only).

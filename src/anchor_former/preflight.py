@@ -155,10 +155,19 @@ def read_checkpoint(path: str | os.PathLike[str]) -> CheckpointInfo:
     has_cls = True if tower in _CLS_TOWERS else False if tower in _CLS_FREE_TOWERS else None
     attached = model_type == family.attached_model_type
     if attached and not (isinstance(settings, dict) and "connector" in settings):
-        raise ValueError(f"config.json of {path!r} (model_type {model_type!r}) must record anchor_former settings with "
-                         f"a 'connector', got {settings!r}")
-    return CheckpointInfo(path=path, family=family, attached=attached, config=config,
-                          anchor_former=settings if attached else None, patches=side * side, has_cls=has_cls)
+        raise ValueError(
+            f"config.json of {path!r} (model_type {model_type!r}) must record anchor_former settings with "
+            f"a 'connector', got {settings!r}"
+        )
+    return CheckpointInfo(
+        path=path,
+        family=family,
+        attached=attached,
+        config=config,
+        anchor_former=settings if attached else None,
+        patches=side * side,
+        has_cls=has_cls,
+    )
 
 
 def parse_connector_config(text: str | None) -> dict[str, Any]:
@@ -174,7 +183,9 @@ def parse_connector_config(text: str | None) -> dict[str, Any]:
         seen: dict[str, Any] = {}
         for key, value in pairs:
             if key in seen:
-                raise ValueError(f"--connector_config gives key {key!r} twice ({seen[key]!r} and {value!r}) in {text!r}")
+                raise ValueError(
+                    f"--connector_config gives key {key!r} twice ({seen[key]!r} and {value!r}) in {text!r}"
+                )
             seen[key] = value
         return seen
 
@@ -189,9 +200,13 @@ def parse_connector_config(text: str | None) -> dict[str, Any]:
 
 #: connector arguments that flags or the model set; ``--connector_config`` may not repeat them
 _SET_ELSEWHERE = {
-    "num_anchors": "--num_anchors", "score": "--score", "connector": "--connector",
-    "vision_dim": "the vision tower's hidden_size", "llm_dim": "the language model's hidden_size",
-    "device": "the model's device", "dtype": "--torch_dtype",
+    "num_anchors": "--num_anchors",
+    "score": "--score",
+    "connector": "--connector",
+    "vision_dim": "the vision tower's hidden_size",
+    "llm_dim": "the language model's hidden_size",
+    "device": "the model's device",
+    "dtype": "--torch_dtype",
 }
 _MLP_NAME = re.compile(r"^(linear|identity|mlp\d+x_gelu)$")
 
@@ -225,19 +240,26 @@ def _check_keys(connector: str, cls: type, kwargs: dict[str, Any]) -> None:
     allowed = [p for p in params if p not in _SET_ELSEWHERE and not (p == "projector" and _MLP_NAME.match(connector))]
     for key, value in kwargs.items():
         if key in _SET_ELSEWHERE:
-            raise ValueError(f"--connector_config key {key!r} is set by {_SET_ELSEWHERE[key]}, not in --connector_config "
-                             f"(got {key}={value!r})")
+            raise ValueError(
+                f"--connector_config key {key!r} is set by {_SET_ELSEWHERE[key]}, not in --connector_config "
+                f"(got {key}={value!r})"
+            )
         if key not in allowed:
-            raise ValueError(f"--connector_config key {key!r} is not an argument of connector {connector!r} "
-                             f"({cls.__name__}); its arguments: {', '.join(allowed)}")
+            raise ValueError(
+                f"--connector_config key {key!r} is not an argument of connector {connector!r} "
+                f"({cls.__name__}); its arguments: {', '.join(allowed)}"
+            )
         hint = hints.get(key, Any)
         if not _type_ok(value, hint):
-            raise ValueError(f"--connector_config key {key!r} of connector {connector!r} must be {_hint_name(hint)}, "
-                             f"got {value!r} ({type(value).__name__})")
+            raise ValueError(
+                f"--connector_config key {key!r} of connector {connector!r} must be {_hint_name(hint)}, "
+                f"got {value!r} ({type(value).__name__})"
+            )
 
 
-def check_connector(info: CheckpointInfo, *, connector: str, num_anchors: int, score: str,
-                    kwargs: dict[str, Any]) -> None:
+def check_connector(
+    info: CheckpointInfo, *, connector: str, num_anchors: int, score: str, kwargs: dict[str, Any]
+) -> None:
     """Check a connector choice against the checkpoint, before any weight is read.
 
     Args:
@@ -256,35 +278,48 @@ def check_connector(info: CheckpointInfo, *, connector: str, num_anchors: int, s
     from anchor_former import available_connectors, build_connector
 
     if connector not in available_connectors() and not re.match(r"^mlp\d+x_gelu$", str(connector)):
-        raise ValueError(f"--connector must be one of {', '.join(available_connectors())} or mlp{{N}}x_gelu, "
-                         f"got {connector!r}")
+        raise ValueError(
+            f"--connector must be one of {', '.join(available_connectors())} or mlp{{N}}x_gelu, got {connector!r}"
+        )
     if isinstance(num_anchors, bool) or not isinstance(num_anchors, int) or num_anchors < 1:
         raise ValueError(f"--num_anchors must be an integer >= 1, got {num_anchors!r}")
     if score == "cls" and info.has_cls is False:
-        raise ValueError(f"--score 'cls' needs a vision tower with a [CLS] token; {info.family.name}'s "
-                         f"{info.config.vision_config.model_type} has none (use 'received' or 'norm')")
+        raise ValueError(
+            f"--score 'cls' needs a vision tower with a [CLS] token; {info.family.name}'s "
+            f"{info.config.vision_config.model_type} has none (use 'received' or 'norm')"
+        )
     probe = build_connector(connector, info.vision_dim, info.llm_dim, device="meta")
     _check_keys(connector, type(probe), kwargs)
     context = kwargs.get("num_context", 0) if connector == "select" else 0
     if context and info.family.anyres:
-        raise ValueError(f"--connector_config num_context is not supported with {info.family.name} views, got {context}")
+        raise ValueError(
+            f"--connector_config num_context is not supported with {info.family.name} views, got {context}"
+        )
     prefix = int(kwargs.get("num_prefix_tokens", 1 if info.has_cls else 0))
     side = int(info.config.vision_config.image_size) // int(info.config.vision_config.patch_size)
-    where = (f"one view of {info.path!r} has {side}x{side} = {info.patches} patches (vision_config image_size "
-             f"{info.config.vision_config.image_size} / patch_size {info.config.vision_config.patch_size})")
+    where = (
+        f"one view of {info.path!r} has {side}x{side} = {info.patches} patches (vision_config image_size "
+        f"{info.config.vision_config.image_size} / patch_size {info.config.vision_config.patch_size})"
+    )
     if connector in ("acformer", "select") and num_anchors + context > info.patches:
         what = "--num_anchors + num_context" if context else "--num_anchors"
         raise ValueError(f"{what} must be at most the patches of one view: {where}; got {num_anchors + context}")
     params = inspect.signature(type(probe).__init__).parameters
-    derived = {"num_anchors": num_anchors, "num_prefix_tokens": prefix,
-               # as the attach derives it: AcFormer queries with [CLS] when the score is the [CLS] row
-               "include_cls": bool(info.has_cls) and score == "cls" and connector == "acformer"}
+    derived = {
+        "num_anchors": num_anchors,
+        "num_prefix_tokens": prefix,
+        # as the attach derives it: AcFormer queries with [CLS] when the score is the [CLS] row
+        "include_cls": bool(info.has_cls) and score == "cls" and connector == "acformer",
+    }
     built = {**{k: v for k, v in derived.items() if k in params}, **kwargs, "num_anchors": num_anchors}
     if "num_anchors" not in params:
         del built["num_anchors"]
     try:
         build_connector(connector, info.vision_dim, info.llm_dim, **built, device="meta").num_output_tokens(
-            info.patches + prefix)
+            info.patches + prefix
+        )
     except ValueError as error:
-        raise ValueError(f"--connector {connector!r} with --connector_config {kwargs!r} and --num_anchors {num_anchors} "
-                         f"does not fit this checkpoint ({where}): {error}") from error
+        raise ValueError(
+            f"--connector {connector!r} with --connector_config {kwargs!r} and --num_anchors {num_anchors} "
+            f"does not fit this checkpoint ({where}): {error}"
+        ) from error

@@ -76,24 +76,41 @@ LORA_TARGETS = r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up
 class ModelArguments:
     """What to train: the model, the connector and the stage."""
 
-    model_name_or_path: str = field(metadata={"help": "a LLaVA-1.5 / LLaVA-NeXT / LLaVA-OneVision checkpoint or a "
-                                                      "folder this module wrote"})
-    stage: int = field(default=1, metadata={"help": "1: connector only; 2: connector + language model",
-                                            "choices": [1, 2]})
-    connector: str | None = field(default=None, metadata={
-        "help": "connector name (anchor_former.build_connector); default acformer"})
-    num_anchors: int | None = field(default=None, metadata={
-        "help": "K anchors (acformer) per image or per view, default 144; the LLM sees K + 1 tokens per view on CLIP"})
-    score: str | None = field(default=None, metadata={
-        "help": "anchor score; default: cls (LLaVA-1.5, LLaVA-NeXT), received (OneVision's SigLIP)",
-        "choices": ["cls", "norm", "map", "received"]})
-    connector_config: str | None = field(default=None, metadata={"help": "JSON object of further connector "
-                                                                          "arguments, e.g. '{\"depth\": 6}'"})
-    torch_dtype: str = field(default="float32", metadata={
-        "help": "dtype the weights are loaded in (mixed precision comes from --bf16/--fp16)",
-        "choices": ["float32", "bfloat16", "float16"]})
-    lora_r: int = field(default=0, metadata={"help": "stage 2: LoRA rank on the language model (0: full fine-tuning; "
-                                                     "needs peft)"})
+    model_name_or_path: str = field(
+        metadata={"help": "a LLaVA-1.5 / LLaVA-NeXT / LLaVA-OneVision checkpoint or a folder this module wrote"}
+    )
+    stage: int = field(
+        default=1, metadata={"help": "1: connector only; 2: connector + language model", "choices": [1, 2]}
+    )
+    connector: str | None = field(
+        default=None, metadata={"help": "connector name (anchor_former.build_connector); default acformer"}
+    )
+    num_anchors: int | None = field(
+        default=None,
+        metadata={
+            "help": "K anchors (acformer) per image or per view, default 144; the LLM sees K + 1 tokens per view on CLIP"
+        },
+    )
+    score: str | None = field(
+        default=None,
+        metadata={
+            "help": "anchor score; default: cls (LLaVA-1.5, LLaVA-NeXT), received (OneVision's SigLIP)",
+            "choices": ["cls", "norm", "map", "received"],
+        },
+    )
+    connector_config: str | None = field(
+        default=None, metadata={"help": "JSON object of further connector arguments, e.g. '{\"depth\": 6}'"}
+    )
+    torch_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "dtype the weights are loaded in (mixed precision comes from --bf16/--fp16)",
+            "choices": ["float32", "bfloat16", "float16"],
+        },
+    )
+    lora_r: int = field(
+        default=0, metadata={"help": "stage 2: LoRA rank on the language model (0: full fine-tuning; needs peft)"}
+    )
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
 
@@ -104,17 +121,29 @@ class DataArguments:
 
     data_path: str = field(metadata={"help": "LLaVA-format JSON: a list of {image, conversations}"})
     image_folder: str | None = field(default=None, metadata={"help": "folder the 'image' entries are relative to"})
-    template: str | None = field(default=None, metadata={
-        "help": "conversation template; default: plain for stage 1, vicuna_v1 for stage 2",
-        "choices": ["plain", "vicuna_v1"]})
+    template: str | None = field(
+        default=None,
+        metadata={
+            "help": "conversation template; default: plain for stage 1, vicuna_v1 for stage 2",
+            "choices": ["plain", "vicuna_v1"],
+        },
+    )
     max_length: int = field(default=2048, metadata={"help": "longest token sequence (image tokens included)"})
-    image_aspect_ratio: str | None = field(default=None, metadata={
-        "help": "pad (pad to a square, then the processor), square (LLaVA-1.5's resize and crop) or anyres (the "
-                "NeXT / OneVision views); default: pad for LLaVA-1.5, anyres for NeXT and OneVision",
-        "choices": ["pad", "square", "anyres"]})
-    check_images: str = field(default="decode", metadata={
-        "help": "before loading the model: decode every image file (decode) or only check it exists (exists)",
-        "choices": ["decode", "exists"]})
+    image_aspect_ratio: str | None = field(
+        default=None,
+        metadata={
+            "help": "pad (pad to a square, then the processor), square (LLaVA-1.5's resize and crop) or anyres (the "
+            "NeXT / OneVision views); default: pad for LLaVA-1.5, anyres for NeXT and OneVision",
+            "choices": ["pad", "square", "anyres"],
+        },
+    )
+    check_images: str = field(
+        default="decode",
+        metadata={
+            "help": "before loading the model: decode every image file (decode) or only check it exists (exists)",
+            "choices": ["decode", "exists"],
+        },
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[ModelArguments, DataArguments, Any]:
@@ -179,10 +208,15 @@ def _check_recorded(info: CheckpointInfo, model_args: ModelArguments, kwargs: di
 
     recorded = AnchorSettings.from_dict(info.anchor_former or {})
     config = {**recorded.connector_config, "num_anchors": recorded.num_anchors}
-    given = [("--connector", model_args.connector, recorded.connector),
-             ("--score", model_args.score, recorded.score),
-             ("--num_anchors", model_args.num_anchors,
-              model_args.num_anchors if recorded.num_anchors is None else recorded.num_anchors)]
+    given = [
+        ("--connector", model_args.connector, recorded.connector),
+        ("--score", model_args.score, recorded.score),
+        (
+            "--num_anchors",
+            model_args.num_anchors,
+            model_args.num_anchors if recorded.num_anchors is None else recorded.num_anchors,
+        ),
+    ]
     given += [(f"--connector_config key {key!r}", value, config.get(key, ...)) for key, value in kwargs.items()]
     for flag, value, kept in given:
         if value is not None and value != kept:
@@ -207,15 +241,17 @@ def check_run(model_args: ModelArguments, data_args: DataArguments, training_arg
     if model_args.lora_r < 0:
         raise ValueError(f"--lora_r must be >= 0, got {model_args.lora_r}")
     if model_args.lora_r and model_args.stage != 2:
-        raise ValueError(f"--lora_r applies to stage 2 (the language model is frozen in stage 1), got --stage "
-                         f"{model_args.stage}")
+        raise ValueError(
+            f"--lora_r applies to stage 2 (the language model is frozen in stage 1), got --stage {model_args.stage}"
+        )
     _check_distributed(training_args)
     info = read_checkpoint(model_args.model_name_or_path)
     family = info.family
     aspect = data_args.image_aspect_ratio or family.aspect_ratios[0]
     if aspect not in family.aspect_ratios:
-        raise ValueError(f"--image_aspect_ratio must be one of {', '.join(family.aspect_ratios)} for {family.name}, "
-                         f"got {aspect!r}")
+        raise ValueError(
+            f"--image_aspect_ratio must be one of {', '.join(family.aspect_ratios)} for {family.name}, got {aspect!r}"
+        )
     attach: dict[str, Any] = {}
     kwargs = parse_connector_config(model_args.connector_config)
     if info.attached:
@@ -299,9 +335,13 @@ def set_trainable(model: nn.Module, model_args: ModelArguments) -> nn.Module:
                 raise ValueError("--lora_r > 0 needs peft (pip install peft)") from error
             # modules_to_save: peft trains a copy of the connector and writes it into its checkpoints, so a
             # resumed LoRA run continues the connector too (merge_and_unload puts the trained copy back)
-            lora = LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
-                              lora_dropout=model_args.lora_dropout, target_modules=LORA_TARGETS,
-                              modules_to_save=["multi_modal_projector"])
+            lora = LoraConfig(
+                r=model_args.lora_r,
+                lora_alpha=model_args.lora_alpha,
+                lora_dropout=model_args.lora_dropout,
+                target_modules=LORA_TARGETS,
+                modules_to_save=["multi_modal_projector"],
+            )
             return get_peft_model(model, lora)
         model.model.language_model.requires_grad_(True)
         model.lm_head.requires_grad_(True)
@@ -385,20 +425,31 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: A
     from anchor_former.data import ConversationCollator, ConversationDataset, load_conversations
 
     plan = check_run(model_args, data_args, training_args)
-    samples = load_conversations(data_args.data_path, image_folder=data_args.image_folder,
-                                 check_images=data_args.check_images)
+    samples = load_conversations(
+        data_args.data_path, image_folder=data_args.image_folder, check_images=data_args.check_images
+    )
     set_seed(training_args.seed)  # the connector's initialisation: same on every rank and in every run
     model, processor = load_model(model_args, plan)
     model.config.use_cache = False
     tokenizer = processor.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     dataset = ConversationDataset(
-        samples, tokenizer=tokenizer, processor=processor, image_token_id=model.config.image_token_id,
-        template=plan.template, max_length=data_args.max_length, image_aspect_ratio=plan.image_aspect_ratio,
+        samples,
+        tokenizer=tokenizer,
+        processor=processor,
+        image_token_id=model.config.image_token_id,
+        template=plan.template,
+        max_length=data_args.max_length,
+        image_aspect_ratio=plan.image_aspect_ratio,
     )
     model = set_trainable(model, model_args)
-    trainer = _trainer_class()(model=model, args=training_args, train_dataset=dataset,
-                               data_collator=ConversationCollator(pad_token_id=pad), processing_class=processor)
+    trainer = _trainer_class()(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=ConversationCollator(pad_token_id=pad),
+        processing_class=processor,
+    )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_state()
     if model_args.lora_r:
@@ -406,8 +457,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: A
     trainer.model.config.use_cache = True
     trainer.save_model(training_args.output_dir)
     args = training_args
-    print(f"[rank {args.process_index}/{args.world_size}] connector sha256 {connector_digest(trainer.model)}",
-          flush=True)
+    print(
+        f"[rank {args.process_index}/{args.world_size}] connector sha256 {connector_digest(trainer.model)}", flush=True
+    )
     return trainer
 
 

@@ -404,7 +404,7 @@ def select_view_tokens(
     prefix = num_prefix_tokens
     if features.ndim != 3 or features.shape[0] != views.num_views or features.shape[1] != prefix + views.side**2:
         raise ValueError(
-            f"features must have shape (V, N, D) = ({views.num_views}, {prefix + views.side ** 2}, D), "
+            f"features must have shape (V, N, D) = ({views.num_views}, {prefix + views.side**2}, D), "
             f"got shape {shape_str(features)}"
         )
     mask = views.candidate_mask(features.device)  # (V, P)

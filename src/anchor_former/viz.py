@@ -97,8 +97,13 @@ def plot_anchors(
         height, width = rows, cols
     cell_h, cell_w = height / rows, width / cols
     if heat is not None:
-        ax.imshow(heat.numpy(), extent=(0, width, height, 0), cmap="magma", alpha=0.55 if image is not None else 1.0,
-                  interpolation="nearest")
+        ax.imshow(
+            heat.numpy(),
+            extent=(0, width, height, 0),
+            cmap="magma",
+            alpha=0.55 if image is not None else 1.0,
+            interpolation="nearest",
+        )
     patches = idx[idx >= num_prefix_tokens] - num_prefix_tokens
     for p in patches.tolist():
         r, c = divmod(p, cols)

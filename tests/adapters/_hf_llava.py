@@ -28,23 +28,56 @@ def make_processor() -> LlavaProcessor:
     vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "<s>", "</s>", "<image>", *WORDS])}
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                        eos_token="</s>", additional_special_tokens=["<image>"])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        additional_special_tokens=["<image>"],
+    )
     images = CLIPImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE})
     # as llava-hf/llava-1.5-7b-hf: default strategy (drop [CLS]) and one additional token ([CLS])
-    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=PATCH,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    return LlavaProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
 
 
 def make_model(processor: LlavaProcessor, **overrides) -> LlavaForConditionalGeneration:
     torch.manual_seed(0)
-    vision = CLIPVisionConfig(hidden_size=VISION_DIM, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=IMAGE, patch_size=PATCH, projection_dim=16)
-    text = LlamaConfig(vocab_size=len(processor.tokenizer), hidden_size=LLM_DIM, intermediate_size=96, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, pad_token_id=1,
-                       bos_token_id=2, eos_token_id=3)
-    settings = dict(vision_config=vision, text_config=text, image_token_index=processor.image_token_id,
-                    vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=NUM_PATCHES)
+    vision = CLIPVisionConfig(
+        hidden_size=VISION_DIM,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=IMAGE,
+        patch_size=PATCH,
+        projection_dim=16,
+    )
+    text = LlamaConfig(
+        vocab_size=len(processor.tokenizer),
+        hidden_size=LLM_DIM,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    settings = dict(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=processor.image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=NUM_PATCHES,
+    )
     settings.update(overrides)
     return LlavaForConditionalGeneration(LlavaConfig(**settings)).eval()
 

@@ -24,31 +24,77 @@ NUM_PATCHES = SIDE * SIDE
 PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]
 WORDS = ["USER:", "ASSISTANT:", "what", "is", "in", "the", "picture", "?", "a", "cat", "dog"]
 # (height, width): square, wide, tall, each pinpoint, and ones that unpad rows or columns
-SIZES = [(28, 28), (56, 56), (30, 90), (90, 30), (40, 70), (70, 40), (33, 100), (100, 45), (17, 120), (45, 25), (64, 61)]
+SIZES = [
+    (28, 28),
+    (56, 56),
+    (30, 90),
+    (90, 30),
+    (40, 70),
+    (70, 40),
+    (33, 100),
+    (100, 45),
+    (17, 120),
+    (45, 25),
+    (64, 61),
+]
 
 
 def make_processor() -> LlavaNextProcessor:
     vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "<s>", "</s>", "<image>", *WORDS])}
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                        eos_token="</s>", additional_special_tokens=["<image>"])
-    images = LlavaNextImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE},
-                                     image_grid_pinpoints=PINPOINTS)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        additional_special_tokens=["<image>"],
+    )
+    images = LlavaNextImageProcessor(
+        size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE}, image_grid_pinpoints=PINPOINTS
+    )
     # as llava-hf/llava-v1.6-*: default strategy (drop [CLS]), one additional token ([CLS]) in the count
-    return LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, patch_size=PATCH,
-                              vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    return LlavaNextProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
 
 
 def make_model(processor: LlavaNextProcessor, **overrides) -> LlavaNextForConditionalGeneration:
     torch.manual_seed(0)
-    vision = CLIPVisionConfig(hidden_size=VISION_DIM, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=IMAGE, patch_size=PATCH, projection_dim=16)
-    text = LlamaConfig(vocab_size=len(processor.tokenizer), hidden_size=LLM_DIM, intermediate_size=96, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, pad_token_id=1,
-                       bos_token_id=2, eos_token_id=3)
-    settings = dict(vision_config=vision, text_config=text, image_token_index=processor.image_token_id,
-                    vision_feature_layer=-2, vision_feature_select_strategy="default", image_grid_pinpoints=PINPOINTS)
+    vision = CLIPVisionConfig(
+        hidden_size=VISION_DIM,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=IMAGE,
+        patch_size=PATCH,
+        projection_dim=16,
+    )
+    text = LlamaConfig(
+        vocab_size=len(processor.tokenizer),
+        hidden_size=LLM_DIM,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    settings = dict(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=processor.image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_grid_pinpoints=PINPOINTS,
+    )
     settings.update(overrides)
     return LlavaNextForConditionalGeneration(LlavaNextConfig(**settings)).eval()
 

@@ -35,28 +35,61 @@ def make_processor(vision_aspect_ratio: str = MAX_VIEWS) -> LlavaOnevisionProces
     vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "<s>", "</s>", "<image>", "<video>", *WORDS])}
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                        eos_token="</s>", additional_special_tokens=["<image>", "<video>"])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        additional_special_tokens=["<image>", "<video>"],
+    )
     images = LlavaOnevisionImageProcessor(size={"height": IMAGE, "width": IMAGE}, image_grid_pinpoints=PINPOINTS)
     videos = LlavaOnevisionVideoProcessor(size={"height": IMAGE, "width": IMAGE})
     # as llava-hf/llava-onevision-*: SigLIP, "full" strategy, num_image_tokens = patches of one view
-    return LlavaOnevisionProcessor(image_processor=images, tokenizer=tokenizer, video_processor=videos,
-                                   num_image_tokens=NUM_PATCHES, vision_feature_select_strategy="full",
-                                   vision_aspect_ratio=vision_aspect_ratio)
+    return LlavaOnevisionProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        video_processor=videos,
+        num_image_tokens=NUM_PATCHES,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio=vision_aspect_ratio,
+    )
 
 
 def make_model(processor: LlavaOnevisionProcessor, **overrides) -> LlavaOnevisionForConditionalGeneration:
     torch.manual_seed(0)
     # no pooling head, as every OneVision checkpoint (LlavaOnevisionConfig's SigLIP: vision_use_head=False)
-    vision = SiglipVisionConfig(hidden_size=VISION_DIM, intermediate_size=64, num_hidden_layers=3,
-                                num_attention_heads=4, image_size=IMAGE, patch_size=PATCH, vision_use_head=False)
-    text = Qwen2Config(vocab_size=len(processor.tokenizer), hidden_size=LLM_DIM, intermediate_size=96,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                       pad_token_id=1, bos_token_id=2, eos_token_id=3)
-    settings = dict(vision_config=vision, text_config=text, image_token_index=processor.image_token_id,
-                    video_token_index=processor.video_token_id, vision_feature_layer=-1,
-                    vision_feature_select_strategy="full", image_grid_pinpoints=PINPOINTS,
-                    vision_aspect_ratio=processor.vision_aspect_ratio)
+    vision = SiglipVisionConfig(
+        hidden_size=VISION_DIM,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=IMAGE,
+        patch_size=PATCH,
+        vision_use_head=False,
+    )
+    text = Qwen2Config(
+        vocab_size=len(processor.tokenizer),
+        hidden_size=LLM_DIM,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    settings = dict(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=processor.image_token_id,
+        video_token_index=processor.video_token_id,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_grid_pinpoints=PINPOINTS,
+        vision_aspect_ratio=processor.vision_aspect_ratio,
+    )
     settings.update(overrides)
     return LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(**settings)).eval()
 
@@ -81,5 +114,10 @@ def image_inputs(processor, sizes=((17, 120), (90, 90))):
 
 def mixed_inputs(processor, size=(30, 90), frames=3):
     """A batch of two samples: one image, one video of ``frames`` frames."""
-    return processor(text=[IMAGE_PROMPT, VIDEO_PROMPT], images=pixels([size]), videos=[video(frames)],
-                     return_tensors="pt", padding=True)
+    return processor(
+        text=[IMAGE_PROMPT, VIDEO_PROMPT],
+        images=pixels([size]),
+        videos=[video(frames)],
+        return_tensors="pt",
+        padding=True,
+    )

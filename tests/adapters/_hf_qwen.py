@@ -9,9 +9,6 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import (
     PreTrainedTokenizerFast,
-    Qwen3VLConfig,
-    Qwen3VLForConditionalGeneration,
-    Qwen3VLProcessor,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
@@ -19,6 +16,9 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessor,
     Qwen2VLProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
 )
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
@@ -33,9 +33,11 @@ PROMPTS = [
     "<|vision_start|><|image_pad|><|vision_end|> what is this ?",
     "a <|vision_start|><|image_pad|><|vision_end|> cat and <|vision_start|><|video_pad|><|vision_end|> dog ?",
 ]
-FAMILIES = {"qwen2_5_vl": (Qwen2_5_VLProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
-            "qwen2_vl": (Qwen2VLProcessor, Qwen2VLConfig, Qwen2VLForConditionalGeneration),
-            "qwen3_vl": (Qwen3VLProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration)}
+FAMILIES = {
+    "qwen2_5_vl": (Qwen2_5_VLProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
+    "qwen2_vl": (Qwen2VLProcessor, Qwen2VLConfig, Qwen2VLForConditionalGeneration),
+    "qwen3_vl": (Qwen3VLProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration),
+}
 
 
 def make_processor(family: str = "qwen2_5_vl"):
@@ -43,14 +45,29 @@ def make_processor(family: str = "qwen2_5_vl"):
     vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "<|im_end|>", *SPECIAL, *WORDS])}
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
-                                        eos_token="<|im_end|>", additional_special_tokens=SPECIAL)
-    sizes = dict(min_pixels=PATCH * PATCH * 4, max_pixels=PATCH * PATCH * 256, patch_size=PATCH, merge_size=MERGE,
-                 temporal_patch_size=2)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=SPECIAL,
+    )
+    sizes = dict(
+        min_pixels=PATCH * PATCH * 4,
+        max_pixels=PATCH * PATCH * 256,
+        patch_size=PATCH,
+        merge_size=MERGE,
+        temporal_patch_size=2,
+    )
     images = Qwen2VLImageProcessor(**sizes)
     if family == "qwen3_vl":  # frames given as they are (no fps resampling); timestamps at 24 fps
-        videos = Qwen3VLVideoProcessor(size={"shortest_edge": sizes["min_pixels"], "longest_edge": sizes["max_pixels"]},
-                                       patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2, do_sample_frames=False)
+        videos = Qwen3VLVideoProcessor(
+            size={"shortest_edge": sizes["min_pixels"], "longest_edge": sizes["max_pixels"]},
+            patch_size=PATCH,
+            merge_size=MERGE,
+            temporal_patch_size=2,
+            do_sample_frames=False,
+        )
     else:
         videos = Qwen2VLVideoProcessor(**sizes, cap_pixels_per_frame=False)
     return FAMILIES[family][0](image_processor=images, tokenizer=tokenizer, video_processor=videos)
@@ -61,23 +78,50 @@ def make_model(processor, family: str = "qwen2_5_vl", **vision):
     _, config_class, model_class = FAMILIES[family]
     if family == "qwen2_5_vl":
         # window 32 px = 2 x 2 merged tokens per window, so the 3 x 4 image has several windows
-        vision_config = dict(depth=4, hidden_size=32, intermediate_size=48, num_heads=4, window_size=32,
-                             out_hidden_size=48, fullatt_block_indexes=[1, 3])
+        vision_config = dict(
+            depth=4,
+            hidden_size=32,
+            intermediate_size=48,
+            num_heads=4,
+            window_size=32,
+            out_hidden_size=48,
+            fullatt_block_indexes=[1, 3],
+        )
     elif family == "qwen3_vl":
         # deepstack features of blocks 0 and 1 are added to the first two LLM layers
-        vision_config = dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=48,
-                             num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
+        vision_config = dict(
+            depth=3,
+            hidden_size=32,
+            intermediate_size=48,
+            num_heads=4,
+            out_hidden_size=48,
+            num_position_embeddings=16,
+            deepstack_visual_indexes=[0, 1],
+        )
     else:
         vision_config = dict(depth=3, embed_dim=32, hidden_size=48, mlp_ratio=2, num_heads=4)
     vision_config.update(patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=2, **vision)
-    text = dict(vocab_size=len(processor.tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=1,
-                eos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 3]})
+    text = dict(
+        vocab_size=len(processor.tokenizer),
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=1,
+        eos_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 3]},
+    )
     if family == "qwen3_vl":
         text.update(head_dim=12, rope_parameters={**text["rope_parameters"], "mrope_interleaved": True})
-    config = config_class(vision_config=vision_config, text_config=text, image_token_id=processor.image_token_id,
-                          video_token_id=processor.video_token_id,
-                          vision_start_token_id=processor.tokenizer.convert_tokens_to_ids("<|vision_start|>"))
+    config = config_class(
+        vision_config=vision_config,
+        text_config=text,
+        image_token_id=processor.image_token_id,
+        video_token_id=processor.video_token_id,
+        vision_start_token_id=processor.tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+    )
     return sharpen(model_class(config).eval())
 
 

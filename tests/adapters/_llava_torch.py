@@ -15,8 +15,15 @@ CONNECTOR = {"depth": 2, "heads": 2, "dim_head": 8}
 def save_tiny_tower(path) -> str:
     """Save a tiny CLIPVisionModel + CLIPImageProcessor to ``path``, what ``mm_vision_tower`` points at."""
     torch.manual_seed(0)
-    config = CLIPVisionConfig(hidden_size=VISION_DIM, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=IMAGE, patch_size=PATCH, projection_dim=16)
+    config = CLIPVisionConfig(
+        hidden_size=VISION_DIM,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=IMAGE,
+        patch_size=PATCH,
+        projection_dim=16,
+    )
     CLIPVisionModel(config).save_pretrained(path)
     CLIPImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE}).save_pretrained(path)
     return str(path)
@@ -24,10 +31,20 @@ def save_tiny_tower(path) -> str:
 
 def llava_config(tower_dir: str, **overrides) -> LlavaConfig:
     settings = dict(
-        vocab_size=64, hidden_size=LLM_DIM, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=256, pad_token_id=0, mm_vision_tower=tower_dir, mm_hidden_size=VISION_DIM,
-        mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2, mm_vision_select_feature="patch",
-        mm_patch_merge_type="flat", use_mm_proj=True,
+        vocab_size=64,
+        hidden_size=LLM_DIM,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        mm_vision_tower=tower_dir,
+        mm_hidden_size=VISION_DIM,
+        mm_projector_type="mlp2x_gelu",
+        mm_vision_select_layer=-2,
+        mm_vision_select_feature="patch",
+        mm_patch_merge_type="flat",
+        use_mm_proj=True,
     )
     settings.update(overrides)
     return LlavaConfig(**settings)

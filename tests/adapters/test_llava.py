@@ -13,30 +13,30 @@ from torch import nn
 
 llava = pytest.importorskip("llava")
 
-from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
 from _llava_torch import (  # noqa: E402
     CONNECTOR,
     IMAGE,
-    K,
     LLM_DIM,
     NUM_PATCHES,
     PATCH,
     VISION_DIM,
+    K,
     images,
     llava_config,
     make_model,
     prompt,
     save_tiny_tower,
 )
-from llava.model.multimodal_projector.builder import build_vision_projector as llava_build_vision_projector  # noqa: E402
+from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
 from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM  # noqa: E402
+from llava.model.multimodal_projector.builder import build_vision_projector as llava_build_vision_projector  # noqa: E402
 
 from anchor_former.adapters.llava import (  # noqa: E402
     AnchoredFeatures,
     AnchorVisionTower,
     LlavaConnector,
-    build_vision_projector,
     attach_anchor_former,
+    build_vision_projector,
     load_projector_weights,
     save_projector_weights,
 )
@@ -87,8 +87,9 @@ def test_build_vision_projector_acformer_from_config_keys() -> None:
     from anchor_former.adapters.settings import AnchorSettings
 
     settings = AnchorSettings(connector="acformer", connector_config={"num_anchors": K, **CONNECTOR}, num_anchors=K)
-    config = types.SimpleNamespace(mm_projector_type="acformer", mm_hidden_size=VISION_DIM, hidden_size=LLM_DIM,
-                                   anchor_former=settings.to_dict())
+    config = types.SimpleNamespace(
+        mm_projector_type="acformer", mm_hidden_size=VISION_DIM, hidden_size=LLM_DIM, anchor_former=settings.to_dict()
+    )
     projector = build_vision_projector(config)
     assert isinstance(projector, LlavaConnector) and isinstance(projector.connector, AnchorFormer)
     assert projector.connector.config.num_anchors == K and projector.connector.config.depth == 2
@@ -97,7 +98,9 @@ def test_build_vision_projector_acformer_from_config_keys() -> None:
 
 def test_build_vision_projector_unknown_type_lists_the_known_ones() -> None:
     config = types.SimpleNamespace(mm_projector_type="qformer", mm_hidden_size=VISION_DIM, hidden_size=LLM_DIM)
-    with pytest.raises(ValueError, match=r"mm_projector_type must be one of .*acformer.*cabstractor.*mlp\{N\}x_gelu.*got 'qformer'"):
+    with pytest.raises(
+        ValueError, match=r"mm_projector_type must be one of .*acformer.*cabstractor.*mlp\{N\}x_gelu.*got 'qformer'"
+    ):
         build_vision_projector(config)
 
 
@@ -120,7 +123,9 @@ def test_enable_swaps_modules_keeps_tower_keys_and_warm_starts_mlp(tower_dir) ->
     assert model.config.mm_vision_select_feature == "patch"  # the stock value stays
     # the recorded config rebuilds the same connector
     rebuilt = build_vision_projector(model.config)
-    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in inner.mm_projector.state_dict().items()}
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
+        k: v.shape for k, v in inner.mm_projector.state_dict().items()
+    }
 
 
 def test_encode_images_matches_the_eager_reference(tower_dir) -> None:
@@ -155,7 +160,7 @@ def test_llm_sees_num_anchors_plus_one_tokens(tower_dir, as_list) -> None:
         _, _, _, _, embeds, _ = model.prepare_inputs_labels_for_multimodal(ids, None, None, None, None, batch_images)
         expected_image = reference_tokens(model, pixel_values)
     assert embeds.shape == (2, ids.shape[1] - 1 + K + 1, LLM_DIM)
-    torch.testing.assert_close(embeds[:, 2:2 + K + 1], expected_image, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(embeds[:, 2 : 2 + K + 1], expected_image, atol=1e-5, rtol=1e-5)
 
 
 def test_training_step_reaches_the_connector(tower_dir) -> None:
@@ -212,15 +217,22 @@ def test_save_and_load_connector_round_trip(tower_dir, tmp_path) -> None:
     assert load_projector_weights(fresh, path) == "anchor_former"
     pixel_values = images(2)
     with torch.no_grad():
-        torch.testing.assert_close(fresh.encode_images(pixel_values), trained.encode_images(pixel_values), atol=0, rtol=0)
+        torch.testing.assert_close(
+            fresh.encode_images(pixel_values), trained.encode_images(pixel_values), atol=0, rtol=0
+        )
 
 
 def test_checkpoint_that_does_not_fit_is_named_and_model_unchanged(tower_dir, tmp_path) -> None:
     model = enabled(tower_dir)
     before = {k: v.clone() for k, v in model.get_model().mm_projector.state_dict().items()}
     path = tmp_path / "wrong.safetensors"
-    save_state_dict({"model.mm_projector.0.weight": torch.zeros(LLM_DIM, VISION_DIM + 1),
-                     "model.mm_projector.0.bias": torch.zeros(LLM_DIM)}, path)
+    save_state_dict(
+        {
+            "model.mm_projector.0.weight": torch.zeros(LLM_DIM, VISION_DIM + 1),
+            "model.mm_projector.0.bias": torch.zeros(LLM_DIM),
+        },
+        path,
+    )
     with pytest.raises(CheckpointError, match=r"projector\.0\.weight: checkpoint \(48, 33\) vs module \(48, 32\)"):
         load_projector_weights(model, path)
     for k, v in model.get_model().mm_projector.state_dict().items():
@@ -234,7 +246,9 @@ def test_errors(tower_dir) -> None:
     with pytest.raises(ValueError, match=r"model must be a built LLaVA model .*got torch\.nn\.modules\.linear\.Linear"):
         attach_anchor_former(nn.Linear(2, 2))
     model = make_model(tower_dir)
-    with pytest.raises(ValueError, match=rf"num_anchors must be at most the {NUM_PATCHES} patch tokens of the vision tower, got 50"):
+    with pytest.raises(
+        ValueError, match=rf"num_anchors must be at most the {NUM_PATCHES} patch tokens of the vision tower, got 50"
+    ):
         attach_anchor_former(model, num_anchors=50)
     with pytest.raises(ValueError, match="connector must be one of .*got 'qformer'"):
         attach_anchor_former(model, connector="qformer")
@@ -243,15 +257,25 @@ def test_errors(tower_dir) -> None:
     with pytest.raises(ValueError, match="mm_patch_merge_type must be 'flat'.*got 'spatial_unpad'"):
         attach_anchor_former(spatial, num_anchors=K)
     enabled_model = enabled(tower_dir)
-    with pytest.raises(ValueError, match=r"LlavaConnector needs AnchoredFeatures .*got a tensor of shape \(1, 49, 32\)"):
+    with pytest.raises(
+        ValueError, match=r"LlavaConnector needs AnchoredFeatures .*got a tensor of shape \(1, 49, 32\)"
+    ):
         enabled_model.get_model().mm_projector(torch.zeros(1, NUM_PATCHES, VISION_DIM))
 
 
 def test_cls_less_tower_asked_for_cls_anchors() -> None:
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    siglip = SiglipVisionModel(SiglipVisionConfig(hidden_size=VISION_DIM, intermediate_size=64, num_hidden_layers=2,
-                                                  num_attention_heads=4, image_size=IMAGE, patch_size=PATCH))
+    siglip = SiglipVisionModel(
+        SiglipVisionConfig(
+            hidden_size=VISION_DIM,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=IMAGE,
+            patch_size=PATCH,
+        )
+    )
     tower = types.SimpleNamespace(vision_tower=siglip, select_layer=-2, image_processor=None)
     with pytest.raises(ValueError, match=r"score='cls' needs a \[CLS\] token"):
         AnchorVisionTower(tower, score="cls")
@@ -286,7 +310,9 @@ def test_reference_acformer_checkpoint_loads_into_the_llava_model(tower_dir, tmp
     assert load_projector_weights(fresh, path) == "reference_acformer"
     pixel_values = images(2)
     with torch.no_grad():
-        torch.testing.assert_close(fresh.encode_images(pixel_values), trained.encode_images(pixel_values), atol=0, rtol=0)
+        torch.testing.assert_close(
+            fresh.encode_images(pixel_values), trained.encode_images(pixel_values), atol=0, rtol=0
+        )
 
 
 def test_save_pretrained_then_rebuild_and_load(tower_dir, tmp_path) -> None:
@@ -302,8 +328,12 @@ def test_save_pretrained_then_rebuild_and_load(tower_dir, tmp_path) -> None:
     assert load_projector_weights(model, tmp_path / "model.safetensors") == "anchor_former"
     ids, pixel_values = prompt(2), images(2)
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids, images=pixel_values).logits,
-                                   trained(input_ids=ids, images=pixel_values).logits, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(
+            model(input_ids=ids, images=pixel_values).logits,
+            trained(input_ids=ids, images=pixel_values).logits,
+            atol=1e-6,
+            rtol=1e-6,
+        )
 
 
 @pytest.mark.parametrize("connector", ["perceiver", "avgpool"])
@@ -336,13 +366,21 @@ def assert_unchanged(model, before: tuple) -> None:
         torch.testing.assert_close(now[key], value, atol=0, rtol=0, msg=key)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"num_anchors": K, "depht": 2},
-     r"keyword arguments must be arguments of the 'acformer' connector, got \[.*'depht'.*unexpected keyword argument 'depht'"),
-    ({"num_anchors": K, "image_budget": 10}, r"image_budget needs config\.image_aspect_ratio='anyres', got None"),
-    ({"num_anchors": K, "connector": "select", "init_projector": "yes"}, r"init_projector must be a bool, got 'yes'"),
-    ({"num_anchors": 0}, r"num_anchors must be an integer >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {"num_anchors": K, "depht": 2},
+            r"keyword arguments must be arguments of the 'acformer' connector, got \[.*'depht'.*unexpected keyword argument 'depht'",
+        ),
+        ({"num_anchors": K, "image_budget": 10}, r"image_budget needs config\.image_aspect_ratio='anyres', got None"),
+        (
+            {"num_anchors": K, "connector": "select", "init_projector": "yes"},
+            r"init_projector must be a bool, got 'yes'",
+        ),
+        ({"num_anchors": 0}, r"num_anchors must be an integer >= 1, got 0"),
+    ],
+)
 def test_failed_attach_leaves_model_and_config_bit_identical(tower_dir, kwargs, match) -> None:
     """Before: an unknown connector argument or image_budget raised TypeError, init_projector='yes' was taken
     as True, num_anchors=0 was not refused as such."""

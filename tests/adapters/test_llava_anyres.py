@@ -15,9 +15,8 @@ llava = pytest.importorskip("llava")
 
 from _llava_torch import CONNECTOR, LLM_DIM, NUM_PATCHES, make_model, prompt, save_tiny_tower  # noqa: E402
 from llava.mm_utils import process_images  # noqa: E402
-from PIL import Image  # noqa: E402
-
 from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from anchor_former import SelectConnector, anchor_search  # noqa: E402
 from anchor_former.adapters.llava import attach_anchor_former, load_projector_weights  # noqa: E402
@@ -39,7 +38,9 @@ def tower_dir(tmp_path_factory):
 
 
 def anyres_model(tower_dir, merge: str):
-    model = make_model(tower_dir, image_aspect_ratio="anyres", image_grid_pinpoints=PINPOINTS, mm_patch_merge_type=merge)
+    model = make_model(
+        tower_dir, image_aspect_ratio="anyres", image_grid_pinpoints=PINPOINTS, mm_patch_merge_type=merge
+    )
     if merge == "spatial_unpad":  # LLaVA creates image_newline with torch.empty; a checkpoint would fill it
         torch.nn.init.normal_(model.get_model().image_newline, std=0.3, generator=torch.Generator().manual_seed(3))
     return model
@@ -47,8 +48,9 @@ def anyres_model(tower_dir, merge: str):
 
 def views_of(model, sizes):
     rng = torch.Generator().manual_seed(4)
-    pictures = [Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=rng, dtype=torch.uint8).numpy())
-                for w, h in sizes]
+    pictures = [
+        Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=rng, dtype=torch.uint8).numpy()) for w, h in sizes
+    ]
     return process_images(pictures, model.get_vision_tower().image_processor, model.config)
 
 
@@ -82,8 +84,11 @@ def test_full_budget_identity_catches_swapped_crops(tower_dir) -> None:
 @pytest.mark.parametrize("merge", MERGES)
 @pytest.mark.parametrize(
     "kwargs",
-    [{"connector": "select", "num_anchors": 6}, {"connector": "select", "num_anchors": 6, "image_budget": 11},
-     {"connector": "acformer", "num_anchors": 4, **CONNECTOR}],
+    [
+        {"connector": "select", "num_anchors": 6},
+        {"connector": "select", "num_anchors": 6, "image_budget": 11},
+        {"connector": "acformer", "num_anchors": 4, **CONNECTOR},
+    ],
 )
 def test_token_counts_over_the_size_sweep(tower_dir, merge, kwargs) -> None:
     model = attach_anchor_former(anyres_model(tower_dir, merge), **kwargs)
@@ -95,8 +100,9 @@ def test_token_counts_over_the_size_sweep(tower_dir, merge, kwargs) -> None:
     assert embeds.shape == (len(SWEEP), ids.shape[1] - 1 + max(counts), LLM_DIM)
     with torch.no_grad():  # each image alone: its own length
         for i, size in enumerate(SWEEP):
-            *_, alone, _ = model.prepare_inputs_labels_for_multimodal(ids[i : i + 1], None, None, None, None,
-                                                                      [images[i]], [size])
+            *_, alone, _ = model.prepare_inputs_labels_for_multimodal(
+                ids[i : i + 1], None, None, None, None, [images[i]], [size]
+            )
             assert alone.shape[1] == ids.shape[1] - 1 + counts[i]
     if kwargs["connector"] == "acformer":  # K + 1 = 5 tokens per view, + one newline per crop row (unpad)
         from anchor_former.adapters.llava.anyres import _views
@@ -136,8 +142,9 @@ def test_generate_with_image_sizes(tower_dir) -> None:
     model = attach_anchor_former(anyres_model(tower_dir, "spatial_unpad"), connector="select", num_anchors=4)
     ids = prompt(1)
     images = views_of(model, SIZES[:1])
-    out = model.generate(ids, images=images, image_sizes=SIZES[:1], max_new_tokens=3, min_new_tokens=3,
-                         do_sample=False, pad_token_id=0)
+    out = model.generate(
+        ids, images=images, image_sizes=SIZES[:1], max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0
+    )
     assert out.shape[1] >= 3
     assert out[0, -3] == logits(model, ids, images, SIZES[:1])[0, -1].argmax()
 
@@ -145,16 +152,31 @@ def test_generate_with_image_sizes(tower_dir) -> None:
 @pytest.mark.parametrize(
     "overrides,kwargs,match",
     [
-        ({"mm_patch_merge_type": "spatial_grid"}, {"connector": "select", "num_anchors": 4},
-         "mm_patch_merge_type must be one of flat, spatial, spatial_unpad for anyres, got 'spatial_grid'"),
-        ({}, {"connector": "select", "num_anchors": 4, "image_budget": 4},
-         r"image_budget must be an integer >= 5 \(the most views an image gets.*got 4"),
-        ({}, {"connector": "acformer", "num_anchors": 4, "image_budget": 20},
-         "image_budget is a connector='select' option, got connector='acformer'"),
-        ({}, {"connector": "select", "num_anchors": NUM_PATCHES + 1},
-         rf"num_anchors \+ num_context must be at most the {NUM_PATCHES} patch tokens"),
-        ({"mm_vision_select_feature": "cls_patch"}, {"connector": "select", "num_anchors": 4},
-         "mm_vision_select_feature must be 'patch' for anyres"),
+        (
+            {"mm_patch_merge_type": "spatial_grid"},
+            {"connector": "select", "num_anchors": 4},
+            "mm_patch_merge_type must be one of flat, spatial, spatial_unpad for anyres, got 'spatial_grid'",
+        ),
+        (
+            {},
+            {"connector": "select", "num_anchors": 4, "image_budget": 4},
+            r"image_budget must be an integer >= 5 \(the most views an image gets.*got 4",
+        ),
+        (
+            {},
+            {"connector": "acformer", "num_anchors": 4, "image_budget": 20},
+            "image_budget is a connector='select' option, got connector='acformer'",
+        ),
+        (
+            {},
+            {"connector": "select", "num_anchors": NUM_PATCHES + 1},
+            rf"num_anchors \+ num_context must be at most the {NUM_PATCHES} patch tokens",
+        ),
+        (
+            {"mm_vision_select_feature": "cls_patch"},
+            {"connector": "select", "num_anchors": 4},
+            "mm_vision_select_feature must be 'patch' for anyres",
+        ),
     ],
 )
 def test_bad_input_changes_nothing(tower_dir, overrides, kwargs, match) -> None:
@@ -234,7 +256,9 @@ def test_by_hand_reload_and_reattach_keep_the_settings(tower_dir, tmp_path, merg
     torch.testing.assert_close(logits(loaded, ids, images, SIZES), logits(model, ids, images, SIZES), atol=0, rtol=0)
 
     attach_anchor_former(loaded, num_anchors=4)
-    assert loaded.config.anchor_former["extras"]["image_budget"] == 11 and loaded.config.anchor_former["num_anchors"] == 4
+    assert (
+        loaded.config.anchor_former["extras"]["image_budget"] == 11 and loaded.config.anchor_former["num_anchors"] == 4
+    )
     attach_anchor_former(loaded, image_budget=None)  # per view again, K = 4 kept
     fresh = attach_anchor_former(anyres_model(tower_dir, merge), connector="select", num_anchors=4)
     assert anyres_token_counts(loaded, SWEEP) == anyres_token_counts(fresh, SWEEP)

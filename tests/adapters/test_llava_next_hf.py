@@ -69,12 +69,15 @@ def test_stock_counts_match_the_stock_model() -> None:
         views = anyres_views(size, grid_pinpoints=PINPOINTS, view_size=28, patch_size=4)
         grids.add(views.grid)
         with torch.no_grad():
-            out = model.model.get_image_features(**{k: v for k, v in inputs_for(processor, [size]).items()
-                                                    if k in ("pixel_values", "image_sizes")})
+            out = model.model.get_image_features(
+                **{k: v for k, v in inputs_for(processor, [size]).items() if k in ("pixel_values", "image_sizes")}
+            )
         assert image_token_counts(processor, [size]) == [out.pooler_output[0].shape[0]]
     assert grids == {(1, 2), (2, 1), (2, 2), (3, 1), (1, 3)}
     unpadded = [anyres_views(s, grid_pinpoints=PINPOINTS, view_size=28, patch_size=4) for s in SIZES]
-    assert any(v.rows != (0, v.grid[0] * SIDE) for v in unpadded) and any(v.cols != (0, v.grid[1] * SIDE) for v in unpadded)
+    assert any(v.rows != (0, v.grid[0] * SIDE) for v in unpadded) and any(
+        v.cols != (0, v.grid[1] * SIDE) for v in unpadded
+    )
 
 
 def test_full_budget_equals_the_stock_model() -> None:
@@ -188,8 +191,13 @@ def test_generate_with_reduced_budget(kwargs) -> None:
     assert out[:, inputs["input_ids"].shape[1]].tolist() == first.tolist()
 
 
-@pytest.mark.parametrize("kwargs", [{"connector": "select", "num_anchors": 5, "image_budget": 20},
-                                    {"connector": "acformer", "num_anchors": 4, **CONNECTOR}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"connector": "select", "num_anchors": 5, "image_budget": 20},
+        {"connector": "acformer", "num_anchors": 4, **CONNECTOR},
+    ],
+)
 def test_save_and_load_round_trip(kwargs, tmp_path) -> None:
     _, model, processor = stock_and_attached(**kwargs)
     model.save_pretrained(tmp_path)
@@ -230,17 +238,32 @@ def _foreign_processor():
 @pytest.mark.parametrize(
     "kwargs,setup,match",
     [
-        ({"connector": "select", "num_anchors": NUM_PATCHES + 1}, None,
-         rf"num_anchors \+ num_context must be at most the {NUM_PATCHES} patch tokens"),
-        ({"connector": "select", "num_anchors": 4, "image_budget": 4}, None,
-         r"image_budget must be an integer >= 5 \(the most views an image gets.*got 4"),
-        ({"connector": "acformer", "num_anchors": 4, "image_budget": 20}, None,
-         "image_budget is a connector='select' option, got connector='acformer'"),
+        (
+            {"connector": "select", "num_anchors": NUM_PATCHES + 1},
+            None,
+            rf"num_anchors \+ num_context must be at most the {NUM_PATCHES} patch tokens",
+        ),
+        (
+            {"connector": "select", "num_anchors": 4, "image_budget": 4},
+            None,
+            r"image_budget must be an integer >= 5 \(the most views an image gets.*got 4",
+        ),
+        (
+            {"connector": "acformer", "num_anchors": 4, "image_budget": 20},
+            None,
+            "image_budget is a connector='select' option, got connector='acformer'",
+        ),
         ({"connector": "select", "num_anchors": 4, "num_context": 2}, None, "num_context .* not supported"),
-        ({"connector": "select", "num_anchors": 4}, "strategy",
-         "vision_feature_select_strategy must be 'default' .*got 'full'"),
-        ({"connector": "select", "num_anchors": 4}, "foreign",
-         r"processor does not belong to this model: processor.image_processor.image_grid_pinpoints must be"),
+        (
+            {"connector": "select", "num_anchors": 4},
+            "strategy",
+            "vision_feature_select_strategy must be 'default' .*got 'full'",
+        ),
+        (
+            {"connector": "select", "num_anchors": 4},
+            "foreign",
+            r"processor does not belong to this model: processor.image_processor.image_grid_pinpoints must be",
+        ),
         ({"connector": "select", "num_anchors": 4}, "not_next", "processor must be a transformers LlavaNextProcessor"),
     ],
 )

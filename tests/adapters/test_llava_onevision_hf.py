@@ -16,7 +16,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 if int(transformers.__version__.split(".")[0]) < 5:
     pytest.skip("the transformers adapter needs transformers >= 5", allow_module_level=True)
-pytest.importorskip("torchvision", reason="the Qwen-VL and OneVision image and video processors need torchvision (extra hf-vision)")
+pytest.importorskip(
+    "torchvision", reason="the Qwen-VL and OneVision image and video processors need torchvision (extra hf-vision)"
+)
 
 from _hf_llava_onevision import (  # noqa: E402
     LLM_DIM,
@@ -103,8 +105,9 @@ def test_full_budget_video_equals_the_stock_model(frames) -> None:
     stock, reduced, processor = stock_and_attached(**FULL)
     assert reduced.config.anchor_former["extras"]["video"]["tokens_per_frame"] == POOLED
     inputs = mixed_inputs(processor, frames=frames)
-    torch.testing.assert_close(inputs["input_ids"], mixed_inputs(make_processor(), frames=frames)["input_ids"],
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        inputs["input_ids"], mixed_inputs(make_processor(), frames=frames)["input_ids"], rtol=0, atol=0
+    )
     with torch.no_grad():
         torch.testing.assert_close(reduced(**inputs).logits, stock(**inputs).logits, **TOL)
 
@@ -137,8 +140,10 @@ def test_processor_counts_equal_model_tokens(kwargs) -> None:
     with torch.no_grad():
         out = model(**inputs)
     assert [t.shape[0] for t in out.image_outputs.pooler_output] == counts
-    assert counts == [image_token_count(settings["extras"]["anyres"], views_of(s), vision_aspect_ratio=MAX_VIEWS,
-                                        multi_image=False) for s in SIZES]
+    assert counts == [
+        image_token_count(settings["extras"]["anyres"], views_of(s), vision_aspect_ratio=MAX_VIEWS, multi_image=False)
+        for s in SIZES
+    ]
     for frames in (1, 2, 4):
         mixed = mixed_inputs(processor, size=(80, 100), frames=frames)
         with torch.no_grad():
@@ -147,13 +152,22 @@ def test_processor_counts_equal_model_tokens(kwargs) -> None:
         assert out.image_outputs.pooler_output[0].shape[0] == int((ids[0] == processor.image_token_id).sum())
         n_video = int((ids[1] == processor.video_token_id).sum())
         assert out.video_outputs.pooler_output.shape == (1, n_video, LLM_DIM)
-        assert n_video == video_token_count(settings["extras"]["video"], frames) == frames * settings["extras"]["video"]["tokens_per_frame"] + 1
+        assert (
+            n_video
+            == video_token_count(settings["extras"]["video"], frames)
+            == frames * settings["extras"]["video"]["tokens_per_frame"] + 1
+        )
 
 
-@pytest.mark.parametrize("kwargs,per_image", [(FULL, NUM_PATCHES + 1),
-                                               ({"connector": "select", "num_anchors": 5}, 5 + 1),
-                                               ({"connector": "select", "num_anchors": 5, "image_budget": 12}, 12 + 1),
-                                               ({"connector": "acformer", "num_anchors": 3, **CONNECTOR}, 3 + 1)])  # no [CLS] query
+@pytest.mark.parametrize(
+    "kwargs,per_image",
+    [
+        (FULL, NUM_PATCHES + 1),
+        ({"connector": "select", "num_anchors": 5}, 5 + 1),
+        ({"connector": "select", "num_anchors": 5, "image_budget": 12}, 12 + 1),
+        ({"connector": "acformer", "num_anchors": 3, **CONNECTOR}, 3 + 1),
+    ],
+)  # no [CLS] query
 def test_multi_image_sample_counts_and_full_budget(kwargs, per_image) -> None:
     """A sample with two images: base views only (the whole budget each), each closed by a newline;
     at full budget the logits are the stock model's."""
@@ -174,8 +188,11 @@ def test_reattach_follows_the_one_rule() -> None:
     attached one, and changes nothing."""
     _, model, processor = stock_and_attached(connector="select", num_anchors=5)
     settings = copy.deepcopy(model.config.anchor_former)
-    with pytest.raises(ValueError, match=r"connector must stay 'select' when re-attaching \(the model is already "
-                                         r"attached: connector='select', num_anchors=5"):
+    with pytest.raises(
+        ValueError,
+        match=r"connector must stay 'select' when re-attaching \(the model is already "
+        r"attached: connector='select', num_anchors=5",
+    ):
         attach_anchor_former(model, processor, connector="acformer", num_anchors=7)
     assert model.config.anchor_former == settings and processor.anyres_tokens == settings["extras"]["anyres"]
     attach_anchor_former(model, processor, num_anchors=7)
@@ -190,14 +207,16 @@ def test_reduced_video_tokens_are_anchors_among_pooled_tokens() -> None:
     inputs = mixed_inputs(processor, frames=frames)
     pix = inputs["pixel_values_videos"]
     _, received = eager_received(stock, pix[0])  # (F, H, N)
-    pooled_scores = torch.nn.functional.interpolate(received.view(frames, -1, SIDE, SIDE), size=[4, 4],
-                                                    mode="bilinear").flatten(2)  # (F, H, 16)
+    pooled_scores = torch.nn.functional.interpolate(
+        received.view(frames, -1, SIDE, SIDE), size=[4, 4], mode="bilinear"
+    ).flatten(2)  # (F, H, 16)
     with torch.no_grad():
         got = model.model.get_video_features(pix).pooler_output  # (1, F K + 1, L)
         stock_tokens = stock.model.get_video_features(pix).pooler_output[0, :-1].view(frames, POOLED, LLM_DIM)
     idx = anchor_search(pooled_scores, k, include_cls=False, num_prefix_tokens=0)  # (F, K)
-    want = torch.cat([stock_tokens.gather(1, idx[..., None].expand(-1, -1, LLM_DIM)).flatten(0, 1),
-                      stock.model.image_newline[None]])
+    want = torch.cat(
+        [stock_tokens.gather(1, idx[..., None].expand(-1, -1, LLM_DIM)).flatten(0, 1), stock.model.image_newline[None]]
+    )
     assert got.shape == (1, frames * k + 1, LLM_DIM)
     torch.testing.assert_close(got[0], want, **TOL)
     # the same budget spent before pooling (anchors of the raw map, their pooled cells) is a different selection
@@ -219,8 +238,9 @@ def test_reduced_shrunk_image_tokens_follow_the_documented_rule() -> None:
     _, received = eager_received(stock, pix)  # (10, H, N)
     with torch.no_grad():
         got = model(**inputs).image_outputs.pooler_output[0]
-        packed = stock.model.get_image_features(pixel_values=inputs["pixel_values"],
-                                                image_sizes=inputs["image_sizes"]).pooler_output[0]
+        packed = stock.model.get_image_features(
+            pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"]
+        ).pooler_output[0]
     base_idx = anchor_search(received[:1], k, include_cls=False, num_prefix_tokens=0)[0]
     heads = received.shape[1]
     grid = received[1:].view(3, 3, heads, SIDE, SIDE).permute(2, 0, 3, 1, 4).reshape(heads, 3 * SIDE, 3 * SIDE)
@@ -234,8 +254,9 @@ def test_reduced_shrunk_image_tokens_follow_the_documented_rule() -> None:
     torch.testing.assert_close(got, want, **TOL)
 
 
-@pytest.mark.parametrize("kwargs", [{"connector": "select", "num_anchors": 4},
-                                    {"connector": "acformer", "num_anchors": 3, **CONNECTOR}])
+@pytest.mark.parametrize(
+    "kwargs", [{"connector": "select", "num_anchors": 4}, {"connector": "acformer", "num_anchors": 3, **CONNECTOR}]
+)
 def test_generate_with_reduced_budget(kwargs) -> None:
     _, model, processor = stock_and_attached(**kwargs)
     processor.tokenizer.padding_side = "left"
@@ -247,8 +268,13 @@ def test_generate_with_reduced_budget(kwargs) -> None:
     assert out[:, inputs["input_ids"].shape[1]].tolist() == first.tolist()
 
 
-@pytest.mark.parametrize("kwargs", [{"connector": "select", "num_anchors": 5, "frame_anchors": 3, "score": "norm"},
-                                    {"connector": "acformer", "num_anchors": 4, **CONNECTOR}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"connector": "select", "num_anchors": 5, "frame_anchors": 3, "score": "norm"},
+        {"connector": "acformer", "num_anchors": 4, **CONNECTOR},
+    ],
+)
 def test_save_and_load_round_trip(kwargs, tmp_path) -> None:
     _, model, processor = stock_and_attached(**kwargs)
     model.save_pretrained(tmp_path)
@@ -256,8 +282,10 @@ def test_save_and_load_round_trip(kwargs, tmp_path) -> None:
     loaded = AnchorFormerLlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path).eval()
     loaded_processor = AnchorFormerLlavaOnevisionProcessor.from_pretrained(tmp_path)
     assert loaded.config.anchor_former == model.config.anchor_former
-    assert (loaded_processor.anyres_tokens, loaded_processor.video_tokens) == (processor.anyres_tokens,
-                                                                               processor.video_tokens)
+    assert (loaded_processor.anyres_tokens, loaded_processor.video_tokens) == (
+        processor.anyres_tokens,
+        processor.video_tokens,
+    )
     inputs = mixed_inputs(loaded_processor, frames=2)
     torch.testing.assert_close(inputs["input_ids"], mixed_inputs(processor, frames=2)["input_ids"], rtol=0, atol=0)
     with torch.no_grad():
@@ -277,20 +305,38 @@ def test_select_keeps_no_new_parameters() -> None:
     "kwargs,setup,match",
     [
         ({"connector": "select", "score": "cls"}, None, r"score='cls' needs a \[CLS\] token.*score='received'"),
-        ({"connector": "select", "num_anchors": 8, "frame_anchors": POOLED + 1}, None,
-         rf"frame_anchors must be an integer in \[1, {POOLED}\] \(the tokens of a video frame after .*got {POOLED + 1}"),
+        (
+            {"connector": "select", "num_anchors": 8, "frame_anchors": POOLED + 1},
+            None,
+            rf"frame_anchors must be an integer in \[1, {POOLED}\] \(the tokens of a video frame after .*got {POOLED + 1}",
+        ),
         ({"connector": "select", "num_anchors": 8, "frame_anchors": 0}, None, r"frame_anchors must be an integer in"),
-        ({"connector": "acformer", "num_anchors": 4, "frame_anchors": 2}, None,
-         "frame_anchors is a connector='select' option, got connector='acformer'"),
-        ({"connector": "select", "num_anchors": NUM_PATCHES + 1}, None,
-         rf"num_anchors \+ num_context must be at most the {NUM_PATCHES} patch tokens"),
-        ({"connector": "select", "num_anchors": 4, "image_budget": 9}, None,
-         r"image_budget must be an integer >= 10 \(the most views an image gets.*got 9"),
-        ({"connector": "select", "num_anchors": 4}, "foreign",
-         "processor does not belong to this model: processor.vision_aspect_ratio must be 'anyres_max_2', "
-         "got 'anyres_max_9'"),
-        ({"connector": "select", "num_anchors": 4}, "strategy",
-         "vision_feature_select_strategy must be 'full' .*got 'default'"),
+        (
+            {"connector": "acformer", "num_anchors": 4, "frame_anchors": 2},
+            None,
+            "frame_anchors is a connector='select' option, got connector='acformer'",
+        ),
+        (
+            {"connector": "select", "num_anchors": NUM_PATCHES + 1},
+            None,
+            rf"num_anchors \+ num_context must be at most the {NUM_PATCHES} patch tokens",
+        ),
+        (
+            {"connector": "select", "num_anchors": 4, "image_budget": 9},
+            None,
+            r"image_budget must be an integer >= 10 \(the most views an image gets.*got 9",
+        ),
+        (
+            {"connector": "select", "num_anchors": 4},
+            "foreign",
+            "processor does not belong to this model: processor.vision_aspect_ratio must be 'anyres_max_2', "
+            "got 'anyres_max_9'",
+        ),
+        (
+            {"connector": "select", "num_anchors": 4},
+            "strategy",
+            "vision_feature_select_strategy must be 'full' .*got 'default'",
+        ),
     ],
 )
 def test_bad_input_changes_nothing(kwargs, setup, match) -> None:
@@ -303,7 +349,9 @@ def test_bad_input_changes_nothing(kwargs, setup, match) -> None:
     saved = dict(target.__dict__)
     with pytest.raises(ValueError, match=match):
         attach_anchor_former(model, target, **kwargs)
-    assert type(model) is LlavaOnevisionForConditionalGeneration and type(model.config).__name__ == "LlavaOnevisionConfig"
+    assert (
+        type(model) is LlavaOnevisionForConditionalGeneration and type(model.config).__name__ == "LlavaOnevisionConfig"
+    )
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert type(target) is LlavaOnevisionProcessor and target.__dict__.keys() == saved.keys()
 
@@ -312,8 +360,11 @@ def test_video_with_zero_frames_is_refused() -> None:
     _, model, processor = stock_and_attached(connector="select", num_anchors=5)
     empty = torch.zeros(1, 0, 3, 28, 28)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"pixel_values_videos must have shape \(B, F, C, H, W\) with F >= 1 frames, "
-                                         r"got shape \(1, 0, 3, 28, 28\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"pixel_values_videos must have shape \(B, F, C, H, W\) with F >= 1 frames, "
+        r"got shape \(1, 0, 3, 28, 28\)",
+    ):
         model.model.get_video_features(empty)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="a video must have at least one frame, got num_frames=0"):

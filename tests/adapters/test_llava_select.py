@@ -18,8 +18,8 @@ from _llava_torch import LLM_DIM, NUM_PATCHES, images, make_model, prompt, save_
 from anchor_former import SelectConnector, anchor_search  # noqa: E402
 from anchor_former.adapters.llava import (  # noqa: E402
     LlavaConnector,
-    build_vision_projector,
     attach_anchor_former,
+    build_vision_projector,
     load_projector_weights,
 )
 
@@ -75,7 +75,11 @@ def test_reduced_budget_tokens_are_the_anchor_patches(tower_dir, as_list) -> Non
     torch.testing.assert_close(embeds[:, 2 : 2 + k + m], expected, **TOL)
     assert model.config.mm_projector_type == "select"
     settings = model.config.anchor_former
-    assert settings["num_anchors"] == k and settings["num_context"] == m and settings["connector_config"]["num_context"] == m
+    assert (
+        settings["num_anchors"] == k
+        and settings["num_context"] == m
+        and settings["connector_config"]["num_context"] == m
+    )
 
 
 def test_generate_and_no_new_parameters(tower_dir) -> None:
@@ -116,7 +120,10 @@ def test_llava_mm_projector_file_loads_into_the_select_connector(tower_dir, tmp_
 def test_recorded_config_rebuilds_the_connector(tower_dir) -> None:
     model = attach_anchor_former(make_model(tower_dir), connector="select", num_anchors=7, num_context=2)
     rebuilt = build_vision_projector(model.config)
-    assert isinstance(rebuilt, LlavaConnector) and rebuilt.connector.config == model.get_model().mm_projector.connector.config
+    assert (
+        isinstance(rebuilt, LlavaConnector)
+        and rebuilt.connector.config == model.get_model().mm_projector.connector.config
+    )
 
 
 # --- bad input: clear error, model unchanged ----------------------------------------------------------------
@@ -125,7 +132,10 @@ def test_recorded_config_rebuilds_the_connector(tower_dir) -> None:
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"num_anchors": NUM_PATCHES + 1}, rf"num_anchors \+ num_context must be at most the {NUM_PATCHES} patch tokens"),
+        (
+            {"num_anchors": NUM_PATCHES + 1},
+            rf"num_anchors \+ num_context must be at most the {NUM_PATCHES} patch tokens",
+        ),
         ({"num_anchors": 40, "num_context": 10}, rf"at most the {NUM_PATCHES} patch tokens .*got 50"),
         ({"num_anchors": 8, "num_context": -1}, "num_context must be an integer >= 0, got -1"),
         ({"num_anchors": 8, "init_projector": False}, "init_projector=False would leave it random"),
@@ -147,8 +157,11 @@ def test_bad_input_changes_nothing(tower_dir, kwargs, match) -> None:
 def test_projector_the_package_does_not_know_is_refused(tower_dir) -> None:
     model = make_model(tower_dir)
     model.config.mm_projector_type = "qformer_custom"
-    with pytest.raises(ValueError, match=r"connector='select' needs the model's projector to be LLaVA's 'linear' or "
-                                         r"'mlp\{N\}x_gelu'.*got mm_projector_type='qformer_custom'"):
+    with pytest.raises(
+        ValueError,
+        match=r"connector='select' needs the model's projector to be LLaVA's 'linear' or "
+        r"'mlp\{N\}x_gelu'.*got mm_projector_type='qformer_custom'",
+    ):
         attach_anchor_former(model, connector="select", num_anchors=8)
     model = attach_anchor_former(make_model(tower_dir), num_anchors=8, depth=1, heads=2, dim_head=8)
     with pytest.raises(ValueError, match="connector must stay 'acformer' when re-attaching.*got 'select'"):

@@ -45,15 +45,17 @@ from anchor_former.adapters.llava.registration import (  # noqa: E402
     unregister_from_llava,
 )
 from anchor_former.adapters.llava.train import anchor_model_arguments, main  # noqa: E402
-from anchor_former.connectors.select import SelectConnector  # noqa: E402
 from anchor_former.connectors.acformer import AnchorFormer  # noqa: E402
+from anchor_former.connectors.select import SelectConnector  # noqa: E402
 from anchor_former.search import anchor_search  # noqa: E402
 
 IMAGE, PATCH, K, VISION_DIM, LLM_DIM = 28, 4, 8, 32, 48  # 7 x 7 = 49 patches, 4 heads
 CONNECTOR = '{"depth": 2, "heads": 2, "dim_head": 8}'
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
-SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
-          "detailed, and polite answers to the user's questions.")
+SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user's questions."
+)
 
 
 @pytest.fixture(scope="module")
@@ -61,31 +63,67 @@ def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava_train")
     lines = [SYSTEM, "USER: ASSISTANT:", "what is this?", *[f"a {c} square" for c in COLOURS]] * 20
     model_file = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model_file, vocab_size=80,
-                                   hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-                                   character_coverage=1.0, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model_file,
+        vocab_size=80,
+        hard_vocab_limit=False,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        character_coverage=1.0,
+        minloglevel=2,
+    )
     (root / "llm").mkdir()
     (root / "llm" / "tokenizer.model").write_bytes(model_file.getvalue())
     tokenizer = LlamaTokenizer(vocab_file=str(root / "llm" / "tokenizer.model"), legacy=True)
     tokenizer.save_pretrained(root / "llm")
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=LLM_DIM, intermediate_size=96,
-                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                                 max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                                 )).save_pretrained(root / "llm")
-    CLIPVisionModel(CLIPVisionConfig(hidden_size=VISION_DIM, intermediate_size=64, num_hidden_layers=3,
-                                     num_attention_heads=4, image_size=IMAGE, patch_size=PATCH, projection_dim=16,
-                                     )).save_pretrained(root / "clip")
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=LLM_DIM,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=512,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+    ).save_pretrained(root / "llm")
+    CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=VISION_DIM,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=IMAGE,
+            patch_size=PATCH,
+            projection_dim=16,
+        )
+    ).save_pretrained(root / "clip")
     CLIPImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE}).save_pretrained(
-        root / "clip")
+        root / "clip"
+    )
     (root / "images").mkdir()
     data = []
     for i, (name, rgb) in enumerate(COLOURS.items()):
         pixels = np.zeros((32, 32, 3), np.uint8)
         pixels[8:24, 8:24] = rgb
         Image.fromarray(pixels).save(root / "images" / f"{i}.png")
-        data.append({"id": str(i), "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nwhat is this?"}, {"from": "gpt", "value": f"a {name} square"}]})
+        data.append(
+            {
+                "id": str(i),
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nwhat is this?"},
+                    {"from": "gpt", "value": f"a {name} square"},
+                ],
+            }
+        )
     (root / "data.json").write_text(json.dumps(data))
     return root
 
@@ -94,8 +132,9 @@ def workdir(tmp_path_factory):
 def registered(monkeypatch):
     """register_with_llava() for one test; LLaVA's functions and arguments are restored afterwards."""
     monkeypatch.setattr(llava_train, "ModelArguments", llava_train.ModelArguments)
-    monkeypatch.setattr(llava_train.conversation_lib, "default_conversation",
-                        llava_train.conversation_lib.default_conversation)
+    monkeypatch.setattr(
+        llava_train.conversation_lib, "default_conversation", llava_train.conversation_lib.default_conversation
+    )
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     register_with_llava()
     yield
@@ -103,15 +142,47 @@ def registered(monkeypatch):
 
 
 def run_llava_train(workdir, output: str, *extra: str) -> None:
-    main([
-        "--model_name_or_path", str(workdir / "llm"), "--vision_tower", str(workdir / "clip"),
-        "--data_path", str(workdir / "data.json"), "--image_folder", str(workdir / "images"),
-        "--mm_projector_type", "acformer", "--num_anchors", str(K), "--connector_config", CONNECTOR,
-        "--mm_vision_select_layer", "-2", "--mm_use_im_start_end", "False", "--mm_use_im_patch_token", "False",
-        "--per_device_train_batch_size", "2", "--max_steps", "2", "--learning_rate", "1e-3", "--report_to", "none",
-        "--save_strategy", "no", "--model_max_length", "512", "--dataloader_num_workers", "0",
-        "--output_dir", str(workdir / output), *extra,
-    ])
+    main(
+        [
+            "--model_name_or_path",
+            str(workdir / "llm"),
+            "--vision_tower",
+            str(workdir / "clip"),
+            "--data_path",
+            str(workdir / "data.json"),
+            "--image_folder",
+            str(workdir / "images"),
+            "--mm_projector_type",
+            "acformer",
+            "--num_anchors",
+            str(K),
+            "--connector_config",
+            CONNECTOR,
+            "--mm_vision_select_layer",
+            "-2",
+            "--mm_use_im_start_end",
+            "False",
+            "--mm_use_im_patch_token",
+            "False",
+            "--per_device_train_batch_size",
+            "2",
+            "--max_steps",
+            "2",
+            "--learning_rate",
+            "1e-3",
+            "--report_to",
+            "none",
+            "--save_strategy",
+            "no",
+            "--model_max_length",
+            "512",
+            "--dataloader_num_workers",
+            "0",
+            "--output_dir",
+            str(workdir / output),
+            *extra,
+        ]
+    )
 
 
 def test_stage_1_stage_2_then_load_pretrained_model_generates(workdir, registered) -> None:
@@ -123,14 +194,21 @@ def test_stage_1_stage_2_then_load_pretrained_model_generates(workdir, registere
     assert config["mm_projector_type"] == "acformer" and config["anchor_former"]["num_anchors"] == K
     assert config["mm_vision_select_feature"] == "patch"  # LLaVA's own value: the tower reads every token itself
 
-    run_llava_train(workdir, "tiny-llava-stage2", "--version", "v1",
-                    "--pretrain_mm_mlp_adapter", str(workdir / "stage1" / "mm_projector.bin"))
+    run_llava_train(
+        workdir,
+        "tiny-llava-stage2",
+        "--version",
+        "v1",
+        "--pretrain_mm_mlp_adapter",
+        str(workdir / "stage1" / "mm_projector.bin"),
+    )
     saved = load_file(workdir / "tiny-llava-stage2" / "model.safetensors")
     assert {k for k in saved if "mm_projector" in k} == set(adapter)
     assert any(not torch.equal(saved[k], adapter[k]) for k in adapter)  # stage 2 trained the connector further
 
     tokenizer, model, image_processor, _ = llava_builder.load_pretrained_model(
-        str(workdir / "tiny-llava-stage2"), None, "tiny-llava-stage2", device="cpu")
+        str(workdir / "tiny-llava-stage2"), None, "tiny-llava-stage2", device="cpu"
+    )
     inner = model.get_model()
     assert isinstance(inner.vision_tower, DeferredAnchorVisionTower) and inner.vision_tower.is_loaded
     assert isinstance(inner.mm_projector, LlavaConnector) and isinstance(inner.mm_projector.connector, AnchorFormer)
@@ -156,8 +234,13 @@ def test_stage_2_loads_a_stage_1_adapter_that_llava_alone_rejects(workdir, regis
     adapter = {f"model.mm_projector.connector.{k}": v for k, v in reference.state_dict().items()}
     torch.save(adapter, tmp_path / "mm_projector.bin")
     arguments = anchor_model_arguments(llava_train.ModelArguments)(
-        vision_tower=str(workdir / "clip"), mm_vision_select_layer=-2, mm_projector_type="acformer",
-        pretrain_mm_mlp_adapter=str(tmp_path / "mm_projector.bin"), num_anchors=K, connector_config=CONNECTOR)
+        vision_tower=str(workdir / "clip"),
+        mm_vision_select_layer=-2,
+        mm_projector_type="acformer",
+        pretrain_mm_mlp_adapter=str(tmp_path / "mm_projector.bin"),
+        num_anchors=K,
+        connector_config=CONNECTOR,
+    )
     model = LlavaLlamaForCausalLM.from_pretrained(workdir / "llm")
     model.get_model().initialize_vision_modules(model_args=arguments, fsdp=[])
     inner = model.get_model()
@@ -176,7 +259,8 @@ def test_stage_2_loads_a_stage_1_adapter_that_llava_alone_rejects(workdir, regis
 def test_connector_arguments_are_checked(workdir, registered) -> None:
     model = LlavaLlamaForCausalLM.from_pretrained(workdir / "llm")
     arguments = anchor_model_arguments(llava_train.ModelArguments)(
-        vision_tower=str(workdir / "clip"), mm_vision_select_layer=-2, mm_projector_type="acformer", num_anchors=50)
+        vision_tower=str(workdir / "clip"), mm_vision_select_layer=-2, mm_projector_type="acformer", num_anchors=50
+    )
     with pytest.raises(ValueError, match=r"num_anchors must be an integer in \[1, 49\].*got 50"):
         model.get_model().initialize_vision_modules(model_args=arguments, fsdp=[])
     arguments.num_anchors, arguments.connector_config = K, "depth=2"
@@ -187,9 +271,17 @@ def test_connector_arguments_are_checked(workdir, registered) -> None:
 def stock_config(workdir) -> LlavaConfig:
     """A LLaVA-1.5-style config (mlp2x_gelu projector) over the tiny Llama and CLIP tower."""
     config = LlavaConfig.from_pretrained(workdir / "llm")
-    for key, value in dict(mm_vision_tower=str(workdir / "clip"), mm_hidden_size=VISION_DIM, use_mm_proj=True,
-                           mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2, mm_vision_select_feature="patch",
-                           mm_patch_merge_type="flat", mm_use_im_start_end=False, mm_use_im_patch_token=False).items():
+    for key, value in dict(
+        mm_vision_tower=str(workdir / "clip"),
+        mm_hidden_size=VISION_DIM,
+        use_mm_proj=True,
+        mm_projector_type="mlp2x_gelu",
+        mm_vision_select_layer=-2,
+        mm_vision_select_feature="patch",
+        mm_patch_merge_type="flat",
+        mm_use_im_start_end=False,
+        mm_use_im_patch_token=False,
+    ).items():
         setattr(config, key, value)  # as LLaVA's initialize_vision_modules records them
     return config
 
@@ -202,8 +294,12 @@ def test_fine_tuning_a_llava_model_replaces_its_projector_and_keeps_its_weights(
     model.get_vision_tower().load_model()
     old = {k: v.clone() for k, v in model.get_model().mm_projector.state_dict().items()}
     arguments = anchor_model_arguments(llava_train.ModelArguments)(
-        vision_tower=str(workdir / "clip"), mm_vision_select_layer=-2, mm_projector_type="acformer", num_anchors=K,
-        connector_config=CONNECTOR)
+        vision_tower=str(workdir / "clip"),
+        mm_vision_select_layer=-2,
+        mm_projector_type="acformer",
+        num_anchors=K,
+        connector_config=CONNECTOR,
+    )
     model.get_model().initialize_vision_modules(model_args=arguments, fsdp=[])
     projector = model.get_model().mm_projector
     assert isinstance(projector, LlavaConnector) and isinstance(projector.connector, AnchorFormer)
@@ -225,11 +321,13 @@ def test_select_reloads_a_stock_llava_folder_with_no_connector_weights(workdir, 
     checkpoint = load_file(folder / "model.safetensors")
 
     _, model, image_processor, _ = llava_builder.load_pretrained_model(
-        str(folder), None, "tiny-llava-base", device="cpu", anchor_former={"connector": "select", "num_anchors": K})
+        str(folder), None, "tiny-llava-base", device="cpu", anchor_former={"connector": "select", "num_anchors": K}
+    )
     connector = model.get_model().mm_projector.connector
     assert isinstance(connector, SelectConnector)
     assert {f"model.mm_projector.connector.projector.{k}" for k in connector.projector.state_dict()} == {
-        f"model.mm_projector.connector.{k}" for k in connector.state_dict()}  # no parameters of its own
+        f"model.mm_projector.connector.{k}" for k in connector.state_dict()
+    }  # no parameters of its own
     for key, value in connector.projector.state_dict().items():
         torch.testing.assert_close(value, checkpoint[f"model.mm_projector.{key}"].half(), atol=0, rtol=0, msg=key)
 
@@ -242,11 +340,18 @@ def test_select_reloads_a_stock_llava_folder_with_no_connector_weights(workdir, 
         out = clip(images.to(clip.dtype), output_hidden_states=True, output_attentions=True)
         features, cls_row = out.hidden_states[-2], out.attentions[-2][:, :, 0]  # (1, N, D), (1, H, N)
         idx = anchor_search(cls_row, K, include_cls=False)  # (1, K) ascending token indices
-        mlp = torch.nn.Sequential(torch.nn.Linear(VISION_DIM, LLM_DIM), torch.nn.GELU(), torch.nn.Linear(LLM_DIM, LLM_DIM))
-        mlp.load_state_dict({k.removeprefix("model.mm_projector."): v for k, v in checkpoint.items()
-                             if k.startswith("model.mm_projector.")})
+        mlp = torch.nn.Sequential(
+            torch.nn.Linear(VISION_DIM, LLM_DIM), torch.nn.GELU(), torch.nn.Linear(LLM_DIM, LLM_DIM)
+        )
+        mlp.load_state_dict(
+            {
+                k.removeprefix("model.mm_projector."): v
+                for k, v in checkpoint.items()
+                if k.startswith("model.mm_projector.")
+            }
+        )
         expected = mlp(features[0, idx[0]]).unsqueeze(0)
-        first_k = mlp(features[0, 1:K + 1]).unsqueeze(0)  # broken variant: the first K patches
+        first_k = mlp(features[0, 1 : K + 1]).unsqueeze(0)  # broken variant: the first K patches
     assert tokens.shape == (1, K, LLM_DIM)
     torch.testing.assert_close(tokens.float(), expected, atol=SELECT_ATOL, rtol=0)
     assert (first_k - expected).abs().max() > 10 * SELECT_ATOL  # measured 3.2e-2: the tolerance tells anchors apart

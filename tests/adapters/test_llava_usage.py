@@ -13,7 +13,7 @@ from torch import nn
 
 llava = pytest.importorskip("llava")
 
-from _llava_torch import CONNECTOR, K, VISION_DIM, images, make_model, prompt, save_tiny_tower  # noqa: E402
+from _llava_torch import CONNECTOR, VISION_DIM, K, images, make_model, prompt, save_tiny_tower  # noqa: E402
 from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM  # noqa: E402
 
 import anchor_former.adapters.llava as llava_adapter  # noqa: E402
@@ -118,12 +118,20 @@ def test_reattach_carries_the_connector_weights_over(tower_dir) -> None:
     assert logits(model, ids, images(1)).shape[1] == ids.shape[1] - 1 + 4 + 1
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"connector": "perceiver", "num_queries": 6},
-     r"connector must stay 'acformer' when re-attaching \(the model is already attached: connector='acformer', "
-     r"num_anchors=8.*got 'perceiver'"),
-    ({"num_anchors": 4, "depth": 3}, r"architecture must stay the same \(attached now: connector='acformer'.*depth=2.*missing keys \['layers\.2\."),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {"connector": "perceiver", "num_queries": 6},
+            r"connector must stay 'acformer' when re-attaching \(the model is already attached: connector='acformer', "
+            r"num_anchors=8.*got 'perceiver'",
+        ),
+        (
+            {"num_anchors": 4, "depth": 3},
+            r"architecture must stay the same \(attached now: connector='acformer'.*depth=2.*missing keys \['layers\.2\.",
+        ),
+    ],
+)
 def test_reattach_that_would_discard_weights_is_refused(tower_dir, kwargs, match) -> None:
     model = attach_anchor_former(make_model(tower_dir), num_anchors=K, **CONNECTOR)
     perturb(model.get_model().mm_projector)
@@ -160,7 +168,9 @@ def test_compiled_model_matches_eager(tower_dir) -> None:
     ids, pixel_values = prompt(2), images(2)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager")
-    torch.testing.assert_close(logits(compiled, ids, pixel_values), logits(model, ids, pixel_values), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        logits(compiled, ids, pixel_values), logits(model, ids, pixel_values), atol=1e-5, rtol=1e-5
+    )
     with pytest.raises(Exception, match=r"(?s)vision tower runs eagerly under an AttentionProbe.*fullgraph=True"):
         torch._dynamo.reset()
         logits(torch.compile(model, fullgraph=True, backend="aot_eager"), ids, pixel_values)
@@ -178,8 +188,16 @@ def test_concurrent_generate_equals_single_threaded(tower_dir) -> None:
     requests = [torch.randn(1, 3, *images(1).shape[2:], generator=torch.Generator().manual_seed(s)) for s in range(12)]
 
     def serve(pixel_values):
-        out = model.generate(ids, images=pixel_values, max_new_tokens=3, min_new_tokens=3, do_sample=False,
-                             pad_token_id=0, return_dict_in_generate=True, output_scores=True)
+        out = model.generate(
+            ids,
+            images=pixel_values,
+            max_new_tokens=3,
+            min_new_tokens=3,
+            do_sample=False,
+            pad_token_id=0,
+            return_dict_in_generate=True,
+            output_scores=True,
+        )
         return torch.stack(out.scores), out.sequences  # (steps, 1, vocab), (1, steps [+ BOS])
 
     expected = [serve(pixel_values) for pixel_values in requests]
@@ -266,8 +284,11 @@ def test_offloaded_projector_is_refused_at_attach(tower_dir) -> None:
     accelerate.cpu_offload(model.get_model().mm_projector, execution_device=torch.device("cpu"))
     config = model.config.to_dict()
     projector = model.get_model().mm_projector
-    with pytest.raises(ValueError, match=r"model\.get_model\(\)\.mm_projector must hold its weights to attach "
-                                         r"\(they are on the 'meta' device"):
+    with pytest.raises(
+        ValueError,
+        match=r"model\.get_model\(\)\.mm_projector must hold its weights to attach "
+        r"\(they are on the 'meta' device",
+    ):
         attach_anchor_former(model, num_anchors=K, **CONNECTOR)
     assert model.get_model().mm_projector is projector and model.config.to_dict() == config
 

@@ -14,15 +14,29 @@ import torch
 transformers = pytest.importorskip("transformers")
 if int(transformers.__version__.split(".")[0]) < 5:
     pytest.skip("the Qwen adapter needs transformers >= 5", allow_module_level=True)
-pytest.importorskip("torchvision", reason="the Qwen-VL and OneVision image and video processors need torchvision (extra hf-vision)")
+pytest.importorskip(
+    "torchvision", reason="the Qwen-VL and OneVision image and video processors need torchvision (extra hf-vision)"
+)
 
-from _hf_qwen import FAMILIES, IMAGE_SIZES, MERGE, PATCH, PROMPTS, SPECIAL, VIDEO_SHAPE, inputs_for, make_model, make_processor, media  # noqa: E402
+from _hf_qwen import (  # noqa: E402
+    FAMILIES,
+    IMAGE_SIZES,
+    MERGE,
+    PATCH,
+    PROMPTS,
+    SPECIAL,
+    VIDEO_SHAPE,
+    inputs_for,
+    make_model,
+    make_processor,
+    media,
+)
 from transformers.vision_utils import get_vision_window_index  # noqa: E402
 
 from anchor_former.adapters.hf.qwen_vl import (  # noqa: E402
-    AnchorFormerQwen3VLForConditionalGeneration,
     AnchorFormerQwen2_5_VLForConditionalGeneration,
     AnchorFormerQwen2VLForConditionalGeneration,
+    AnchorFormerQwen3VLForConditionalGeneration,
     attach_anchor_former_qwen,
     attach_qwen_processor,
     kept_per_step,
@@ -30,9 +44,11 @@ from anchor_former.adapters.hf.qwen_vl import (  # noqa: E402
 )
 
 TOL = {"atol": 1e-5, "rtol": 0}  # fp32; the full-budget identity measured 0.0 here (bitwise equal)
-ATTACHED = {"qwen2_5_vl": AnchorFormerQwen2_5_VLForConditionalGeneration,
-            "qwen2_vl": AnchorFormerQwen2VLForConditionalGeneration,
-            "qwen3_vl": AnchorFormerQwen3VLForConditionalGeneration}
+ATTACHED = {
+    "qwen2_5_vl": AnchorFormerQwen2_5_VLForConditionalGeneration,
+    "qwen2_vl": AnchorFormerQwen2VLForConditionalGeneration,
+    "qwen3_vl": AnchorFormerQwen3VLForConditionalGeneration,
+}
 # merged tokens per image and per video step: images 3 x 4 and 2 x 2, video 2 steps of 2 x 3
 MERGED = [(IMAGE_SIZES[0][0] // 16) * (IMAGE_SIZES[0][1] // 16), (IMAGE_SIZES[1][0] // 16) * (IMAGE_SIZES[1][1] // 16)]
 VIDEO_STEPS, VIDEO_MERGED = VIDEO_SHAPE[0] // 2, (VIDEO_SHAPE[1] // 16) * (VIDEO_SHAPE[2] // 16)
@@ -68,20 +84,27 @@ def test_full_budget_identity_catches_a_wrong_token_order() -> None:
         flipped = {"image": copy.copy(image)}
         flipped["image"].pooler_output = tuple(t.flip(0) for t in image.pooler_output)
         video = reduced.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
-        logits = reduced(**{k: v for k, v in inputs.items() if not k.startswith("pixel_values")},
-                         mm_encoder_outputs={**flipped, "video": video}).logits
+        logits = reduced(
+            **{k: v for k, v in inputs.items() if not k.startswith("pixel_values")},
+            mm_encoder_outputs={**flipped, "video": video},
+        ).logits
     assert (logits - reference).abs().max() > 1e-3
 
 
 # --- scores ---------------------------------------------------------------------------------------------
 
 
-def reference_scores(model, inputs, layer: int, *, video: bool = False, undo_windows: bool = True) -> list[torch.Tensor]:
+def reference_scores(
+    model, inputs, layer: int, *, video: bool = False, undo_windows: bool = True
+) -> list[torch.Tensor]:
     """Slow reference: the full softmax map of each segment, column mean, head mean, 2 x 2 sum, per item."""
     visual = model.model.visual
     attn = visual.blocks[layer].attn
-    pixels, grid = (inputs["pixel_values_videos"], inputs["video_grid_thw"]) if video else \
-        (inputs["pixel_values"], inputs["image_grid_thw"])
+    pixels, grid = (
+        (inputs["pixel_values_videos"], inputs["video_grid_thw"])
+        if video
+        else (inputs["pixel_values"], inputs["image_grid_thw"])
+    )
     captured = {}
 
     def hook(module, args, kwargs):
@@ -107,8 +130,9 @@ def reference_scores(model, inputs, layer: int, *, video: bool = False, undo_win
             per_patch.append(probs.mean(1).mean(0))  # (n,) column mean, then head mean
     merged = torch.cat(per_patch).view(-1, MERGE * MERGE).sum(-1)
     if undo_windows and hasattr(visual, "fullatt_block_indexes"):
-        window, _ = get_vision_window_index(grid, spatial_merge_size=MERGE, window_size=visual.window_size,
-                                            patch_size=visual.patch_size)
+        window, _ = get_vision_window_index(
+            grid, spatial_merge_size=MERGE, window_size=visual.window_size, patch_size=visual.patch_size
+        )
         merged = merged[torch.argsort(window)]
     return list(merged.split((grid.prod(-1) // MERGE**2).tolist()))
 
@@ -122,8 +146,11 @@ def test_scores_match_the_dense_reference_and_pick_the_top_k(family) -> None:
     visual = reduced.model.visual
     captured = []
     handle = visual.blocks[layer].attn.register_forward_pre_hook(
-        lambda m, a, kw: captured.append(merged_token_scores(m, a[0], kw["cu_seqlens"], kw["position_embeddings"],
-                                                             merge_unit=4, block_size=5)), with_kwargs=True)
+        lambda m, a, kw: captured.append(
+            merged_token_scores(m, a[0], kw["cu_seqlens"], kw["position_embeddings"], merge_unit=4, block_size=5)
+        ),
+        with_kwargs=True,
+    )
     with torch.no_grad():
         visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
         images = reduced.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
@@ -135,8 +162,11 @@ def test_scores_match_the_dense_reference_and_pick_the_top_k(family) -> None:
         assert idx.tolist() == sorted(torch.argsort(score, descending=True, stable=True)[:3].tolist())
     # video: top 3 of each 2-frame step, step offsets added
     steps = reference_scores(reduced, inputs, layer, video=True)[0].view(VIDEO_STEPS, VIDEO_MERGED)
-    expected_video = [s * VIDEO_MERGED + i for s in range(VIDEO_STEPS)
-                      for i in sorted(torch.argsort(steps[s], descending=True, stable=True)[:3].tolist())]
+    expected_video = [
+        s * VIDEO_MERGED + i
+        for s in range(VIDEO_STEPS)
+        for i in sorted(torch.argsort(steps[s], descending=True, stable=True)[:3].tolist())
+    ]
     assert video.kept_indices[0].tolist() == expected_video
     if family == "qwen2_5_vl":  # the window order matters: scores left in the tower's window order differ
         wrong = reference_scores(reduced, inputs, layer, undo_windows=False)[0]
@@ -173,10 +203,12 @@ def test_kept_tokens_keep_their_stock_positions(family) -> None:
         out = reduced(**inputs)
     kept = {"image": out.image_outputs.kept_indices, "video": out.video_outputs.kept_indices}
     keys = ("input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw", "attention_mask")
-    stock_pos, stock_delta = stock.model.get_rope_index(**{k: full[k] for k in keys},
-                                                        second_per_grid_ts=full.get("second_per_grid_ts"))
-    pos, delta = reduced.model.get_rope_index(**{k: inputs[k] for k in keys},
-                                              second_per_grid_ts=inputs.get("second_per_grid_ts"), kept_indices=kept)
+    stock_pos, stock_delta = stock.model.get_rope_index(
+        **{k: full[k] for k in keys}, second_per_grid_ts=full.get("second_per_grid_ts")
+    )
+    pos, delta = reduced.model.get_rope_index(
+        **{k: inputs[k] for k in keys}, second_per_grid_ts=inputs.get("second_per_grid_ts"), kept_indices=kept
+    )
     torch.testing.assert_close(reduced.model.rope_deltas, delta, rtol=0, atol=0)  # what forward stored for decoding
     video_runs = kept["video"]
     if family == "qwen3_vl":  # one run per video step (timestamp text between), indices per step
@@ -209,14 +241,17 @@ def test_a_wrong_position_rule_changes_the_logits() -> None:
     with torch.no_grad():
         right = reduced(**inputs).logits
         keys = ("input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw", "attention_mask")
-        placeholder, _ = reduced.model.get_rope_index(**{k: inputs[k] for k in keys},
-                                                      second_per_grid_ts=inputs["second_per_grid_ts"])
+        placeholder, _ = reduced.model.get_rope_index(
+            **{k: inputs[k] for k in keys}, second_per_grid_ts=inputs["second_per_grid_ts"]
+        )
         wrong = reduced(**inputs, position_ids=placeholder).logits  # forward overrides position_ids ...
         torch.testing.assert_close(wrong, right, rtol=0, atol=0)  # ... with the true ones
         embeds = reduced.model(**inputs).image_outputs
         text = {k: v for k, v in inputs.items() if k not in ("pixel_values", "pixel_values_videos")}
-        features = {"image": embeds,
-                    "video": reduced.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])}
+        features = {
+            "image": embeds,
+            "video": reduced.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"]),
+        }
         plain = reduced(**text, mm_encoder_outputs=features, position_ids=placeholder).logits
         torch.testing.assert_close(plain, right, rtol=0, atol=0)
         # the stock forward with the placeholder positions: what mm_encoder_outputs used to give
@@ -236,8 +271,10 @@ def test_left_padded_batch_equals_each_sample_alone(family) -> None:
     images, video = media()
     with torch.no_grad():
         logits = reduced(**batch).logits
-        alone = [processor(text=PROMPTS[0], images=images[:1], return_tensors="pt"),
-                 processor(text=PROMPTS[1], images=images[1:], videos=[video], return_tensors="pt")]
+        alone = [
+            processor(text=PROMPTS[0], images=images[:1], return_tensors="pt"),
+            processor(text=PROMPTS[1], images=images[1:], videos=[video], return_tensors="pt"),
+        ]
         for i, sample in enumerate(alone):
             length = sample["input_ids"].shape[1]
             torch.testing.assert_close(reduced(**sample).logits[0], logits[i, -length:], atol=1e-4, rtol=0)
@@ -276,8 +313,9 @@ def test_save_and_load_round_trip(family, tmp_path) -> None:
     loaded = ATTACHED[family].from_pretrained(tmp_path).eval()
     assert loaded.config.anchor_former == reduced.config.anchor_former
     stock_processor_class = FAMILIES[family][0]
-    loaded_processor = attach_qwen_processor(stock_processor_class.from_pretrained(tmp_path),
-                                             num_anchors=loaded.config.anchor_former["num_anchors"])
+    loaded_processor = attach_qwen_processor(
+        stock_processor_class.from_pretrained(tmp_path), num_anchors=loaded.config.anchor_former["num_anchors"]
+    )
     inputs = inputs_for(loaded_processor)
     torch.testing.assert_close(inputs["input_ids"], inputs_for(processor)["input_ids"], rtol=0, atol=0)
     with torch.no_grad():
@@ -292,8 +330,10 @@ def test_save_and_load_round_trip(family, tmp_path) -> None:
     [
         ({"num_anchors": 0}, "num_anchors must be an int K >= 1 or a float in \\(0, 1\\], got 0"),
         ({"num_anchors": 1.5}, r"num_anchors as a fraction must lie in \(0, 1\], got 1.5"),
-        ({"num_anchors": 2, "score_layer": 0},
-         r"score_layer must be a full-attention block, one of fullatt_block_indexes=\[1, 3\]; got 0"),
+        (
+            {"num_anchors": 2, "score_layer": 0},
+            r"score_layer must be a full-attention block, one of fullatt_block_indexes=\[1, 3\]; got 0",
+        ),
         ({"num_anchors": 2, "score_layer": 4}, r"score_layer must be an int block index in \[-4, 4\), got 4"),
         ({"num_anchors": 2, "connector": "acformer"}, "connector must be 'select' for Qwen-VL"),
         ({"num_anchors": 2, "score": "cls"}, "score must be 'received' for Qwen-VL"),
@@ -330,8 +370,11 @@ def test_budget_larger_than_an_image_is_refused() -> None:
 
 def test_inputs_from_a_stock_processor_are_refused() -> None:
     _, reduced, _ = stock_and_attached("qwen2_5_vl", 2)
-    with pytest.raises(ValueError, match=r"input_ids must hold the 2 kept image tokens of grid \(1, 6, 8\) "
-                                         r"\(num_anchors=2\), got a run of 12; prepare inputs with the processor"):
+    with pytest.raises(
+        ValueError,
+        match=r"input_ids must hold the 2 kept image tokens of grid \(1, 6, 8\) "
+        r"\(num_anchors=2\), got a run of 12; prepare inputs with the processor",
+    ):
         with torch.no_grad():
             reduced(**inputs_for(make_processor()))
 
@@ -341,15 +384,20 @@ def test_unsupported_models_are_refused() -> None:
     from _hf_llava import make_processor as make_llava_processor
 
     llava = make_llava(make_llava_processor())
-    with pytest.raises(ValueError, match="model must be a transformers Qwen2VLForConditionalGeneration, Qwen2_5_VL"
-                                         "ForConditionalGeneration or Qwen3VLForConditionalGeneration, got transformers"
-                                         ".*LlavaForConditional"):
+    with pytest.raises(
+        ValueError,
+        match="model must be a transformers Qwen2VLForConditionalGeneration, Qwen2_5_VL"
+        "ForConditionalGeneration or Qwen3VLForConditionalGeneration, got transformers"
+        ".*LlavaForConditional",
+    ):
         attach_anchor_former_qwen(llava, num_anchors=4)
     assert type(llava).__name__ == "LlavaForConditionalGeneration"
     _, reduced, processor = stock_and_attached("qwen2_5_vl", 2)
     attach_anchor_former_qwen(reduced, processor, num_anchors=3)  # re-attach: a new budget
     assert reduced.config.anchor_former["num_anchors"] == 3 and processor.num_anchors == 3
-    with pytest.raises(ValueError, match="processor must be a transformers Qwen2VLProcessor, Qwen2_5_VLProcessor or Qwen3VLProcessor"):
+    with pytest.raises(
+        ValueError, match="processor must be a transformers Qwen2VLProcessor, Qwen2_5_VLProcessor or Qwen3VLProcessor"
+    ):
         attach_anchor_former_qwen(make_model(make_processor()), object(), num_anchors=2)
 
 

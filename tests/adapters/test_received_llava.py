@@ -12,7 +12,6 @@ import importlib.util
 
 import pytest
 import torch
-
 import transformers
 
 from anchor_former import anchor_search
@@ -43,8 +42,9 @@ def _hf(connector: str, **kwargs):
 
     processor = make_processor()
     stock = make_model(processor)
-    model = attach_anchor_former(copy.deepcopy(stock), processor, connector=connector, num_anchors=K,
-                                 score="received", **kwargs)
+    model = attach_anchor_former(
+        copy.deepcopy(stock), processor, connector=connector, num_anchors=K, score="received", **kwargs
+    )
     return stock, model, inputs_for(processor)
 
 
@@ -116,6 +116,7 @@ def test_llava_torch_uses_the_received_anchors(tower_dir, connector) -> None:
     assert got.shape == (2, K, want.shape[-1])
     torch.testing.assert_close(got, want, **TOL)
     assert not torch.equal(anchor_search(cls_row, K, include_cls=False), idx)
-    out = model.generate(prompt(1), images=pixel_values[:1], max_new_tokens=2, min_new_tokens=2, do_sample=False,
-                         pad_token_id=0)
+    out = model.generate(
+        prompt(1), images=pixel_values[:1], max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0
+    )
     assert out.shape[0] == 1

@@ -18,11 +18,11 @@ if int(transformers.__version__.split(".")[0]) < 5:
 from _hf_llava import (  # noqa: E402
     CONNECTOR,
     IMAGE,
-    K,
     LLM_DIM,
     NUM_PATCHES,
     PATCH,
     VISION_DIM,
+    K,
     inputs_for,
     make_model,
     make_processor,
@@ -160,10 +160,15 @@ def test_other_connector_and_score() -> None:
 
 def test_errors() -> None:
     processor = make_processor()
-    with pytest.raises(ValueError, match=r"model must be one of the supported transformers models \(LlavaNextForConditionalGeneration, .*LlavaForConditionalGeneration\), got torch.nn.modules.linear.Linear"):
+    with pytest.raises(
+        ValueError,
+        match=r"model must be one of the supported transformers models \(LlavaNextForConditionalGeneration, .*LlavaForConditionalGeneration\), got torch.nn.modules.linear.Linear",
+    ):
         attach_anchor_former(nn.Linear(2, 2))
     model = make_model(processor)
-    with pytest.raises(ValueError, match=rf"num_anchors must be at most the {NUM_PATCHES} patch tokens of the vision tower, got 50"):
+    with pytest.raises(
+        ValueError, match=rf"num_anchors must be at most the {NUM_PATCHES} patch tokens of the vision tower, got 50"
+    ):
         attach_anchor_former(model, num_anchors=50)
     with pytest.raises(ValueError, match="connector must be one of .*got 'qformer'"):
         attach_anchor_former(model, connector="qformer")
@@ -177,8 +182,14 @@ def test_cls_less_tower_asked_for_cls_anchors() -> None:
     from transformers import SiglipVisionConfig
 
     processor = make_processor()
-    siglip = SiglipVisionConfig(hidden_size=VISION_DIM, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                image_size=IMAGE, patch_size=PATCH)
+    siglip = SiglipVisionConfig(
+        hidden_size=VISION_DIM,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=IMAGE,
+        patch_size=PATCH,
+    )
     model = make_model(processor, vision_config=siglip)
     with pytest.raises(ValueError, match=r"score='cls' needs a \[CLS\] token"):
         attach_anchor_former(model, num_anchors=K)

@@ -14,7 +14,18 @@ transformers = pytest.importorskip("transformers")
 if int(transformers.__version__.split(".")[0]) < 5:
     pytest.skip("the transformers adapter needs transformers >= 5", allow_module_level=True)
 
-from _hf_llava import IMAGE, LLM_DIM, NUM_PATCHES, PATCH, PROMPTS, VISION_DIM, inputs_for, make_model, make_processor, pixels  # noqa: E402
+from _hf_llava import (  # noqa: E402
+    IMAGE,
+    LLM_DIM,
+    NUM_PATCHES,
+    PATCH,
+    PROMPTS,
+    VISION_DIM,
+    inputs_for,
+    make_model,
+    make_processor,
+    pixels,
+)
 from transformers import LlavaForConditionalGeneration, LlavaProcessor  # noqa: E402
 
 from anchor_former import SelectConnector, anchor_search  # noqa: E402
@@ -30,8 +41,9 @@ def stock_and_attached(num_anchors: int, strategy: str = "default", **kwargs):
     processor = make_processor()
     processor.vision_feature_select_strategy = strategy
     stock = make_model(processor, vision_feature_select_strategy=strategy)
-    reduced = attach_anchor_former(copy.deepcopy(stock), processor, connector="select", num_anchors=num_anchors,
-                                   **kwargs)
+    reduced = attach_anchor_former(
+        copy.deepcopy(stock), processor, connector="select", num_anchors=num_anchors, **kwargs
+    )
     return stock, reduced, processor
 
 
@@ -58,7 +70,9 @@ def test_full_budget_identity_catches_a_wrong_token_order() -> None:
         wrong = connector.projector(features.gather(1, reversed_idx[..., None].expand(-1, -1, VISION_DIM)))
         embeds = reduced.get_input_embeddings()(inputs["input_ids"])
         mask = (inputs["input_ids"] == processor.image_token_id)[..., None]
-        logits = reduced(inputs_embeds=embeds.masked_scatter(mask, wrong), attention_mask=inputs["attention_mask"]).logits
+        logits = reduced(
+            inputs_embeds=embeds.masked_scatter(mask, wrong), attention_mask=inputs["attention_mask"]
+        ).logits
         assert (logits - stock(**inputs).logits).abs().max() > 1e-3
 
 
@@ -119,8 +133,14 @@ def test_siglip_tower_with_norm_score_and_no_cls() -> None:
 
     processor = make_processor()
     processor.num_additional_image_tokens = 0  # SigLIP has no [CLS]
-    siglip = SiglipVisionConfig(hidden_size=VISION_DIM, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                image_size=IMAGE, patch_size=PATCH)
+    siglip = SiglipVisionConfig(
+        hidden_size=VISION_DIM,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=IMAGE,
+        patch_size=PATCH,
+    )
     model = make_model(processor, vision_config=siglip, vision_feature_select_strategy="full")
     with pytest.raises(ValueError, match=r"score='cls' needs a \[CLS\] token"):
         attach_anchor_former(model, processor, connector="select", num_anchors=6)
@@ -138,8 +158,14 @@ def test_siglip_tower_with_norm_score_and_no_cls() -> None:
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"num_anchors": NUM_PATCHES + 1}, rf"num_anchors \+ num_context must be at most the {NUM_PATCHES} patch tokens"),
-        ({"num_anchors": 40, "num_context": 10}, rf"at most the {NUM_PATCHES} patch tokens of the vision tower, got 50"),
+        (
+            {"num_anchors": NUM_PATCHES + 1},
+            rf"num_anchors \+ num_context must be at most the {NUM_PATCHES} patch tokens",
+        ),
+        (
+            {"num_anchors": 40, "num_context": 10},
+            rf"at most the {NUM_PATCHES} patch tokens of the vision tower, got 50",
+        ),
         ({"num_anchors": 8, "num_context": -1}, "num_context must be an integer >= 0, got -1"),
         ({"num_anchors": 0}, "num_anchors must be an integer >= 1, got 0"),
         ({"num_anchors": 8, "init_projector": False}, "init_projector=False would leave it random"),

@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 if int(transformers.__version__.split(".")[0]) < 5:
     pytest.skip("the transformers adapter needs transformers >= 5", allow_module_level=True)
 
-from _hf_llava import CONNECTOR, IMAGE, K, PROMPTS, VISION_DIM, make_model, make_processor  # noqa: E402
+from _hf_llava import CONNECTOR, IMAGE, PROMPTS, VISION_DIM, K, make_model, make_processor  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoModelForImageTextToText, LlamaConfig, LlavaForConditionalGeneration, LlavaProcessor  # noqa: E402
 
@@ -135,9 +135,18 @@ def _attach_kwargs(connector: str) -> dict:
 def test_every_connector_saves_and_reloads(connector, stock_dir, tmp_path) -> None:
     processor = LlavaProcessor.from_pretrained(stock_dir)
     if connector == "identity":  # an identity map needs vision width == LLM width
-        text = LlamaConfig(vocab_size=len(processor.tokenizer), hidden_size=VISION_DIM, intermediate_size=64,
-                           num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
-                           max_position_embeddings=256, pad_token_id=1, bos_token_id=2, eos_token_id=3)
+        text = LlamaConfig(
+            vocab_size=len(processor.tokenizer),
+            hidden_size=VISION_DIM,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=256,
+            pad_token_id=1,
+            bos_token_id=2,
+            eos_token_id=3,
+        )
         model = make_model(processor, text_config=text)
     else:
         model = LlavaForConditionalGeneration.from_pretrained(stock_dir).eval()
@@ -172,16 +181,29 @@ def test_reattach_carries_the_connector_weights_over() -> None:
         assert model(**inputs).image_outputs.pooler_output[0].shape[0] == 4 + 1
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"connector": "perceiver", "num_queries": 6}, r"connector must stay 'acformer' when re-attaching.*got 'perceiver'"),
-    ({"num_anchors": 4, "depth": 3}, r"architecture must stay the same \(attached now: connector='acformer', num_anchors=8.*\): .*missing keys \['layers\.2\."),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {"connector": "perceiver", "num_queries": 6},
+            r"connector must stay 'acformer' when re-attaching.*got 'perceiver'",
+        ),
+        (
+            {"num_anchors": 4, "depth": 3},
+            r"architecture must stay the same \(attached now: connector='acformer', num_anchors=8.*\): .*missing keys \['layers\.2\.",
+        ),
+    ],
+)
 def test_reattach_that_would_discard_weights_is_refused(kwargs, match) -> None:
     processor = make_processor()
     model = attach_anchor_former(make_model(processor), processor, num_anchors=K, **CONNECTOR)
     perturb(model.model.multi_modal_projector)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    config, connector, tokens = model.config.to_dict(), model.model.multi_modal_projector, processor.num_additional_image_tokens
+    config, connector, tokens = (
+        model.config.to_dict(),
+        model.model.multi_modal_projector,
+        processor.num_additional_image_tokens,
+    )
     with pytest.raises(ValueError, match=match):
         attach_anchor_former(model, processor, **kwargs)
     assert model.model.multi_modal_projector is connector and model.config.to_dict() == config
@@ -196,8 +218,9 @@ def test_reattach_select_equals_a_fresh_attach() -> None:
     model = attach_anchor_former(make_model(processor), processor, connector="select", num_anchors=K, num_context=2)
     attach_anchor_former(model, processor, connector="select", num_anchors=4)
     fresh_processor = make_processor()
-    fresh = attach_anchor_former(make_model(fresh_processor), fresh_processor, connector="select", num_anchors=4,
-                                 num_context=2)
+    fresh = attach_anchor_former(
+        make_model(fresh_processor), fresh_processor, connector="select", num_anchors=4, num_context=2
+    )
     assert model.model.multi_modal_projector.config == fresh.model.multi_modal_projector.config
     inputs = image_inputs(processor, 0)
     torch.testing.assert_close(inputs["input_ids"], image_inputs(fresh_processor, 0)["input_ids"], atol=0, rtol=0)
@@ -220,8 +243,12 @@ def test_compiled_model_matches_eager() -> None:
     with torch.no_grad():
         expected = model(**inputs).logits
         torch.testing.assert_close(compiled(**inputs).logits, expected, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(compiled(**image_inputs(processor, 1)).logits, model(**image_inputs(processor, 1)).logits,
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            compiled(**image_inputs(processor, 1)).logits,
+            model(**image_inputs(processor, 1)).logits,
+            atol=1e-5,
+            rtol=1e-5,
+        )
 
 
 @pytest.mark.slow
@@ -232,8 +259,11 @@ def test_fullgraph_compile_says_what_to_do_and_the_language_model_compiles() -> 
     with torch.no_grad():
         expected = model(**inputs).logits
     torch._dynamo.reset()
-    with pytest.raises(Exception, match=r"(?s)vision tower runs eagerly under an AttentionProbe.*"
-                                        r"model\.model\.language_model\.compile\(fullgraph=True\)"):
+    with pytest.raises(
+        Exception,
+        match=r"(?s)vision tower runs eagerly under an AttentionProbe.*"
+        r"model\.model\.language_model\.compile\(fullgraph=True\)",
+    ):
         with torch.no_grad():
             torch.compile(model, fullgraph=True, backend="aot_eager")(**inputs)
     torch._dynamo.reset()
@@ -254,8 +284,14 @@ def test_concurrent_generate_equals_single_threaded() -> None:
     requests = [image_inputs(processor, seed) for seed in range(12)]
 
     def serve(inputs):
-        out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
-                             return_dict_in_generate=True, output_logits=True)
+        out = model.generate(
+            **inputs,
+            max_new_tokens=3,
+            min_new_tokens=3,
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
         return torch.stack(out.logits), out.sequences  # (steps, 1, vocab), (1, prompt + steps)
 
     expected = [serve(inputs) for inputs in requests]

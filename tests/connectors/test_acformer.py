@@ -268,8 +268,9 @@ def test_tolerances_bite() -> None:
         broken.layers = broken.layers[:-1]
         features, anchor_idx = torch.randn(2, 17, 16), random_anchors(2, 17, 5)
         with pytest.raises(AssertionError):
-            torch.testing.assert_close(broken(features.to(dtype), anchor_idx).float(), full(features, anchor_idx),
-                                       atol=tol, rtol=tol)
+            torch.testing.assert_close(
+                broken(features.to(dtype), anchor_idx).float(), full(features, anchor_idx), atol=tol, rtol=tol
+            )
 
 
 # --- layout, counts and config -------------------------------------------------------------------------
@@ -282,11 +283,17 @@ def reference_layout(d: int, llm: int, depth: int, heads: int, dim_head: int, ff
     for i in range(depth):
         p = f"0.layers.{i}."
         shapes |= {
-            p + "0.norm_media.weight": (d,), p + "0.norm_media.bias": (d,),
-            p + "0.norm_latents.weight": (d,), p + "0.norm_latents.bias": (d,),
-            p + "0.to_q.weight": (inner, d), p + "0.to_kv.weight": (2 * inner, d), p + "0.to_out.weight": (d, inner),
-            p + "1.0.weight": (d,), p + "1.0.bias": (d,),
-            p + "1.1.weight": (ff_mult * d, d), p + "1.3.weight": (d, ff_mult * d),
+            p + "0.norm_media.weight": (d,),
+            p + "0.norm_media.bias": (d,),
+            p + "0.norm_latents.weight": (d,),
+            p + "0.norm_latents.bias": (d,),
+            p + "0.to_q.weight": (inner, d),
+            p + "0.to_kv.weight": (2 * inner, d),
+            p + "0.to_out.weight": (d, inner),
+            p + "1.0.weight": (d,),
+            p + "1.0.bias": (d,),
+            p + "1.1.weight": (ff_mult * d, d),
+            p + "1.3.weight": (d, ff_mult * d),
         }
     shapes |= {"0.norm.weight": (d,), "0.norm.bias": (d,), "0.latents": (latents, d)}
     shapes |= {"1.weight": (llm, d), "1.bias": (llm,), "3.weight": (llm, llm), "3.bias": (llm,)}
@@ -394,7 +401,9 @@ PADDED = torch.arange(17).expand(2, 17) < 10
         (X, torch.full((2, 3), -1), {}, r"\[0, 17\).*got values in \[-1, -1\]"),
         (X, torch.zeros(2, 3), {}, r"anchor_idx must be an integer tensor.*float32.*\(2, 3\)"),
         (
-            X, IDX, {"key_padding_mask": torch.ones(2, 16, dtype=torch.bool)},
+            X,
+            IDX,
+            {"key_padding_mask": torch.ones(2, 16, dtype=torch.bool)},
             r"key_padding_mask must have shape \(B, N\) = \(2, 17\).*got shape \(2, 16\)",
         ),
         (X, IDX, {"key_padding_mask": torch.ones(2, 17)}, r"key_padding_mask must be a bool tensor.*float32"),
@@ -414,8 +423,11 @@ def test_bad_input_raises_with_shapes(
 def test_attention_path_rejects_samples_with_too_few_real_tokens() -> None:
     mask = torch.ones(2, 17, dtype=torch.bool)
     mask[1, 4:] = False  # 3 real patch tokens < num_anchors=5
-    with pytest.raises(ValueError, match=r"key_padding_mask leaves samples \[1\] with fewer real candidate tokens "
-                       r"\(\[3\]\) than num_anchors=5"):
+    with pytest.raises(
+        ValueError,
+        match=r"key_padding_mask leaves samples \[1\] with fewer real candidate tokens "
+        r"\(\[3\]\) than num_anchors=5",
+    ):
         small()(X, attention=torch.rand(2, 17), key_padding_mask=mask)
 
 

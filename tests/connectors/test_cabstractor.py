@@ -26,9 +26,7 @@ def honeybee_net(connector: CAbstractor, depth: int, hidden: int, grid: int) -> 
         regnet.RegStage(depth, hidden, hidden, **block),
     )
     ours = connector.state_dict()
-    net.load_state_dict(
-        {k: ours[("stage1." if k.startswith("0.") else "stage2.") + k[2:]] for k in net.state_dict()}
-    )
+    net.load_state_dict({k: ours[("stage1." if k.startswith("0.") else "stage2.") + k[2:]] for k in net.state_dict()})
     return net
 
 
@@ -48,7 +46,9 @@ def test_matches_timm_regnet_stages_as_honeybee_builds_them(vision_dim: int, hid
     # ... and the comparison bites: timm's stage with ReLU (its default) instead of SiLU is rejected.
     block = dict(stride=1, dilation=1, act_layer=nn.ReLU, norm_layer=pytest.importorskip("timm.layers").LayerNorm2d)
     net[0] = pytest.importorskip("timm.models.regnet").RegStage(2, vision_dim, hidden, **block)
-    net[0].load_state_dict({k[len("stage1."):]: v for k, v in connector.state_dict().items() if k.startswith("stage1.")})
+    net[0].load_state_dict(
+        {k[len("stage1.") :]: v for k, v in connector.state_dict().items() if k.startswith("stage1.")}
+    )
     relu = connector.projector(net(grid).flatten(2).transpose(1, 2))
     with pytest.raises(AssertionError):
         torch.testing.assert_close(out, relu, atol=1e-5, rtol=1e-5)

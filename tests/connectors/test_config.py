@@ -69,7 +69,9 @@ def test_from_config_places_parameters(name: str) -> None:
     connector = build(name)
     clone = type(connector).from_config(connector.config, device="cpu", dtype=torch.float64)
     assert {p.dtype for p in clone.parameters()} == {torch.float64}
-    assert all(p.device.type == "meta" for p in type(connector).from_config(connector.config, device="meta").parameters())
+    assert all(
+        p.device.type == "meta" for p in type(connector).from_config(connector.config, device="meta").parameters()
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -77,13 +79,18 @@ def test_bad_configs_are_named(name: str) -> None:
     connector = build(name)
     cls, config = type(connector), connector.config
     before = {k: v.clone() for k, v in connector.state_dict().items()}
-    with pytest.raises(ValueError, match=rf"unknown {type(config).__name__} keys \['bogus'\]; known keys: \[.*'vision_dim'"):
+    with pytest.raises(
+        ValueError, match=rf"unknown {type(config).__name__} keys \['bogus'\]; known keys: \[.*'vision_dim'"
+    ):
         cls.from_config({**config.to_dict(), "bogus": 1})
     with pytest.raises(ValueError, match=r"vision_dim must be .*got 0"):
         cls.from_config({**config.to_dict(), "vision_dim": 0})
     other = next(build(n).config for n in NAMES if type(build(n)) is not cls)
-    with pytest.raises(ValueError, match=rf"config must be a {type(config).__name__} \(or its dict\) for "
-                                         rf"{cls.__name__}, got {type(other).__name__}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"config must be a {type(config).__name__} \(or its dict\) for "
+        rf"{cls.__name__}, got {type(other).__name__}",
+    ):
         cls.from_config(other)
     with pytest.raises(ValueError, match=rf"config must be a {type(config).__name__} .*got str"):
         cls.from_config("mlp2x_gelu")  # type: ignore[arg-type]

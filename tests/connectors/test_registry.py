@@ -69,8 +69,14 @@ def test_llava_token_counts() -> None:
         for name in available_connectors()
     }
     assert counts == {
-        "acformer": 145, "avgpool": 144, "cabstractor": 144, "identity": 576, "linear": 576,
-        "mlp2x_gelu": 576, "perceiver": 144, "select": 144,
+        "acformer": 145,
+        "avgpool": 144,
+        "cabstractor": 144,
+        "identity": 576,
+        "linear": 576,
+        "mlp2x_gelu": 576,
+        "perceiver": 144,
+        "select": 144,
     }
 
 

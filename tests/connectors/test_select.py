@@ -48,8 +48,10 @@ def make(k, m=0, include_cls=False, prefix=1, seed=0):
     return SelectConnector(D, LLM, num_anchors=k, num_context=m, include_cls=include_cls, num_prefix_tokens=prefix)
 
 
-@pytest.mark.parametrize("k,m,include_cls,prefix", [(5, 0, False, 1), (5, 3, False, 1), (4, 2, True, 1),
-                                                     (7, 4, False, 0), (3, 5, False, 5), (16, 0, True, 1)])
+@pytest.mark.parametrize(
+    "k,m,include_cls,prefix",
+    [(5, 0, False, 1), (5, 3, False, 1), (4, 2, True, 1), (7, 4, False, 0), (3, 5, False, 5), (16, 0, True, 1)],
+)
 def test_matches_reference(k, m, include_cls, prefix) -> None:
     conn = make(k, m, include_cls, prefix)
     torch.manual_seed(1)
@@ -57,8 +59,9 @@ def test_matches_reference(k, m, include_cls, prefix) -> None:
     features, scores = torch.randn(3, n, D), torch.rand(3, 4, n)
     with torch.no_grad():
         got = conn(features, attention=scores)
-        want = reference_select(features, scores, k=k, m=m, include_cls=include_cls, prefix=prefix,
-                                projector=conn.projector)
+        want = reference_select(
+            features, scores, k=k, m=m, include_cls=include_cls, prefix=prefix, projector=conn.projector
+        )
     assert got.shape == (3, int(include_cls) + k + m, LLM) == (3, conn.num_output_tokens(n), LLM)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
@@ -71,8 +74,16 @@ def test_tolerance_rejects_a_wrong_merge() -> None:
     scores = torch.rand(2, 4, 17)
     with torch.no_grad():
         got = conn(features, attention=scores)
-        broken = reference_select(features, scores, k=4, m=3, include_cls=False, prefix=1, projector=conn.projector,
-                                  similarity=lambda a, b: float(a @ b))
+        broken = reference_select(
+            features,
+            scores,
+            k=4,
+            m=3,
+            include_cls=False,
+            prefix=1,
+            projector=conn.projector,
+            similarity=lambda a, b: float(a @ b),
+        )
     assert (got - broken).abs().max() > 1e-3
 
 
@@ -116,8 +127,12 @@ def test_output_count_and_no_parameters(k, m, seed) -> None:
     with torch.no_grad():
         out = conn(features, attention=torch.rand(2, 13))
     assert out.shape == (2, k + m, LLM)
-    assert {n for n, _ in conn.named_parameters()} == {"projector.0.weight", "projector.0.bias",
-                                                        "projector.2.weight", "projector.2.bias"}
+    assert {n for n, _ in conn.named_parameters()} == {
+        "projector.0.weight",
+        "projector.0.bias",
+        "projector.2.weight",
+        "projector.2.bias",
+    }
 
 
 def test_registry_config_round_trip_and_llava_keys() -> None:

@@ -26,14 +26,13 @@ pytest.importorskip("lmms_eval", reason="lmms-eval runs in .venv-lmms (scripts/t
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import _tiny  # noqa: E402
 import torch  # noqa: E402
-from loguru import logger  # noqa: E402
 from lmms_eval.__main__ import cli_evaluate_single, parse_eval_args  # noqa: E402
 from lmms_eval.evaluator import simple_evaluate  # noqa: E402
 from lmms_eval.models import get_model, list_available_models  # noqa: E402
 from lmms_eval.tasks import TaskManager  # noqa: E402
-
-import _tiny  # noqa: E402
+from loguru import logger  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "evaluation.md"
@@ -53,13 +52,28 @@ class Family:
 
 
 FAMILIES = {
-    "llava": Family("save_llava", "llava_hf", "anchor_llava_hf", "num_anchors=49,num_context=0,score=cls",
-                    "num_anchors=8,num_context=0,score=cls", doc="llava", doc_k="8"),
+    "llava": Family(
+        "save_llava",
+        "llava_hf",
+        "anchor_llava_hf",
+        "num_anchors=49,num_context=0,score=cls",
+        "num_anchors=8,num_context=0,score=cls",
+        doc="llava",
+        doc_k="8",
+    ),
     "llava_next": Family("save_llava_next", "llava_hf", "anchor_llava_hf", "num_anchors=49", "num_anchors=8"),
     "llava_onevision": Family("save_onevision", "llava_hf", "anchor_llava_hf", "num_anchors=49", "num_anchors=8"),
     # images of at most 112 x 112 pixels instead of lmms-eval's default 256-1024 tokens' worth (CPU time)
-    "qwen2_5_vl": Family("save_qwen", "qwen2_5_vl", "anchor_qwen2_5_vl", "num_anchors=1.0", "num_anchors=0.25",
-                         host="device_map=cpu,min_pixels=3136,max_pixels=12544", doc="qwen2_5_vl", doc_k="0.25"),
+    "qwen2_5_vl": Family(
+        "save_qwen",
+        "qwen2_5_vl",
+        "anchor_qwen2_5_vl",
+        "num_anchors=1.0",
+        "num_anchors=0.25",
+        host="device_map=cpu,min_pixels=3136,max_pixels=12544",
+        doc="qwen2_5_vl",
+        doc_k="0.25",
+    ),
 }
 
 
@@ -100,14 +114,17 @@ def _record(model, seen: Seen) -> list:
             positions = kwargs.get("position_ids")
             seen.positions.append(None if positions is None else positions.detach().clone())
 
-    return [model.register_forward_pre_hook(outer, with_kwargs=True),
-            model.model.language_model.register_forward_pre_hook(inner, with_kwargs=True)]
+    return [
+        model.register_forward_pre_hook(outer, with_kwargs=True),
+        model.model.language_model.register_forward_pre_hook(inner, with_kwargs=True),
+    ]
 
 
 def _samples(samples: list[dict]) -> tuple[list[str], float]:
     ordered = sorted(samples, key=lambda s: s["doc_id"])
-    responses = [s["filtered_resps"] if isinstance(s["filtered_resps"], str) else s["filtered_resps"][0]
-                 for s in ordered]
+    responses = [
+        s["filtered_resps"] if isinstance(s["filtered_resps"], str) else s["filtered_resps"][0] for s in ordered
+    ]
     return responses, sum(float(s["exact_match"]) for s in ordered) / len(ordered)
 
 
@@ -149,9 +166,16 @@ class Workspace:
         errors: list[str] = []  # lmms-eval logs a failed generate and answers "" for it
         sink = logger.add(lambda message: errors.append(str(message)), level="ERROR")
         try:
-            results = simple_evaluate(model=lm, tasks=[TASK], batch_size=1, device="cpu", log_samples=True,
-                                      task_manager=self.tasks,
-                                      verbosity="WARNING", process_docs_parallel=1)
+            results = simple_evaluate(
+                model=lm,
+                tasks=[TASK],
+                batch_size=1,
+                device="cpu",
+                log_samples=True,
+                task_manager=self.tasks,
+                verbosity="WARNING",
+                process_docs_parallel=1,
+            )
         finally:
             logger.remove(sink)
             for handle in handles:
@@ -296,8 +320,12 @@ def test_the_documented_commands_run(work: Workspace, family: str, monkeypatch) 
     assert [c[c.index("--model") + 1] for c in commands] == [spec.stock, spec.anchor]
     for argv, kind in zip(commands, ("stock", "reduced")):
         out = work.root / f"doc_{family}_{kind}"
-        run = _cli(swapped(argv, pretrained=work.checkpoint(family), host=spec.host, k=spec.doc_k, task_dir=work.task,
-                           out=out), monkeypatch)
+        run = _cli(
+            swapped(
+                argv, pretrained=work.checkpoint(family), host=spec.host, k=spec.doc_k, task_dir=work.task, out=out
+            ),
+            monkeypatch,
+        )
         expected = work.run(family, kind)
         assert run.responses == expected.responses and run.score == expected.score
         assert list(out.rglob("*_results.json")) and list(out.rglob(f"*_samples_{TASK}.jsonl"))
@@ -307,11 +335,18 @@ def test_the_documented_commands_run(work: Workspace, family: str, monkeypatch) 
 def test_the_documented_command_runs_in_a_fresh_process(work: Workspace) -> None:
     spec = FAMILIES["llava"]
     out = work.root / "doc_llava_process"
-    argv = swapped(doc_commands("llava")[1], pretrained=work.checkpoint("llava"), host=spec.host, k=spec.doc_k,
-                   task_dir=work.task, out=out)
+    argv = swapped(
+        doc_commands("llava")[1],
+        pretrained=work.checkpoint("llava"),
+        host=spec.host,
+        k=spec.doc_k,
+        task_dir=work.task,
+        out=out,
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "lmms_eval", *argv], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=work.root)
+    done = subprocess.run(
+        [sys.executable, "-m", "lmms_eval", *argv], env=env, capture_output=True, text=True, timeout=600, cwd=work.root
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     samples = list(out.rglob(f"*_samples_{TASK}.jsonl"))
     assert samples, done.stdout[-3000:] + done.stderr[-3000:]  # lmms-eval exits 0 after a failed run
@@ -330,12 +365,20 @@ def test_the_documented_command_runs_in_a_fresh_process(work: Workspace) -> None
         ("anchor_llava_hf", "num_anchors=0", r"num_anchors must be an integer >= 1 .*got 0"),
         ("anchor_llava_hf", "num_anchors=0.5", r"num_anchors must be an integer >= 1 for llava, got 0.5"),
         ("anchor_llava_hf", "num_anchors=8,num_context=-1", r"num_context must be an integer >= 0, got -1"),
-        ("anchor_llava_hf", "num_anchors=8,score=attention", r"score must be one of cls, norm, map, received, got 'attention'"),
+        (
+            "anchor_llava_hf",
+            "num_anchors=8,score=attention",
+            r"score must be one of cls, norm, map, received, got 'attention'",
+        ),
         ("anchor_llava_hf", "num_anchors=8,image_budget=20", r"image_budget is not a setting of llava"),
         ("anchor_llava_hf", "num_context=2", r"num_anchors must be given for the stock checkpoint"),
         ("anchor_llava_hf", "num_anchors=48,num_context=2", r"num_anchors \+ num_context must be at most the 49"),
-        ("anchor_llava_hf", "num_anchors=8,device=cuda", r"device is given twice, as model_args device='cuda' and as "
-                                                         r"the command line's --device 'cpu'"),
+        (
+            "anchor_llava_hf",
+            "num_anchors=8,device=cuda",
+            r"device is given twice, as model_args device='cuda' and as "
+            r"the command line's --device 'cpu'",
+        ),
         ("anchor_qwen2_5_vl", "num_anchors=8,num_context=0", r"num_context is not a setting of qwen2_5_vl"),
         ("anchor_llava_hf", "num_anchors=8,device_map=", r"device_map must be given for a single-process run"),
     ],
@@ -358,11 +401,13 @@ def test_anchor_settings_for_a_folder_saved_attached_are_refused(work: Workspace
     model.save_pretrained(saved)
     processor.save_pretrained(saved)
     with pytest.raises(ValueError, match=r"num_anchors must not be given for a checkpoint saved attached"):
-        get_model("anchor_llava_hf").create_from_arg_string(f"pretrained={saved},device_map=cpu,num_anchors=4",
-                                                          {"device": "cpu"})
+        get_model("anchor_llava_hf").create_from_arg_string(
+            f"pretrained={saved},device_map=cpu,num_anchors=4", {"device": "cpu"}
+        )
 
 
 def test_a_checkpoint_of_another_family_is_refused(work: Workspace) -> None:
     with pytest.raises(ValueError, match=r"pretrained must be a checkpoint of qwen2_5_vl .*got model_type 'llava'"):
         get_model("anchor_qwen2_5_vl").create_from_arg_string(
-            work.model_args("llava", "num_anchors=8"), {"batch_size": 1, "device": "cpu"})
+            work.model_args("llava", "num_anchors=8"), {"batch_size": 1, "device": "cpu"}
+        )

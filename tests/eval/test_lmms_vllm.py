@@ -15,9 +15,8 @@ pytest.importorskip("lmms_eval", reason="lmms-eval runs in .venv-lmms (scripts/t
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from lmms_eval.models import get_model  # noqa: E402
-
 import _tiny  # noqa: E402
+from lmms_eval.models import get_model  # noqa: E402
 
 TASK = "anchor_tiny_vqa"
 
@@ -62,10 +61,20 @@ def test_full_budget_answers_as_stock_vllm_and_a_reduced_one_runs(llava: Path, t
 
     def answers(name: str, settings: str) -> list[str]:
         args = ",".join(filter(None, [f"model={llava}", engine, settings]))
-        results = simple_evaluate(model=name, model_args=args, tasks=[TASK], batch_size=1, log_samples=True,
-                                  task_manager=tasks, verbosity="WARNING", process_docs_parallel=1)
+        results = simple_evaluate(
+            model=name,
+            model_args=args,
+            tasks=[TASK],
+            batch_size=1,
+            log_samples=True,
+            task_manager=tasks,
+            verbosity="WARNING",
+            process_docs_parallel=1,
+        )
         samples = sorted(results["samples"][TASK], key=lambda s: s["doc_id"])
-        return [s["filtered_resps"] if isinstance(s["filtered_resps"], str) else s["filtered_resps"][0] for s in samples]
+        return [
+            s["filtered_resps"] if isinstance(s["filtered_resps"], str) else s["filtered_resps"][0] for s in samples
+        ]
 
     stock = answers("vllm", "")
     assert answers("anchor_vllm", "num_anchors=49,num_context=0") == stock

@@ -75,8 +75,9 @@ def mutants(site: AttentionSite, call: SiteCall, score: str) -> dict[str, torch.
     return broken
 
 
-def assert_close_and_bites(got: torch.Tensor, expected: torch.Tensor, broken: dict[str, torch.Tensor],
-                           atol: float = 1e-5) -> None:
+def assert_close_and_bites(
+    got: torch.Tensor, expected: torch.Tensor, broken: dict[str, torch.Tensor], atol: float = 1e-5
+) -> None:
     """``got`` matches ``expected`` to ``atol`` and every broken variant does not."""
     torch.testing.assert_close(got, expected, atol=atol, rtol=0)
     for name, tensor in broken.items():

@@ -18,9 +18,16 @@ HEADS = 4
 
 
 def build(use_head: bool = True) -> torch.nn.Module:
-    config = transformers.Aimv2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                            num_attention_heads=HEADS, image_size=32, patch_size=8, use_head=use_head,
-                                            qkv_bias=True)
+    config = transformers.Aimv2VisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=HEADS,
+        image_size=32,
+        patch_size=8,
+        use_head=use_head,
+        qkv_bias=True,
+    )
     model = transformers.Aimv2VisionModel(config).eval()
     with torch.no_grad():  # the head's query starts near zero (uniform attention): give it a real one
         model.head.cls_token.normal_(0, 1.0) if use_head else None
@@ -31,8 +38,9 @@ def build(use_head: bool = True) -> torch.nn.Module:
 def test_received_exact(layer: int) -> None:
     model = build()
     pixels = torch.randn(2, 3, 32, 32)
-    probe = check_exact_family(model, lambda m, **kw: m(pixel_values=pixels, **kw), score="received", layer=layer,
-                               num_layers=3)
+    probe = check_exact_family(
+        model, lambda m, **kw: m(pixel_values=pixels, **kw), score="received", layer=layer, num_layers=3
+    )
     assert probe.encoder.family == "aimv2" and probe.attention.shape == (2, HEADS, 16)
     result = extract_anchors(model, pixels, num_anchors=5, layer=layer, score="received")
     assert torch.equal(result.anchor_idx, anchor_search(probe.attention, 5, include_cls=False, num_prefix_tokens=0))
@@ -56,9 +64,15 @@ def test_map_row_equals_the_head_attention() -> None:
 
 
 def test_refusals_name_the_alternatives() -> None:
-    with pytest.raises(ValueError, match="score='cls' needs a \\[CLS\\] token, but this aimv2 encoder has none; use "
-                                         "score='received' .* or score='map' .* or score='norm'"):
+    with pytest.raises(
+        ValueError,
+        match="score='cls' needs a \\[CLS\\] token, but this aimv2 encoder has none; use "
+        "score='received' .* or score='map' .* or score='norm'",
+    ):
         AttentionProbe(build())
-    with pytest.raises(ValueError, match="score='map' needs an attention-pooling \\(MAP\\) head, but this aimv2 "
-                                         "encoder has none; use score='received'"):
+    with pytest.raises(
+        ValueError,
+        match="score='map' needs an attention-pooling \\(MAP\\) head, but this aimv2 "
+        "encoder has none; use score='received'",
+    ):
         AttentionProbe(build(use_head=False), score="map")

@@ -16,8 +16,15 @@ def test_tiny_preset_runs() -> None:
     report = bench_probe.run(preset="tiny", device=torch.device("cpu"))
     json.dumps(report)  # JSON-serialisable
     assert report["probe_anchors_equal_reference"] is True
-    assert set(report["paths"]) == {"sdpa", "sdpa+hidden_states", "probe", "probe+hidden_states", "reference",
-                                    "received", "eager_received"}
+    assert set(report["paths"]) == {
+        "sdpa",
+        "sdpa+hidden_states",
+        "probe",
+        "probe+hidden_states",
+        "reference",
+        "received",
+        "eager_received",
+    }
     assert set(report["siglip"]["paths"]) == {"sdpa", "received", "eager_received"}
     for entry in [*report["paths"].values(), *report["siglip"]["paths"].values()]:
         assert entry["median_ms"] > 0 and entry["peak_extra_mib"] > 0

@@ -24,8 +24,13 @@ HEADS = 4
 
 def tiny_config() -> CLIPVisionConfig:
     return CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        image_size=32, patch_size=8, projection_dim=16,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        image_size=32,
+        patch_size=8,
+        projection_dim=16,
     )
 
 
@@ -150,8 +155,10 @@ def test_bf16_row_is_fp32_from_the_bf16_projections(model: CLIPVisionModel, pixe
     spec = detect_encoder(model)
     attn = spec.blocks[-2].self_attn
     seen = {}
-    handles = [attn.q_proj.register_forward_hook(lambda m, a, o: seen.setdefault("q", o)),
-               attn.k_proj.register_forward_hook(lambda m, a, o: seen.setdefault("k", o))]
+    handles = [
+        attn.q_proj.register_forward_hook(lambda m, a, o: seen.setdefault("q", o)),
+        attn.k_proj.register_forward_hook(lambda m, a, o: seen.setdefault("k", o)),
+    ]
     try:
         with torch.no_grad(), AttentionProbe(model, layer=-2) as probe:
             model(pixel_values=pixels.to(torch.bfloat16))
@@ -171,11 +178,11 @@ def test_several_forwards_are_kept_separately(model: CLIPVisionModel, pixels: to
         model(pixel_values=pixels[1:])
     assert [c.features.shape[0] for c in probe.captures] == [1, 2]
     with pytest.raises(RuntimeError, match="ran 2 times"):
-        probe.attention
+        _ = probe.attention
     with AttentionProbe(model) as probe:
         pass
     with pytest.raises(RuntimeError, match="no forward ran"):
-        probe.features
+        _ = probe.features
 
 
 def test_errors(model: CLIPVisionModel, pixels: torch.Tensor) -> None:
@@ -187,10 +194,13 @@ def test_errors(model: CLIPVisionModel, pixels: torch.Tensor) -> None:
         extract_anchors(model, pixels, num_anchors=4, layer=-4)
     with pytest.raises(ValueError, match="score='map' needs an attention-pooling"):
         AttentionProbe(model, score="map")
-    with pytest.raises(ValueError, match=r"pixel_values must have shape \(B, 3, H_img, W_img\), got shape \(3, 32, 32\)"):
+    with pytest.raises(
+        ValueError, match=r"pixel_values must have shape \(B, 3, H_img, W_img\), got shape \(3, 32, 32\)"
+    ):
         extract_anchors(model, pixels[0], num_anchors=4)
     with pytest.raises(ValueError, match=r"got shape \(3, 1, 32, 32\)"):
         extract_anchors(model, pixels[:, :1], num_anchors=4)
-    with pytest.raises(ValueError, match="not a supported vision encoder; supported families: "
-                                         ".*clip \\(transformers CLIPVisionModel"):
+    with pytest.raises(
+        ValueError, match="not a supported vision encoder; supported families: .*clip \\(transformers CLIPVisionModel"
+    ):
         extract_anchors(torch.nn.Linear(3, 3), pixels, num_anchors=4)

@@ -24,8 +24,12 @@ HEADS = 4
 
 def build(registers: int) -> torch.nn.Module:
     kwargs = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        image_size=32, patch_size=8,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        image_size=32,
+        patch_size=8,
     )
     if registers == 0:
         return transformers.Dinov2Model(transformers.Dinov2Config(**kwargs)).eval()

@@ -19,8 +19,13 @@ LAYERS = 3
 
 def build(registers: int) -> torch.nn.Module:
     config = transformers.DINOv3ViTConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4, image_size=32,
-        patch_size=8, num_register_tokens=registers,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        num_register_tokens=registers,
     )
     return transformers.DINOv3ViTModel(config).eval()
 
@@ -31,8 +36,9 @@ def build(registers: int) -> torch.nn.Module:
 def test_exact(registers: int, score: str, layer: int) -> None:
     model = build(registers)
     pixels = torch.randn(2, 3, 32, 32)
-    probe = check_exact_family(model, lambda m, **kw: m(pixel_values=pixels, **kw), score=score, layer=layer,
-                               num_layers=LAYERS)
+    probe = check_exact_family(
+        model, lambda m, **kw: m(pixel_values=pixels, **kw), score=score, layer=layer, num_layers=LAYERS
+    )
     prefix = 1 + registers
     assert probe.attention.shape == (2, 4, prefix + 16) and probe.num_prefix_tokens == prefix
     result = extract_anchors(model, pixels, num_anchors=5, layer=layer, score=score)

@@ -11,8 +11,14 @@ from anchor_former.probes.registry import register_encoder_family
 
 
 def tiny_clip(layers: int = 3) -> CLIPVisionModel:
-    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                              image_size=32, patch_size=8)
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+    )
     return CLIPVisionModel(config).eval()
 
 

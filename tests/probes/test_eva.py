@@ -16,8 +16,16 @@ HEADS = 4
 
 
 def build(**kwargs) -> torch.nn.Module:
-    defaults = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=HEADS, num_classes=0,
-                    use_rot_pos_emb=True, ref_feat_shape=4)
+    defaults = dict(
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=3,
+        num_heads=HEADS,
+        num_classes=0,
+        use_rot_pos_emb=True,
+        ref_feat_shape=4,
+    )
     model = eva.Eva(**{**defaults, **kwargs}).eval()
     with torch.no_grad():  # EVA zero-initialises q_bias; give every bias a value so a dropped one shows
         for name, p in model.named_parameters():
@@ -74,13 +82,16 @@ def test_exact_against_non_fused(kwargs: dict, score: str, layer: int) -> None:
     assert_close_and_bites(probe.attention, expected, broken)
     prefix = model.num_prefix_tokens > 0  # timm cannot return_prefix_tokens without prefix tokens
     with torch.no_grad():
-        inter = model.forward_intermediates(pixels, indices=[block], norm=False, return_prefix_tokens=prefix,
-                                            output_fmt="NLC", intermediates_only=True)
+        inter = model.forward_intermediates(
+            pixels, indices=[block], norm=False, return_prefix_tokens=prefix, output_fmt="NLC", intermediates_only=True
+        )
     features = torch.cat([inter[0][1], inter[0][0]], dim=1) if prefix else inter[0]
     assert torch.equal(probe.features, features)
     result = extract_anchors(model, pixels, num_anchors=4, layer=layer, score=score)
-    assert torch.equal(result.anchor_idx, anchor_search(probe.attention, 4, include_cls=probe.has_cls,
-                                                        num_prefix_tokens=probe.num_prefix_tokens))
+    assert torch.equal(
+        result.anchor_idx,
+        anchor_search(probe.attention, 4, include_cls=probe.has_cls, num_prefix_tokens=probe.num_prefix_tokens),
+    )
 
 
 def test_map_head_and_spec() -> None:
@@ -90,8 +101,10 @@ def test_map_head_and_spec() -> None:
     pixels = torch.randn(2, 3, 32, 32)
     result = extract_anchors(model, pixels, num_anchors=4, score="map")
     assert result.attention.shape == (2, HEADS, 16) and result.anchor_idx.shape == (2, 4)
-    with pytest.raises(ValueError, match="score='cls' needs a \\[CLS\\] token, but this timm_eva encoder has none; "
-                                         "use score='received'"):
+    with pytest.raises(
+        ValueError,
+        match="score='cls' needs a \\[CLS\\] token, but this timm_eva encoder has none; use score='received'",
+    ):
         AttentionProbe(model)
 
 

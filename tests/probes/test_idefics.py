@@ -23,8 +23,9 @@ from anchor_former.probes import AttentionProbe, extract_anchors  # noqa: E402
 
 
 def build() -> torch.nn.Module:
-    config = transformers.IdeficsVisionConfig(embed_dim=32, intermediate_size=64, num_hidden_layers=3,
-                                              num_attention_heads=4, image_size=32, patch_size=8)
+    config = transformers.IdeficsVisionConfig(
+        embed_dim=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
+    )
     return vision.IdeficsVisionTransformer(config).eval()
 
 

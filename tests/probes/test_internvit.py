@@ -22,8 +22,15 @@ LAYERS = 3
 
 def build(qk_norm: bool) -> torch.nn.Module:
     config = transformers.InternVLVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4, image_size=32,
-        patch_size=8, use_qk_norm=qk_norm, layer_scale_init_value=0.5, use_mean_pooling=False,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        use_qk_norm=qk_norm,
+        layer_scale_init_value=0.5,
+        use_mean_pooling=False,
     )
     return randomize(transformers.InternVLVisionModel(config).eval())
 
@@ -34,8 +41,9 @@ def build(qk_norm: bool) -> torch.nn.Module:
 def test_exact(qk_norm: bool, score: str, layer: int) -> None:
     model = build(qk_norm)
     pixels = torch.randn(2, 3, 32, 32)
-    probe = check_exact_family(model, lambda m, **kw: m(pixel_values=pixels, **kw), score=score, layer=layer,
-                               num_layers=LAYERS)
+    probe = check_exact_family(
+        model, lambda m, **kw: m(pixel_values=pixels, **kw), score=score, layer=layer, num_layers=LAYERS
+    )
     assert probe.attention.shape == (2, 4, 17) and probe.num_prefix_tokens == 1
     result = extract_anchors(model, pixels, num_anchors=5, layer=layer, score=score)
     assert torch.equal(result.anchor_idx, anchor_search(probe.attention, 5, num_prefix_tokens=1))
@@ -45,7 +53,12 @@ def test_exact(qk_norm: bool, score: str, layer: int) -> None:
 def test_spec() -> None:
     spec = detect_encoder(build(True))
     assert (spec.family, spec.num_layers, spec.num_prefix_tokens, spec.has_cls, spec.patch_size) == (
-        "internvit", LAYERS, 1, True, 8)
+        "internvit",
+        LAYERS,
+        1,
+        True,
+        8,
+    )
     attn = spec.blocks[0].attention
     assert spec.sites[0].sources() == (attn.q_norm, attn.k_norm)  # the final queries and keys
 

@@ -16,11 +16,11 @@ from anchor_former.probes import detect_encoder  # noqa: E402
 
 @pytest.mark.parametrize("score", ["cls", "received"])
 def test_exact(score: str) -> None:
-    config = transformers.MetaClip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                              num_attention_heads=4, image_size=32, patch_size=8)
+    config = transformers.MetaClip2VisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
+    )
     model = transformers.MetaClip2VisionModel(config).eval()
     pixels = torch.randn(2, 3, 32, 32)
-    probe = check_exact_family(model, lambda m, **kw: m(pixel_values=pixels, **kw), score=score, layer=-2,
-                               num_layers=3)
+    probe = check_exact_family(model, lambda m, **kw: m(pixel_values=pixels, **kw), score=score, layer=-2, num_layers=3)
     assert probe.encoder.family == "metaclip_2" and probe.attention.shape == (2, 4, 17)
     assert detect_encoder(model).num_prefix_tokens == 1

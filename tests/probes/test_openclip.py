@@ -17,8 +17,9 @@ HEADS = 4
 
 
 def build() -> torch.nn.Module:
-    return oc_transformer.VisionTransformer(image_size=32, patch_size=8, width=32, layers=3, heads=HEADS,
-                                            mlp_ratio=2.0, output_dim=16).eval()
+    return oc_transformer.VisionTransformer(
+        image_size=32, patch_size=8, width=32, layers=3, heads=HEADS, mlp_ratio=2.0, output_dim=16
+    ).eval()
 
 
 def own_attention_maps(model: torch.nn.Module, pixels: torch.Tensor, block: int) -> torch.Tensor:
@@ -54,8 +55,14 @@ def test_vision_transformer_exact(score: str, layer: int) -> None:
     broken = mutants(site, site_call(model, lambda: model(pixels), site), score)
     assert_close_and_bites(probe.attention, expected, broken)
     with torch.no_grad():
-        inter = model.forward_intermediates(pixels, indices=[block], normalize_intermediates=False,
-                                            output_fmt="NLC", intermediates_only=True, output_extra_tokens=True)
+        inter = model.forward_intermediates(
+            pixels,
+            indices=[block],
+            normalize_intermediates=False,
+            output_fmt="NLC",
+            intermediates_only=True,
+            output_extra_tokens=True,
+        )
     features = torch.cat([inter["image_intermediates_prefix"][0], inter["image_intermediates"][0]], dim=1)
     assert torch.equal(probe.features, features)
     result = extract_anchors(model, pixels, num_anchors=5, layer=layer, score=score)

@@ -27,8 +27,13 @@ def reference_received(q, k, scale, padding=None):
 
 @settings(max_examples=30, deadline=None)
 @given(
-    batch=st.integers(1, 3), heads=st.integers(1, 4), tokens=st.integers(1, 24), width=st.integers(1, 8),
-    block=st.integers(1, 60), padded=st.booleans(), seed=st.integers(0, 2**16),
+    batch=st.integers(1, 3),
+    heads=st.integers(1, 4),
+    tokens=st.integers(1, 24),
+    width=st.integers(1, 8),
+    block=st.integers(1, 60),
+    padded=st.booleans(),
+    seed=st.integers(0, 2**16),
 )
 def test_equals_column_mean(batch, heads, tokens, width, block, padded, seed) -> None:
     g = torch.Generator().manual_seed(seed)
@@ -95,8 +100,11 @@ def test_errors() -> None:
         received_attention(q.long(), q.long(), scale=1.0)
     with pytest.raises(ValueError, match="block_size must be an integer >= 1, got 0"):
         received_attention(q, q, scale=1.0, block_size=0)
-    with pytest.raises(ValueError, match=r"key_padding_mask must be a bool tensor of shape \(2, 5\) \(B, N\), got "
-                                         r"torch.float32 of shape \(2, 5\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"key_padding_mask must be a bool tensor of shape \(2, 5\) \(B, N\), got "
+        r"torch.float32 of shape \(2, 5\)",
+    ):
         received_attention(q, q, scale=1.0, key_padding_mask=torch.zeros(2, 5))
     with pytest.raises(ValueError, match=r"got torch.bool of shape \(2, 4\)"):
         received_attention(q, q, scale=1.0, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
@@ -118,8 +126,12 @@ def reference_row(q0, k, scale, padding=None):
 
 @settings(max_examples=25, deadline=None)
 @given(
-    batch=st.integers(1, 3), tokens=st.integers(1, 20), heads=st.integers(1, 4), head_dim=st.integers(1, 8),
-    padded=st.booleans(), seed=st.integers(0, 2**16),
+    batch=st.integers(1, 3),
+    tokens=st.integers(1, 20),
+    heads=st.integers(1, 4),
+    head_dim=st.integers(1, 8),
+    padded=st.booleans(),
+    seed=st.integers(0, 2**16),
 )
 def test_row_equals_explicit_attention(batch, tokens, heads, head_dim, padded, seed) -> None:
     g = torch.Generator().manual_seed(seed)

@@ -23,8 +23,13 @@ HEADS = 4
 
 def build(**kwargs) -> SiglipVisionModel:
     config = SiglipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=HEADS,
-        image_size=32, patch_size=8, **kwargs,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=HEADS,
+        image_size=32,
+        patch_size=8,
+        **kwargs,
     )
     return SiglipVisionModel(config).eval()
 
@@ -102,8 +107,9 @@ def test_bit_identical_and_hooks_removed() -> None:
 def test_errors() -> None:
     model = build()
     pixels = torch.randn(2, 3, 32, 32)
-    with pytest.raises(ValueError, match="score='cls' needs a \\[CLS\\] token, but this siglip encoder has none; "
-                                         "use score='received'"):
+    with pytest.raises(
+        ValueError, match="score='cls' needs a \\[CLS\\] token, but this siglip encoder has none; use score='received'"
+    ):
         extract_anchors(model, pixels, num_anchors=4)
     with pytest.raises(ValueError, match="include_cls=True needs a \\[CLS\\] token"):
         extract_anchors(model, pixels, num_anchors=4, score="norm", include_cls=True)

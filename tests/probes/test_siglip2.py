@@ -9,7 +9,7 @@ transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "Siglip2VisionModel"):
     pytest.skip("this transformers has no Siglip2VisionModel", allow_module_level=True)
 
-from _probe_helpers import assert_close_and_bites, check_exact_family, eager_copy, mutants, site_call  # noqa: E402
+from _probe_helpers import assert_close_and_bites, check_exact_family, mutants, site_call  # noqa: E402
 
 from anchor_former import anchor_search  # noqa: E402
 from anchor_former.probes import AttentionProbe, extract_anchors  # noqa: E402
@@ -22,8 +22,13 @@ GRIDS = [(4, 4), (2, 3), (3, 5)]  # rows x cols per image; 16 token slots, paddi
 
 def build(attn: str = "sdpa") -> torch.nn.Module:
     config = transformers.Siglip2VisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        patch_size=PATCH, num_patches=16, attn_implementation=attn,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        patch_size=PATCH,
+        num_patches=16,
+        attn_implementation=attn,
     )
     return transformers.Siglip2VisionModel(config).eval()
 
@@ -45,8 +50,14 @@ def test_received_exact_with_padding(attn: str, layer: int) -> None:
     model = build(attn)
     pixels, inputs = naflex_inputs()
     padding = inputs["pixel_attention_mask"] == 0
-    probe = check_exact_family(model, lambda m, **kw: m(pixel_values=pixels, **inputs, **kw), score="received",
-                               layer=layer, num_layers=LAYERS, padding=padding)
+    probe = check_exact_family(
+        model,
+        lambda m, **kw: m(pixel_values=pixels, **inputs, **kw),
+        score="received",
+        layer=layer,
+        num_layers=LAYERS,
+        padding=padding,
+    )
     assert probe.attention.shape == (3, HEADS, 16)
     assert (probe.attention.masked_select(padding[:, None]) == 0).all()  # padded tokens receive nothing
     torch.testing.assert_close(probe.attention.sum(-1), torch.ones(3, HEADS), atol=1e-5, rtol=0)
@@ -62,8 +73,9 @@ def test_map_row_respects_padding() -> None:
     x = out.last_hidden_state
     with torch.no_grad():
         probe_q = head.probe.expand(3, -1, -1)
-        weights = head.attention(probe_q, x, x, key_padding_mask=padding, need_weights=True,
-                                 average_attn_weights=False)[1][:, :, 0]  # (B, H, N), the head's own MHA
+        weights = head.attention(
+            probe_q, x, x, key_padding_mask=padding, need_weights=True, average_attn_weights=False
+        )[1][:, :, 0]  # (B, H, N), the head's own MHA
     site = probe.encoder.pool_site
     broken = mutants(site, site_call(model, lambda: model(pixel_values=pixels, **inputs), site), "map")
     with torch.no_grad():  # the head's row had it been called without its key_padding_mask
@@ -92,15 +104,19 @@ def test_extract_anchors_naflex(score: str) -> None:
 def test_errors() -> None:
     model = build()
     pixels, inputs = naflex_inputs()
-    with pytest.raises(ValueError, match="score='cls' needs a \\[CLS\\] token, but this siglip2 encoder has none; "
-                                         "use score='received'"):
+    with pytest.raises(
+        ValueError, match="score='cls' needs a \\[CLS\\] token, but this siglip2 encoder has none; use score='received'"
+    ):
         extract_anchors(model, pixels, num_anchors=4, inputs=inputs)
     with pytest.raises(ValueError, match="num_anchors must be at most 6, the real .* got 7"):
         extract_anchors(model, pixels, num_anchors=7, score="received", inputs=inputs)
     with pytest.raises(ValueError, match="inputs must hold exactly pixel_attention_mask"):
         extract_anchors(model, pixels, num_anchors=4, score="received")
-    with pytest.raises(ValueError, match=r"pixel_values must have shape \(B, N, 48\) \(NaFlex patch rows\), got "
-                                         r"shape \(3, 3, 32, 32\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"pixel_values must have shape \(B, N, 48\) \(NaFlex patch rows\), got "
+        r"shape \(3, 3, 32, 32\)",
+    ):
         extract_anchors(model, torch.randn(3, 3, 32, 32), num_anchors=4, score="received", inputs=inputs)
     bad = {**inputs, "spatial_shapes": torch.tensor([[4, 4], [2, 2], [3, 5]])}
     with pytest.raises(ValueError, match=r"spatial_shapes'\]\[1\] = \(2, 2\) must cover the 6 real patches"):

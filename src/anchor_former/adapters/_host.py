@@ -94,7 +94,9 @@ class Host:
         """The record of what the attached model will do (the connector's full config included)."""
         raise NotImplementedError
 
-    def switch_processor(self, processor: Any, settings: AnchorSettings, plan: Plan, connector: nn.Module | None) -> None:
+    def switch_processor(
+        self, processor: Any, settings: AnchorSettings, plan: Plan, connector: nn.Module | None
+    ) -> None:
         """Make ``processor`` write the attached model's token counts (may raise; :func:`attach` rolls back)."""
 
     def install(self, model: nn.Module, settings: AnchorSettings, plan: Plan, connector: nn.Module | None) -> None:
@@ -134,7 +136,11 @@ def restoring(*objects: Any) -> Iterator[None]:
     for obj in objects:
         if obj is None:
             continue
-        slots = {name: dict(getattr(obj, name)) for name in ("_modules", "_parameters", "_buffers") if isinstance(obj, nn.Module)}
+        slots = {
+            name: dict(getattr(obj, name))
+            for name in ("_modules", "_parameters", "_buffers")
+            if isinstance(obj, nn.Module)
+        }
         saved.append((obj, obj.__class__, dict(obj.__dict__), slots))
     try:
         yield
@@ -187,7 +193,9 @@ def carry_over(new: nn.Module, previous: nn.Module, recorded: AnchorSettings | N
 def describe(settings: AnchorSettings) -> str:
     """``connector='acformer', num_anchors=8, score='cls', depth=2, ...`` for messages."""
     parts = {"connector": settings.connector, "num_anchors": settings.num_anchors, "score": settings.score}
-    parts.update({k: v for k, v in settings.connector_config.items() if k not in parts and k not in ("vision_dim", "llm_dim")})
+    parts.update(
+        {k: v for k, v in settings.connector_config.items() if k not in parts and k not in ("vision_dim", "llm_dim")}
+    )
     parts.update(settings.extras)
     return ", ".join(f"{k}={v!r}" for k, v in parts.items() if v is not None)
 

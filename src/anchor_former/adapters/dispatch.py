@@ -24,8 +24,9 @@ __all__ = ["attach_anchor_former", "kept_tokens"]
 
 def _is_llava_torch(model: nn.Module) -> bool:
     """``model`` is a model of the original LLaVA code (its classes derive from ``LlavaMetaForCausalLM``)."""
-    return any(cls.__module__.startswith("llava.") and cls.__name__ == "LlavaMetaForCausalLM"
-               for cls in type(model).__mro__)
+    return any(
+        cls.__module__.startswith("llava.") and cls.__name__ == "LlavaMetaForCausalLM" for cls in type(model).__mro__
+    )
 
 
 def attach_anchor_former(model: nn.Module, processor: Any = None, **kwargs: Any) -> nn.Module:
@@ -51,8 +52,11 @@ def attach_anchor_former(model: nn.Module, processor: Any = None, **kwargs: Any)
         from anchor_former.adapters.llava import attach_anchor_former as attach_llava
 
         return attach_llava(model, **kwargs)
-    if type(model).__module__.startswith("transformers.") or hasattr(model, "config") and hasattr(
-            model.config, "model_type"):
+    if (
+        type(model).__module__.startswith("transformers.")
+        or hasattr(model, "config")
+        and hasattr(model.config, "model_type")
+    ):
         from anchor_former.adapters.transformers import attach_anchor_former as attach_transformers
 
         return attach_transformers(model, processor, **kwargs)

@@ -98,7 +98,9 @@ class AnchorSettings:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"unknown {CONFIG_KEY} settings keys {unknown} for version {version}; known: {sorted(names)}")
+            raise ValueError(
+                f"unknown {CONFIG_KEY} settings keys {unknown} for version {version}; known: {sorted(names)}"
+            )
         if data.get("connector") is None:
             raise ValueError(f"{CONFIG_KEY} settings must name the connector, got {data!r}")
         return cls(**data)
@@ -124,8 +126,9 @@ def normalise(config: Any) -> dict[str, Any]:
     """
     settings = AnchorSettings.of(config)
     if settings is None:
-        raise ValueError(f"config.{CONFIG_KEY} must hold the attached model's settings; build the model with "
-                         "attach_anchor_former")
+        raise ValueError(
+            f"config.{CONFIG_KEY} must hold the attached model's settings; build the model with attach_anchor_former"
+        )
     setattr(config, CONFIG_KEY, settings.to_dict())
     return getattr(config, CONFIG_KEY)
 

@@ -60,8 +60,15 @@ __all__ = [
 REFERENCE_NUM_ANCHORS = 256
 
 _REF_LAYER = re.compile(r"^0\.layers\.(\d+)\.([01])\.(.+)$")
-_REF_ATTN = {"norm_media.weight", "norm_media.bias", "norm_latents.weight", "norm_latents.bias",
-             "to_q.weight", "to_kv.weight", "to_out.weight"}
+_REF_ATTN = {
+    "norm_media.weight",
+    "norm_media.bias",
+    "norm_latents.weight",
+    "norm_latents.bias",
+    "to_q.weight",
+    "to_kv.weight",
+    "to_out.weight",
+}
 _REF_FF = {"0.weight", "0.bias", "1.weight", "3.weight"}
 
 
@@ -181,17 +188,32 @@ class AnchorFormer(ResamplerConnector):
         super().__init__()
         self._set_widths(vision_dim, llm_dim, num_prefix_tokens)
         self._build_resampler(
-            depth=depth, heads=heads, dim_head=dim_head, ff_mult=ff_mult, projector=projector,
-            kv_include_queries=kv_include_queries, fused_attn=fused_attn,
-            gradient_checkpointing=gradient_checkpointing, device=device, dtype=dtype,
+            depth=depth,
+            heads=heads,
+            dim_head=dim_head,
+            ff_mult=ff_mult,
+            projector=projector,
+            kv_include_queries=kv_include_queries,
+            fused_attn=fused_attn,
+            gradient_checkpointing=gradient_checkpointing,
+            device=device,
+            dtype=dtype,
         )
         # The search validates num_anchors and include_cls.
         self.search = AnchorSearch(num_anchors, include_cls=include_cls, num_prefix_tokens=num_prefix_tokens)
         self.check_indices = check_indices
         self._config = AnchorFormerConfig(
-            vision_dim=vision_dim, llm_dim=llm_dim, num_anchors=num_anchors, depth=depth, heads=heads,
-            dim_head=dim_head, ff_mult=ff_mult, projector=projector, num_prefix_tokens=num_prefix_tokens,
-            include_cls=include_cls, kv_include_queries=kv_include_queries,
+            vision_dim=vision_dim,
+            llm_dim=llm_dim,
+            num_anchors=num_anchors,
+            depth=depth,
+            heads=heads,
+            dim_head=dim_head,
+            ff_mult=ff_mult,
+            projector=projector,
+            num_prefix_tokens=num_prefix_tokens,
+            include_cls=include_cls,
+            kv_include_queries=kv_include_queries,
         )
 
     @property
@@ -216,7 +238,10 @@ class AnchorFormer(ResamplerConnector):
                 f"the authors' AcFormer code trains with {REFERENCE_NUM_ANCHORS} anchors (num_count = 256 in its CLIP "
                 f"encoder; its num_latents=144 is unused), but this connector has num_anchors="
                 f"{self.search.num_anchors}: the weights load, but the model differs from the one trained; "
-                f"build it with num_anchors={REFERENCE_NUM_ANCHORS} to reproduce it", UserWarning, stacklevel=3)
+                f"build it with num_anchors={REFERENCE_NUM_ANCHORS} to reproduce it",
+                UserWarning,
+                stacklevel=3,
+            )
         return reference_acformer_to_anchor_former(state_dict), "reference_acformer"
 
     @property
@@ -296,9 +321,11 @@ class AnchorFormer(ResamplerConnector):
         self._check_features(features)
         self._check_mask(key_padding_mask, features)
         if (anchor_idx is None) == (attention is None):
-            raise ValueError("pass exactly one of anchor_idx (B, K) and attention; got "
-                             f"anchor_idx={'None' if anchor_idx is None else shape_str(anchor_idx)}, "
-                             f"attention={'None' if attention is None else shape_str(attention)}")
+            raise ValueError(
+                "pass exactly one of anchor_idx (B, K) and attention; got "
+                f"anchor_idx={'None' if anchor_idx is None else shape_str(anchor_idx)}, "
+                f"attention={'None' if attention is None else shape_str(attention)}"
+            )
         if anchor_idx is None:  # the search never picks padding (too few real tokens raise there)
             anchor_idx = self._search(attention, features, key_padding_mask)
         else:

@@ -79,13 +79,27 @@ class PerceiverResampler(ResamplerConnector):
         self._set_widths(vision_dim, llm_dim, num_prefix_tokens)
         check_positive_int("num_queries", num_queries)
         self._build_resampler(
-            depth=depth, heads=heads, dim_head=dim_head, ff_mult=ff_mult, projector=projector,
-            kv_include_queries=kv_include_queries, fused_attn=fused_attn,
-            gradient_checkpointing=gradient_checkpointing, device=device, dtype=dtype,
+            depth=depth,
+            heads=heads,
+            dim_head=dim_head,
+            ff_mult=ff_mult,
+            projector=projector,
+            kv_include_queries=kv_include_queries,
+            fused_attn=fused_attn,
+            gradient_checkpointing=gradient_checkpointing,
+            device=device,
+            dtype=dtype,
         )
         self._config = PerceiverResamplerConfig(
-            vision_dim=vision_dim, llm_dim=llm_dim, num_queries=num_queries, depth=depth, heads=heads,
-            dim_head=dim_head, ff_mult=ff_mult, projector=projector, num_prefix_tokens=num_prefix_tokens,
+            vision_dim=vision_dim,
+            llm_dim=llm_dim,
+            num_queries=num_queries,
+            depth=depth,
+            heads=heads,
+            dim_head=dim_head,
+            ff_mult=ff_mult,
+            projector=projector,
+            num_prefix_tokens=num_prefix_tokens,
             kv_include_queries=kv_include_queries,
         )
         self.latents = nn.Parameter(torch.empty(num_queries, vision_dim, device=device, dtype=dtype))

@@ -50,12 +50,23 @@ class ResamplerConnector(Connector):
             check_positive_int(name, value)
         dd = {"device": device, "dtype": dtype}
         self.gradient_checkpointing = gradient_checkpointing
-        self._shape = {"depth": depth, "heads": heads, "dim_head": dim_head, "ff_mult": ff_mult,
-                       "kv_include_queries": kv_include_queries, "projector": projector}
+        self._shape = {
+            "depth": depth,
+            "heads": heads,
+            "dim_head": dim_head,
+            "ff_mult": ff_mult,
+            "kv_include_queries": kv_include_queries,
+            "projector": projector,
+        }
         self.layers = nn.ModuleList(
             ResamplerLayer(
-                self.vision_dim, heads=heads, dim_head=dim_head, ff_mult=ff_mult, fused_attn=fused_attn,
-                kv_include_queries=kv_include_queries, **dd,
+                self.vision_dim,
+                heads=heads,
+                dim_head=dim_head,
+                ff_mult=ff_mult,
+                fused_attn=fused_attn,
+                kv_include_queries=kv_include_queries,
+                **dd,
             )
             for _ in range(depth)
         )
@@ -88,6 +99,12 @@ class ResamplerConnector(Connector):
         """Forward FLOPs per sample of the layers and the projector for K queries over N tokens."""
         s = self._shape
         return resampler_flops(
-            num_queries=num_queries, num_tokens=num_input_tokens, dim=self.vision_dim, depth=s["depth"],
-            heads=s["heads"], dim_head=s["dim_head"], ff_mult=s["ff_mult"], kv_include_queries=s["kv_include_queries"],
+            num_queries=num_queries,
+            num_tokens=num_input_tokens,
+            dim=self.vision_dim,
+            depth=s["depth"],
+            heads=s["heads"],
+            dim_head=s["dim_head"],
+            ff_mult=s["ff_mult"],
+            kv_include_queries=s["kv_include_queries"],
         ) + projector_flops(s["projector"], self.vision_dim, self.llm_dim, num_queries)

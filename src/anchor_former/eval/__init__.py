@@ -28,5 +28,7 @@ def manifests() -> list[Any]:
     """
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return [ModelManifest(model_id=name, simple_class_path=simple, chat_class_path=chat)
-            for name, (simple, chat) in MODELS.items()]
+    return [
+        ModelManifest(model_id=name, simple_class_path=simple, chat_class_path=chat)
+        for name, (simple, chat) in MODELS.items()
+    ]

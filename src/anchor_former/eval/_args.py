@@ -64,8 +64,13 @@ def _config_dict(pretrained: str, revision: str | None) -> dict[str, Any]:
 
 
 def _resolve(
-    owner: str, pretrained: str, revision: str | None, args: AnchorArgs, options: dict[str, tuple[str, ...]],
-    *, name: str = "pretrained",
+    owner: str,
+    pretrained: str,
+    revision: str | None,
+    args: AnchorArgs,
+    options: dict[str, tuple[str, ...]],
+    *,
+    name: str = "pretrained",
 ) -> tuple[str, bool]:
     """``(family, saved)`` of the checkpoint ``pretrained`` for the lmms-eval model ``owner``, the settings checked.
 

@@ -144,9 +144,11 @@ class _AnchorLlava(_AnchorModel):
 
         from anchor_former.adapters.hf import llava, llava_next, llava_onevision
 
-        for family, cls in ((llava, llava.AnchorFormerLlavaForConditionalGeneration),
-                            (llava_next, llava_next.AnchorFormerLlavaNextForConditionalGeneration),
-                            (llava_onevision, llava_onevision.AnchorFormerLlavaOnevisionForConditionalGeneration)):
+        for family, cls in (
+            (llava, llava.AnchorFormerLlavaForConditionalGeneration),
+            (llava_next, llava_next.AnchorFormerLlavaNextForConditionalGeneration),
+            (llava_onevision, llava_onevision.AnchorFormerLlavaOnevisionForConditionalGeneration),
+        ):
             family.register_auto_classes()  # AutoConfig (lmms-eval reads the type), AutoProcessor (NeXT / OneVision)
             host.model_map.setdefault(cls.config_class.model_type, cls)
 
@@ -192,9 +194,13 @@ class _AnchorQwen(_AnchorModel):
 
         recorded = dict(self.model.config.anchor_former)
         extras = recorded.get("extras") or {}  # the versioned record keeps family settings there
-        attach_anchor_former(self.model, self.processor, num_anchors=recorded["num_anchors"],
-                             score_layer=recorded.get("score_layer", recorded.get("layer")),
-                             block_size=recorded.get("block_size", extras.get("block_size")))
+        attach_anchor_former(
+            self.model,
+            self.processor,
+            num_anchors=recorded["num_anchors"],
+            score_layer=recorded.get("score_layer", recorded.get("layer")),
+            block_size=recorded.get("block_size", extras.get("block_size")),
+        )
 
 
 class AnchorQwen2_5_VL(_AnchorQwen, _Qwen2_5_VLSimple):

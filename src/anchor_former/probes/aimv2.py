@@ -39,8 +39,12 @@ def _head_site(head: nn.Module) -> QueryKeySite:
     def learned_query(output: torch.Tensor) -> torch.Tensor:
         return head.cls_token.reshape(1, 1, heads, width).transpose(1, 2)  # (1, H, 1, E), as the head reshapes it
 
-    return QueryKeySite(module=head, query=Projection(k_proj, learned_query), key=Projection(k_proj, split_heads(heads)),
-                        scale=width**-0.5)
+    return QueryKeySite(
+        module=head,
+        query=Projection(k_proj, learned_query),
+        key=Projection(k_proj, split_heads(heads)),
+        scale=width**-0.5,
+    )
 
 
 class Aimv2Family(EncoderFamily):
@@ -58,8 +62,9 @@ class Aimv2Family(EncoderFamily):
         return EncoderSpec(
             family=self.name,
             blocks=blocks,
-            sites=tuple(hf_linear_site(b.attention, num_heads=b.attention.num_heads, scale=b.attention.scale)
-                        for b in blocks),
+            sites=tuple(
+                hf_linear_site(b.attention, num_heads=b.attention.num_heads, scale=b.attention.scale) for b in blocks
+            ),
             num_prefix_tokens=0,
             has_cls=False,
             patch_size=int(config.patch_size),

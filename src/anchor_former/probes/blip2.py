@@ -27,8 +27,12 @@ _MODULE = "transformers.models.blip_2.modeling_blip_2"
 
 def _site(attn: nn.Module) -> QueryKeySite:
     qkv = submodule(attn, "qkv")  # output (B, N, 3 * H * E): q, k, v
-    return QueryKeySite(module=attn, query=Projection(qkv, fused_heads(0, attn.num_heads)),
-                        key=Projection(qkv, fused_heads(1, attn.num_heads)), scale=float(attn.scale))
+    return QueryKeySite(
+        module=attn,
+        query=Projection(qkv, fused_heads(0, attn.num_heads)),
+        key=Projection(qkv, fused_heads(1, attn.num_heads)),
+        scale=float(attn.scale),
+    )
 
 
 class Blip2Family(EncoderFamily):

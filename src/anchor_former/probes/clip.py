@@ -33,8 +33,9 @@ class CLIPFamily(EncoderFamily):
 
     def describe(self, model: nn.Module) -> EncoderSpec:
         blocks = modules_of_type(model, loaded_classes(_MODULE, ("CLIPEncoderLayer",)))
-        sites = tuple(hf_linear_site(b.self_attn, num_heads=b.self_attn.num_heads, scale=b.self_attn.scale)
-                      for b in blocks)
+        sites = tuple(
+            hf_linear_site(b.self_attn, num_heads=b.self_attn.num_heads, scale=b.self_attn.scale) for b in blocks
+        )
         config = model.config
         return EncoderSpec(
             family=self.name,

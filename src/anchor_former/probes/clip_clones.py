@@ -45,8 +45,9 @@ class CLIPCloneFamily(EncoderFamily):
         return EncoderSpec(
             family=self.name,
             blocks=blocks,
-            sites=tuple(hf_linear_site(b.self_attn, num_heads=b.self_attn.num_heads, scale=b.self_attn.scale)
-                        for b in blocks),
+            sites=tuple(
+                hf_linear_site(b.self_attn, num_heads=b.self_attn.num_heads, scale=b.self_attn.scale) for b in blocks
+            ),
             num_prefix_tokens=1,
             has_cls=True,
             patch_size=int(patch if isinstance(patch, int) else patch[0]),
@@ -57,14 +58,29 @@ class CLIPCloneFamily(EncoderFamily):
 
 _MODELS = "transformers.models."
 for _family in (
-    CLIPCloneFamily(name="altclip", module=_MODELS + "altclip.modeling_altclip", models=("AltCLIPVisionModel",),
-                    layer="AltCLIPEncoderLayer"),
-    CLIPCloneFamily(name="chinese_clip", module=_MODELS + "chinese_clip.modeling_chinese_clip",
-                    models=("ChineseCLIPVisionModel",), layer="ChineseCLIPVisionLayer"),
-    CLIPCloneFamily(name="metaclip_2", module=_MODELS + "metaclip_2.modeling_metaclip_2",
-                    models=("MetaClip2VisionModel", "MetaClip2VisionModelWithProjection"),
-                    layer="MetaClip2EncoderLayer"),
-    CLIPCloneFamily(name="idefics", module=_MODELS + "idefics.vision", models=("IdeficsVisionTransformer",),
-                    layer="IdeficsVisionEncoderLayer"),
+    CLIPCloneFamily(
+        name="altclip",
+        module=_MODELS + "altclip.modeling_altclip",
+        models=("AltCLIPVisionModel",),
+        layer="AltCLIPEncoderLayer",
+    ),
+    CLIPCloneFamily(
+        name="chinese_clip",
+        module=_MODELS + "chinese_clip.modeling_chinese_clip",
+        models=("ChineseCLIPVisionModel",),
+        layer="ChineseCLIPVisionLayer",
+    ),
+    CLIPCloneFamily(
+        name="metaclip_2",
+        module=_MODELS + "metaclip_2.modeling_metaclip_2",
+        models=("MetaClip2VisionModel", "MetaClip2VisionModelWithProjection"),
+        layer="MetaClip2EncoderLayer",
+    ),
+    CLIPCloneFamily(
+        name="idefics",
+        module=_MODELS + "idefics.vision",
+        models=("IdeficsVisionTransformer",),
+        layer="IdeficsVisionEncoderLayer",
+    ),
 ):
     register_encoder_family(_family)

@@ -35,8 +35,9 @@ def _site(layer: nn.Module) -> QueryKeySite:
     if hasattr(attn, "q_proj"):  # transformers 5.x
         return hf_linear_site(attn, num_heads=attn.num_attention_heads, scale=attn.scaling)
     inner = attn.attention  # transformers 4.x: Dinov2SelfAttention / Dinov2SdpaSelfAttention
-    site = hf_linear_site(inner, query="query", key="key", num_heads=inner.num_attention_heads,
-                          scale=inner.attention_head_size**-0.5)
+    site = hf_linear_site(
+        inner, query="query", key="key", num_heads=inner.num_attention_heads, scale=inner.attention_head_size**-0.5
+    )
     return replace(site, module=attn)  # the projections run inside the outer module's call
 
 

@@ -67,8 +67,10 @@ def _image_layout(spec: EncoderSpec, pixel_values: torch.Tensor, inputs: dict[st
             f"encoder, got shape {shape_str(pixel_values)}"
         )
     if inputs:
-        raise ValueError(f"inputs must be empty for this {spec.family} encoder (it takes pixel_values only), "
-                         f"got keys {sorted(inputs)}")
+        raise ValueError(
+            f"inputs must be empty for this {spec.family} encoder (it takes pixel_values only), "
+            f"got keys {sorted(inputs)}"
+        )
     height, width = (int(s) for s in pixel_values.shape[-2:])
     if spec.grid is not None:
         grid = tuple(int(g) for g in spec.grid(height, width))

@@ -31,8 +31,12 @@ _MODULE = "transformers.models.internvl.modeling_internvl"
 def _site(layer: nn.Module) -> QueryKeySite:
     attn = layer.attention
     heads = split_heads(attn.num_heads)  # the norms see (B, N, H * E)
-    return QueryKeySite(module=attn, query=Projection(submodule(attn, "q_norm"), heads),
-                        key=Projection(submodule(attn, "k_norm"), heads), scale=float(attn.scale))
+    return QueryKeySite(
+        module=attn,
+        query=Projection(submodule(attn, "q_norm"), heads),
+        key=Projection(submodule(attn, "k_norm"), heads),
+        scale=float(attn.scale),
+    )
 
 
 def _square(value, name: str) -> int:

@@ -46,8 +46,12 @@ class OpenClipViTFamily(EncoderFamily):
         block_cls = loaded_classes(_TRANSFORMER, ("ResidualAttentionBlock",))
         for i, b in enumerate(blocks):
             attn = getattr(b, "attn", None)
-            if not (isinstance(b, block_cls) and isinstance(attn, nn.MultiheadAttention) and attn.batch_first
-                    and attn._qkv_same_embed_dim):
+            if not (
+                isinstance(b, block_cls)
+                and isinstance(attn, nn.MultiheadAttention)
+                and attn.batch_first
+                and attn._qkv_same_embed_dim
+            ):
                 raise ValueError(
                     f"vision_model is an open_clip VisionTransformer whose block {i} is {type(b).__name__} with "
                     f"{type(attn).__name__} attention; supported: ResidualAttentionBlock with batch-first "

@@ -128,8 +128,9 @@ def received_attention(
             counts = keep.sum(-1, keepdim=True).clamp_min(1)  # (B, 1)
             weight = (keep.float() / counts).repeat_interleave(heads, 0).unsqueeze(1)  # (B*H, 1, N) query weights
             # -inf at padding keys; an image with only padding keeps finite logits (its query weights are 0)
-            key_bias = torch.zeros(batch, num, device=q.device).masked_fill(~keep & keep.any(-1, keepdim=True),
-                                                                             float("-inf"))
+            key_bias = torch.zeros(batch, num, device=q.device).masked_fill(
+                ~keep & keep.any(-1, keepdim=True), float("-inf")
+            )
             key_bias = key_bias.repeat_interleave(heads, 0).unsqueeze(1)  # (B*H, 1, N) added to every logit row
         out = torch.zeros(batch * heads, 1, num, device=q.device)  # (B*H, 1, N)
         rows = min(block_size, num) if num else 1

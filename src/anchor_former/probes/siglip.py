@@ -53,8 +53,9 @@ class SiglipFamily(EncoderFamily):
         return EncoderSpec(
             family=self.name,
             blocks=blocks,
-            sites=tuple(hf_linear_site(b.self_attn, num_heads=b.self_attn.num_heads, scale=b.self_attn.scale)
-                        for b in blocks),
+            sites=tuple(
+                hf_linear_site(b.self_attn, num_heads=b.self_attn.num_heads, scale=b.self_attn.scale) for b in blocks
+            ),
             num_prefix_tokens=0,
             has_cls=False,
             patch_size=int(config.patch_size),

@@ -78,11 +78,15 @@ def _layout(num_channels: int, patch: int):
             )
         mask, shapes = inputs["pixel_attention_mask"], inputs["spatial_shapes"]
         if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (batch, num):
-            raise ValueError(f"inputs['pixel_attention_mask'] must have shape ({batch}, {num}) (B, N), got "
-                             f"{shape_str(mask) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+            raise ValueError(
+                f"inputs['pixel_attention_mask'] must have shape ({batch}, {num}) (B, N), got "
+                f"{shape_str(mask) if isinstance(mask, torch.Tensor) else type(mask).__name__}"
+            )
         if not isinstance(shapes, torch.Tensor) or tuple(shapes.shape) != (batch, 2):
-            raise ValueError(f"inputs['spatial_shapes'] must have shape ({batch}, 2) (B, (rows, cols)), got "
-                             f"{shape_str(shapes) if isinstance(shapes, torch.Tensor) else type(shapes).__name__}")
+            raise ValueError(
+                f"inputs['spatial_shapes'] must have shape ({batch}, 2) (B, (rows, cols)), got "
+                f"{shape_str(shapes) if isinstance(shapes, torch.Tensor) else type(shapes).__name__}"
+            )
         grids = tuple((int(r), int(c)) for r, c in shapes.tolist())
         real = mask.ne(0).sum(-1).tolist()
         for b, ((rows, cols), n) in enumerate(zip(grids, real, strict=True)):
@@ -109,8 +113,10 @@ class Siglip2Family(EncoderFamily):
         heads = modules_of_type(model, loaded_classes(_MODULE, ("Siglip2MultiheadAttentionPoolingHead",)))
         config = model.config
         sites = tuple(
-            replace(hf_linear_site(b.self_attn, num_heads=b.self_attn.num_heads, scale=b.self_attn.scale),
-                    padding_mask=_layer_padding)
+            replace(
+                hf_linear_site(b.self_attn, num_heads=b.self_attn.num_heads, scale=b.self_attn.scale),
+                padding_mask=_layer_padding,
+            )
             for b in blocks
         )
         pool_site = pooling_head_site(heads[0]) if heads else None

@@ -243,8 +243,9 @@ class QueryKeySite(AttentionSite):
         return received_attention(q, k, scale=self.scale, key_padding_mask=real, block_size=block_size)
 
 
-def hf_linear_site(attn: nn.Module, *, query: str = "q_proj", key: str = "k_proj", num_heads: int,
-                   scale: float) -> QueryKeySite:
+def hf_linear_site(
+    attn: nn.Module, *, query: str = "q_proj", key: str = "k_proj", num_heads: int, scale: float
+) -> QueryKeySite:
     """A site for an attention with separate query/key projection modules whose ``(B, N, H * E)`` outputs
     are split into heads as they are (transformers' ``q_proj`` / ``k_proj``)."""
     return QueryKeySite(

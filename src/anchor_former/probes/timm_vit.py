@@ -37,8 +37,12 @@ def normed_query_key_site(attn: nn.Module) -> QueryKeySite:
     """A timm attention (``Attention``, ``EvaAttention``, ``AttentionPoolLatent``) read at the outputs of its
     ``q_norm`` / ``k_norm``, ``(B, H, N, E)`` (``(B, H, L, E)`` latent queries for the pool: row 0 is the
     first latent)."""
-    return QueryKeySite(module=attn, query=Projection(submodule(attn, "q_norm")),
-                        key=Projection(submodule(attn, "k_norm")), scale=float(attn.scale))
+    return QueryKeySite(
+        module=attn,
+        query=Projection(submodule(attn, "q_norm")),
+        key=Projection(submodule(attn, "k_norm")),
+        scale=float(attn.scale),
+    )
 
 
 def latent_pool_site(pool: nn.Module) -> QueryKeySite:

@@ -81,8 +81,14 @@ def hf_overrides(
         extras["anyres"] = {"layout": "selected", "num_anchors": num_anchors, "image_budget": None}
     if max_budget is not None:
         extras["max_budget"] = max_budget
-    record = AnchorSettings(connector="select", connector_config=config, score="cls", num_anchors=num_anchors,
-                            num_context=num_context, extras=extras)
+    record = AnchorSettings(
+        connector="select",
+        connector_config=config,
+        score="cls",
+        num_anchors=num_anchors,
+        num_context=num_context,
+        extras=extras,
+    )
     return {"architectures": [FAMILIES[family]], "anchor_former": record.to_dict()}
 
 
@@ -113,8 +119,12 @@ def anchor_record(hf_config: Any) -> dict[str, Any]:
     if settings.num_context:
         config.setdefault("num_context", settings.num_context)
     # the serving classes read one flat view: connector, score, its arguments, and the family's extras
-    return {"connector": settings.connector, "score": settings.score, "connector_config": config,
-            **copy.deepcopy(settings.extras)}
+    return {
+        "connector": settings.connector,
+        "score": settings.score,
+        "connector_config": config,
+        **copy.deepcopy(settings.extras),
+    }
 
 
 def request_budget(kwargs: Any, default: dict[str, int]) -> dict[str, int]:

@@ -30,7 +30,9 @@ def gather_heads(scores: torch.Tensor, *, local_heads: int, total_heads: int, di
         ValueError: ``scores`` has not ``local_heads`` heads, or the gather does not give ``total_heads``.
     """
     if scores.shape[dim] != local_heads:
-        raise ValueError(f"scores must hold local_heads={local_heads} heads along dim {dim}, got shape {tuple(scores.shape)}")
+        raise ValueError(
+            f"scores must hold local_heads={local_heads} heads along dim {dim}, got shape {tuple(scores.shape)}"
+        )
     if local_heads == total_heads:
         return scores
     from vllm.distributed import tensor_model_parallel_all_gather

@@ -139,12 +139,25 @@ def llava_serving(hf_config: Any) -> LlavaServing:
     if connector != "select":
         from anchor_former.connectors.registry import build_connector
 
-        probe = build_connector(connector, int(vision.hidden_size), int(hf_config.text_config.hidden_size),
-                                **_constructor_kwargs(connector, config), device="meta")
+        probe = build_connector(
+            connector,
+            int(vision.hidden_size),
+            int(hf_config.text_config.hidden_size),
+            **_constructor_kwargs(connector, config),
+            device="meta",
+        )
         fixed = int(probe.num_output_tokens(patches + 1))
-    return LlavaServing(connector=connector, score=str(record.get("score", "cls")), num_anchors=k, num_context=m,
-                        include_cls=include_cls, patches=patches, max_budget=max_budget, connector_config=config,
-                        fixed_tokens=fixed)
+    return LlavaServing(
+        connector=connector,
+        score=str(record.get("score", "cls")),
+        num_anchors=k,
+        num_context=m,
+        include_cls=include_cls,
+        patches=patches,
+        max_budget=max_budget,
+        connector_config=config,
+        fixed_tokens=fixed,
+    )
 
 
 def _constructor_kwargs(connector: str, config: dict[str, Any]) -> dict[str, Any]:
@@ -168,7 +181,9 @@ class AnchorFormerLlavaProcessingInfo(LlavaProcessingInfo):
         merged = self.ctx.get_merged_mm_kwargs(mm_kwargs)
         return request_budget(merged, self.serving().default_budget())
 
-    def get_num_image_tokens(self, *, image_width: int, image_height: int, budget: Mapping[str, int] | None = None) -> int:
+    def get_num_image_tokens(
+        self, *, image_width: int, image_height: int, budget: Mapping[str, int] | None = None
+    ) -> int:
         serving = self.serving()
         return serving.num_tokens(serving.default_budget() if budget is None else budget)
 
@@ -199,15 +214,18 @@ class AnchorFormerLlavaMultiModalProcessor(LlavaMultiModalProcessor):
     def _get_mm_fields_config(
         self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
     ) -> Mapping[str, MultiModalFieldConfig]:
-        return {**super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
-                FIELD: MultiModalFieldConfig.batched("image")}
+        return {
+            **super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
+            FIELD: MultiModalFieldConfig.batched("image"),
+        }
 
     def _get_prompt_updates(self, mm_items: Any, hf_processor_mm_kwargs: Mapping[str, object], out_mm_kwargs: Any):
         from vllm.multimodal.processing import PromptReplacement
 
         image_token_id = self.info.get_hf_config().image_token_index
-        count = self.info.get_num_image_tokens(image_width=0, image_height=0,
-                                               budget=self.info.budget(hf_processor_mm_kwargs))
+        count = self.info.get_num_image_tokens(
+            image_width=0, image_height=0, budget=self.info.budget(hf_processor_mm_kwargs)
+        )
         return [PromptReplacement(modality="image", target=[image_token_id], replacement=[image_token_id] * count)]
 
 
@@ -259,7 +277,8 @@ class AnchorFormerLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
             with self._mark_tower_model(vllm_config, "image"):
                 self.multi_modal_projector = build_connector(
-                    self.serving.connector, int(config.vision_config.hidden_size),
+                    self.serving.connector,
+                    int(config.vision_config.hidden_size),
                     int(config.text_config.hidden_size),
                     **_constructor_kwargs(self.serving.connector, self.serving.connector_config),
                 )
@@ -274,8 +293,14 @@ class AnchorFormerLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
             vision = self.config.vision_config
             self._selectors[key] = SelectConnector(
-                int(vision.hidden_size), int(self.config.text_config.hidden_size), num_anchors=k, num_context=m,
-                include_cls=self.serving.include_cls, num_prefix_tokens=1, device="meta", dtype=dtype,
+                int(vision.hidden_size),
+                int(self.config.text_config.hidden_size),
+                num_anchors=k,
+                num_context=m,
+                include_cls=self.serving.include_cls,
+                num_prefix_tokens=1,
+                device="meta",
+                dtype=dtype,
             )
         return self._selectors[key]
 
@@ -298,8 +323,11 @@ class AnchorFormerLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             raise ValueError(f"{FIELD} must hold one row per image ({pixel_values.shape[0]}), got {len(rows)}")
         features, scores = self._features_and_rows(pixel_values)  # (B, N, D), (B, H, N)
         if self.serving.connector != "select":
-            out = self.multi_modal_projector(features, attention=scores) if getattr(
-                self.multi_modal_projector, "uses_anchors", False) else self.multi_modal_projector(features)
+            out = (
+                self.multi_modal_projector(features, attention=scores)
+                if getattr(self.multi_modal_projector, "uses_anchors", False)
+                else self.multi_modal_projector(features)
+            )
             embeds = list(out)
         else:
             embeds: list[torch.Tensor | None] = [None] * len(rows)
@@ -307,7 +335,9 @@ class AnchorFormerLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             for i, (k, m, _) in enumerate(rows):
                 groups.setdefault((k, m), []).append(i)
             for (k, m), index in groups.items():
-                picked = self._selector(k, m, features.dtype).select(features[index], attention=scores[index])  # (G, T, D)
+                picked = self._selector(k, m, features.dtype).select(
+                    features[index], attention=scores[index]
+                )  # (G, T, D)
                 projected = self.multi_modal_projector(picked)  # (G, T, llm_dim)
                 for i, tokens in zip(index, projected):
                     embeds[i] = tokens

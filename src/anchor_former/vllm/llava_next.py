@@ -86,8 +86,9 @@ class LlavaNextServing:
     tokens_per_view: int | None
 
     def views(self, height: int, width: int) -> AnyresViews:
-        return anyres_views((height, width), grid_pinpoints=self.pinpoints, view_size=self.view_size,
-                            patch_size=self.patch_size)
+        return anyres_views(
+            (height, width), grid_pinpoints=self.pinpoints, view_size=self.view_size, patch_size=self.patch_size
+        )
 
     def budgets(self, views: AnyresViews, num_anchors: int) -> tuple[int, ...]:
         if self.image_budget is not None and num_anchors == self.num_anchors:
@@ -133,14 +134,26 @@ def llava_next_serving(hf_config: Any) -> LlavaNextServing:
     if connector != "select":
         from anchor_former.connectors.registry import build_connector
 
-        built = build_connector(connector, int(vision.hidden_size), int(hf_config.text_config.hidden_size),
-                                **_constructor_kwargs(connector, config), device="meta")
+        built = build_connector(
+            connector,
+            int(vision.hidden_size),
+            int(hf_config.text_config.hidden_size),
+            **_constructor_kwargs(connector, config),
+            device="meta",
+        )
         per_view = int(anyres.get("tokens_per_view") or built.num_output_tokens(side * side + 1))
     budget = anyres.get("image_budget")
-    return LlavaNextServing(connector=connector, num_anchors=k, image_budget=None if budget is None else int(budget),
-                            side=side, view_size=view, patch_size=patch,
-                            pinpoints=tuple(tuple(int(v) for v in p) for p in hf_config.image_grid_pinpoints),
-                            connector_config=config, tokens_per_view=per_view)
+    return LlavaNextServing(
+        connector=connector,
+        num_anchors=k,
+        image_budget=None if budget is None else int(budget),
+        side=side,
+        view_size=view,
+        patch_size=patch,
+        pinpoints=tuple(tuple(int(v) for v in p) for p in hf_config.image_grid_pinpoints),
+        connector_config=config,
+        tokens_per_view=per_view,
+    )
 
 
 class AnchorFormerLlavaNextProcessingInfo(LlavaNextProcessingInfo):
@@ -156,7 +169,9 @@ class AnchorFormerLlavaNextProcessingInfo(LlavaNextProcessingInfo):
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int, num_anchors: int | None = None) -> int:
         serving = self.serving()
-        return serving.num_tokens(image_height, image_width, serving.num_anchors if num_anchors is None else num_anchors)
+        return serving.num_tokens(
+            image_height, image_width, serving.num_anchors if num_anchors is None else num_anchors
+        )
 
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
         serving = self.serving()
@@ -172,16 +187,20 @@ class AnchorFormerLlavaNextMultiModalProcessor(LlavaNextMultiModalProcessor):
         out = super()._call_hf_processor(hf_data, _without_budget(hf_kwargs))
         sizes = out.get("image_sizes")
         if sizes is not None:
-            rows = [[k, 0, self.info.get_num_image_tokens(image_width=int(w), image_height=int(h), num_anchors=k)]
-                    for h, w in torch.as_tensor(sizes).tolist()]
+            rows = [
+                [k, 0, self.info.get_num_image_tokens(image_width=int(w), image_height=int(h), num_anchors=k)]
+                for h, w in torch.as_tensor(sizes).tolist()
+            ]
             out[FIELD] = torch.tensor(rows, dtype=torch.int64)  # (num_images, 3)
         return out
 
     def _get_mm_fields_config(
         self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
     ) -> Mapping[str, MultiModalFieldConfig]:
-        return {**super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
-                FIELD: MultiModalFieldConfig.batched("image")}
+        return {
+            **super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
+            FIELD: MultiModalFieldConfig.batched("image"),
+        }
 
     def _get_prompt_updates(self, mm_items: Any, hf_processor_mm_kwargs: Mapping[str, object], out_mm_kwargs: Any):
         from vllm.multimodal.parse import ImageProcessorItems
@@ -199,7 +218,8 @@ class AnchorFormerLlavaNextMultiModalProcessor(LlavaNextMultiModalProcessor):
 
 
 @MULTIMODAL_REGISTRY.register_processor(
-    AnchorFormerLlavaNextMultiModalProcessor, info=AnchorFormerLlavaNextProcessingInfo,
+    AnchorFormerLlavaNextMultiModalProcessor,
+    info=AnchorFormerLlavaNextProcessingInfo,
     dummy_inputs=LlavaDummyInputsBuilder,
 )
 class AnchorFormerLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
@@ -220,7 +240,9 @@ class AnchorFormerLlavaNextForConditionalGeneration(LlavaNextForConditionalGener
 
             with self._mark_tower_model(vllm_config, "image"):
                 self.multi_modal_projector = build_connector(
-                    serving.connector, int(config.vision_config.hidden_size), int(config.text_config.hidden_size),
+                    serving.connector,
+                    int(config.vision_config.hidden_size),
+                    int(config.text_config.hidden_size),
                     **_constructor_kwargs(serving.connector, serving.connector_config),
                 )
 
@@ -228,9 +250,18 @@ class AnchorFormerLlavaNextForConditionalGeneration(LlavaNextForConditionalGener
         """One image's ``(T, llm_dim)`` tokens from its views' ``(V, N, D)`` features and ``(V, H, N)`` rows."""
         connector = self.multi_modal_projector
         if self.serving.tokens_per_view is None:
-            return select_view_tokens(views, self.serving.budgets(views, k), features, scores, num_prefix_tokens=1,
-                                      projector=connector, newline=self.image_newline)
-        out = connector(features, attention=scores) if getattr(connector, "uses_anchors", False) else connector(features)
+            return select_view_tokens(
+                views,
+                self.serving.budgets(views, k),
+                features,
+                scores,
+                num_prefix_tokens=1,
+                projector=connector,
+                newline=self.image_newline,
+            )
+        out = (
+            connector(features, attention=scores) if getattr(connector, "uses_anchors", False) else connector(features)
+        )
         return arrange_fixed(views, out, self.image_newline)  # out: (V, T, llm_dim)
 
     def embed_multimodal(self, **kwargs: object) -> Sequence[torch.Tensor]:

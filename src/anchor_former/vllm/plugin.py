@@ -17,8 +17,7 @@ SUPPORTED_VLLM = (">=0.32.0", "<0.33")
 #: architecture name -> the class vLLM builds for it (``module:Class``)
 ARCHITECTURES = {
     "AnchorFormerLlavaForConditionalGeneration": "anchor_former.vllm.llava:AnchorFormerLlavaForConditionalGeneration",
-    "AnchorFormerLlavaNextForConditionalGeneration":
-        "anchor_former.vllm.llava_next:AnchorFormerLlavaNextForConditionalGeneration",
+    "AnchorFormerLlavaNextForConditionalGeneration": "anchor_former.vllm.llava_next:AnchorFormerLlavaNextForConditionalGeneration",
 }
 
 

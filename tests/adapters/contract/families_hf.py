@@ -30,7 +30,9 @@ def _llava_tokens(model, inputs):
     with torch.no_grad():
         out = model(**inputs)
     image = model.config.image_token_id
-    return (inputs["input_ids"] == image).sum(dim=1).tolist(), [int(t.shape[0]) for t in out.image_outputs.pooler_output]
+    return (inputs["input_ids"] == image).sum(dim=1).tolist(), [
+        int(t.shape[0]) for t in out.image_outputs.pooler_output
+    ]
 
 
 def _qwen_tokens(model, inputs):
@@ -71,19 +73,23 @@ def _llava_eager_tokens(model, inputs):
         idx = connector.search(out.attentions[layer][:, :, 0].float(), layout="b h n")  # (B, K + 1)
         return connector(out.hidden_states[layer], idx)  # (B, K + 1, llm_dim)
 
+
 LLAVA = Family(
     name="llava",
     make_processor=llava.make_processor,
     make_model=llava.make_model,
-    inputs=lambda p, seed: p(text=llava.PROMPTS[:1], images=[_image(seed, (llava.IMAGE + 6, llava.IMAGE + 2))],
-                             return_tensors="pt"),
+    inputs=lambda p, seed: p(
+        text=llava.PROMPTS[:1], images=[_image(seed, (llava.IMAGE + 6, llava.IMAGE + 2))], return_tensors="pt"
+    ),
     attach=hf_llava.attach_anchor_former,
     host=hf_llava.HOST,
     full={"connector": "select", "num_anchors": llava.NUM_PATCHES},
     reduced={"connector": "acformer", "num_anchors": 8, **CONNECTOR},
     reattach={"num_anchors": 4},
-    reattach_bad=({"num_anchors": 4, "depth": 3},
-                  r"architecture must stay the same \(attached now: connector='acformer', num_anchors=8"),
+    reattach_bad=(
+        {"num_anchors": 4, "depth": 3},
+        r"architecture must stay the same \(attached now: connector='acformer', num_anchors=8",
+    ),
     bad=({"num_anchors": 50}, r"num_anchors must be at most the 49 patch tokens of the vision tower, got 50"),
     tokens=_llava_tokens,
     tower=lambda m: m.model.vision_tower,
@@ -107,9 +113,11 @@ LLAVA_NEXT = Family(
     full={"connector": "select", "num_anchors": llava_next.NUM_PATCHES},
     reduced={"connector": "acformer", "num_anchors": 6, **CONNECTOR},
     reattach={"num_anchors": 4},
-    reattach_bad=({"connector": "perceiver", "num_queries": 6},
-                  r"connector must stay 'acformer' when re-attaching \(the model is already attached: "
-                  r"connector='acformer', num_anchors=6"),
+    reattach_bad=(
+        {"connector": "perceiver", "num_queries": 6},
+        r"connector must stay 'acformer' when re-attaching \(the model is already attached: "
+        r"connector='acformer', num_anchors=6",
+    ),
     bad=({"connector": "select", "num_anchors": 50}, r"num_anchors \+ num_context must be at most the 49 patch tokens"),
     tokens=_llava_tokens,
     tower=lambda m: m.model.vision_tower,
@@ -132,9 +140,11 @@ ONEVISION = Family(
     full={"connector": "select", "num_anchors": onevision.NUM_PATCHES},
     reduced={"connector": "acformer", "num_anchors": 6, **CONNECTOR},
     reattach={"num_anchors": 4},
-    reattach_bad=({"connector": "select", "num_anchors": 4},
-                  r"connector must stay 'acformer' when re-attaching \(the model is already attached: "
-                  r"connector='acformer', num_anchors=6, score='received'"),
+    reattach_bad=(
+        {"connector": "select", "num_anchors": 4},
+        r"connector must stay 'acformer' when re-attaching \(the model is already attached: "
+        r"connector='acformer', num_anchors=6, score='received'",
+    ),
     bad=({"num_anchors": 4, "score": "cls"}, r"score='cls' needs a \[CLS\] token"),
     tokens=_llava_tokens,
     tower=lambda m: m.model.vision_tower,
@@ -142,19 +152,25 @@ ONEVISION = Family(
     q_k_modules=(_LLAVA_TOWER,),
     stock_class=hf_onevision.LlavaOnevisionForConditionalGeneration,
     attached_class=hf_onevision.AnchorFormerLlavaOnevisionForConditionalGeneration,
-    reload=lambda folder: hf_onevision.AnchorFormerLlavaOnevisionForConditionalGeneration.from_pretrained(folder).eval(),
+    reload=lambda folder: hf_onevision.AnchorFormerLlavaOnevisionForConditionalGeneration.from_pretrained(
+        folder
+    ).eval(),
     reload_processor=lambda folder: hf_onevision.AnchorFormerLlavaOnevisionProcessor.from_pretrained(folder),
     prompt=onevision.IMAGE_PROMPT,
 )
 
 
 def _qwen(name: str, family: str) -> Family:
-    attached = {"qwen2_vl": hf_qwen.AnchorFormerQwen2VLForConditionalGeneration,
-                "qwen2_5_vl": hf_qwen.AnchorFormerQwen2_5_VLForConditionalGeneration,
-                "qwen3_vl": hf_qwen.AnchorFormerQwen3VLForConditionalGeneration}[family]
-    processor_class = {"qwen2_vl": hf_qwen.AnchorFormerQwen2VLProcessor,
-                       "qwen2_5_vl": hf_qwen.AnchorFormerQwen2_5_VLProcessor,
-                       "qwen3_vl": hf_qwen.AnchorFormerQwen3VLProcessor}[family]
+    attached = {
+        "qwen2_vl": hf_qwen.AnchorFormerQwen2VLForConditionalGeneration,
+        "qwen2_5_vl": hf_qwen.AnchorFormerQwen2_5_VLForConditionalGeneration,
+        "qwen3_vl": hf_qwen.AnchorFormerQwen3VLForConditionalGeneration,
+    }[family]
+    processor_class = {
+        "qwen2_vl": hf_qwen.AnchorFormerQwen2VLProcessor,
+        "qwen2_5_vl": hf_qwen.AnchorFormerQwen2_5_VLProcessor,
+        "qwen3_vl": hf_qwen.AnchorFormerQwen3VLProcessor,
+    }[family]
     return Family(
         name=name,
         make_processor=lambda: qwen.make_processor(family),
@@ -180,5 +196,11 @@ def _qwen(name: str, family: str) -> Family:
     )
 
 
-FAMILIES = [LLAVA, LLAVA_NEXT, ONEVISION, _qwen("qwen2", "qwen2_vl"), _qwen("qwen2_5", "qwen2_5_vl"),
-            _qwen("qwen3", "qwen3_vl")]
+FAMILIES = [
+    LLAVA,
+    LLAVA_NEXT,
+    ONEVISION,
+    _qwen("qwen2", "qwen2_vl"),
+    _qwen("qwen2_5", "qwen2_5_vl"),
+    _qwen("qwen3", "qwen3_vl"),
+]

@@ -24,6 +24,7 @@ import llava  # noqa: F401  (ImportError where llava-torch is absent: the confte
 import numpy as np
 import torch
 from _llava_torch import CONNECTOR, IMAGE, NUM_PATCHES, make_model, prompt, save_tiny_tower
+from family import Family
 from llava.mm_utils import process_images
 from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
 from PIL import Image
@@ -31,7 +32,6 @@ from transformers import CLIPImageProcessor
 
 from anchor_former.adapters.llava import _HOST, attach_anchor_former, load_projector_weights
 from anchor_former.adapters.llava.anyres import anyres_class, anyres_token_counts
-from family import Family
 
 # LLaVA-NeXT's five pinpoints scaled to 28-px views, as LLaVA writes them: [width, height]
 PINPOINTS = [[28, 56], [56, 28], [56, 56], [28, 84], [84, 28]]
@@ -63,8 +63,10 @@ def _inputs(overrides: dict[str, Any], processor: Any, seed: int) -> dict[str, A
     """One request: a prompt with one image, as LLaVA's ``process_images`` prepares it (views for anyres)."""
     width, height = ANYRES_SIZE if overrides.get("image_aspect_ratio") == "anyres" else (IMAGE, IMAGE)
     pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    config = types.SimpleNamespace(image_aspect_ratio=overrides.get("image_aspect_ratio", "pad"),
-                                   image_grid_pinpoints=overrides.get("image_grid_pinpoints"))
+    config = types.SimpleNamespace(
+        image_aspect_ratio=overrides.get("image_aspect_ratio", "pad"),
+        image_grid_pinpoints=overrides.get("image_grid_pinpoints"),
+    )
     images = process_images([Image.fromarray(pixels)], processor, config)
     return {"input_ids": prompt(1), "images": images, "image_sizes": [(width, height)]}
 
@@ -108,8 +110,10 @@ def _family(name: str, overrides: dict[str, Any], bad: tuple[dict[str, Any], str
         full={"connector": "select", "num_anchors": NUM_PATCHES},
         reduced={"connector": "acformer", "num_anchors": 4, **CONNECTOR},
         reattach={"num_anchors": 3},
-        reattach_bad=({"num_anchors": 3, "depth": 3},
-                      r"architecture must stay the same \(attached now: connector='acformer', num_anchors=4"),
+        reattach_bad=(
+            {"num_anchors": 3, "depth": 3},
+            r"architecture must stay the same \(attached now: connector='acformer', num_anchors=4",
+        ),
         bad=bad,
         tokens=_tokens,
         tower=lambda m: m.get_model().vision_tower.vision_tower,
@@ -125,7 +129,7 @@ def _family(name: str, overrides: dict[str, Any], bad: tuple[dict[str, Any], str
             "auto_processor": "llava-torch has no processor class",
             "pipeline": "llava-torch models are not transformers pipeline models",
             "offload": "the suite's projector row names transformers' multi_modal_projector; llava-torch's offload "
-                       "rows are in tests/adapters/test_llava_usage.py",
+            "rows are in tests/adapters/test_llava_usage.py",
             "mm_encoder_outputs": "a transformers 5 argument of Qwen-VL",
             "kept_tokens": "a transformers-adapter helper",
         },
@@ -133,13 +137,27 @@ def _family(name: str, overrides: dict[str, Any], bad: tuple[dict[str, Any], str
     )
 
 
-_ANYRES_BAD = ({"connector": "select", "num_anchors": 4, "image_budget": 4},
-               r"image_budget must be an integer >= 5 \(the most views an image gets: one anchor each\), got 4")
+_ANYRES_BAD = (
+    {"connector": "select", "num_anchors": 4, "image_budget": 4},
+    r"image_budget must be an integer >= 5 \(the most views an image gets: one anchor each\), got 4",
+)
 
 FAMILIES: list[Family] = [
-    _family("llava_torch", {}, ({"num_anchors": 50}, r"num_anchors must be at most the 49 patch tokens of the "
-                                                      r"vision tower, got 50")),
-    *(_family(f"llava_torch_anyres_{merge}", {"image_aspect_ratio": "anyres", "image_grid_pinpoints": PINPOINTS,
-                                              "mm_patch_merge_type": merge}, _ANYRES_BAD)
-      for merge in ("flat", "spatial", "spatial_unpad")),
+    _family(
+        "llava_torch",
+        {},
+        (
+            {"num_anchors": 50},
+            r"num_anchors must be at most the 49 patch tokens of the "
+            r"vision tower, got 50",
+        ),
+    ),
+    *(
+        _family(
+            f"llava_torch_anyres_{merge}",
+            {"image_aspect_ratio": "anyres", "image_grid_pinpoints": PINPOINTS, "mm_patch_merge_type": merge},
+            _ANYRES_BAD,
+        )
+        for merge in ("flat", "spatial", "spatial_unpad")
+    ),
 ]

@@ -16,8 +16,25 @@ from typing import Any
 from torch import nn
 
 #: every row a family can take part in
-ROWS = frozenset({"identity", "bf16", "counts", "reattach", "threads", "compile", "save", "auto", "auto_processor",
-                  "pipeline", "bnb", "lora", "offload", "mm_encoder_outputs", "kept_tokens"})
+ROWS = frozenset(
+    {
+        "identity",
+        "bf16",
+        "counts",
+        "reattach",
+        "threads",
+        "compile",
+        "save",
+        "auto",
+        "auto_processor",
+        "pipeline",
+        "bnb",
+        "lora",
+        "offload",
+        "mm_encoder_outputs",
+        "kept_tokens",
+    }
+)
 
 
 @dataclass(frozen=True)

@@ -51,8 +51,12 @@ def perturb(module: nn.Module, seed: int = 7) -> None:
 def snapshot(model: nn.Module, processor) -> tuple:
     """Everything a failed attach must leave as it was, compared bit for bit."""
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    proc = type(processor), {k: copy.deepcopy(v) for k, v in vars(processor).items() if k != "tokenizer"} \
-        if processor is not None else None
+    proc = (
+        type(processor),
+        {k: copy.deepcopy(v) for k, v in vars(processor).items() if k != "tokenizer"}
+        if processor is not None
+        else None,
+    )
     inner = getattr(model, "model", None)
     return type(model), type(inner), _config_text(model.config), state, proc
 
@@ -215,7 +219,9 @@ def test_compiled_model_equals_eager(family: Family) -> None:
     compiled = torch.compile(model, backend="aot_eager")
     for seed in (0, 1):
         inputs = family.inputs(processor, seed)
-        torch.testing.assert_close(logits(family, compiled, inputs), logits(family, model, inputs), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            logits(family, compiled, inputs), logits(family, model, inputs), atol=1e-5, rtol=1e-5
+        )
     torch._dynamo.reset()
 
 
@@ -332,8 +338,11 @@ def test_offloaded_projector_is_refused_at_attach(family: Family) -> None:
     model = family.make_model(processor)
     accelerate.cpu_offload(family.projector(model), execution_device=torch.device("cpu"))
     before = snapshot(model, processor)
-    with pytest.raises(ValueError, match=r"multi_modal_projector must hold its weights to attach \(they are on the "
-                                         r"'meta' device"):
+    with pytest.raises(
+        ValueError,
+        match=r"multi_modal_projector must hold its weights to attach \(they are on the "
+        r"'meta' device",
+    ):
         family.attach(model, processor, **family.reduced)
     assert_unchanged(model, processor, before)
 
@@ -367,11 +376,12 @@ def test_8bit_tower(family: Family, request) -> None:
 
 def _quantize_8bit(tower: nn.Module, bnb) -> None:
     """Every ``nn.Linear`` of ``tower`` replaced by ``bnb.nn.Linear8bitLt`` holding the same weights (int8)."""
-    for name, module in list(tower.named_modules()):
+    for module in list(tower.modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear:
-                q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
-                                        has_fp16_weights=False)
+                q = bnb.nn.Linear8bitLt(
+                    child.in_features, child.out_features, bias=child.bias is not None, has_fp16_weights=False
+                )
                 q.weight = bnb.nn.Int8Params(child.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
                 if child.bias is not None:
                     q.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
@@ -394,5 +404,7 @@ def test_mm_encoder_outputs_keep_the_true_positions(family: Family) -> None:
     torch.testing.assert_close(got, logits(family, model, inputs), atol=0, rtol=0)
     with torch.no_grad():
         foreign = stock.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
-    with pytest.raises(ValueError, match=r"mm_encoder_outputs\['image'\] must come from this model's get_image_features"):
+    with pytest.raises(
+        ValueError, match=r"mm_encoder_outputs\['image'\] must come from this model's get_image_features"
+    ):
         logits(family, model, {**text, "mm_encoder_outputs": {"image": foreign}})

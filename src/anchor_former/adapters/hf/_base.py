@@ -51,7 +51,9 @@ class TransformersHost(Host):
         stock = self.stock_of(model)
         if stock is None or not isinstance(getattr(model, "model", None), nn.Module):
             names = " or ".join(cls.__name__ for cls in self.classes)
-            raise ValueError(f"model must be a transformers {names}, got {type(model).__module__}.{type(model).__qualname__}")
+            raise ValueError(
+                f"model must be a transformers {names}, got {type(model).__module__}.{type(model).__qualname__}"
+            )
 
     def recorded(self, model: nn.Module) -> AnchorSettings | None:
         stock = self.stock_of(model)

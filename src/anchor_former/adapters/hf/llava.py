@@ -91,8 +91,13 @@ def recorded_connector(config: Any, **dd: Any) -> nn.Module:
     from anchor_former.connectors.registry import build_connector
 
     settings = AnchorSettings.from_dict(normalise(config))
-    return build_connector(settings.connector, int(config.vision_config.hidden_size), int(config.text_config.hidden_size),
-                           **constructor_kwargs(settings.connector, settings.connector_config), **dd)
+    return build_connector(
+        settings.connector,
+        int(config.vision_config.hidden_size),
+        int(config.text_config.hidden_size),
+        **constructor_kwargs(settings.connector, settings.connector_config),
+        **dd,
+    )
 
 
 def single_layer(layer: Any, name: str = "vision_feature_layer") -> int:
@@ -101,7 +106,9 @@ def single_layer(layer: Any, name: str = "vision_feature_layer") -> int:
     return layer
 
 
-def run_connector(connector: nn.Module, features: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def run_connector(
+    connector: nn.Module, features: torch.Tensor, scores: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(tokens (B, T, llm_dim), anchor indices (B, K) or None)`` of ``connector`` on one probed forward.
 
     Connectors with anchors get them explicitly (their own :class:`~anchor_former.AnchorSearch` on the
@@ -111,22 +118,25 @@ def run_connector(connector: nn.Module, features: torch.Tensor, scores: torch.Te
         return connector(features), None
     from anchor_former.search import cls_scores
 
-    scores = cls_scores(scores if scores.ndim == 3 else scores[:, None], num_prefix_tokens=connector.num_prefix_tokens,
-                        layout="b h n")
+    scores = cls_scores(
+        scores if scores.ndim == 3 else scores[:, None], num_prefix_tokens=connector.num_prefix_tokens, layout="b h n"
+    )
     idx = connector.search(scores, layout="b h n")  # (B, K) or (B, K + 1) with [CLS] first
     return connector(features, idx), idx
 
 
-def probed_features(self: nn.Module, pixel_values: torch.Tensor, layer: Any, **kwargs: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:
+def probed_features(
+    self: nn.Module, pixel_values: torch.Tensor, layer: Any, **kwargs: Any
+) -> tuple[Any, torch.Tensor, torch.Tensor]:
     """One tower forward over ``(M, C, H_img, W_img)`` views: ``(output, features (M, N, D), scores)``."""
     kwargs.pop("return_dict", None)
     layer = single_layer(self.config.vision_feature_layer if layer is None else layer)
     tower = self.vision_tower
     score = self.config.anchor_former["score"]  # a plain dict read (normalised at build): traceable
-    output, probe = probed_forward(tower, lambda: tower(pixel_values, return_dict=True, **kwargs),
-                                   layer=layer, score=score)
+    output, probe = probed_forward(
+        tower, lambda: tower(pixel_values, return_dict=True, **kwargs), layer=layer, score=score
+    )
     return output, probe.features, probe.scores
-
 
 
 class AnchorFormerLlavaModel(LlavaModel):
@@ -167,9 +177,13 @@ class AnchorFormerLlavaModel(LlavaModel):
         """
         output, features, scores = self._probed(pixel_values, vision_feature_layer, **kwargs)
         tokens, idx = run_connector(self.multi_modal_projector, features, scores)
-        return AnchorImageOutput(last_hidden_state=output.last_hidden_state, hidden_states=output.hidden_states,
-                                 attentions=output.attentions, pooler_output=list(tokens),
-                                 kept_indices=None if idx is None else tuple(idx))
+        return AnchorImageOutput(
+            last_hidden_state=output.last_hidden_state,
+            hidden_states=output.hidden_states,
+            attentions=output.attentions,
+            pooler_output=list(tokens),
+            kept_indices=None if idx is None else tuple(idx),
+        )
 
 
 class AnchorFormerLlavaForConditionalGeneration(LlavaForConditionalGeneration):
@@ -208,8 +222,10 @@ def check_select_source(projector: nn.Module, config: Any, init_projector: bool)
             "connector='select' maps the kept tokens with the model's own trained projector; init_projector=False "
             "would leave it random"
         )
-    if not (isinstance(getattr(projector, "linear_1", None), nn.Linear)
-            and isinstance(getattr(projector, "linear_2", None), nn.Linear)):
+    if not (
+        isinstance(getattr(projector, "linear_1", None), nn.Linear)
+        and isinstance(getattr(projector, "linear_2", None), nn.Linear)
+    ):
         raise ValueError(
             "connector='select' needs the model's projector to be transformers' LlavaMultiModalProjector "
             f"(linear_1, GELU, linear_2 = LLaVA's mlp2x_gelu), got {type(projector).__name__}"
@@ -265,8 +281,11 @@ class LlavaHost(TransformersHost):
 
     name = "LlavaForConditionalGeneration"
     classes: ClassVar[dict[type, tuple[type, type, type]]] = {
-        LlavaForConditionalGeneration: (AnchorFormerLlavaConfig, AnchorFormerLlavaModel,
-                                        AnchorFormerLlavaForConditionalGeneration),
+        LlavaForConditionalGeneration: (
+            AnchorFormerLlavaConfig,
+            AnchorFormerLlavaModel,
+            AnchorFormerLlavaForConditionalGeneration,
+        ),
     }
     default_connector: ClassVar[str] = "acformer"
     default_score: ClassVar[str] = "cls"
@@ -320,17 +339,29 @@ class LlavaHost(TransformersHost):
         stock_cls = self.check_tower(model, spec, request)
         vision = config.vision_config
         side = int(vision.image_size) // int(vision.patch_size)
-        kwargs = anchor_kwargs(connector, num_anchors, side * side, request, has_cls=spec.has_cls, score=score,
-                               stock_cls=stock_cls)
+        kwargs = anchor_kwargs(
+            connector, num_anchors, side * side, request, has_cls=spec.has_cls, score=score, stock_cls=stock_cls
+        )
         if connector == "select" and previous is None:
             check_select_source(inner.multi_modal_projector, config, init_projector)
         kwargs.setdefault("num_prefix_tokens", spec.num_prefix_tokens)
         if processor is not None:
             self.check_processor(processor, model, spec)
-        return Plan(connector=connector, score=score, kwargs=kwargs, recorded=recorded, previous=previous,
-                    data={"spec": spec, "layer": layer, "side": side, "patch_size": int(vision.patch_size),
-                          "init_projector": init_projector,
-                          "options": options})
+        return Plan(
+            connector=connector,
+            score=score,
+            kwargs=kwargs,
+            recorded=recorded,
+            previous=previous,
+            data={
+                "spec": spec,
+                "layer": layer,
+                "side": side,
+                "patch_size": int(vision.patch_size),
+                "init_projector": init_projector,
+                "options": options,
+            },
+        )
 
     def build(self, model: nn.Module, plan: Plan) -> nn.Module:
         """The connector on the old projector's device and dtype; a fresh attach starts its output MLP from the
@@ -347,13 +378,21 @@ class LlavaHost(TransformersHost):
                 "offloaded by accelerate or not loaded); attach before dispatching the model with a device_map, or "
                 "keep the projector on a real device"
             )
-        new = build_connector(plan.connector, int(config.vision_config.hidden_size), int(config.text_config.hidden_size),
-                              **plan.kwargs, device=param.device, dtype=param.dtype)
+        new = build_connector(
+            plan.connector,
+            int(config.vision_config.hidden_size),
+            int(config.text_config.hidden_size),
+            **plan.kwargs,
+            device=param.device,
+            dtype=param.dtype,
+        )
         new.num_output_tokens(plan.data["side"] ** 2 + plan.data["spec"].num_prefix_tokens)  # budget checks
         if plan.previous is None and plan.data["init_projector"] and hasattr(old, "linear_1"):
             target = getattr(new, "projector", None)
             if target is None:
-                raise ValueError(f"connector {plan.connector!r} has no output MLP to initialise; pass init_projector=False")
+                raise ValueError(
+                    f"connector {plan.connector!r} has no output MLP to initialise; pass init_projector=False"
+                )
             load_checked(target, projector_mlp(old, config), what="the model's multi_modal_projector")
         return new
 
@@ -362,9 +401,14 @@ class LlavaHost(TransformersHost):
         recorded = config.to_dict() if hasattr(config, "to_dict") else dict(plan.kwargs)
         recorded = constructor_kwargs(plan.connector, recorded)
         return AnchorSettings(
-            connector=plan.connector, connector_config=recorded, score=plan.score, layer=plan.data["layer"],
-            num_anchors=recorded.get("num_anchors"), num_context=int(recorded.get("num_context", 0) or 0),
-            include_cls=bool(recorded.get("include_cls", False)), extras=self.extras(model, plan, connector),
+            connector=plan.connector,
+            connector_config=recorded,
+            score=plan.score,
+            layer=plan.data["layer"],
+            num_anchors=recorded.get("num_anchors"),
+            num_context=int(recorded.get("num_context", 0) or 0),
+            include_cls=bool(recorded.get("include_cls", False)),
+            extras=self.extras(model, plan, connector),
         )
 
     def _num_tokens(self, plan: Plan, connector: nn.Module) -> int:
@@ -430,5 +474,13 @@ def attach_anchor_former(
             weight shapes (the message names what is attached). The model, its config and the processor are
             unchanged then.
     """
-    return attach(HOST, model, processor, num_anchors=num_anchors, connector=connector, score=score,
-                  init_projector=init_projector, **kwargs)
+    return attach(
+        HOST,
+        model,
+        processor,
+        num_anchors=num_anchors,
+        connector=connector,
+        score=score,
+        init_projector=init_projector,
+        **kwargs,
+    )

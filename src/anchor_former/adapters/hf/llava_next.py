@@ -192,8 +192,11 @@ class AnchorFormerLlavaNextModel(LlavaNextModel):
                 out, idx = run_connector(connector, f, sc)  # out: (V, T, llm_dim)
                 images.append(arrange_fixed(image_views, out, self.image_newline))
                 kept.append(idx)
-        return AnchorImageOutput(last_hidden_state=output.last_hidden_state, pooler_output=images,
-                                 kept_indices=tuple(kept) if kept and kept[0] is not None else None)
+        return AnchorImageOutput(
+            last_hidden_state=output.last_hidden_state,
+            pooler_output=images,
+            kept_indices=tuple(kept) if kept and kept[0] is not None else None,
+        )
 
 
 class AnchorFormerLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
@@ -228,9 +231,16 @@ class AnchorFormerLlavaNextProcessor(LlavaNextProcessor):
         anyres_tokens: dict | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(image_processor, tokenizer, patch_size=patch_size,
-                         vision_feature_select_strategy=vision_feature_select_strategy, chat_template=chat_template,
-                         image_token=image_token, num_additional_image_tokens=num_additional_image_tokens, **kwargs)
+        super().__init__(
+            image_processor,
+            tokenizer,
+            patch_size=patch_size,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            chat_template=chat_template,
+            image_token=image_token,
+            num_additional_image_tokens=num_additional_image_tokens,
+            **kwargs,
+        )
         self.anyres_tokens = anyres_tokens
 
     def _get_number_of_features(self, orig_height: int, orig_width: int, height: int, width: int) -> int:
@@ -238,8 +248,12 @@ class AnchorFormerLlavaNextProcessor(LlavaNextProcessor):
         ``"default"`` strategy (transformers' callers subtract that [CLS] token afterwards)."""
         if not self.anyres_tokens:
             return super()._get_number_of_features(orig_height, orig_width, height, width)
-        views = anyres_views((orig_height, orig_width), grid_pinpoints=self.image_processor.image_grid_pinpoints,
-                             view_size=int(height), patch_size=int(self.patch_size))
+        views = anyres_views(
+            (orig_height, orig_width),
+            grid_pinpoints=self.image_processor.image_grid_pinpoints,
+            view_size=int(height),
+            patch_size=int(self.patch_size),
+        )
         return anyres_token_count(self.anyres_tokens, views) + int(self.vision_feature_select_strategy == "default")
 
 
@@ -254,8 +268,11 @@ class LlavaNextHost(LlavaHost):
 
     name = "LlavaNextForConditionalGeneration"
     classes: ClassVar[dict[type, tuple[type, type, type]]] = {
-        LlavaNextForConditionalGeneration: (AnchorFormerLlavaNextConfig, AnchorFormerLlavaNextModel,
-                                            AnchorFormerLlavaNextForConditionalGeneration),
+        LlavaNextForConditionalGeneration: (
+            AnchorFormerLlavaNextConfig,
+            AnchorFormerLlavaNextModel,
+            AnchorFormerLlavaNextForConditionalGeneration,
+        ),
     }
     family = "LLaVA-NeXT"
     processor_class: ClassVar[type] = LlavaNextProcessor
@@ -302,10 +319,16 @@ class LlavaNextHost(LlavaHost):
         images = processor.image_processor
         crop = dict(getattr(images, "crop_size", None) or {})
         return [
-            ("image_processor.image_grid_pinpoints",
-             [list(p) for p in getattr(images, "image_grid_pinpoints", []) or []],
-             [list(p) for p in config.image_grid_pinpoints]),
-            ("image_processor.crop_size", (crop.get("height"), crop.get("width")), (vision.image_size, vision.image_size)),
+            (
+                "image_processor.image_grid_pinpoints",
+                [list(p) for p in getattr(images, "image_grid_pinpoints", []) or []],
+                [list(p) for p in config.image_grid_pinpoints],
+            ),
+            (
+                "image_processor.crop_size",
+                (crop.get("height"), crop.get("width")),
+                (vision.image_size, vision.image_size),
+            ),
             ("patch_size", processor.patch_size, vision.patch_size),
             ("image_token_id", processor.image_token_id, config.image_token_id),
             ("vision_feature_select_strategy", processor.vision_feature_select_strategy, self.expected_strategy(spec)),
@@ -321,8 +344,11 @@ class LlavaNextHost(LlavaHost):
     def tokens(self, plan: Plan, connector: nn.Module) -> dict[str, Any]:
         """The per-image token rule (``extras["anyres"]``)."""
         if plan.connector == "select":
-            return {"layout": "selected", "num_anchors": plan.kwargs["num_anchors"],
-                    "image_budget": plan.data["options"].get("image_budget")}
+            return {
+                "layout": "selected",
+                "num_anchors": plan.kwargs["num_anchors"],
+                "image_budget": plan.data["options"].get("image_budget"),
+            }
         return {"layout": "fixed", "tokens_per_view": self._num_tokens(plan, connector)}
 
     def extras(self, model: nn.Module, plan: Plan, connector: nn.Module) -> dict[str, Any]:
@@ -342,9 +368,13 @@ class LlavaNextHost(LlavaHost):
         processor.anyres_tokens = dict(tokens)
         side = int(plan.data["side"] * plan.data["patch_size"])
         for shape in ((side, side), (side, 2 * side + 3)):
-            ids = processor(text=processor.image_token, images=np.zeros((*shape, 3), dtype=np.uint8),
-                            return_tensors="pt")["input_ids"]
-            got, want = int((ids == processor.image_token_id).sum()), anyres_token_count(tokens, views_of(plan.data["config"], shape))
+            ids = processor(
+                text=processor.image_token, images=np.zeros((*shape, 3), dtype=np.uint8), return_tensors="pt"
+            )["input_ids"]
+            got, want = (
+                int((ids == processor.image_token_id).sum()),
+                anyres_token_count(tokens, views_of(plan.data["config"], shape)),
+            )
             if got != want:
                 raise ValueError(
                     f"could not make {name} write {want} image tokens for a {shape} image (it wrote {got}); this "
@@ -404,8 +434,17 @@ def attach_anchor_former(
             is not LLaVA's ``mlp2x_gelu`` for ``"select"``; a processor of another model; a re-attach that
             would discard the connector's weights. The model, its config and the processor are unchanged then.
     """
-    return attach(HOST, model, processor, num_anchors=num_anchors, connector=connector, score=score,
-                  init_projector=init_projector, image_budget=image_budget, **kwargs)
+    return attach(
+        HOST,
+        model,
+        processor,
+        num_anchors=num_anchors,
+        connector=connector,
+        score=score,
+        init_projector=init_projector,
+        image_budget=image_budget,
+        **kwargs,
+    )
 
 
 #: the family's earlier name for :func:`attach_anchor_former`

@@ -107,7 +107,7 @@ __all__ = [
 
 def _max_views(vision_aspect_ratio: str) -> int:
     """``N`` of ``"anyres_max_N"`` (parsed as transformers does)."""
-    return int(str(vision_aspect_ratio).strip("anyres_max_"))
+    return int(str(vision_aspect_ratio).removeprefix("anyres_max_"))
 
 
 def shrunk_grid(views: AnyresViews, vision_aspect_ratio: str) -> tuple[int, int] | None:
@@ -176,8 +176,15 @@ def _grid_scores(scores: torch.Tensor, prefix: int) -> torch.Tensor:
 
 
 def _select_shrunk(
-    views: AnyresViews, budgets: tuple[int, ...], features: torch.Tensor, scores: torch.Tensor, shrunk: tuple[int, int],
-    *, prefix: int, projector: nn.Module, newline: torch.Tensor,
+    views: AnyresViews,
+    budgets: tuple[int, ...],
+    features: torch.Tensor,
+    scores: torch.Tensor,
+    shrunk: tuple[int, int],
+    *,
+    prefix: int,
+    projector: nn.Module,
+    newline: torch.Tensor,
 ) -> torch.Tensor:
     """One image whose high-resolution grid the stock model shrinks: ``(k_0 + k_hi + h', llm_dim)``.
 
@@ -285,8 +292,18 @@ class AnchorFormerLlavaOnevisionModel(LlavaOnevisionModel):
                     newline=newline,
                 ))  # fmt: skip
             else:
-                images.append(_select_shrunk(image_views, budgets, f, sc, shrunk, prefix=prefix,
-                                             projector=connector.projector, newline=newline))
+                images.append(
+                    _select_shrunk(
+                        image_views,
+                        budgets,
+                        f,
+                        sc,
+                        shrunk,
+                        prefix=prefix,
+                        projector=connector.projector,
+                        newline=newline,
+                    )
+                )
         output.pooler_output = images
         return output
 
@@ -369,10 +386,18 @@ class AnchorFormerLlavaOnevisionProcessor(LlavaOnevisionProcessor):
         video_tokens: dict | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(image_processor, tokenizer, video_processor, num_image_tokens=num_image_tokens,
-                         vision_feature_select_strategy=vision_feature_select_strategy, chat_template=chat_template,
-                         image_token=image_token, video_token=video_token, vision_aspect_ratio=vision_aspect_ratio,
-                         **kwargs)
+        super().__init__(
+            image_processor,
+            tokenizer,
+            video_processor,
+            num_image_tokens=num_image_tokens,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            chat_template=chat_template,
+            image_token=image_token,
+            video_token=video_token,
+            vision_aspect_ratio=vision_aspect_ratio,
+            **kwargs,
+        )
         self.anyres_tokens = anyres_tokens
         self.video_tokens = video_tokens
 
@@ -385,8 +410,9 @@ class AnchorFormerLlavaOnevisionProcessor(LlavaOnevisionProcessor):
         size = size.tolist() if hasattr(size, "tolist") else list(size)
         view = int(image_inputs["pixel_values"][0][0].shape[-1])
         views = _anyres(size, self.image_processor.image_grid_pinpoints, view, self.num_image_tokens)
-        count = image_token_count(self.anyres_tokens, views, vision_aspect_ratio=self.vision_aspect_ratio,
-                                  multi_image=multi)
+        count = image_token_count(
+            self.anyres_tokens, views, vision_aspect_ratio=self.vision_aspect_ratio, multi_image=multi
+        )
         return self.image_token * count
 
     def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs: Any) -> str:
@@ -403,8 +429,9 @@ def _anyres(size: Any, pinpoints: Any, view_size: int, num_image_tokens: int) ->
     from anchor_former.views import anyres_views
 
     side = math.isqrt(int(num_image_tokens))
-    return anyres_views([int(v) for v in size], grid_pinpoints=pinpoints, view_size=view_size,
-                        patch_size=view_size // side)
+    return anyres_views(
+        [int(v) for v in size], grid_pinpoints=pinpoints, view_size=view_size, patch_size=view_size // side
+    )
 
 
 class LlavaOnevisionHost(LlavaNextHost):
@@ -413,8 +440,11 @@ class LlavaOnevisionHost(LlavaNextHost):
 
     name = "LlavaOnevisionForConditionalGeneration"
     classes: ClassVar[dict[type, tuple[type, type, type]]] = {
-        LlavaOnevisionForConditionalGeneration: (AnchorFormerLlavaOnevisionConfig, AnchorFormerLlavaOnevisionModel,
-                                                 AnchorFormerLlavaOnevisionForConditionalGeneration),
+        LlavaOnevisionForConditionalGeneration: (
+            AnchorFormerLlavaOnevisionConfig,
+            AnchorFormerLlavaOnevisionModel,
+            AnchorFormerLlavaOnevisionForConditionalGeneration,
+        ),
     }
     family = "LLaVA-OneVision"
     default_connector = "select"
@@ -441,9 +471,11 @@ class LlavaOnevisionHost(LlavaNextHost):
         side = int(config.vision_config.image_size) // int(config.vision_config.patch_size)
         images = processor.image_processor
         return [
-            ("image_processor.image_grid_pinpoints",
-             [list(p) for p in getattr(images, "image_grid_pinpoints", []) or []],
-             [list(p) for p in config.image_grid_pinpoints]),
+            (
+                "image_processor.image_grid_pinpoints",
+                [list(p) for p in getattr(images, "image_grid_pinpoints", []) or []],
+                [list(p) for p in config.image_grid_pinpoints],
+            ),
             ("num_image_tokens", processor.num_image_tokens, side * side),
             ("vision_aspect_ratio", processor.vision_aspect_ratio, config.vision_aspect_ratio),
             ("image_token_id", processor.image_token_id, config.image_token_id),
@@ -457,7 +489,10 @@ class LlavaOnevisionHost(LlavaNextHost):
         tokens = self.tokens(plan, connector)
         if plan.connector == "select":
             frames = options["frame_anchors"]
-            video = {"layout": "selected", "tokens_per_frame": min(plan.kwargs["num_anchors"], pooled) if frames is None else frames}
+            video = {
+                "layout": "selected",
+                "tokens_per_frame": min(plan.kwargs["num_anchors"], pooled) if frames is None else frames,
+            }
         else:
             video = {"layout": "fixed", "tokens_per_frame": tokens["tokens_per_view"]}
         return {**options, "anyres": tokens, "video": video}
@@ -473,13 +508,20 @@ class LlavaOnevisionHost(LlavaNextHost):
         processor.anyres_tokens, processor.video_tokens = dict(tokens), dict(video)
         side = int(config.vision_config.image_size)
         shape = (side, 3 * side + 2)
-        out = processor(text=f"{processor.image_token} {processor.video_token}",
-                        images=np.zeros((*shape, 3), dtype=np.uint8),
-                        videos=[np.zeros((2, side, side, 3), dtype=np.uint8)], return_tensors="pt")
+        out = processor(
+            text=f"{processor.image_token} {processor.video_token}",
+            images=np.zeros((*shape, 3), dtype=np.uint8),
+            videos=[np.zeros((2, side, side, 3), dtype=np.uint8)],
+            return_tensors="pt",
+        )
         ids = out["input_ids"]
         got = int((ids == processor.image_token_id).sum()), int((ids == processor.video_token_id).sum())
-        want = (image_token_count(tokens, views_of(config, shape), vision_aspect_ratio=config.vision_aspect_ratio,
-                                  multi_image=False), video_token_count(video, 2))
+        want = (
+            image_token_count(
+                tokens, views_of(config, shape), vision_aspect_ratio=config.vision_aspect_ratio, multi_image=False
+            ),
+            video_token_count(video, 2),
+        )
         if got != want:
             raise ValueError(
                 f"could not make {name} write {want} (image, video) tokens (it wrote {got}); this "
@@ -537,8 +579,18 @@ def attach_anchor_former(
             ``mlp2x_gelu`` for ``"select"``; a processor of another model; a re-attach that would discard the
             connector's weights. The model, its config and the processor are unchanged then.
     """
-    return attach(HOST, model, processor, num_anchors=num_anchors, connector=connector, score=score,
-                  init_projector=init_projector, image_budget=image_budget, frame_anchors=frame_anchors, **kwargs)
+    return attach(
+        HOST,
+        model,
+        processor,
+        num_anchors=num_anchors,
+        connector=connector,
+        score=score,
+        init_projector=init_projector,
+        image_budget=image_budget,
+        frame_anchors=frame_anchors,
+        **kwargs,
+    )
 
 
 #: the family's earlier name for :func:`attach_anchor_former`

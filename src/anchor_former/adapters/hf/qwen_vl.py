@@ -194,10 +194,14 @@ def merged_token_scores(
         q, k = rotary(q, k, cos, sin)  # (L, H, E) each
         q, k = q.transpose(0, 1), k.transpose(0, 1)  # (H, L, E)
         bounds = [int(b) for b in cu_seqlens.tolist()]
-        patch = torch.cat([
-            received_attention(q[None, :, a:b], k[None, :, a:b], scale=attn.scaling, block_size=block_size)[0].mean(0)
-            for a, b in zip(bounds[:-1], bounds[1:])
-        ])  # (L,)
+        patch = torch.cat(
+            [
+                received_attention(q[None, :, a:b], k[None, :, a:b], scale=attn.scaling, block_size=block_size)[0].mean(
+                    0
+                )
+                for a, b in zip(bounds[:-1], bounds[1:])
+            ]
+        )  # (L,)
     return patch.view(-1, merge_unit).sum(-1)  # (L / merge_unit,)
 
 
@@ -229,8 +233,10 @@ class _QwenSelectMixin:
         super().__init__(config)  # type: ignore[call-arg]
         settings = normalise(config)
         if settings["num_anchors"] is None or settings["layer"] is None:
-            raise ValueError(f"config.anchor_former must hold num_anchors and the score layer, got {settings!r}; "
-                             "build the model with attach_anchor_former")
+            raise ValueError(
+                f"config.anchor_former must hold num_anchors and the score layer, got {settings!r}; "
+                "build the model with attach_anchor_former"
+            )
 
     def _settings(self) -> dict[str, Any]:
         """The settings record as a plain dict (normalised at build, so ``torch.compile`` traces the reads)."""
@@ -247,13 +253,22 @@ class _QwenSelectMixin:
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             hidden = args[0] if args else kwargs["hidden_states"]
-            captured.append(merged_token_scores(
-                module, hidden, kwargs["cu_seqlens"], kwargs["position_embeddings"],
-                merge_unit=merge * merge, block_size=int(settings["extras"].get("block_size", DEFAULT_BLOCK_SIZE)),
-            ))
+            captured.append(
+                merged_token_scores(
+                    module,
+                    hidden,
+                    kwargs["cu_seqlens"],
+                    kwargs["position_embeddings"],
+                    merge_unit=merge * merge,
+                    block_size=int(settings["extras"].get("block_size", DEFAULT_BLOCK_SIZE)),
+                )
+            )
 
-        out = hooked_forward(visual, lambda: visual(pixel_values.type(visual.dtype), grid_thw=grid_thw),
-                             pre_hooks={visual.blocks[int(settings["layer"])].attn: hook})
+        out = hooked_forward(
+            visual,
+            lambda: visual(pixel_values.type(visual.dtype), grid_thw=grid_thw),
+            pre_hooks={visual.blocks[int(settings["layer"])].attn: hook},
+        )
         if len(captured) != 1:
             raise ValueError(f"the score block ran {len(captured)} times in one vision forward, expected once")
         scores = captured[0]  # (sum n_i,) in the tower's internal order
@@ -277,7 +292,10 @@ class _QwenSelectMixin:
 
         deepstack = getattr(out, "deepstack_features", None)
         return QwenVisionSelectOutput(
-            last_hidden_state=out.last_hidden_state, pooler_output=pick(merged), kept_indices=tuple(kept), grid_thw=grid_thw,
+            last_hidden_state=out.last_hidden_state,
+            pooler_output=pick(merged),
+            kept_indices=tuple(kept),
+            grid_thw=grid_thw,
             deepstack_features=None if deepstack is None else [pick(f) for f in deepstack],
         )
 
@@ -345,8 +363,10 @@ class _QwenSelectMixin:
                 )
             video_grid_thw = torch.repeat_interleave(video_grid_thw, video_grid_thw[:, 0], dim=0)
             video_grid_thw[:, 0] = 1
-        grids = {1: iter(image_grid_thw if image_grid_thw is not None else ()),
-                 2: iter(video_grid_thw if video_grid_thw is not None else ())}
+        grids = {
+            1: iter(image_grid_thw if image_grid_thw is not None else ()),
+            2: iter(video_grid_thw if video_grid_thw is not None else ()),
+        }
         kept_iters = {1: iter(kept.get("image") or ()), 2: iter(kept.get("video") or ())}
         seconds = iter(second_per_grid_ts) if second_per_grid_ts is not None else itertools.repeat(1)
         deltas = []
@@ -439,17 +459,32 @@ class _QwenSelectMixin:
                 video_grid_thw = mm_encoder_outputs["video"].grid_thw
             if input_ids is not None and mm_token_type_ids is not None:
                 rope, self.rope_deltas = self.get_rope_index(
-                    input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, kwargs.get("second_per_grid_ts"),
-                    attention_mask, kept_indices=kept,
+                    input_ids,
+                    mm_token_type_ids,
+                    image_grid_thw,
+                    video_grid_thw,
+                    kwargs.get("second_per_grid_ts"),
+                    attention_mask,
+                    kept_indices=kept,
                 )
-                position_ids = rope if position_ids is None or position_ids.shape[0] != 4 else torch.cat(
-                    [position_ids[:1], rope.to(position_ids.dtype)]
+                position_ids = (
+                    rope
+                    if position_ids is None or position_ids.shape[0] != 4
+                    else torch.cat([position_ids[:1], rope.to(position_ids.dtype)])
                 )
         return super().forward(  # type: ignore[misc]
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-            inputs_embeds=inputs_embeds, use_cache=use_cache, pixel_values=pixel_values,
-            pixel_values_videos=pixel_values_videos, image_grid_thw=image_grid_thw,
-            video_grid_thw=video_grid_thw, mm_token_type_ids=mm_token_type_ids, mm_encoder_outputs=mm_encoder_outputs,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            pixel_values=pixel_values,
+            pixel_values_videos=pixel_values_videos,
+            image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw,
+            mm_token_type_ids=mm_token_type_ids,
+            mm_encoder_outputs=mm_encoder_outputs,
             **kwargs,
         )
 
@@ -545,8 +580,13 @@ class _SelectProcessorMixin:
     num_anchors: Budget | None
 
     def __init__(
-        self, image_processor: Any = None, tokenizer: Any = None, video_processor: Any = None,
-        chat_template: str | None = None, num_anchors: Budget | None = None, **kwargs: Any,
+        self,
+        image_processor: Any = None,
+        tokenizer: Any = None,
+        video_processor: Any = None,
+        chat_template: str | None = None,
+        num_anchors: Budget | None = None,
+        **kwargs: Any,
     ) -> None:  # the stock parameters spelt out: transformers derives the saved attributes from this signature
         super().__init__(image_processor, tokenizer, video_processor, chat_template=chat_template, **kwargs)  # type: ignore[call-arg]
         self.num_anchors = num_anchors
@@ -555,15 +595,17 @@ class _SelectProcessorMixin:
         if self.num_anchors is None:
             return super().replace_image_token(image_inputs, image_idx, **kwargs)  # type: ignore[misc]
         grid = image_inputs["image_grid_thw"][image_idx]
-        return self.image_token * _kept_count(self.num_anchors, grid, self.image_processor.merge_size,
-                                              f"image {image_idx}")
+        return self.image_token * _kept_count(
+            self.num_anchors, grid, self.image_processor.merge_size, f"image {image_idx}"
+        )
 
     def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs: Any) -> str:
         if self.num_anchors is None:
             return super().replace_video_token(video_inputs, video_idx, **kwargs)  # type: ignore[misc]
         grid = video_inputs["video_grid_thw"][video_idx]
-        return self.video_token * _kept_count(self.num_anchors, grid, self.video_processor.merge_size,
-                                              f"video {video_idx}")
+        return self.video_token * _kept_count(
+            self.num_anchors, grid, self.video_processor.merge_size, f"video {video_idx}"
+        )
 
 
 class AnchorFormerQwen2VLProcessor(_SelectProcessorMixin, Qwen2VLProcessor):
@@ -588,8 +630,11 @@ class AnchorFormerQwen3VLProcessor(_SelectProcessorMixin, Qwen3VLProcessor):
         return text.replace(self.video_token * merged, self.video_token * kept)
 
 
-_PROCESSORS = {Qwen2VLProcessor: AnchorFormerQwen2VLProcessor, Qwen2_5_VLProcessor: AnchorFormerQwen2_5_VLProcessor,
-               Qwen3VLProcessor: AnchorFormerQwen3VLProcessor}
+_PROCESSORS = {
+    Qwen2VLProcessor: AnchorFormerQwen2VLProcessor,
+    Qwen2_5_VLProcessor: AnchorFormerQwen2_5_VLProcessor,
+    Qwen3VLProcessor: AnchorFormerQwen3VLProcessor,
+}
 _PROCESSORS.update({v: v for v in list(_PROCESSORS.values())})
 
 
@@ -642,12 +687,21 @@ class QwenHost(TransformersHost):
 
     name = "Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration or Qwen3VLForConditionalGeneration"
     classes: ClassVar[dict[type, tuple[type, type, type]]] = {
-        Qwen2VLForConditionalGeneration: (AnchorFormerQwen2VLConfig, AnchorFormerQwen2VLModel,
-                                          AnchorFormerQwen2VLForConditionalGeneration),
-        Qwen2_5_VLForConditionalGeneration: (AnchorFormerQwen2_5_VLConfig, AnchorFormerQwen2_5_VLModel,
-                                             AnchorFormerQwen2_5_VLForConditionalGeneration),
-        Qwen3VLForConditionalGeneration: (AnchorFormerQwen3VLConfig, AnchorFormerQwen3VLModel,
-                                          AnchorFormerQwen3VLForConditionalGeneration),
+        Qwen2VLForConditionalGeneration: (
+            AnchorFormerQwen2VLConfig,
+            AnchorFormerQwen2VLModel,
+            AnchorFormerQwen2VLForConditionalGeneration,
+        ),
+        Qwen2_5_VLForConditionalGeneration: (
+            AnchorFormerQwen2_5_VLConfig,
+            AnchorFormerQwen2_5_VLModel,
+            AnchorFormerQwen2_5_VLForConditionalGeneration,
+        ),
+        Qwen3VLForConditionalGeneration: (
+            AnchorFormerQwen3VLConfig,
+            AnchorFormerQwen3VLModel,
+            AnchorFormerQwen3VLForConditionalGeneration,
+        ),
     }
     connector_slot = None
 
@@ -676,18 +730,30 @@ class QwenHost(TransformersHost):
         layer = request.pop("score_layer", None)
         layer = _score_layer(model.config.vision_config, recorded.layer if layer is None and recorded else layer)
         if request:
-            raise ValueError(f"unknown arguments for Qwen-VL: {sorted(request)} (it takes num_anchors, score_layer, "
-                             "block_size)")
+            raise ValueError(
+                f"unknown arguments for Qwen-VL: {sorted(request)} (it takes num_anchors, score_layer, block_size)"
+            )
         if processor is not None:
             _processor_class(processor)
-        return Plan(connector=connector, score=score, recorded=recorded,
-                    data={"num_anchors": budget, "layer": layer, "block_size": block_size})
+        return Plan(
+            connector=connector,
+            score=score,
+            recorded=recorded,
+            data={"num_anchors": budget, "layer": layer, "block_size": block_size},
+        )
 
     def settings(self, model: nn.Module, plan: Plan, connector: nn.Module | None) -> AnchorSettings:
-        return AnchorSettings(connector="select", score="received", layer=plan.data["layer"],
-                              num_anchors=plan.data["num_anchors"], extras={"block_size": plan.data["block_size"]})
+        return AnchorSettings(
+            connector="select",
+            score="received",
+            layer=plan.data["layer"],
+            num_anchors=plan.data["num_anchors"],
+            extras={"block_size": plan.data["block_size"]},
+        )
 
-    def switch_processor(self, processor: Any, settings: AnchorSettings, plan: Plan, connector: nn.Module | None) -> None:
+    def switch_processor(
+        self, processor: Any, settings: AnchorSettings, plan: Plan, connector: nn.Module | None
+    ) -> None:
         attach_qwen_processor(processor, num_anchors=settings.num_anchors)
 
 
@@ -699,9 +765,13 @@ def register_auto_classes() -> None:
     """Register the classes with ``AutoConfig`` / ``AutoModel`` / ``AutoModelForImageTextToText`` /
     ``AutoProcessor`` (idempotent), so ``AutoModelForImageTextToText.from_pretrained(folder)``,
     ``AutoProcessor.from_pretrained(folder)`` and ``pipeline(model=folder)`` rebuild the attached model."""
-    QwenHost.register({Qwen2VLForConditionalGeneration: AnchorFormerQwen2VLProcessor,
-                       Qwen2_5_VLForConditionalGeneration: AnchorFormerQwen2_5_VLProcessor,
-                       Qwen3VLForConditionalGeneration: AnchorFormerQwen3VLProcessor})
+    QwenHost.register(
+        {
+            Qwen2VLForConditionalGeneration: AnchorFormerQwen2VLProcessor,
+            Qwen2_5_VLForConditionalGeneration: AnchorFormerQwen2_5_VLProcessor,
+            Qwen3VLForConditionalGeneration: AnchorFormerQwen3VLProcessor,
+        }
+    )
 
 
 #: the family's earlier name for :func:`register_auto_classes`
@@ -743,8 +813,16 @@ def attach_anchor_former(
         ValueError: another model class, a bad budget, a windowed ``score_layer``, another connector or score,
             a processor of another kind. The model, its config and the processor are unchanged then.
     """
-    return attach(HOST, model, processor, num_anchors=num_anchors, connector=connector, score=score,
-                  score_layer=score_layer, block_size=block_size)
+    return attach(
+        HOST,
+        model,
+        processor,
+        num_anchors=num_anchors,
+        connector=connector,
+        score=score,
+        score_layer=score_layer,
+        block_size=block_size,
+    )
 
 
 #: the family's earlier name for :func:`attach_anchor_former`

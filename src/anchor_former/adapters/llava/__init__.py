@@ -118,9 +118,7 @@ def build_vision_projector(config: Any, delay_load: bool = False, **kwargs: Any)
             return nn.Identity()  # LLaVA's IdentityMap: no parameters, any call signature
         return build_projector(projector_type, vision_dim, llm_dim)
     if projector_type not in available_connectors():
-        raise ValueError(
-            f"config.mm_projector_type must be one of {_llava_projector_names()}, got {projector_type!r}"
-        )
+        raise ValueError(f"config.mm_projector_type must be one of {_llava_projector_names()}, got {projector_type!r}")
     settings = recorded_settings(config)
     recorded = settings.connector_config if settings is not None else getattr(config, CONNECTOR_CONFIG_KEY, None)
     connector_kwargs = {**_constructor_kwargs(recorded or {}), **kwargs}
@@ -153,7 +151,11 @@ class LlavaConnector(nn.Module):
         if isinstance(inputs, (list, tuple)):
             return [self(x) for x in inputs]
         if not isinstance(inputs, AnchoredFeatures):
-            got = f"a tensor of shape {tuple(inputs.shape)}" if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+            got = (
+                f"a tensor of shape {tuple(inputs.shape)}"
+                if isinstance(inputs, torch.Tensor)
+                else type(inputs).__name__
+            )
             raise ValueError(
                 "LlavaConnector needs AnchoredFeatures (all tokens of the selected layer plus the anchor scores) "
                 f"from AnchorVisionTower, got {got}; switch the model with "
@@ -204,8 +206,12 @@ class AnchorVisionTower(nn.Module):
         trainable = any(p.requires_grad for p in clip.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
             # a fresh probe per call, under the tower's lock and outside torch.compile (see _probed)
-            _, probe = probed_forward(clip, lambda: clip(images.to(device=self.device, dtype=self.dtype)),
-                                      layer=self.select_layer, score=self.score or "norm")
+            _, probe = probed_forward(
+                clip,
+                lambda: clip(images.to(device=self.device, dtype=self.dtype)),
+                layer=self.select_layer,
+                score=self.score or "norm",
+            )
         features = probe.features.to(images.dtype)  # (B, N, D), as LLaVA casts back to the input dtype
         return AnchoredFeatures(features, None if self.score is None else probe.scores)
 
@@ -284,14 +290,20 @@ def recorded_settings(config: Any) -> AnchorSettings | None:
     anyres = getattr(config, "image_aspect_ratio", None) == "anyres"
     # earlier releases overwrote mm_vision_select_feature with "cls_patch"; only "select" kept the stock [CLS]
     stock_cls = not anyres and legacy["connector"] == "select" and bool(kwargs.get("include_cls"))
-    extras = {"select_feature": "cls_patch" if stock_cls else "patch",
-              "projector_type": kwargs.get("projector", "linear")}
+    extras = {
+        "select_feature": "cls_patch" if stock_cls else "patch",
+        "projector_type": kwargs.get("projector", "linear"),
+    }
     if anyres:
         extras["image_budget"] = getattr(config, "mm_anyres_image_budget", None)
     return AnchorSettings(
-        connector=legacy["connector"], connector_config=kwargs, score=legacy.get("score") or "cls",
-        layer=getattr(config, "mm_vision_select_layer", None), num_anchors=kwargs.get("num_anchors"),
-        num_context=int(kwargs.get("num_context", 0) or 0), include_cls=bool(kwargs.get("include_cls")),
+        connector=legacy["connector"],
+        connector_config=kwargs,
+        score=legacy.get("score") or "cls",
+        layer=getattr(config, "mm_vision_select_layer", None),
+        num_anchors=kwargs.get("num_anchors"),
+        num_context=int(kwargs.get("num_context", 0) or 0),
+        include_cls=bool(kwargs.get("include_cls")),
         extras=extras,
     )
 
@@ -326,8 +338,10 @@ class _LlavaTorch(Host):
             )
         connector, score, num_anchors, request = _requested(request, recorded, self.name)
         extras = dict(recorded.extras) if recorded else {}  # the stock model's strategy, kept from the first attach
-        stock = {"select_feature": extras.get("select_feature", getattr(config, "mm_vision_select_feature", "patch")),
-                 "projector_type": extras.get("projector_type", getattr(config, "mm_projector_type", "linear"))}
+        stock = {
+            "select_feature": extras.get("select_feature", getattr(config, "mm_vision_select_feature", "patch")),
+            "projector_type": extras.get("projector_type", getattr(config, "mm_projector_type", "linear")),
+        }
         anyres = getattr(config, "image_aspect_ratio", None) == "anyres"  # LLaVA-NeXT views: see .anyres
         merge = getattr(config, "mm_patch_merge_type", "flat") or "flat"
         if merge != "flat" and not anyres:
@@ -341,19 +355,37 @@ class _LlavaTorch(Host):
         if anyres:
             from anchor_former.adapters.llava.anyres import check_anyres
 
-            stock["image_budget"] = check_anyres(config, connector, request, select_feature=stock["select_feature"],
-                                                 view_size=int(new_tower.config.image_size))
+            stock["image_budget"] = check_anyres(
+                config,
+                connector,
+                request,
+                select_feature=stock["select_feature"],
+                view_size=int(new_tower.config.image_size),
+            )
         elif "image_budget" in request:
-            raise ValueError(f"image_budget needs config.image_aspect_ratio='anyres', got "
-                             f"{getattr(config, 'image_aspect_ratio', None)!r}")
+            raise ValueError(
+                f"image_budget needs config.image_aspect_ratio='anyres', got "
+                f"{getattr(config, 'image_aspect_ratio', None)!r}"
+            )
         if connector == "select" and not attached:
             _check_select_source(inner.mm_projector, getattr(config, "mm_projector_type", "linear"), init_projector)
-        kwargs = _connector_kwargs(connector, num_anchors, score, request, new_tower, stock,
-                                   getattr(config, "mm_projector_type", "linear"))
-        return Plan(connector=connector, score=score, kwargs=kwargs, recorded=recorded,
-                    previous=inner.mm_projector.connector if attached else None,
-                    data={"inner": inner, "tower": new_tower, "init_projector": init_projector, "anyres": anyres,
-                          "extras": stock})
+        kwargs = _connector_kwargs(
+            connector, num_anchors, score, request, new_tower, stock, getattr(config, "mm_projector_type", "linear")
+        )
+        return Plan(
+            connector=connector,
+            score=score,
+            kwargs=kwargs,
+            recorded=recorded,
+            previous=inner.mm_projector.connector if attached else None,
+            data={
+                "inner": inner,
+                "tower": new_tower,
+                "init_projector": init_projector,
+                "anyres": anyres,
+                "extras": stock,
+            },
+        )
 
     def build(self, model: nn.Module, plan: Plan) -> nn.Module:
         """The new connector on the old projector's device and dtype; warm-started from the model's LLaVA
@@ -364,8 +396,14 @@ class _LlavaTorch(Host):
         param = next(iter(old_projector.parameters()), None)
         param = param if param is not None else next(iter(model.parameters()))
         try:
-            new = build_connector(plan.connector, int(config.mm_hidden_size), int(config.hidden_size), **plan.kwargs,
-                                  device=param.device, dtype=param.dtype)
+            new = build_connector(
+                plan.connector,
+                int(config.mm_hidden_size),
+                int(config.hidden_size),
+                **plan.kwargs,
+                device=param.device,
+                dtype=param.dtype,
+            )
         except TypeError as error:  # an argument the connector does not take
             raise ValueError(
                 f"keyword arguments must be arguments of the {plan.connector!r} connector, got "
@@ -391,9 +429,13 @@ class _LlavaTorch(Host):
         if _LLAVA_PROJECTORS.match(plan.connector):
             kwargs.pop("projector", None)
         return AnchorSettings(
-            connector=plan.connector, connector_config=kwargs, score=plan.score,
-            layer=int(plan.data["tower"].select_layer), num_anchors=kwargs.get("num_anchors"),
-            num_context=int(kwargs.get("num_context", 0) or 0), include_cls=bool(kwargs.get("include_cls", False)),
+            connector=plan.connector,
+            connector_config=kwargs,
+            score=plan.score,
+            layer=int(plan.data["tower"].select_layer),
+            num_anchors=kwargs.get("num_anchors"),
+            num_context=int(kwargs.get("num_context", 0) or 0),
+            include_cls=bool(kwargs.get("include_cls", False)),
             extras=plan.data["extras"],
         )
 
@@ -401,7 +443,9 @@ class _LlavaTorch(Host):
         inner, tower, config = plan.data["inner"], plan.data["tower"], model.config
         if not getattr(connector, "uses_anchors", False):
             tower.score = None  # the connector ignores anchors: skip the probe's attention row
-        inner.vision_tower = [tower] if isinstance(getattr(inner, "vision_tower", None), list) else tower  # FSDP: a list
+        inner.vision_tower = (
+            [tower] if isinstance(getattr(inner, "vision_tower", None), list) else tower
+        )  # FSDP: a list
         inner.mm_projector = LlavaConnector(connector)
         config.mm_projector_type = settings.connector  # LLaVA's builder (after register_with_llava) rebuilds it
         setattr(config, CONFIG_KEY, settings.to_dict())
@@ -442,20 +486,34 @@ def _requested(
 
 
 def _connector_kwargs(
-    connector: str, num_anchors: int, score: Score, request: dict[str, Any], tower: AnchorVisionTower,
-    stock: dict[str, Any], projector_type: Any,
+    connector: str,
+    num_anchors: int,
+    score: Score,
+    request: dict[str, Any],
+    tower: AnchorVisionTower,
+    stock: dict[str, Any],
+    projector_type: Any,
 ) -> dict[str, Any]:
     """The connector's constructor arguments: the anchor settings (checked against the tower), the output
     MLP of the model's current projector type (so its weights carry over), the tower's prefix tokens."""
     spec = detect_encoder(tower.vision_tower)
-    kwargs = anchor_kwargs(connector, num_anchors, tower.num_patches, request, has_cls=spec.has_cls, score=score,
-                           stock_cls=stock["select_feature"] == "cls_patch")
+    kwargs = anchor_kwargs(
+        connector,
+        num_anchors,
+        tower.num_patches,
+        request,
+        has_cls=spec.has_cls,
+        score=score,
+        stock_cls=stock["select_feature"] == "cls_patch",
+    )
     if _LLAVA_PROJECTORS.match(str(connector)):
         kwargs.pop("projector", None)  # the name is the projector
     elif "projector" not in kwargs and isinstance(projector_type, str) and _LLAVA_MLPS.match(projector_type):
         kwargs["projector"] = projector_type
     kwargs.setdefault("num_prefix_tokens", spec.num_prefix_tokens)
     return kwargs
+
+
 #: config keys of an earlier release, replaced by ``config.anchor_former``
 _LEGACY_KEYS = (CONNECTOR_CONFIG_KEY, "mm_anchor_score", "mm_anyres_image_budget")
 

@@ -44,7 +44,12 @@ from anchor_former.views import (
 )
 
 __all__ = [
-    "AnyresImageTokens", "anyres_class", "anyres_image_tokens", "anyres_inputs", "anyres_token_counts", "check_anyres",
+    "AnyresImageTokens",
+    "anyres_class",
+    "anyres_image_tokens",
+    "anyres_inputs",
+    "anyres_token_counts",
+    "check_anyres",
     "is_anchored_anyres",
 ]
 
@@ -162,7 +167,8 @@ def is_anchored_anyres(model: nn.Module) -> bool:
 
     inner = model.get_model()
     return getattr(model.config, "image_aspect_ratio", None) == "anyres" and isinstance(
-        getattr(inner, "mm_projector", None), LlavaConnector)
+        getattr(inner, "mm_projector", None), LlavaConnector
+    )
 
 
 def anyres_inputs(model: nn.Module, input_ids: torch.Tensor, images: Any, image_sizes: Any) -> Any:
@@ -200,8 +206,9 @@ def anyres_class(cls: type) -> type:
     if issubclass(cls, _AnyresMixin):
         return cls
     if cls not in _CLASSES:
-        _CLASSES[cls] = type(cls.__name__, (_AnyresMixin, cls), {"__qualname__": cls.__qualname__,
-                                                                 "__module__": cls.__module__})
+        _CLASSES[cls] = type(
+            cls.__name__, (_AnyresMixin, cls), {"__qualname__": cls.__qualname__, "__module__": cls.__module__}
+        )
     return _CLASSES[cls]
 
 

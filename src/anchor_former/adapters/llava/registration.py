@@ -65,8 +65,11 @@ def _uses_connector(projector_type: Any) -> bool:
     """Whether ``mm_projector_type`` names one of this package's connectors (not a LLaVA projector)."""
     from anchor_former.connectors.registry import available_connectors
 
-    return isinstance(projector_type, str) and not _LLAVA_PROJECTORS.match(projector_type) and (
-        projector_type in available_connectors())
+    return (
+        isinstance(projector_type, str)
+        and not _LLAVA_PROJECTORS.match(projector_type)
+        and (projector_type in available_connectors())
+    )
 
 
 class DeferredAnchorVisionTower(AnchorVisionTower):
@@ -145,7 +148,11 @@ def connector_settings(tower: AnchorVisionTower, model_args: Any) -> dict[str, A
     settings: dict[str, Any] = {}
     if connector in ("acformer", "select"):
         num_anchors = getattr(model_args, "num_anchors", 144)
-        if isinstance(num_anchors, bool) or not isinstance(num_anchors, int) or not 1 <= num_anchors <= tower.num_patches:
+        if (
+            isinstance(num_anchors, bool)
+            or not isinstance(num_anchors, int)
+            or not 1 <= num_anchors <= tower.num_patches
+        ):
             raise ValueError(
                 f"num_anchors must be an integer in [1, {tower.num_patches}] (the vision tower's patch count), "
                 f"got {num_anchors!r}"
@@ -173,11 +180,18 @@ def _initialize_vision_modules(self: nn.Module, model_args: Any, fsdp: Any = Non
     else:
         tower.load_model()
     self.vision_tower = [tower] if fsdp else tower  # LLaVA's own branch then only calls load_model (no-op)
-    stock = {"select_feature": getattr(model_args, "mm_vision_select_feature", "patch"),
-             "projector_type": getattr(self.config, "mm_projector_type", None) or "linear"}
+    stock = {
+        "select_feature": getattr(model_args, "mm_vision_select_feature", "patch"),
+        "projector_type": getattr(self.config, "mm_projector_type", None) or "linear",
+    }
     connector_name = model_args.mm_projector_type
-    settings = AnchorSettings(connector=connector_name, connector_config=connector_settings(tower, model_args),
-                              score=score, layer=int(tower.select_layer), extras=stock)
+    settings = AnchorSettings(
+        connector=connector_name,
+        connector_config=connector_settings(tower, model_args),
+        score=score,
+        layer=int(tower.select_layer),
+        extras=stock,
+    )
     setattr(self.config, CONFIG_KEY, settings.to_dict())  # what LLaVA's builder (ours) reads below
     previous = getattr(self, "mm_projector", None)
     if previous is not None and not isinstance(previous, LlavaConnector):
@@ -190,9 +204,12 @@ def _initialize_vision_modules(self: nn.Module, model_args: Any, fsdp: Any = Non
         _warm_start(connector, previous)
     config = connector.config.to_dict() if hasattr(getattr(connector, "config", None), "to_dict") else {}
     config = {k: v for k, v in config.items() if k not in ("vision_dim", "llm_dim")} or settings.connector_config
-    settings = settings.replace(connector_config=config, num_anchors=config.get("num_anchors"),
-                                num_context=int(config.get("num_context", 0) or 0),
-                                include_cls=bool(config.get("include_cls", False)))
+    settings = settings.replace(
+        connector_config=config,
+        num_anchors=config.get("num_anchors"),
+        num_context=int(config.get("num_context", 0) or 0),
+        include_cls=bool(config.get("include_cls", False)),
+    )
     setattr(self.config, CONFIG_KEY, settings.to_dict())
     if not getattr(connector, "uses_anchors", False):
         tower.score = None  # the connector ignores anchors: skip the probe's attention row

@@ -43,8 +43,9 @@ def anchor_model_arguments(base: type) -> type:
     class AnchorModelArguments(base):  # type: ignore[misc, valid-type]
         num_anchors: int = field(default=144, metadata={"help": "K anchors (acformer, select)"})
         anchor_score: str = field(default="cls", metadata={"help": "anchor score: cls ([CLS] attention) or norm"})
-        connector_config: str | None = field(default=None, metadata={"help": "JSON object of further connector "
-                                                                              "arguments, e.g. '{\"depth\": 6}'"})
+        connector_config: str | None = field(
+            default=None, metadata={"help": "JSON object of further connector arguments, e.g. '{\"depth\": 6}'"}
+        )
 
     AnchorModelArguments.__qualname__ = AnchorModelArguments.__name__ = "ModelArguments"
     return AnchorModelArguments
