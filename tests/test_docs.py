@@ -56,7 +56,7 @@ _PENDING: dict[str, dict[str, object]] = {
             "from anchor_former.viz import save_anchor_plot": ["needs matplotlib"],
             "class FooFamily(EncoderFamily):": [
                 "skip: registers an encoder family for a library that does not exist; "
-                "twin: tests/probes/test_base.py::test_registering_an_existing_name_needs_replace"
+                "twin: tests/probes/test_encoder_registry.py::test_registering_an_existing_name_needs_replace"
             ],
             "batch = processor(images=images": [
                 "skip: needs a SigLIP2 model and processor; "
@@ -81,10 +81,6 @@ _PENDING: dict[str, dict[str, object]] = {
             'from_pretrained("Qwen/Qwen2.5-VL-7B-Instruct")': [
                 "skip: downloads Qwen2.5-VL-7B; "
                 "twin: tests/adapters/test_qwen_vl.py::test_generate_batched_left_padded_with_reduced_budget"
-            ],
-            "processor = attach_qwen_processor(AutoProcessor.from_pretrained(d),": [
-                "skip: continues a saved Qwen2.5-VL folder; "
-                "twin: tests/adapters/test_qwen_vl.py::test_save_and_load_round_trip"
             ],
         },
     },

@@ -6,6 +6,8 @@ a second one serves a saved, trained AcFormer folder.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 # vllm.entrypoints: the serving engine itself (a bare "vllm" would also accept a stray namespace package)
@@ -138,11 +140,21 @@ def test_hf_overrides() -> None:
     overrides = afv.hf_overrides(num_anchors=144, num_context=16)
     assert overrides == {
         "architectures": ["AnchorFormerLlavaForConditionalGeneration"],
-        "anchor_former": {
+        "anchor_former": {  # the versioned settings record every host writes (AnchorSettings.to_dict)
             "connector": "select",
-            "score": "cls",
             "connector_config": {"num_anchors": 144, "num_context": 16},
+            "score": "cls",
+            "layer": None,
+            "num_anchors": 144,
+            "num_context": 16,
+            "include_cls": False,
+            "extras": {},
+            "version": 1,
         },
+    }
+    assert afv.anchor_record(SimpleNamespace(anchor_former=overrides["anchor_former"]))["connector_config"] == {
+        "num_anchors": 144,
+        "num_context": 16,
     }
     assert afv.hf_overrides(num_anchors=6, family="llava_next")["anchor_former"]["extras"]["anyres"]["num_anchors"] == 6
     with pytest.raises(ValueError, match="num_anchors must be an integer >= 1, got 0"):
