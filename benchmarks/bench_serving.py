@@ -2,7 +2,7 @@
 
 One vLLM engine serves a LLaVA-1.5-shaped model through the ``anchor_former.vllm`` plugin; the stock
 model is the same engine at K = every patch (576 for CLIP ViT-L/14-336, which serves exactly the stock
-model's tokens: tests/vllm_plugin/test_llava.py). Per-request budgets (``mm_processor_kwargs``) give stock,
+model's tokens: tests/vllm_plugin/test_vllm_llava.py). Per-request budgets (``mm_processor_kwargs``) give stock,
 K = 64, 144 and 192 the same engine settings, and they are measured in interleaved rounds, so load that
 comes and goes on a shared machine hits all of them alike:
 
