@@ -1,6 +1,6 @@
 """(i) Tensor parallelism: with the vision heads split over 2 ranks, each rank's hook sees half of the
 heads; the plugin gathers the [CLS] rows, so TP=2 serves the same anchors, tokens and log-probs as one
-rank (which tests/vllm_plugin/test_llava.py checks against the transformers adapter on the same weights).
+rank (which tests/vllm_plugin/test_vllm_llava.py checks against the transformers adapter on the same weights).
 
 CPU tensor parallelism: gloo plus vLLM's shared-memory all-reduce, one OpenMP thread set per rank.
 """

@@ -15,7 +15,7 @@ from vllm import LLM, SamplingParams  # noqa: E402
 from anchor_former.adapters.transformers import attach_anchor_former  # noqa: E402
 
 K = 6
-ATOL = 5e-6  # float32 on both sides; measured up to 1.2e-6 (see test_llava.py)
+ATOL = 5e-6  # float32 on both sides; measured up to 1.2e-6 (see test_vllm_llava.py)
 
 
 @pytest.fixture(scope="module")
