@@ -48,6 +48,7 @@ from torch.utils._pytree import tree_leaves
 from anchor_former import AttentionProbe, anchor_search, detect_encoder, extract_anchors
 from anchor_former.probes import DEFAULT_BLOCK_SIZE
 from anchor_former.probes.probe import watch_site
+from anchor_former.probes.spec import SiteCall
 from benchmarks._common import environment, measure_interleaved, parse_device, progress
 from benchmarks.bench_search import reference_loop
 
@@ -501,7 +502,8 @@ def run(*, preset: str = "default", device: torch.device | str = "cpu") -> dict[
     # the probe's own parts, timed alone on one recorded call of layer -2's attention (its hooked queries and
     # keys): the [CLS] row, the received score, and the search
     spec = detect_encoder(model)
-    site, calls = spec.sites[-2], []
+    site = spec.sites[-2]
+    calls: list[SiteCall] = []
     handles = watch_site(site, calls.append)
     try:
         with torch.no_grad():

@@ -327,6 +327,7 @@ class AnchorFormer(ResamplerConnector):
                 f"attention={'None' if attention is None else shape_str(attention)}"
             )
         if anchor_idx is None:  # the search never picks padding (too few real tokens raise there)
+            assert attention is not None  # exactly one of the two is given (checked above)
             anchor_idx = self._search(attention, features, key_padding_mask)
         else:
             self._check_anchor_idx(anchor_idx, features, key_padding_mask)
@@ -347,7 +348,8 @@ class AnchorFormer(ResamplerConnector):
                 f"attention must cover the B={b} samples and N={n} tokens of features of shape "
                 f"{shape_str(features)}, got attention of shape {shape_str(attention)}"
             )
-        return self.search(scores, layout="b h n", key_padding_mask=key_padding_mask)
+        anchors: torch.Tensor = self.search(scores, layout="b h n", key_padding_mask=key_padding_mask)
+        return anchors
 
     def extra_repr(self) -> str:
         a = self._config

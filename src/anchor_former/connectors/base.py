@@ -29,7 +29,7 @@ import dataclasses
 import json
 import math
 from collections.abc import Mapping
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypedDict, TypeVar
 
 import torch
 from torch import nn
@@ -45,6 +45,14 @@ from anchor_former._validation import (
 
 __all__ = ["Connector", "ConnectorConfig", "grid_side"]
 
+
+class FactoryKwargs(TypedDict, total=False):
+    """The ``device`` / ``dtype`` factory keywords a connector passes on to the modules it builds."""
+
+    device: torch.device | str | None
+    dtype: torch.dtype | None
+
+
 C = TypeVar("C", bound="ConnectorConfig")
 M = TypeVar("M", bound="Connector")
 
@@ -54,7 +62,8 @@ class ConnectorConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """A plain, JSON-serialisable dict of the fields."""
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
+        fields: dict[str, Any] = dataclasses.asdict(self)  # type: ignore[call-overload]  # self: a dataclass subclass
+        return fields
 
     @classmethod
     def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +24,11 @@ from einops import rearrange
 from torch import nn
 
 from anchor_former._validation import check_positive_int
-from anchor_former.connectors.base import Connector, ConnectorConfig, grid_side
+from anchor_former.connectors.base import Connector, ConnectorConfig, FactoryKwargs, grid_side
 from anchor_former.projector import build_projector, projector_flops
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack is 3.11+; only mypy reads it (annotations are strings)
 
 __all__ = ["CAbstractor", "CAbstractorConfig", "LayerNorm2d", "RegBlock"]
 
@@ -42,7 +46,9 @@ class _ConvNorm(nn.Sequential):
     """``Conv2d(bias=False)`` then ``LayerNorm2d``; keys ``conv.*`` and ``bn.*`` as in timm's ``ConvNormAct``
     (so Honeybee/timm RegNet block weights load by key; the norm is a LayerNorm despite the name)."""
 
-    def __init__(self, in_chs: int, out_chs: int, kernel_size: int, *, groups: int = 1, **dd: object) -> None:
+    def __init__(
+        self, in_chs: int, out_chs: int, kernel_size: int, *, groups: int = 1, **dd: Unpack[FactoryKwargs]
+    ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, padding=kernel_size // 2, groups=groups, bias=False, **dd)
         self.bn = LayerNorm2d(out_chs, **dd)
@@ -51,20 +57,21 @@ class _ConvNorm(nn.Sequential):
 class _SqueezeExcite(nn.Module):
     """``x * sigmoid(fc2(SiLU(fc1(mean_hw(x)))))`` with 1x1 convolutions (bias) as the fcs."""
 
-    def __init__(self, chs: int, rd_chs: int, **dd: object) -> None:
+    def __init__(self, chs: int, rd_chs: int, **dd: Unpack[FactoryKwargs]) -> None:
         super().__init__()
         self.fc1 = nn.Conv2d(chs, rd_chs, 1, **dd)
         self.fc2 = nn.Conv2d(rd_chs, chs, 1, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = x.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
-        return x * self.fc2(F.silu(self.fc1(s))).sigmoid()
+        gate: torch.Tensor = self.fc2(F.silu(self.fc1(s))).sigmoid()  # (B, C, 1, 1)
+        return x * gate
 
 
 class RegBlock(nn.Module):
     """One residual RegNet bottleneck block (stride 1), ``(B, C_in, H, W)`` → ``(B, C_out, H, W)``."""
 
-    def __init__(self, in_chs: int, out_chs: int, *, se_ratio: float = 0.25, **dd: object) -> None:
+    def __init__(self, in_chs: int, out_chs: int, *, se_ratio: float = 0.25, **dd: Unpack[FactoryKwargs]) -> None:
         super().__init__()
         self.conv1 = _ConvNorm(in_chs, out_chs, 1, **dd)
         self.conv2 = _ConvNorm(out_chs, out_chs, 3, groups=out_chs, **dd)
@@ -151,7 +158,7 @@ class CAbstractor(Connector):
             check_positive_int(name, value)
         if num_patches is not None:
             grid_side(num_patches, connector="cabstractor")
-        dd = {"device": device, "dtype": dtype}
+        dd: FactoryKwargs = {"device": device, "dtype": dtype}
         hidden = vision_dim if hidden_dim is None else hidden_dim
         self._config = CAbstractorConfig(
             vision_dim, llm_dim, hidden_dim, depth, grid, se_ratio, num_patches, projector, num_prefix_tokens
@@ -218,4 +225,5 @@ class CAbstractor(Connector):
         x = self.stage1(x)  # (B, hidden, s, s)
         x = F.adaptive_avg_pool2d(x, self.grid)  # (B, hidden, grid, grid)
         x = self.stage2(x)
-        return self.projector(rearrange(x, "b d h w -> b (h w) d"))  # (B, grid**2, llm_dim)
+        tokens: torch.Tensor = self.projector(rearrange(x, "b d h w -> b (h w) d"))  # (B, grid**2, llm_dim)
+        return tokens

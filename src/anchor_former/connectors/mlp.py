@@ -81,4 +81,5 @@ class MLPConnector(Connector):
         """``features (B, N, D)`` → ``(B, N - num_prefix_tokens, llm_dim)``; anchors are ignored."""
         self._check_features(features)
         self._check_mask(key_padding_mask, features)
-        return self.projector(features[:, self.num_prefix_tokens :])  # (B, N - P, llm_dim)
+        tokens: torch.Tensor = self.projector(features[:, self.num_prefix_tokens :])  # (B, N - P, llm_dim)
+        return tokens

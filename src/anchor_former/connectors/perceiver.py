@@ -108,8 +108,9 @@ class PerceiverResampler(ResamplerConnector):
     @property
     def config(self) -> PerceiverResamplerConfig:
         """The current configuration, runtime switches included."""
-        switches = {"fused_attn": self.fused_attn, "gradient_checkpointing": self.gradient_checkpointing}
-        return dataclasses.replace(self._config, **switches)
+        return dataclasses.replace(
+            self._config, fused_attn=self.fused_attn, gradient_checkpointing=self.gradient_checkpointing
+        )
 
     def num_output_tokens(self, num_input_tokens: int) -> int:
         self._num_patches(num_input_tokens)

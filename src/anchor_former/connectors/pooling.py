@@ -92,4 +92,5 @@ class AvgPoolConnector(Connector):
         side = grid_side(patches.shape[1], connector="avgpool")
         grid = rearrange(patches, "b (h w) d -> b d h w", h=side, w=side)
         pooled = F.avg_pool2d(grid, self.pool, self.pool, ceil_mode=True)  # (B, D, s', s')
-        return self.projector(rearrange(pooled, "b d h w -> b (h w) d"))  # (B, s'*s', llm_dim)
+        tokens: torch.Tensor = self.projector(rearrange(pooled, "b d h w -> b (h w) d"))  # (B, s'*s', llm_dim)
+        return tokens

@@ -9,15 +9,28 @@ counts its FLOPs.
 
 from __future__ import annotations
 
+from typing import TypedDict, cast
+
 import torch
 from torch import nn
 
 from anchor_former._validation import check_positive_int
-from anchor_former.connectors.base import Connector
+from anchor_former.connectors.base import Connector, FactoryKwargs
 from anchor_former.layers import ResamplerLayer, resampler_flops, run_layers
 from anchor_former.projector import build_projector, projector_flops
 
 __all__ = ["ResamplerConnector"]
+
+
+class _Shape(TypedDict):
+    """The sizes :meth:`ResamplerConnector._resampler_flops` counts with."""
+
+    depth: int
+    heads: int
+    dim_head: int
+    ff_mult: int
+    kv_include_queries: bool
+    projector: str
 
 
 class ResamplerConnector(Connector):
@@ -48,9 +61,9 @@ class ResamplerConnector(Connector):
         """Check the sizes and create ``layers``, ``norm`` and ``projector`` (widths from ``_set_widths``)."""
         for name, value in (("depth", depth), ("heads", heads), ("dim_head", dim_head), ("ff_mult", ff_mult)):
             check_positive_int(name, value)
-        dd = {"device": device, "dtype": dtype}
+        dd: FactoryKwargs = {"device": device, "dtype": dtype}
         self.gradient_checkpointing = gradient_checkpointing
-        self._shape = {
+        self._shape: _Shape = {
             "depth": depth,
             "heads": heads,
             "dim_head": dim_head,
@@ -76,12 +89,12 @@ class ResamplerConnector(Connector):
     @property
     def fused_attn(self) -> bool:
         """Whether the layers use SDPA (else the manual attention path); set it to switch every layer."""
-        return all(layer.attn.fused_attn for layer in self.layers)
+        return all(cast(ResamplerLayer, layer).attn.fused_attn for layer in self.layers)
 
     @fused_attn.setter
     def fused_attn(self, value: bool) -> None:
         for layer in self.layers:
-            layer.attn.fused_attn = bool(value)
+            cast(ResamplerLayer, layer).attn.fused_attn = bool(value)
 
     def _resample(
         self, queries: torch.Tensor, features: torch.Tensor, key_padding_mask: torch.Tensor | None
@@ -93,7 +106,8 @@ class ResamplerConnector(Connector):
         queries = run_layers(
             self.layers, queries, features, key_padding_mask, gradient_checkpointing=self.gradient_checkpointing
         )
-        return self.projector(self.norm(queries))  # (B, K, llm_dim)
+        tokens: torch.Tensor = self.projector(self.norm(queries))  # (B, K, llm_dim)
+        return tokens
 
     def _resampler_flops(self, num_queries: int, num_input_tokens: int) -> int:
         """Forward FLOPs per sample of the layers and the projector for K queries over N tokens."""

@@ -264,7 +264,8 @@ class SelectConnector(Connector):
         """
         self._check_mask(key_padding_mask, features)
         self._require_no_padding(key_padding_mask, connector="SelectConnector")
-        return self.projector(self.select(features, anchor_idx, attention=attention))
+        tokens: torch.Tensor = self.projector(self.select(features, anchor_idx, attention=attention))
+        return tokens
 
     def _anchor_positions(
         self, features: torch.Tensor, anchor_idx: torch.Tensor | None, attention: torch.Tensor | None
@@ -276,13 +277,15 @@ class SelectConnector(Connector):
                 f"attention={'None' if attention is None else shape_str(attention)}"
             )
         if anchor_idx is None:
+            assert attention is not None  # exactly one of the two is given (checked above)
             scores = cls_scores(attention, num_prefix_tokens=self.num_prefix_tokens)  # (B, H, N)
             if scores.shape[0] != features.shape[0] or scores.shape[-1] != features.shape[1]:
                 raise ValueError(
                     f"attention must cover the B={features.shape[0]} samples and N={features.shape[1]} tokens of "
                     f"features of shape {shape_str(features)}, got attention of shape {shape_str(attention)}"
                 )
-            return self.search(scores, layout="b h n")
+            anchors: torch.Tensor = self.search(scores, layout="b h n")
+            return anchors
         return self._check_anchor_idx(anchor_idx, features)
 
     def _check_anchor_idx(self, anchor_idx: torch.Tensor, features: torch.Tensor) -> torch.Tensor:

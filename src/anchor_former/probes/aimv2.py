@@ -10,6 +10,8 @@ parameter with no projection, is read inside that module's hook, while the head 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -31,13 +33,14 @@ __all__ = ["Aimv2Family"]
 _MODULE = "transformers.models.aimv2.modeling_aimv2"
 
 
-def _head_site(head: nn.Module) -> QueryKeySite:
+def _head_site(head: Any) -> QueryKeySite:  # a transformers module: its attributes are untyped
     k_proj = submodule(head, "k_proj")
     heads = head.num_heads
     width = head.hidden_size // heads
 
     def learned_query(output: torch.Tensor) -> torch.Tensor:
-        return head.cls_token.reshape(1, 1, heads, width).transpose(1, 2)  # (1, H, 1, E), as the head reshapes it
+        query: torch.Tensor = head.cls_token.reshape(1, 1, heads, width)
+        return query.transpose(1, 2)  # (1, H, 1, E), as the head reshapes it
 
     return QueryKeySite(
         module=head,
@@ -45,6 +48,11 @@ def _head_site(head: nn.Module) -> QueryKeySite:
         key=Projection(k_proj, split_heads(heads)),
         scale=width**-0.5,
     )
+
+
+def _site(block: Any) -> QueryKeySite:  # a transformers module: its attributes are untyped
+    attn = block.attention
+    return hf_linear_site(attn, num_heads=attn.num_heads, scale=attn.scale)
 
 
 class Aimv2Family(EncoderFamily):
@@ -58,13 +66,11 @@ class Aimv2Family(EncoderFamily):
     def describe(self, model: nn.Module) -> EncoderSpec:
         blocks = modules_of_type(model, loaded_classes(_MODULE, ("Aimv2EncoderLayer",)))
         heads = modules_of_type(model, loaded_classes(_MODULE, ("Aimv2AttentionPoolingHead",)))
-        config = model.config
+        config: Any = model.config
         return EncoderSpec(
             family=self.name,
             blocks=blocks,
-            sites=tuple(
-                hf_linear_site(b.attention, num_heads=b.attention.num_heads, scale=b.attention.scale) for b in blocks
-            ),
+            sites=tuple(_site(b) for b in blocks),
             num_prefix_tokens=0,
             has_cls=False,
             patch_size=int(config.patch_size),

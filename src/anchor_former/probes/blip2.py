@@ -6,6 +6,8 @@ Pre-norm layers (``Blip2EncoderLayer``: ``layer_norm1`` -> ``self_attn``); the a
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from anchor_former.probes.registry import (
@@ -25,7 +27,7 @@ __all__ = ["Blip2Family"]
 _MODULE = "transformers.models.blip_2.modeling_blip_2"
 
 
-def _site(attn: nn.Module) -> QueryKeySite:
+def _site(attn: Any) -> QueryKeySite:  # a transformers module: its attributes are untyped
     qkv = submodule(attn, "qkv")  # output (B, N, 3 * H * E): q, k, v
     return QueryKeySite(
         module=attn,
@@ -45,7 +47,7 @@ class Blip2Family(EncoderFamily):
 
     def describe(self, model: nn.Module) -> EncoderSpec:
         blocks = modules_of_type(model, loaded_classes(_MODULE, ("Blip2EncoderLayer",)))
-        config = model.config
+        config: Any = model.config
         return EncoderSpec(
             family=self.name,
             blocks=blocks,

@@ -7,11 +7,14 @@ Both layouts are found by type, not by path: ``model.vision_model.encoder.layers
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from anchor_former.probes.registry import (
     EncoderFamily,
     EncoderSpec,
+    QueryKeySite,
     hf_linear_site,
     loaded_classes,
     modules_of_type,
@@ -21,6 +24,11 @@ from anchor_former.probes.registry import (
 __all__ = ["CLIPFamily"]
 
 _MODULE = "transformers.models.clip.modeling_clip"
+
+
+def _site(block: Any) -> QueryKeySite:  # a transformers module: its attributes are untyped
+    attn = block.self_attn
+    return hf_linear_site(attn, num_heads=attn.num_heads, scale=attn.scale)
 
 
 class CLIPFamily(EncoderFamily):
@@ -33,10 +41,8 @@ class CLIPFamily(EncoderFamily):
 
     def describe(self, model: nn.Module) -> EncoderSpec:
         blocks = modules_of_type(model, loaded_classes(_MODULE, ("CLIPEncoderLayer",)))
-        sites = tuple(
-            hf_linear_site(b.self_attn, num_heads=b.self_attn.num_heads, scale=b.self_attn.scale) for b in blocks
-        )
-        config = model.config
+        sites = tuple(_site(b) for b in blocks)
+        config: Any = model.config
         return EncoderSpec(
             family=self.name,
             blocks=blocks,

@@ -10,11 +10,14 @@ the probe needs neither.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from anchor_former.probes.registry import (
     EncoderFamily,
     EncoderSpec,
+    QueryKeySite,
     hf_linear_site,
     loaded_classes,
     modules_of_type,
@@ -22,6 +25,11 @@ from anchor_former.probes.registry import (
 )
 
 __all__ = ["CLIPCloneFamily"]
+
+
+def _site(block: Any) -> QueryKeySite:  # a transformers module: its attributes are untyped
+    attn = block.self_attn
+    return hf_linear_site(attn, num_heads=attn.num_heads, scale=attn.scale)
 
 
 class CLIPCloneFamily(EncoderFamily):
@@ -40,14 +48,12 @@ class CLIPCloneFamily(EncoderFamily):
 
     def describe(self, model: nn.Module) -> EncoderSpec:
         blocks = modules_of_type(model, loaded_classes(self._module, (self._layer,)))
-        config = model.config
+        config: Any = model.config
         patch = config.patch_size
         return EncoderSpec(
             family=self.name,
             blocks=blocks,
-            sites=tuple(
-                hf_linear_site(b.self_attn, num_heads=b.self_attn.num_heads, scale=b.self_attn.scale) for b in blocks
-            ),
+            sites=tuple(_site(b) for b in blocks),
             num_prefix_tokens=1,
             has_cls=True,
             patch_size=int(patch if isinstance(patch, int) else patch[0]),

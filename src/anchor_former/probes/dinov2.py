@@ -11,6 +11,7 @@ the outputs of those projection modules.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 from torch import nn
 
@@ -30,7 +31,7 @@ _PLAIN = "transformers.models.dinov2.modeling_dinov2"
 _REGISTERS = "transformers.models.dinov2_with_registers.modeling_dinov2_with_registers"
 
 
-def _site(layer: nn.Module) -> QueryKeySite:
+def _site(layer: Any) -> QueryKeySite:  # a transformers module: its attributes are untyped
     attn = layer.attention
     if hasattr(attn, "q_proj"):  # transformers 5.x
         return hf_linear_site(attn, num_heads=attn.num_attention_heads, scale=attn.scaling)
@@ -57,7 +58,7 @@ class Dinov2Family(EncoderFamily):
             _REGISTERS, ("Dinov2WithRegistersLayer",)
         )
         blocks = modules_of_type(model, layer_classes)
-        config = model.config
+        config: Any = model.config
         patch = config.patch_size
         return EncoderSpec(
             family=self.name,

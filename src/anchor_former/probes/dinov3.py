@@ -31,12 +31,16 @@ __all__ = ["Dinov3Family"]
 _MODULE = "transformers.models.dinov3_vit.modeling_dinov3_vit"
 
 
-def _rotary(q: torch.Tensor, k: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]):
+def _rotary(
+    q: torch.Tensor, k: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
     cos, sin = kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[2]
-    return sys.modules[_MODULE].apply_rotary_pos_emb(q, k, cos, sin)  # the function the module itself calls
+    # the function the module itself calls
+    rotated: tuple[torch.Tensor, torch.Tensor] = sys.modules[_MODULE].apply_rotary_pos_emb(q, k, cos, sin)
+    return rotated
 
 
-def _site(layer: nn.Module) -> QueryKeySite:
+def _site(layer: Any) -> QueryKeySite:  # a transformers module: its attributes are untyped
     attn = layer.attention
     site = hf_linear_site(attn, num_heads=attn.num_heads, scale=attn.scaling)
     return replace(site, rotary=_rotary)
@@ -52,7 +56,7 @@ class Dinov3Family(EncoderFamily):
 
     def describe(self, model: nn.Module) -> EncoderSpec:
         blocks = modules_of_type(model, loaded_classes(_MODULE, ("DINOv3ViTLayer",)))
-        config = model.config
+        config: Any = model.config
         return EncoderSpec(
             family=self.name,
             blocks=blocks,

@@ -37,8 +37,10 @@ _MODULE = "timm.models.eva"
 _POOL = "timm.layers.attention_pool"
 
 
-def _site(attn: nn.Module) -> QueryKeySite:
-    def rotary(q: torch.Tensor, k: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]):
+def _site(attn: Any) -> QueryKeySite:  # a timm module: its attributes are untyped
+    def rotary(
+        q: torch.Tensor, k: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         rope = kwargs.get("rope", args[1] if len(args) > 1 else None)
         if rope is None:
             return q, k
@@ -60,7 +62,8 @@ class EvaFamily(EncoderFamily):
         return bool(classes) and isinstance(model, classes)
 
     def describe(self, model: nn.Module) -> EncoderSpec:
-        blocks = tuple(model.blocks)
+        vit: Any = model  # a timm module: its attributes are untyped
+        blocks = tuple(vit.blocks)
         block_cls = loaded_classes(_MODULE, ("EvaBlock",))
         attn_cls = loaded_classes(_MODULE, ("EvaAttention",))
         for i, b in enumerate(blocks):
@@ -71,15 +74,15 @@ class EvaFamily(EncoderFamily):
                     f"timm.models.eva.EvaBlock with EvaAttention (for other blocks use score='norm' with "
                     f"anchor_former.probes.token_norm_scores on the layer's features)"
                 )
-        patch_embed = model.patch_embed
+        patch_embed = vit.patch_embed
         pool = getattr(model, "attn_pool", None)
         pool_classes = loaded_classes(_POOL, ("AttentionPoolLatent",))
         return EncoderSpec(
             family=self.name,
             blocks=blocks,
             sites=tuple(_site(b.attn) for b in blocks),
-            num_prefix_tokens=int(model.num_prefix_tokens),
-            has_cls=model.cls_token is not None,
+            num_prefix_tokens=int(vit.num_prefix_tokens),
+            has_cls=vit.cls_token is not None,
             patch_size=int(patch_embed.patch_size[0]),
             num_channels=int(patch_embed.proj.in_channels),
             run=lambda pixel_values: model(pixel_values),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -73,7 +73,7 @@ def _image_layout(spec: EncoderSpec, pixel_values: torch.Tensor, inputs: dict[st
         )
     height, width = (int(s) for s in pixel_values.shape[-2:])
     if spec.grid is not None:
-        grid = tuple(int(g) for g in spec.grid(height, width))
+        grid = cast("tuple[int, int]", tuple(int(g) for g in spec.grid(height, width)))
     else:
         grid = (height // spec.patch_size, width // spec.patch_size)
     return InputLayout(grid_sizes=(grid,) * pixel_values.shape[0])

@@ -9,6 +9,9 @@ applied before the heads are split (an ``nn.Identity`` without qk-norm): the pro
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from torch import nn
 
 from anchor_former.probes.registry import (
@@ -28,7 +31,7 @@ __all__ = ["InternViTFamily"]
 _MODULE = "transformers.models.internvl.modeling_internvl"
 
 
-def _site(layer: nn.Module) -> QueryKeySite:
+def _site(layer: Any) -> QueryKeySite:  # a transformers module: its attributes are untyped
     attn = layer.attention
     heads = split_heads(attn.num_heads)  # the norms see (B, N, H * E)
     return QueryKeySite(
@@ -39,7 +42,7 @@ def _site(layer: nn.Module) -> QueryKeySite:
     )
 
 
-def _square(value, name: str) -> int:
+def _square(value: int | Sequence[int], name: str) -> int:
     sizes = (value, value) if isinstance(value, int) else tuple(value)
     if sizes[0] != sizes[1]:
         raise ValueError(f"vision_model.config.{name} must be square for the probe's patch grid, got {value}")
@@ -56,7 +59,7 @@ class InternViTFamily(EncoderFamily):
 
     def describe(self, model: nn.Module) -> EncoderSpec:
         blocks = modules_of_type(model, loaded_classes(_MODULE, ("InternVLVisionLayer",)))
-        config = model.config
+        config: Any = model.config
         return EncoderSpec(
             family=self.name,
             blocks=blocks,

@@ -15,6 +15,7 @@ wrapper, so the head runs as usual.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 from torch import nn
 
@@ -42,7 +43,8 @@ class OpenClipViTFamily(EncoderFamily):
         return bool(classes) and isinstance(model, classes)
 
     def describe(self, model: nn.Module) -> EncoderSpec:
-        blocks = tuple(model.transformer.resblocks)
+        vit: Any = model  # an open_clip module: its attributes are untyped
+        blocks = tuple(vit.transformer.resblocks)
         block_cls = loaded_classes(_TRANSFORMER, ("ResidualAttentionBlock",))
         for i, b in enumerate(blocks):
             attn = getattr(b, "attn", None)
@@ -63,8 +65,8 @@ class OpenClipViTFamily(EncoderFamily):
             sites=tuple(PackedProjectionSite(module=b.attn) for b in blocks),
             num_prefix_tokens=1,
             has_cls=True,
-            patch_size=int(model.patch_size[0]),
-            num_channels=int(model.conv1.in_channels),
+            patch_size=int(vit.patch_size[0]),
+            num_channels=int(vit.conv1.in_channels),
             run=lambda pixel_values: model(pixel_values),
         )
 
@@ -78,7 +80,8 @@ class OpenClipTimmFamily(EncoderFamily):
         return bool(classes) and isinstance(model, classes)
 
     def describe(self, model: nn.Module) -> EncoderSpec:
-        spec = detect_encoder(model.trunk)
+        trunk: Any = model.trunk  # an open_clip attribute: untyped
+        spec = detect_encoder(trunk)
         return replace(spec, run=lambda pixel_values: model(pixel_values))
 
 

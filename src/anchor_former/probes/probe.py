@@ -34,7 +34,7 @@ from torch.utils.hooks import RemovableHandle
 from anchor_former._validation import check_positive_int
 from anchor_former.probes.registry import detect_encoder
 from anchor_former.probes.scores import DEFAULT_BLOCK_SIZE, token_norm_scores
-from anchor_former.probes.spec import AttentionSite, EncoderSpec, SiteCall
+from anchor_former.probes.spec import AttentionSite, Call, EncoderSpec, SiteCall
 
 __all__ = ["AttentionProbe", "ProbeCapture", "Score", "watch_site"]
 
@@ -68,7 +68,7 @@ class _SiteWatch:
             raise
         return handles
 
-    def _before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):
+    def _before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call | None:
         self._call, self._done = None, False
         if _in_backward():
             return None

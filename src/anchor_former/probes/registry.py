@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
+from typing import Any
 
 from torch import nn
 
@@ -108,7 +109,7 @@ def registered_families() -> tuple[EncoderFamily, ...]:
     return tuple(_FAMILIES)
 
 
-def loaded_classes(module_name: str, names: Iterable[str]) -> tuple[type, ...]:
+def loaded_classes(module_name: str, names: Iterable[str]) -> tuple[type[Any], ...]:
     """The classes ``names`` of ``module_name`` if that module is already imported, else ``()``.
 
     A model instance of a class implies its module is imported, so families can match by type without

@@ -164,4 +164,5 @@ def token_norm_scores(features: torch.Tensor) -> torch.Tensor:
     check_ndim("features", features, (3,), "(B, N, D)")
     check_floating("features", features)
     with torch.no_grad():
-        return torch.linalg.vector_norm(features.detach(), dim=-1, dtype=torch.float32)
+        norms: torch.Tensor = torch.linalg.vector_norm(features.detach(), dim=-1, dtype=torch.float32)
+        return norms

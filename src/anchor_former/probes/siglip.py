@@ -14,12 +14,15 @@ their ``q_proj`` / ``k_proj`` outputs).
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from anchor_former.probes.registry import (
     EncoderFamily,
     EncoderSpec,
     MultiheadWeightsSite,
+    QueryKeySite,
     hf_linear_site,
     loaded_classes,
     modules_of_type,
@@ -38,6 +41,11 @@ def pooling_head_site(head: nn.Module) -> MultiheadWeightsSite:
     return MultiheadWeightsSite(module=submodule(head, "attention"))
 
 
+def _site(block: Any) -> QueryKeySite:  # a transformers module: its attributes are untyped
+    attn = block.self_attn
+    return hf_linear_site(attn, num_heads=attn.num_heads, scale=attn.scale)
+
+
 class SiglipFamily(EncoderFamily):
     name = "siglip"
     description = "transformers SiglipVisionModel, SiglipVisionTransformer (no [CLS])"
@@ -49,13 +57,11 @@ class SiglipFamily(EncoderFamily):
     def describe(self, model: nn.Module) -> EncoderSpec:
         blocks = modules_of_type(model, loaded_classes(_MODULE, ("SiglipEncoderLayer",)))
         heads = modules_of_type(model, loaded_classes(_MODULE, ("SiglipMultiheadAttentionPoolingHead",)))
-        config = model.config
+        config: Any = model.config
         return EncoderSpec(
             family=self.name,
             blocks=blocks,
-            sites=tuple(
-                hf_linear_site(b.self_attn, num_heads=b.self_attn.num_heads, scale=b.self_attn.scale) for b in blocks
-            ),
+            sites=tuple(_site(b) for b in blocks),
             num_prefix_tokens=0,
             has_cls=False,
             patch_size=int(config.patch_size),

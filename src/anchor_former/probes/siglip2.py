@@ -14,6 +14,7 @@ in whichever form the attention implementation got it: ``None`` (no padding), a 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -25,6 +26,7 @@ from anchor_former.probes.registry import (
     EncoderFamily,
     EncoderSpec,
     InputLayout,
+    QueryKeySite,
     hf_linear_site,
     loaded_classes,
     modules_of_type,
@@ -59,7 +61,7 @@ def _layer_padding(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tenso
     return padding_from_attention_mask(mask)
 
 
-def _layout(num_channels: int, patch: int):
+def _layout(num_channels: int, patch: int) -> Callable[[torch.Tensor, dict[str, Any]], InputLayout]:
     width = num_channels * patch * patch
 
     def layout(pixel_values: torch.Tensor, inputs: dict[str, Any]) -> InputLayout:
@@ -100,6 +102,11 @@ def _layout(num_channels: int, patch: int):
     return layout
 
 
+def _site(block: Any) -> QueryKeySite:  # a transformers module: its attributes are untyped
+    attn = block.self_attn
+    return hf_linear_site(attn, num_heads=attn.num_heads, scale=attn.scale)
+
+
 class Siglip2Family(EncoderFamily):
     name = "siglip2"
     description = "transformers Siglip2VisionModel, Siglip2VisionTransformer (NaFlex, no [CLS])"
@@ -111,14 +118,8 @@ class Siglip2Family(EncoderFamily):
     def describe(self, model: nn.Module) -> EncoderSpec:
         blocks = modules_of_type(model, loaded_classes(_MODULE, ("Siglip2EncoderLayer",)))
         heads = modules_of_type(model, loaded_classes(_MODULE, ("Siglip2MultiheadAttentionPoolingHead",)))
-        config = model.config
-        sites = tuple(
-            replace(
-                hf_linear_site(b.self_attn, num_heads=b.self_attn.num_heads, scale=b.self_attn.scale),
-                padding_mask=_layer_padding,
-            )
-            for b in blocks
-        )
+        config: Any = model.config
+        sites = tuple(replace(_site(b), padding_mask=_layer_padding) for b in blocks)
         pool_site = pooling_head_site(heads[0]) if heads else None
 
         def run(pixel_values: torch.Tensor, **inputs: Any) -> Any:

@@ -144,7 +144,7 @@ class AttentionSite(ABC):
 
     module: nn.Module
     #: whether :meth:`row` / :meth:`received` read :attr:`SiteCall.output` (the attention's return)
-    reads_output: bool = True
+    reads_output: ClassVar[bool] = True
 
     def sources(self) -> tuple[nn.Module, ...]:
         """Submodules whose outputs :meth:`row` / :meth:`received` read (hooked for each call)."""
@@ -296,7 +296,7 @@ class MultiheadWeightsSite(AttentionSite):
         return args, {**kwargs, "average_attn_weights": False}
 
     def row(self, call: SiteCall) -> torch.Tensor:
-        weights = call.output[1]  # (B, H, L, N), L learned queries
+        weights: torch.Tensor = call.output[1]  # (B, H, L, N), L learned queries
         with torch.no_grad():
             probs = weights[:, :, 0].detach().float()  # (B, H, N)
             padding = _mha_arg(call.args, call.kwargs, "key_padding_mask", 3, None)

@@ -14,6 +14,8 @@ them (fused or separate, quantized or LoRA-wrapped).
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from anchor_former.probes.registry import (
@@ -37,11 +39,12 @@ def normed_query_key_site(attn: nn.Module) -> QueryKeySite:
     """A timm attention (``Attention``, ``EvaAttention``, ``AttentionPoolLatent``) read at the outputs of its
     ``q_norm`` / ``k_norm``, ``(B, H, N, E)`` (``(B, H, L, E)`` latent queries for the pool: row 0 is the
     first latent)."""
+    scale: Any = attn.scale  # a timm attribute: untyped
     return QueryKeySite(
         module=attn,
         query=Projection(submodule(attn, "q_norm")),
         key=Projection(submodule(attn, "k_norm")),
-        scale=float(attn.scale),
+        scale=float(scale),
     )
 
 
@@ -59,7 +62,8 @@ class TimmViTFamily(EncoderFamily):
         return bool(classes) and isinstance(model, classes)
 
     def describe(self, model: nn.Module) -> EncoderSpec:
-        blocks = tuple(model.blocks)
+        vit: Any = model  # a timm module: its attributes are untyped
+        blocks = tuple(vit.blocks)
         block_cls = loaded_classes(_MODULE, ("Block",))
         attn_cls = loaded_classes(_ATTENTION, ("Attention",))
         for i, b in enumerate(blocks):
@@ -69,15 +73,15 @@ class TimmViTFamily(EncoderFamily):
                     f"{type(getattr(b, 'attn', None)).__name__} attention; supported: pre-norm "
                     f"timm.models.vision_transformer.Block with timm.layers.Attention"
                 )
-        patch_embed = model.patch_embed
+        patch_embed = vit.patch_embed
         pool = getattr(model, "attn_pool", None)
         pool_classes = loaded_classes(_POOL, ("AttentionPoolLatent",))
         return EncoderSpec(
             family=self.name,
             blocks=blocks,
             sites=tuple(normed_query_key_site(b.attn) for b in blocks),
-            num_prefix_tokens=int(model.num_prefix_tokens),
-            has_cls=model.cls_token is not None,
+            num_prefix_tokens=int(vit.num_prefix_tokens),
+            has_cls=vit.cls_token is not None,
             patch_size=int(patch_embed.patch_size[0]),
             num_channels=int(patch_embed.proj.in_channels),
             run=lambda pixel_values: model(pixel_values),
