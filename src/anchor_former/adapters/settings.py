@@ -86,24 +86,24 @@ class AnchorSettings:
             return data
         if not isinstance(data, Mapping):
             raise ValueError(f"{CONFIG_KEY} settings must be a dict, got {type(data).__name__}")
-        data = copy.deepcopy(dict(data))
-        version = data.get("version", 0)
+        record: dict[str, Any] = copy.deepcopy(dict(data))
+        version = record.get("version", 0)
         if version == 0:
-            data = _from_version_0(data)
+            record = _from_version_0(record)
         elif version != SETTINGS_VERSION:
             raise ValueError(
                 f"{CONFIG_KEY} settings version must be 0 or {SETTINGS_VERSION} (this release), got {version!r}; "
                 "the folder was written by a newer anchor_former"
             )
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        unknown = sorted(set(record) - names)
         if unknown:
             raise ValueError(
                 f"unknown {CONFIG_KEY} settings keys {unknown} for version {version}; known: {sorted(names)}"
             )
-        if data.get("connector") is None:
-            raise ValueError(f"{CONFIG_KEY} settings must name the connector, got {data!r}")
-        return cls(**data)
+        if record.get("connector") is None:
+            raise ValueError(f"{CONFIG_KEY} settings must name the connector, got {record!r}")
+        return cls(**record)
 
     def replace(self, **changes: Any) -> AnchorSettings:
         """A copy with ``changes`` (``dataclasses.replace``)."""

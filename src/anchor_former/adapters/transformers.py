@@ -130,8 +130,9 @@ def kept_tokens(model: nn.Module, **inputs: Any) -> tuple[torch.Tensor, ...]:
         out = features(**{k: v for k, v in inputs.items() if k in accepted}, return_dict=True)
     kept = getattr(out, "kept_indices", None)
     if kept is None:
+        config: Any = model.config
         raise ValueError(
-            f"the attached connector {model.config.anchor_former['connector']!r} of {type(model).__name__} reports no "
+            f"the attached connector {config.anchor_former['connector']!r} of {type(model).__name__} reports no "
             "kept token indices (it keeps no tokens of its own choosing, or lays them out per view)"
         )
     return tuple(kept)

@@ -5,7 +5,7 @@ that carries the kept token indices."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ class AnchorImageOutput(BaseModelOutputWithPooling):
     family's ``get_image_features``), or None where the connector keeps no tokens (pooling, resamplers
     without anchors)."""
 
+    pooler_output: Any = None  # a tuple/list of per-image tensors here, not the stock single tensor
     kept_indices: tuple[torch.Tensor, ...] | None = None
 
 
@@ -36,11 +37,11 @@ class TransformersHost(Host):
     """
 
     #: stock outer class -> (attached config class, attached inner model class, attached outer class)
-    classes: ClassVar[dict[type, tuple[type, type, type]]] = {}
+    classes: ClassVar[dict[type[Any], tuple[type[Any], type[Any], type[Any]]]] = {}
     #: attribute of the inner model holding the connector (None: the family has no connector module)
     connector_slot: ClassVar[str | None] = "multi_modal_projector"
 
-    def stock_of(self, model: nn.Module) -> type | None:
+    def stock_of(self, model: nn.Module) -> type[Any] | None:
         """The stock class ``model`` is (or was, before an attach), or None."""
         for stock, (_, _, outer) in self.classes.items():
             if type(model) in (stock, outer):
@@ -62,15 +63,18 @@ class TransformersHost(Host):
         return AnchorSettings.of(model.config)
 
     def modules_to_restore(self, model: nn.Module) -> tuple[nn.Module, ...]:
-        return (model, model.model)
+        return (model, cast(nn.Module, model.model))
 
     def config_updates(self, settings: AnchorSettings, plan: Plan, connector: nn.Module | None) -> dict[str, Any]:
         """Stock config entries the attached model changes (LLaVA-1.5: ``image_seq_length``)."""
         return {}
 
     def install(self, model: nn.Module, settings: AnchorSettings, plan: Plan, connector: nn.Module | None) -> None:
-        config_class, inner_class, outer_class = self.classes[self.stock_of(model)]
-        old, inner = model.config, model.model
+        stock = self.stock_of(model)
+        assert stock is not None, "install runs after check_model"
+        config_class, inner_class, outer_class = self.classes[stock]
+        old: Any = model.config
+        inner: Any = model.model
         data = {k: v for k, v in old.to_dict().items() if k not in ("model_type", CONFIG_KEY)}
         data.update(self.config_updates(settings, plan, connector))
         config = config_class(**data, **{CONFIG_KEY: settings.to_dict()})

@@ -36,7 +36,7 @@ which it consumes. Only single-layer ``vision_feature_layer`` (an int) is suppor
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from huggingface_hub.dataclasses import strict
@@ -51,6 +51,9 @@ from anchor_former.adapters._probed import probed_forward
 from anchor_former.adapters.hf._base import AnchorImageOutput, TransformersHost
 from anchor_former.adapters.settings import AnchorSettings, normalise
 from anchor_former.probes import AttentionProbe, EncoderSpec, Score, detect_encoder
+
+if TYPE_CHECKING:
+    from anchor_former.connectors.base import Connector
 
 __all__ = [
     "AnchorFormerLlavaConfig",
@@ -118,15 +121,16 @@ def run_connector(
         return connector(features), None
     from anchor_former.search import cls_scores
 
+    anchored: Any = connector  # an anchored connector: num_prefix_tokens and search
     scores = cls_scores(
-        scores if scores.ndim == 3 else scores[:, None], num_prefix_tokens=connector.num_prefix_tokens, layout="b h n"
+        scores if scores.ndim == 3 else scores[:, None], num_prefix_tokens=anchored.num_prefix_tokens, layout="b h n"
     )
-    idx = connector.search(scores, layout="b h n")  # (B, K) or (B, K + 1) with [CLS] first
+    idx = anchored.search(scores, layout="b h n")  # (B, K) or (B, K + 1) with [CLS] first
     return connector(features, idx), idx
 
 
 def probed_features(
-    self: nn.Module, pixel_values: torch.Tensor, layer: Any, **kwargs: Any
+    self: Any, pixel_values: torch.Tensor, layer: Any, **kwargs: Any
 ) -> tuple[Any, torch.Tensor, torch.Tensor]:
     """One tower forward over ``(M, C, H_img, W_img)`` views: ``(output, features (M, N, D), scores)``."""
     kwargs.pop("return_dict", None)
@@ -147,7 +151,7 @@ class AnchorFormerLlavaModel(LlavaModel):
 
     def __init__(self, config: AnchorFormerLlavaConfig) -> None:
         super().__init__(config)
-        self.multi_modal_projector = recorded_connector(config)
+        self.multi_modal_projector = recorded_connector(config)  # type: ignore[assignment]  # a connector
 
     _probed = probed_features
 
@@ -195,7 +199,8 @@ class AnchorFormerLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def __init__(self, config: AnchorFormerLlavaConfig) -> None:
         LlavaPreTrainedModel.__init__(self, config)
         self.model = AnchorFormerLlavaModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        text: Any = config.text_config
+        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         self.post_init()
 
 
@@ -207,8 +212,9 @@ def projector_mlp(projector: nn.Module, config: Any) -> dict[str, torch.Tensor]:
             f"init_projector needs projector_hidden_act='gelu' (LLaVA's mlp2x_gelu), got {act!r}; "
             "pass init_projector=False"
         )
-    state = {}
-    for index, linear in ((0, projector.linear_1), (2, projector.linear_2)):
+    state: dict[str, torch.Tensor] = {}
+    linears = cast("tuple[nn.Linear, nn.Linear]", (projector.linear_1, projector.linear_2))
+    for index, linear in ((0, linears[0]), (2, linears[1])):
         state[f"{index}.weight"] = linear.weight
         # a bias-free linear is the same map as one with a zero bias
         state[f"{index}.bias"] = linear.bias if linear.bias is not None else torch.zeros_like(linear.weight[:, 0])
@@ -288,7 +294,7 @@ class LlavaHost(TransformersHost):
         ),
     }
     default_connector: ClassVar[str] = "acformer"
-    default_score: ClassVar[str] = "cls"
+    default_score: ClassVar[Score] = "cls"
 
     def check_model(self, model: nn.Module) -> None:
         if self.stock_of(model) is None:
@@ -322,13 +328,14 @@ class LlavaHost(TransformersHost):
         from anchor_former.connectors.registry import available_connectors
 
         connector = request.pop("connector", None) or (recorded.connector if recorded else self.default_connector)
-        score = request.pop("score", None) or (recorded.score if recorded else self.default_score)
+        score = cast(Score, request.pop("score", None) or (recorded.score if recorded else self.default_score))
         num_anchors = request.pop("num_anchors", 144)
         init_projector = request.pop("init_projector", True)
         if connector not in available_connectors() and not re.match(r"^mlp\d+x_gelu$", str(connector)):
             raise ValueError(f"connector must be one of {', '.join(available_connectors())}, got {connector!r}")
         options = self.family_options(model, connector, request)
-        inner, config = model.model, model.config
+        inner: Any = model.model
+        config: Any = model.config
         layer = single_layer(config.vision_feature_layer, "config.vision_feature_layer")
         previous = None
         if recorded is not None:
@@ -369,9 +376,11 @@ class LlavaHost(TransformersHost):
         from anchor_former.checkpoint import load_checked
         from anchor_former.connectors.registry import build_connector
 
-        config, old = model.config, model.model.multi_modal_projector
+        config: Any = model.config
+        inner: Any = model.model
+        old: nn.Module = inner.multi_modal_projector
         param = next(iter(old.parameters()), None)
-        param = param if param is not None else next(iter(model.model.parameters()))
+        param = param if param is not None else next(iter(inner.parameters()))
         if param.device.type == "meta":
             raise ValueError(
                 "model.model.multi_modal_projector must hold its weights to attach (they are on the 'meta' device: "
@@ -396,8 +405,9 @@ class LlavaHost(TransformersHost):
             load_checked(target, projector_mlp(old, config), what="the model's multi_modal_projector")
         return new
 
-    def settings(self, model: nn.Module, plan: Plan, connector: nn.Module) -> AnchorSettings:
-        config = getattr(connector, "config", None)
+    def settings(self, model: nn.Module, plan: Plan, connector: nn.Module | None) -> AnchorSettings:
+        assert connector is not None, "build always returns a connector"
+        config: Any = getattr(connector, "config", None)
         recorded = config.to_dict() if hasattr(config, "to_dict") else dict(plan.kwargs)
         recorded = constructor_kwargs(plan.connector, recorded)
         return AnchorSettings(
@@ -411,13 +421,18 @@ class LlavaHost(TransformersHost):
             extras=self.extras(model, plan, connector),
         )
 
-    def _num_tokens(self, plan: Plan, connector: nn.Module) -> int:
-        return connector.num_output_tokens(plan.data["side"] ** 2 + plan.data["spec"].num_prefix_tokens)
+    def _num_tokens(self, plan: Plan, connector: nn.Module | None) -> int:
+        assert connector is not None, "build always returns a connector"
+        return cast("Connector", connector).num_output_tokens(
+            plan.data["side"] ** 2 + plan.data["spec"].num_prefix_tokens
+        )
 
     def config_updates(self, settings: AnchorSettings, plan: Plan, connector: nn.Module | None) -> dict[str, Any]:
         return {"image_seq_length": self._num_tokens(plan, connector)}
 
-    def switch_processor(self, processor: Any, settings: AnchorSettings, plan: Plan, connector: nn.Module) -> None:
+    def switch_processor(
+        self, processor: Any, settings: AnchorSettings, plan: Plan, connector: nn.Module | None
+    ) -> None:
         _expand_processor(processor, self._num_tokens(plan, connector), plan.data["patch_size"])
 
 
@@ -474,7 +489,7 @@ def attach_anchor_former(
             weight shapes (the message names what is attached). The model, its config and the processor are
             unchanged then.
     """
-    return attach(
+    attached = attach(
         HOST,
         model,
         processor,
@@ -484,3 +499,4 @@ def attach_anchor_former(
         init_projector=init_projector,
         **kwargs,
     )
+    return cast(AnchorFormerLlavaForConditionalGeneration, attached)

@@ -41,7 +41,7 @@ overridden (:class:`LlavaNextHost`); the token rule is recorded as ``AnchorSetti
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from huggingface_hub.dataclasses import strict
@@ -147,7 +147,7 @@ class AnchorFormerLlavaNextModel(LlavaNextModel):
 
     def __init__(self, config: AnchorFormerLlavaNextConfig) -> None:
         super().__init__(config)
-        self.multi_modal_projector = recorded_connector(config)
+        self.multi_modal_projector = recorded_connector(config)  # type: ignore[assignment]  # a connector
 
     _probed = probed_features
 
@@ -174,12 +174,15 @@ class AnchorFormerLlavaNextModel(LlavaNextModel):
             tensors ``(T_i, llm_dim)``, T_i from :func:`anyres_token_count`; ``kept_indices`` for the trained
             anchor connectors: per image ``(V_i, K)`` anchor token indices of each view (else None).
         """
-        settings = self.config.anchor_former  # a plain dict (normalised at build): traceable
+        settings = cast("dict[str, Any]", self.config.anchor_former)  # a plain dict (normalised at build): traceable
         views = [views_of(self.config, size) for size in image_sizes_list(image_sizes)]
         counts = [v.num_views for v in views]
         output, features, scores = self._probed(concat_views(pixel_values, counts), vision_feature_layer, **kwargs)
-        tokens, connector = settings["extras"]["anyres"], self.multi_modal_projector
-        images, kept, start = [], [], 0
+        tokens = settings["extras"]["anyres"]
+        connector: Any = self.multi_modal_projector  # the recorded connector
+        images: list[torch.Tensor] = []
+        kept: list[torch.Tensor | None] = []
+        start = 0
         for image_views, n in zip(views, counts):
             f, sc = features[start : start + n], scores[start : start + n]  # this image's V views
             start += n
@@ -195,7 +198,7 @@ class AnchorFormerLlavaNextModel(LlavaNextModel):
         return AnchorImageOutput(
             last_hidden_state=output.last_hidden_state,
             pooler_output=images,
-            kept_indices=tuple(kept) if kept and kept[0] is not None else None,
+            kept_indices=cast("tuple[torch.Tensor, ...]", tuple(kept)) if kept and kept[0] is not None else None,
         )
 
 
@@ -208,7 +211,8 @@ class AnchorFormerLlavaNextForConditionalGeneration(LlavaNextForConditionalGener
     def __init__(self, config: AnchorFormerLlavaNextConfig) -> None:
         LlavaNextPreTrainedModel.__init__(self, config)
         self.model = AnchorFormerLlavaNextModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        text: Any = config.text_config
+        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         self.post_init()
 
 
@@ -279,7 +283,7 @@ class LlavaNextHost(LlavaHost):
     attached_processor: ClassVar[type] = AnchorFormerLlavaNextProcessor
 
     def most_views(self, model: nn.Module) -> int:
-        config = model.config
+        config: Any = model.config
         view = int(config.vision_config.image_size)
         return 1 + max((int(h) // view) * (int(w) // view) for h, w in config.image_grid_pinpoints)
 
@@ -315,7 +319,8 @@ class LlavaNextHost(LlavaHost):
         return False
 
     def processor_checks(self, processor: Any, model: nn.Module, spec: EncoderSpec) -> list[tuple[str, Any, Any]]:
-        config, vision = model.config, model.config.vision_config
+        config: Any = model.config
+        vision = config.vision_config
         images = processor.image_processor
         crop = dict(getattr(images, "crop_size", None) or {})
         return [
@@ -357,7 +362,9 @@ class LlavaNextHost(LlavaHost):
     def config_updates(self, settings: AnchorSettings, plan: Plan, connector: nn.Module | None) -> dict[str, Any]:
         return {}
 
-    def switch_processor(self, processor: Any, settings: AnchorSettings, plan: Plan, connector: nn.Module) -> None:
+    def switch_processor(
+        self, processor: Any, settings: AnchorSettings, plan: Plan, connector: nn.Module | None
+    ) -> None:
         """Switch to :class:`AnchorFormerLlavaNextProcessor`, checked on two blank images (square, and 1:2
         with unpadding); the pipeline rolls it back on failure."""
         import numpy as np
@@ -434,7 +441,7 @@ def attach_anchor_former(
             is not LLaVA's ``mlp2x_gelu`` for ``"select"``; a processor of another model; a re-attach that
             would discard the connector's weights. The model, its config and the processor are unchanged then.
     """
-    return attach(
+    attached = attach(
         HOST,
         model,
         processor,
@@ -445,6 +452,7 @@ def attach_anchor_former(
         image_budget=image_budget,
         **kwargs,
     )
+    return cast(AnchorFormerLlavaNextForConditionalGeneration, attached)
 
 
 #: the family's earlier name for :func:`attach_anchor_former`

@@ -54,7 +54,7 @@ The processor writes exactly these counts (it calls :func:`image_token_count` / 
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from huggingface_hub.dataclasses import strict
@@ -230,7 +230,7 @@ class AnchorFormerLlavaOnevisionModel(LlavaOnevisionModel):
 
     def __init__(self, config: AnchorFormerLlavaOnevisionConfig) -> None:
         super().__init__(config)
-        self.multi_modal_projector = recorded_connector(config)
+        self.multi_modal_projector = recorded_connector(config)  # type: ignore[assignment]  # a connector
 
     _probed = probed_features
 
@@ -269,7 +269,8 @@ class AnchorFormerLlavaOnevisionModel(LlavaOnevisionModel):
             multi = [int(n) != 1 for n in batch_num_images for _ in range(int(n))]
         counts = [1 if m else v.num_views for v, m in zip(views, multi)]
         output, features, scores = self._probed(concat_views(pixel_values, counts), vision_feature_layer, **kwargs)
-        tokens, connector = self.config.anchor_former["extras"]["anyres"], self.multi_modal_projector
+        tokens = cast("dict[str, Any]", self.config.anchor_former)["extras"]["anyres"]
+        connector: Any = self.multi_modal_projector  # the recorded connector
         prefix = int(connector.num_prefix_tokens) if hasattr(connector, "num_prefix_tokens") else 0
         newline = self.image_newline
         images, start = [], 0
@@ -336,7 +337,8 @@ class AnchorFormerLlavaOnevisionModel(LlavaOnevisionModel):
             )
         b, frames = pixel_values_videos.shape[:2]
         output, features, scores = self._probed(pixel_values_videos.flatten(0, 1), vision_feature_layer, **kwargs)
-        connector, video = self.multi_modal_projector, self.config.anchor_former["extras"]["video"]
+        connector: Any = self.multi_modal_projector  # the recorded connector
+        video = cast("dict[str, Any]", self.config.anchor_former)["extras"]["video"]
         if video["layout"] == "selected":
             prefix = int(connector.num_prefix_tokens)
             pooled = self.apply_pooling(connector.projector(features[:, prefix:]))  # (B F, n', L), the stock pooling
@@ -360,7 +362,8 @@ class AnchorFormerLlavaOnevisionForConditionalGeneration(LlavaOnevisionForCondit
     def __init__(self, config: AnchorFormerLlavaOnevisionConfig) -> None:
         LlavaOnevisionPreTrainedModel.__init__(self, config)
         self.model = AnchorFormerLlavaOnevisionModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        text: Any = config.text_config
+        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         self.post_init()
 
 
@@ -454,7 +457,9 @@ class LlavaOnevisionHost(LlavaNextHost):
     def family_options(self, model: nn.Module, connector: str, request: dict[str, Any]) -> dict[str, Any]:
         options = super().family_options(model, connector, request)
         frames = request.pop("frame_anchors", None)
-        side = int(model.config.vision_config.image_size) // int(model.config.vision_config.patch_size)
+        config: Any = model.config
+        vision = config.vision_config
+        side = int(vision.image_size) // int(vision.patch_size)
         pooled = math.ceil(side / 2) ** 2
         if frames is not None:
             if connector != "select":
@@ -467,7 +472,7 @@ class LlavaOnevisionHost(LlavaNextHost):
         return {**options, "frame_anchors": frames, "pooled": pooled}
 
     def processor_checks(self, processor: Any, model: nn.Module, spec: EncoderSpec) -> list[tuple[str, Any, Any]]:
-        config = model.config
+        config: Any = model.config
         side = int(config.vision_config.image_size) // int(config.vision_config.patch_size)
         images = processor.image_processor
         return [
@@ -497,7 +502,9 @@ class LlavaOnevisionHost(LlavaNextHost):
             video = {"layout": "fixed", "tokens_per_frame": tokens["tokens_per_view"]}
         return {**options, "anyres": tokens, "video": video}
 
-    def switch_processor(self, processor: Any, settings: AnchorSettings, plan: Plan, connector: nn.Module) -> None:
+    def switch_processor(
+        self, processor: Any, settings: AnchorSettings, plan: Plan, connector: nn.Module | None
+    ) -> None:
         """Switch to :class:`AnchorFormerLlavaOnevisionProcessor`, checked on a blank 1:3 image and a 2-frame
         video; the pipeline rolls it back on failure."""
         import numpy as np
@@ -579,7 +586,7 @@ def attach_anchor_former(
             ``mlp2x_gelu`` for ``"select"``; a processor of another model; a re-attach that would discard the
             connector's weights. The model, its config and the processor are unchanged then.
     """
-    return attach(
+    attached = attach(
         HOST,
         model,
         processor,
@@ -591,6 +598,7 @@ def attach_anchor_former(
         frame_anchors=frame_anchors,
         **kwargs,
     )
+    return cast(AnchorFormerLlavaOnevisionForConditionalGeneration, attached)
 
 
 #: the family's earlier name for :func:`attach_anchor_former`

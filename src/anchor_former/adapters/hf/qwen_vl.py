@@ -56,7 +56,7 @@ import itertools
 import math
 import sys
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from huggingface_hub.dataclasses import strict
@@ -187,16 +187,17 @@ def merged_token_scores(
         ``(L / merge_unit,)`` float32, in the order of ``hidden_states``; each segment's scores sum to 1.
     """
     rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
+    att: Any = attn  # a transformers Qwen vision attention: qkv, num_heads, scaling
     seq = hidden_states.shape[0]
     with torch.no_grad():
-        q, k, _ = attn.qkv(hidden_states).reshape(seq, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k, _ = att.qkv(hidden_states).reshape(seq, 3, att.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         cos, sin = position_embeddings
         q, k = rotary(q, k, cos, sin)  # (L, H, E) each
         q, k = q.transpose(0, 1), k.transpose(0, 1)  # (H, L, E)
         bounds = [int(b) for b in cu_seqlens.tolist()]
         patch = torch.cat(
             [
-                received_attention(q[None, :, a:b], k[None, :, a:b], scale=attn.scaling, block_size=block_size)[0].mean(
+                received_attention(q[None, :, a:b], k[None, :, a:b], scale=att.scaling, block_size=block_size)[0].mean(
                     0
                 )
                 for a, b in zip(bounds[:-1], bounds[1:])
@@ -211,6 +212,7 @@ class QwenVisionSelectOutput(BaseModelOutputWithPooling):
     per image / video and ``kept_indices`` = a tuple of ``(T_i,)`` ascending indices of those tokens in
     the item's full merged sequence (``t * (h/2) * (w/2)``, raster order per step, steps in time order)."""
 
+    pooler_output: Any = None  # a tuple of per-item tensors here, not the stock single tensor
     kept_indices: tuple[torch.Tensor, ...] | None = None
     #: ``(I, 3)`` the items' (t, h, w) patch grids (what ``generate`` no longer passes once it has encoded them)
     grid_thw: torch.Tensor | None = None
@@ -228,6 +230,13 @@ class _QwenSelectMixin:
     _scales_video_time = False
     #: Qwen3-VL writes each video step as its own run (timestamp text between steps).
     _splits_video_steps = False
+
+    if TYPE_CHECKING:  # what the host Qwen model class supplies
+        config: Any
+        visual: Any
+        rope_deltas: Any
+
+        def get_vision_position_ids(self, *args: Any, **kwargs: Any) -> torch.Tensor: ...
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)  # type: ignore[call-arg]
@@ -301,7 +310,7 @@ class _QwenSelectMixin:
 
     @can_return_tuple
     def get_image_features(
-        self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor | None = None, **kwargs: Any
+        self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None, **kwargs: Any
     ) -> QwenVisionSelectOutput:
         """Vision tower + received-attention scores + selection.
 
@@ -312,21 +321,21 @@ class _QwenSelectMixin:
         Returns:
             :class:`QwenVisionSelectOutput`: per image ``(T_i, llm_dim)`` kept tokens and their indices.
         """
-        return self._select(pixel_values, image_grid_thw, "image")
+        return self._select(pixel_values, cast(torch.Tensor, image_grid_thw), "image")
 
     @can_return_tuple
     def get_video_features(
-        self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.LongTensor | None = None, **kwargs: Any
+        self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor | None = None, **kwargs: Any
     ) -> QwenVisionSelectOutput:
         """As :meth:`get_image_features` for videos; the budget applies per temporal step."""
-        return self._select(pixel_values_videos, video_grid_thw, "video")
+        return self._select(pixel_values_videos, cast(torch.Tensor, video_grid_thw), "video")
 
     def get_rope_index(
         self,
         input_ids: torch.LongTensor,
         mm_token_type_ids: torch.IntTensor,
-        image_grid_thw: torch.LongTensor | None = None,
-        video_grid_thw: torch.LongTensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
         second_per_grid_ts: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         *,
@@ -413,14 +422,14 @@ class _QwenSelectMixin:
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
+        position_ids: torch.Tensor | None = None,
         cache: Any = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         pixel_values: torch.Tensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
-        image_grid_thw: torch.LongTensor | None = None,
-        video_grid_thw: torch.LongTensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
         mm_token_type_ids: torch.IntTensor | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         **kwargs: Any,
@@ -442,21 +451,22 @@ class _QwenSelectMixin:
                 )
             pixel_values = pixel_values_videos = None
         if mm_encoder_outputs:
-            kept = {}
+            kept: dict[str, tuple[torch.Tensor, ...]] = {}
             for name, item in mm_encoder_outputs.items():
                 if item is None:
                     continue
-                if getattr(item, "kept_indices", None) is None:
+                indices = getattr(item, "kept_indices", None)
+                if indices is None:
                     raise ValueError(
                         f"mm_encoder_outputs[{name!r}] must come from this model's get_{name}_features (a "
                         f"QwenVisionSelectOutput with kept_indices, so the kept tokens get their true positions), "
                         f"got {type(item).__name__} without kept_indices"
                     )
-                kept[name] = item.kept_indices
+                kept[name] = indices
             if image_grid_thw is None and mm_encoder_outputs.get("image") is not None:
-                image_grid_thw = mm_encoder_outputs["image"].grid_thw
+                image_grid_thw = cast(QwenVisionSelectOutput, mm_encoder_outputs["image"]).grid_thw
             if video_grid_thw is None and mm_encoder_outputs.get("video") is not None:
-                video_grid_thw = mm_encoder_outputs["video"].grid_thw
+                video_grid_thw = cast(QwenVisionSelectOutput, mm_encoder_outputs["video"]).grid_thw
             if input_ids is not None and mm_token_type_ids is not None:
                 rope, self.rope_deltas = self.get_rope_index(
                     input_ids,
@@ -517,7 +527,9 @@ class AnchorFormerQwen3VLConfig(Qwen3VLConfig):
     anchor_former: dict | None = None
 
 
-class AnchorFormerQwen2VLModel(_QwenSelectMixin, Qwen2VLModel):
+# the mixin's get_rope_index takes Qwen2.5-VL's positional order (second_per_grid_ts before attention_mask);
+# Qwen2-VL / Qwen3-VL place attention_mask there, but their own code passes it by keyword
+class AnchorFormerQwen2VLModel(_QwenSelectMixin, Qwen2VLModel):  # type: ignore[misc]
     """``Qwen2VLModel`` that keeps K merged visual tokens per image / video step at their true positions."""
 
     config_class = AnchorFormerQwen2VLConfig
@@ -530,7 +542,7 @@ class AnchorFormerQwen2_5_VLModel(_QwenSelectMixin, Qwen2_5_VLModel):
     _scales_video_time = True
 
 
-class AnchorFormerQwen3VLModel(_QwenSelectMixin, Qwen3VLModel):
+class AnchorFormerQwen3VLModel(_QwenSelectMixin, Qwen3VLModel):  # type: ignore[misc]  # as Qwen2-VL's above
     """``Qwen3VLModel`` that keeps K merged visual tokens (and their deepstack features) per image / video step."""
 
     config_class = AnchorFormerQwen3VLConfig
@@ -578,6 +590,11 @@ class _SelectProcessorMixin:
     ``processor_config.json`` because ``__init__`` takes it, so ``from_pretrained`` restores it)."""
 
     num_anchors: Budget | None
+    if TYPE_CHECKING:  # what the host Qwen processor class supplies
+        image_token: Any
+        image_processor: Any
+        video_token: Any
+        video_processor: Any
 
     def __init__(
         self,
@@ -728,7 +745,8 @@ class QwenHost(TransformersHost):
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
         layer = request.pop("score_layer", None)
-        layer = _score_layer(model.config.vision_config, recorded.layer if layer is None and recorded else layer)
+        config: Any = model.config
+        layer = _score_layer(config.vision_config, recorded.layer if layer is None and recorded else layer)
         if request:
             raise ValueError(
                 f"unknown arguments for Qwen-VL: {sorted(request)} (it takes num_anchors, score_layer, block_size)"
@@ -754,6 +772,7 @@ class QwenHost(TransformersHost):
     def switch_processor(
         self, processor: Any, settings: AnchorSettings, plan: Plan, connector: nn.Module | None
     ) -> None:
+        assert settings.num_anchors is not None, "plan requires num_anchors for Qwen-VL"
         attach_qwen_processor(processor, num_anchors=settings.num_anchors)
 
 

@@ -184,10 +184,11 @@ class AnchorVisionTower(nn.Module):
 
     def __init__(self, tower: nn.Module, *, score: Score | None = "cls") -> None:
         super().__init__()
-        self.vision_tower = tower.vision_tower
+        stock: Any = tower  # llava-torch's CLIPVisionTower (untyped)
+        self.vision_tower: Any = stock.vision_tower  # a transformers CLIPVisionModel
         self.image_processor = getattr(tower, "image_processor", None)
         self.vision_tower_name = getattr(tower, "vision_tower_name", None)
-        self.select_layer = int(tower.select_layer)
+        self.select_layer = int(stock.select_layer)
         self.select_feature = "cls_patch"  # all tokens; the connector decides which it consumes
         self.score = score
         self.is_loaded = True
@@ -257,8 +258,8 @@ class AnchorVisionTower(nn.Module):
         return self.num_patches_per_side**2
 
 
-def _llava_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """``(inner LlavaMetaModel, its vision tower)``, or a ValueError naming what is expected."""
+def _llava_parts(model: nn.Module) -> tuple[Any, Any]:
+    """``(inner LlavaMetaModel, its vision tower)`` (llava-torch is untyped), or a ValueError naming what is expected."""
     get_model = getattr(model, "get_model", None)
     inner = get_model() if callable(get_model) else None
     if inner is None or not hasattr(inner, "mm_projector") or not callable(getattr(inner, "get_vision_tower", None)):
@@ -321,7 +322,7 @@ class _LlavaTorch(Host):
 
     def plan(self, model: nn.Module, processor: Any, request: dict[str, Any], recorded: AnchorSettings | None) -> Plan:
         inner, tower = _llava_parts(model)
-        config = model.config
+        config: Any = model.config
         init_projector = request.pop("init_projector")
         if not isinstance(init_projector, bool):
             raise ValueError(f"init_projector must be a bool, got {init_projector!r}")
@@ -392,7 +393,8 @@ class _LlavaTorch(Host):
         projector (``init_projector``) unless a re-attach carries the attached connector's weights over."""
         from anchor_former.connectors.registry import build_connector
 
-        old_projector, config = plan.data["inner"].mm_projector, model.config
+        old_projector = plan.data["inner"].mm_projector
+        config: Any = model.config
         param = next(iter(old_projector.parameters()), None)
         param = param if param is not None else next(iter(model.parameters()))
         try:
@@ -424,7 +426,7 @@ class _LlavaTorch(Host):
         return new
 
     def settings(self, model: nn.Module, plan: Plan, connector: nn.Module | None) -> AnchorSettings:
-        conn_config = getattr(connector, "config", None)
+        conn_config: Any = getattr(connector, "config", None)
         kwargs = _constructor_kwargs(conn_config.to_dict() if hasattr(conn_config, "to_dict") else plan.kwargs)
         if _LLAVA_PROJECTORS.match(plan.connector):
             kwargs.pop("projector", None)
@@ -440,12 +442,14 @@ class _LlavaTorch(Host):
         )
 
     def install(self, model: nn.Module, settings: AnchorSettings, plan: Plan, connector: nn.Module | None) -> None:
-        inner, tower, config = plan.data["inner"], plan.data["tower"], model.config
+        inner, tower = plan.data["inner"], plan.data["tower"]
+        config: Any = model.config
         if not getattr(connector, "uses_anchors", False):
             tower.score = None  # the connector ignores anchors: skip the probe's attention row
         inner.vision_tower = (
             [tower] if isinstance(getattr(inner, "vision_tower", None), list) else tower
         )  # FSDP: a list
+        assert connector is not None, "build always returns a connector"
         inner.mm_projector = LlavaConnector(connector)
         config.mm_projector_type = settings.connector  # LLaVA's builder (after register_with_llava) rebuilds it
         setattr(config, CONFIG_KEY, settings.to_dict())

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import ast
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -96,19 +96,20 @@ def _budgets(config: Any, connector: nn.Module, views: AnyresViews) -> tuple[int
     budget = None if settings is None else settings.extras.get("image_budget")
     if budget is not None:
         return view_budgets(views.num_candidates(), per_image=int(budget))
-    return view_budgets(views.num_candidates(), per_view=int(connector.num_anchors))
+    return view_budgets(views.num_candidates(), per_view=int(cast(Any, connector).num_anchors))
 
 
 def anyres_token_counts(model: nn.Module, image_sizes: list[Any]) -> list[int]:
     """LLM tokens per image of a switched model, for LLaVA ``image_sizes`` ``[(width, height), ...]``."""
-    inner = model.get_model()
+    llava: Any = model  # llava-torch's LlavaMetaForCausalLM (untyped)
+    inner = llava.get_model()
     connector = inner.mm_projector.connector
     tower_config = inner.get_vision_tower().config
     counts = []
     for size in image_sizes:
-        views = _views(model.config, tower_config, size)
-        if model.config.mm_projector_type == "select":
-            counts.append(num_selected_tokens(views, _budgets(model.config, connector, views)))
+        views = _views(llava.config, tower_config, size)
+        if llava.config.mm_projector_type == "select":
+            counts.append(num_selected_tokens(views, _budgets(llava.config, connector, views)))
         else:
             prefix = connector.num_prefix_tokens
             counts.append(num_fixed_tokens(views, connector.num_output_tokens(prefix + views.side**2)))
@@ -128,14 +129,15 @@ def anyres_image_tokens(
     Returns:
         B tensors ``(T_i, llm_dim)`` (:func:`anyres_token_counts`).
     """
-    inner = model.get_model()
+    llava: Any = model  # llava-torch's LlavaMetaForCausalLM (untyped)
+    inner = llava.get_model()
     tower, projector = inner.get_vision_tower(), inner.mm_projector
     connector = projector.connector
     images = [x.unsqueeze(0) if x.ndim == 3 else x for x in images]
     if image_sizes is None or len(image_sizes) != len(images):
         got = None if image_sizes is None else len(image_sizes)
         raise ValueError(f"image_sizes must give the (width, height) of each of the {len(images)} images, got {got}")
-    views = [_views(model.config, tower.config, size) for size in image_sizes]
+    views = [_views(llava.config, tower.config, size) for size in image_sizes]
     for i, (image, image_views) in enumerate(zip(images, views)):
         if image.shape[0] != image_views.num_views:
             raise ValueError(
@@ -150,9 +152,9 @@ def anyres_image_tokens(
         features = encoded.features[start : start + n]
         scores = None if encoded.scores is None else encoded.scores[start : start + n]
         start += n
-        if model.config.mm_projector_type == "select":
+        if llava.config.mm_projector_type == "select":
             out.append(select_view_tokens(
-                image_views, _budgets(model.config, connector, image_views), features, scores,
+                image_views, _budgets(llava.config, connector, image_views), features, cast(torch.Tensor, scores),
                 num_prefix_tokens=connector.num_prefix_tokens, projector=connector.projector, newline=newline,
             ))  # fmt: skip
         else:
@@ -165,7 +167,7 @@ def is_anchored_anyres(model: nn.Module) -> bool:
     """Whether ``model`` is an attached llava-torch model with ``image_aspect_ratio="anyres"``."""
     from anchor_former.adapters.llava import LlavaConnector
 
-    inner = model.get_model()
+    inner = cast(Any, model).get_model()
     return getattr(model.config, "image_aspect_ratio", None) == "anyres" and isinstance(
         getattr(inner, "mm_projector", None), LlavaConnector
     )
@@ -187,7 +189,7 @@ class _AnyresMixin:
     def prepare_inputs_labels_for_multimodal(
         self, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes=None
     ):
-        images = anyres_inputs(self, input_ids, images, image_sizes)
+        images = anyres_inputs(cast(nn.Module, self), input_ids, images, image_sizes)  # mixed into LLaVA's models
         return super().prepare_inputs_labels_for_multimodal(  # type: ignore[misc]
             input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes
         )

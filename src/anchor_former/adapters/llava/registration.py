@@ -38,7 +38,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -83,9 +83,9 @@ class DeferredAnchorVisionTower(AnchorVisionTower):
 
     def __init__(self, tower: nn.Module, *, score: Score | None = "cls") -> None:
         nn.Module.__init__(self)
-        self._pending = [tower]  # in a list: not a submodule, so no state-dict keys before loading
+        self._pending: list[Any] = [tower]  # in a list: not a submodule, so no state-dict keys before loading
         self.vision_tower_name = getattr(tower, "vision_tower_name", None)
-        self.select_layer = int(tower.select_layer)
+        self.select_layer = int(self._pending[0].select_layer)  # llava-torch's CLIPVisionTower (untyped)
         self.select_feature = "cls_patch"
         self.score = score
         self.image_processor = None
@@ -110,7 +110,7 @@ class DeferredAnchorVisionTower(AnchorVisionTower):
 
 def _score_of(config: Any) -> Score | None:
     settings = recorded_settings(config)
-    return settings.score if settings is not None else getattr(config, "anchor_score", "cls")
+    return cast("Score | None", settings.score if settings is not None else getattr(config, "anchor_score", "cls"))
 
 
 def _build_vision_tower(vision_tower_cfg: Any, **kwargs: Any) -> nn.Module:
@@ -164,12 +164,12 @@ def connector_settings(tower: AnchorVisionTower, model_args: Any) -> dict[str, A
     return {**settings, **extra}
 
 
-def _initialize_vision_modules(self: nn.Module, model_args: Any, fsdp: Any = None) -> None:
+def _initialize_vision_modules(self: Any, model_args: Any, fsdp: Any = None) -> None:
     """``LlavaMetaModel.initialize_vision_modules`` for this package's connectors (see the module doc)."""
     original = _ORIGINALS[(_arch().LlavaMetaModel, "initialize_vision_modules")]
     if not _uses_connector(getattr(model_args, "mm_projector_type", None)):
         return original(self, model_args, fsdp=fsdp)
-    score = getattr(model_args, "anchor_score", "cls")
+    score = cast(Score, getattr(model_args, "anchor_score", "cls"))
     tower = self.get_vision_tower()
     if tower is None:
         tower = _build_vision_tower(model_args)

@@ -40,7 +40,7 @@ def anchor_model_arguments(base: type) -> type:
         return base
 
     @dataclass
-    class AnchorModelArguments(base):  # type: ignore[misc, valid-type]
+    class AnchorModelArguments(base):
         num_anchors: int = field(default=144, metadata={"help": "K anchors (acformer, select)"})
         anchor_score: str = field(default="cls", metadata={"help": "anchor score: cls ([CLS] attention) or norm"})
         connector_config: str | None = field(
