@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = run(preset=args.preset, device=device)
-    report = {"suite": "anchor-former serving", "environment": environment(device), "serving": result}
+    report: dict[str, Any] = {"suite": "anchor-former serving", "environment": environment(device), "serving": result}
     text = to_markdown(result)
     print(text)
     if args.output is not None:

@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import torch
 
@@ -43,7 +43,13 @@ from benchmarks.quality.train import BUDGETS
 
 __all__ = ["METHODS", "PRESETS", "run", "to_markdown", "write_chart"]
 
-PRESETS = {
+
+class _Preset(TypedDict):
+    seeds: tuple[int, ...]
+    questions: int
+
+
+PRESETS: dict[str, _Preset] = {
     "tiny": {"seeds": (0,), "questions": 64},
     "default": {"seeds": (0, 1, 2), "questions": 500},
     "llava-1.5-7b": {"seeds": (0, 1, 2), "questions": 500},
@@ -254,7 +260,7 @@ def write_chart(result: dict[str, Any], path: Path) -> bool:
     budgets = result["budgets"]
     fig, ax = plt.subplots(figsize=(10.5, 5.5))
     styles = {"package": ("-", "o", 1.8), "peer": ("--", "s", 1.2), "wrong": (":", "x", 1.0)}
-    colours = iter(plt.cm.tab20.colors)
+    colours = iter(cast(Any, plt.cm.tab20).colors)  # a ListedColormap; its colors are typed ArrayLike
     for method, (group, _) in METHODS.items():
         rows = [_row(result, method, b) for b in budgets]
         ls, marker, lw = styles[group]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from transformers import CLIPVisionModel
@@ -70,7 +71,7 @@ def eval_set(seed: int, questions: int) -> EvalSet:
 
 
 def _eager_tower(model: torch.nn.Module) -> CLIPVisionModel:
-    tower = model.model.vision_tower
+    tower = cast(Any, model).model.vision_tower
     eager = CLIPVisionModel._from_config(tower.config, attn_implementation="eager")
     eager.load_state_dict(tower.state_dict())
     return eager.eval()
@@ -80,9 +81,9 @@ def _eager_tower(model: torch.nn.Module) -> CLIPVisionModel:
 def tower_output(model: torch.nn.Module, pixel_values: torch.Tensor) -> TowerOutput:
     """Layer -2 features, its [CLS] attention rows and keys, from one eager forward of ``model``'s tower."""
     tower = _eager_tower(model)
-    layer = model.config.vision_feature_layer  # -2: hidden_states[-2] is the output of encoder.layers[-2]
-    attention_module = tower.encoder.layers[layer].self_attn
-    captured = {}
+    layer = cast(Any, model).config.vision_feature_layer  # -2: hidden_states[-2] is the output of encoder.layers[-2]
+    attention_module: Any = tower.encoder.layers[layer].self_attn
+    captured: dict[str, torch.Tensor] = {}
     handle = attention_module.k_proj.register_forward_hook(lambda m, i, o: captured.setdefault("keys", o))
     try:
         out = tower(pixel_values, output_attentions=True, output_hidden_states=True)
@@ -95,7 +96,7 @@ def tower_output(model: torch.nn.Module, pixel_values: torch.Tensor) -> TowerOut
         features=out.hidden_states[layer],
         cls_attention=out.attentions[layer][:, :, 0],
         keys=keys,
-        projector=model.model.multi_modal_projector,
+        projector=cast(Any, model).model.multi_modal_projector,
     )
 
 
@@ -103,9 +104,10 @@ def tower_output(model: torch.nn.Module, pixel_values: torch.Tensor) -> TowerOut
 def language_logits(model: torch.nn.Module, visual: torch.Tensor, batch: Batch) -> torch.Tensor:
     """``(B, V)`` answer-position logits of the LLaVA's language model given ``visual`` ``(B, T, llm_dim)``
     image tokens followed by ``batch.input_ids`` (the sequence the LLaVA forward builds)."""
-    text = model.get_input_embeddings()(batch.input_ids)  # (B, L, llm_dim)
-    hidden = model.model.language_model(inputs_embeds=torch.cat([visual, text], dim=1)).last_hidden_state
-    logits = model.lm_head(hidden[:, visual.shape[1] :])  # (B, L, V)
+    llava: Any = model
+    text = llava.get_input_embeddings()(batch.input_ids)  # (B, L, llm_dim)
+    hidden = llava.model.language_model(inputs_embeds=torch.cat([visual, text], dim=1)).last_hidden_state
+    logits = llava.lm_head(hidden[:, visual.shape[1] :])  # (B, L, V)
     return logits[batch.labels != -100]
 
 
@@ -115,7 +117,7 @@ def rule_accuracy(
     """Accuracy of ``rule`` at ``budget`` tokens (``rule=None``: no image tokens at all)."""
     batch = data.batch
     if rule is None:
-        visual = torch.zeros(batch.input_ids.shape[0], 0, model.config.text_config.hidden_size)
+        visual = torch.zeros(batch.input_ids.shape[0], 0, cast(Any, model).config.text_config.hidden_size)
     else:
         out = out if out is not None else tower_output(model, batch.pixel_values)
         with torch.no_grad():
@@ -141,7 +143,7 @@ def acformer_model(model: torch.nn.Module, state: dict[str, torch.Tensor], budge
 
     reduced = copy.deepcopy(model)
     attach_anchor_former(reduced, None, connector="acformer", num_anchors=budget - 1, score="cls", **ACFORMER_KWARGS)
-    reduced.model.multi_modal_projector.load_state_dict(state)
+    cast(Any, reduced).model.multi_modal_projector.load_state_dict(state)
     return reduced.eval()
 
 

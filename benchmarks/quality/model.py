@@ -82,7 +82,7 @@ def llava_config() -> LlavaConfig:
     return LlavaConfig(
         vision_config=tower_config(),
         text_config=text,
-        image_token_id=IMAGE_ID,
+        image_token_index=IMAGE_ID,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",

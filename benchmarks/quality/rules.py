@@ -108,7 +108,7 @@ def divprune(out: TowerOutput, budget: int, seed: int = 0) -> torch.Tensor:
     tokens = out.projector(out.features[:, 1:])  # (B, P, llm_dim)
     unit = F.normalize(tokens, dim=-1)
     distance = 1.0 - unit @ unit.transpose(1, 2)  # (B, P, P)
-    chosen = []
+    chosen: list[torch.Tensor] = []
     for i in range(budget):
         if i == 0:  # each token's distance to its nearest other token (the diagonal is its own 0)
             scores = distance.topk(2, dim=1, largest=False).values[:, 1]  # (B, P)

@@ -250,16 +250,16 @@ def make_batch(rng: np.random.Generator, batch_size: int, *, questions: int = 1)
         answers.append(ans)
     length = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((batch_size, length), PAD_ID, dtype=torch.long)
-    labels = torch.full((batch_size, length), -100, dtype=torch.long)
+    label_ids = torch.full((batch_size, length), -100, dtype=torch.long)
     for b, (ids, lab) in enumerate(rows):
         input_ids[b, : len(ids)] = torch.tensor(ids)
-        labels[b, : len(lab)] = torch.tensor(lab)
+        label_ids[b, : len(lab)] = torch.tensor(lab)
     pixels = (torch.from_numpy(np.stack(images)) - MEAN) / STD
     answer_ids = torch.tensor(answers)
     return Batch(
         pixels,
         input_ids,
-        labels,
+        label_ids,
         kinds,
         answer_ids.squeeze(1) if questions == 1 else answer_ids,
         colour,

@@ -28,6 +28,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -43,6 +44,9 @@ from benchmarks.quality.model import (
     save_acformer,
 )
 from benchmarks.quality.task import COLOURS, IMAGE_ID, SHAPES, Batch, make_batch
+
+if TYPE_CHECKING:
+    from transformers import CLIPVisionModel, LlavaForConditionalGeneration
 
 __all__ = ["BUDGETS", "Recipe", "answer_logits", "data_rng", "main", "train_acformer", "train_llava", "train_tower"]
 
@@ -80,7 +84,7 @@ def _schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int = 50) ->
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_tower(recipe: type[Recipe] = Recipe, log: list | None = None) -> torch.nn.Module:
+def train_tower(recipe: type[Recipe] = Recipe, log: list | None = None) -> CLIPVisionModel:
     """Phase 1: the pretrained tower (a ``CLIPVisionModel``)."""
     tower = build_tower(recipe.seed)
     width = tower.config.hidden_size
@@ -184,7 +188,9 @@ def _train_answers(
     model.eval()
 
 
-def train_llava(tower: torch.nn.Module, recipe: type[Recipe] = Recipe, log: list | None = None) -> torch.nn.Module:
+def train_llava(
+    tower: CLIPVisionModel, recipe: type[Recipe] = Recipe, log: list | None = None
+) -> LlavaForConditionalGeneration:
     """Phase 2: the LLaVA (a ``LlavaForConditionalGeneration``; tower frozen)."""
     model = build_llava(tower, recipe.seed + 2)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -213,7 +219,7 @@ def train_acformer(
     torch.manual_seed(recipe.seed + 3 + budget)
     attach_anchor_former(model, None, connector="acformer", num_anchors=budget - 1, score="cls", **ACFORMER_KWARGS)
     model.requires_grad_(False)
-    connector = model.model.multi_modal_projector
+    connector: torch.nn.Module = cast(Any, model).model.multi_modal_projector
     connector.requires_grad_(True)
     _train_answers(
         model,

@@ -237,6 +237,13 @@ def load_conversations(
     return samples
 
 
+def _token_count(num_image_tokens: int | None) -> int:
+    """The image token count; a TypeError without one, as ``list * None`` raised before."""
+    if num_image_tokens is None:
+        raise TypeError("num_image_tokens is needed for a sample with an image (give num_image_tokens or processor)")
+    return num_image_tokens
+
+
 def _expand_to_square(image: Any, background: tuple[int, ...]) -> Any:
     """LLaVA-1.5's ``pad`` aspect ratio: paste the image centred on a square of the processor's mean colour."""
     from PIL import Image
@@ -337,12 +344,12 @@ class ConversationDataset(Dataset):
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
-    def _prompt_ids(self, text: str, num_image_tokens: int) -> list[int]:
+    def _prompt_ids(self, text: str, num_image_tokens: int | None) -> list[int]:
         """Text with at most one ``<image>`` → ids with the image tokens in its place."""
         before, _, after = text.partition(IMAGE_PLACEHOLDER)
         if before == text:
             return self._ids(text)
-        return self._ids(before) + [self.image_token_id] * num_image_tokens + self._ids(after)
+        return self._ids(before) + [self.image_token_id] * _token_count(num_image_tokens) + self._ids(after)
 
     def encode(
         self, sample: ConversationSample, num_image_tokens: int | None = None
@@ -357,7 +364,7 @@ class ConversationDataset(Dataset):
         if bos is not None:
             pieces.append(([bos], False))
         if self.template == "plain":
-            pieces.append(([self.image_token_id] * n, False))
+            pieces.append(([self.image_token_id] * _token_count(n), False))
             pieces.append((self._ids(sample.turns[1][1] + "\n"), True))
         else:
             prompt = VICUNA_SYSTEM + " "
@@ -383,6 +390,8 @@ class ConversationDataset(Dataset):
     def _read_image(self, sample: ConversationSample) -> Any:
         from PIL import Image
 
+        if sample.image is None:
+            raise ValueError(f"sample {sample.index} has no image")
         with Image.open(sample.image) as handle:
             image = handle.convert("RGB")
         if self.image_aspect_ratio == "pad":
@@ -399,7 +408,7 @@ class ConversationDataset(Dataset):
         image = self._read_image(sample)
         if self.processor is None:
             pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
-            return {"pixel_values": pixels}, int(self.num_image_tokens)
+            return {"pixel_values": pixels}, int(_token_count(self.num_image_tokens))
         out = self.processor(text=self.processor.image_token, images=image, return_tensors="pt")
         inputs = {"pixel_values": out["pixel_values"][0]}
         if "image_sizes" in out:

@@ -125,7 +125,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> CheckpointInfo:
         raw, _ = PretrainedConfig.get_config_dict(path)
     except (OSError, ValueError) as error:
         raise ValueError(f"--model_name_or_path {path!r} must hold a config.json: {error}") from error
-    model_type = raw.get("model_type")
+    model_type: Any = raw.get("model_type")  # whatever config.json holds
     if model_type in _TRAINING_FREE or str(model_type).removeprefix("anchor_former_") in _TRAINING_FREE:
         name = _TRAINING_FREE.get(model_type) or _TRAINING_FREE[str(model_type).removeprefix("anchor_former_")]
         raise ValueError(
@@ -234,7 +234,7 @@ def _hint_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
-def _check_keys(connector: str, cls: type, kwargs: dict[str, Any]) -> None:
+def _check_keys(connector: str, cls: type[Any], kwargs: dict[str, Any]) -> None:
     hints = typing.get_type_hints(cls.__init__)
     params = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "vision_dim", "llm_dim")]
     allowed = [p for p in params if p not in _SET_ELSEWHERE and not (p == "projector" and _MLP_NAME.match(connector))]

@@ -46,7 +46,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -151,11 +151,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ModelArguments, DataA
     (``sys.argv[1:]`` by default) or a single ``.json`` file path, as ``HfArgumentParser``."""
     from transformers import HfArgumentParser, TrainingArguments
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    parser = HfArgumentParser(cast(Any, (ModelArguments, DataArguments, TrainingArguments)))  # typed as NewType(Any)
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])
-    return parser.parse_args_into_dataclasses(args=argv)
+        return cast("tuple[ModelArguments, DataArguments, Any]", parser.parse_json_file(argv[0]))
+    return cast("tuple[ModelArguments, DataArguments, Any]", parser.parse_args_into_dataclasses(args=argv))
 
 
 @dataclass(frozen=True)
@@ -208,7 +208,7 @@ def _check_recorded(info: CheckpointInfo, model_args: ModelArguments, kwargs: di
 
     recorded = AnchorSettings.from_dict(info.anchor_former or {})
     config = {**recorded.connector_config, "num_anchors": recorded.num_anchors}
-    given = [
+    given: list[tuple[str, Any, object]] = [
         ("--connector", model_args.connector, recorded.connector),
         ("--score", model_args.score, recorded.score),
         (
@@ -266,7 +266,7 @@ def check_run(model_args: ModelArguments, data_args: DataArguments, training_arg
     return RunPlan(checkpoint=info, attach=attach, image_aspect_ratio=aspect, template=template)
 
 
-def _classes(info: CheckpointInfo) -> tuple[type, type]:
+def _classes(info: CheckpointInfo) -> tuple[Any, Any]:
     """``(model class, processor class)`` that loads ``info``'s checkpoint (stock or attached)."""
     import transformers
 
@@ -313,8 +313,8 @@ def load_model(model_args: ModelArguments, plan: RunPlan | None = None) -> tuple
     return model, processor
 
 
-def _base(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+def _base(model: nn.Module) -> Any:
+    return cast(Any, model).get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _companions(model: nn.Module) -> list[nn.Parameter]:
@@ -343,8 +343,8 @@ def set_trainable(model: nn.Module, model_args: ModelArguments) -> nn.Module:
                 modules_to_save=["multi_modal_projector"],
             )
             return get_peft_model(model, lora)
-        model.model.language_model.requires_grad_(True)
-        model.lm_head.requires_grad_(True)
+        cast(Any, model).model.language_model.requires_grad_(True)
+        cast(Any, model).lm_head.requires_grad_(True)
     _connector(model).requires_grad_(True)
     for parameter in _companions(model):
         parameter.requires_grad_(True)
@@ -352,7 +352,8 @@ def set_trainable(model: nn.Module, model_args: ModelArguments) -> nn.Module:
 
 
 def _connector(model: nn.Module) -> nn.Module:
-    return _base(model).model.multi_modal_projector
+    connector: nn.Module = _base(model).model.multi_modal_projector
+    return connector
 
 
 def connector_digest(model: nn.Module) -> str:
@@ -389,6 +390,7 @@ def _trainer_class() -> type:
             output_dir = output_dir if output_dir is not None else self.args.output_dir
             if not self.args.should_save:
                 return
+            assert output_dir is not None  # TrainingArguments.__post_init__ fills a default output_dir
             os.makedirs(output_dir, exist_ok=True)
             model.save_pretrained(output_dir, state_dict=state_dict, save_original_format=False)
             if self.processing_class is not None:
@@ -398,6 +400,7 @@ def _trainer_class() -> type:
         def _issue_warnings_after_load(self, load_result: Any) -> None:
             """A checkpoint that lacks a weight this run trains is an error, not a warning: resuming would
             silently restart that weight (a checkpoint in another key layout looks exactly like this)."""
+            assert self.model is not None  # a checkpoint loads into the Trainer's model
             trained = {name for name, p in self.model.named_parameters() if p.requires_grad}
             lost = sorted(trained & set(load_result.missing_keys))
             if lost:
@@ -426,21 +429,24 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: A
 
     plan = check_run(model_args, data_args, training_args)
     samples = load_conversations(
-        data_args.data_path, image_folder=data_args.image_folder, check_images=data_args.check_images
+        data_args.data_path,
+        image_folder=data_args.image_folder,
+        check_images=cast(Literal["decode", "exists"], data_args.check_images),  # the field's "choices"
     )
     set_seed(training_args.seed)  # the connector's initialisation: same on every rank and in every run
     model, processor = load_model(model_args, plan)
-    model.config.use_cache = False
+    config: Any = cast(Any, model).config
+    config.use_cache = False
     tokenizer = processor.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     dataset = ConversationDataset(
         samples,
         tokenizer=tokenizer,
         processor=processor,
-        image_token_id=model.config.image_token_id,
-        template=plan.template,
+        image_token_id=config.image_token_id,
+        template=cast(Literal["plain", "vicuna_v1"], plan.template),
         max_length=data_args.max_length,
-        image_aspect_ratio=plan.image_aspect_ratio,
+        image_aspect_ratio=cast(Literal["pad", "square", "anyres"], plan.image_aspect_ratio),
     )
     model = set_trainable(model, model_args)
     trainer = _trainer_class()(

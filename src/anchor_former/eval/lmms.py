@@ -58,6 +58,9 @@ class _AnchorModel(_CommandLineArgs):
 
     _options: ClassVar[dict[str, tuple[str, ...]]]
     _processor_attr: ClassVar[str]
+    # set by the lmms-eval model class this mixes into (declared only: no class attribute is created)
+    model: Any
+    processor: Any
 
     def __init__(
         self,
@@ -74,7 +77,7 @@ class _AnchorModel(_CommandLineArgs):
         self._check_placement(kwargs)
         _, saved = _resolve(type(self).__name__, pretrained, kwargs.get("revision"), args, self._options)
         self._register_saved_types(saved)
-        super().__init__(pretrained=pretrained, **kwargs)
+        super().__init__(pretrained=pretrained, **kwargs)  # type: ignore[call-arg]  # the lmms-eval class
         self._attach(args, saved)
         self._config = self.model.config
         eval_logger.info(f"anchor-former: {type(self.model).__name__} {self.model.config.anchor_former}")

@@ -49,7 +49,7 @@ class _AnchorVLLM(_CommandLineArgs):
             from anchor_former.vllm import hf_overrides
 
             kwargs["hf_overrides"] = hf_overrides(family=family, **args.given())
-        super().__init__(model=model, **kwargs)
+        super().__init__(model=model, **kwargs)  # type: ignore[call-arg]  # lmms-eval's vllm class
         eval_logger.info(f"anchor-former: vLLM {model} {kwargs.get('hf_overrides', 'as saved')}")
 
 

@@ -43,7 +43,7 @@ def cls_rows(qkv: torch.Tensor, *, local_heads: int, head_dim: int, scale: float
         return torch.softmax(logits, dim=-1)
 
 
-def run_with_cls_rows(attention: nn.Module, run: Callable[[], Any]) -> tuple[Any, torch.Tensor]:
+def run_with_cls_rows(attention: Any, run: Callable[[], Any]) -> tuple[Any, torch.Tensor]:
     """Run ``run()`` (one tower forward) with a hook on ``attention.qkv_proj``; returns ``(output, rows)``.
 
     Args:

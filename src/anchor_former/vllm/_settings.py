@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import copy
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from anchor_former.adapters.settings import AnchorSettings
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 __all__ = ["BUDGET_KEYS", "FAMILIES", "anchor_record", "hf_overrides", "request_budget", "saved_config_classes"]
 
@@ -101,7 +104,7 @@ def anchor_record(hf_config: Any) -> dict[str, Any]:
     Raises:
         ValueError: the config has no anchor settings, or they name no connector.
     """
-    record = getattr(hf_config, "anchor_former", None)
+    record: Any = getattr(hf_config, "anchor_former", None)
     if hasattr(record, "to_dict"):
         record = record.to_dict()
     if isinstance(record, str):
@@ -140,7 +143,7 @@ def request_budget(kwargs: Any, default: dict[str, int]) -> dict[str, int]:
     return budget
 
 
-def saved_config_classes() -> tuple[type, ...]:
+def saved_config_classes() -> tuple[type[PretrainedConfig], ...]:
     """The transformers config classes of folders saved by the package's adapters."""
     from anchor_former.adapters.hf.llava import AnchorFormerLlavaConfig
     from anchor_former.adapters.hf.llava_next import AnchorFormerLlavaNextConfig

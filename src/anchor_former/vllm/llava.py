@@ -22,10 +22,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 from transformers import BatchFeature
 from vllm.config import VllmConfig
 from vllm.model_executor.models.llava import (
@@ -41,6 +40,9 @@ from vllm.multimodal.inputs import MultiModalFieldConfig
 from anchor_former.vllm._capture import run_with_cls_rows
 from anchor_former.vllm._guard import check_counts
 from anchor_former.vllm._settings import BUDGET_KEYS, anchor_record, request_budget
+
+if TYPE_CHECKING:
+    from anchor_former.connectors.select import SelectConnector
 
 __all__ = [
     "AnchorFormerLlavaForConditionalGeneration",
@@ -271,7 +273,7 @@ class AnchorFormerLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self.hf_to_vllm_mapper = saved_weights_mapper(
             LlavaForConditionalGeneration.hf_to_vllm_mapper, select=serving.connector == "select"
         )
-        self._selectors: dict[tuple[int, int, torch.dtype], nn.Module] = {}
+        self._selectors: dict[tuple[int, int, torch.dtype], SelectConnector] = {}
         if self.serving.connector != "select":
             from anchor_former.connectors.registry import build_connector
 
@@ -283,7 +285,7 @@ class AnchorFormerLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                     **_constructor_kwargs(self.serving.connector, self.serving.connector_config),
                 )
 
-    def _selector(self, k: int, m: int, dtype: torch.dtype) -> nn.Module:
+    def _selector(self, k: int, m: int, dtype: torch.dtype) -> SelectConnector:
         """The package's :class:`~anchor_former.SelectConnector` for budget (K, M) and the features' dtype; its
         projector is never used (the checkpoint's own projector maps the selected features), so it lives on
         the meta device."""
@@ -322,6 +324,7 @@ class AnchorFormerLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if len(rows) != pixel_values.shape[0]:
             raise ValueError(f"{FIELD} must hold one row per image ({pixel_values.shape[0]}), got {len(rows)}")
         features, scores = self._features_and_rows(pixel_values)  # (B, N, D), (B, H, N)
+        embeds: list[Any]  # (T_i, llm_dim) per image; the select branch fills every slot
         if self.serving.connector != "select":
             out = (
                 self.multi_modal_projector(features, attention=scores)
@@ -330,7 +333,7 @@ class AnchorFormerLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             )
             embeds = list(out)
         else:
-            embeds: list[torch.Tensor | None] = [None] * len(rows)
+            embeds = [None] * len(rows)
             groups: dict[tuple[int, int], list[int]] = {}
             for i, (k, m, _) in enumerate(rows):
                 groups.setdefault((k, m), []).append(i)

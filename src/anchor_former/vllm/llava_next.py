@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import BatchFeature
@@ -150,7 +150,9 @@ def llava_next_serving(hf_config: Any) -> LlavaNextServing:
         side=side,
         view_size=view,
         patch_size=patch,
-        pinpoints=tuple(tuple(int(v) for v in p) for p in hf_config.image_grid_pinpoints),
+        pinpoints=cast(
+            "tuple[tuple[int, int], ...]", tuple(tuple(int(v) for v in p) for p in hf_config.image_grid_pinpoints)
+        ),
         connector_config=config,
         tokens_per_view=per_view,
     )
