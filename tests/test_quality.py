@@ -158,7 +158,8 @@ def test_quality_section_runs_only_when_named(tmp_path):
     from benchmarks import run
 
     parser = run.build_parser()
-    assert run._parse(parser, ["--output", str(tmp_path)])[2] == ["connectors", "pipeline", "search", "probe"]
+    default = run._parse(parser, ["--output", str(tmp_path)])[2]
+    assert "quality" not in default and default == [s.name for s in run.SECTIONS if not s.opt_in]
     assert run._parse(parser, ["--section", "quality", "--output", str(tmp_path)])[2] == ["quality"]
 
 

@@ -7,6 +7,7 @@ evaluation runs only where vLLM and the package's vLLM plugin are importable too
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,21 @@ TASK = "anchor_tiny_vqa"
 
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory) -> Path:
-    return _tiny.save_llava(tmp_path_factory.mktemp("vllm") / "llava")
+    return _hub_layout(_tiny.save_llava(tmp_path_factory.mktemp("vllm") / "llava"))
+
+
+def _hub_layout(folder: Path) -> Path:
+    """The tower's keys as llava-hf checkpoints hold them (``vision_tower.vision_model.*``): stock vLLM loads
+    only that layout, and transformers >= 5.19 saves ``vision_tower.*`` (the plugin's classes read both)."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    state = load_file(path)
+    renamed = {
+        re.sub(r"^((?:model\.)?vision_tower\.)(?!vision_model\.)", r"\1vision_model.", k): v for k, v in state.items()
+    }
+    save_file(renamed, path, metadata={"format": "pt"})
+    return folder
 
 
 def test_the_entry_point_registers_anchor_vllm() -> None:
@@ -57,7 +72,7 @@ def test_full_budget_answers_as_stock_vllm_and_a_reduced_one_runs(llava: Path, t
 
     task = _tiny.write_task(tmp_path / "task", TASK)
     tasks = TaskManager("WARNING", include_path=str(task))
-    engine = "max_model_len=512,gpu_memory_utilization=0.3,enforce_eager=True"
+    engine = "max_model_len=256,gpu_memory_utilization=0.3,enforce_eager=True"
 
     def answers(name: str, settings: str) -> list[str]:
         args = ",".join(filter(None, [f"model={llava}", engine, settings]))

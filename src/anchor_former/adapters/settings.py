@@ -129,8 +129,9 @@ def normalise(config: Any) -> dict[str, Any]:
         raise ValueError(
             f"config.{CONFIG_KEY} must hold the attached model's settings; build the model with attach_anchor_former"
         )
-    setattr(config, CONFIG_KEY, settings.to_dict())
-    return getattr(config, CONFIG_KEY)
+    record = settings.to_dict()
+    setattr(config, CONFIG_KEY, record)
+    return record
 
 
 def _from_version_0(data: dict[str, Any]) -> dict[str, Any]:
