@@ -188,7 +188,7 @@ def measured_anyres(
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
-    from anchor_former.adapters.hf.llava_next import attach_llava_next
+    from anchor_former.adapters.hf.llava_next import attach_anchor_former as attach_llava_next
     from benchmarks._common import environment, measure_interleaved, parse_device
 
     shapes = MEASURED_PRESETS[preset]

@@ -5,7 +5,7 @@
     python -m benchmarks.qwen_rows --measure  # plus the measured scaled-down pipeline (CPU, ~1 minute)
 
 Cases: one 1280 x 720 image and a 32-frame 1280 x 720 video, each followed by ``text_tokens`` text tokens,
-at full budget and at K merged tokens per image / per video step (``attach_anchor_former_qwen``'s rule;
+at full budget and at K merged tokens per image / per video step (``attach_anchor_former``'s rule;
 a video step is 2 frames). Counts follow :mod:`anchor_former.flops` (matrix products only, 2 FLOPs per
 multiply-add, dense attention, LM head on the last token; KV cache in bf16).
 
@@ -195,7 +195,7 @@ def _scaled_model(k_budgets: tuple[int | float | None, ...]) -> tuple[Any, dict[
 
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
 
-    from anchor_former.adapters.hf.qwen_vl import attach_anchor_former_qwen
+    from anchor_former.adapters.hf.qwen_vl import attach_anchor_former as attach_qwen
 
     vision = {
         "depth": 4,
@@ -229,9 +229,7 @@ def _scaled_model(k_budgets: tuple[int | float | None, ...]) -> tuple[Any, dict[
             vision_start_token_id=1002,
         )
     ).eval()
-    models = {
-        k: stock if k is None else attach_anchor_former_qwen(copy.deepcopy(stock), num_anchors=k) for k in k_budgets
-    }
+    models = {k: stock if k is None else attach_qwen(copy.deepcopy(stock), num_anchors=k) for k in k_budgets}
     image = torch.randint(0, 256, (448, 448, 3), dtype=torch.uint8).numpy()
     pixels = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 1280)(images=[image], return_tensors="pt")
     return stock, models, dict(pixels)

@@ -37,10 +37,12 @@ from anchor_former.adapters.hf.qwen_vl import (  # noqa: E402
     AnchorFormerQwen2_5_VLForConditionalGeneration,
     AnchorFormerQwen2VLForConditionalGeneration,
     AnchorFormerQwen3VLForConditionalGeneration,
-    attach_anchor_former_qwen,
     attach_qwen_processor,
     kept_per_step,
     merged_token_scores,
+)
+from anchor_former.adapters.hf.qwen_vl import (  # noqa: E402
+    attach_anchor_former as qwen_vl_attach,
 )
 
 TOL = {"atol": 1e-5, "rtol": 0}  # fp32; the full-budget identity measured 0.0 here (bitwise equal)
@@ -57,7 +59,7 @@ VIDEO_STEPS, VIDEO_MERGED = VIDEO_SHAPE[0] // 2, (VIDEO_SHAPE[1] // 16) * (VIDEO
 def stock_and_attached(family: str, num_anchors, **kwargs):
     processor = make_processor(family)
     stock = make_model(processor, family)
-    reduced = attach_anchor_former_qwen(copy.deepcopy(stock), processor, num_anchors=num_anchors, **kwargs)
+    reduced = qwen_vl_attach(copy.deepcopy(stock), processor, num_anchors=num_anchors, **kwargs)
     return stock, reduced, processor
 
 
@@ -347,7 +349,7 @@ def test_bad_input_changes_nothing(kwargs, match) -> None:
         before = model(**inputs).logits
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=match):
-        attach_anchor_former_qwen(model, processor, **kwargs)
+        qwen_vl_attach(model, processor, **kwargs)
     assert type(model) is FAMILIES["qwen2_5_vl"][2] and type(model.config).__name__ == "Qwen2_5_VLConfig"
     assert type(processor) is FAMILIES["qwen2_5_vl"][0]
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
@@ -390,15 +392,15 @@ def test_unsupported_models_are_refused() -> None:
         "ForConditionalGeneration or Qwen3VLForConditionalGeneration, got transformers"
         ".*LlavaForConditional",
     ):
-        attach_anchor_former_qwen(llava, num_anchors=4)
+        qwen_vl_attach(llava, num_anchors=4)
     assert type(llava).__name__ == "LlavaForConditionalGeneration"
     _, reduced, processor = stock_and_attached("qwen2_5_vl", 2)
-    attach_anchor_former_qwen(reduced, processor, num_anchors=3)  # re-attach: a new budget
+    qwen_vl_attach(reduced, processor, num_anchors=3)  # re-attach: a new budget
     assert reduced.config.anchor_former["num_anchors"] == 3 and processor.num_anchors == 3
     with pytest.raises(
         ValueError, match="processor must be a transformers Qwen2VLProcessor, Qwen2_5_VLProcessor or Qwen3VLProcessor"
     ):
-        attach_anchor_former_qwen(make_model(make_processor()), object(), num_anchors=2)
+        qwen_vl_attach(make_model(make_processor()), object(), num_anchors=2)
 
 
 def test_qwen3_deepstack_features_are_taken_at_the_kept_tokens() -> None:

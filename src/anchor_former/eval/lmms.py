@@ -181,7 +181,7 @@ class _AnchorQwen(_AnchorModel):
 
         from anchor_former.adapters.hf import qwen_vl
 
-        (getattr(qwen_vl, "register_auto_classes", None) or qwen_vl.register_qwen_auto_classes)()
+        qwen_vl.register_auto_classes()
         for config_class, processor_class in (
             (qwen_vl.AnchorFormerQwen2VLConfig, qwen_vl.AnchorFormerQwen2VLProcessor),
             (qwen_vl.AnchorFormerQwen2_5_VLConfig, qwen_vl.AnchorFormerQwen2_5_VLProcessor),

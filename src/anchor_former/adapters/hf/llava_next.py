@@ -1,6 +1,6 @@
 """transformers' ``LlavaNextForConditionalGeneration`` (LLaVA-NeXT / LLaVA-1.6, "anyres"; transformers >= 5.0).
 
-:func:`attach_llava_next` (also reached through :func:`~anchor_former.adapters.transformers.attach_anchor_former`,
+:func:`attach_anchor_former` (also reached through :func:`~anchor_former.adapters.transformers.attach_anchor_former`,
 which detects the model class) turns a built ``LlavaNextForConditionalGeneration`` and its
 ``LlavaNextProcessor`` into :class:`AnchorFormerLlavaNextForConditionalGeneration` /
 :class:`AnchorFormerLlavaNextProcessor` in place.
@@ -83,7 +83,6 @@ __all__ = [
     "LlavaNextHost",
     "anyres_token_count",
     "attach_anchor_former",
-    "attach_llava_next",
     "register_auto_classes",
 ]
 
@@ -456,4 +455,3 @@ def attach_anchor_former(
 
 
 #: the family's earlier name for :func:`attach_anchor_former`
-attach_llava_next = attach_anchor_former

@@ -1,7 +1,7 @@
 """transformers' ``LlavaOnevisionForConditionalGeneration`` (LLaVA-OneVision: SigLIP, anyres images, video;
 transformers >= 5.0).
 
-:func:`attach_llava_onevision` (also reached through
+:func:`attach_anchor_former` (also reached through
 :func:`~anchor_former.adapters.transformers.attach_anchor_former`, which detects the model class) turns a built
 ``LlavaOnevisionForConditionalGeneration`` and its ``LlavaOnevisionProcessor`` into
 :class:`AnchorFormerLlavaOnevisionForConditionalGeneration` / :class:`AnchorFormerLlavaOnevisionProcessor` in
@@ -97,7 +97,6 @@ __all__ = [
     "AnchorFormerLlavaOnevisionProcessor",
     "LlavaOnevisionHost",
     "attach_anchor_former",
-    "attach_llava_onevision",
     "image_token_count",
     "register_auto_classes",
     "shrunk_grid",
@@ -602,4 +601,3 @@ def attach_anchor_former(
 
 
 #: the family's earlier name for :func:`attach_anchor_former`
-attach_llava_onevision = attach_anchor_former

@@ -1,6 +1,6 @@
 """transformers' Qwen2-VL, Qwen2.5-VL and Qwen3-VL: training-free reduction of the merged visual tokens.
 
-:func:`attach_anchor_former_qwen` switches a built ``Qwen2VLForConditionalGeneration``,
+:func:`attach_anchor_former` switches a built ``Qwen2VLForConditionalGeneration``,
 ``Qwen2_5_VLForConditionalGeneration`` or ``Qwen3VLForConditionalGeneration`` (transformers >= 5; tested
 with 5.24.0) and its processor in
 place, so the LLM sees only K *merged* tokens (the unit after the 2 x 2 patch merger) per image, or per
@@ -101,12 +101,10 @@ __all__ = [
     "QwenHost",
     "QwenVisionSelectOutput",
     "attach_anchor_former",
-    "attach_anchor_former_qwen",
     "attach_qwen_processor",
     "kept_per_step",
     "merged_token_scores",
     "register_auto_classes",
-    "register_qwen_auto_classes",
 ]
 
 Budget = int | float
@@ -405,7 +403,7 @@ class _QwenSelectMixin:
                     raise ValueError(
                         f"input_ids must hold the {idx.numel()} kept {name} tokens of grid {tuple(int(v) for v in grid)} "
                         f"(num_anchors={self._settings()['num_anchors']}), got a run of {length}; "
-                        "prepare inputs with the processor passed to attach_anchor_former_qwen / attach_qwen_processor"
+                        "prepare inputs with the processor passed to attach_anchor_former / attach_qwen_processor"
                     )
                 pieces.append(full[:, idx])
                 top = max(top, int(full.max()))
@@ -794,7 +792,6 @@ def register_auto_classes() -> None:
 
 
 #: the family's earlier name for :func:`register_auto_classes`
-register_qwen_auto_classes = register_auto_classes
 
 
 def attach_anchor_former(
@@ -845,4 +842,3 @@ def attach_anchor_former(
 
 
 #: the family's earlier name for :func:`attach_anchor_former`
-attach_anchor_former_qwen = attach_anchor_former
