@@ -9,6 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from anchor_former._optional import require
+
+require("lmms_eval", extra="eval", feature="anchor_former.eval (lmms-eval models)")
+
 from lmms_eval.utils import simple_parse_args_string
 
 __all__ = ["AnchorArgs"]

@@ -32,6 +32,10 @@ import inspect
 from dataclasses import fields
 from typing import Any, ClassVar
 
+from anchor_former._optional import require
+
+require("lmms_eval", extra="eval", feature="anchor_former.eval (lmms-eval models)")
+
 from lmms_eval.models.chat.llava_hf import LlavaHf as _LlavaHfChat
 from lmms_eval.models.chat.qwen2_5_vl import Qwen2_5_VL as _Qwen2_5_VLChat
 from lmms_eval.models.simple.llava_hf import LlavaHf as _LlavaHfSimple

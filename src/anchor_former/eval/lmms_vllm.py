@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from anchor_former._optional import require
+
+require("lmms_eval", extra="eval", feature="anchor_former.eval (lmms-eval models)")
+
 from lmms_eval.models.chat.vllm import VLLM as _VLLMChat
 from lmms_eval.models.simple.vllm import VLLM as _VLLMSimple
 from loguru import logger as eval_logger

@@ -24,6 +24,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from anchor_former._optional import require
+
+require("vllm", extra="vllm", feature="anchor_former.vllm (the vLLM plugin's model classes)")
+
 import torch
 from transformers import BatchFeature
 from vllm.config import VllmConfig

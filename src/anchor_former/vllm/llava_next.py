@@ -23,6 +23,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
+from anchor_former._optional import require
+
+require("vllm", extra="vllm", feature="anchor_former.vllm (the vLLM plugin's model classes)")
+
 import torch
 from transformers import BatchFeature
 from vllm.config import VllmConfig
