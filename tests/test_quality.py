@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("transformers")
+pytest.importorskip("transformers", minversion="5", reason="the toy VLM is built and trained with transformers 5")
 
 from benchmarks.quality import rules
 from benchmarks.quality.evaluate import (
