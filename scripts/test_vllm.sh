@@ -47,6 +47,12 @@ for op in ("nms", "qnms"):
 path.write_text(text)
 EOF
 pip_q "$VENV/bin/pip" install -q --no-deps -e .
+# lmms-eval's vLLM backend with this package's overrides (tests/eval/test_lmms_vllm.py): lmms-eval without its
+# dependencies (they pull wandb, openai, spacy, ... that no offline run imports), then what its evaluator and
+# its vllm model import; filelock < 4 because lmms-eval 0.7 patches filelock 3's metaclass
+pip_q "$VENV/bin/pip" install -q --no-deps "lmms-eval==0.7.3"
+pip_q "$VENV/bin/pip" install -q "filelock<4" accelerate datasets "decord==0.6.0" sacrebleu evaluate pytablewriter \
+    tenacity pytz loguru  # pip then lists lmms-eval's left-out dependencies: expected
 # the compiled search kernel, in place for the editable install (a C compiler is optional: pure-torch fallback)
 "$VENV/bin/python" setup.py build_ext --inplace -q >/dev/null 2>&1 || echo "note: search kernel not built" >&2
 
@@ -54,6 +60,9 @@ pip_q "$VENV/bin/pip" install -q --no-deps -e .
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
 status=0
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/vllm_plugin "$@" || status=$?
+# lmms-eval's vllm model through the plugin (--model anchor_vllm): full budget answers as stock vLLM
+HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/eval/test_lmms_vllm.py \
+    || status=$?
 # docs/vllm.md's Python blocks, run as written on a tiny model (its docs-test setup), default dtype (bf16)
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_docs.py -k "vllm.md" || status=$?
 exit $status

@@ -24,7 +24,13 @@ TASK = "anchor_tiny_vqa"
 
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory) -> Path:
-    return _hub_layout(_tiny.save_llava(tmp_path_factory.mktemp("vllm") / "llava"))
+    """A tiny LLaVA-1.5 vLLM's CPU attention runs (language-model heads of 32), saved in the llava-hf layout."""
+    from tests.vllm_plugin import _vllm_models as tiny_vllm
+
+    processor = tiny_vllm.llava_processor()
+    folder = tmp_path_factory.mktemp("vllm") / "llava"
+    tiny_vllm.save(tiny_vllm.llava_model(processor), processor, folder)
+    return _hub_layout(folder)
 
 
 def _hub_layout(folder: Path) -> Path:
