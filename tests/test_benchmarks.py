@@ -72,9 +72,11 @@ def test_every_section_reports_progress_and_the_run_ends_with_a_summary(tiny_run
     proc, out = tiny_run
     report = json.loads((out / "results.json").read_text())
     sections = list(report["benchmarks"])
-    assert sections == [s.name for s in bench_run.SECTIONS]
+    assert sections == [s.name for s in bench_run.SECTIONS if not s.opt_in]  # opt-in sections run when named
     for i, name in enumerate(sections, 1):
         assert f"[bench] section {i}/{len(sections)}: {name} (" in proc.stderr
+        if "skipped" in report["benchmarks"][name]:  # e.g. serving where vLLM is not installed
+            continue
         # besides start and done, each section says what it is doing while it runs
         own = [
             line
