@@ -219,3 +219,91 @@ def llava_next_model(processor):
                 p.mul_(4.0)
         model.model.image_newline.normal_()
     return model
+
+
+# --- Qwen2.5-VL ---------------------------------------------------------------------------------------------
+# 8-px patches merged 2 x 2: one merged token per 16 x 16 pixels; windows of 2 x 2 merged tokens (32 px). The
+# vision heads are 4 of 8 (vLLM's vision attention takes any size), the LLM's 2 of 32 (its CPU attention's).
+QWEN_PATCH, QWEN_MERGE = 8, 2
+QWEN_SPECIAL = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_WORDS = ["what", "is", "this", "?", "a", "cat", "dog", "and", "red", "blue"]
+#: (height, width) pixels: landscape 3 x 5 = 15 merged tokens, portrait 6 x 2 = 12
+QWEN_LANDSCAPE, QWEN_PORTRAIT = (48, 80), (96, 32)
+
+
+def qwen_processor():
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "<|im_end|>", *QWEN_SPECIAL, *QWEN_WORDS])}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=QWEN_SPECIAL,
+    )
+    sizes = dict(
+        min_pixels=QWEN_PATCH**2 * 4,
+        max_pixels=QWEN_PATCH**2 * 256,
+        patch_size=QWEN_PATCH,
+        merge_size=QWEN_MERGE,
+        temporal_patch_size=2,
+    )
+    return Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**sizes),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(**sizes),
+    )
+
+
+def qwen_model(processor):
+    """A random Qwen2.5-VL with peaked attention (queries and keys scaled up, as in a trained model), so that
+    the anchor scores and the positions both matter."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    vision = dict(
+        depth=4,
+        hidden_size=32,
+        intermediate_size=48,
+        num_heads=4,
+        window_size=32,
+        out_hidden_size=LLM_DIM,
+        fullatt_block_indexes=[1, 3],
+        patch_size=QWEN_PATCH,
+        spatial_merge_size=QWEN_MERGE,
+        temporal_patch_size=2,
+    )
+    text = dict(
+        vocab_size=len(processor.tokenizer),
+        hidden_size=LLM_DIM,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=1,
+        eos_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+    )
+    config = Qwen2_5_VLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=processor.image_token_id,
+        video_token_id=processor.video_token_id,
+        vision_start_token_id=processor.tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+    )
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for block in model.model.visual.blocks:
+            width = block.attn.qkv.out_features // 3
+            block.attn.qkv.weight[: 2 * width] *= 8.0
+            block.attn.qkv.bias[: 2 * width] *= 8.0
+        for layer in model.model.language_model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                proj.weight *= 8.0
+                proj.bias *= 8.0
+    return model

@@ -23,12 +23,21 @@ from anchor_former.adapters.settings import AnchorSettings
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-__all__ = ["BUDGET_KEYS", "FAMILIES", "anchor_record", "hf_overrides", "request_budget", "saved_config_classes"]
+__all__ = [
+    "BUDGET_KEYS",
+    "FAMILIES",
+    "anchor_record",
+    "field_rows",
+    "hf_overrides",
+    "request_budget",
+    "saved_config_classes",
+]
 
 #: ``hf_overrides(family=...)`` -> the architecture vLLM builds
 FAMILIES = {
     "llava": "AnchorFormerLlavaForConditionalGeneration",
     "llava_next": "AnchorFormerLlavaNextForConditionalGeneration",
+    "qwen2_5_vl": "AnchorFormerQwen2_5_VLForConditionalGeneration",
 }
 
 #: the ``mm_processor_kwargs`` a request may set (its budget)
@@ -55,10 +64,11 @@ def hf_overrides(
     The checkpoint's weights are used as they are; nothing is copied.
 
     Args:
-        num_anchors: K, the default budget: anchor patches kept per image (LLaVA-1.5) or per view
-            (LLaVA-NeXT). A request overrides it with ``mm_processor_kwargs={"num_anchors": k}``.
+        num_anchors: K, the default budget: anchor patches kept per image (LLaVA-1.5), per view
+            (LLaVA-NeXT) or merged 2 x 2 tokens kept per image (Qwen2.5-VL). A request overrides it with
+            ``mm_processor_kwargs={"num_anchors": k}``.
         num_context: M context tokens merged from the other patches (LLaVA-1.5 only; 0 = none).
-        family: the checkpoint's ``model_type``: ``"llava"`` (LLaVA-1.5) or ``"llava_next"``.
+        family: the checkpoint's ``model_type``: ``"llava"`` (LLaVA-1.5), ``"llava_next"`` or ``"qwen2_5_vl"``.
         max_budget: LLaVA-1.5: the largest ``num_anchors + num_context`` a request may ask for; the engine
             reserves encoder cache and profiles for it. None = every patch (what the stock model needs).
 
@@ -82,6 +92,13 @@ def hf_overrides(
     if family == "llava_next":
         config.pop("num_context")
         extras["anyres"] = {"layout": "selected", "num_anchors": num_anchors, "image_budget": None}
+    if family == "qwen2_5_vl":  # the transformers adapter's record: no connector module, received attention
+        if max_budget is not None:
+            raise ValueError(f"max_budget is supported for family='llava' only, got {max_budget}")
+        return {
+            "architectures": [FAMILIES[family]],
+            "anchor_former": AnchorSettings(connector="select", score="received", num_anchors=num_anchors).to_dict(),
+        }
     if max_budget is not None:
         extras["max_budget"] = max_budget
     record = AnchorSettings(
@@ -125,6 +142,7 @@ def anchor_record(hf_config: Any) -> dict[str, Any]:
     return {
         "connector": settings.connector,
         "score": settings.score,
+        "layer": settings.layer,
         "connector_config": config,
         **copy.deepcopy(settings.extras),
     }
@@ -143,9 +161,21 @@ def request_budget(kwargs: Any, default: dict[str, int]) -> dict[str, int]:
     return budget
 
 
+def field_rows(value: Any) -> list[list[int]]:
+    """A batched per-image int field as python rows (vLLM passes a stacked tensor or a list of tensors)."""
+    import torch
+
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        return [[int(x) for x in row] for row in value.reshape(value.shape[0], -1).tolist()]
+    return [row for item in value for row in field_rows(item if item.ndim > 1 else item[None])]
+
+
 def saved_config_classes() -> tuple[type[PretrainedConfig], ...]:
     """The transformers config classes of folders saved by the package's adapters."""
     from anchor_former.adapters.hf.llava import AnchorFormerLlavaConfig
     from anchor_former.adapters.hf.llava_next import AnchorFormerLlavaNextConfig
+    from anchor_former.adapters.hf.qwen_vl import AnchorFormerQwen2_5_VLConfig
 
-    return AnchorFormerLlavaConfig, AnchorFormerLlavaNextConfig
+    return AnchorFormerLlavaConfig, AnchorFormerLlavaNextConfig, AnchorFormerQwen2_5_VLConfig

@@ -43,7 +43,7 @@ from vllm.multimodal.inputs import MultiModalFieldConfig
 
 from anchor_former.vllm._capture import run_with_cls_rows
 from anchor_former.vllm._guard import check_counts
-from anchor_former.vllm._settings import BUDGET_KEYS, anchor_record, request_budget
+from anchor_former.vllm._settings import BUDGET_KEYS, anchor_record, field_rows, request_budget
 
 if TYPE_CHECKING:
     from anchor_former.connectors.select import SelectConnector
@@ -233,15 +233,6 @@ class AnchorFormerLlavaMultiModalProcessor(LlavaMultiModalProcessor):
             image_width=0, image_height=0, budget=self.info.budget(hf_processor_mm_kwargs)
         )
         return [PromptReplacement(modality="image", target=[image_token_id], replacement=[image_token_id] * count)]
-
-
-def field_rows(value: Any) -> list[list[int]]:
-    """A batched per-image int field as python rows (vLLM passes a stacked tensor or a list of tensors)."""
-    if value is None:
-        return []
-    if isinstance(value, torch.Tensor):
-        return [[int(x) for x in row] for row in value.reshape(value.shape[0], -1).tolist()]
-    return [row for item in value for row in field_rows(item if item.ndim > 1 else item[None])]
 
 
 def saved_weights_mapper(base: WeightsMapper, *, select: bool) -> WeightsMapper:

@@ -3,8 +3,10 @@
 vLLM calls :func:`register` in every process it starts (the API server, the engine core, each tensor
 parallel worker), so it must be idempotent and cheap: it checks the vLLM version, registers each
 architecture lazily (``"module:Class"``: nothing is imported until a model of that architecture is
-built) and registers the package's saved-model config types with transformers' ``AutoConfig``, so a
-folder written by ``attach_anchor_former(...)`` + ``save_pretrained`` loads as it is.
+built), registers the package's saved-model config types with transformers' ``AutoConfig``, so a
+folder written by ``attach_anchor_former(...)`` + ``save_pretrained`` loads as it is, and lets vLLM's
+model runner apply the post-encoder M-RoPE rewrite that Qwen2.5-VL's kept tokens need
+(:mod:`anchor_former.vllm._runner`; only models that declare it are affected).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ SUPPORTED_VLLM = (">=0.32.0", "<0.33")
 ARCHITECTURES = {
     "AnchorFormerLlavaForConditionalGeneration": "anchor_former.vllm.llava:AnchorFormerLlavaForConditionalGeneration",
     "AnchorFormerLlavaNextForConditionalGeneration": "anchor_former.vllm.llava_next:AnchorFormerLlavaNextForConditionalGeneration",
+    "AnchorFormerQwen2_5_VLForConditionalGeneration": "anchor_former.vllm.qwen2_5_vl:AnchorFormerQwen2_5_VLForConditionalGeneration",
 }
 
 
@@ -68,3 +71,6 @@ def register() -> None:
         if name not in known:
             ModelRegistry.register_model(name, target)
     _register_saved_configs()
+    from anchor_former.vllm._runner import enable_position_rewrite
+
+    enable_position_rewrite()
