@@ -176,3 +176,21 @@ def test_hf_overrides_qwen() -> None:
         afv.hf_overrides(num_anchors=8, num_context=2, family="qwen2_5_vl")
     with pytest.raises(ValueError, match="max_budget is supported for family='llava' only"):
         afv.hf_overrides(num_anchors=8, family="qwen2_5_vl", max_budget=16)
+
+
+def test_folder_saved_by_the_transformers_adapter(tmp_path) -> None:
+    """A folder written by ``attach_anchor_former`` + ``save_pretrained`` serves as it is (its budget and score
+    layer), equal to the attached transformers model; a second engine, prefill chunked as the first."""
+    from anchor_former.adapters.hf.qwen_vl import attach_anchor_former
+
+    processor = M.qwen_processor()
+    model = attach_anchor_former(M.qwen_model(processor), processor, connector="select", num_anchors=4, score_layer=1)
+    folder = M.save(model, processor, tmp_path / "attached")
+    image = _image(M.QWEN_PORTRAIT, seed=7)
+    served = LLM(model=folder, **ENGINE)
+    try:
+        out = served.generate([_request(LONG, [image])], _params())[0]
+    finally:
+        del served
+    assert len(out.prompt_token_ids) == 16 + 4
+    M.assert_same_as_hf(out, M.hf_greedy(model, processor, LONG, [image], STEPS), atol=ATOL)
