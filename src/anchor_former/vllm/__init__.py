@@ -13,7 +13,8 @@ enough, every vLLM process picks it up. Two ways to serve:
   connector), as it is: ``LLM(model=folder)``.
 
 A request picks its own budget with ``mm_processor_kwargs={"num_anchors": k, "num_context": m}``.
-Families: LLaVA-1.5 (:mod:`anchor_former.vllm.llava`), LLaVA-NeXT (:mod:`anchor_former.vllm.llava_next`).
+Families: LLaVA-1.5 (:mod:`anchor_former.vllm.llava`), LLaVA-NeXT (:mod:`anchor_former.vllm.llava_next`),
+Qwen2.5-VL (:mod:`anchor_former.vllm.qwen2_5_vl`).
 Supported vLLM releases: :data:`SUPPORTED_VLLM`.
 
 Importing this package imports neither vLLM nor transformers; the family modules do.
