@@ -141,7 +141,7 @@ def test_bad_budget_is_refused(llm: LLM) -> None:
         llm.generate([_request(SHORT, [image], num_anchors=13)], _params())
     with pytest.raises(ValueError, match=r"mm_processor_kwargs\['num_anchors'\] must be an int K >= 1 .*got 0"):
         llm.generate([_request(SHORT, [image], num_anchors=0)], _params())
-    with pytest.raises(ValueError, match=r"num_context'\] is not supported by Qwen2.5-VL"):
+    with pytest.raises(ValueError, match=r"num_context'\] is not supported by Qwen-VL"):
         llm.generate([_request(SHORT, [image], num_context=2)], _params())
     assert len(llm.generate([_request(SHORT, [image])], _params())[0].prompt_token_ids) == 6 + K  # still serving
 
