@@ -231,9 +231,11 @@ QWEN_WORDS = ["what", "is", "this", "?", "a", "cat", "dog", "and", "red", "blue"
 QWEN_LANDSCAPE, QWEN_PORTRAIT = (48, 80), (96, 32)
 
 
-def qwen_processor():
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
+def qwen_processor(family: str = "qwen2_5_vl"):
+    """A real Qwen2.5-VL (or Qwen3-VL) processor built offline: a WordLevel tokenizer + Qwen's image processor."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen3VLProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
     vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "<|im_end|>", *QWEN_SPECIAL, *QWEN_WORDS])}
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
@@ -252,6 +254,14 @@ def qwen_processor():
         merge_size=QWEN_MERGE,
         temporal_patch_size=2,
     )
+    if family == "qwen3_vl":
+        videos = Qwen3VLVideoProcessor(
+            size={"shortest_edge": sizes["min_pixels"], "longest_edge": sizes["max_pixels"]},
+            patch_size=QWEN_PATCH,
+            merge_size=QWEN_MERGE,
+            temporal_patch_size=2,
+        )
+        return Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(**sizes), tokenizer=tokenizer, video_processor=videos)
     return Qwen2_5_VLProcessor(
         image_processor=Qwen2VLImageProcessor(**sizes),
         tokenizer=tokenizer,
@@ -259,24 +269,30 @@ def qwen_processor():
     )
 
 
-def qwen_model(processor):
-    """A random Qwen2.5-VL with peaked attention (queries and keys scaled up, as in a trained model), so that
-    the anchor scores and the positions both matter."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+def qwen_model(processor, family: str = "qwen2_5_vl"):
+    """A random Qwen2.5-VL (or Qwen3-VL) with peaked attention (queries and keys scaled up, as in a trained
+    model), so that the anchor scores and the positions both matter."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+    )
 
     torch.manual_seed(0)
     vision = dict(
-        depth=4,
         hidden_size=32,
         intermediate_size=48,
         num_heads=4,
-        window_size=32,
         out_hidden_size=LLM_DIM,
-        fullatt_block_indexes=[1, 3],
         patch_size=QWEN_PATCH,
         spatial_merge_size=QWEN_MERGE,
         temporal_patch_size=2,
     )
+    if family == "qwen3_vl":  # no windows; deepstack features of blocks 0 and 1 go to the first two LLM layers
+        vision.update(depth=3, num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
+    else:  # windows of 2 x 2 merged tokens; blocks 1 and 3 attend over the whole image
+        vision.update(depth=4, window_size=32, fullatt_block_indexes=[1, 3])
     text = dict(
         vocab_size=len(processor.tokenizer),
         hidden_size=LLM_DIM,
@@ -289,14 +305,21 @@ def qwen_model(processor):
         eos_token_id=2,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
     )
-    config = Qwen2_5_VLConfig(
+    config_class, model_class = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    extra = {}
+    if family == "qwen3_vl":
+        config_class, model_class = Qwen3VLConfig, Qwen3VLForConditionalGeneration
+        text.update(head_dim=LLM_DIM // 2, rope_parameters={**text["rope_parameters"], "mrope_interleaved": True})
+        extra["vision_end_token_id"] = processor.tokenizer.convert_tokens_to_ids("<|vision_end|>")
+    config = config_class(
         vision_config=vision,
         text_config=text,
         image_token_id=processor.image_token_id,
         video_token_id=processor.video_token_id,
         vision_start_token_id=processor.tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        **extra,
     )
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model = model_class(config).eval()
     with torch.no_grad():
         for block in model.model.visual.blocks:
             width = block.attn.qkv.out_features // 3
@@ -305,5 +328,6 @@ def qwen_model(processor):
         for layer in model.model.language_model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
                 proj.weight *= 8.0
-                proj.bias *= 8.0
+                if proj.bias is not None:
+                    proj.bias *= 8.0
     return model

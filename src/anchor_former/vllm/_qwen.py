@@ -199,11 +199,16 @@ class QwenAnchorProcessor:
     info: Any
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
-        info: Any = self.info
-        serving, budget = info.serving(), info.budget(hf_kwargs)
-        out = super()._call_hf_processor(hf_data, _without_budget(hf_kwargs))
+        return super()._call_hf_processor(hf_data, _without_budget(hf_kwargs))  # type: ignore[misc]
+
+    def _postprocess_hf_mm_data(
+        self, mm_inputs: Mapping[str, object], hf_processor_mm_kwargs: Mapping[str, object], processed_data: BatchFeature
+    ) -> BatchFeature:
+        """Adds ``anchor_tokens`` ``(num_images, 2)``: each image's kept tokens and placeholders, at the request's budget."""
+        out = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)  # type: ignore[misc]
         grids = out.get("image_grid_thw")
         if grids is not None:
+            serving, budget = self.info.serving(), self.info.budget(hf_processor_mm_kwargs)
             counts = [serving.kept(budget, grid.tolist()) for grid in grids]
             out[FIELD] = torch.tensor([[c, c] for c in counts], dtype=torch.int64)  # (num_images, 2)
         return out

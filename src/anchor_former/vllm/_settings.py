@@ -38,6 +38,7 @@ FAMILIES = {
     "llava": "AnchorFormerLlavaForConditionalGeneration",
     "llava_next": "AnchorFormerLlavaNextForConditionalGeneration",
     "qwen2_5_vl": "AnchorFormerQwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "AnchorFormerQwen3VLForConditionalGeneration",
 }
 
 #: the ``mm_processor_kwargs`` a request may set (its budget)
@@ -65,10 +66,10 @@ def hf_overrides(
 
     Args:
         num_anchors: K, the default budget: anchor patches kept per image (LLaVA-1.5), per view
-            (LLaVA-NeXT) or merged 2 x 2 tokens kept per image (Qwen2.5-VL). A request overrides it with
+            (LLaVA-NeXT) or merged 2 x 2 tokens kept per image (Qwen2.5-VL, Qwen3-VL). A request overrides it with
             ``mm_processor_kwargs={"num_anchors": k}``.
         num_context: M context tokens merged from the other patches (LLaVA-1.5 only; 0 = none).
-        family: the checkpoint's ``model_type``: ``"llava"`` (LLaVA-1.5), ``"llava_next"`` or ``"qwen2_5_vl"``.
+        family: the checkpoint's ``model_type``: ``"llava"`` (LLaVA-1.5), ``"llava_next"``, ``"qwen2_5_vl"`` or ``"qwen3_vl"``.
         max_budget: LLaVA-1.5: the largest ``num_anchors + num_context`` a request may ask for; the engine
             reserves encoder cache and profiles for it. None = every patch (what the stock model needs).
 
@@ -92,7 +93,7 @@ def hf_overrides(
     if family == "llava_next":
         config.pop("num_context")
         extras["anyres"] = {"layout": "selected", "num_anchors": num_anchors, "image_budget": None}
-    if family == "qwen2_5_vl":  # the transformers adapter's record: no connector module, received attention
+    if family in ("qwen2_5_vl", "qwen3_vl"):  # the transformers adapter's record: no connector module, received attention
         if max_budget is not None:
             raise ValueError(f"max_budget is supported for family='llava' only, got {max_budget}")
         return {
@@ -176,6 +177,6 @@ def saved_config_classes() -> tuple[type[PretrainedConfig], ...]:
     """The transformers config classes of folders saved by the package's adapters."""
     from anchor_former.adapters.hf.llava import AnchorFormerLlavaConfig
     from anchor_former.adapters.hf.llava_next import AnchorFormerLlavaNextConfig
-    from anchor_former.adapters.hf.qwen_vl import AnchorFormerQwen2_5_VLConfig
+    from anchor_former.adapters.hf.qwen_vl import AnchorFormerQwen2_5_VLConfig, AnchorFormerQwen3VLConfig
 
-    return AnchorFormerLlavaConfig, AnchorFormerLlavaNextConfig, AnchorFormerQwen2_5_VLConfig
+    return AnchorFormerLlavaConfig, AnchorFormerLlavaNextConfig, AnchorFormerQwen2_5_VLConfig, AnchorFormerQwen3VLConfig

@@ -21,6 +21,7 @@ ARCHITECTURES = {
     "AnchorFormerLlavaForConditionalGeneration": "anchor_former.vllm.llava:AnchorFormerLlavaForConditionalGeneration",
     "AnchorFormerLlavaNextForConditionalGeneration": "anchor_former.vllm.llava_next:AnchorFormerLlavaNextForConditionalGeneration",
     "AnchorFormerQwen2_5_VLForConditionalGeneration": "anchor_former.vllm.qwen2_5_vl:AnchorFormerQwen2_5_VLForConditionalGeneration",
+    "AnchorFormerQwen3VLForConditionalGeneration": "anchor_former.vllm.qwen3_vl:AnchorFormerQwen3VLForConditionalGeneration",
 }
 
 
