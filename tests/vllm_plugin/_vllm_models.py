@@ -261,7 +261,9 @@ def qwen_processor(family: str = "qwen2_5_vl"):
             merge_size=QWEN_MERGE,
             temporal_patch_size=2,
         )
-        return Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(**sizes), tokenizer=tokenizer, video_processor=videos)
+        return Qwen3VLProcessor(
+            image_processor=Qwen2VLImageProcessor(**sizes), tokenizer=tokenizer, video_processor=videos
+        )
     return Qwen2_5_VLProcessor(
         image_processor=Qwen2VLImageProcessor(**sizes),
         tokenizer=tokenizer,

@@ -159,7 +159,9 @@ def test_hf_overrides() -> None:
     assert afv.hf_overrides(num_anchors=6, family="llava_next")["anchor_former"]["extras"]["anyres"]["num_anchors"] == 6
     with pytest.raises(ValueError, match="num_anchors must be an integer >= 1, got 0"):
         afv.hf_overrides(num_anchors=0)
-    with pytest.raises(ValueError, match="family must be one of 'llava', 'llava_next', 'qwen2_5_vl', 'qwen3_vl' .*got 'qwen2_vl'"):
+    with pytest.raises(
+        ValueError, match="family must be one of 'llava', 'llava_next', 'qwen2_5_vl', 'qwen3_vl' .*got 'qwen2_vl'"
+    ):
         afv.hf_overrides(family="qwen2_vl")
     with pytest.raises(ValueError, match="num_context .* family='llava' only"):
         afv.hf_overrides(num_context=2, family="llava_next")

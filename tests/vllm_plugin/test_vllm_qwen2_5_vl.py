@@ -137,7 +137,9 @@ def test_per_request_budgets(llm: LLM) -> None:
 
 def test_bad_budget_is_refused(llm: LLM) -> None:
     image = _image(M.QWEN_PORTRAIT, 6)
-    with pytest.raises(ValueError, match=r"num_anchors must be at most the 12 merged tokens of an image .*got num_anchors=13"):
+    with pytest.raises(
+        ValueError, match=r"num_anchors must be at most the 12 merged tokens of an image .*got num_anchors=13"
+    ):
         llm.generate([_request(SHORT, [image], num_anchors=13)], _params())
     with pytest.raises(ValueError, match=r"mm_processor_kwargs\['num_anchors'\] must be an int K >= 1 .*got 0"):
         llm.generate([_request(SHORT, [image], num_anchors=0)], _params())

@@ -70,7 +70,9 @@ def test_stock_at_full_budget_and_hf_adapter_below(llm: LLM, folder: str) -> Non
     )
     assert [len(o.prompt_token_ids) for o in (full, long, two)] == [16 + 12, 16 + K, 9 + 2 * 4]
     model = Qwen3VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
-    M.assert_same_as_hf(full, M.hf_greedy(model, AutoProcessor.from_pretrained(folder), LONG, [portrait], STEPS), atol=ATOL)
+    M.assert_same_as_hf(
+        full, M.hf_greedy(model, AutoProcessor.from_pretrained(folder), LONG, [portrait], STEPS), atol=ATOL
+    )
     for out, prompt, images, budget in ((long, LONG, [landscape], K), (two, TWO, [landscape, portrait], 4)):
         processor = AutoProcessor.from_pretrained(folder)
         attach_anchor_former(model, processor, connector="select", num_anchors=budget)

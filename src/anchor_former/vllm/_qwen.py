@@ -137,7 +137,12 @@ def _score_layer(vision_config: Any, layer: Any) -> int:
         if not full:
             raise ValueError("the vision config has no full-attention block (fullatt_block_indexes is empty)")
         return full[-1]
-    if isinstance(layer, bool) or not isinstance(layer, int) or not -depth <= layer < depth or layer % depth not in full:
+    if (
+        isinstance(layer, bool)
+        or not isinstance(layer, int)
+        or not -depth <= layer < depth
+        or layer % depth not in full
+    ):
         raise ValueError(f"the score layer must be a full-attention block, one of {full}, got {layer!r}")
     return layer % depth
 
@@ -202,7 +207,10 @@ class QwenAnchorProcessor:
         return super()._call_hf_processor(hf_data, _without_budget(hf_kwargs))  # type: ignore[misc]
 
     def _postprocess_hf_mm_data(
-        self, mm_inputs: Mapping[str, object], hf_processor_mm_kwargs: Mapping[str, object], processed_data: BatchFeature
+        self,
+        mm_inputs: Mapping[str, object],
+        hf_processor_mm_kwargs: Mapping[str, object],
+        processed_data: BatchFeature,
     ) -> BatchFeature:
         """Adds ``anchor_tokens`` ``(num_images, 2)``: each image's kept tokens and placeholders, at the request's budget."""
         out = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)  # type: ignore[misc]
@@ -217,7 +225,7 @@ class QwenAnchorProcessor:
         self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
     ) -> Mapping[str, MultiModalFieldConfig]:
         return {
-            **super()._get_mm_fields_config(hf_inputs, _without_budget(hf_processor_mm_kwargs)),
+            **super()._get_mm_fields_config(hf_inputs, _without_budget(hf_processor_mm_kwargs)),  # type: ignore[misc]
             FIELD: MultiModalFieldConfig.batched("image"),
         }
 
@@ -361,7 +369,9 @@ class QwenAnchorModel:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             hidden = args[0] if args else kwargs["x"]
             captured.append(
-                self._received(module, hidden, kwargs["cu_seqlens"], kwargs["rotary_pos_emb_cos"], kwargs["rotary_pos_emb_sin"])
+                self._received(
+                    module, hidden, kwargs["cu_seqlens"], kwargs["rotary_pos_emb_cos"], kwargs["rotary_pos_emb_sin"]
+                )
             )
 
         handle = attention.register_forward_pre_hook(hook, with_kwargs=True)
@@ -380,7 +390,10 @@ class QwenAnchorModel:
         self, attention: Any, hidden: torch.Tensor, cu_seqlens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
         """``(L,)`` float32 received attention per patch (heads averaged) of the block's input ``hidden`` ``(L, 1, C)``."""
-        local, head_dim = int(attention.num_attention_heads_per_partition), int(attention.hidden_size_per_attention_head)
+        local, head_dim = (
+            int(attention.num_attention_heads_per_partition),
+            int(attention.hidden_size_per_attention_head),
+        )
         with torch.no_grad():
             qkv, _ = attention.qkv(hidden)  # (L, 1, 3 * H_r * E): [q | k | v] of this rank's heads
             length = qkv.shape[0]
@@ -420,12 +433,12 @@ class QwenAnchorModel:
         merge = self.serving.merge
         sizes = [t * (h // merge) * (w // merge) for t, h, w in grid]
         embeds = []
-        for tokens, score, (t, h, w), (kept, _) in zip(merged.split(sizes), scores.split(sizes), grid, rows):
+        for tokens, score, (_, _, w), (kept, _) in zip(merged.split(sizes), scores.split(sizes), grid, rows):
             if not 1 <= kept <= tokens.shape[0]:
                 raise ValueError(f"{FIELD}: an image of {tokens.shape[0]} merged tokens cannot keep {kept}")
             index = torch.argsort(score, descending=True, stable=True)[:kept].sort().values  # (T,) raster order
-            cell = index % ((h // merge) * (w // merge))  # images have t = 1
-            channels = _position_channels(cell // (w // merge), cell % (w // merge), tokens.dtype)
+            width = w // merge  # merged tokens per row; an image is one temporal step (t = 1)
+            channels = _position_channels(index // width, index % width, tokens.dtype)
             embeds.append(torch.cat([tokens[index], channels.to(tokens.device)], dim=1))  # (T, W + 4)
         check_counts(embeds, [placeholders for _, placeholders in rows])
         return embeds

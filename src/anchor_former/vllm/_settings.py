@@ -93,7 +93,10 @@ def hf_overrides(
     if family == "llava_next":
         config.pop("num_context")
         extras["anyres"] = {"layout": "selected", "num_anchors": num_anchors, "image_budget": None}
-    if family in ("qwen2_5_vl", "qwen3_vl"):  # the transformers adapter's record: no connector module, received attention
+    if family in (
+        "qwen2_5_vl",
+        "qwen3_vl",
+    ):  # the transformers adapter's record: no connector module, received attention
         if max_budget is not None:
             raise ValueError(f"max_budget is supported for family='llava' only, got {max_budget}")
         return {
