@@ -60,3 +60,39 @@ def test_tp2_equals_one_rank(tmp_path, monkeypatch) -> None:
         model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
         attach_anchor_former(model, hf_processor, connector="select", **budget)
         M.assert_same_as_hf(out, M.hf_greedy(model, hf_processor, prompt, image, 4), atol=ATOL)
+
+
+def _qwen_vision_heads(model) -> tuple[int, int]:
+    attention = model.visual.blocks[-1].attn
+    return int(attention.num_attention_heads_per_partition), int(model.visual.num_heads)
+
+
+def test_qwen2_5_vl_tp2_equals_the_hf_adapter(tmp_path, monkeypatch) -> None:
+    """Qwen2.5-VL's received-attention scores gathered over 2 ranks: the transformers adapter's tokens."""
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from anchor_former.adapters.hf.qwen_vl import attach_anchor_former as attach_qwen
+
+    processor = M.qwen_processor()
+    folder = M.save(M.qwen_model(processor), processor, tmp_path / "qwen2_5_vl")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    llm = LLM(
+        model=folder,
+        hf_overrides=afv.hf_overrides(num_anchors=4, family="qwen2_5_vl"),
+        tensor_parallel_size=2,
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=512,
+        max_num_seqs=4,
+        limit_mm_per_prompt={"image": 2},
+        seed=0,
+    )
+    assert llm.apply_model(_qwen_vision_heads) == [(2, 4), (2, 4)]  # each rank's hook sees 2 of the 4 heads
+    prompt = "<|vision_start|><|image_pad|><|vision_end|> a <|vision_start|><|image_pad|><|vision_end|> what is this ?"
+    images = [M.images(1, seed=8, size=M.QWEN_LANDSCAPE)[0], M.images(1, seed=9, size=M.QWEN_PORTRAIT)[0]]
+    params = SamplingParams(temperature=0.0, max_tokens=4, min_tokens=4, logprobs=5)
+    out = llm.generate([{"prompt": prompt, "multi_modal_data": {"image": images}}], params)[0]
+    hf_processor = AutoProcessor.from_pretrained(folder)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    attach_qwen(model, hf_processor, connector="select", num_anchors=4)
+    M.assert_same_as_hf(out, M.hf_greedy(model, hf_processor, prompt, images, 4), atol=ATOL)
