@@ -98,7 +98,7 @@ def _check_budget(name: str, value: Any) -> Budget:
 
 @dataclass(frozen=True)
 class QwenServing:
-    """What a served Qwen2.5-VL model does, resolved from its hf config.
+    """What a served Qwen2.5-VL / Qwen3-VL model does, resolved from its hf config.
 
     Attributes:
         num_anchors: the default budget: K merged tokens per image, or a fraction in (0, 1].
