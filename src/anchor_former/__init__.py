@@ -22,15 +22,17 @@ from anchor_former import adapters, checkpoint, flops, views
 from anchor_former.adapters.dispatch import attach_anchor_former, kept_tokens
 from anchor_former.attention import CrossAttention
 from anchor_former.connectors import (
+    AnchorFormer,
+    AnchorFormerConfig,
     AvgPoolConnector,
     CAbstractor,
     Connector,
     MLPConnector,
     PerceiverResampler,
     SelectConnector,
+    available_connectors,
+    build_connector,
 )
-from anchor_former.connectors.acformer import AnchorFormer, AnchorFormerConfig
-from anchor_former.connectors.registry import available_connectors, build_connector
 from anchor_former.probes import (
     AnchorExtraction,
     AttentionProbe,

@@ -23,7 +23,7 @@ wrapper, ...) are stripped before the layout is read.
 
 Each connector converts the layouts it comes from itself (:meth:`anchor_former.Connector.convert_checkpoint`;
 the reference AcFormer converter lives with :class:`~anchor_former.AnchorFormer` in
-:mod:`anchor_former.connectors.acformer`); this module reads files, tells layouts apart and loads the
+:mod:`anchor_former.connectors._acformer`); this module reads files, tells layouts apart and loads the
 converted keys with every check (:func:`load_connector_weights`).
 """
 
@@ -50,13 +50,13 @@ from anchor_former._state_keys import (
     strip_projector_prefix,
 )
 from anchor_former._validation import shape_str
-from anchor_former.connectors.acformer import (
+from anchor_former.connectors._acformer import (
     REFERENCE_NUM_ANCHORS,
     AnchorFormer,
     is_reference_acformer,
     reference_acformer_to_anchor_former,
 )
-from anchor_former.connectors.base import Connector
+from anchor_former.connectors._base import Connector
 
 __all__ = [
     "CheckpointError",

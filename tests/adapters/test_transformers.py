@@ -35,7 +35,7 @@ from anchor_former.adapters.transformers import (  # noqa: E402
     attach_anchor_former,
     register_auto_classes,
 )
-from anchor_former.connectors.acformer import AnchorFormer  # noqa: E402
+from anchor_former.connectors import AnchorFormer  # noqa: E402
 from anchor_former.search import anchor_search  # noqa: E402
 
 

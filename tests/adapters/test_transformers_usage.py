@@ -26,7 +26,7 @@ from anchor_former.adapters.transformers import (  # noqa: E402
     attach_anchor_former,
     register_auto_classes,
 )
-from anchor_former.connectors.registry import available_connectors  # noqa: E402
+from anchor_former.connectors import available_connectors  # noqa: E402
 
 
 @pytest.fixture(scope="module")

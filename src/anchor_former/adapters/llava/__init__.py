@@ -78,7 +78,7 @@ class AnchoredFeatures:
 
 
 def _llava_projector_names() -> str:
-    from anchor_former.connectors.registry import available_connectors
+    from anchor_former.connectors import available_connectors
 
     names = sorted(set(available_connectors()) | {"linear", "identity", "mlp{N}x_gelu"})
     return ", ".join(names)
@@ -108,7 +108,7 @@ def build_vision_projector(config: Any, delay_load: bool = False, **kwargs: Any)
     Raises:
         ValueError: unknown ``mm_projector_type`` (the message lists the known ones).
     """
-    from anchor_former.connectors.registry import available_connectors, build_connector
+    from anchor_former.connectors import available_connectors, build_connector
     from anchor_former.projector import build_projector
 
     projector_type = getattr(config, "mm_projector_type", "linear")
@@ -391,7 +391,7 @@ class _LlavaTorch(Host):
     def build(self, model: nn.Module, plan: Plan) -> nn.Module:
         """The new connector on the old projector's device and dtype; warm-started from the model's LLaVA
         projector (``init_projector``) unless a re-attach carries the attached connector's weights over."""
-        from anchor_former.connectors.registry import build_connector
+        from anchor_former.connectors import build_connector
 
         old_projector = plan.data["inner"].mm_projector
         config: Any = model.config
@@ -474,7 +474,7 @@ def _requested(
 ) -> tuple[str, Score, int, dict[str, Any]]:
     """``(connector, score, num_anchors, further arguments)``: the caller's, else the recorded (re-attach,
     by-hand reload; :func:`~anchor_former.adapters._host.merge_recorded`), else the defaults."""
-    from anchor_former.connectors.registry import available_connectors
+    from anchor_former.connectors import available_connectors
 
     defaults = recorded or AnchorSettings(connector="acformer", score="cls", num_anchors=144)
     connector = request.pop("connector", defaults.connector)

@@ -63,7 +63,7 @@ _ORIGINALS: dict[tuple[Any, str], Callable[..., Any]] = {}
 
 def _uses_connector(projector_type: Any) -> bool:
     """Whether ``mm_projector_type`` names one of this package's connectors (not a LLaVA projector)."""
-    from anchor_former.connectors.registry import available_connectors
+    from anchor_former.connectors import available_connectors
 
     return (
         isinstance(projector_type, str)

@@ -24,7 +24,7 @@ from einops import rearrange
 from torch import nn
 
 from anchor_former._validation import check_positive_int
-from anchor_former.connectors.base import Connector, ConnectorConfig, FactoryKwargs, grid_side
+from anchor_former.connectors._base import Connector, ConnectorConfig, FactoryKwargs, grid_side
 from anchor_former.projector import build_projector, projector_flops
 
 if TYPE_CHECKING:

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from anchor_former._validation import check_floating, check_integer, check_ndim, check_nonnegative_int, shape_str
-from anchor_former.connectors.base import Connector, ConnectorConfig
+from anchor_former.connectors._base import Connector, ConnectorConfig
 from anchor_former.projector import build_projector, projector_flops
 from anchor_former.search import AnchorSearch, cls_scores
 

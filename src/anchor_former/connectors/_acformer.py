@@ -44,8 +44,8 @@ import torch
 
 from anchor_former._state_keys import CheckpointError, Layout, StateDict, is_mlp_key, strip_projector_prefix
 from anchor_former._validation import check_floating, check_integer, check_ndim, shape_str
-from anchor_former.connectors.base import ConnectorConfig
-from anchor_former.connectors.resampler import ResamplerConnector
+from anchor_former.connectors._base import ConnectorConfig
+from anchor_former.connectors._resampler import ResamplerConnector
 from anchor_former.search import AnchorSearch, cls_scores
 
 __all__ = [

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from anchor_former._validation import check_positive_int
-from anchor_former.connectors.base import ConnectorConfig
-from anchor_former.connectors.resampler import ResamplerConnector
+from anchor_former.connectors._base import ConnectorConfig
+from anchor_former.connectors._resampler import ResamplerConnector
 
 __all__ = ["PerceiverResampler", "PerceiverResamplerConfig"]
 

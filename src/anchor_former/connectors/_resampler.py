@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from anchor_former._validation import check_positive_int
-from anchor_former.connectors.base import Connector, FactoryKwargs
+from anchor_former.connectors._base import Connector, FactoryKwargs
 from anchor_former.layers import ResamplerLayer, resampler_flops, run_layers
 from anchor_former.projector import build_projector, projector_flops
 
