@@ -21,7 +21,7 @@ Layouts understood (keys as they appear under LLaVA's ``model.mm_projector.``):
 Key prefixes up to and including ``mm_projector.`` (``model.``, ``base_model.model.model.`` of a PEFT
 wrapper, ...) are stripped before the layout is read.
 
-Each connector converts the layouts it comes from itself (:meth:`anchor_former.Connector.convert_checkpoint`;
+Each connector converts the layouts it comes from itself (:meth:`anchor_former.connectors.Connector.convert_checkpoint`;
 the reference AcFormer converter lives with :class:`~anchor_former.AnchorFormer` in
 :mod:`anchor_former.connectors._acformer`); this module reads files, tells layouts apart and loads the
 converted keys with every check (:func:`load_connector_weights`).
@@ -62,14 +62,10 @@ __all__ = [
     "CheckpointError",
     "Layout",
     "detect_layout",
-    "llava_projector_to_mlp",
-    "load_checked",
     "load_connector_weights",
     "load_state_dict",
     "REFERENCE_NUM_ANCHORS",
-    "reference_acformer_to_anchor_former",
     "save_state_dict",
-    "strip_projector_prefix",
     "to_anchor_former",
 ]
 

@@ -39,7 +39,7 @@ from transformers import (  # noqa: E402
 )
 
 from anchor_former.adapters.llava import AnchorVisionTower, LlavaConnector  # noqa: E402
-from anchor_former.adapters.llava.registration import (  # noqa: E402
+from anchor_former.adapters.llava._registration import (  # noqa: E402
     DeferredAnchorVisionTower,
     register_with_llava,
     unregister_from_llava,

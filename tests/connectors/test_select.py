@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from anchor_former import SelectConnector, anchor_search, build_connector
-from anchor_former.connectors import SelectConnectorConfig
-from anchor_former.projector import build_projector
+from anchor_former import anchor_search, build_connector
+from anchor_former._projector import build_projector
+from anchor_former.connectors import SelectConnector, SelectConnectorConfig
 
 D, LLM = 16, 24
 

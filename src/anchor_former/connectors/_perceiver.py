@@ -1,6 +1,6 @@
 """Perceiver Resampler with learned queries: AnchorFormer's layers, with queries that ignore the image.
 
-The paper's main ablation: the same aggregator (:class:`~anchor_former.layers.ResamplerLayer` stack,
+The paper's main ablation: the same aggregator (:class:`~anchor_former._layers.ResamplerLayer` stack,
 final LayerNorm, LLaVA projector) fed with ``num_queries`` learned latent vectors instead of the anchor
 tokens. State-dict keys equal :class:`~anchor_former.AnchorFormer`'s plus ``latents (K, D)``.
 """

@@ -5,7 +5,7 @@
 language model, no copy):
 
 * ``model.model.multi_modal_projector`` becomes the connector (:class:`~anchor_former.AnchorFormer`
-  by default; :class:`~anchor_former.SelectConnector` for the training-free ``connector="select"``); its
+  by default; :class:`~anchor_former.connectors.SelectConnector` for the training-free ``connector="select"``); its
   output MLP is initialised from the existing ``linear_1`` / ``linear_2`` (for ``"select"`` that IS the
   model's trained projector, so the reduced model needs no training);
 * image-feature extraction (``get_image_features``) runs the vision tower ONCE, as configured (SDPA by
@@ -59,7 +59,6 @@ __all__ = [
     "AnchorFormerLlavaConfig",
     "AnchorFormerLlavaForConditionalGeneration",
     "AnchorFormerLlavaModel",
-    "LlavaHost",
     "attach_anchor_former",
     "register_auto_classes",
 ]

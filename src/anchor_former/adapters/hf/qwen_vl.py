@@ -98,12 +98,7 @@ __all__ = [
     "AnchorFormerQwen3VLForConditionalGeneration",
     "AnchorFormerQwen3VLModel",
     "AnchorFormerQwen3VLProcessor",
-    "QwenHost",
-    "QwenVisionSelectOutput",
     "attach_anchor_former",
-    "attach_qwen_processor",
-    "kept_per_step",
-    "merged_token_scores",
     "register_auto_classes",
 ]
 
