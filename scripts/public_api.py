@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["PACKAGE_ROOT", "is_public", "module_name", "public_api", "public_modules", "read_all"]
+__all__ = ["PACKAGE_ROOT", "has_all", "is_public", "module_name", "public_api", "public_modules", "read_all"]
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "src" / "anchor_former"
 
@@ -38,17 +38,27 @@ def is_public(module: str) -> bool:
     return not any(part.startswith("_") for part in module.split("."))
 
 
-def read_all(path: Path) -> list[str]:
-    """The names of the module's ``__all__`` (a literal list or tuple of strings); ``[]`` when it has none."""
+def _all_node(path: Path) -> ast.expr | None:
+    """The value assigned to the module's top-level ``__all__``, or None."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     for node in tree.body:
         targets = (
             node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
         )
         if any(isinstance(t, ast.Name) and t.id == "__all__" for t in targets) and node.value is not None:
-            value = ast.literal_eval(node.value)
-            return [str(name) for name in value]
-    return []
+            return node.value
+    return None
+
+
+def has_all(path: Path) -> bool:
+    """Whether the module assigns ``__all__`` at its top level."""
+    return _all_node(path) is not None
+
+
+def read_all(path: Path) -> list[str]:
+    """The names of the module's ``__all__`` (a literal list or tuple of strings); ``[]`` when it has none."""
+    node = _all_node(path)
+    return [] if node is None else [str(name) for name in ast.literal_eval(node)]
 
 
 def public_modules(root: Path = PACKAGE_ROOT) -> list[tuple[str, Path]]:
