@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{module}: {', '.join(names) if names else '-'}")
     total = sum(len(names) for names in api.values())
     with_all = sum(1 for names in api.values() if names)
-    print(f"{total} public names in {with_all} modules with __all__ ({len(api)} public modules)")
+    print(f"{total} public names in {len(api)} public modules ({with_all} with a non-empty __all__)")
     return 0
 
 
