@@ -29,7 +29,7 @@ import sys
 from typing import Any
 
 from anchor_former import build_connector, flops
-from anchor_former.projector import projector_flops
+from anchor_former._projector import projector_flops
 from anchor_former.views import anyres_views, num_fixed_tokens, num_selected_tokens, view_budgets
 
 __all__ = ["LLAVA_NEXT_PINPOINTS", "analytic_anyres", "measured_anyres", "to_markdown"]

@@ -209,7 +209,7 @@ def _extract_anchors():
     try:
         from anchor_former import extract_anchors
     except ImportError:
-        from anchor_former.probes.extract import extract_anchors
+        from anchor_former.probes import extract_anchors
     return extract_anchors
 
 

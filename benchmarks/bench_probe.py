@@ -45,10 +45,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from anchor_former import AttentionProbe, anchor_search, detect_encoder, extract_anchors
-from anchor_former.probes import DEFAULT_BLOCK_SIZE
-from anchor_former.probes.probe import watch_site
-from anchor_former.probes.spec import SiteCall
+from anchor_former import AttentionProbe, anchor_search, extract_anchors
+from anchor_former.probes import DEFAULT_BLOCK_SIZE, detect_encoder
+from anchor_former.probes._probe import watch_site
+from anchor_former.probes.registry import SiteCall
 from benchmarks._common import environment, measure_interleaved, parse_device, progress
 from benchmarks.bench_search import reference_loop
 

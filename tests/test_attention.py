@@ -1,4 +1,4 @@
-"""Tests for anchor_former.attention against an explicit per-sample, per-head loop."""
+"""Tests for anchor_former._attention against an explicit per-sample, per-head loop."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from anchor_former import CrossAttention
-from anchor_former.attention import attention_probs, cross_attention
+from anchor_former._attention import CrossAttention, attention_probs, cross_attention
 
 
 @pytest.fixture(autouse=True)

@@ -25,7 +25,7 @@ from anchor_former.checkpoint import (
     strip_projector_prefix,
     to_anchor_former,
 )
-from anchor_former.connectors.acformer import AnchorFormer
+from anchor_former.connectors import AnchorFormer
 
 D, LLM, HEADS, DIM_HEAD, DEPTH, K = 16, 24, 2, 8, 2, 5
 

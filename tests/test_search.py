@@ -12,8 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from anchor_former import AnchorSearch, anchor_quotas, anchor_search, cls_scores, native_search_available
-from anchor_former.search import _resolve_method
+from anchor_former import AnchorSearch, anchor_search, native_search_available
+from anchor_former.search import _resolve_method, anchor_quotas, cls_scores
 
 METHODS = ["native", "sorted", "masked"]  # every implementation that runs on the CPU
 TRACEABLE = ["auto", "sorted", "masked"]  # what torch.compile can trace ("auto" leaves the kernel out)

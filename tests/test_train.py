@@ -39,7 +39,7 @@ from transformers import (  # noqa: E402
 )
 
 import anchor_former.train as train_module  # noqa: E402
-from anchor_former.adapters.transformers import AnchorFormerLlavaForConditionalGeneration  # noqa: E402
+from anchor_former.adapters.hf.llava import AnchorFormerLlavaForConditionalGeneration  # noqa: E402
 from anchor_former.train import connector_digest, parse_args, train  # noqa: E402
 
 IMAGE, PATCH, K = 28, 4, 8  # 7 x 7 = 49 patches; the LLM sees K + 1 = 9 image tokens

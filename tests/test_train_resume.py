@@ -83,7 +83,7 @@ def test_resume_from_a_checkpoint_that_lacks_trained_weights_raises(root) -> Non
     """The same checkpoint re-saved in transformers' default (renamed) key layout is what the Trainer's raw
     ``load_state_dict(strict=False)`` could not read: every renamed weight was skipped with a warning and the
     run went on from the initial weights. Now it stops, naming the missing weights."""
-    from anchor_former.adapters.transformers import AnchorFormerLlavaForConditionalGeneration
+    from anchor_former.adapters.hf.llava import AnchorFormerLlavaForConditionalGeneration
 
     checkpoint = root / "renamed"
     shutil.copytree(root / "stage1_full" / "checkpoint-2", checkpoint)

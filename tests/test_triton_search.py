@@ -23,7 +23,8 @@ triton = pytest.importorskip("triton", reason="triton ships with CUDA builds of 
 INTERPRETED = textwrap.dedent(
     """
     import torch
-    from anchor_former import anchor_quotas, anchor_search
+    from anchor_former import anchor_search
+    from anchor_former.search import anchor_quotas
     from anchor_former._triton_search import triton_search
 
     gen = torch.Generator().manual_seed(0)
@@ -79,7 +80,8 @@ INTERPRETED = textwrap.dedent(
 LARGE_STRIDES = textwrap.dedent(
     """
     import torch
-    from anchor_former import anchor_quotas, anchor_search
+    from anchor_former import anchor_search
+    from anchor_former.search import anchor_quotas
     from anchor_former._triton_search import triton_search
 
     n, stride_h = 64, 2**30 + 64

@@ -12,71 +12,43 @@ From a ViT layer's tokens and its [CLS] attention to one LLM token per visual an
 torch.Size([2, 145, 4096])
 
 With a Hugging Face or timm ViT, ``extract_anchors(vit, pixel_values, num_anchors=144, layer=-2)`` gives
-the features and anchors of one ordinary SDPA forward (no ``output_attentions``). Adapters for LLaVA and
-transformers' ``LlavaForConditionalGeneration`` are in ``anchor_former.adapters``; the benchmark suite
-runs with ``python -m benchmarks.run`` from a clone. Documentation: README.md and docs/ in the
-repository (``docs/api.md`` lists every public name, the same as ``__all__`` here).
+the features and anchors of one ordinary SDPA forward (no ``output_attentions``). ``attach_anchor_former(model,
+processor)`` switches a transformers LLaVA-1.5 / NeXT / OneVision / Qwen-VL model (or a llava-torch LLaVA)
+in place, ``kept_tokens`` and ``plot_anchors`` show what it keeps.
+
+The names here are the user story; the building blocks live in ``anchor_former.search``,
+``anchor_former.probes`` (``anchor_former.probes.registry``: the extension API for a new encoder family),
+``anchor_former.connectors``, ``anchor_former.checkpoint``, ``anchor_former.views``, ``anchor_former.flops``;
+each host's family modules in ``anchor_former.adapters``; training in ``anchor_former.train``,
+``anchor_former.data``, ``anchor_former.preflight``; serving in ``anchor_former.vllm``; evaluation in
+``anchor_former.eval``. Modules and names starting with ``_`` are internal. Documentation: README.md and
+docs/ in the repository (``docs/api.md`` lists every public name; a test holds it to the ``__all__`` lists).
 """
 
-from anchor_former import adapters, checkpoint, flops, views
-from anchor_former.adapters.dispatch import attach_anchor_former, kept_tokens
-from anchor_former.attention import CrossAttention
-from anchor_former.connectors import (
-    AvgPoolConnector,
-    CAbstractor,
-    Connector,
-    MLPConnector,
-    PerceiverResampler,
-    SelectConnector,
-)
-from anchor_former.connectors.acformer import AnchorFormer, AnchorFormerConfig
-from anchor_former.connectors.registry import available_connectors, build_connector
-from anchor_former.probes import (
-    AnchorExtraction,
-    AttentionProbe,
-    EncoderSpec,
-    detect_encoder,
-    extract_anchors,
-    received_attention,
-    token_norm_scores,
-)
-from anchor_former.projector import build_projector
-from anchor_former.search import AnchorSearch, anchor_quotas, anchor_search, cls_scores, native_search_available
+from anchor_former.adapters._dispatch import attach_anchor_former, kept_tokens
+from anchor_former.connectors import AnchorFormer, AnchorFormerConfig, available_connectors, build_connector
+from anchor_former.probes import AnchorExtraction, AttentionProbe, extract_anchors
+from anchor_former.search import AnchorSearch, anchor_search, native_search_available
 from anchor_former.viz import plot_anchors, save_anchor_plot
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # a transformers / llava-torch model switched to anchors, and what it keeps
     "attach_anchor_former",
     "kept_tokens",
-    "AnchorFormer",
-    "AnchorFormerConfig",
-    "AnchorSearch",
-    "AvgPoolConnector",
-    "CAbstractor",
-    "Connector",
-    "CrossAttention",
-    "MLPConnector",
-    "PerceiverResampler",
-    "SelectConnector",
-    "anchor_quotas",
-    "anchor_search",
-    "cls_scores",
-    "native_search_available",
-    "available_connectors",
-    "build_connector",
-    "build_projector",
-    "flops",
-    "adapters",
-    "checkpoint",
-    "views",
-    "AnchorExtraction",
-    "AttentionProbe",
-    "EncoderSpec",
-    "detect_encoder",
-    "extract_anchors",
-    "received_attention",
-    "token_norm_scores",
     "plot_anchors",
     "save_anchor_plot",
+    # anchors from a ViT
+    "anchor_search",
+    "AnchorSearch",
+    "native_search_available",
+    "extract_anchors",
+    "AnchorExtraction",
+    "AttentionProbe",
+    # the AcFormer connector, and any connector by name
+    "AnchorFormer",
+    "AnchorFormerConfig",
+    "build_connector",
+    "available_connectors",
 ]

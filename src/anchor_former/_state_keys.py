@@ -1,7 +1,7 @@
 """State-dict key layouts every connector shares: LLaVA's projector keys and this package's own.
 
 A leaf module (no connector imports), so each connector can hold the converters of the layouts it comes
-from (:meth:`anchor_former.Connector.convert_checkpoint`) and :mod:`anchor_former.checkpoint` can hold
+from (:meth:`anchor_former.connectors.Connector.convert_checkpoint`) and :mod:`anchor_former.checkpoint` can hold
 the file reading, without an import cycle between them. :mod:`anchor_former.checkpoint` re-exports the
 public names.
 """

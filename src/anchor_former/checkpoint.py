@@ -21,9 +21,9 @@ Layouts understood (keys as they appear under LLaVA's ``model.mm_projector.``):
 Key prefixes up to and including ``mm_projector.`` (``model.``, ``base_model.model.model.`` of a PEFT
 wrapper, ...) are stripped before the layout is read.
 
-Each connector converts the layouts it comes from itself (:meth:`anchor_former.Connector.convert_checkpoint`;
+Each connector converts the layouts it comes from itself (:meth:`anchor_former.connectors.Connector.convert_checkpoint`;
 the reference AcFormer converter lives with :class:`~anchor_former.AnchorFormer` in
-:mod:`anchor_former.connectors.acformer`); this module reads files, tells layouts apart and loads the
+:mod:`anchor_former.connectors._acformer`); this module reads files, tells layouts apart and loads the
 converted keys with every check (:func:`load_connector_weights`).
 """
 
@@ -50,26 +50,22 @@ from anchor_former._state_keys import (
     strip_projector_prefix,
 )
 from anchor_former._validation import shape_str
-from anchor_former.connectors.acformer import (
+from anchor_former.connectors._acformer import (
     REFERENCE_NUM_ANCHORS,
     AnchorFormer,
     is_reference_acformer,
     reference_acformer_to_anchor_former,
 )
-from anchor_former.connectors.base import Connector
+from anchor_former.connectors._base import Connector
 
 __all__ = [
     "CheckpointError",
     "Layout",
     "detect_layout",
-    "llava_projector_to_mlp",
-    "load_checked",
     "load_connector_weights",
     "load_state_dict",
     "REFERENCE_NUM_ANCHORS",
-    "reference_acformer_to_anchor_former",
     "save_state_dict",
-    "strip_projector_prefix",
     "to_anchor_former",
 ]
 

@@ -58,7 +58,6 @@ __all__ = [
     "ModelArguments",
     "RunPlan",
     "check_run",
-    "connector_digest",
     "load_model",
     "main",
     "parse_args",
@@ -275,7 +274,7 @@ def _classes(info: CheckpointInfo) -> tuple[Any, Any]:
         stock = {"llava": "Llava", "llava_next": "LlavaNext", "llava_onevision": "LlavaOnevision"}[name]
         return getattr(transformers, f"{stock}ForConditionalGeneration"), transformers.AutoProcessor
     if name == "llava":
-        from anchor_former.adapters.transformers import AnchorFormerLlavaForConditionalGeneration
+        from anchor_former.adapters.hf.llava import AnchorFormerLlavaForConditionalGeneration
 
         return AnchorFormerLlavaForConditionalGeneration, transformers.AutoProcessor
     if name == "llava_next":

@@ -18,7 +18,7 @@ from anchor_former._validation import check_integer, check_ndim, shape_str
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from anchor_former.probes.extract import AnchorExtraction
+    from anchor_former.probes import AnchorExtraction
 
 __all__ = ["plot_anchors", "save_anchor_plot"]
 

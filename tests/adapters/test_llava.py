@@ -41,7 +41,7 @@ from anchor_former.adapters.llava import (  # noqa: E402
     save_projector_weights,
 )
 from anchor_former.checkpoint import CheckpointError, save_state_dict  # noqa: E402
-from anchor_former.connectors.acformer import AnchorFormer  # noqa: E402
+from anchor_former.connectors import AnchorFormer  # noqa: E402
 from anchor_former.search import anchor_search  # noqa: E402
 
 

@@ -18,10 +18,11 @@ from llava.mm_utils import process_images  # noqa: E402
 from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from anchor_former import SelectConnector, anchor_search  # noqa: E402
+from anchor_former import anchor_search  # noqa: E402
 from anchor_former.adapters.llava import attach_anchor_former, load_projector_weights  # noqa: E402
-from anchor_former.adapters.llava.anyres import anyres_token_counts  # noqa: E402
-from anchor_former.adapters.llava.registration import register_with_llava, unregister_from_llava  # noqa: E402
+from anchor_former.adapters.llava._anyres import anyres_token_counts  # noqa: E402
+from anchor_former.adapters.llava._registration import register_with_llava, unregister_from_llava  # noqa: E402
+from anchor_former.connectors import SelectConnector  # noqa: E402
 
 TOL = {"atol": 1e-5, "rtol": 0}  # fp32
 # LLaVA-NeXT's five pinpoints scaled to 28-px views, as LLaVA writes them: [width, height]
@@ -105,7 +106,7 @@ def test_token_counts_over_the_size_sweep(tower_dir, merge, kwargs) -> None:
             )
             assert alone.shape[1] == ids.shape[1] - 1 + counts[i]
     if kwargs["connector"] == "acformer":  # K + 1 = 5 tokens per view, + one newline per crop row (unpad)
-        from anchor_former.adapters.llava.anyres import _views
+        from anchor_former.adapters.llava._anyres import _views
 
         rows = [_views(model.config, model.get_vision_tower().config, size).grid[0] for size in SWEEP]
         extra = rows if merge == "spatial_unpad" else [0] * len(SWEEP)

@@ -33,7 +33,7 @@ from transformers import (  # noqa: E402
     LlavaNextProcessor,
 )
 
-from anchor_former import AnchorFormer, SelectConnector, anchor_search  # noqa: E402
+from anchor_former import AnchorFormer, anchor_search  # noqa: E402
 from anchor_former.adapters.hf.llava_next import (  # noqa: E402
     AnchorFormerLlavaNextForConditionalGeneration,
     AnchorFormerLlavaNextProcessor,
@@ -41,6 +41,7 @@ from anchor_former.adapters.hf.llava_next import (  # noqa: E402
     register_auto_classes,
 )
 from anchor_former.adapters.transformers import attach_anchor_former  # noqa: E402
+from anchor_former.connectors import SelectConnector  # noqa: E402
 from anchor_former.views import anyres_views  # noqa: E402
 
 TOL = {"atol": 1e-5, "rtol": 0}  # fp32

@@ -37,7 +37,7 @@ from _hf_llava_onevision import (  # noqa: E402
 )
 from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor  # noqa: E402
 
-from anchor_former import SelectConnector, anchor_search  # noqa: E402
+from anchor_former import anchor_search  # noqa: E402
 from anchor_former.adapters.hf.llava_onevision import (  # noqa: E402
     AnchorFormerLlavaOnevisionForConditionalGeneration,
     AnchorFormerLlavaOnevisionProcessor,
@@ -46,6 +46,7 @@ from anchor_former.adapters.hf.llava_onevision import (  # noqa: E402
     video_token_count,
 )
 from anchor_former.adapters.transformers import attach_anchor_former, supported_models  # noqa: E402
+from anchor_former.connectors import SelectConnector  # noqa: E402
 from anchor_former.views import anyres_views  # noqa: E402
 
 TOL = {"atol": 1e-5, "rtol": 0}  # fp32

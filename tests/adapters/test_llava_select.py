@@ -15,13 +15,14 @@ llava = pytest.importorskip("llava")
 
 from _llava_torch import LLM_DIM, NUM_PATCHES, images, make_model, prompt, save_tiny_tower  # noqa: E402
 
-from anchor_former import SelectConnector, anchor_search  # noqa: E402
+from anchor_former import anchor_search  # noqa: E402
 from anchor_former.adapters.llava import (  # noqa: E402
     LlavaConnector,
     attach_anchor_former,
     build_vision_projector,
     load_projector_weights,
 )
+from anchor_former.connectors import SelectConnector  # noqa: E402
 
 TOL = {"atol": 1e-5, "rtol": 0}  # fp32
 

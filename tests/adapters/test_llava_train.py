@@ -39,14 +39,13 @@ from transformers import (  # noqa: E402
 )
 
 from anchor_former.adapters.llava import AnchorVisionTower, LlavaConnector  # noqa: E402
-from anchor_former.adapters.llava.registration import (  # noqa: E402
+from anchor_former.adapters.llava._registration import (  # noqa: E402
     DeferredAnchorVisionTower,
     register_with_llava,
     unregister_from_llava,
 )
 from anchor_former.adapters.llava.train import anchor_model_arguments, main  # noqa: E402
-from anchor_former.connectors.acformer import AnchorFormer  # noqa: E402
-from anchor_former.connectors.select import SelectConnector  # noqa: E402
+from anchor_former.connectors import AnchorFormer, SelectConnector  # noqa: E402
 from anchor_former.search import anchor_search  # noqa: E402
 
 IMAGE, PATCH, K, VISION_DIM, LLM_DIM = 28, 4, 8, 32, 48  # 7 x 7 = 49 patches, 4 heads

@@ -18,8 +18,8 @@ from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM  # noqa
 
 import anchor_former.adapters.llava as llava_adapter  # noqa: E402
 from anchor_former.adapters.llava import attach_anchor_former, load_projector_weights  # noqa: E402
-from anchor_former.adapters.llava.registration import register_with_llava, unregister_from_llava  # noqa: E402
-from anchor_former.connectors.registry import available_connectors  # noqa: E402
+from anchor_former.adapters.llava._registration import register_with_llava, unregister_from_llava  # noqa: E402
+from anchor_former.connectors import available_connectors  # noqa: E402
 
 
 @pytest.fixture(scope="module")

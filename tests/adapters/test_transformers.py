@@ -29,13 +29,12 @@ from _hf_llava import (  # noqa: E402
 )
 from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration, LlavaProcessor  # noqa: E402
 
-from anchor_former.adapters.transformers import (  # noqa: E402
+from anchor_former.adapters.hf.llava import (  # noqa: E402
     AnchorFormerLlavaConfig,
     AnchorFormerLlavaForConditionalGeneration,
-    attach_anchor_former,
-    register_auto_classes,
 )
-from anchor_former.connectors.acformer import AnchorFormer  # noqa: E402
+from anchor_former.adapters.transformers import attach_anchor_former, register_auto_classes  # noqa: E402
+from anchor_former.connectors import AnchorFormer  # noqa: E402
 from anchor_former.search import anchor_search  # noqa: E402
 
 

@@ -28,11 +28,10 @@ from _hf_llava import (  # noqa: E402
 )
 from transformers import LlavaForConditionalGeneration, LlavaProcessor  # noqa: E402
 
-from anchor_former import SelectConnector, anchor_search  # noqa: E402
-from anchor_former.adapters.transformers import (  # noqa: E402
-    AnchorFormerLlavaForConditionalGeneration,
-    attach_anchor_former,
-)
+from anchor_former import anchor_search  # noqa: E402
+from anchor_former.adapters.hf.llava import AnchorFormerLlavaForConditionalGeneration  # noqa: E402
+from anchor_former.adapters.transformers import attach_anchor_former  # noqa: E402
+from anchor_former.connectors import SelectConnector  # noqa: E402
 
 TOL = {"atol": 1e-5, "rtol": 0}  # fp32; the full-budget identity measured 0.0 here (bitwise equal)
 

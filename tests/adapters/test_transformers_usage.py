@@ -21,12 +21,9 @@ from _hf_llava import CONNECTOR, IMAGE, PROMPTS, VISION_DIM, K, make_model, make
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoModelForImageTextToText, LlamaConfig, LlavaForConditionalGeneration, LlavaProcessor  # noqa: E402
 
-from anchor_former.adapters.transformers import (  # noqa: E402
-    AnchorFormerLlavaForConditionalGeneration,
-    attach_anchor_former,
-    register_auto_classes,
-)
-from anchor_former.connectors.registry import available_connectors  # noqa: E402
+from anchor_former.adapters.hf.llava import AnchorFormerLlavaForConditionalGeneration  # noqa: E402
+from anchor_former.adapters.transformers import attach_anchor_former, register_auto_classes  # noqa: E402
+from anchor_former.connectors import available_connectors  # noqa: E402
 
 
 @pytest.fixture(scope="module")

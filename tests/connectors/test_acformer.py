@@ -1,4 +1,4 @@
-"""Tests for anchor_former.connectors.acformer.AnchorFormer against a naive loop written here (the authors' resampler layout)."""
+"""Tests for anchor_former.connectors._acformer.AnchorFormer against a naive loop written here (the authors' resampler layout)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from anchor_former import CAbstractor
+from anchor_former.connectors import CAbstractor
 
 
 @pytest.fixture(autouse=True)

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from anchor_former import Connector, available_connectors, build_connector
-from anchor_former.connectors import AnchorFormer
+from anchor_former import available_connectors, build_connector
+from anchor_former.connectors import AnchorFormer, Connector
 
 D, LLM = 16, 24
 TINY = {

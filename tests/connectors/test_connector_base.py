@@ -1,4 +1,4 @@
-"""Tests for the input checks every connector inherits from anchor_former.connectors.base.Connector."""
+"""Tests for the input checks every connector inherits from anchor_former.connectors._base.Connector."""
 
 from __future__ import annotations
 

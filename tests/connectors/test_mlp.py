@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from anchor_former import MLPConnector, build_projector
-from anchor_former.projector import projector_flops
+from anchor_former._projector import build_projector, projector_flops
+from anchor_former.connectors import MLPConnector
 
 
 @pytest.fixture(autouse=True)

@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from anchor_former import AnchorFormer, PerceiverResampler
-from anchor_former.layers import ResamplerLayer
+from anchor_former import AnchorFormer
+from anchor_former._layers import ResamplerLayer
+from anchor_former.connectors import PerceiverResampler
 
 SMALL = dict(num_queries=4, depth=2, heads=2, dim_head=8, ff_mult=2)
 

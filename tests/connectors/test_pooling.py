@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from anchor_former import AvgPoolConnector
+from anchor_former.connectors import AvgPoolConnector
 
 
 @pytest.fixture(autouse=True)

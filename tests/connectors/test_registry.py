@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from anchor_former import Connector, anchor_search, available_connectors, build_connector
+from anchor_former import anchor_search, available_connectors, build_connector
+from anchor_former.connectors import Connector
 
 D, LLM, SIDE = 16, 24, 6
 N = 1 + SIDE * SIDE

@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from anchor_former import SelectConnector, anchor_search, build_connector
-from anchor_former.connectors import SelectConnectorConfig
-from anchor_former.projector import build_projector
+from anchor_former import anchor_search, build_connector
+from anchor_former._projector import build_projector
+from anchor_former.connectors import SelectConnector, SelectConnectorConfig
 
 D, LLM = 16, 24
 
@@ -255,7 +255,7 @@ def test_merge_context_exclude_equals_merging_without_the_token(bad) -> None:
     keep = [i for i in range(12) if i not in (5, 9)]
     torch.testing.assert_close(got[1], merge_context(x[1:2, keep], 4)[0], rtol=0, atol=0)
     torch.testing.assert_close(got[[0, 2]], merge_context(x[[0, 2]], 4), rtol=0, atol=0)
-    from anchor_former.connectors.select import _merge  # the merge without the finiteness check
+    from anchor_former.connectors._select import _merge  # the merge without the finiteness check
 
     assert (~torch.isfinite(_merge(x[1:2], 4))).any(-1).all()  # left in: every one of the 4 tokens is non-finite
     with pytest.raises(ValueError, match=r"leaves 2 finite tokens in sample 0 .* fewer than num_context=3"):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from anchor_former.probes import DEFAULT_BLOCK_SIZE
-from anchor_former.probes.probe import watch_site
+from anchor_former.probes._probe import watch_site
 from anchor_former.probes.registry import AttentionSite, QueryKeySite, SiteCall
 
 

@@ -11,8 +11,10 @@ pytest.importorskip("vllm.entrypoints", reason="needs vLLM: scripts/test_vllm.sh
 import torch  # noqa: E402
 from transformers import CLIPVisionConfig, CLIPVisionModel  # noqa: E402
 
-from anchor_former.probes import detect_encoder  # noqa: E402
-from anchor_former.probes.scores import attention_row  # noqa: E402
+from anchor_former.probes import (
+    attention_row,  # noqa: E402
+    detect_encoder,  # noqa: E402
+)
 from anchor_former.vllm._capture import cls_rows  # noqa: E402
 from anchor_former.vllm._tp import gather_heads  # noqa: E402
 

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CONFIG_KEY", "SETTINGS_VERSION", "AnchorSettings", "normalise"]
+__all__ = ["CONFIG_KEY", "SETTINGS_VERSION", "AnchorSettings"]
 
 #: the config attribute (and ``config.json`` key) holding :meth:`AnchorSettings.to_dict`
 CONFIG_KEY = "anchor_former"

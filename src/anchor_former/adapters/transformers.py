@@ -13,9 +13,6 @@ and every module exposes the same names (``attach_anchor_former``, ``register_au
 All of them run the same attach pipeline (:mod:`anchor_former.adapters._host`) and record the same
 settings (:class:`~anchor_former.adapters.settings.AnchorSettings`, ``config.anchor_former``).
 :func:`kept_tokens` gives the token indices an attached model keeps for given inputs.
-
-The LLaVA-1.5 classes are re-exported here, so ``from anchor_former.adapters.transformers import
-AnchorFormerLlavaForConditionalGeneration`` keeps working.
 """
 
 from __future__ import annotations
@@ -27,16 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from anchor_former.adapters.hf.llava import (
-    AnchorFormerLlavaConfig,
-    AnchorFormerLlavaForConditionalGeneration,
-    AnchorFormerLlavaModel,
-)
+# registers transformers' checkpoint key-renaming rules for the attached LLaVA-1.5 classes (docs/transformers.md)
+from anchor_former.adapters.hf import llava as _llava  # noqa: F401
 
 __all__ = [
-    "AnchorFormerLlavaConfig",
-    "AnchorFormerLlavaForConditionalGeneration",
-    "AnchorFormerLlavaModel",
     "attach_anchor_former",
     "kept_tokens",
     "register_auto_classes",

@@ -8,15 +8,14 @@ it comes from (``c.convert_checkpoint(state_dict)``).
 
 from __future__ import annotations
 
-from anchor_former.connectors.acformer import AnchorFormer, AnchorFormerConfig
-from anchor_former.connectors.base import Connector, ConnectorConfig, grid_side
-from anchor_former.connectors.cabstractor import CAbstractor, CAbstractorConfig
-from anchor_former.connectors.mlp import MLPConnector, MLPConnectorConfig
-from anchor_former.connectors.perceiver import PerceiverResampler, PerceiverResamplerConfig
-from anchor_former.connectors.pooling import AvgPoolConnector, AvgPoolConnectorConfig
-from anchor_former.connectors.registry import available_connectors, build_connector
-from anchor_former.connectors.resampler import ResamplerConnector
-from anchor_former.connectors.select import SelectConnector, SelectConnectorConfig, merge_context
+from anchor_former.connectors._acformer import AnchorFormer, AnchorFormerConfig
+from anchor_former.connectors._base import Connector, ConnectorConfig
+from anchor_former.connectors._cabstractor import CAbstractor, CAbstractorConfig
+from anchor_former.connectors._mlp import MLPConnector, MLPConnectorConfig
+from anchor_former.connectors._perceiver import PerceiverResampler, PerceiverResamplerConfig
+from anchor_former.connectors._pooling import AvgPoolConnector, AvgPoolConnectorConfig
+from anchor_former.connectors._registry import available_connectors, build_connector
+from anchor_former.connectors._select import SelectConnector, SelectConnectorConfig, merge_context
 
 __all__ = [
     "AnchorFormer",
@@ -31,11 +30,9 @@ __all__ = [
     "MLPConnectorConfig",
     "PerceiverResampler",
     "PerceiverResamplerConfig",
-    "ResamplerConnector",
     "SelectConnector",
     "SelectConnectorConfig",
     "available_connectors",
     "build_connector",
-    "grid_side",
     "merge_context",
 ]

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from anchor_former.probes.spec import (
+from anchor_former.probes._spec import (
     AttentionSite,
     EncoderSpec,
     InputLayout,

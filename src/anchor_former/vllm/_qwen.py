@@ -49,7 +49,7 @@ from transformers import BatchFeature
 from vllm.config import VllmConfig
 from vllm.multimodal.inputs import MultiModalFieldConfig
 
-from anchor_former.probes.scores import DEFAULT_BLOCK_SIZE, received_attention
+from anchor_former.probes import DEFAULT_BLOCK_SIZE, received_attention
 from anchor_former.vllm._guard import check_counts
 from anchor_former.vllm._settings import BUDGET_KEYS, anchor_record, field_rows
 from anchor_former.vllm._tp import gather_heads

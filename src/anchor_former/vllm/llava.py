@@ -46,7 +46,7 @@ from anchor_former.vllm._guard import check_counts
 from anchor_former.vllm._settings import BUDGET_KEYS, anchor_record, field_rows, request_budget
 
 if TYPE_CHECKING:
-    from anchor_former.connectors.select import SelectConnector
+    from anchor_former.connectors import SelectConnector
 
 __all__ = [
     "AnchorFormerLlavaForConditionalGeneration",
@@ -143,7 +143,7 @@ def llava_serving(hf_config: Any) -> LlavaServing:
         raise ValueError(f"max_budget must lie in [num_anchors + num_context = {k + m}, {patches}], got {max_budget}")
     fixed = None
     if connector != "select":
-        from anchor_former.connectors.registry import build_connector
+        from anchor_former.connectors import build_connector
 
         probe = build_connector(
             connector,
@@ -270,7 +270,7 @@ class AnchorFormerLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         )
         self._selectors: dict[tuple[int, int, torch.dtype], SelectConnector] = {}
         if self.serving.connector != "select":
-            from anchor_former.connectors.registry import build_connector
+            from anchor_former.connectors import build_connector
 
             with self._mark_tower_model(vllm_config, "image"):
                 self.multi_modal_projector = build_connector(
@@ -286,7 +286,7 @@ class AnchorFormerLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         the meta device."""
         key = (k, m, dtype)
         if key not in self._selectors:
-            from anchor_former.connectors.select import SelectConnector
+            from anchor_former.connectors import SelectConnector
 
             vision = self.config.vision_config
             self._selectors[key] = SelectConnector(

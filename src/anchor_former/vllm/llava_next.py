@@ -136,7 +136,7 @@ def llava_next_serving(hf_config: Any) -> LlavaNextServing:
         raise ValueError(f"num_anchors must be in [1, {side * side}] (the patches of a view), got {k}")
     per_view = None
     if connector != "select":
-        from anchor_former.connectors.registry import build_connector
+        from anchor_former.connectors import build_connector
 
         built = build_connector(
             connector,
@@ -242,7 +242,7 @@ class AnchorFormerLlavaNextForConditionalGeneration(LlavaNextForConditionalGener
             LlavaNextForConditionalGeneration.hf_to_vllm_mapper, select=serving.connector == "select"
         )
         if serving.connector != "select":
-            from anchor_former.connectors.registry import build_connector
+            from anchor_former.connectors import build_connector
 
             with self._mark_tower_model(vllm_config, "image"):
                 self.multi_modal_projector = build_connector(

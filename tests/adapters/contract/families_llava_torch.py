@@ -31,7 +31,7 @@ from PIL import Image
 from transformers import CLIPImageProcessor
 
 from anchor_former.adapters.llava import _HOST, attach_anchor_former, load_projector_weights
-from anchor_former.adapters.llava.anyres import anyres_class, anyres_token_counts
+from anchor_former.adapters.llava._anyres import anyres_class, anyres_token_counts
 
 # LLaVA-NeXT's five pinpoints scaled to 28-px views, as LLaVA writes them: [width, height]
 PINPOINTS = [[28, 56], [56, 28], [56, 56], [28, 84], [84, 28]]

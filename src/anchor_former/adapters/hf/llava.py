@@ -5,7 +5,7 @@
 language model, no copy):
 
 * ``model.model.multi_modal_projector`` becomes the connector (:class:`~anchor_former.AnchorFormer`
-  by default; :class:`~anchor_former.SelectConnector` for the training-free ``connector="select"``); its
+  by default; :class:`~anchor_former.connectors.SelectConnector` for the training-free ``connector="select"``); its
   output MLP is initialised from the existing ``linear_1`` / ``linear_2`` (for ``"select"`` that IS the
   model's trained projector, so the reduced model needs no training);
 * image-feature extraction (``get_image_features``) runs the vision tower ONCE, as configured (SDPA by
@@ -53,13 +53,12 @@ from anchor_former.adapters.settings import AnchorSettings, normalise
 from anchor_former.probes import AttentionProbe, EncoderSpec, Score, detect_encoder
 
 if TYPE_CHECKING:
-    from anchor_former.connectors.base import Connector
+    from anchor_former.connectors import Connector
 
 __all__ = [
     "AnchorFormerLlavaConfig",
     "AnchorFormerLlavaForConditionalGeneration",
     "AnchorFormerLlavaModel",
-    "LlavaHost",
     "attach_anchor_former",
     "register_auto_classes",
 ]
@@ -91,7 +90,7 @@ def constructor_kwargs(connector: str, config: dict[str, Any]) -> dict[str, Any]
 def recorded_connector(config: Any, **dd: Any) -> nn.Module:
     """The connector ``config.anchor_former`` records, freshly built (``from_pretrained`` then loads its weights);
     the record is normalised to the current version on the way."""
-    from anchor_former.connectors.registry import build_connector
+    from anchor_former.connectors import build_connector
 
     settings = AnchorSettings.from_dict(normalise(config))
     return build_connector(
@@ -325,7 +324,7 @@ class LlavaHost(TransformersHost):
     # --- the pipeline steps --------------------------------------------------------------------------
 
     def plan(self, model: nn.Module, processor: Any, request: dict[str, Any], recorded: AnchorSettings | None) -> Plan:
-        from anchor_former.connectors.registry import available_connectors
+        from anchor_former.connectors import available_connectors
 
         connector = request.pop("connector", None) or (recorded.connector if recorded else self.default_connector)
         score = cast(Score, request.pop("score", None) or (recorded.score if recorded else self.default_score))
@@ -374,7 +373,7 @@ class LlavaHost(TransformersHost):
         """The connector on the old projector's device and dtype; a fresh attach starts its output MLP from the
         model's ``linear_1`` / ``linear_2`` (``init_projector``)."""
         from anchor_former.checkpoint import load_checked
-        from anchor_former.connectors.registry import build_connector
+        from anchor_former.connectors import build_connector
 
         config: Any = model.config
         inner: Any = model.model

@@ -80,8 +80,6 @@ __all__ = [
     "AnchorFormerLlavaNextForConditionalGeneration",
     "AnchorFormerLlavaNextModel",
     "AnchorFormerLlavaNextProcessor",
-    "LlavaNextHost",
-    "anyres_token_count",
     "attach_anchor_former",
     "register_auto_classes",
 ]

@@ -95,12 +95,8 @@ __all__ = [
     "AnchorFormerLlavaOnevisionForConditionalGeneration",
     "AnchorFormerLlavaOnevisionModel",
     "AnchorFormerLlavaOnevisionProcessor",
-    "LlavaOnevisionHost",
     "attach_anchor_former",
-    "image_token_count",
     "register_auto_classes",
-    "shrunk_grid",
-    "video_token_count",
 ]
 
 

@@ -14,7 +14,7 @@ ONE full-attention vision block (``score_layer``; by
 default the last full-attention block: block ``fullatt_block_indexes[-1]`` of Qwen2.5-VL, the last
 block of Qwen2-VL and Qwen3-VL, where every block attends over the whole image) recomputes that block's
 queries and keys exactly as the module does (``qkv`` linear, 2-D vision rotary embedding) and calls
-:func:`~anchor_former.probes.scores.received_attention` once per attention segment of ``cu_seqlens``
+:func:`~anchor_former.probes.received_attention` once per attention segment of ``cu_seqlens``
 (one image, or one temporal step of a video), in query blocks, never holding the N x N map. A patch's
 score is its received attention averaged over heads; a merged token's score is the SUM over its 2 x 2
 group of patches, i.e. the attention mass the four patches the merger fuses receive together (all groups
@@ -83,7 +83,7 @@ from anchor_former.adapters._host import Plan, attach
 from anchor_former.adapters._probed import hooked_forward
 from anchor_former.adapters.hf._base import TransformersHost
 from anchor_former.adapters.settings import AnchorSettings, normalise
-from anchor_former.probes.scores import DEFAULT_BLOCK_SIZE, received_attention
+from anchor_former.probes import DEFAULT_BLOCK_SIZE, received_attention
 
 __all__ = [
     "AnchorFormerQwen2VLConfig",
@@ -98,12 +98,7 @@ __all__ = [
     "AnchorFormerQwen3VLForConditionalGeneration",
     "AnchorFormerQwen3VLModel",
     "AnchorFormerQwen3VLProcessor",
-    "QwenHost",
-    "QwenVisionSelectOutput",
     "attach_anchor_former",
-    "attach_qwen_processor",
-    "kept_per_step",
-    "merged_token_scores",
     "register_auto_classes",
 ]
 
@@ -170,7 +165,7 @@ def merged_token_scores(
 
     Computes the layer's queries and keys as ``Qwen2_5_VLVisionAttention`` / ``VisionAttention`` do
     (``qkv`` linear, then the 2-D rotary embedding), then per ``cu_seqlens`` segment the column mean of the
-    attention probabilities (:func:`~anchor_former.probes.scores.received_attention`), averaged over heads,
+    attention probabilities (:func:`~anchor_former.probes.received_attention`), averaged over heads,
     summed over each run of ``merge_unit`` consecutive patches (one merged token).
 
     Args:

@@ -54,6 +54,7 @@ __all__ = [
     "recorded_settings",
     "register_with_llava",
     "save_projector_weights",
+    "unregister_from_llava",
 ]
 
 _LLAVA_PROJECTORS = re.compile(r"^(linear|identity|mlp\d+x_gelu)$")
@@ -78,7 +79,7 @@ class AnchoredFeatures:
 
 
 def _llava_projector_names() -> str:
-    from anchor_former.connectors.registry import available_connectors
+    from anchor_former.connectors import available_connectors
 
     names = sorted(set(available_connectors()) | {"linear", "identity", "mlp{N}x_gelu"})
     return ", ".join(names)
@@ -108,8 +109,8 @@ def build_vision_projector(config: Any, delay_load: bool = False, **kwargs: Any)
     Raises:
         ValueError: unknown ``mm_projector_type`` (the message lists the known ones).
     """
-    from anchor_former.connectors.registry import available_connectors, build_connector
-    from anchor_former.projector import build_projector
+    from anchor_former._projector import build_projector
+    from anchor_former.connectors import available_connectors, build_connector
 
     projector_type = getattr(config, "mm_projector_type", "linear")
     vision_dim, llm_dim = int(config.mm_hidden_size), int(config.hidden_size)
@@ -354,7 +355,7 @@ class _LlavaTorch(Host):
             tower.load_model()  # as LLaVA itself would on first use; undone if the attach fails
         new_tower = AnchorVisionTower(tower, score=score)  # raises for CLS-less + "cls", bad layer
         if anyres:
-            from anchor_former.adapters.llava.anyres import check_anyres
+            from anchor_former.adapters.llava._anyres import check_anyres
 
             stock["image_budget"] = check_anyres(
                 config,
@@ -391,7 +392,7 @@ class _LlavaTorch(Host):
     def build(self, model: nn.Module, plan: Plan) -> nn.Module:
         """The new connector on the old projector's device and dtype; warm-started from the model's LLaVA
         projector (``init_projector``) unless a re-attach carries the attached connector's weights over."""
-        from anchor_former.connectors.registry import build_connector
+        from anchor_former.connectors import build_connector
 
         old_projector = plan.data["inner"].mm_projector
         config: Any = model.config
@@ -457,7 +458,7 @@ class _LlavaTorch(Host):
         for key in _LEGACY_KEYS:  # one record: an earlier release's keys go
             config.__dict__.pop(key, None)
         if plan.data["anyres"]:
-            from anchor_former.adapters.llava.anyres import anyres_class
+            from anchor_former.adapters.llava._anyres import anyres_class
 
             model.__class__ = anyres_class(type(model))
 
@@ -474,7 +475,7 @@ def _requested(
 ) -> tuple[str, Score, int, dict[str, Any]]:
     """``(connector, score, num_anchors, further arguments)``: the caller's, else the recorded (re-attach,
     by-hand reload; :func:`~anchor_former.adapters._host.merge_recorded`), else the defaults."""
-    from anchor_former.connectors.registry import available_connectors
+    from anchor_former.connectors import available_connectors
 
     defaults = recorded or AnchorSettings(connector="acformer", score="cls", num_anchors=144)
     connector = request.pop("connector", defaults.connector)
@@ -563,7 +564,7 @@ def attach_anchor_former(
             connector's output MLP (which by default gets the same type), i.e. warm start from LLaVA-1.5.
         **kwargs: further connector arguments (``depth``, ``heads``, ``dim_head``, ``ff_mult``, ...);
             ``image_budget=B`` with ``image_aspect_ratio="anyres"`` and ``"select"``
-            (:mod:`anchor_former.adapters.llava.anyres`).
+            (:mod:`anchor_former.adapters.llava._anyres`).
 
     Re-attaching (the config records settings) follows the rule of every family: the same ``connector``
     is required, arguments not passed keep their recorded values (``image_budget`` included), and when
@@ -639,4 +640,7 @@ def save_projector_weights(target: nn.Module, path: str | os.PathLike[str]) -> N
     save_state_dict({f"model.mm_projector.connector.{k}": v for k, v in connector.state_dict().items()}, path)
 
 
-from anchor_former.adapters.llava.registration import register_with_llava  # noqa: E402  (extends the classes above)
+from anchor_former.adapters.llava._registration import (  # noqa: E402  (extends the classes above)
+    register_with_llava,
+    unregister_from_llava,
+)

@@ -6,7 +6,7 @@
         --mm_projector_type acformer [--num_anchors 144] [--anchor_score cls] \\
         [--connector_config '{"depth": 6, "heads": 8, "dim_head": 64}'] [--attn_implementation flash_attention_2]
 
-It calls :func:`~anchor_former.adapters.llava.registration.register_with_llava`, adds three fields to
+It calls :func:`~anchor_former.adapters.llava._registration.register_with_llava`, adds three fields to
 LLaVA's ``ModelArguments`` (``num_anchors``, ``anchor_score``, ``connector_config``; parsed by LLaVA's own
 ``HfArgumentParser`` with all its other flags) and runs LLaVA's unmodified training code, so
 ``deepspeed llava/train/train_mem.py ...`` becomes ``deepspeed --module anchor_former.adapters.llava.train
@@ -27,9 +27,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, is_dataclass
 from typing import Any
 
-from anchor_former.adapters.llava.registration import register_with_llava
+from anchor_former.adapters.llava._registration import register_with_llava
 
-__all__ = ["anchor_model_arguments", "main"]
+__all__ = ["main"]
 
 
 def anchor_model_arguments(base: type) -> type:

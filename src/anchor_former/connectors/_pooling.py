@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from anchor_former._projector import build_projector, projector_flops
 from anchor_former._validation import check_positive_int
-from anchor_former.connectors.base import Connector, ConnectorConfig, grid_side
-from anchor_former.projector import build_projector, projector_flops
+from anchor_former.connectors._base import Connector, ConnectorConfig, grid_side
 
 __all__ = ["AvgPoolConnector", "AvgPoolConnectorConfig"]
 

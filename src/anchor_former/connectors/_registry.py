@@ -11,14 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from anchor_former.connectors.acformer import AnchorFormer
-from anchor_former.connectors.base import Connector
-from anchor_former.connectors.cabstractor import CAbstractor
-from anchor_former.connectors.mlp import MLPConnector
-from anchor_former.connectors.perceiver import PerceiverResampler
-from anchor_former.connectors.pooling import AvgPoolConnector
-from anchor_former.connectors.select import SelectConnector
-from anchor_former.projector import _mlp_depth
+from anchor_former._projector import _mlp_depth
+from anchor_former.connectors._acformer import AnchorFormer
+from anchor_former.connectors._base import Connector
+from anchor_former.connectors._cabstractor import CAbstractor
+from anchor_former.connectors._mlp import MLPConnector
+from anchor_former.connectors._perceiver import PerceiverResampler
+from anchor_former.connectors._pooling import AvgPoolConnector
+from anchor_former.connectors._select import SelectConnector
 
 __all__ = ["available_connectors", "build_connector"]
 

@@ -1,6 +1,6 @@
 """Perceiver Resampler with learned queries: AnchorFormer's layers, with queries that ignore the image.
 
-The paper's main ablation: the same aggregator (:class:`~anchor_former.layers.ResamplerLayer` stack,
+The paper's main ablation: the same aggregator (:class:`~anchor_former._layers.ResamplerLayer` stack,
 final LayerNorm, LLaVA projector) fed with ``num_queries`` learned latent vectors instead of the anchor
 tokens. State-dict keys equal :class:`~anchor_former.AnchorFormer`'s plus ``latents (K, D)``.
 """
@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from anchor_former._validation import check_positive_int
-from anchor_former.connectors.base import ConnectorConfig
-from anchor_former.connectors.resampler import ResamplerConnector
+from anchor_former.connectors._base import ConnectorConfig
+from anchor_former.connectors._resampler import ResamplerConnector
 
 __all__ = ["PerceiverResampler", "PerceiverResamplerConfig"]
 

@@ -27,7 +27,7 @@ process (explicitly, when called; never on import):
   checkpoint, no connector weights);
 * ``LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal`` and ``encode_images``: unchanged, except
   for an attached ``image_aspect_ratio="anyres"`` model, whose images get the anchored views' tokens
-  (:func:`~anchor_former.adapters.llava.anyres.anyres_inputs`), so a saved anyres folder reloads by
+  (:func:`~anchor_former.adapters.llava._anyres.anyres_inputs`), so a saved anyres folder reloads by
   ``from_pretrained`` / ``load_pretrained_model`` with every ``mm_patch_merge_type`` and its ``image_budget``.
 
 Calling it again is a no-op; :func:`unregister_from_llava` restores LLaVA's functions.
@@ -51,7 +51,7 @@ from anchor_former.adapters.llava import (
     load_projector_weights,
     recorded_settings,
 )
-from anchor_former.adapters.llava.anyres import AnyresImageTokens, anyres_inputs, is_anchored_anyres
+from anchor_former.adapters.llava._anyres import AnyresImageTokens, anyres_inputs, is_anchored_anyres
 from anchor_former.adapters.settings import CONFIG_KEY, AnchorSettings
 from anchor_former.probes import AttentionProbe, Score, detect_encoder
 
@@ -63,7 +63,7 @@ _ORIGINALS: dict[tuple[Any, str], Callable[..., Any]] = {}
 
 def _uses_connector(projector_type: Any) -> bool:
     """Whether ``mm_projector_type`` names one of this package's connectors (not a LLaVA projector)."""
-    from anchor_former.connectors.registry import available_connectors
+    from anchor_former.connectors import available_connectors
 
     return (
         isinstance(projector_type, str)
@@ -250,7 +250,7 @@ def _prepare_inputs_labels_for_multimodal(
 
 
 def _encode_images(self, images):
-    """LLaVA's, passing :class:`~anchor_former.adapters.llava.anyres.AnyresImageTokens` through."""
+    """LLaVA's, passing :class:`~anchor_former.adapters.llava._anyres.AnyresImageTokens` through."""
     if isinstance(images, AnyresImageTokens):
         return images.tokens
     return _ORIGINALS[(_arch().LlavaMetaForCausalLM, "encode_images")](self, images)

@@ -2,7 +2,7 @@
 
 An :class:`AttentionProbe` attaches forward hooks to an unmodified vision encoder and removes them on exit:
 
-* on the selected layer's attention *site* (:mod:`anchor_former.probes.spec`): a pre-hook that opens a
+* on the selected layer's attention *site* (:mod:`anchor_former.probes._spec`): a pre-hook that opens a
   record of the call, hooks on the modules whose OUTPUTS are that attention's queries and keys
   (``q_proj`` / ``k_proj``, a fused ``qkv``, the q/k norms after them); as soon as those have run (for a
   pooling ``nn.MultiheadAttention``: when it returns its probabilities) the score is computed from those
@@ -32,9 +32,9 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from anchor_former._validation import check_positive_int
+from anchor_former.probes._scores import DEFAULT_BLOCK_SIZE, token_norm_scores
+from anchor_former.probes._spec import AttentionSite, Call, EncoderSpec, SiteCall
 from anchor_former.probes.registry import detect_encoder
-from anchor_former.probes.scores import DEFAULT_BLOCK_SIZE, token_norm_scores
-from anchor_former.probes.spec import AttentionSite, Call, EncoderSpec, SiteCall
 
 __all__ = ["AttentionProbe", "ProbeCapture", "Score", "watch_site"]
 

@@ -1,6 +1,6 @@
 """What AnchorFormer and the learned-query Perceiver share: the resampler stack and its readout.
 
-Both connectors are ``depth`` :class:`~anchor_former.layers.ResamplerLayer` s over all ViT tokens, a final
+Both connectors are ``depth`` :class:`~anchor_former._layers.ResamplerLayer` s over all ViT tokens, a final
 LayerNorm and LLaVA's projector; only where the queries come from differs (anchor tokens vs learned
 latents), which is the paper's main ablation. :class:`ResamplerConnector` builds that stack once, with the
 state-dict keys both connectors document (``layers.{i}.*``, ``norm.*``, ``projector.*``), runs it, and
@@ -14,10 +14,10 @@ from typing import TypedDict, cast
 import torch
 from torch import nn
 
+from anchor_former._layers import ResamplerLayer, resampler_flops, run_layers
+from anchor_former._projector import build_projector, projector_flops
 from anchor_former._validation import check_positive_int
-from anchor_former.connectors.base import Connector, FactoryKwargs
-from anchor_former.layers import ResamplerLayer, resampler_flops, run_layers
-from anchor_former.projector import build_projector, projector_flops
+from anchor_former.connectors._base import Connector, FactoryKwargs
 
 __all__ = ["ResamplerConnector"]
 

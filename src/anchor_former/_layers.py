@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from anchor_former.attention import CrossAttention
+from anchor_former._attention import CrossAttention
 
 __all__ = ["ResamplerLayer", "feed_forward", "resampler_flops", "run_layers"]
 
@@ -45,7 +45,7 @@ class ResamplerLayer(nn.Module):
         kv_include_queries: keys/values are ``cat(context, queries)`` (Flamingo) instead of the context.
         device, dtype: where and how the parameters are created.
 
-    Submodules: ``attn`` (:class:`~anchor_former.attention.CrossAttention`) and ``ff``
+    Submodules: ``attn`` (:class:`~anchor_former._attention.CrossAttention`) and ``ff``
     (:func:`feed_forward`).
     """
 

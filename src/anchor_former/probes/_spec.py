@@ -26,7 +26,7 @@ from typing import Any, ClassVar, cast
 import torch
 from torch import nn
 
-from anchor_former.probes.scores import attention_row, received_attention
+from anchor_former.probes._scores import attention_row, received_attention
 
 __all__ = [
     "AttentionSite",

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from anchor_former._projector import build_projector, projector_flops
 from anchor_former._validation import check_positive_int
-from anchor_former.connectors.base import Connector, ConnectorConfig, FactoryKwargs, grid_side
-from anchor_former.projector import build_projector, projector_flops
+from anchor_former.connectors._base import Connector, ConnectorConfig, FactoryKwargs, grid_side
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack is 3.11+; only mypy reads it (annotations are strings)

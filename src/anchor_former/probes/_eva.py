@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from anchor_former.probes._timm_vit import latent_pool_site, normed_query_key_site
 from anchor_former.probes.registry import (
     EncoderFamily,
     EncoderSpec,
@@ -29,7 +30,6 @@ from anchor_former.probes.registry import (
     loaded_classes,
     register_encoder_family,
 )
-from anchor_former.probes.timm_vit import latent_pool_site, normed_query_key_site
 
 __all__ = ["EvaFamily"]
 

@@ -35,9 +35,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from anchor_former._projector import build_projector, projector_flops
 from anchor_former._validation import check_floating, check_integer, check_ndim, check_nonnegative_int, shape_str
-from anchor_former.connectors.base import Connector, ConnectorConfig
-from anchor_former.projector import build_projector, projector_flops
+from anchor_former.connectors._base import Connector, ConnectorConfig
 from anchor_former.search import AnchorSearch, cls_scores
 
 __all__ = ["SelectConnector", "SelectConnectorConfig", "merge_context"]

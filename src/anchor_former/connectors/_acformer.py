@@ -6,7 +6,7 @@ The architecture of the reference (the authors' published patch to LLaVA-1.5), a
   keys/values = ALL tokens of the same features, [CLS] included; queries are not concatenated into the
   keys/values (``kv_include_queries=False``);
 * ``depth`` layers of ``q = q + Attn(LN_q(q), LN_kv(x))``, ``q = q + FF(q)``
-  (:class:`~anchor_former.layers.ResamplerLayer`), a final LayerNorm, then LLaVA's projector
+  (:class:`~anchor_former._layers.ResamplerLayer`), a final LayerNorm, then LLaVA's projector
   (``mlp2x_gelu``: ``Linear(vision_dim, llm_dim), GELU, Linear(llm_dim, llm_dim)``).
 
 What it does not copy from the reference: anchors arrive as an argument (never a module attribute set
@@ -44,8 +44,8 @@ import torch
 
 from anchor_former._state_keys import CheckpointError, Layout, StateDict, is_mlp_key, strip_projector_prefix
 from anchor_former._validation import check_floating, check_integer, check_ndim, shape_str
-from anchor_former.connectors.base import ConnectorConfig
-from anchor_former.connectors.resampler import ResamplerConnector
+from anchor_former.connectors._base import ConnectorConfig
+from anchor_former.connectors._resampler import ResamplerConnector
 from anchor_former.search import AnchorSearch, cls_scores
 
 __all__ = [
@@ -142,7 +142,7 @@ class AnchorFormer(ResamplerConnector):
         llm_dim: width of the LLM tokens (4096 for LLaMA/Vicuna-7B).
         num_anchors: K anchors the built-in search picks when ``forward`` gets ``attention``; with
             ``include_cls`` the module outputs ``K + 1`` tokens. Explicit ``anchor_idx`` may have any length.
-        depth: number of :class:`~anchor_former.layers.ResamplerLayer` s.
+        depth: number of :class:`~anchor_former._layers.ResamplerLayer` s.
         heads, dim_head: attention heads H and per-head width d (inner width ``H * d``).
         ff_mult: feed-forward hidden width is ``ff_mult * D``.
         projector: LLaVA projector name (``"mlp2x_gelu"``, ``"linear"``, ``"mlp{N}x_gelu"``, ``"identity"``).
@@ -230,7 +230,7 @@ class AnchorFormer(ResamplerConnector):
         """Also reads the reference AcFormer patch's ``mm_projector`` (layout ``"reference_acformer"``,
         :func:`reference_acformer_to_anchor_former`); warns when this connector's ``num_anchors`` differs from
         the :data:`REFERENCE_NUM_ANCHORS` its checkpoints were trained with. Otherwise as
-        :meth:`Connector.convert_checkpoint <anchor_former.Connector.convert_checkpoint>`."""
+        :meth:`Connector.convert_checkpoint <anchor_former.connectors.Connector.convert_checkpoint>`."""
         if not is_reference_acformer(state_dict):
             return super().convert_checkpoint(state_dict)
         if self.search.num_anchors != REFERENCE_NUM_ANCHORS:

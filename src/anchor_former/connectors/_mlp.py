@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from anchor_former.connectors.base import Connector, ConnectorConfig
-from anchor_former.projector import build_projector, projector_flops
+from anchor_former._projector import build_projector, projector_flops
+from anchor_former.connectors._base import Connector, ConnectorConfig
 
 __all__ = ["MLPConnector", "MLPConnectorConfig"]
 

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from anchor_former._validation import check_floating, check_ndim, shape_str
-from anchor_former.probes.probe import AttentionProbe, Score
-from anchor_former.probes.spec import EncoderSpec, InputLayout
+from anchor_former.probes._probe import AttentionProbe, Score
+from anchor_former.probes._spec import EncoderSpec, InputLayout
 from anchor_former.search import Method, anchor_search
 
 __all__ = ["AnchorExtraction", "extract_anchors"]

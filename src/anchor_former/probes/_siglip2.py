@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from anchor_former._validation import check_floating, check_ndim, shape_str
+from anchor_former.probes._siglip import pooling_head_site
 from anchor_former.probes.registry import (
     EncoderFamily,
     EncoderSpec,
@@ -32,7 +33,6 @@ from anchor_former.probes.registry import (
     modules_of_type,
     register_encoder_family,
 )
-from anchor_former.probes.siglip import pooling_head_site
 
 __all__ = ["Siglip2Family", "padding_from_attention_mask"]
 
