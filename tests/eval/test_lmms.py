@@ -203,7 +203,7 @@ def work(tmp_path_factory) -> Workspace:
 
 
 def test_the_entry_point_registers_the_models() -> None:
-    from anchor_former.eval import lmms
+    from anchor_former.eval import _lmms as lmms
 
     assert {"anchor_llava_hf", "anchor_qwen2_5_vl"} <= set(list_available_models())
     assert get_model("anchor_llava_hf") is lmms.AnchorLlavaHfChat

@@ -48,7 +48,7 @@ def _hub_layout(folder: Path) -> Path:
 
 
 def test_the_entry_point_registers_anchor_vllm() -> None:
-    from anchor_former.eval import lmms_vllm
+    from anchor_former.eval import _lmms_vllm as lmms_vllm
 
     assert get_model("anchor_vllm") is lmms_vllm.AnchorVLLMChat
     assert get_model("anchor_vllm", force_simple=True) is lmms_vllm.AnchorVLLM

@@ -19,6 +19,8 @@ from vllm import LLM, SamplingParams  # noqa: E402
 
 import anchor_former.vllm as afv  # noqa: E402
 from anchor_former.adapters.transformers import attach_anchor_former  # noqa: E402
+from anchor_former.vllm._guard import check_counts  # noqa: E402
+from anchor_former.vllm._settings import anchor_record  # noqa: E402
 
 K = 8
 STEPS = 4
@@ -129,11 +131,11 @@ def test_count_guard_raises_in_the_served_model(llm: LLM) -> None:
 
 def test_count_guard_unit() -> None:
     ok = [torch.zeros(3, 4), torch.zeros(5, 4)]
-    afv.check_counts(ok, [3, 5])
+    check_counts(ok, [3, 5])
     with pytest.raises(afv.CountMismatchError, match=r"image 1: the prompt has 4 placeholder tokens.*\(5, 4\)"):
-        afv.check_counts(ok, [3, 4])
+        check_counts(ok, [3, 4])
     with pytest.raises(afv.CountMismatchError, match="embeddings for 2 images, but the prompt has placeholders for 1"):
-        afv.check_counts(ok, [3])
+        check_counts(ok, [3])
 
 
 def test_hf_overrides() -> None:
@@ -152,7 +154,7 @@ def test_hf_overrides() -> None:
             "version": 1,
         },
     }
-    assert afv.anchor_record(SimpleNamespace(anchor_former=overrides["anchor_former"]))["connector_config"] == {
+    assert anchor_record(SimpleNamespace(anchor_former=overrides["anchor_former"]))["connector_config"] == {
         "num_anchors": 144,
         "num_context": 16,
     }

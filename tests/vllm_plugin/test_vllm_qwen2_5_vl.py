@@ -19,6 +19,7 @@ import torch  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402
 
 import anchor_former.vllm as afv  # noqa: E402
+from anchor_former.vllm._settings import anchor_record  # noqa: E402
 
 K = 5  # the engine's default budget
 STEPS = 4
@@ -171,7 +172,7 @@ def test_count_guard_raises_in_the_served_model(llm: LLM) -> None:
 def test_hf_overrides_qwen() -> None:
     overrides = afv.hf_overrides(num_anchors=64, family="qwen2_5_vl")
     assert overrides["architectures"] == ["AnchorFormerQwen2_5_VLForConditionalGeneration"]
-    record = afv.anchor_record(SimpleNamespace(anchor_former=overrides["anchor_former"]))
+    record = anchor_record(SimpleNamespace(anchor_former=overrides["anchor_former"]))
     assert (record["connector"], record["score"], record["layer"]) == ("select", "received", None)
     assert record["connector_config"] == {"num_anchors": 64}
     with pytest.raises(ValueError, match="num_context .* family='llava' only"):

@@ -2,8 +2,8 @@
 
 lmms-eval (0.7.x) finds outside models through the entry-point group ``lmms_eval.models``; this package
 registers :func:`manifests` there, so ``python -m lmms_eval --model anchor_llava_hf ...`` works once both are
-installed. The model classes live in :mod:`anchor_former.eval.lmms` (transformers backend) and
-:mod:`anchor_former.eval.lmms_vllm` (vLLM backend), imported only when lmms-eval resolves one of these names
+installed. The model classes live in the private modules ``anchor_former.eval._lmms`` (transformers backend) and
+``anchor_former.eval._lmms_vllm`` (vLLM backend), imported only when lmms-eval resolves one of these names
 (this module imports nothing heavy). See ``docs/evaluation.md``.
 """
 
@@ -15,9 +15,9 @@ __all__ = ["MODELS", "manifests"]
 
 # lmms-eval model name -> (simple class, chat class), in the modules of this package
 MODELS: dict[str, tuple[str, str]] = {
-    "anchor_llava_hf": ("anchor_former.eval.lmms.AnchorLlavaHf", "anchor_former.eval.lmms.AnchorLlavaHfChat"),
-    "anchor_qwen2_5_vl": ("anchor_former.eval.lmms.AnchorQwen2_5_VL", "anchor_former.eval.lmms.AnchorQwen2_5_VLChat"),
-    "anchor_vllm": ("anchor_former.eval.lmms_vllm.AnchorVLLM", "anchor_former.eval.lmms_vllm.AnchorVLLMChat"),
+    "anchor_llava_hf": ("anchor_former.eval._lmms.AnchorLlavaHf", "anchor_former.eval._lmms.AnchorLlavaHfChat"),
+    "anchor_qwen2_5_vl": ("anchor_former.eval._lmms.AnchorQwen2_5_VL", "anchor_former.eval._lmms.AnchorQwen2_5_VLChat"),
+    "anchor_vllm": ("anchor_former.eval._lmms_vllm.AnchorVLLM", "anchor_former.eval._lmms_vllm.AnchorVLLMChat"),
 }
 
 

@@ -13,8 +13,9 @@ enough, every vLLM process picks it up. Two ways to serve:
   connector), as it is: ``LLM(model=folder)``.
 
 A request picks its own budget with ``mm_processor_kwargs={"num_anchors": k, "num_context": m}``.
-Families: LLaVA-1.5 (:mod:`anchor_former.vllm.llava`), LLaVA-NeXT (:mod:`anchor_former.vllm.llava_next`),
-Qwen2.5-VL (:mod:`anchor_former.vllm.qwen2_5_vl`).
+Families (``family=`` of :func:`hf_overrides`, :data:`FAMILIES`): LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL; the
+model classes vLLM builds (:data:`ARCHITECTURES`) live in this package's private modules and are reached
+only through vLLM.
 Supported vLLM releases: :data:`SUPPORTED_VLLM`.
 
 Importing this package imports neither vLLM nor transformers; the family modules do.
@@ -22,17 +23,15 @@ Importing this package imports neither vLLM nor transformers; the family modules
 
 from __future__ import annotations
 
-from anchor_former.vllm._guard import CountMismatchError, check_counts
-from anchor_former.vllm._settings import FAMILIES, anchor_record, hf_overrides
-from anchor_former.vllm.plugin import ARCHITECTURES, SUPPORTED_VLLM, check_vllm_version, register
+from anchor_former.vllm._guard import CountMismatchError
+from anchor_former.vllm._plugin import ARCHITECTURES, SUPPORTED_VLLM, check_vllm_version, register
+from anchor_former.vllm._settings import FAMILIES, hf_overrides
 
 __all__ = [
     "ARCHITECTURES",
     "FAMILIES",
     "SUPPORTED_VLLM",
     "CountMismatchError",
-    "anchor_record",
-    "check_counts",
     "check_vllm_version",
     "hf_overrides",
     "register",

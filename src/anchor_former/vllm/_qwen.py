@@ -1,5 +1,5 @@
 """What the Qwen-VL families share on vLLM: K merged visual tokens per image, kept at their original M-RoPE
-positions (the families: :mod:`anchor_former.vllm.qwen2_5_vl`, :mod:`anchor_former.vllm.qwen3_vl`).
+positions (the families: :mod:`anchor_former.vllm._qwen2_5_vl`, :mod:`anchor_former.vllm._qwen3_vl`).
 
 The same reduction as the transformers adapter (:func:`anchor_former.adapters.hf.qwen_vl.attach_anchor_former`
 with ``connector="select"``), so both give the same tokens:

@@ -23,7 +23,7 @@ e.g. a trained AcFormer) is evaluated as saved: give ``pretrained`` only.
 
 The entry point (group ``lmms_eval.models``) is :func:`anchor_former.eval.manifests`; this module, with its
 lmms-eval and transformers imports, is loaded only when one of these models is asked for. The vLLM
-backend (``anchor_vllm``) is :mod:`anchor_former.eval.lmms_vllm`.
+backend (``anchor_vllm``) is :mod:`anchor_former.eval._lmms_vllm`.
 """
 
 from __future__ import annotations

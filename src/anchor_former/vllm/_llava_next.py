@@ -51,8 +51,8 @@ from anchor_former.views import (
 )
 from anchor_former.vllm._capture import run_with_cls_rows
 from anchor_former.vllm._guard import check_counts
+from anchor_former.vllm._llava import FIELD, _constructor_kwargs, _without_budget, field_rows, saved_weights_mapper
 from anchor_former.vllm._settings import anchor_record, request_budget
-from anchor_former.vllm.llava import FIELD, _constructor_kwargs, _without_budget, field_rows, saved_weights_mapper
 
 __all__ = [
     "AnchorFormerLlavaNextForConditionalGeneration",

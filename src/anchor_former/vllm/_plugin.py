@@ -18,10 +18,10 @@ SUPPORTED_VLLM = (">=0.32.0", "<0.33")
 
 #: architecture name -> the class vLLM builds for it (``module:Class``)
 ARCHITECTURES = {
-    "AnchorFormerLlavaForConditionalGeneration": "anchor_former.vllm.llava:AnchorFormerLlavaForConditionalGeneration",
-    "AnchorFormerLlavaNextForConditionalGeneration": "anchor_former.vllm.llava_next:AnchorFormerLlavaNextForConditionalGeneration",
-    "AnchorFormerQwen2_5_VLForConditionalGeneration": "anchor_former.vllm.qwen2_5_vl:AnchorFormerQwen2_5_VLForConditionalGeneration",
-    "AnchorFormerQwen3VLForConditionalGeneration": "anchor_former.vllm.qwen3_vl:AnchorFormerQwen3VLForConditionalGeneration",
+    "AnchorFormerLlavaForConditionalGeneration": "anchor_former.vllm._llava:AnchorFormerLlavaForConditionalGeneration",
+    "AnchorFormerLlavaNextForConditionalGeneration": "anchor_former.vllm._llava_next:AnchorFormerLlavaNextForConditionalGeneration",
+    "AnchorFormerQwen2_5_VLForConditionalGeneration": "anchor_former.vllm._qwen2_5_vl:AnchorFormerQwen2_5_VLForConditionalGeneration",
+    "AnchorFormerQwen3VLForConditionalGeneration": "anchor_former.vllm._qwen3_vl:AnchorFormerQwen3VLForConditionalGeneration",
 }
 
 
