@@ -9,7 +9,7 @@
   a per-image field (``anchor_tokens``), which is also what vLLM's processor cache keys on.
 * **Embeddings** (model side): the vision tower (built up to ``vision_feature_layer``) runs once over
   the batch; a hook on its last layer's fused ``qkv_proj`` gives that layer's [CLS] attention rows
-  (gathered over tensor-parallel ranks); :class:`~anchor_former.SelectConnector` picks the anchor
+  (gathered over tensor-parallel ranks); :class:`~anchor_former.connectors.SelectConnector` picks the anchor
   patches (and merges the context tokens) and the checkpoint's own projector maps them. A trained
   connector saved by ``attach_anchor_former`` runs as saved instead. Each image's embeddings are checked
   against its placeholder count (:mod:`anchor_former.vllm._guard`).
@@ -281,7 +281,7 @@ class AnchorFormerLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 )
 
     def _selector(self, k: int, m: int, dtype: torch.dtype) -> SelectConnector:
-        """The package's :class:`~anchor_former.SelectConnector` for budget (K, M) and the features' dtype; its
+        """The package's :class:`~anchor_former.connectors.SelectConnector` for budget (K, M) and the features' dtype; its
         projector is never used (the checkpoint's own projector maps the selected features), so it lives on
         the meta device."""
         key = (k, m, dtype)
