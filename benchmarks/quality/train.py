@@ -238,7 +238,7 @@ def train_acformer(
     llava: torch.nn.Module, budget: int, recipe: type[Recipe] = Recipe, log: list | None = None
 ) -> torch.nn.Module:
     """Phase 3: the AcFormer connector of ``budget`` tokens ([CLS] + ``budget - 1`` anchors) for ``llava``."""
-    from anchor_former.adapters.transformers import attach_anchor_former
+    from anchor_former import attach_anchor_former
 
     model = copy.deepcopy(llava)
     torch.manual_seed(recipe.seed + 3 + budget)
