@@ -129,7 +129,7 @@ def select_model(
     model: torch.nn.Module, *, num_anchors: int, num_context: int = 0, score: str = "cls"
 ) -> torch.nn.Module:
     """A copy of ``model`` switched to the package's ``select`` connector."""
-    from anchor_former.adapters.transformers import attach_anchor_former
+    from anchor_former import attach_anchor_former
 
     reduced = copy.deepcopy(model)
     return attach_anchor_former(
@@ -139,7 +139,7 @@ def select_model(
 
 def acformer_model(model: torch.nn.Module, state: dict[str, torch.Tensor], budget: int) -> torch.nn.Module:
     """A copy of ``model`` with the trained AcFormer connector of ``budget`` tokens."""
-    from anchor_former.adapters.transformers import attach_anchor_former
+    from anchor_former import attach_anchor_former
 
     reduced = copy.deepcopy(model)
     attach_anchor_former(reduced, None, connector="acformer", num_anchors=budget - 1, score="cls", **ACFORMER_KWARGS)

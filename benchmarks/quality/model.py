@@ -65,12 +65,12 @@ def build_tower(seed: int) -> CLIPVisionModel:
     return tower
 
 
-def llava_config() -> LlavaConfig:
+def llava_config(layers: int = 3) -> LlavaConfig:
     text = LlamaConfig(
         vocab_size=len(VOCAB),
         hidden_size=128,
         intermediate_size=256,
-        num_hidden_layers=3,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=256,
@@ -90,10 +90,10 @@ def llava_config() -> LlavaConfig:
     )
 
 
-def build_llava(tower: CLIPVisionModel, seed: int) -> LlavaForConditionalGeneration:
-    """A fresh LLaVA from ``seed`` around a copy of ``tower``'s weights (frozen)."""
+def build_llava(tower: CLIPVisionModel, seed: int, *, layers: int = 3) -> LlavaForConditionalGeneration:
+    """A fresh LLaVA from ``seed`` around a copy of ``tower``'s weights (frozen), a ``layers``-layer Llama."""
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(llava_config())
+    model = LlavaForConditionalGeneration(llava_config(layers))
     model.model.vision_tower.load_state_dict(tower.state_dict())
     model.model.vision_tower.requires_grad_(False)
     return model

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from anchor_former.search import anchor_search
+from anchor_former import anchor_search
 
 __all__ = [
     "PEER_RULES",

@@ -95,9 +95,11 @@ class Scene:
     noise_seed: int
 
 
-def sample_scene(rng: np.random.Generator) -> Scene:
-    """3-8 coloured objects and 4-12 grey clutter shapes in distinct cells."""
-    n_obj, n_clutter = int(rng.integers(3, 9)), int(rng.integers(4, 13))
+def sample_scene(rng: np.random.Generator, *, max_objects: int = 8) -> Scene:
+    """3 to ``max_objects`` (at most 8) coloured objects and 4-12 grey clutter shapes in distinct cells."""
+    if not 3 <= max_objects <= 8:
+        raise ValueError(f"max_objects must be in [3, 8], got {max_objects}")
+    n_obj, n_clutter = int(rng.integers(3, max_objects + 1)), int(rng.integers(4, 13))
     cells = rng.permutation(GRID * GRID)[: n_obj + n_clutter]
     background = float(rng.uniform(0.35, 0.65))
     clutter = []
@@ -178,16 +180,24 @@ def _question(scene: Scene, kind: str, rng: np.random.Generator) -> tuple[list[s
     raise ValueError(f"kind must be one of {QUESTION_TYPES}, got {kind!r}")
 
 
-def sample_questions(scene: Scene, rng: np.random.Generator, count: int) -> list[tuple[str, list[str], str]]:
-    """``count`` questions ``(type, words, answer)`` about ``scene``, types uniform among those it has,
-    no question twice while new ones can be found (a repeat could be answered from the context)."""
+def sample_questions(
+    scene: Scene, rng: np.random.Generator, count: int, *, weights: tuple[float, ...] | None = None
+) -> list[tuple[str, list[str], str]]:
+    """``count`` questions ``(type, words, answer)`` about ``scene``, types drawn uniformly (or with
+    probabilities ``weights``, one per :data:`QUESTION_TYPES`) among those it has, no question twice while
+    new ones can be found (a repeat could be answered from the context)."""
+    if weights is not None and (len(weights) != len(QUESTION_TYPES) or min(weights) < 0 or sum(weights) <= 0):
+        raise ValueError(f"weights must be {len(QUESTION_TYPES)} non-negative numbers, not all 0, got {weights}")
+    p = None if weights is None else np.asarray(weights, dtype=np.float64) / sum(weights)
     out: list[tuple[str, list[str], str]] = []
     seen: set[tuple[str, ...]] = set()
     attempts = 0
     while len(out) < count:
-        kind = QUESTION_TYPES[int(rng.integers(len(QUESTION_TYPES)))]
+        kind = QUESTION_TYPES[int(rng.integers(len(QUESTION_TYPES))) if p is None else int(rng.choice(len(p), p=p))]
         qa = _question(scene, kind, rng)
         attempts += 1
+        if not out and attempts > 1000:
+            raise ValueError(f"weights must allow a question this scene has, got {weights}")
         if qa is not None and (tuple(qa[0]) not in seen or attempts > 20 * count):
             seen.add(tuple(qa[0]))
             out.append((kind, *qa))
@@ -225,20 +235,28 @@ class Batch:
 MEAN, STD = 0.5, 0.25
 
 
-def make_batch(rng: np.random.Generator, batch_size: int, *, questions: int = 1) -> Batch:
-    """``batch_size`` scenes, each with ``questions`` question-answer pairs one after another."""
+def make_batch(
+    rng: np.random.Generator,
+    batch_size: int,
+    *,
+    questions: int = 1,
+    weights: tuple[float, ...] | None = None,
+    max_objects: int = 8,
+) -> Batch:
+    """``batch_size`` scenes (3 to ``max_objects`` objects), each with ``questions`` question-answer pairs
+    one after another, types drawn with ``weights`` (see :func:`sample_questions`; default uniform)."""
     images, rows, kinds, answers = [], [], [], []
     colour = torch.zeros(batch_size, GRID * GRID, dtype=torch.long)
     shape = torch.zeros_like(colour)
     cls_targets = torch.zeros(batch_size, len(COLOURS) * len(SHAPES))
     for b in range(batch_size):
-        scene = sample_scene(rng)
+        scene = sample_scene(rng, max_objects=max_objects)
         images.append(render(scene))
         for (r, c), k, s in zip(scene.cells, scene.colours, scene.shapes):
             colour[b, r * GRID + c], shape[b, r * GRID + c] = k + 1, s + 1
             cls_targets[b, k * len(SHAPES) + s] = 1.0
         ids, labels, ks, ans = [], [], [], []
-        for kind, words, answer in sample_questions(scene, rng, questions):
+        for kind, words, answer in sample_questions(scene, rng, questions, weights=weights):
             ids += encode(words)
             labels += [-100] * (len(words) - 1) + [_ID[answer]]
             ids.append(_ID[answer])
