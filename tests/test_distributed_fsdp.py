@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,11 @@ def fsdp_worker(rank: int, port: int, out: str) -> None:
             Path(out).write_text(f"{accelerate_state} {len(layers)} {sorted(sharded) == sorted(plain)} {worst} {moved}")
     finally:
         dist.destroy_process_group()
+    # a finished worker skips the interpreter's finalization, where gloo's threads can abort it (SIGABRT); an
+    # exception above never gets here and reaches mp.spawn with its traceback
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def test_cpu_fsdp_accelerate_drops_it_torch_fsdp2_ends_with_the_ddp_connector(tmp_path) -> None:
