@@ -333,3 +333,75 @@ def qwen_model(processor, family: str = "qwen2_5_vl"):
                 if proj.bias is not None:
                     proj.bias *= 8.0
     return model
+
+
+# --- LLaVA-OneVision ----------------------------------------------------------------------------------------
+# SigLIP views of 28 px (7 x 7 patches, no [CLS]); pinpoints up to 4 x 4 crops, so that a 112 x 112 image's
+# 28 x 28 patch grid exceeds "anyres_max_9" (r = sqrt(784 / (9 * 49)) = 1.33 > 1.1) and is shrunk to 21 x 21
+OV_PINPOINTS = [[28, 56], [56, 28], [56, 56], [28, 84], [84, 28], [84, 84], [84, 112], [112, 84], [112, 112]]
+
+
+def llava_onevision_processor():
+    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+
+    images = LlavaOnevisionImageProcessor(size={"height": IMAGE, "width": IMAGE}, image_grid_pinpoints=OV_PINPOINTS)
+    videos = LlavaOnevisionVideoProcessor(size={"height": IMAGE, "width": IMAGE})
+    return LlavaOnevisionProcessor(
+        image_processor=images,
+        tokenizer=make_tokenizer(["<image>", "<video>"]),
+        video_processor=videos,
+        num_image_tokens=NUM_PATCHES,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def llava_onevision_model(processor):
+    """A random LLaVA-OneVision (SigLIP without head, Qwen2 with 2 heads of 32) with peaked vision attention."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    torch.manual_seed(0)
+    vision = SiglipVisionConfig(
+        hidden_size=VISION_DIM,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=IMAGE,
+        patch_size=PATCH,
+        vision_use_head=False,
+    )
+    text = Qwen2Config(
+        vocab_size=len(processor.tokenizer),
+        hidden_size=LLM_DIM,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=processor.image_token_id,
+        video_token_index=processor.video_token_id,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_grid_pinpoints=OV_PINPOINTS,
+        vision_aspect_ratio="anyres_max_9",
+    )
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.mul_(4.0)
+        model.model.image_newline.normal_()
+    return model

@@ -88,7 +88,7 @@ from anchor_former.adapters.hf.llava_next import budgets_of as _budgets
 from anchor_former.adapters.settings import AnchorSettings
 from anchor_former.probes import EncoderSpec, Score
 from anchor_former.search import anchor_search
-from anchor_former.views import AnyresViews, arrange_fixed, select_view_tokens
+from anchor_former.views import AnyresViews, arrange_fixed, num_selected_tokens, select_view_tokens
 
 __all__ = [
     "AnchorFormerLlavaOnevisionConfig",
@@ -141,11 +141,46 @@ def image_token_count(
             return _base_budget(tokens, views) + 1
         return int(tokens["tokens_per_view"]) + 1
     if tokens["layout"] == "selected":
-        shrunk = shrunk_grid(views, vision_aspect_ratio)
-        if shrunk is not None:
-            budgets = _budgets(tokens, views)
-            return budgets[0] + _high_budget(budgets, views, shrunk[0] * shrunk[1]) + shrunk[0]
+        return selected_token_count(views, _budgets(tokens, views), vision_aspect_ratio=vision_aspect_ratio)
     return anyres_token_count(tokens, views)
+
+
+def selected_token_count(views: AnyresViews, budgets: tuple[int, ...], *, vision_aspect_ratio: str) -> int:
+    """LLM tokens of one image alone in its sample under ``"select"`` with view budgets ``budgets``
+    (:func:`select_image_tokens` gives exactly these)."""
+    shrunk = shrunk_grid(views, vision_aspect_ratio)
+    if shrunk is None:
+        return num_selected_tokens(views, budgets)
+    return budgets[0] + _high_budget(budgets, views, shrunk[0] * shrunk[1]) + shrunk[0]
+
+
+def select_image_tokens(
+    views: AnyresViews,
+    budgets: tuple[int, ...],
+    features: torch.Tensor,
+    scores: torch.Tensor,
+    *,
+    vision_aspect_ratio: str,
+    prefix: int,
+    projector: nn.Module,
+    newline: torch.Tensor,
+) -> torch.Tensor:
+    """One image alone in its sample under ``"select"``: ``(selected_token_count(...), llm_dim)`` tokens.
+
+    Args:
+        views: the image's views; ``budgets``: ``k_v`` per view.
+        features: ``(V, N, D)`` the views' tokens of ``vision_feature_layer`` (``prefix`` leading non-patch tokens).
+        scores: ``(V, H, N)`` attention scores or ``(V, N)`` per-token scores of the same layer.
+        vision_aspect_ratio: ``"anyres_max_N"``: the grid is shrunk as the stock model shrinks it
+            (:func:`shrunk_grid`), else laid out as LLaVA-NeXT's (:func:`~anchor_former.views.select_view_tokens`).
+        projector: the checkpoint's projector; ``newline``: ``(llm_dim,)`` ``image_newline``.
+    """
+    shrunk = shrunk_grid(views, vision_aspect_ratio)
+    if shrunk is None:
+        return select_view_tokens(
+            views, budgets, features, scores, num_prefix_tokens=prefix, projector=projector, newline=newline
+        )
+    return _select_shrunk(views, budgets, features, scores, shrunk, prefix=prefix, projector=projector, newline=newline)
 
 
 def video_token_count(video: dict[str, Any], num_frames: int) -> int:
@@ -280,26 +315,18 @@ class AnchorFormerLlavaOnevisionModel(LlavaOnevisionModel):
                 kept = _search(_grid_scores(sc, prefix), _base_budget(tokens, image_views))[0]  # (k_0,)
                 images.append(torch.cat([connector.projector(f[0, prefix + kept]), newline[None].to(f.dtype)]))
                 continue
-            budgets = _budgets(tokens, image_views)
-            shrunk = shrunk_grid(image_views, aspect)
-            if shrunk is None:
-                images.append(select_view_tokens(
-                    image_views, budgets, f, sc, num_prefix_tokens=prefix, projector=connector.projector,
+            images.append(
+                select_image_tokens(
+                    image_views,
+                    _budgets(tokens, image_views),
+                    f,
+                    sc,
+                    vision_aspect_ratio=aspect,
+                    prefix=prefix,
+                    projector=connector.projector,
                     newline=newline,
-                ))  # fmt: skip
-            else:
-                images.append(
-                    _select_shrunk(
-                        image_views,
-                        budgets,
-                        f,
-                        sc,
-                        shrunk,
-                        prefix=prefix,
-                        projector=connector.projector,
-                        newline=newline,
-                    )
                 )
+            )
         output.pooler_output = images
         return output
 
