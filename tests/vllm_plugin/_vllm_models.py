@@ -405,3 +405,19 @@ def llava_onevision_model(processor):
                 p.mul_(4.0)
         model.model.image_newline.normal_()
     return model
+
+
+def save_llava_hf_layout(model, processor, folder) -> str:
+    """Save as the llava-hf OneVision checkpoints are laid out (``vision_tower.vision_model.*``), which stock vLLM
+    loads; transformers 5 writes ``vision_tower.*`` (the plugin reads both)."""
+    from safetensors.torch import load_file, save_file
+
+    M_path = save(model, processor, folder)
+    path = f"{M_path}/model.safetensors"
+    weights = load_file(path)
+    renamed = {
+        ("vision_tower.vision_model." + k.removeprefix("vision_tower.") if k.startswith("vision_tower.") else k): v
+        for k, v in weights.items()
+    }
+    save_file(renamed, path, metadata={"format": "pt"})
+    return M_path
