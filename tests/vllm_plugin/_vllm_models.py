@@ -133,12 +133,15 @@ def save(model, processor, folder) -> str:
     return str(folder)
 
 
-def hf_greedy(model, processor, prompt: str, image, max_tokens: int) -> tuple[list[int], list[int], list[torch.Tensor]]:
+def hf_greedy(
+    model, processor, prompt: str, image, max_tokens: int, *, video=None
+) -> tuple[list[int], list[int], list[torch.Tensor]]:
     """transformers' greedy decode: ``(prompt ids, generated ids, per step (V,) float32 log-probs)``.
 
     The log-probs are those of the raw logits, as vLLM reports them (``min_new_tokens`` suppresses the end
-    token in the processed scores, not in the logits)."""
-    inputs = processor(text=prompt, images=image, return_tensors="pt")
+    token in the processed scores, not in the logits). ``video``: ``(F, H, W, 3)`` frames instead of ``image``."""
+    media = {"images": image} if video is None else {"videos": [video]}
+    inputs = processor(text=prompt, **media, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(
             **inputs,

@@ -1,7 +1,7 @@
-"""LLaVA-OneVision served by vLLM with anchors per view: at every patch the stock vLLM model's prompt, tokens
-and log-probs; below, the transformers adapter's (``attach_anchor_former(connector="select")``), on images that
-unpad rows, unpad columns, and whose high-resolution grid the model shrinks (``anyres_max_9``); a folder saved
-by the adapter served as is; the count guard.
+"""LLaVA-OneVision served by vLLM with anchors per view and per video frame: at every patch the stock vLLM
+model's prompt, tokens and log-probs; below, the transformers adapter's (``attach_anchor_former(connector=
+"select")``), on images that unpad rows, unpad columns, and whose high-resolution grid the model shrinks
+(``anyres_max_9``), and on a video; a folder saved by the adapter served as is; the count guard.
 
 Three engines, one at a time: stock vLLM, the stock checkpoint through ``hf_overrides``, the saved folder.
 """
@@ -28,6 +28,7 @@ STEPS = 4
 # 0 vs stock vLLM (the same kernels)
 ATOL = 2e-5
 PROMPT = M.PROMPTS[0]
+VIDEO_PROMPT = "USER: <video> what is in the picture ? ASSISTANT:"
 # (height, width): rows unpadded (wide), columns unpadded (tall), a 4 x 4 crop grid shrunk from 28 x 28 to 21 x 21
 SIZES = [(30, 90), (90, 30), (112, 112)]
 ENGINE = dict(
@@ -35,7 +36,7 @@ ENGINE = dict(
     enforce_eager=True,
     max_model_len=1024,
     max_num_seqs=4,
-    limit_mm_per_prompt={"image": 1, "video": 0},
+    limit_mm_per_prompt={"image": 1, "video": 1},
     seed=0,
 )
 
@@ -48,7 +49,11 @@ def folder(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def images() -> list:
-    return [M.images(1, seed=20 + i, size=size)[0] for i, size in enumerate(SIZES)]
+    """Each request's ``multi_modal_data``: the three images, then a video of 3 frames (40 x 50 pixels)."""
+    import numpy as np
+
+    frames = np.random.default_rng(30).integers(0, 256, (3, 40, 50, 3), dtype=np.uint8)
+    return [{"image": M.images(1, seed=20 + i, size=size)[0]} for i, size in enumerate(SIZES)] + [{"video": frames}]
 
 
 def _params() -> SamplingParams:
@@ -57,7 +62,16 @@ def _params() -> SamplingParams:
 
 def _requests(images: list, **budget) -> list[dict]:
     extra = {"mm_processor_kwargs": budget} if budget else {}
-    return [{"prompt": PROMPT, "multi_modal_data": {"image": image}, **extra} for image in images]
+    return [
+        {"prompt": VIDEO_PROMPT if "video" in data else PROMPT, "multi_modal_data": data, **extra} for data in images
+    ]
+
+
+def _greedy(model, processor, data: dict):
+    """transformers' reference for one request's ``multi_modal_data``."""
+    if "video" in data:
+        return M.hf_greedy(model, processor, VIDEO_PROMPT, None, STEPS, video=data["video"])
+    return M.hf_greedy(model, processor, PROMPT, data["image"], STEPS)
 
 
 def _run_once(requests: list[dict], **engine) -> list:
@@ -90,7 +104,7 @@ def _hf(folder: str, images: list, **attach) -> list:
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
     if attach:
         attach_anchor_former(model, processor, connector="select", **attach)
-    return [M.hf_greedy(model, processor, PROMPT, image, STEPS) for image in images]
+    return [_greedy(model, processor, data) for data in images]
 
 
 def _same(out, reference, *, atol: float) -> float:
@@ -122,7 +136,8 @@ def test_grid_shapes_are_the_intended_ones() -> None:
 
 
 def test_every_patch_is_stock_vllm(llm: LLM, stock: list, images: list) -> None:
-    """K = every patch of a view: stock vLLM's prompt (placeholder counts), greedy tokens and log-probs."""
+    """K = every patch of a view (and so every pooled token of a frame): stock vLLM's prompt (placeholder
+    counts), greedy tokens and log-probs."""
     outs = llm.generate(_requests(images, num_anchors=M.NUM_PATCHES), _params())
     for out, reference in zip(outs, stock):
         _same(out, reference, atol=ATOL)
@@ -169,7 +184,7 @@ def test_saved_folder_is_served_as_saved(llm: LLM, folder: str, images: list, tm
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
     attach_anchor_former(model, processor, connector="select", num_anchors=3)
     saved = M.save(model, processor, tmp_path / "saved")
-    references = [M.hf_greedy(model, processor, PROMPT, image, STEPS) for image in images]
+    references = [_greedy(model, processor, data) for data in images]
     outs = _run_once(_requests(images), model=saved)
     for out, reference in zip(outs, references):
         M.assert_same_as_hf(out, reference, atol=ATOL)

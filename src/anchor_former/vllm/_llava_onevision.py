@@ -13,12 +13,19 @@ so the placeholder count of an ``(H, W)`` image and the model's output agree wit
   the high-resolution anchors are chosen among the cells of the shrunk grid;
 * kept patches in the stock layout, one ``image_newline`` per kept row of the high-resolution grid.
 
-K = every patch is the stock model. Videos are served as by the stock model (every frame's 2 x 2-pooled
-tokens). Only the training-free ``"select"`` connector is served; a trained connector's folder is refused.
+**Videos**: the stock model projects every frame's patches, pools them 2 x 2 (bilinear) and appends one
+``image_newline`` per video; the plugin keeps ``T`` anchors per frame among the pooled tokens, ranked by the
+frame's received attention pooled the same way (the adapter's ``frame_anchors``; ``T = min(K, pooled
+tokens)`` unless the folder saved its own), so a video of F frames has ``F * T + 1`` tokens. A request's
+``num_anchors`` sets ``T = min(num_anchors, pooled tokens)`` for its videos too.
+
+K = every patch (and T = every pooled token) is the stock model. Only the training-free ``"select"``
+connector is served; a trained connector's folder is refused.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +35,7 @@ from anchor_former._optional import require
 require("vllm", extra="vllm", feature="anchor_former.vllm (the vLLM plugin's model classes)")
 
 import torch
+from transformers import BatchFeature
 from vllm.config import VllmConfig
 from vllm.model_executor.models.llava_onevision import (
     LlavaOnevisionDummyInputsBuilder,
@@ -37,8 +45,13 @@ from vllm.model_executor.models.llava_onevision import (
 )
 from vllm.model_executor.models.utils import AutoWeightsLoader
 from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig
 
-from anchor_former.adapters.hf.llava_onevision import select_image_tokens, selected_token_count
+from anchor_former.adapters.hf.llava_onevision import (
+    select_image_tokens,
+    select_pooled_tokens,
+    selected_token_count,
+)
 from anchor_former.views import AnyresViews
 from anchor_former.vllm._capture import run_with_scores
 from anchor_former.vllm._guard import check_counts
@@ -47,6 +60,7 @@ from anchor_former.vllm._llava_next import AnyresInfoMixin, AnyresProcessorMixin
 from anchor_former.vllm._settings import anchor_record
 
 __all__ = [
+    "VIDEO_FIELD",
     "AnchorFormerLlavaOnevisionForConditionalGeneration",
     "AnchorFormerLlavaOnevisionMultiModalProcessor",
     "AnchorFormerLlavaOnevisionProcessingInfo",
@@ -55,15 +69,33 @@ __all__ = [
 ]
 
 
+#: the per-video field the processor hands to the model: (tokens per frame, placeholder tokens)
+VIDEO_FIELD = "anchor_video_tokens"
+
+
 @dataclass(frozen=True)
 class LlavaOnevisionServing(LlavaNextServing):
-    """:class:`~anchor_former.vllm._llava_next.LlavaNextServing` plus the grid shrink of OneVision.
+    """:class:`~anchor_former.vllm._llava_next.LlavaNextServing` plus the grid shrink and the videos of OneVision.
 
     Attributes:
         vision_aspect_ratio: ``"anyres_max_N"``, from the hf config (as transformers reads it).
+        pooled: ``n'``, a video frame's tokens after the stock 2 x 2 pooling.
+        tokens_per_frame: T, the default anchors per video frame.
     """
 
     vision_aspect_ratio: str = "anyres_max_9"
+    pooled: int = 1
+    tokens_per_frame: int = 1
+
+    def frame_tokens(self, num_anchors: int) -> int:
+        """T per frame at a request's K: the saved T at the default K, else ``min(K, n')``."""
+        return self.tokens_per_frame if num_anchors == self.num_anchors else min(num_anchors, self.pooled)
+
+    def num_video_tokens(self, num_frames: int, num_anchors: int) -> int:
+        """Placeholder tokens of a video of ``num_frames`` frames at K = ``num_anchors``: ``F * T + 1``."""
+        if num_frames < 1:
+            raise ValueError(f"a video must have at least one frame, got num_frames={num_frames}")
+        return num_frames * self.frame_tokens(num_anchors) + 1
 
     def num_tokens(self, height: int, width: int, num_anchors: int) -> int:
         """Placeholder tokens of an ``(height, width)`` image at K = ``num_anchors`` per view."""
@@ -105,6 +137,10 @@ def llava_onevision_serving(hf_config: Any) -> LlavaOnevisionServing:
     if not 1 <= k <= side * side:
         raise ValueError(f"num_anchors must be in [1, {side * side}] (the patches of a view), got {k}")
     budget = anyres.get("image_budget")
+    pooled = math.ceil(side / int(getattr(hf_config, "spatial_pool_stride", 2))) ** 2
+    frames = int((record.get("video") or {}).get("tokens_per_frame") or min(k, pooled))
+    if not 1 <= frames <= pooled:
+        raise ValueError(f"tokens_per_frame must be in [1, {pooled}] (a frame's pooled tokens), got {frames}")
     return LlavaOnevisionServing(
         connector="select",
         num_anchors=k,
@@ -112,6 +148,8 @@ def llava_onevision_serving(hf_config: Any) -> LlavaOnevisionServing:
         connector_config={},
         tokens_per_view=None,
         vision_aspect_ratio=str(getattr(hf_config, "vision_aspect_ratio", "anyres_max_9")),
+        pooled=pooled,
+        tokens_per_frame=frames,
         **geometry,
     )
 
@@ -122,16 +160,57 @@ class AnchorFormerLlavaOnevisionProcessingInfo(AnyresInfoMixin, LlavaOnevisionPr
     def serving(self) -> LlavaOnevisionServing:
         return llava_onevision_serving(self.get_hf_config())
 
+    def get_num_video_tokens(
+        self, *, image_width: int, image_height: int, num_frames: int, num_anchors: int | None = None
+    ) -> int:
+        serving = self.serving()
+        return serving.num_video_tokens(num_frames, serving.num_anchors if num_anchors is None else num_anchors)
+
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
         size = self.get_image_size_with_most_features()  # the image vLLM profiles with
+        serving = self.serving()
+        frames = self.get_num_frames_with_most_features(seq_len, mm_counts)
         return {
             "image": self.max_image_tokens((size.height, size.width)),
-            "video": self.get_max_video_tokens(seq_len, mm_counts),
+            "video": frames * max(serving.pooled, serving.tokens_per_frame) + 1,  # any request's T
         }
 
 
 class AnchorFormerLlavaOnevisionMultiModalProcessor(AnyresProcessorMixin, LlavaOnevisionMultiModalProcessor):
-    """OneVision's processor writing each image's reduced count and the per-image ``anchor_tokens`` field."""
+    """OneVision's processor writing each image's and each video's reduced count, and the per-image
+    ``anchor_tokens`` / per-video ``anchor_video_tokens`` fields."""
+
+    def _apply_hf_processor_main(self, mm_items: Any, hf_kwargs: Mapping[str, object]) -> BatchFeature:
+        out = super()._apply_hf_processor_main(mm_items, hf_kwargs)  # images' rows; budget keys kept from HF
+        videos = out.get("pixel_values_videos")
+        if videos is not None:
+            serving, k = self.info.serving(), self.info.num_anchors(hf_kwargs)
+            rows = [[serving.frame_tokens(k), serving.num_video_tokens(len(video), k)] for video in videos]
+            out[VIDEO_FIELD] = torch.tensor(rows, dtype=torch.int64)  # (num_videos, 2)
+        return out
+
+    def _get_mm_fields_config(
+        self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
+    ) -> Mapping[str, MultiModalFieldConfig]:
+        return {
+            **super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
+            VIDEO_FIELD: MultiModalFieldConfig.batched("video"),
+        }
+
+    def _get_prompt_updates(self, mm_items: Any, hf_processor_mm_kwargs: Mapping[str, object], out_mm_kwargs: Any):
+        from vllm.multimodal.parse import VideoProcessorItems
+        from vllm.multimodal.processing import PromptReplacement
+
+        video_token_id = self.info.get_hf_config().video_token_index
+        k = self.info.num_anchors(hf_processor_mm_kwargs)
+
+        def replacement(item_idx: int) -> list[int]:
+            frames = mm_items.get_items("video", VideoProcessorItems).get_num_frames(item_idx)
+            return [video_token_id] * self.info.serving().num_video_tokens(frames, k)
+
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        video = PromptReplacement(modality="video", target=[video_token_id], replacement=replacement)
+        return [*(update for update in updates if update.modality != "video"), video]
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -182,15 +261,39 @@ class AnchorFormerLlavaOnevisionForConditionalGeneration(LlavaOnevisionForCondit
         check_counts(embeds, [count for _, _, count in rows])
         return embeds
 
+    def _anchor_videos(self, video_input: Any, rows: list[list[int]]) -> list[torch.Tensor]:
+        """Per video ``(F_i * T_i + 1, llm_dim)``: T_i anchors per frame among its pooled tokens, then one
+        ``image_newline``; checked against the row's placeholder count."""
+        videos = list(video_input["pixel_values_videos"])  # each (F_i, C, H, W)
+        if len(rows) != len(videos):
+            raise ValueError(f"{VIDEO_FIELD} must hold one row per video ({len(videos)}), got {len(rows)}")
+        tower = self.vision_tower
+        attention = tower.vision_model.encoder.layers[-1].self_attn
+        stacked = torch.cat(videos)  # (sum F_i, C, H, W)
+        features, scores = run_with_scores(
+            attention, lambda: tower(stacked, feature_select_strategy="full"), score="received"
+        )  # (sum F_i, N, D), (sum F_i, H, N)
+        pooled = self.apply_pooling(self.multi_modal_projector(features))  # (sum F_i, n', L), the stock pooling
+        pooled_scores = self.apply_pooling(scores.transpose(1, 2)).transpose(1, 2)  # (sum F_i, H, n')
+        embeds, start = [], 0
+        for video, (t, _) in zip(videos, rows):
+            f = video.shape[0]
+            kept = select_pooled_tokens(pooled[start : start + f], pooled_scores[start : start + f], t)  # (F, T, L)
+            embeds.append(torch.cat([kept.flatten(0, 1), self.image_newline[None].to(kept.dtype)]))
+            start += f
+        check_counts(embeds, [count for _, count in rows], modality="video")
+        return embeds
+
     def embed_multimodal(self, **kwargs: object) -> Sequence[torch.Tensor]:
-        """Per image ``(T_i, llm_dim)`` (anchors), per video the stock tokens, in the prompt's modality order."""
+        """Per image and per video ``(T_i, llm_dim)`` anchors, in the prompt's modality order."""
         rows = field_rows(kwargs.pop(FIELD, None))
+        video_rows = field_rows(kwargs.pop(VIDEO_FIELD, None))
         embeds: list[torch.Tensor] = []
         for modality, inputs in self._parse_and_validate_multimodal_inputs(**kwargs).items():
             if modality == "image":
                 embeds.extend(self._anchor_images(inputs, rows))
             else:
-                embeds.extend(self._process_video_pixels(inputs))
+                embeds.extend(self._anchor_videos(inputs, video_rows))
         return embeds
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

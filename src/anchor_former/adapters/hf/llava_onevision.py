@@ -241,6 +241,21 @@ def _select_shrunk(
     return torch.cat([base_tokens, high])
 
 
+def select_pooled_tokens(pooled: torch.Tensor, pooled_scores: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
+    """Each video frame's ``tokens_per_frame`` anchors among its pooled tokens, in raster order.
+
+    Args:
+        pooled: ``(F, n', L)`` the frames' projected tokens after the stock 2x2 pooling.
+        pooled_scores: ``(F, H, n')`` the frames' scores after the same pooling.
+        tokens_per_frame: K (all ``n'`` tokens, in order, when ``K >= n'``).
+
+    Returns:
+        ``(F, min(K, n'), L)``.
+    """
+    kept = _search(pooled_scores, tokens_per_frame)  # (F, K) ascending
+    return pooled.gather(1, kept[..., None].expand(-1, -1, pooled.shape[-1]))
+
+
 @strict
 class AnchorFormerLlavaOnevisionConfig(LlavaOnevisionConfig):
     """``LlavaOnevisionConfig`` plus ``anchor_former``: ``{"connector": name, "score": ..., "connector_config":
@@ -365,8 +380,7 @@ class AnchorFormerLlavaOnevisionModel(LlavaOnevisionModel):
             prefix = int(connector.num_prefix_tokens)
             pooled = self.apply_pooling(connector.projector(features[:, prefix:]))  # (B F, n', L), the stock pooling
             pooled_scores = self.apply_pooling(_grid_scores(scores, prefix).transpose(1, 2)).transpose(1, 2)
-            kept = _search(pooled_scores, int(video["tokens_per_frame"]))  # (B F, K) ascending
-            out = pooled.gather(1, kept[..., None].expand(-1, -1, pooled.shape[-1]))  # (B F, K, L)
+            out = select_pooled_tokens(pooled, pooled_scores, int(video["tokens_per_frame"]))  # (B F, K, L)
         else:
             out, _ = run_connector(connector, features, scores)  # (B F, T, L)
         out = out.reshape(b, frames * out.shape[1], -1)  # (B, F T, L)
