@@ -190,6 +190,57 @@ def test_saved_folder_is_served_as_saved(llm: LLM, folder: str, images: list, tm
         M.assert_same_as_hf(out, reference, atol=ATOL)
 
 
+def _config(**record):
+    """A OneVision hf config (the tiny model's) carrying ``hf_overrides``' record updated with ``record``."""
+    from types import SimpleNamespace
+
+    processor = M.llava_onevision_processor()
+    config = M.llava_onevision_model(processor).config
+    settings = {**afv.hf_overrides(num_anchors=K, family="llava_onevision")["anchor_former"], **record}
+    return SimpleNamespace(**{k: getattr(config, k) for k in config.to_dict()}, anchor_former=settings), processor
+
+
+@pytest.mark.parametrize("num_anchors", [1, K, M.NUM_PATCHES])
+def test_counts_equal_the_hf_processor(num_anchors: int) -> None:
+    """Every image size of a sweep (one view, wide, tall, unpadded, shrunk) and videos of 1-3 frames: the
+    placeholder counts the plugin writes equal those the adapter's processor writes."""
+    import numpy as np
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from anchor_former.vllm._llava_onevision import llava_onevision_serving
+
+    config, processor = _config()
+    serving = llava_onevision_serving(config)
+    model = LlavaOnevisionForConditionalGeneration(M.llava_onevision_model(processor).config)
+    attach_anchor_former(model, processor, connector="select", num_anchors=num_anchors)
+    rng = np.random.default_rng(0)
+    for h, w in [(28, 28), (30, 90), (90, 30), (40, 70), (70, 40), (17, 120), (64, 61), (112, 112), (100, 110)]:
+        ids = processor(text="<image>", images=rng.integers(0, 256, (h, w, 3), dtype=np.uint8), return_tensors="pt")[
+            "input_ids"
+        ]
+        assert serving.num_tokens(h, w, num_anchors) == int((ids == processor.image_token_id).sum()), (h, w)
+    for frames in (1, 2, 3):
+        video = rng.integers(0, 256, (frames, 40, 50, 3), dtype=np.uint8)
+        ids = processor(text="<video>", videos=[video], return_tensors="pt")["input_ids"]
+        assert serving.num_video_tokens(frames, num_anchors) == int((ids == processor.video_token_id).sum())
+
+
+def test_serving_refuses_what_it_cannot_serve() -> None:
+    from anchor_former.vllm._llava_onevision import llava_onevision_serving
+
+    with pytest.raises(ValueError, match="'select' connector only, got a folder with connector='acformer'"):
+        llava_onevision_serving(_config(connector="acformer")[0])
+    with pytest.raises(ValueError, match="ranked by score='received', got 'cls'"):
+        llava_onevision_serving(_config(score="cls")[0])
+    config, _ = _config()
+    config.vision_feature_select_strategy = "default"
+    with pytest.raises(ValueError, match="vision_feature_select_strategy must be 'full' .*got 'default'"):
+        llava_onevision_serving(config)
+    overrides = afv.hf_overrides(num_anchors=M.NUM_PATCHES + 1, family="llava_onevision")["anchor_former"]
+    with pytest.raises(ValueError, match=r"num_anchors must be in \[1, 49\] .*got 50"):
+        llava_onevision_serving(_config(**overrides)[0])
+
+
 def test_hf_overrides_and_refusals() -> None:
     overrides = afv.hf_overrides(num_anchors=7, family="llava_onevision")
     assert overrides["architectures"] == ["AnchorFormerLlavaOnevisionForConditionalGeneration"]

@@ -73,7 +73,7 @@ __all__ = [
 VIDEO_FIELD = "anchor_video_tokens"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LlavaOnevisionServing(LlavaNextServing):
     """:class:`~anchor_former.vllm._llava_next.LlavaNextServing` plus the grid shrink and the videos of OneVision.
 
@@ -83,9 +83,9 @@ class LlavaOnevisionServing(LlavaNextServing):
         tokens_per_frame: T, the default anchors per video frame.
     """
 
-    vision_aspect_ratio: str = "anyres_max_9"
-    pooled: int = 1
-    tokens_per_frame: int = 1
+    vision_aspect_ratio: str
+    pooled: int
+    tokens_per_frame: int
 
     def frame_tokens(self, num_anchors: int) -> int:
         """T per frame at a request's K: the saved T at the default K, else ``min(K, n')``."""
@@ -137,7 +137,7 @@ def llava_onevision_serving(hf_config: Any) -> LlavaOnevisionServing:
     if not 1 <= k <= side * side:
         raise ValueError(f"num_anchors must be in [1, {side * side}] (the patches of a view), got {k}")
     budget = anyres.get("image_budget")
-    pooled = math.ceil(side / int(getattr(hf_config, "spatial_pool_stride", 2))) ** 2
+    pooled = math.ceil(side / 2) ** 2  # the stock 2 x 2 pooling (apply_pooling's stride)
     frames = int((record.get("video") or {}).get("tokens_per_frame") or min(k, pooled))
     if not 1 <= frames <= pooled:
         raise ValueError(f"tokens_per_frame must be in [1, {pooled}] (a frame's pooled tokens), got {frames}")
