@@ -61,12 +61,12 @@ from anchor_former.vllm._settings import anchor_record, request_budget
 
 __all__ = [
     "AnchorFormerLlavaNextForConditionalGeneration",
-    "AnyresInfoMixin",
-    "AnyresProcessorMixin",
-    "anyres_geometry",
     "AnchorFormerLlavaNextMultiModalProcessor",
     "AnchorFormerLlavaNextProcessingInfo",
+    "AnyresInfoMixin",
+    "AnyresProcessorMixin",
     "LlavaNextServing",
+    "anyres_geometry",
     "llava_next_serving",
 ]
 
