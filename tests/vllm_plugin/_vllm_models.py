@@ -133,12 +133,15 @@ def save(model, processor, folder) -> str:
     return str(folder)
 
 
-def hf_greedy(model, processor, prompt: str, image, max_tokens: int) -> tuple[list[int], list[int], list[torch.Tensor]]:
+def hf_greedy(
+    model, processor, prompt: str, image, max_tokens: int, *, video=None
+) -> tuple[list[int], list[int], list[torch.Tensor]]:
     """transformers' greedy decode: ``(prompt ids, generated ids, per step (V,) float32 log-probs)``.
 
     The log-probs are those of the raw logits, as vLLM reports them (``min_new_tokens`` suppresses the end
-    token in the processed scores, not in the logits)."""
-    inputs = processor(text=prompt, images=image, return_tensors="pt")
+    token in the processed scores, not in the logits). ``video``: ``(F, H, W, 3)`` frames instead of ``image``."""
+    media = {"images": image} if video is None else {"videos": [video]}
+    inputs = processor(text=prompt, **media, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(
             **inputs,
@@ -333,3 +336,91 @@ def qwen_model(processor, family: str = "qwen2_5_vl"):
                 if proj.bias is not None:
                     proj.bias *= 8.0
     return model
+
+
+# --- LLaVA-OneVision ----------------------------------------------------------------------------------------
+# SigLIP views of 28 px (7 x 7 patches, no [CLS]); pinpoints up to 4 x 4 crops, so that a 112 x 112 image's
+# 28 x 28 patch grid exceeds "anyres_max_9" (r = sqrt(784 / (9 * 49)) = 1.33 > 1.1) and is shrunk to 21 x 21
+OV_PINPOINTS = [[28, 56], [56, 28], [56, 56], [28, 84], [84, 28], [84, 84], [84, 112], [112, 84], [112, 112]]
+
+
+def llava_onevision_processor():
+    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+
+    images = LlavaOnevisionImageProcessor(size={"height": IMAGE, "width": IMAGE}, image_grid_pinpoints=OV_PINPOINTS)
+    videos = LlavaOnevisionVideoProcessor(size={"height": IMAGE, "width": IMAGE})
+    return LlavaOnevisionProcessor(
+        image_processor=images,
+        tokenizer=make_tokenizer(["<image>", "<video>"]),
+        video_processor=videos,
+        num_image_tokens=NUM_PATCHES,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def llava_onevision_model(processor):
+    """A random LLaVA-OneVision (SigLIP without head, Qwen2 with 2 heads of 32) with peaked vision attention."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    torch.manual_seed(0)
+    vision = SiglipVisionConfig(
+        hidden_size=VISION_DIM,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=IMAGE,
+        patch_size=PATCH,
+        vision_use_head=False,
+    )
+    text = Qwen2Config(
+        vocab_size=len(processor.tokenizer),
+        hidden_size=LLM_DIM,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=processor.image_token_id,
+        video_token_index=processor.video_token_id,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_grid_pinpoints=OV_PINPOINTS,
+        vision_aspect_ratio="anyres_max_9",
+    )
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.mul_(4.0)
+        model.model.image_newline.normal_()
+    return model
+
+
+def save_llava_hf_layout(model, processor, folder) -> str:
+    """Save as the llava-hf OneVision checkpoints are laid out (``vision_tower.vision_model.*``), which stock vLLM
+    loads; transformers 5 writes ``vision_tower.*`` (the plugin reads both)."""
+    from safetensors.torch import load_file, save_file
+
+    M_path = save(model, processor, folder)
+    path = f"{M_path}/model.safetensors"
+    weights = load_file(path)
+    renamed = {
+        ("vision_tower.vision_model." + k.removeprefix("vision_tower.") if k.startswith("vision_tower.") else k): v
+        for k, v in weights.items()
+    }
+    save_file(renamed, path, metadata={"format": "pt"})
+    return M_path

@@ -1,5 +1,6 @@
-"""The [CLS] rows captured from a fused ``qkv_proj`` output equal the package's probe on the same layer,
-and the tensor-parallel gather keeps heads in order (no engine needed)."""
+"""The [CLS] rows and the received attention captured from a fused ``qkv_proj`` output equal the package's
+probe / the model's own attention map on the same layer, and the tensor-parallel gather keeps heads in
+order (no engine needed)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from anchor_former.probes import (
     attention_row,  # noqa: E402
     detect_encoder,  # noqa: E402
 )
-from anchor_former.vllm._capture import cls_rows  # noqa: E402
+from anchor_former.vllm._capture import cls_rows, received_rows  # noqa: E402
 from anchor_former.vllm._tp import gather_heads  # noqa: E402
 
 
@@ -48,6 +49,35 @@ def test_cls_rows_of_fused_qkv_equal_the_probe() -> None:
     # broken variant: swapping q and k must not pass
     swapped = torch.cat([qkv[..., 32:64], qkv[..., :32], qkv[..., 64:]], dim=-1)
     assert not torch.allclose(cls_rows(swapped, local_heads=4, head_dim=8, scale=attn.scale), expected, atol=1e-3)
+
+
+def test_received_rows_of_fused_qkv_equal_the_attention_map() -> None:
+    """SigLIP (no [CLS]): the column means of the last layer's own attention probabilities, per head."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    config = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=4
+    )
+    config._attn_implementation = "eager"  # the attention map itself, as the reference
+    tower = SiglipVisionModel(config).eval()
+    attn = tower.encoder.layers[-1].self_attn
+    inputs: list[torch.Tensor] = []
+    handle = attn.register_forward_pre_hook(
+        lambda module, args, kwargs: inputs.append(kwargs["hidden_states"]), with_kwargs=True
+    )
+    with torch.no_grad():
+        out = tower(torch.randn(3, 3, 28, 28), output_attentions=True)
+        handle.remove()
+        x = inputs[0]  # (B, N, D) the layer's normed input
+        qkv = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)  # vLLM's fused layout
+    expected = out.attentions[-1].float().mean(dim=2)  # (B, H, N): mean over the N queries
+    rows = received_rows(qkv, local_heads=4, head_dim=8, scale=attn.scale)
+    torch.testing.assert_close(rows, expected, rtol=0, atol=2e-6)
+    # broken variant: the [CLS]-style row of the first query is a different score
+    assert not torch.allclose(cls_rows(qkv, local_heads=4, head_dim=8, scale=attn.scale), expected, atol=1e-3)
+    with pytest.raises(ValueError, match=r"qkv must have shape \(B, N, 3 \* H_r \* E\) = \(B, N, 96\)"):
+        received_rows(qkv[..., :90], local_heads=4, head_dim=8, scale=1.0)
 
 
 def test_cls_rows_refuses_a_wrong_width() -> None:

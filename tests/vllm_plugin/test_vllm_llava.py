@@ -162,7 +162,8 @@ def test_hf_overrides() -> None:
     with pytest.raises(ValueError, match="num_anchors must be an integer >= 1, got 0"):
         afv.hf_overrides(num_anchors=0)
     with pytest.raises(
-        ValueError, match="family must be one of 'llava', 'llava_next', 'qwen2_5_vl', 'qwen3_vl' .*got 'qwen2_vl'"
+        ValueError,
+        match="family must be one of 'llava', 'llava_next', 'llava_onevision', 'qwen2_5_vl', 'qwen3_vl' .*got 'qwen2_vl'",
     ):
         afv.hf_overrides(family="qwen2_vl")
     with pytest.raises(ValueError, match="num_context .* family='llava' only"):

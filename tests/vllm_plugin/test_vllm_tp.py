@@ -96,3 +96,46 @@ def test_qwen2_5_vl_tp2_equals_the_hf_adapter(tmp_path, monkeypatch) -> None:
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
     attach_qwen(model, hf_processor, connector="select", num_anchors=4)
     M.assert_same_as_hf(out, M.hf_greedy(model, hf_processor, prompt, images, 4), atol=ATOL)
+
+
+def test_llava_onevision_tp2_equals_the_hf_adapter(tmp_path, monkeypatch) -> None:
+    """LLaVA-OneVision's received-attention scores (SigLIP) gathered over 2 ranks: the transformers adapter's
+    tokens for a shrunk-grid image and a video."""
+    import numpy as np
+    from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+
+    processor = M.llava_onevision_processor()
+    folder = M.save_llava_hf_layout(M.llava_onevision_model(processor), processor, tmp_path / "ov")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    llm = LLM(
+        model=folder,
+        hf_overrides=afv.hf_overrides(num_anchors=3, family="llava_onevision"),
+        tensor_parallel_size=2,
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=1024,
+        max_num_seqs=4,
+        limit_mm_per_prompt={"image": 1, "video": 1},
+        seed=0,
+    )
+    assert llm.apply_model(_vision_heads) == [(2, 4), (2, 4)]  # each rank's hook sees 2 of the 4 heads
+    image = M.images(1, seed=11, size=(112, 112))[0]  # a 4 x 4 crop grid, shrunk
+    video = np.random.default_rng(12).integers(0, 256, (2, 40, 50, 3), dtype=np.uint8)
+    video_prompt = M.PROMPTS[0].replace("<image>", "<video>")
+    params = SamplingParams(temperature=0.0, max_tokens=4, min_tokens=4, logprobs=5)
+    outs = llm.generate(
+        [
+            {"prompt": M.PROMPTS[0], "multi_modal_data": {"image": image}},
+            {"prompt": video_prompt, "multi_modal_data": {"video": video}},
+        ],
+        params,
+    )
+    hf_processor = AutoProcessor.from_pretrained(folder)
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    attach_anchor_former(model, hf_processor, connector="select", num_anchors=3)
+    references = [
+        M.hf_greedy(model, hf_processor, M.PROMPTS[0], image, 4),
+        M.hf_greedy(model, hf_processor, video_prompt, None, 4, video=video),
+    ]
+    for out, reference in zip(outs, references, strict=True):
+        M.assert_same_as_hf(out, reference, atol=2e-5)  # as tests/vllm_plugin/test_vllm_llava_onevision.py

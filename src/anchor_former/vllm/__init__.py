@@ -13,9 +13,9 @@ enough, every vLLM process picks it up. Two ways to serve:
   connector), as it is: ``LLM(model=folder)``.
 
 A request picks its own budget with ``mm_processor_kwargs={"num_anchors": k, "num_context": m}``.
-Families (``family=`` of :func:`hf_overrides`, :data:`FAMILIES`): LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL; the
-model classes vLLM builds (:data:`ARCHITECTURES`) live in this package's private modules and are reached
-only through vLLM.
+Families (``family=`` of :func:`hf_overrides`, :data:`FAMILIES`): LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision,
+Qwen2.5-VL, Qwen3-VL; the model classes vLLM builds (:data:`ARCHITECTURES`) live in this package's private
+modules and are reached only through vLLM.
 Supported vLLM releases: :data:`SUPPORTED_VLLM`.
 
 Importing this package imports neither vLLM nor transformers; the family modules do.

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from anchor_former.connectors import SelectConnector
 
 __all__ = [
+    "AnchorFieldsProcessorMixin",
     "AnchorFormerLlavaForConditionalGeneration",
     "AnchorFormerLlavaMultiModalProcessor",
     "AnchorFormerLlavaProcessingInfo",
@@ -204,24 +205,37 @@ def _without_budget(kwargs: Mapping[str, object]) -> dict[str, object]:
     return {k: v for k, v in kwargs.items() if k not in BUDGET_KEYS}
 
 
-class AnchorFormerLlavaMultiModalProcessor(LlavaMultiModalProcessor):
-    """LLaVA's processor writing the reduced placeholder count and the per-image ``anchor_tokens`` field."""
+class AnchorFieldsProcessorMixin:
+    """The processor side of every LLaVA-like family: the budget keys never reach the HF processor, each
+    image gets its ``anchor_tokens`` row (``[num_anchors, num_context, placeholder tokens]``, a per-image
+    field: also what vLLM's processor cache keys on), and each ``<image>`` is replaced by its reduced count.
 
-    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
-        budget = self.info.budget(hf_kwargs)
-        tokens = self.info.get_num_image_tokens(image_width=0, image_height=0, budget=budget)
-        out = super()._call_hf_processor(hf_data, _without_budget(hf_kwargs))
-        pixels = out.get("pixel_values")
-        if pixels is not None:
-            row = [budget["num_anchors"], budget["num_context"], tokens]
-            out[FIELD] = torch.tensor([row] * len(pixels), dtype=torch.int64)  # (num_images, 3)
+    Mixed in before a vLLM multimodal processor class; a family implements :meth:`_anchor_rows` and
+    :meth:`_image_placeholders`. Other modalities keep the stock prompt updates.
+    """
+
+    info: Any
+
+    def _anchor_rows(self, out: BatchFeature, hf_kwargs: Mapping[str, object]) -> list[list[int]]:
+        """One ``anchor_tokens`` row per image of the HF processor's output ``out``."""
+        raise NotImplementedError
+
+    def _image_placeholders(self, mm_items: Any, item_idx: int, hf_kwargs: Mapping[str, object]) -> int:
+        """Placeholder tokens of image ``item_idx`` of the request at its budget."""
+        raise NotImplementedError
+
+    def _apply_hf_processor_main(self, mm_items: Any, hf_kwargs: Mapping[str, object]) -> BatchFeature:
+        out = super()._apply_hf_processor_main(mm_items, _without_budget(hf_kwargs))  # type: ignore[misc]
+        rows = self._anchor_rows(out, hf_kwargs)
+        if rows:
+            out[FIELD] = torch.tensor(rows, dtype=torch.int64)  # (num_images, 3)
         return out
 
     def _get_mm_fields_config(
         self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
     ) -> Mapping[str, MultiModalFieldConfig]:
         return {
-            **super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
+            **super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),  # type: ignore[misc]
             FIELD: MultiModalFieldConfig.batched("image"),
         }
 
@@ -229,10 +243,28 @@ class AnchorFormerLlavaMultiModalProcessor(LlavaMultiModalProcessor):
         from vllm.multimodal.processing import PromptReplacement
 
         image_token_id = self.info.get_hf_config().image_token_index
-        count = self.info.get_num_image_tokens(
-            image_width=0, image_height=0, budget=self.info.budget(hf_processor_mm_kwargs)
-        )
-        return [PromptReplacement(modality="image", target=[image_token_id], replacement=[image_token_id] * count)]
+
+        def replacement(item_idx: int) -> list[int]:
+            return [image_token_id] * self._image_placeholders(mm_items, item_idx, hf_processor_mm_kwargs)
+
+        stock = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)  # type: ignore[misc]
+        image = PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)
+        return [image, *(update for update in stock if update.modality != "image")]
+
+
+class AnchorFormerLlavaMultiModalProcessor(AnchorFieldsProcessorMixin, LlavaMultiModalProcessor):
+    """LLaVA's processor writing the reduced placeholder count and the per-image ``anchor_tokens`` field."""
+
+    def _anchor_rows(self, out: BatchFeature, hf_kwargs: Mapping[str, object]) -> list[list[int]]:
+        pixels = out.get("pixel_values")
+        if pixels is None:
+            return []
+        budget = self.info.budget(hf_kwargs)
+        tokens = self.info.get_num_image_tokens(image_width=0, image_height=0, budget=budget)
+        return [[budget["num_anchors"], budget["num_context"], tokens]] * len(pixels)
+
+    def _image_placeholders(self, mm_items: Any, item_idx: int, hf_kwargs: Mapping[str, object]) -> int:
+        return self.info.get_num_image_tokens(image_width=0, image_height=0, budget=self.info.budget(hf_kwargs))
 
 
 def saved_weights_mapper(base: WeightsMapper, *, select: bool) -> WeightsMapper:

@@ -38,7 +38,6 @@ from vllm.model_executor.models.llava_next import (
 )
 from vllm.model_executor.models.utils import AutoWeightsLoader
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFieldConfig
 
 from anchor_former.views import (
     AnyresViews,
@@ -51,14 +50,23 @@ from anchor_former.views import (
 )
 from anchor_former.vllm._capture import run_with_cls_rows
 from anchor_former.vllm._guard import check_counts
-from anchor_former.vllm._llava import FIELD, _constructor_kwargs, _without_budget, field_rows, saved_weights_mapper
+from anchor_former.vllm._llava import (
+    FIELD,
+    AnchorFieldsProcessorMixin,
+    _constructor_kwargs,
+    field_rows,
+    saved_weights_mapper,
+)
 from anchor_former.vllm._settings import anchor_record, request_budget
 
 __all__ = [
     "AnchorFormerLlavaNextForConditionalGeneration",
     "AnchorFormerLlavaNextMultiModalProcessor",
     "AnchorFormerLlavaNextProcessingInfo",
+    "AnyresInfoMixin",
+    "AnyresProcessorMixin",
     "LlavaNextServing",
+    "anyres_geometry",
     "llava_next_serving",
 ]
 
@@ -117,15 +125,32 @@ class LlavaNextServing:
         return num_selected_tokens(views, self.budgets(views, num_anchors))
 
 
+def anyres_geometry(hf_config: Any) -> dict[str, Any]:
+    """``side``, ``view_size``, ``patch_size`` and ``pinpoints`` of an anyres hf config (LLaVA-NeXT, OneVision).
+
+    Raises:
+        ValueError: a list ``vision_feature_layer`` (one layer gives the features and the scores).
+    """
+    vision = hf_config.vision_config
+    view, patch = int(vision.image_size), int(vision.patch_size)
+    layer = hf_config.vision_feature_layer
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise ValueError(f"config.vision_feature_layer must be a single int for AnchorFormer, got {layer!r}")
+    pinpoints = tuple(tuple(int(v) for v in p) for p in hf_config.image_grid_pinpoints)
+    return {
+        "side": view // patch,
+        "view_size": view,
+        "patch_size": patch,
+        "pinpoints": cast("tuple[tuple[int, int], ...]", pinpoints),
+    }
+
+
 def llava_next_serving(hf_config: Any) -> LlavaNextServing:
     """Resolve :class:`LlavaNextServing` from a LLaVA-NeXT hf config carrying ``anchor_former`` settings."""
     record = anchor_record(hf_config)
     vision = hf_config.vision_config
-    view, patch = int(vision.image_size), int(vision.patch_size)
-    side = view // patch
-    layer = hf_config.vision_feature_layer
-    if isinstance(layer, bool) or not isinstance(layer, int):
-        raise ValueError(f"config.vision_feature_layer must be a single int for AnchorFormer, got {layer!r}")
+    geometry = anyres_geometry(hf_config)
+    side = geometry["side"]
     if getattr(hf_config, "vision_feature_select_strategy", "default") != "default":
         raise ValueError("config.vision_feature_select_strategy must be 'default' for LLaVA-NeXT with a CLIP tower")
     config = {k: v for k, v in (record.get("connector_config") or {}).items() if k not in ("vision_dim", "llm_dim")}
@@ -151,24 +176,23 @@ def llava_next_serving(hf_config: Any) -> LlavaNextServing:
         connector=connector,
         num_anchors=k,
         image_budget=None if budget is None else int(budget),
-        side=side,
-        view_size=view,
-        patch_size=patch,
-        pinpoints=cast(
-            "tuple[tuple[int, int], ...]", tuple(tuple(int(v) for v in p) for p in hf_config.image_grid_pinpoints)
-        ),
         connector_config=config,
         tokens_per_view=per_view,
+        **geometry,
     )
 
 
-class AnchorFormerLlavaNextProcessingInfo(LlavaNextProcessingInfo):
-    """Placeholder counts from :mod:`anchor_former.views`; profiling at every patch of every view."""
+class AnyresInfoMixin:
+    """Processing info of an anyres family: placeholder counts from the family's serving record (its
+    ``serving()``), profiling at every patch of every view. Mixed in before vLLM's processing info class."""
+
+    ctx: Any
 
     def serving(self) -> LlavaNextServing:
-        return llava_next_serving(self.get_hf_config())
+        raise NotImplementedError
 
     def num_anchors(self, mm_kwargs: Mapping[str, object]) -> int:
+        """The request's K per view: its ``mm_processor_kwargs`` (merged with the engine's) over the default."""
         serving = self.serving()
         merged = self.ctx.get_merged_mm_kwargs(mm_kwargs)
         return request_budget(merged, {"num_anchors": serving.num_anchors, "num_context": 0})["num_anchors"]
@@ -179,48 +203,47 @@ class AnchorFormerLlavaNextProcessingInfo(LlavaNextProcessingInfo):
             image_height, image_width, serving.num_anchors if num_anchors is None else num_anchors
         )
 
-    def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
+    def max_image_tokens(self, *sizes: tuple[int, int]) -> int:
+        """The most placeholder tokens an image of the pinpoint sizes (or ``sizes``) can get, at any budget."""
         serving = self.serving()
         most = serving.side * serving.side if serving.tokens_per_view is None else serving.num_anchors
-        return {"image": max(serving.num_tokens(h, w, most) for h, w in serving.pinpoints)}
+        return max(serving.num_tokens(h, w, most) for h, w in (*serving.pinpoints, *sizes))
 
 
-class AnchorFormerLlavaNextMultiModalProcessor(LlavaNextMultiModalProcessor):
-    """LLaVA-NeXT's processor writing each image's reduced count and the per-image ``anchor_tokens`` field."""
+class AnchorFormerLlavaNextProcessingInfo(AnyresInfoMixin, LlavaNextProcessingInfo):
+    """Placeholder counts from :mod:`anchor_former.views`; profiling at every patch of every view."""
 
-    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
-        k = self.info.num_anchors(hf_kwargs)
-        out = super()._call_hf_processor(hf_data, _without_budget(hf_kwargs))
+    def serving(self) -> LlavaNextServing:
+        return llava_next_serving(self.get_hf_config())
+
+    def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
+        return {"image": self.max_image_tokens()}
+
+
+class AnyresProcessorMixin(AnchorFieldsProcessorMixin):
+    """:class:`~anchor_former.vllm._llava.AnchorFieldsProcessorMixin` for anyres families: each image's count
+    depends on its size (``image_sizes``) and the request's K per view."""
+
+    def _anchor_rows(self, out: BatchFeature, hf_kwargs: Mapping[str, object]) -> list[list[int]]:
         sizes = out.get("image_sizes")
-        if sizes is not None:
-            rows = [
-                [k, 0, self.info.get_num_image_tokens(image_width=int(w), image_height=int(h), num_anchors=k)]
-                for h, w in torch.as_tensor(sizes).tolist()
-            ]
-            out[FIELD] = torch.tensor(rows, dtype=torch.int64)  # (num_images, 3)
-        return out
+        if sizes is None:
+            return []
+        k = self.info.num_anchors(hf_kwargs)
+        return [
+            [k, 0, self.info.get_num_image_tokens(image_width=int(w), image_height=int(h), num_anchors=k)]
+            for h, w in torch.as_tensor(sizes).tolist()
+        ]
 
-    def _get_mm_fields_config(
-        self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
-    ) -> Mapping[str, MultiModalFieldConfig]:
-        return {
-            **super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
-            FIELD: MultiModalFieldConfig.batched("image"),
-        }
-
-    def _get_prompt_updates(self, mm_items: Any, hf_processor_mm_kwargs: Mapping[str, object], out_mm_kwargs: Any):
+    def _image_placeholders(self, mm_items: Any, item_idx: int, hf_kwargs: Mapping[str, object]) -> int:
         from vllm.multimodal.parse import ImageProcessorItems
-        from vllm.multimodal.processing import PromptReplacement
 
-        image_token_id = self.info.get_hf_config().image_token_index
-        k = self.info.num_anchors(hf_processor_mm_kwargs)
+        size = mm_items.get_items("image", ImageProcessorItems).get_image_size(item_idx)
+        k = self.info.num_anchors(hf_kwargs)
+        return self.info.get_num_image_tokens(image_width=size.width, image_height=size.height, num_anchors=k)
 
-        def replacement(item_idx: int) -> list[int]:
-            size = mm_items.get_items("image", ImageProcessorItems).get_image_size(item_idx)
-            count = self.info.get_num_image_tokens(image_width=size.width, image_height=size.height, num_anchors=k)
-            return [image_token_id] * count
 
-        return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)]
+class AnchorFormerLlavaNextMultiModalProcessor(AnyresProcessorMixin, LlavaNextMultiModalProcessor):
+    """LLaVA-NeXT's processor writing each image's reduced count and the per-image ``anchor_tokens`` field."""
 
 
 @MULTIMODAL_REGISTRY.register_processor(

@@ -20,6 +20,7 @@ SUPPORTED_VLLM = (">=0.32.0", "<0.33")
 ARCHITECTURES = {
     "AnchorFormerLlavaForConditionalGeneration": "anchor_former.vllm._llava:AnchorFormerLlavaForConditionalGeneration",
     "AnchorFormerLlavaNextForConditionalGeneration": "anchor_former.vllm._llava_next:AnchorFormerLlavaNextForConditionalGeneration",
+    "AnchorFormerLlavaOnevisionForConditionalGeneration": "anchor_former.vllm._llava_onevision:AnchorFormerLlavaOnevisionForConditionalGeneration",
     "AnchorFormerQwen2_5_VLForConditionalGeneration": "anchor_former.vllm._qwen2_5_vl:AnchorFormerQwen2_5_VLForConditionalGeneration",
     "AnchorFormerQwen3VLForConditionalGeneration": "anchor_former.vllm._qwen3_vl:AnchorFormerQwen3VLForConditionalGeneration",
 }

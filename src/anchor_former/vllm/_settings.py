@@ -37,6 +37,7 @@ __all__ = [
 FAMILIES = {
     "llava": "AnchorFormerLlavaForConditionalGeneration",
     "llava_next": "AnchorFormerLlavaNextForConditionalGeneration",
+    "llava_onevision": "AnchorFormerLlavaOnevisionForConditionalGeneration",
     "qwen2_5_vl": "AnchorFormerQwen2_5_VLForConditionalGeneration",
     "qwen3_vl": "AnchorFormerQwen3VLForConditionalGeneration",
 }
@@ -66,10 +67,11 @@ def hf_overrides(
 
     Args:
         num_anchors: K, the default budget: anchor patches kept per image (LLaVA-1.5), per view
-            (LLaVA-NeXT) or merged 2 x 2 tokens kept per image (Qwen2.5-VL, Qwen3-VL). A request overrides it with
-            ``mm_processor_kwargs={"num_anchors": k}``.
+            (LLaVA-NeXT, LLaVA-OneVision) or merged 2 x 2 tokens kept per image (Qwen2.5-VL, Qwen3-VL). A
+            request overrides it with ``mm_processor_kwargs={"num_anchors": k}``.
         num_context: M context tokens merged from the other patches (LLaVA-1.5 only; 0 = none).
-        family: the checkpoint's ``model_type``: ``"llava"`` (LLaVA-1.5), ``"llava_next"``, ``"qwen2_5_vl"`` or ``"qwen3_vl"``.
+        family: the checkpoint's ``model_type``: ``"llava"`` (LLaVA-1.5), ``"llava_next"``, ``"llava_onevision"``,
+            ``"qwen2_5_vl"`` or ``"qwen3_vl"``.
         max_budget: LLaVA-1.5: the largest ``num_anchors + num_context`` a request may ask for; the engine
             reserves encoder cache and profiles for it. None = every patch (what the stock model needs).
 
@@ -90,9 +92,14 @@ def hf_overrides(
     _positive_int("num_anchors", num_anchors)
     config = {"num_anchors": num_anchors, "num_context": num_context}
     extras: dict[str, Any] = {}
-    if family == "llava_next":
+    score = "cls"
+    if family in ("llava_next", "llava_onevision"):
         config.pop("num_context")
         extras["anyres"] = {"layout": "selected", "num_anchors": num_anchors, "image_budget": None}
+    if family == "llava_onevision":  # SigLIP: no [CLS], the transformers adapter's default score
+        if max_budget is not None:
+            raise ValueError(f"max_budget is supported for family='llava' only, got {max_budget}")
+        score = "received"
     if family in (
         "qwen2_5_vl",
         "qwen3_vl",
@@ -108,7 +115,7 @@ def hf_overrides(
     record = AnchorSettings(
         connector="select",
         connector_config=config,
-        score="cls",
+        score=score,
         num_anchors=num_anchors,
         num_context=num_context,
         extras=extras,
@@ -180,6 +187,13 @@ def saved_config_classes() -> tuple[type[PretrainedConfig], ...]:
     """The transformers config classes of folders saved by the package's adapters."""
     from anchor_former.adapters.hf.llava import AnchorFormerLlavaConfig
     from anchor_former.adapters.hf.llava_next import AnchorFormerLlavaNextConfig
+    from anchor_former.adapters.hf.llava_onevision import AnchorFormerLlavaOnevisionConfig
     from anchor_former.adapters.hf.qwen_vl import AnchorFormerQwen2_5_VLConfig, AnchorFormerQwen3VLConfig
 
-    return AnchorFormerLlavaConfig, AnchorFormerLlavaNextConfig, AnchorFormerQwen2_5_VLConfig, AnchorFormerQwen3VLConfig
+    return (
+        AnchorFormerLlavaConfig,
+        AnchorFormerLlavaNextConfig,
+        AnchorFormerLlavaOnevisionConfig,
+        AnchorFormerQwen2_5_VLConfig,
+        AnchorFormerQwen3VLConfig,
+    )

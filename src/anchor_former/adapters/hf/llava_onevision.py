@@ -88,7 +88,7 @@ from anchor_former.adapters.hf.llava_next import budgets_of as _budgets
 from anchor_former.adapters.settings import AnchorSettings
 from anchor_former.probes import EncoderSpec, Score
 from anchor_former.search import anchor_search
-from anchor_former.views import AnyresViews, arrange_fixed, select_view_tokens
+from anchor_former.views import AnyresViews, arrange_fixed, num_selected_tokens, select_view_tokens
 
 __all__ = [
     "AnchorFormerLlavaOnevisionConfig",
@@ -141,11 +141,46 @@ def image_token_count(
             return _base_budget(tokens, views) + 1
         return int(tokens["tokens_per_view"]) + 1
     if tokens["layout"] == "selected":
-        shrunk = shrunk_grid(views, vision_aspect_ratio)
-        if shrunk is not None:
-            budgets = _budgets(tokens, views)
-            return budgets[0] + _high_budget(budgets, views, shrunk[0] * shrunk[1]) + shrunk[0]
+        return selected_token_count(views, _budgets(tokens, views), vision_aspect_ratio=vision_aspect_ratio)
     return anyres_token_count(tokens, views)
+
+
+def selected_token_count(views: AnyresViews, budgets: tuple[int, ...], *, vision_aspect_ratio: str) -> int:
+    """LLM tokens of one image alone in its sample under ``"select"`` with view budgets ``budgets``
+    (:func:`select_image_tokens` gives exactly these)."""
+    shrunk = shrunk_grid(views, vision_aspect_ratio)
+    if shrunk is None:
+        return num_selected_tokens(views, budgets)
+    return budgets[0] + _high_budget(budgets, views, shrunk[0] * shrunk[1]) + shrunk[0]
+
+
+def select_image_tokens(
+    views: AnyresViews,
+    budgets: tuple[int, ...],
+    features: torch.Tensor,
+    scores: torch.Tensor,
+    *,
+    vision_aspect_ratio: str,
+    prefix: int,
+    projector: nn.Module,
+    newline: torch.Tensor,
+) -> torch.Tensor:
+    """One image alone in its sample under ``"select"``: ``(selected_token_count(...), llm_dim)`` tokens.
+
+    Args:
+        views: the image's views; ``budgets``: ``k_v`` per view.
+        features: ``(V, N, D)`` the views' tokens of ``vision_feature_layer`` (``prefix`` leading non-patch tokens).
+        scores: ``(V, H, N)`` attention scores or ``(V, N)`` per-token scores of the same layer.
+        vision_aspect_ratio: ``"anyres_max_N"``: the grid is shrunk as the stock model shrinks it
+            (:func:`shrunk_grid`), else laid out as LLaVA-NeXT's (:func:`~anchor_former.views.select_view_tokens`).
+        projector: the checkpoint's projector; ``newline``: ``(llm_dim,)`` ``image_newline``.
+    """
+    shrunk = shrunk_grid(views, vision_aspect_ratio)
+    if shrunk is None:
+        return select_view_tokens(
+            views, budgets, features, scores, num_prefix_tokens=prefix, projector=projector, newline=newline
+        )
+    return _select_shrunk(views, budgets, features, scores, shrunk, prefix=prefix, projector=projector, newline=newline)
 
 
 def video_token_count(video: dict[str, Any], num_frames: int) -> int:
@@ -204,6 +239,21 @@ def _select_shrunk(
     keys = torch.cat([kept // w * (w + 1) + kept % w, torch.arange(h, device=kept.device) * (w + 1) + w])
     high = torch.cat([cells.T[kept], newline.to(cells.dtype).expand(h, -1)])[keys.argsort()]
     return torch.cat([base_tokens, high])
+
+
+def select_pooled_tokens(pooled: torch.Tensor, pooled_scores: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
+    """Each video frame's ``tokens_per_frame`` anchors among its pooled tokens, in raster order.
+
+    Args:
+        pooled: ``(F, n', L)`` the frames' projected tokens after the stock 2x2 pooling.
+        pooled_scores: ``(F, H, n')`` the frames' scores after the same pooling.
+        tokens_per_frame: K (all ``n'`` tokens, in order, when ``K >= n'``).
+
+    Returns:
+        ``(F, min(K, n'), L)``.
+    """
+    kept = _search(pooled_scores, tokens_per_frame)  # (F, K) ascending
+    return pooled.gather(1, kept[..., None].expand(-1, -1, pooled.shape[-1]))
 
 
 @strict
@@ -280,26 +330,18 @@ class AnchorFormerLlavaOnevisionModel(LlavaOnevisionModel):
                 kept = _search(_grid_scores(sc, prefix), _base_budget(tokens, image_views))[0]  # (k_0,)
                 images.append(torch.cat([connector.projector(f[0, prefix + kept]), newline[None].to(f.dtype)]))
                 continue
-            budgets = _budgets(tokens, image_views)
-            shrunk = shrunk_grid(image_views, aspect)
-            if shrunk is None:
-                images.append(select_view_tokens(
-                    image_views, budgets, f, sc, num_prefix_tokens=prefix, projector=connector.projector,
+            images.append(
+                select_image_tokens(
+                    image_views,
+                    _budgets(tokens, image_views),
+                    f,
+                    sc,
+                    vision_aspect_ratio=aspect,
+                    prefix=prefix,
+                    projector=connector.projector,
                     newline=newline,
-                ))  # fmt: skip
-            else:
-                images.append(
-                    _select_shrunk(
-                        image_views,
-                        budgets,
-                        f,
-                        sc,
-                        shrunk,
-                        prefix=prefix,
-                        projector=connector.projector,
-                        newline=newline,
-                    )
                 )
+            )
         output.pooler_output = images
         return output
 
@@ -338,8 +380,7 @@ class AnchorFormerLlavaOnevisionModel(LlavaOnevisionModel):
             prefix = int(connector.num_prefix_tokens)
             pooled = self.apply_pooling(connector.projector(features[:, prefix:]))  # (B F, n', L), the stock pooling
             pooled_scores = self.apply_pooling(_grid_scores(scores, prefix).transpose(1, 2)).transpose(1, 2)
-            kept = _search(pooled_scores, int(video["tokens_per_frame"]))  # (B F, K) ascending
-            out = pooled.gather(1, kept[..., None].expand(-1, -1, pooled.shape[-1]))  # (B F, K, L)
+            out = select_pooled_tokens(pooled, pooled_scores, int(video["tokens_per_frame"]))  # (B F, K, L)
         else:
             out, _ = run_connector(connector, features, scores)  # (B F, T, L)
         out = out.reshape(b, frames * out.shape[1], -1)  # (B, F T, L)
