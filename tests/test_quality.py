@@ -131,21 +131,7 @@ def test_select_keeps_quality(model, data, full, random_k, score):
     assert keeps_quality(selected, full, random_k), (selected, full, random_k)
 
 
-_ORDER_UNLEARNED = pytest.mark.xfail(
-    strict=True,
-    reason="the shipped model did not learn the order-dependent 'above' questions, so a wrong "
-    "order keeps its accuracy; test_wrong_order_changes_the_logits catches it",
-)
-
-
-@pytest.mark.parametrize(
-    "variant",
-    [
-        "lowest",
-        pytest.param("reversed", marks=_ORDER_UNLEARNED),
-        pytest.param("shuffled", marks=_ORDER_UNLEARNED),
-    ],
-)
+@pytest.mark.parametrize("variant", ["lowest", "reversed", "shuffled"])
 def test_wrong_variant_fails_the_check(model, data, tower, full, random_k, variant):
     broken = rule_accuracy(model, data, rules.WRONG_VARIANTS[variant], BUDGET, tower)
     assert not keeps_quality(broken, full, random_k), (variant, broken, full, random_k)
