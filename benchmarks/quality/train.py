@@ -53,7 +53,17 @@ from benchmarks.quality.task import COLOURS, IMAGE_ID, SHAPES, Batch, make_batch
 if TYPE_CHECKING:
     from transformers import CLIPVisionModel, LlavaForConditionalGeneration
 
-__all__ = ["BUDGETS", "Recipe", "answer_logits", "data_rng", "main", "train_acformer", "train_llava", "train_tower"]
+__all__ = [
+    "BUDGETS",
+    "PROBE_EVERY",
+    "Recipe",
+    "answer_logits",
+    "data_rng",
+    "main",
+    "train_acformer",
+    "train_llava",
+    "train_tower",
+]
 
 #: visual-token budgets of the benchmark: 50 / 25 / 12.5 / 6.25 % of the 64 patches
 BUDGETS = (32, 16, 8, 4)
