@@ -235,7 +235,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     b25 = budgets[min(1, len(budgets) - 1)]  # 25 % in the full table
     out += [
         "",
-        f"Accuracy by question type at {b25} tokens (%; chance: colour 16.7, shape 25, exists 50, above 50):",
+        f"Accuracy by question type at {b25} tokens (%; chance: colour 16.7, shape 25, exists 50, above 50 between its two colours):",
         "",
         "| method | " + " | ".join(QUESTION_TYPES) + " |",
         "|---|" + "---|" * len(QUESTION_TYPES),

@@ -13,8 +13,11 @@ question's last token, which names the object asked about, so one attention hop 
 * ``shape``:   ``shape <colour>``          → a shape (the colour appears once);
 * ``exists``:  ``exists <colour> <shape>`` → yes / no (half each; a "no" pair shares its colour or its
   shape with an object when it can, so colour or shape presence alone does not answer it);
-* ``above``:   ``above <colour> <colour>`` → yes / no: is the first object in a higher row than the
-  second (both colours appear once, in different rows).
+* ``above``:   ``above <colour> <colour>`` → a colour: which of the two objects is in the higher row
+  (both colours appear once, in different rows; either may be named first). Rows are read in row-major
+  patch order, so the answer is the colour whose token comes *first in the sequence*: a model can answer
+  by letting each object token note the colours before it (causal attention) and reading the two
+  objects' notes, with no yes / no comparison on top.
 
 Everything is a pure function of a ``numpy.random.Generator``: :func:`make_batch` with the same seed
 gives the same images and questions on every machine.
@@ -174,9 +177,8 @@ def _question(scene: Scene, kind: str, rng: np.random.Generator) -> tuple[list[s
         if not pairs:
             return None
         i, j = pairs[int(rng.integers(len(pairs)))]
-        return ["above", COLOURS[colours[i]], COLOURS[colours[j]]], "yes" if scene.cells[i][0] < scene.cells[j][
-            0
-        ] else "no"
+        higher = i if scene.cells[i][0] < scene.cells[j][0] else j
+        return ["above", COLOURS[colours[i]], COLOURS[colours[j]]], COLOURS[colours[higher]]
     raise ValueError(f"kind must be one of {QUESTION_TYPES}, got {kind!r}")
 
 

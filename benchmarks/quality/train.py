@@ -53,10 +53,22 @@ from benchmarks.quality.task import COLOURS, IMAGE_ID, SHAPES, Batch, make_batch
 if TYPE_CHECKING:
     from transformers import CLIPVisionModel, LlavaForConditionalGeneration
 
-__all__ = ["BUDGETS", "Recipe", "answer_logits", "data_rng", "main", "train_acformer", "train_llava", "train_tower"]
+__all__ = [
+    "BUDGETS",
+    "PROBE_EVERY",
+    "Recipe",
+    "answer_logits",
+    "data_rng",
+    "main",
+    "train_acformer",
+    "train_llava",
+    "train_tower",
+]
 
 #: visual-token budgets of the benchmark: 50 / 25 / 12.5 / 6.25 % of the 64 patches
 BUDGETS = (32, 16, 8, 4)
+#: steps between two held-out accuracy probes of the LLaVA phase
+PROBE_EVERY = 500
 
 
 class Recipe:
@@ -196,7 +208,7 @@ def _train_answers(
                 "loss": loss.item(),
                 "train_accuracy": accuracy,
             }
-            if probe is not None and (step % 500 == 0 or step == steps - 1):
+            if probe is not None and (step % PROBE_EVERY == 0 or step == steps - 1):
                 model.eval()
                 entry.update(probe(step))
                 model.train()
