@@ -2,6 +2,7 @@
 
     python -m benchmarks.quality.train                     # all phases, writes benchmarks/quality/weights/
     python -m benchmarks.quality.train --phase acformer    # only the AcFormer connectors (needs the LLaVA)
+    python -m benchmarks.quality.train --seed 1 --output /tmp/quality-seed1   # another training seed
 
 Every phase is a pure function of its seed (data streams from :func:`data_rng`, initialisation from
 ``torch.manual_seed``); run single-threaded (``--threads 1``, the default) the result is bit-for-bit the
@@ -60,6 +61,7 @@ __all__ = [
     "answer_logits",
     "data_rng",
     "main",
+    "seeded_recipe",
     "train_acformer",
     "train_llava",
     "train_tower",
@@ -83,6 +85,13 @@ class Recipe:
     llava_curriculum: tuple[int, int] = (1500, 4)
     llava_layers = 3
     acformer_steps, acformer_batch, acformer_lr = 100, 32, 2e-3
+
+
+def seeded_recipe(seed: int) -> type[Recipe]:
+    """:class:`Recipe` with training seed ``seed`` and every other value unchanged (seed 0: the shipped one)."""
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    return Recipe if seed == Recipe.seed else type("Recipe", (Recipe,), {"seed": seed})
 
 
 def data_rng(phase: str, seed: int, *extra: int) -> np.random.Generator:
@@ -298,7 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--output", type=Path, default=WEIGHTS)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--seed", type=int, default=Recipe.seed, help="training seed of every phase (0: the shipped weights)"
+    )
     args = parser.parse_args(argv)
+    recipe = seeded_recipe(args.seed)
     torch.set_num_threads(args.threads)
     args.output.mkdir(parents=True, exist_ok=True)
     log_path = args.output / "train_log.json"
@@ -306,10 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, float] = {}
     if args.phase in ("all", "llava"):
         start = time.perf_counter()
-        tower = train_tower(log=log)
+        tower = train_tower(recipe, log=log)
         times["tower"] = time.perf_counter() - start
         start = time.perf_counter()
-        llava = train_llava(tower, log=log, probe=_probe())
+        llava = train_llava(tower, recipe, log=log, probe=_probe())
         times["llava"] = time.perf_counter() - start
         llava.save_pretrained(args.output)
     if args.phase in ("all", "acformer"):
@@ -317,12 +330,13 @@ def main(argv: list[str] | None = None) -> int:
         connectors = {}
         for budget in BUDGETS:
             start = time.perf_counter()
-            connectors[budget] = train_acformer(llava, budget, log=log)
+            connectors[budget] = train_acformer(llava, budget, recipe, log=log)
             times[f"acformer-{budget}"] = time.perf_counter() - start
         save_acformer(connectors, args.output)
     log.append(
         {
             "phase_seconds": {k: round(v, 1) for k, v in times.items()},
+            "seed": recipe.seed,
             "threads": args.threads,
             "torch": torch.__version__,
         }
