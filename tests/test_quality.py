@@ -13,8 +13,8 @@ lose accuracy and fail the quality check; reversing them answers ``above`` backw
 
 Measured on the shipped model with this test's 400 questions (evaluation seed 100): full budget 98.25 %,
 ``select`` cls at 16 tokens 97.5 % (retention 99.2 %), received 97.25 % (99.0 %), random-K 50.25 %,
-lowest-K 62.25 % (retention 63.4 %, 12.0 points over random), reversed 78.75 % (80.2 %; ``above`` 8.4 %
-against 97.6 % for ``select`` cls), shuffled 89.25 % (90.8 %; ``above`` 55.4 %). The thresholds (95 %
+lowest-K (the lowest head-summed [CLS] attention) 33.75 % (retention 34.4 %, 16.5 points below random),
+reversed 78.75 % (80.2 %; ``above`` 8.4 % against 97.6 % for ``select`` cls), shuffled 89.25 % (90.8 %; ``above`` 55.4 %). The thresholds (95 %
 retention, 35 points over random) leave ~4 and ~12 points of margin for ``select``; lowest-K misses both,
 reversed and shuffled miss the retention by ~15 and ~4 points.
 """
