@@ -36,14 +36,9 @@ def cls_rows(qkv: torch.Tensor, *, local_heads: int, head_dim: int, scale: float
     Returns:
         ``(B, H_r, N)`` float32, each row a softmax over the N tokens.
     """
-    width = local_heads * head_dim
-    if qkv.ndim != 3 or qkv.shape[-1] != 3 * width:
-        raise ValueError(f"qkv must have shape (B, N, 3 * H_r * E) = (B, N, {3 * width}), got {tuple(qkv.shape)}")
-    b, n, _ = qkv.shape
+    q, k = _queries_keys(qkv, local_heads=local_heads, head_dim=head_dim)  # (B, H_r, N, E) each
     with torch.no_grad():
-        q = qkv[:, 0, :width].float().view(b, local_heads, head_dim)  # (B, H_r, E) the [CLS] query
-        k = qkv[:, :, width : 2 * width].float().view(b, n, local_heads, head_dim)  # (B, N, H_r, E)
-        logits = torch.einsum("bhe,bnhe->bhn", q, k) * scale  # (B, H_r, N)
+        logits = torch.einsum("bhe,bhne->bhn", q[:, :, 0].float(), k.float()) * scale  # (B, H_r, N), [CLS] query
         return torch.softmax(logits, dim=-1)
 
 
@@ -59,13 +54,19 @@ def received_rows(qkv: torch.Tensor, *, local_heads: int, head_dim: int, scale: 
     Returns:
         ``(B, H_r, N)`` float32, each row summing to 1 (:func:`~anchor_former.probes.received_attention`).
     """
+    q, k = _queries_keys(qkv, local_heads=local_heads, head_dim=head_dim)  # (B, H_r, N, E) each
+    return received_attention(q, k, scale=scale)
+
+
+def _queries_keys(qkv: torch.Tensor, *, local_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, N, 3 * H_r * E)`` fused ``[q | k | v]`` -> queries and keys ``(B, H_r, N, E)`` each (views)."""
     width = local_heads * head_dim
     if qkv.ndim != 3 or qkv.shape[-1] != 3 * width:
         raise ValueError(f"qkv must have shape (B, N, 3 * H_r * E) = (B, N, {3 * width}), got {tuple(qkv.shape)}")
     b, n, _ = qkv.shape
-    q = qkv[..., :width].view(b, n, local_heads, head_dim).transpose(1, 2)  # (B, H_r, N, E)
-    k = qkv[..., width : 2 * width].view(b, n, local_heads, head_dim).transpose(1, 2)  # (B, H_r, N, E)
-    return received_attention(q, k, scale=scale)
+    q = qkv[..., :width].view(b, n, local_heads, head_dim).transpose(1, 2)
+    k = qkv[..., width : 2 * width].view(b, n, local_heads, head_dim).transpose(1, 2)
+    return q, k
 
 
 #: score name -> the function turning a fused projection's output into per-head scores

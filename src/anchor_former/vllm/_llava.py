@@ -144,16 +144,7 @@ def llava_serving(hf_config: Any) -> LlavaServing:
         raise ValueError(f"max_budget must lie in [num_anchors + num_context = {k + m}, {patches}], got {max_budget}")
     fixed = None
     if connector != "select":
-        from anchor_former.connectors import build_connector
-
-        probe = build_connector(
-            connector,
-            int(vision.hidden_size),
-            int(hf_config.text_config.hidden_size),
-            **_constructor_kwargs(connector, config),
-            device="meta",
-        )
-        fixed = int(probe.num_output_tokens(patches + 1))
+        fixed = int(saved_connector(hf_config, connector, config, device="meta").num_output_tokens(patches + 1))
     return LlavaServing(
         connector=connector,
         score=str(record.get("score", "cls")),
@@ -167,14 +158,24 @@ def llava_serving(hf_config: Any) -> LlavaServing:
     )
 
 
-def _constructor_kwargs(connector: str, config: dict[str, Any]) -> dict[str, Any]:
-    """A saved connector config as ``build_connector`` keyword arguments (an MLP name is its projector)."""
+def saved_connector(hf_config: Any, connector: str, config: dict[str, Any], **options: Any) -> Any:
+    """The connector a saved folder names, built from its saved ``config`` (an MLP name is its own projector):
+    ``(vision_config.hidden_size -> text_config.hidden_size)``; ``options`` (e.g. ``device="meta"``) pass through
+    to :func:`~anchor_former.connectors.build_connector`."""
     import re
+
+    from anchor_former.connectors import build_connector
 
     kwargs = dict(config)
     if re.match(r"^(linear|identity|mlp\d+x_gelu)$", connector):
         kwargs.pop("projector", None)
-    return kwargs
+    return build_connector(
+        connector,
+        int(hf_config.vision_config.hidden_size),
+        int(hf_config.text_config.hidden_size),
+        **kwargs,
+        **options,
+    )
 
 
 class AnchorFormerLlavaProcessingInfo(LlavaProcessingInfo):
@@ -302,14 +303,9 @@ class AnchorFormerLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         )
         self._selectors: dict[tuple[int, int, torch.dtype], SelectConnector] = {}
         if self.serving.connector != "select":
-            from anchor_former.connectors import build_connector
-
             with self._mark_tower_model(vllm_config, "image"):
-                self.multi_modal_projector = build_connector(
-                    self.serving.connector,
-                    int(config.vision_config.hidden_size),
-                    int(config.text_config.hidden_size),
-                    **_constructor_kwargs(self.serving.connector, self.serving.connector_config),
+                self.multi_modal_projector = saved_connector(
+                    config, self.serving.connector, self.serving.connector_config
                 )
 
     def _selector(self, k: int, m: int, dtype: torch.dtype) -> SelectConnector:

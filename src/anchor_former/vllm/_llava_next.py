@@ -53,8 +53,8 @@ from anchor_former.vllm._guard import check_counts
 from anchor_former.vllm._llava import (
     FIELD,
     AnchorFieldsProcessorMixin,
-    _constructor_kwargs,
     field_rows,
+    saved_connector,
     saved_weights_mapper,
 )
 from anchor_former.vllm._settings import anchor_record, request_budget
@@ -148,7 +148,6 @@ def anyres_geometry(hf_config: Any) -> dict[str, Any]:
 def llava_next_serving(hf_config: Any) -> LlavaNextServing:
     """Resolve :class:`LlavaNextServing` from a LLaVA-NeXT hf config carrying ``anchor_former`` settings."""
     record = anchor_record(hf_config)
-    vision = hf_config.vision_config
     geometry = anyres_geometry(hf_config)
     side = geometry["side"]
     if getattr(hf_config, "vision_feature_select_strategy", "default") != "default":
@@ -161,15 +160,7 @@ def llava_next_serving(hf_config: Any) -> LlavaNextServing:
         raise ValueError(f"num_anchors must be in [1, {side * side}] (the patches of a view), got {k}")
     per_view = None
     if connector != "select":
-        from anchor_former.connectors import build_connector
-
-        built = build_connector(
-            connector,
-            int(vision.hidden_size),
-            int(hf_config.text_config.hidden_size),
-            **_constructor_kwargs(connector, config),
-            device="meta",
-        )
+        built = saved_connector(hf_config, connector, config, device="meta")
         per_view = int(anyres.get("tokens_per_view") or built.num_output_tokens(side * side + 1))
     budget = anyres.get("image_budget")
     return LlavaNextServing(
@@ -265,15 +256,8 @@ class AnchorFormerLlavaNextForConditionalGeneration(LlavaNextForConditionalGener
             LlavaNextForConditionalGeneration.hf_to_vllm_mapper, select=serving.connector == "select"
         )
         if serving.connector != "select":
-            from anchor_former.connectors import build_connector
-
             with self._mark_tower_model(vllm_config, "image"):
-                self.multi_modal_projector = build_connector(
-                    serving.connector,
-                    int(config.vision_config.hidden_size),
-                    int(config.text_config.hidden_size),
-                    **_constructor_kwargs(serving.connector, serving.connector_config),
-                )
+                self.multi_modal_projector = saved_connector(config, serving.connector, serving.connector_config)
 
     def _image_tokens(self, views: AnyresViews, k: int, features: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """One image's ``(T, llm_dim)`` tokens from its views' ``(V, N, D)`` features and ``(V, H, N)`` rows."""
